@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv from nothing
+# (Python 3.10+ and make are all they assume) and re-install only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime install: the package and its dependencies (torch + torchvision from PyPI, a matched pair).
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) --editable .
+	touch $@
+
+# Developer install: the same plus pytest, hypothesis and ruff.
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) --editable ".[dev]"
+	touch $(VENV)/.installed $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/scrollsam demo --out demo
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache

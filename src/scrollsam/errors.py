@@ -1,0 +1,36 @@
+"""Error types that end a command with one clear line (`error: ...`, exit code 2).
+
+Every problem the user can fix (bad input files, bad config, wrong checkpoint, a tensor of the
+wrong shape at a public boundary) raises a subclass of :class:`ScrollsamError`. The CLI prints
+its message and exits 2; with ``--debug`` it shows the traceback instead. Anything else is a bug
+in scrollsam and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ScrollsamError(Exception):
+    """Base class of every error the user can act on. The message names what and where."""
+
+
+class InputError(ScrollsamError, ValueError):
+    """A value at a public boundary has the wrong shape, dtype, range or coordinate frame.
+
+    Messages follow ``<argument>: expected <form>, got <what>``.
+    """
+
+
+class FragmentError(ScrollsamError):
+    """A fragment folder is missing files, has corrupt files or inconsistent sizes."""
+
+
+class ConfigError(ScrollsamError):
+    """An unknown config key or a value of the wrong type / outside its allowed set."""
+
+
+class CheckpointError(ScrollsamError):
+    """A checkpoint file is missing, unreadable, or made for another model variant."""
+
+
+class RunDirError(ScrollsamError):
+    """A run directory would be overwritten, or a resume finds nothing to resume."""
