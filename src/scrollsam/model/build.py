@@ -1,0 +1,203 @@
+"""Build SAM variants and load official or scrollsam checkpoints into them.
+
+A variant is a handful of encoder numbers; one private builder assembles the official
+``segment_anything`` parts (image encoder, prompt encoder, mask decoder) at any resolution and
+channel count and hands them to ``Sam``, so parameter names stay the official ones and official
+files (``sam_vit_b_01ec64.pth`` ...) load unchanged. ``tiny`` is one more entry: a small encoder
+for tests and CPU demos with the same 256-channel embedding and the full official decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from scrollsam.errors import CheckpointError, InputError
+from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
+from scrollsam.model.segmenter import SamSegmenter
+
+log = logging.getLogger(__name__)
+
+PROMPT_DIM = 256  # embedding channels of every variant: the decoder contract
+PATCH = 16  # ViT patch size: S / 16 embedding tokens per side
+OFFICIAL_FILES = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+}
+WHERE_TO_GET = (
+    "official SAM checkpoints ({}) are listed under 'Model Checkpoints' in the README of "
+    "github.com/facebookresearch/segment-anything; download one and pass its local path"
+).format(", ".join(OFFICIAL_FILES.values()))
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The numbers that distinguish one SAM image encoder from another."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+
+
+VARIANTS: dict[str, EncoderSpec] = {
+    "vit_b": EncoderSpec(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
+    # Not an official model: for tests and CPU demos. Window 8 tiles a 256 px input (16 x 16
+    # tokens) into exactly four windows.
+    "tiny": EncoderSpec(96, 4, 3, (1, 3), window_size=8),
+}
+
+
+def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int) -> Sam:
+    grid = image_size // PATCH
+    encoder = ImageEncoderViT(
+        depth=spec.depth,
+        embed_dim=spec.embed_dim,
+        img_size=image_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=spec.num_heads,
+        patch_size=PATCH,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size,
+        out_chans=PROMPT_DIM,
+        in_chans=in_chans,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_DIM,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=2048,
+                                      num_heads=8),
+        transformer_dim=PROMPT_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    # pixel_mean / pixel_std are unused: scrollsam normalises images before they reach the model.
+    return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder,
+               pixel_mean=[0.0, 0.0, 0.0], pixel_std=[1.0, 1.0, 1.0])
+
+
+def build_model(
+    type: str,
+    *,
+    checkpoint: str | Path | None = None,
+    image_size: int = 1024,
+    in_chans: int = 3,
+) -> SamSegmenter:
+    """Build a :class:`SamSegmenter` of variant ``type``: ``vit_b``, ``vit_l``, ``vit_h``, ``tiny``.
+
+    ``image_size`` is the side S of the square model input (a multiple of 16); ``in_chans`` the
+    number of input channels C. ``checkpoint`` is an official SAM file or a scrollsam training
+    checkpoint; its weights are adapted to S and C (see :mod:`scrollsam.model.adapt`). Without a
+    checkpoint the weights are random (official initialisation).
+    """
+    if type not in VARIANTS:
+        raise InputError(f"model type: expected one of {sorted(VARIANTS)}, got {type!r}")
+    if not isinstance(image_size, int) or image_size < PATCH or image_size % PATCH:
+        raise InputError(
+            f"image_size: expected a positive multiple of {PATCH}, got {image_size!r}"
+        )
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise InputError(f"in_chans: expected a positive int, got {in_chans!r}")
+    state = None
+    if checkpoint is not None:  # read and check the variant before paying for the build
+        state = load_sam_state_dict(checkpoint)
+        check_variant(state, model_type=type, source=str(checkpoint))
+    sam = _build_sam(VARIANTS[type], image_size=image_size, in_chans=in_chans)
+    if state is not None:
+        load_into(sam, state, model_type=type, source=str(checkpoint))
+    return SamSegmenter(sam, model_type=type)
+
+
+def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the SAM weights (official parameter names) from an official or scrollsam file.
+
+    Loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code. A scrollsam
+    training checkpoint keeps the weights under its ``"model"`` key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from err
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or PATCH_WEIGHT not in obj:
+        raise CheckpointError(
+            f"{path} is not a SAM checkpoint (no '{PATCH_WEIGHT}' among its tensors)"
+        )
+    return obj
+
+
+def detect_variant(state: dict[str, torch.Tensor]) -> str:
+    """Name the variant a SAM state dict belongs to, from its embedding width and depth."""
+    embed_dim = state[PATCH_WEIGHT].shape[0]
+    depth = 1 + max(
+        (int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")),
+        default=-1,
+    )
+    for name, spec in VARIANTS.items():
+        if spec.embed_dim == embed_dim and spec.depth == depth:
+            return name
+    return f"unknown (embed dim {embed_dim}, {depth} blocks)"
+
+
+def check_variant(state: dict[str, torch.Tensor], *, model_type: str, source: str) -> None:
+    """Refuse a state dict of another variant (vit_b weights into a vit_l model)."""
+    found = detect_variant(state)
+    if found != model_type:
+        spec = VARIANTS[model_type]
+        raise CheckpointError(
+            f"{source} holds {found} weights but the model type is {model_type} "
+            f"(embed dim {spec.embed_dim}, {spec.depth} blocks); set model.type={found} "
+            f"or use the {model_type} checkpoint"
+        )
+
+
+def load_into(sam: Sam, state: dict[str, torch.Tensor], *, model_type: str, source: str) -> None:
+    """Load ``state`` into ``sam`` after adapting resolution and channels; refuse other variants."""
+    check_variant(state, model_type=model_type, source=source)
+    target = sam.state_dict()
+    state = adapt_state_dict(state, target)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = sorted(k for k in target.keys() & state.keys() if target[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (first: {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {tuple(state[k].shape)}, model has "
+                         f"{tuple(target[k].shape)}")
+        raise CheckpointError(f"{source} does not fit a {model_type} model: {'; '.join(parts)}")
+    sam.load_state_dict(state)
+    log.info("loaded %s weights from %s", model_type, source)

@@ -1,0 +1,207 @@
+"""SamSegmenter: official SAM with an image encoder and a decoder that batch correctly.
+
+Official SAM's ``MaskDecoder.predict_masks`` copies *one* image embedding once per prompt set
+(``torch.repeat_interleave(image_embeddings, P, dim=0)``): it assumes a single image. Given B
+images and B prompt sets it silently builds B * B pairs, which is the batching bug the seed never
+got past (it trained at batch size 1). :meth:`SamSegmenter.decode` runs the same official
+sub-modules, but matches every prompt set p to its own image embedding ``image_index[p]``.
+
+Frames and shapes (S = ``image_size``, the model input side):
+
+* images ``[B, C, S, S]`` float, already normalised (about mean 0 and std 1 per channel);
+* embeddings ``[B, 256, S/16, S/16]``;
+* points ``(coords [P, N, 2], labels [P, N])``: coords are **(x, y) = (column, row) pixels** of
+  the S x S input frame; labels 1 = ink, 0 = background, -1 = padding (ignored);
+* boxes ``[P, 4]`` XYXY pixels; mask prompts ``[P, 1, S/4, S/4]`` logits;
+* output logits ``[P, M, S/4, S/4]`` and predicted IoU ``[P, M]``; M = 3 with ``multimask``.
+
+Official SAM appends one padding point (label -1) to every point set when no box is given, so
+N points become N + 1 sparse tokens (the seed's puzzling ``[3, 65, 256]`` for 64 points).
+
+The module never disables gradients: callers that only predict wrap it in ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from torch import nn
+
+from scrollsam.errors import InputError
+from scrollsam.model.checks import (
+    check_boxes,
+    check_embeddings,
+    check_images,
+    check_mask_inputs,
+    check_points,
+    resolve_image_index,
+)
+
+Points = tuple[torch.Tensor, torch.Tensor]
+
+
+class SamSegmenter(nn.Module):
+    """Official SAM (``self.sam``) with batch-correct encode / decode; see ``build_model``."""
+
+    def __init__(self, sam: Sam, *, model_type: str) -> None:
+        super().__init__()
+        self.sam = sam
+        self.model_type = model_type
+
+    # --- geometry ------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        """S: the side of the square model input, in pixels."""
+        return int(self.sam.image_encoder.img_size)
+
+    @property
+    def in_chans(self) -> int:
+        """C: input channels the patch embedding expects."""
+        return int(self.sam.image_encoder.patch_embed.proj.in_channels)
+
+    @property
+    def embed_grid(self) -> int:
+        """S / 16: embedding tokens per side."""
+        return self.image_size // 16
+
+    @property
+    def mask_size(self) -> int:
+        """S / 4: side of the decoder's low-resolution logits and of mask prompts."""
+        return self.image_size // 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.prompt_encoder.point_embeddings[0].weight.device
+
+    # --- encoder -------------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, C, S, S] -> embeddings [B, 256, S/16, S/16]."""
+        images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
+                              device=self.device)
+        return self.sam.image_encoder(images)
+
+    # --- prompts -------------------------------------------------------------------------------
+
+    def embed_prompts(
+        self,
+        points: Points | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        *,
+        num_sets: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings for P prompt sets with the official prompt encoder.
+
+        Returns sparse ``[P, T, 256]`` (T = N + 1 for points alone: the official padding point;
+        N + 2 with a box) and dense ``[P, 256, S/16, S/16]``. With no prompt at all,
+        ``num_sets`` gives P and the sparse tokens are empty (T = 0).
+        """
+        size, dev = self.image_size, self.device
+        if points is not None:
+            points = check_points(points, image_size=size, device=dev)
+        if boxes is not None:
+            boxes = check_boxes(boxes, image_size=size, device=dev)
+        if mask_inputs is not None:
+            mask_inputs = check_mask_inputs(mask_inputs, image_size=size, device=dev)
+        counts = {name: t.shape[0] for name, t in (
+            ("points", points[0] if points is not None else None),
+            ("boxes", boxes), ("mask_inputs", mask_inputs)) if t is not None}
+        if len(set(counts.values())) > 1:
+            raise InputError(f"prompts: expected the same number of prompt sets P in every "
+                             f"prompt, got {counts}")
+        pe = self.sam.prompt_encoder
+        if counts:
+            return pe(points=points, boxes=boxes, masks=mask_inputs)
+        p = int(num_sets or 0)
+        g = self.embed_grid
+        sparse = torch.empty((p, 0, pe.embed_dim), device=dev)  # (P, 0, 256)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, g, g)  # (P, 256, g, g)
+        return sparse, dense
+
+    # --- decoder -------------------------------------------------------------------------------
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        points: Points | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask: bool = False,
+        image_index: torch.Tensor | None = None,
+        *,
+        chunk: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode P prompt sets in one call, each against its own image embedding.
+
+        ``embeddings`` [B, 256, S/16, S/16]; prompts as in the module docstring, any combination,
+        every prompt with the same P. ``image_index`` long [P] names the image of each set
+        (default: set p -> image p; all sets -> image 0 when B == 1). No prompt at all is the
+        prompt-free mode: one mask per image (P = B), as used for whole-fragment inference.
+        ``chunk`` bounds how many prompt sets go through the transformer at once (memory).
+
+        Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1.
+        """
+        embeddings = check_embeddings(embeddings, grid=self.embed_grid, device=self.device)
+        num_images = embeddings.shape[0]
+        # Prompt-free: one set per image, or one per entry of image_index.
+        free_sets = (image_index.shape[0] if isinstance(image_index, torch.Tensor)
+                     and image_index.ndim == 1 else num_images)
+        sparse, dense = self.embed_prompts(points, boxes, mask_inputs, num_sets=free_sets)
+        num_sets = sparse.shape[0]
+        index = resolve_image_index(image_index, num_sets=num_sets, num_images=num_images,
+                                    device=self.device)
+        step = max(1, int(chunk or num_sets))
+        outs = [
+            self._predict_masks(embeddings, index[i:i + step], sparse[i:i + step],
+                                dense[i:i + step])
+            for i in range(0, max(num_sets, 1), step)
+        ]
+        logits = torch.cat([o[0] for o in outs])  # (P, 4, S/4, S/4)
+        iou = torch.cat([o[1] for o in outs])  # (P, 4)
+        keep = slice(1, None) if multimask else slice(0, 1)
+        return logits[:, keep], iou[:, keep]
+
+    def _predict_masks(
+        self,
+        embeddings: torch.Tensor,
+        index: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave."""
+        dec = self.sam.mask_decoder
+        p = index.shape[0]
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])  # (1 + 4, 256)
+        out_tokens = out_tokens.unsqueeze(0).expand(p, -1, -1)  # (P, 5, 256)
+        tokens = torch.cat((out_tokens, sparse.to(out_tokens.dtype)), dim=1)  # (P, 5 + T, 256)
+        src = embeddings.index_select(0, index) + dense  # (P, 256, g, g)
+        pos = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, g, g)
+        pos = pos.expand(p, -1, -1, -1)  # (P, 256, g, g), a view: no copy
+        b, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos, tokens)  # (P, 5 + T, 256), (P, g * g, 256)
+        iou_token_out = hs[:, 0, :]  # (P, 256)
+        mask_tokens_out = hs[:, 1:1 + dec.num_mask_tokens, :]  # (P, 4, 256)
+        src = src.transpose(1, 2).reshape(b, c, h, w)  # (P, 256, g, g)
+        upscaled = dec.output_upscaling(src)  # (P, 32, 4g, 4g)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
+            dim=1,
+        )  # (P, 4, 32)
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # (P, 4, 4g, 4g)
+        iou_pred = dec.iou_prediction_head(iou_token_out)  # (P, 4)
+        return masks, iou_pred
+
+    # --- conveniences --------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, **prompts: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode(encode(images), **prompts)``."""
+        return self.decode(self.encode(images), **prompts)  # type: ignore[arg-type]
+
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor:
+        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S] (bilinear, as official SAM does)."""
+        return F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False)

@@ -1,0 +1,64 @@
+"""Choose which parts of SAM train, and count parameters.
+
+The three official parts are ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``. Training
+only the decoder (and prompt encoder) keeps the encoder frozen, which lets the training loop cache
+image embeddings; training everything is the most expensive and the most adaptable choice for a
+modality SAM never saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from scrollsam.errors import InputError
+
+PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Trainable and total parameter counts of one part."""
+
+    trainable: int
+    total: int
+
+
+def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, ParamCount]:
+    """Make exactly ``parts`` of ``model.sam`` trainable (requires_grad) and freeze the rest.
+
+    Returns the parameter counts per part after the change. Unknown part names are an error.
+    """
+    chosen = set(parts)
+    unknown = chosen - set(PARTS)
+    if unknown:
+        raise InputError(f"trainable parts: expected a subset of {list(PARTS)}, got "
+                         f"{sorted(unknown)}")
+    for name in PARTS:
+        getattr(model.sam, name).requires_grad_(name in chosen)
+    return count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> dict[str, ParamCount]:
+    """Parameter counts per official part plus ``"total"``."""
+    counts = {}
+    for name in PARTS:
+        params = list(getattr(model.sam, name).parameters())
+        counts[name] = ParamCount(sum(p.numel() for p in params if p.requires_grad),
+                                  sum(p.numel() for p in params))
+    counts["total"] = ParamCount(sum(c.trainable for c in counts.values()),
+                                 sum(c.total for c in counts.values()))
+    return counts
+
+
+def trainable_parts(model: nn.Module) -> list[str]:
+    """The parts of ``model.sam`` that have at least one trainable parameter."""
+    return [n for n in PARTS if any(p.requires_grad for p in getattr(model.sam, n).parameters())]
+
+
+def format_counts(counts: dict[str, ParamCount]) -> str:
+    """One line per part: ``mask_decoder  4,058,340 / 4,058,340 trainable``."""
+    return "\n".join(f"{name:<15} {c.trainable:>12,} / {c.total:>12,} trainable"
+                     for name, c in counts.items())

@@ -1,0 +1,117 @@
+"""Clear errors at the model boundary, and gradients that reach exactly the trainable parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scrollsam import build_model
+from scrollsam.errors import InputError
+from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.model.trainable import PARTS, count_parameters, set_trainable
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> SamSegmenter:
+    torch.manual_seed(0)
+    return build_model("tiny", image_size=S)
+
+
+@pytest.fixture()
+def emb() -> torch.Tensor:
+    return torch.randn(3, 256, S // 16, S // 16, generator=torch.Generator().manual_seed(0))
+
+
+def _pts(p: int = 3, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    coords = torch.tensor([[10.0, 20.0], [30.0, 5.0], [63.0, 0.0], [0.0, 0.0]]).repeat(p, 1, 1)
+    return coords[:, :n], torch.tensor([1, 0, 1, -1][:n]).repeat(p, 1)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, e: m.decode(e, points=(torch.zeros(3, 2), torch.ones(3, dtype=torch.long))),
+     r"points coords: expected float32 \[P, N, 2\].*got torch.float32 \[3, 2\]"),
+    (lambda m, e: m.decode(e, points=(_pts()[0], _pts()[1].float())),
+     r"points labels: expected an integer tensor.*float32"),
+    (lambda m, e: m.decode(e, points=(_pts()[0].long(), _pts()[1])),
+     r"points coords: expected float32.*int64.*\.float\(\)"),
+    (lambda m, e: m.decode(e, points=(_pts()[0] / 64.0, _pts()[1])),
+     r"normalised 0\.\.1 coordinates\? multiply by 64"),
+    (lambda m, e: m.decode(e, points=(_pts()[0] + 10, _pts()[1])),
+     r"pixels of the 64 x 64 input frame in \[0, 63\], got values in \[10, 73\]"),
+    (lambda m, e: m.decode(e, points=(_pts()[0], _pts()[1] * 2)),
+     r"points labels: expected values in \{-1, 0, 1\}, got \[-2, 2\]"),
+    (lambda m, e: m.decode(e, points=_pts(p=5)),
+     r"image_index: 5 prompt sets for 3 images; pass image_index"),
+    (lambda m, e: m.decode(e, points=_pts(), image_index=torch.tensor([0, 1, 3])),
+     r"image_index: expected int \[P\] with values in \[0, 3\), got values in \[0, 3\]"),
+    (lambda m, e: m.decode(e, boxes=torch.tensor([[30.0, 0, 10, 10]] * 3)),
+     r"boxes: expected .* x0 <= x1 and y0 <= y1"),
+    (lambda m, e: m.decode(e, mask_inputs=torch.zeros(3, 1, 64, 64)),
+     r"mask_inputs: expected float logits \[P, 1, 16, 16\], got torch.float32 \[3, 1, 64, 64\]"),
+    (lambda m, e: m.decode(e[:, :, :2]),
+     r"embeddings: expected float \[B, 256, 4, 4\]"),
+    (lambda m, e: m.decode(e, points=_pts(), boxes=torch.tensor([[0.0, 0, 1, 1]] * 2)),
+     r"same number of prompt sets P"),
+    (lambda m, e: m.encode(torch.rand(2, 3, S, S) * 255),
+     r"images: expected normalised values.*raw 0\.\.255"),
+    (lambda m, e: m.encode(torch.zeros(2, 1, S, S)),
+     r"images: expected float \[B, 3, 64, 64\] normalised images, got torch.float32 \[2, 1"),
+])
+def test_boundary_errors_name_argument_form_and_value(model, emb, call, match):
+    with pytest.raises(InputError, match=match):
+        call(model, emb)
+
+
+def test_pixel_points_at_frame_edges_are_accepted(model, emb):
+    logits, _ = model.decode(emb, points=_pts())
+    assert logits.shape == (3, 1, 16, 16)
+
+
+def _loss(model: SamSegmenter) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, S, S, generator=g)
+    emb = model.encode(images)
+    coords, labels = _pts(p=2)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0]] * 2)
+    a, ia = model.decode(emb, points=(coords, labels), boxes=boxes, multimask=True)
+    b, ib = model.decode(emb, points=(coords, labels),
+                         mask_inputs=torch.randn(2, 1, S // 4, S // 4, generator=g))
+    c, ic = model.decode(emb)
+    return sum(t.square().mean() for t in (a, ia, b, ib, c, ic))
+
+
+@pytest.mark.parametrize("parts", [
+    ("mask_decoder",),
+    ("prompt_encoder", "mask_decoder"),
+    ("image_encoder",),
+    PARTS,
+])
+def test_gradients_reach_exactly_the_trainable_parts(parts):
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=S)
+    counts = set_trainable(model, parts)
+    _loss(model).backward()
+    for name, p in model.sam.named_parameters():
+        part = name.split(".")[0]
+        if part in parts:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for {name}"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    for part in PARTS:
+        c = counts[part]
+        assert c.trainable == (c.total if part in parts else 0)
+    assert counts["total"].trainable == sum(counts[p].total for p in parts)
+
+
+def test_count_parameters_matches_official_decoder_size(model):
+    counts = count_parameters(model)
+    assert counts["mask_decoder"].total == sum(
+        p.numel() for p in model.sam.mask_decoder.parameters())
+    assert counts["mask_decoder"].total > 3_000_000  # the full official decoder
+
+
+def test_unknown_trainable_part_is_an_error(model):
+    with pytest.raises(InputError, match="trainable parts"):
+        set_trainable(model, ["decoder"])
