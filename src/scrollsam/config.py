@@ -1,0 +1,311 @@
+"""Configuration: dataclass defaults, then an experiment YAML holding only what changes, then
+``key=value`` overrides from the command line. The merged result is saved as ``config.yaml`` in
+the run dir and inside every checkpoint, so a run can be resumed or used for prediction from
+its folder alone.
+
+Keys are dotted paths (``train.lr``, ``data.train``). Values of overrides are YAML
+(``data.train=[train/1,train/2]``, ``model.checkpoint=null``, ``log.images=false``). An unknown
+key, a value of the wrong type, or a value outside a key's allowed set is a :class:`ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scrollsam.errors import ConfigError
+from scrollsam.io import atomic_write_text
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass
+class DataConfig:
+    """Which fragments, which input view, how tiles are cut and augmented."""
+
+    root: str = "."  # folder the fragment paths below are relative to
+    train: list[str] = field(default_factory=list)  # fragment folders to train on
+    valid: list[str] = field(default_factory=list)  # held-out fragments (empty: a held-out band)
+    valid_band: float = 0.2  # with no valid fragments: share of each train fragment held out
+    input: str = field(default="ir", metadata=_choices("ir", "slices"))
+    strategy: str = field(default="triplet",
+                          metadata=_choices("triplet", "every", "range", "project", "mosaic"))
+    z_start: int = 24  # first slice of the depth range the slice views use
+    z_end: int = 40  # one past the last slice of that range
+    stride: int = 0  # tile stride in px for validation / prediction (0: half the tile)
+    ink_share: float = 0.5  # share of training tiles drawn centred on ink
+    augment: bool = True  # flips, 90 degree rotations
+    pixel_augment: bool = True  # brightness / contrast / noise (disables the embedding cache)
+    workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    """SAM variant, weights, input size and which parts train."""
+
+    type: str = field(default="vit_b", metadata=_choices("vit_b", "vit_l", "vit_h", "tiny"))
+    checkpoint: str | None = None  # official SAM file (local path); null: random weights
+    image_size: int = 256  # model input side S = tile side, a multiple of 16
+    trainable: list[str] = field(default_factory=lambda: ["prompt_encoder", "mask_decoder"])
+
+
+@dataclass
+class PromptConfig:
+    """SAM-paper prompting: a first prompt, corrective rounds, and prompt-free samples."""
+
+    sets_per_tile: int = 2  # P / B: prompt sets decoded per tile in one call
+    first: str = field(default="mixed", metadata=_choices("point", "box", "mixed", "none"))
+    corrective_rounds: int = 2  # extra rounds, each adding a point from the error region
+    mask_feedback: bool = True  # feed the previous round's logits back as the mask prompt
+    prompt_free_share: float = 0.25  # share of prompt sets with no prompt (how inference runs)
+    multimask: bool = True  # 3 masks for ambiguous first prompts, lowest loss trained
+
+
+@dataclass
+class LossConfig:
+    """Focal + dice (20:1 as in the SAM paper) + IoU-head MSE."""
+
+    kind: str = field(default="focal", metadata=_choices("focal", "bce"))
+    mask_weight: float = 20.0  # weight of the focal (or BCE) term
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    iou_on: str = field(default="all", metadata=_choices("all", "selected"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, device and checkpoints."""
+
+    steps: int = 2000
+    batch_size: int = 4  # B tiles per step
+    accumulate: int = 1  # gradient accumulation steps per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100  # linear warm-up steps, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    clip: float = 1.0  # gradient-norm clip (0: off)
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    cache: str = field(default="auto", metadata=_choices("auto", "off", "memory", "disk"))
+    seed: int = 0
+    eval_every: int = 200  # validate and keep the best checkpoint every N steps
+    save_every: int = 200  # write last.pt every N steps
+
+
+@dataclass
+class LogConfig:
+    """TensorBoard scalars and pictures."""
+
+    every: int = 10  # scalars every N steps
+    images: bool = True  # pictures (tile, truth, prediction, points) in TensorBoard
+    image_every: int = 100
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved in the run dir and inside every checkpoint."""
+
+    out: str = "runs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> Config:
+        """Cross-key checks; returns self."""
+        if self.model.image_size % 16 or self.model.image_size < 16:
+            raise ConfigError(f"model.image_size: expected a multiple of 16, got "
+                              f"{self.model.image_size}")
+        for key, value in (("train.steps", self.train.steps),
+                           ("train.batch_size", self.train.batch_size),
+                           ("train.accumulate", self.train.accumulate),
+                           ("prompts.sets_per_tile", self.prompts.sets_per_tile),
+                           ("train.eval_every", self.train.eval_every),
+                           ("train.save_every", self.train.save_every),
+                           ("log.every", self.log.every),
+                           ("log.image_every", self.log.image_every)):
+            if value < 1:
+                raise ConfigError(f"{key}: expected a positive integer, got {value}")
+        for key, value in (("prompts.prompt_free_share", self.prompts.prompt_free_share),
+                           ("data.ink_share", self.data.ink_share),
+                           ("data.valid_band", self.data.valid_band)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}: expected a share in [0, 1], got {value}")
+        if not 0 <= self.data.z_start < self.data.z_end:
+            raise ConfigError(f"data.z_start / data.z_end: expected 0 <= z_start < z_end, got "
+                              f"{self.data.z_start}, {self.data.z_end}")
+        if self.train.lr <= 0:
+            raise ConfigError(f"train.lr: expected a positive number, got {self.train.lr}")
+        from scrollsam.model.trainable import PARTS
+
+        bad = sorted(set(self.model.trainable) - set(PARTS))
+        if bad or not self.model.trainable:
+            raise ConfigError(f"model.trainable: expected a non-empty subset of {list(PARTS)}, "
+                              f"got {self.model.trainable}")
+        return self
+
+
+# --- dict <-> dataclass ------------------------------------------------------------------------
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the type ``hint`` of ``key``; return it (ints widen to floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # data.train=train/1 means a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # folder names like 1, 2, 3
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            close = [f"{prefix}{n}" for n in difflib.get_close_matches(str(name), fields, n=3)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key}{hint}")
+        hint_t = hints[name]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[name] = _from_dict(hint_t, value or {}, f"{key}.")
+            continue
+        kwargs[name] = _coerce(key, value, hint_t)
+        choices = fields[name].metadata.get("choices")
+        if choices and kwargs[name] not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a nested dict (unknown keys are errors)."""
+    return _from_dict(Config, data, "").validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a nested dict of plain values (what is saved)."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=3e-4"`` -> ``{"train": {"lr": 0.0003}}`` (the value is parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({err.problem})") from err
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = _yaml_number(raw, value)
+    return node
+
+
+def _yaml_number(raw: str, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string; accept it as the number everybody means."""
+    if isinstance(value, str):
+        try:
+            return float(raw) if any(c in raw.lower() for c in ".e") else value
+        except ValueError:
+            return value
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML at ``path`` (only what changes), then ``key=value`` overrides."""
+    merged = config_to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found ({path})")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse YAML ({path}): {err}") from err
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"expected a mapping of config keys ({path})")
+        _from_dict(Config, _fix_numbers(loaded), "")  # unknown keys reported by their own name
+        merged = _merge(merged, _fix_numbers(loaded))
+    for text in overrides:
+        update = parse_override(text)
+        _from_dict(Config, update, "")
+        merged = _merge(merged, update)
+    return config_from_dict(merged)
+
+
+def _fix_numbers(data: Any) -> Any:
+    """Turn YAML 1.1 strings like ``1e-4`` inside a loaded file into floats."""
+    if isinstance(data, Mapping):
+        return {k: _fix_numbers(v) for k, v in data.items()}
+    if isinstance(data, str):
+        return _yaml_number(data, data) if _looks_numeric(data) else data
+    return data
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the merged config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,119 @@
+"""Self-describing training checkpoints, written atomically and read without running code.
+
+A checkpoint holds everything resume and predict need: the SAM weights under ``"model"`` with
+official parameter names (so :func:`scrollsam.model.build.load_sam_state_dict` reads it like an
+official file), the optimizer state, the step, the merged config, the best validation F0.5 and
+its threshold, and the random states. Only tensors and plain Python values are stored, so
+``torch.load(weights_only=True)`` reads it. Files are written to a temp file and renamed: an
+interrupted write never leaves a partial ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scrollsam.errors import CheckpointError
+from scrollsam.io import atomic_path
+
+FORMAT = "scrollsam-checkpoint-1"
+
+
+@dataclass
+class TrainState:
+    """What the loop carries between steps besides the model and the optimizer."""
+
+    step: int = 0
+    best_f05: float = -1.0
+    best_threshold: float = 0.5
+    best_step: int = -1
+
+
+def rng_state(np_rng: np.random.Generator) -> dict[str, Any]:
+    """Random states of torch (CPU and CUDA), Python and ``np_rng`` as plain values."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _plain(random.getstate()),
+        "numpy": _plain(np_rng.bit_generator.state),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], np_rng: np.random.Generator) -> None:
+    """Undo :func:`rng_state` into the global torch/Python generators and ``np_rng``."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(_tuples(state["python"]))
+    np_rng.bit_generator.state = state["numpy"]
+
+
+def _plain(x: Any) -> Any:
+    """Tuples -> lists recursively (weights_only pickles lists, dicts, ints, strs, floats)."""
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: TrainState,
+    config: dict[str, Any],
+    rng: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename) and return its path."""
+    payload = {
+        "format": FORMAT,
+        "model": model.sam.state_dict(),
+        "model_type": model.model_type,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": state.step,
+        "best_f05": state.best_f05,
+        "best_threshold": state.best_threshold,
+        "best_step": state.best_step,
+        "config": config,
+        "rng": rng,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a scrollsam checkpoint (``weights_only=True``); CheckpointError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found ({path})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint ({path}): {str(err).splitlines()[0]}"
+                              ) from err
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"not a scrollsam training checkpoint ({path}); official SAM "
+                              "files go in model.checkpoint")
+    return obj
+
+
+def train_state_of(ckpt: dict[str, Any]) -> TrainState:
+    """The :class:`TrainState` stored in a loaded checkpoint."""
+    return TrainState(step=int(ckpt["step"]), best_f05=float(ckpt["best_f05"]),
+                      best_threshold=float(ckpt["best_threshold"]),
+                      best_step=int(ckpt["best_step"]))

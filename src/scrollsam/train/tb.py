@@ -1,0 +1,97 @@
+"""TensorBoard logging: scalars, and the pictures that caught what the seed's numbers hid.
+
+A picture is one row per tile: the input tile, the ground truth, the prediction, and the prompt
+points drawn on the tile (green = positive / ink, red = negative / background), exactly what the
+seed drew by hand to find its (row, column) mix-up. Pixels outside the fragment mask are shaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+GREEN = (40, 220, 40)
+RED = (230, 40, 40)
+
+
+def _to_uint8_grey(image: torch.Tensor) -> np.ndarray:
+    """Normalised image [C, S, S] -> uint8 [S, S] (mean over channels, 1st-99th percentile)."""
+    grey = image.detach().float().mean(0).cpu().numpy()  # (S, S)
+    lo, hi = np.percentile(grey, [1, 99]) if grey.size else (0.0, 1.0)
+    scaled = (grey - lo) / max(hi - lo, 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def _rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, None], 3, axis=2)  # (S, S, 3)
+
+
+def tile_panel(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    prob: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    coords: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+) -> np.ndarray:
+    """One row of four panels, uint8 [S, 4 * S, 3] (HWC, RGB).
+
+    image [C, S, S] normalised; label, prob, valid [1, S, S] in [0, 1]; coords [N, 2] as (x, y)
+    pixels of the tile; point_labels [N] (1 ink, 0 background, -1 padding: not drawn).
+    """
+    tile = _rgb(_to_uint8_grey(image))
+    truth = _rgb((label[0].detach().float().cpu().numpy() * 255).astype(np.uint8))
+    pred = _rgb((prob[0].detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
+    points = tile.copy()
+    if coords is not None and point_labels is not None:
+        radius = max(2, tile.shape[0] // 64)
+        for (x, y), lab in zip(coords.detach().cpu().tolist(),
+                               point_labels.detach().cpu().tolist(), strict=True):
+            if lab < 0:
+                continue
+            colour = GREEN if lab == 1 else RED
+            cv2.circle(points, (int(round(x)), int(round(y))), radius, colour, -1)
+            cv2.circle(points, (int(round(x)), int(round(y))), radius, (0, 0, 0), 1)
+    panels = [tile, truth, pred, points]
+    if valid is not None:
+        outside = valid[0].detach().cpu().numpy() < 0.5
+        for p in panels:
+            p[outside] = (p[outside] * 0.35 + np.array([0, 0, 90]) * 0.65).astype(np.uint8)
+    return np.concatenate(panels, axis=1)  # (S, 4S, 3)
+
+
+class TensorBoard:
+    """Thin wrapper over ``SummaryWriter`` writing into ``run_dir/tb``; no-op when disabled."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+
+    def scalars(self, values: Mapping[str, float], step: int, *, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}{name}", float(value), step)
+
+    def picture(self, tag: str, rows: list[np.ndarray], step: int) -> None:
+        """Stack panel rows (each uint8 [S, W, 3]) vertically and log one image."""
+        if self.writer is None or not rows:
+            return
+        grid = np.concatenate(rows, axis=0)  # (rows * S, W, 3)
+        self.writer.add_image(tag, grid, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
