@@ -1,0 +1,255 @@
+"""File access for fragment folders: cheap header probes and windowed reads of TIFF / PNG files.
+
+Only this module touches the bytes of a slice file. A slice is read in one of two ways:
+
+- **memory-mapped** (uncompressed, contiguous pixel data, as in the Kaggle volumes): the file is
+  mapped with :func:`tifffile.memmap` and a window read copies just that window out of the map, so
+  the kernel pages in only the rows the window spans (readahead is switched off with
+  ``MADV_RANDOM`` where the platform has it).
+- **by segment** (compressed, or uncompressed but scattered strips / tiles): only the strips or
+  tiles that intersect the window are read from the file and decoded.
+
+Every problem raises :class:`~scrollsam.errors.FragmentError` whose message ends with the file in
+parentheses, e.g. ``truncated TIFF: ... (data/train/1/surface_volume/07.tif)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from scrollsam.errors import FragmentError
+
+log = logging.getLogger(__name__)
+
+SLICE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What the header of one slice TIFF promises: its size, pixel type and how to read it."""
+
+    path: Path
+    height: int
+    width: int
+    dtype: np.dtype  # native-order uint8 or uint16
+    memmappable: bool  # uncompressed and contiguous: read through tifffile.memmap
+    compression: str
+    segment_pixels: int  # pixels in one strip / tile: the least a segment read decodes
+
+
+def probe_slice(path: Path) -> SliceInfo:
+    """Read the header of one slice TIFF (not its pixels) and check that it is usable.
+
+    Checks: a TIFF at all, one single-channel 2-D page, uint8 or uint16 samples, a compression
+    tifffile can decode, and a file long enough to hold every strip / tile the header lists (a
+    truncated copy is caught here, without reading pixel data).
+    """
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) != 1:
+                raise FragmentError(
+                    f"expected one 2-D image per slice file, found {len(tif.pages)} pages ({path})"
+                )
+            page = tif.pages.first
+            if page.ndim != 2 or page.samplesperpixel != 1:
+                raise FragmentError(
+                    f"expected a single-channel 2-D slice, got shape {page.shape} ({path})"
+                )
+            dtype = np.dtype(page.dtype) if page.dtype is not None else None
+            if dtype not in SLICE_DTYPES:
+                raise FragmentError(f"expected uint8 or uint16 pixels, got {dtype} ({path})")
+            size = os.path.getsize(path)
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
+            if not ends or max(ends) > size:
+                promised = max(ends) if ends else 0
+                raise FragmentError(
+                    f"truncated TIFF: header promises pixel data up to byte {promised}, "
+                    f"file has {size} bytes ({path})"
+                )
+            memmappable = bool(page.is_memmappable)
+            if page.is_tiled:
+                segment = page.tilelength * page.tilewidth
+            else:
+                segment = (page.rowsperstrip or page.imagelength) * page.imagewidth
+            if not memmappable:
+                try:
+                    page.decode(None, 0)  # raises for a compression tifffile cannot decode
+                except (ValueError, NotImplementedError, KeyError) as err:
+                    raise FragmentError(f"cannot decode this TIFF: {err} ({path})") from err
+            return SliceInfo(
+                path=Path(path), height=int(page.shape[0]), width=int(page.shape[1]),
+                dtype=dtype, memmappable=memmappable, compression=page.compression.name,
+                segment_pixels=int(min(segment, page.imagelength * page.imagewidth)),
+            )
+    except FragmentError:
+        raise
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error) as err:
+        raise FragmentError(f"corrupt or unreadable TIFF: {err} ({path})") from err
+
+
+class SliceReader:
+    """Windowed reads of one slice TIFF; opens its file lazily and can be pickled (re-opens).
+
+    ``bytes_read`` counts the bytes this reader asked the file for: for the memory-mapped path,
+    the bytes of the window's rows copied out of the map (``rows * cols * itemsize``); for the
+    segment path, the encoded bytes of every strip / tile read.
+    """
+
+    def __init__(self, info: SliceInfo) -> None:
+        self.info = info
+        self.bytes_read = 0
+        self._map: np.memmap | None = None
+        self._tif: tifffile.TiffFile | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"info": self.info, "bytes_read": 0, "_map": None, "_tif": None}
+
+    def close(self) -> None:
+        """Release the memory map / file handle (a later read re-opens it)."""
+        if self._tif is not None:
+            self._tif.close()
+        self._map, self._tif = None, None
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` (inside the image) as a new native-order array [y, x]."""
+        if self.info.memmappable:
+            return self._read_mapped(y0, y1, x0, x1)
+        return self._read_segments(y0, y1, x0, x1)
+
+    def _read_mapped(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self._map is None:
+            try:
+                self._map = tifffile.memmap(self.info.path, mode="r")
+            except (OSError, ValueError) as err:
+                raise FragmentError(f"cannot memory-map TIFF: {err} ({self.info.path})") from err
+            raw = getattr(self._map, "_mmap", None)
+            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                raw.madvise(mmap.MADV_RANDOM)  # page in the window's rows, not megabytes around
+        out = np.array(self._map[y0:y1, x0:x1], dtype=self.info.dtype)  # copy, native order
+        self.bytes_read += out.nbytes
+        return out
+
+    def _read_segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self._tif is None:
+            self._tif = tifffile.TiffFile(self.info.path)
+        page = self._tif.pages.first
+        fh = self._tif.filehandle
+        out = np.zeros((y1 - y0, x1 - x0), dtype=self.info.dtype)
+        for index in _segments_for_window(page, y0, y1, x0, x1):
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            data = None
+            if count:
+                fh.seek(offset)
+                data = fh.read(count)
+                self.bytes_read += len(data)
+            try:
+                seg, pos, shape = page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception as err:  # decoders raise many types on corrupt data
+                raise FragmentError(f"corrupt TIFF data: {err} ({self.info.path})") from err
+            if seg is None:
+                continue
+            seg = seg.reshape(shape[1], shape[2])  # (depth=1, rows, cols, samples=1) -> [y, x]
+            sy, sx = pos[2], pos[3]
+            ty0, ty1 = max(y0, sy), min(y1, sy + shape[1])
+            tx0, tx1 = max(x0, sx), min(x1, sx + shape[2])
+            if ty0 < ty1 and tx0 < tx1:
+                part = seg[ty0 - sy:ty1 - sy, tx0 - sx:tx1 - sx]
+                out[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] = part
+        return out
+
+
+def _segments_for_window(page: Any, y0: int, y1: int, x0: int, x1: int) -> list[int]:
+    """Indices of the strips or tiles of ``page`` that intersect rows y0:y1, columns x0:x1."""
+    if page.is_tiled:
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        return [
+            ty * across + tx
+            for ty in range(y0 // th, (y1 - 1) // th + 1)
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+    rows = page.rowsperstrip or page.imagelength
+    last = len(page.dataoffsets) - 1
+    return list(range(min(y0 // rows, last), min((y1 - 1) // rows, last) + 1))
+
+
+@dataclass(frozen=True)
+class PngInfo:
+    """Header of a PNG: size, bit depth and colour type (0 grey, 2 RGB, 3 palette, 4 grey+alpha,
+    6 RGBA)."""
+
+    path: Path
+    height: int
+    width: int
+    bit_depth: int
+    color_type: int
+
+
+def probe_png(path: Path) -> PngInfo:
+    """Read a PNG's header and walk its chunk list (seeking over the data) to catch truncation."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                raise FragmentError(f"not a PNG file ({path})")
+            length, kind = struct.unpack(">I4s", f.read(8))
+            if kind != b"IHDR" or length != 13:
+                raise FragmentError(f"corrupt PNG: no IHDR header ({path})")
+            width, height, bit_depth, color_type = struct.unpack(">IIBB", f.read(10))
+            pos = 8 + 8 + length + 4
+            while True:
+                if pos + 8 > size:
+                    raise FragmentError(f"truncated PNG: no IEND chunk ({path})")
+                f.seek(pos)
+                length, kind = struct.unpack(">I4s", f.read(8))
+                pos += 8 + length + 4
+                if pos > size:
+                    raise FragmentError(
+                        f"truncated PNG: chunk {kind!r} runs past the end of the file ({path})"
+                    )
+                if kind == b"IEND":
+                    break
+    except FragmentError:
+        raise
+    except (OSError, struct.error) as err:
+        raise FragmentError(f"corrupt or unreadable PNG: {err} ({path})") from err
+    if width == 0 or height == 0:
+        raise FragmentError(f"empty PNG image ({path})")
+    return PngInfo(Path(path), int(height), int(width), int(bit_depth), int(color_type))
+
+
+def read_png(path: Path, *, gray: str) -> np.ndarray:
+    """Decode a PNG to one channel [H, W] uint8 or uint16.
+
+    ``gray`` says what to do with colour images: ``"equal"`` accepts them only when every colour
+    channel holds the same values (masks, labels saved as RGB), ``"luma"`` converts to grey
+    (infrared images). Alpha is ignored.
+    """
+    import cv2  # imported here: cv2 is slow to import and only needed when a PNG is decoded
+
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise FragmentError(f"cannot read PNG: {err} ({path})") from err
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise FragmentError(f"corrupt PNG: cannot decode pixel data ({path})")
+    if img.ndim == 3:
+        color = img[..., :3]  # BGR(A) -> BGR
+        if gray == "luma":
+            img = cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2GRAY)
+        elif (color == color[..., :1]).all():
+            img = np.ascontiguousarray(color[..., 0])
+        else:
+            raise FragmentError(f"expected a single-channel image, got colour ({path})")
+    return img

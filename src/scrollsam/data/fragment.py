@@ -1,0 +1,296 @@
+"""`Fragment`: one validated fragment folder, read lazily window by window.
+
+Two layouts are recognised (``<id>`` is the folder name)::
+
+    kaggle   surface_volume/00.tif .. NN.tif   mask.png         [inklabels.png]        [ir.png]
+    segment  layers/00.tif .. NN.tif           <id>_mask.png    [<id>_inklabels.png]   [ir.png]
+
+Opening a folder validates it before any work: slice files numbered contiguously from 0, each a
+single-channel uint8 / uint16 TIFF of the same height x width and pixel type, none truncated
+(file size against what the header promises); mask / labels / ir PNGs intact and the same size
+as the slices; labels binary (0/255 or 0/1). Only headers are read, except ``inklabels.png``,
+whose values are checked (and kept) at open. Every problem raises
+:class:`~scrollsam.errors.FragmentError` naming the file.
+
+Volumes use axis order ``(z, y, x)``; z indexes the slice files. Nothing reads a whole slice
+stack: :meth:`Fragment.read` touches only the requested window (see :mod:`.formats`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from scrollsam.data.formats import (
+    SliceInfo,
+    SliceReader,
+    probe_png,
+    probe_slice,
+    read_png,
+)
+from scrollsam.errors import FragmentError, InputError
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("kaggle", "segment")
+_SLICE_DIRS = {"kaggle": "surface_volume", "segment": "layers"}
+_LARGE_SEGMENT = 4 * 1024 * 1024  # pixels; bigger compressed strips make window reads slow
+_SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+
+
+class Fragment:
+    """A validated fragment folder.
+
+    Attributes: ``path``, ``id`` (folder name), ``layout`` ("kaggle" | "segment"), ``depth``,
+    ``height``, ``width``, ``dtype`` (np.uint8 or np.uint16), ``shape`` = (depth, height, width),
+    ``slice_paths`` (z order), ``mask_path``, ``labels_path`` / ``ir_path`` (None when absent).
+
+    Window readers take half-open ranges and accept y / x ranges that reach outside the image;
+    the outside is filled with 0 (False), so sliding windows need no special case at borders.
+    A fragment pickles (DataLoader workers) without its memory maps and file handles, which
+    re-open on the next read; decoded PNGs travel with it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FragmentError(f"fragment folder not found ({self.path})")
+        self.id = self.path.resolve().name
+        self.layout = _detect_layout(self.path)
+        self.slice_paths = _slice_files(self.path / _SLICE_DIRS[self.layout])
+        infos = [probe_slice(p) for p in self.slice_paths]
+        first = infos[0]
+        for info in infos[1:]:
+            if (info.height, info.width) != (first.height, first.width):
+                raise FragmentError(
+                    f"slice is {info.height}x{info.width} but {first.path.name} is "
+                    f"{first.height}x{first.width} ({info.path})"
+                )
+            if info.dtype != first.dtype:
+                raise FragmentError(
+                    f"slice is {info.dtype} but {first.path.name} is {first.dtype} ({info.path})"
+                )
+        self.depth, self.height, self.width = len(infos), first.height, first.width
+        self.dtype = first.dtype
+        self._readers = [SliceReader(info) for info in infos]
+        if not first.memmappable and first.segment_pixels > _LARGE_SEGMENT:
+            log.warning(
+                "%s: slices are %s-compressed in segments of %d pixels; every window read "
+                "decodes whole segments (%.0f MB per slice). Uncompressed or tiled TIFFs read "
+                "windows much faster.", self.path, first.compression, first.segment_pixels,
+                first.segment_pixels * first.dtype.itemsize / 1e6,
+            )
+
+        prefix = "" if self.layout == "kaggle" else f"{self.id}_"
+        self.mask_path = self.path / f"{prefix}mask.png"
+        if not self.mask_path.is_file():
+            raise FragmentError(f"missing mask: expected {self.mask_path.name} ({self.mask_path})")
+        self._check_png_size(self.mask_path)
+        labels = self.path / f"{prefix}inklabels.png"
+        self.labels_path: Path | None = labels if labels.is_file() else None
+        ir = self.path / "ir.png"
+        self.ir_path: Path | None = ir if ir.is_file() else None
+        for p in (self.labels_path, self.ir_path):
+            if p is not None:
+                self._check_png_size(p)
+
+        self._mask: np.ndarray | None = None
+        self._ir: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        if self.labels_path is not None:
+            self._labels = _binary(read_png(self.labels_path, gray="equal"), self.labels_path)
+            self._check_decoded_size(self._labels, self.labels_path)
+        log.debug("opened %s: %s layout, %s %s", self.path, self.layout, self.shape, self.dtype)
+
+    # --- description -----------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(depth, height, width) of the slice volume."""
+        return (self.depth, self.height, self.width)
+
+    @property
+    def slice_infos(self) -> list[SliceInfo]:
+        """Header facts of every slice file, in z order."""
+        return [r.info for r in self._readers]
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """Size of the slice files plus the PNGs, in bytes."""
+        files = [*self.slice_paths, self.mask_path, self.labels_path, self.ir_path]
+        return sum(os.path.getsize(p) for p in files if p is not None)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of slice data read so far by this process (see :class:`.formats.SliceReader`)."""
+        return sum(r.bytes_read for r in self._readers)
+
+    def __repr__(self) -> str:
+        return (
+            f"Fragment({str(self.path)!r}, layout={self.layout!r}, shape={self.shape}, "
+            f"dtype={self.dtype.name})"
+        )
+
+    # --- volume ----------------------------------------------------------------------------
+
+    def read(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Window ``[z0:z1, y0:y1, x0:x1]`` of the volume: [z1-z0, y1-y0, x1-x0], native dtype.
+
+        ``0 <= z0 < z1 <= depth``; y / x ranges may reach outside the image (filled with 0). Only
+        the rows and columns of the window are read from each slice file.
+        """
+        if not (0 <= z0 < z1 <= self.depth):
+            raise InputError(
+                f"z range: expected 0 <= z0 < z1 <= {self.depth} for fragment {self.id}, "
+                f"got {z0}:{z1}"
+            )
+        _check_window(y0, y1, x0, x1)
+        out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=self.dtype)  # (z, y, x)
+        iy0, iy1 = max(y0, 0), min(y1, self.height)
+        ix0, ix1 = max(x0, 0), min(x1, self.width)
+        if iy0 < iy1 and ix0 < ix1:
+            for i, reader in enumerate(self._readers[z0:z1]):
+                out[i, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = reader.read(iy0, iy1, ix0, ix1)
+        return out
+
+    def close(self) -> None:
+        """Release memory maps and file handles (reads re-open them)."""
+        for r in self._readers:
+            r.close()
+
+    def __enter__(self) -> Fragment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- 2-D images --------------------------------------------------------------------------
+
+    def mask(self) -> np.ndarray:
+        """Fragment outline from mask.png: bool [H, W], True inside (decoded once, cached)."""
+        if self._mask is None:
+            img = read_png(self.mask_path, gray="equal")
+            self._check_decoded_size(img, self.mask_path)
+            self._mask = img > 0
+        return self._mask
+
+    def labels(self) -> np.ndarray | None:
+        """Ink labels: bool [H, W], True = ink; None when the folder has no ink labels."""
+        return self._labels
+
+    def ir(self) -> np.ndarray | None:
+        """Infrared image: uint8 [H, W] (16-bit PNGs are scaled down); None when absent."""
+        if self.ir_path is None:
+            return None
+        if self._ir is None:
+            img = read_png(self.ir_path, gray="luma")
+            self._check_decoded_size(img, self.ir_path)
+            if img.dtype == np.uint16:
+                img = (img >> 8).astype(np.uint8)
+            self._ir = img
+        return self._ir
+
+    def mask_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """``mask()[y0:y1, x0:x1]`` as bool [y1-y0, x1-x0]; False outside the image."""
+        return _window(self.mask(), y0, y1, x0, x1)
+
+    def labels_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray | None:
+        """``labels()[y0:y1, x0:x1]`` as bool, False outside the image; None without labels."""
+        labels = self.labels()
+        return None if labels is None else _window(labels, y0, y1, x0, x1)
+
+    def ir_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray | None:
+        """``ir()[y0:y1, x0:x1]`` as uint8, 0 outside the image; None without ir.png."""
+        ir = self.ir()
+        return None if ir is None else _window(ir, y0, y1, x0, x1)
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def _check_png_size(self, path: Path) -> None:
+        info = probe_png(path)
+        if (info.height, info.width) != (self.height, self.width):
+            raise FragmentError(
+                f"image is {info.height}x{info.width} but the slices are "
+                f"{self.height}x{self.width} ({path})"
+            )
+
+    def _check_decoded_size(self, img: np.ndarray, path: Path) -> None:
+        if img.shape != (self.height, self.width):
+            raise FragmentError(
+                f"decoded image is {img.shape}, expected {(self.height, self.width)} ({path})"
+            )
+
+
+def _detect_layout(path: Path) -> str:
+    found = [name for name, sub in _SLICE_DIRS.items() if (path / sub).is_dir()]
+    if not found:
+        raise FragmentError(
+            f"not a fragment folder: no surface_volume/ (Kaggle layout) or layers/ "
+            f"(scroll-segment layout) ({path})"
+        )
+    if len(found) > 1:
+        raise FragmentError(
+            f"ambiguous fragment folder: both surface_volume/ and layers/ exist ({path})"
+        )
+    return found[0]
+
+
+def _slice_files(folder: Path) -> list[Path]:
+    """Slice files of ``folder`` in z order; numbered contiguously from 0 or FragmentError."""
+    numbered: dict[int, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in (".tif", ".tiff") or p.name.startswith("."):
+            continue
+        m = _SLICE_NAME.match(p.name)
+        if m is None:
+            raise FragmentError(f"unexpected slice file name, expected NN.tif ({p})")
+        z = int(m.group(1))
+        if z in numbered:
+            raise FragmentError(f"two files for slice {z}: {numbered[z].name} and {p.name} ({p})")
+        numbered[z] = p
+    if not numbered:
+        raise FragmentError(f"no slice files (NN.tif) ({folder})")
+    for z in range(max(numbered) + 1):
+        if z not in numbered:
+            width = len(next(iter(numbered.values())).stem)
+            raise FragmentError(
+                f"missing slice {z}: slices must be numbered contiguously from 0 "
+                f"({folder / f'{z:0{width}d}.tif'})"
+            )
+    return [numbered[z] for z in range(len(numbered))]
+
+
+def _binary(img: np.ndarray, path: Path) -> np.ndarray:
+    """bool [H, W] from a 0/1, 0/255 (or 0/65535) label image; FragmentError otherwise."""
+    present = np.flatnonzero(np.bincount(img.ravel(), minlength=2))
+    values = set(present.tolist())
+    for on in (1, 255, 65535):
+        if values <= {0, on}:
+            return img == on
+    shown = ", ".join(str(v) for v in sorted(values)[:6])
+    raise FragmentError(
+        f"labels must be binary (0/255 or 0/1), found values {shown}"
+        f"{' ...' if len(values) > 6 else ''} ({path})"
+    )
+
+
+def _check_window(y0: int, y1: int, x0: int, x1: int) -> None:
+    if y1 <= y0 or x1 <= x0:
+        raise InputError(f"window: expected y0 < y1 and x0 < x1, got y {y0}:{y1}, x {x0}:{x1}")
+
+
+def _window(img: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """``img[y0:y1, x0:x1]`` of a 2-D array, zero-padded where the window leaves the image."""
+    _check_window(y0, y1, x0, x1)
+    h, w = img.shape
+    if y0 >= 0 and x0 >= 0 and y1 <= h and x1 <= w:
+        return img[y0:y1, x0:x1].copy()
+    out = np.zeros((y1 - y0, x1 - x0), dtype=img.dtype)
+    iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if iy0 < iy1 and ix0 < ix1:
+        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = img[iy0:iy1, ix0:ix1]
+    return out

@@ -1,0 +1,253 @@
+"""Synthetic fragments in the exact Kaggle layout, so everything runs without the real data.
+
+A synthetic fragment mimics the real ones: an irregular outline (``mask.png``), a papyrus sheet
+with horizontal fibres on the upper side and vertical ones below, whose surface drifts a few
+slices in depth across the fragment, ink as lines of letter glyphs (``inklabels.png``) that are
+clearly dark in the infrared image (``ir.png``) and only a subtle density increase in a few slices
+of the x-ray volume around the surface (slices ~25-40 of 65, as in the real data), plus noise.
+Slices are uncompressed uint16 TIFFs ``surface_volume/00.tif ..`` (axis order (z, y, x)).
+
+Everything is deterministic for a given seed: all randomness comes from one
+``np.random.Generator`` per fragment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from scrollsam.errors import InputError
+
+log = logging.getLogger(__name__)
+
+INK_CONTRAST = 0.1  # peak density increase of ink in the x-ray volume, relative to papyrus
+_AIR, _PAPYRUS = 9000.0, 32000.0  # uint16 levels of empty space and papyrus in the volume
+
+
+def synth_fragments(
+    out: str | os.PathLike[str],
+    *,
+    fragments: int = 3,
+    height: int = 1024,
+    width: int = 1024,
+    depth: int = 65,
+    seed: int = 0,
+    ink_contrast: float = INK_CONTRAST,
+    test_fragments: int = 0,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``OUT/train/1..n/`` (with labels) and ``OUT/test/a, b, ../`` (without labels).
+
+    Test fragments keep ``ir.png`` so the infrared view can predict on them. Fragment ``i`` of a
+    seed is the same whatever the number of fragments. Returns the fragment folders written.
+    """
+    _check_int("fragments", fragments, 0)
+    _check_int("test_fragments", test_fragments, 0)
+    root = Path(out)
+    written = []
+    for i in range(fragments):
+        written.append(write_fragment(
+            root / "train" / str(i + 1), height=height, width=width, depth=depth,
+            seed=(seed, 0, i), ink_contrast=ink_contrast, overwrite=overwrite,
+        ))
+    for j in range(test_fragments):
+        written.append(write_fragment(
+            root / "test" / _letters(j), height=height, width=width, depth=depth,
+            seed=(seed, 1, j), ink_contrast=ink_contrast, labels=False, overwrite=overwrite,
+        ))
+    return written
+
+
+def write_fragment(
+    path: str | os.PathLike[str],
+    *,
+    height: int,
+    width: int,
+    depth: int = 65,
+    seed: int | Sequence[int] = 0,
+    ink_contrast: float = INK_CONTRAST,
+    labels: bool = True,
+    ir: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write one synthetic fragment folder (Kaggle layout) and return its path.
+
+    ``seed`` is anything ``np.random.default_rng`` takes. ``ink_contrast`` is the peak density
+    increase of ink in the volume as a fraction of the papyrus density (0 = invisible in the
+    x-ray, about 0.1 = subtle, 0.5 = obvious); the infrared ink is always clearly dark. The
+    folder is written under a temporary name and renamed, so a killed run leaves no half
+    fragment; an existing folder is an error unless ``overwrite``.
+    """
+    _check_int("height", height, 16)
+    _check_int("width", width, 16)
+    _check_int("depth", depth, 1)
+    if not 0.0 <= ink_contrast <= 1.0:
+        raise InputError(f"ink_contrast: expected a number in [0, 1], got {ink_contrast}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(
+            f"out: fragment folder already exists; --overwrite replaces it ({path})"
+        )
+    rng = np.random.default_rng(seed)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "surface_volume").mkdir(parents=True)
+    try:
+        _write_contents(tmp, rng, height, width, depth, ink_contrast, labels=labels, ir=ir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(path)
+    log.debug("wrote synthetic fragment %s (%dx%dx%d)", path, height, width, depth)
+    return path
+
+
+def _write_contents(
+    folder: Path, rng: np.random.Generator, height: int, width: int, depth: int,
+    ink_contrast: float, *, labels: bool, ir: bool,
+) -> None:
+    mask = _outline(rng, height, width)  # bool [H, W]
+    inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    ink = _glyphs(rng, height, width) & inner  # bool [H, W]
+    recto = _fibres(rng, height, width, along="x")  # float32 [H, W], unit std
+    verso = _fibres(rng, height, width, along="y")
+    _write_volume(folder / "surface_volume", rng, mask, ink, recto, verso, depth, ink_contrast)
+    cv2.imwrite(str(folder / "mask.png"), mask.astype(np.uint8) * 255)
+    if labels:
+        cv2.imwrite(str(folder / "inklabels.png"), ink.astype(np.uint8) * 255)
+    if ir:
+        cv2.imwrite(str(folder / "ir.png"), _infrared(rng, mask, ink, recto))
+
+
+def _write_volume(
+    folder: Path, rng: np.random.Generator, mask: np.ndarray, ink: np.ndarray,
+    recto: np.ndarray, verso: np.ndarray, depth: int, ink_contrast: float,
+) -> None:
+    """Write ``depth`` uint16 slices: a papyrus sheet around a drifting surface, ink on it."""
+    h, w = mask.shape
+    scale = depth / 65.0  # the real volumes have 65 slices; keep proportions for other depths
+    drift = np.tanh(_smooth(rng, h, w, max(h, w) / 2) / 1.5)  # [H, W] in (-1, 1)
+    surface = (depth - 1) / 2 + 3.0 * scale * drift  # [H, W] z of the surface, +-3 of 65
+    half = 11.5 * scale  # half thickness of the papyrus sheet, in slices
+    soft = max(0.5, 1.2 * scale)  # how sharply density falls off at the sheet faces
+    ink_sigma = max(0.6, 3.0 * scale)  # depth spread of the ink signal around the surface
+    outline = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.5)
+    ink_soft = cv2.GaussianBlur(ink.astype(np.float32), (0, 0), 1.0)
+    span = np.float32(_PAPYRUS - _AIR)
+    shading = (1.0 + 0.05 * _smooth(rng, h, w, max(h, w) / 4)).astype(np.float32)
+    digits = max(2, len(str(depth - 1)))
+    for z in range(depth):
+        dz = (z - surface).astype(np.float32)  # [H, W] signed distance to the surface, slices
+        sheet = _sigmoid((dz + half) / soft) * _sigmoid((half - dz) / soft) * outline
+        upper = _sigmoid(-dz / 2.0)  # recto fibres above the surface, verso fibres below
+        texture = 1.0 + 0.12 * (upper * recto + (1.0 - upper) * verso)
+        signal = ink_contrast * ink_soft * np.exp(-0.5 * (dz / ink_sigma) ** 2)
+        vol = _AIR + span * (sheet * texture * shading + signal)
+        vol += rng.standard_normal((h, w), dtype=np.float32) * (0.04 * span)
+        tifffile.imwrite(folder / f"{z:0{digits}d}.tif", np.clip(vol, 0, 65535).astype(np.uint16))
+
+
+def _infrared(
+    rng: np.random.Generator, mask: np.ndarray, ink: np.ndarray, recto: np.ndarray
+) -> np.ndarray:
+    """uint8 [H, W] infrared photo: light fibrous papyrus, dark ink, dark background."""
+    h, w = mask.shape
+    papyrus = 150.0 + 18.0 * recto + 20.0 * _smooth(rng, h, w, max(h, w) / 3)
+    ink_soft = cv2.GaussianBlur(ink.astype(np.float32), (0, 0), 1.2)
+    img = papyrus * (1.0 - 0.65 * ink_soft)
+    outline = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.0)
+    img = 12.0 + (img - 12.0) * outline + rng.normal(0.0, 4.0, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _outline(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """bool [H, W]: one irregular blob with ragged edges and no holes, ~50-65 % of the area."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ry, rx = h * rng.uniform(0.40, 0.46), w * rng.uniform(0.40, 0.46)
+    r = np.sqrt(((yy - h / 2) / ry) ** 2 + ((xx - w / 2) / rx) ** 2)
+    field = 1.0 - r + 0.12 * _smooth(rng, h, w, min(h, w) / 5)
+    field += 0.03 * _smooth(rng, h, w, max(4.0, min(h, w) / 40))
+    blob = (field > 0).astype(np.uint8)
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(blob, connectivity=4)
+    if n > 1:
+        blob = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    outside = np.zeros((h + 4, w + 4), np.uint8)
+    padded = np.pad(blob, 1)
+    cv2.floodFill(padded, outside, (0, 0), 1)  # fills the background; holes stay 0
+    holes = padded[1:-1, 1:-1] == 0
+    return (blob > 0) | holes
+
+
+def _glyphs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """bool [H, W]: lines of random capital-letter words, slightly rotated, some worn away."""
+    canvas = np.zeros((h, w), np.uint8)
+    letter = float(np.clip(min(h, w) / 18, 8, 120))  # glyph height in pixels
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (_, base_h), _ = cv2.getTextSize("A", font, 1.0, 1)
+    scale = letter / base_h
+    thick = max(1, round(letter / 7))
+    pitch = 1.9 * letter
+    y = 0.08 * h + letter
+    while y < 0.95 * h:
+        x = 0.06 * w + rng.uniform(0, letter)
+        while x < 0.94 * w:
+            word = "".join(rng.choice(list(string.ascii_uppercase), rng.integers(2, 8)))
+            cv2.putText(canvas, word, (int(x), int(y + rng.normal(0, letter / 10))), font, scale,
+                        255, thick, cv2.LINE_AA)
+            (tw, _), _ = cv2.getTextSize(word, font, scale, thick)
+            x += tw + letter * rng.uniform(0.6, 1.4)
+        y += pitch * rng.uniform(0.95, 1.1)
+    angle = rng.uniform(-4, 4)
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    canvas = cv2.warpAffine(canvas, rot, (w, h), flags=cv2.INTER_LINEAR)
+    worn = _smooth(rng, h, w, max(8.0, min(h, w) / 8)) > -1.2  # ~10 % of the text faded away
+    return (canvas > 127) & worn
+
+
+def _fibres(rng: np.random.Generator, h: int, w: int, *, along: str) -> np.ndarray:
+    """float32 [H, W], unit std: streaks running along x (recto) or y (verso)."""
+    fine, long = max(1.5, min(h, w) / 300), max(8.0, min(h, w) / 6)
+    sy, sx = (fine, long) if along == "x" else (long, fine)
+    small = rng.standard_normal((max(2, int(h / sy)), max(2, int(w / sx))), dtype=np.float32)
+    streaks = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return ((streaks - streaks.mean()) / (streaks.std() + 1e-6)).astype(np.float32)
+
+
+def _smooth(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
+    """float32 [H, W] smooth noise with features about ``scale`` pixels wide, unit std."""
+    small = rng.standard_normal(
+        (max(2, round(h / scale)) + 2, max(2, round(w / scale)) + 2), dtype=np.float32
+    )
+    field = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    return ((field - field.mean()) / (field.std() + 1e-6)).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+def _letters(j: int) -> str:
+    """Test fragment names a, b, .., z, aa, ab, .. (Kaggle names its test fragments a, b)."""
+    name = ""
+    j += 1
+    while j:
+        j, r = divmod(j - 1, 26)
+        name = string.ascii_lowercase[r] + name
+    return name
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise InputError(f"{name}: expected an integer >= {minimum}, got {value!r}")

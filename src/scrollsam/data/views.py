@@ -1,0 +1,409 @@
+"""Input views: how a window of a fragment becomes the model's float32 input [C, S, S].
+
+Build one with :func:`make_view`::
+
+    view = make_view("ir")                                  # infrared image as 3 channels
+    view = make_view("slices", "triplet")                   # 3 consecutive slices, random depth
+    view = make_view("slices", "range", z0=25, z1=41)       # 16 slices -> in_chans=16
+    view = make_view("slices", "every", depth=16)           # defaults laid out for 16 slices
+    x = view.train_window(fragment, y0, x0, 256, rng=rng)   # [C, 256, 256], random draws
+    x = view.eval_window(fragment, y0, x0, 256)             # [C, 256, 256], deterministic
+    xs = view.infer_windows(fragment, y0, x0, 256)          # [K, C, 256, 256]: average over K
+
+Views (``channels`` is known at construction, so the model can be built with ``in_chans``):
+
+- ``ir``: ir.png repeated into 3 channels (the toy problem). K = 1.
+- ``slices/triplet``: 3 consecutive slices. Training draws the start so that the middle slice is
+  ``round(N(centre, std))``, clipped to the band; evaluation uses ``centre``. K = 1.
+- ``slices/every``: one slice repeated into 3 channels. Training draws a slice uniformly from the
+  band; evaluation uses its middle slice; inference returns every slice of the band (K = z1 - z0)
+  and the predictor averages the K predictions.
+- ``slices/range``: slices z0..z1-1 as C = z1 - z0 channels (build the model with that in_chans).
+- ``slices/project``: projections over the band, one channel per reduction (mean, max, min, std).
+- ``slices/mosaic``: a spatially aligned mosaic: each channel tiles ``grid x grid`` slices in a
+  repeating ``grid x grid`` pixel pattern (like a Bayer filter), fixed to image coordinates, so
+  every pixel shows one slice at its true position and labels stay aligned; 3 channels use
+  3 * grid**2 slices spread evenly over the band.
+
+Slice parameters: ``depth`` (slice count the defaults are laid out for, 65 = Kaggle), ``z0`` /
+``z1`` (the band, half-open; default the ink band, slices 25..40 of 65, scaled for other depths),
+``centre`` / ``std`` (triplet draw), ``depth_shift`` (range / project / mosaic: training moves the
+band by up to +-depth_shift slices), ``reductions`` (project), ``grid`` (mosaic).
+
+Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
+per slice, ``(v - mean[z]) / std[z]``; ir with its own mean / std; projections are standardised
+per channel once more. Statistics are per fragment, inside ``mask.png`` (:mod:`.stats`). So inside
+the mask each channel is roughly zero mean / unit std; values are clipped to [-CLIP, CLIP] and
+pixels outside the mask (or outside the image) are exactly 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from scrollsam.data.fragment import Fragment
+from scrollsam.data.stats import StatsCache, sample_windows
+from scrollsam.errors import FragmentError, InputError
+
+log = logging.getLogger(__name__)
+
+CLIP = 5.0  # normalised inputs lie in [-CLIP, CLIP]
+REDUCTIONS = ("mean", "max", "min", "std")
+STRATEGIES = ("triplet", "every", "range", "project", "mosaic")
+
+
+class View:
+    """Base class: a fragment window -> float32 [C, S, S]. Subclasses set ``channels``."""
+
+    name = "view"
+    PARAMS: dict[str, Any] = {}
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        self.stats = stats
+        for key in params:
+            if key not in self.PARAMS:
+                known = ", ".join(self.PARAMS) or "none"
+                raise InputError(f"{key}: unknown parameter of view {self.name} (known: {known})")
+        self.channels = 0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The resolved parameters (for saving in a run config)."""
+        return {k: getattr(self, k) for k in self.PARAMS}
+
+    def prepare(self, fragment: Fragment) -> None:
+        """Check that ``fragment`` has what this view needs and compute its statistics."""
+        self.check(fragment)
+        self.stats.get(fragment)
+
+    def check(self, fragment: Fragment) -> None:
+        """FragmentError naming the fragment when it lacks what this view needs."""
+
+    def train_window(
+        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
+    ) -> np.ndarray:
+        """Training input for the window at (y0, x0): float32 [C, size, size]; random draws
+        (depth choices) come from ``rng``."""
+        return self.eval_window(fragment, y0, x0, size)
+
+    def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        """Deterministic input for the window: float32 [C, size, size]."""
+        raise NotImplementedError
+
+    def infer_windows(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        """Inputs whose predictions the predictor averages: float32 [K, C, size, size]."""
+        return self.eval_window(fragment, y0, x0, size)[None]  # [1, C, S, S]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"<view {self.name}({args}) channels={self.channels}>"
+
+
+class IrView(View):
+    """ir.png, standardised, repeated into 3 channels."""
+
+    name = "ir"
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.channels = 3
+
+    def check(self, fragment: Fragment) -> None:
+        if fragment.ir_path is None:
+            raise FragmentError(
+                f"fragment {fragment.id} has no ir.png, which view 'ir' needs ({fragment.path})"
+            )
+
+    def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        self.check(fragment)
+        st = self.stats.get(fragment)
+        ir = fragment.ir_window(y0, y0 + size, x0, x0 + size).astype(np.float32)  # [S, S]
+        std = max(float(st.ir_std or 0.0), 0.255)  # floor: 1e-3 of the 8-bit range
+        x = (ir - np.float32(st.ir_mean)) / np.float32(std)
+        inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)
+        x = np.clip(x, -CLIP, CLIP) * inside  # [S, S]
+        return np.repeat(x[None], 3, axis=0).astype(np.float32)  # [3, S, S]
+
+
+class SlicesView(View):
+    """Common part of the slice views: the depth band and per-slice normalisation."""
+
+    PARAMS: dict[str, Any] = {"depth": 65, "z0": None, "z1": None}
+    min_band = 1
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        p = {**self.PARAMS, **params}
+        self.depth = _int("depth", p["depth"], 1)
+        z0 = round(self.depth * 25 / 65) if p["z0"] is None else _int("z0", p["z0"], 0)
+        z1 = round(self.depth * 41 / 65) if p["z1"] is None else _int("z1", p["z1"], 1)
+        if p["z0"] is None and p["z1"] is None and z1 - z0 < self.min_band:
+            z0 = max(0, min(z0, self.depth - self.min_band))  # tiny depths: widen the band
+            z1 = min(self.depth, z0 + self.min_band)
+        if z1 - z0 < self.min_band:
+            raise InputError(
+                f"z1: expected z1 >= z0 + {self.min_band} for view {self.name}, "
+                f"got z0={z0}, z1={z1}"
+            )
+        if z1 > self.depth:
+            raise InputError(f"z1: expected z1 <= depth ({self.depth}), got {z1}")
+        self.z0, self.z1 = z0, z1
+        self._p = p
+
+    def check(self, fragment: Fragment) -> None:
+        if fragment.depth < self.z1:
+            raise FragmentError(
+                f"fragment {fragment.id} has {fragment.depth} slices, view {self.name} needs "
+                f"slices {self.z0}..{self.z1 - 1} (set z0 / z1 or depth) ({fragment.path})"
+            )
+
+    def _normalised(
+        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
+    ) -> np.ndarray:
+        """Slices z0..z1-1 of the window, standardised and clipped, 0 outside the mask:
+        float32 [z1-z0, S, S]."""
+        self.check(fragment)
+        st = self.stats.get(fragment)
+        floor = 1e-3 * np.iinfo(fragment.dtype).max
+        mean = np.asarray(st.slice_mean[z0:z1], np.float32)[:, None, None]  # [n, 1, 1]
+        std = np.maximum(np.asarray(st.slice_std[z0:z1], np.float32), floor)[:, None, None]
+        vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)  # [n,S,S]
+        inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
+        return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
+
+    def _shifted_band(
+        self, fragment: Fragment, rng: np.random.Generator, shift: int
+    ) -> tuple[int, int]:
+        """The band moved by a uniform draw in [-shift, shift], kept inside the volume."""
+        lo, hi = max(-shift, -self.z0), min(shift, fragment.depth - self.z1)
+        d = int(rng.integers(lo, hi + 1)) if hi >= lo else 0
+        return self.z0 + d, self.z1 + d
+
+
+class TripletView(SlicesView):
+    """Three consecutive slices; the middle one drawn around ``centre`` in training."""
+
+    name = "slices/triplet"
+    PARAMS = {**SlicesView.PARAMS, "centre": None, "std": None}
+    min_band = 3
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.channels = 3
+        p = self._p
+        self.centre = (self.z0 + self.z1 - 1) / 2 if p["centre"] is None else _float(
+            "centre", p["centre"])
+        self.std = (self.z1 - self.z0) / 4 if p["std"] is None else _float("std", p["std"])
+        if self.std < 0:
+            raise InputError(f"std: expected a number >= 0, got {self.std}")
+
+    def _start(self, middle: float) -> int:
+        return int(np.clip(round(middle) - 1, self.z0, self.z1 - 3))
+
+    def train_window(
+        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
+    ) -> np.ndarray:
+        z = self._start(rng.normal(self.centre, self.std) if self.std > 0 else self.centre)
+        return self._normalised(fragment, z, z + 3, y0, x0, size)  # [3, S, S]
+
+    def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        z = self._start(self.centre)
+        return self._normalised(fragment, z, z + 3, y0, x0, size)  # [3, S, S]
+
+
+class EveryView(SlicesView):
+    """One slice as 3 channels; inference returns every slice of the band (K = z1 - z0)."""
+
+    name = "slices/every"
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.channels = 3
+
+    def train_window(
+        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
+    ) -> np.ndarray:
+        z = int(rng.integers(self.z0, self.z1))
+        return np.repeat(self._normalised(fragment, z, z + 1, y0, x0, size), 3, axis=0)
+
+    def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        z = (self.z0 + self.z1 - 1) // 2
+        return np.repeat(self._normalised(fragment, z, z + 1, y0, x0, size), 3, axis=0)
+
+    def infer_windows(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        vol = self._normalised(fragment, self.z0, self.z1, y0, x0, size)  # [K, S, S]
+        return np.repeat(vol[:, None], 3, axis=1)  # [K, 3, S, S]
+
+
+class _BandView(SlicesView):
+    """A view of the whole band that training may shift in depth by up to ``depth_shift``."""
+
+    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2}
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.depth_shift = _int("depth_shift", self._p["depth_shift"], 0)
+
+    def train_window(
+        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
+    ) -> np.ndarray:
+        self.check(fragment)
+        z0, z1 = self._shifted_band(fragment, rng, self.depth_shift)
+        return self._compose(fragment, z0, z1, y0, x0, size)
+
+    def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
+        return self._compose(fragment, self.z0, self.z1, y0, x0, size)
+
+    def _compose(
+        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+
+class RangeView(_BandView):
+    """Slices z0..z1-1 as C = z1 - z0 channels."""
+
+    name = "slices/range"
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.channels = self.z1 - self.z0
+
+    def _compose(
+        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
+    ) -> np.ndarray:
+        return self._normalised(fragment, z0, z1, y0, x0, size)  # [C, S, S]
+
+
+class ProjectView(_BandView):
+    """Reductions over the band (mean / max / min / std of the standardised slices), one channel
+    each, standardised again per channel with statistics sampled once per fragment."""
+
+    name = "slices/project"
+    PARAMS = {**_BandView.PARAMS, "reductions": ("mean", "max", "std")}
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        red = self._p["reductions"]
+        if isinstance(red, str):
+            red = tuple(r.strip() for r in red.split(",") if r.strip())
+        if not isinstance(red, Sequence) or not red or any(r not in REDUCTIONS for r in red):
+            raise InputError(
+                f"reductions: expected a non-empty list of {', '.join(REDUCTIONS)}, got {red!r}"
+            )
+        self.reductions = tuple(red)
+        self.channels = len(self.reductions)
+        self._calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _raw(
+        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
+        fns = {"mean": np.mean, "max": np.max, "min": np.min, "std": np.std}
+        out = np.stack([fns[r](vol, axis=0) for r in self.reductions])  # [C, S, S]
+        return out.astype(np.float32), fragment.mask_window(y0, y0 + size, x0, x0 + size)
+
+    def _calibrate(self, fragment: Fragment) -> tuple[np.ndarray, np.ndarray]:
+        key = str(fragment.path.resolve())
+        if key not in self._calibration:
+            rng = np.random.default_rng(self.stats.seed)
+            samples = []
+            for y0, x0 in sample_windows(fragment, fragment.mask(), rng=rng, count=8, size=64):
+                raw, inside = self._raw(fragment, self.z0, self.z1, y0, x0, 64)
+                samples.append(raw[:, inside])  # [C, n]
+            allv = np.concatenate(samples, axis=1)  # [C, N]
+            mean = allv.mean(axis=1).astype(np.float32)[:, None, None]  # [C, 1, 1]
+            std = np.maximum(allv.std(axis=1), 1e-3).astype(np.float32)[:, None, None]
+            self._calibration[key] = (mean, std)
+        return self._calibration[key]
+
+    def prepare(self, fragment: Fragment) -> None:
+        super().prepare(fragment)
+        self._calibrate(fragment)
+
+    def _compose(
+        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
+    ) -> np.ndarray:
+        mean, std = self._calibrate(fragment)
+        raw, inside = self._raw(fragment, z0, z1, y0, x0, size)
+        return (np.clip((raw - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
+
+
+class MosaicView(_BandView):
+    """3 channels, each a grid x grid pixel mosaic of slices fixed to image coordinates."""
+
+    name = "slices/mosaic"
+    PARAMS = {**_BandView.PARAMS, "grid": 2}
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.grid = _int("grid", self._p["grid"], 1)
+        self.channels = 3
+
+    def _compose(
+        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
+    ) -> np.ndarray:
+        g = self.grid
+        picks = np.round(np.linspace(0, z1 - z0 - 1, 3 * g * g)).astype(int)  # [3*g*g]
+        vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
+        ys = (np.arange(y0, y0 + size) % g)[:, None]  # [S, 1] row phase in image coordinates
+        xs = (np.arange(x0, x0 + size) % g)[None, :]  # [1, S]
+        phase = ys * g + xs  # [S, S] in 0..g*g-1
+        out = np.empty((3, size, size), np.float32)
+        for c in range(3):
+            which = picks[c * g * g:(c + 1) * g * g][phase]  # [S, S] slice index per pixel
+            out[c] = np.take_along_axis(vol, which[None], axis=0)[0]
+        return out
+
+
+_VIEWS: dict[str, type[View]] = {
+    "ir": IrView, "slices/triplet": TripletView, "slices/every": EveryView,
+    "slices/range": RangeView, "slices/project": ProjectView, "slices/mosaic": MosaicView,
+}
+
+
+def make_view(
+    input: str,
+    strategy: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    stats: StatsCache | None = None,
+    **params: Any,
+) -> View:
+    """Build a view: ``input`` "ir" (no strategy) or "slices" with a strategy (default
+    "triplet"); ``params`` as listed in the module docstring, checked (InputError naming the
+    parameter). Statistics come from ``stats`` or a new :class:`StatsCache` on ``cache_dir``
+    (the run dir; None keeps them in memory)."""
+    if input == "ir":
+        if strategy not in (None, "", "ir"):
+            raise InputError(f"strategy: view 'ir' takes no strategy, got {strategy!r}")
+        key = "ir"
+    elif input == "slices":
+        strategy = strategy or "triplet"
+        if strategy not in STRATEGIES:
+            raise InputError(
+                f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}"
+            )
+        key = f"slices/{strategy}"
+    else:
+        raise InputError(f"input: expected 'ir' or 'slices', got {input!r}")
+    return _VIEWS[key](stats if stats is not None else StatsCache(cache_dir), **params)
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise InputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise InputError(f"{name}: expected a number, got {value!r}")
+    if not np.isfinite(value):
+        raise InputError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)

@@ -1,0 +1,64 @@
+"""`scrollsam synth` and `scrollsam inspect` through scrollsam.cli.main."""
+
+from __future__ import annotations
+
+import json
+
+from scrollsam.cli import main
+
+
+def test_synth_then_inspect(tmp_path, capsys):
+    out = tmp_path / "data"
+    code = main(["synth", str(out), "--fragments", "2", "--height", "96", "--width", "128",
+                 "--depth", "12", "--seed", "5", "--ink-contrast", "0.3", "--test-fragments", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "train" / "1"), str(out / "train" / "2"), str(out / "test" / "a")]
+    assert not (out / "test" / "a" / "inklabels.png").exists()
+
+    assert main(["inspect", str(out / "train" / "1")]) == 0
+    text = capsys.readouterr().out
+    for expected in ["layout      kaggle (surface_volume/00.tif..11.tif)",
+                     "96 x 128 x 12 (height x width x depth), uint16, uncompressed",
+                     "% of the image", "% of the mask", "contrast", "ink signal  strongest in"]:
+        assert expected in text, expected
+    assert len([line for line in text.splitlines() if ".tif " in line]) == 12
+
+    assert main(["inspect", str(out / "test" / "a"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["height"], d["width"], d["depth"], d["dtype"]) == (96, 128, 12, "uint16")
+    assert d["has_labels"] is False and d["ink_fraction"] is None and d["ink_band"] is None
+    assert 0.3 < d["mask_coverage"] < 0.9 and d["bytes_on_disk"] > 96 * 128 * 12 * 2
+    assert [s["z"] for s in d["slices"]] == list(range(12))
+
+
+def test_inspect_json_reports_ink(tmp_path, capsys):
+    main(["synth", str(tmp_path), "--fragments", "1", "--height", "128", "--width", "128"])
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "train" / "1"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert 0.01 < d["ink_fraction"] < 0.4 and d["depth"] == 65
+    z0, z1 = d["ink_band"]
+    assert 20 <= z0 <= z1 <= 45  # the synthetic ink sits in the middle slices
+
+
+def test_broken_folder_exit_2_with_one_line(tmp_path, capsys):
+    main(["synth", str(tmp_path), "--fragments", "1", "--height", "32", "--width", "32",
+          "--depth", "4"])
+    capsys.readouterr()
+    frag = tmp_path / "train" / "1"
+    (frag / "surface_volume" / "02.tif").unlink()
+    assert main(["inspect", str(frag)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "02.tif)" in err
+
+
+def test_synth_refuses_to_overwrite_and_bad_arguments(tmp_path, capsys):
+    args = ["synth", str(tmp_path), "--fragments", "1", "--height", "32", "--width", "32",
+            "--depth", "2"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert main(["synth", str(tmp_path / "x"), "--height", "4"]) == 2
+    assert "height" in capsys.readouterr().err

@@ -1,0 +1,288 @@
+"""Fragment: layout detection, validation errors naming the file, windowed reads and their bound."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from scrollsam.data.fragment import Fragment
+from scrollsam.data.synthetic import write_fragment
+from scrollsam.errors import FragmentError, InputError
+
+
+def small(tmp_path: Path, name: str = "frag", **kw) -> Path:
+    opts = {"height": 48, "width": 64, "depth": 6, "seed": 3, **kw}
+    return write_fragment(tmp_path / name, **opts)
+
+
+def test_kaggle_layout_attributes(tmp_path):
+    frag = Fragment(small(tmp_path))
+    assert frag.layout == "kaggle"
+    assert frag.id == "frag"
+    assert frag.shape == (6, 48, 64) and (frag.depth, frag.height, frag.width) == (6, 48, 64)
+    assert frag.dtype == np.uint16
+    assert [p.name for p in frag.slice_paths] == [f"{z:02d}.tif" for z in range(6)]
+    mask, labels, ir = frag.mask(), frag.labels(), frag.ir()
+    assert mask.dtype == bool and mask.shape == (48, 64) and 0 < mask.mean() < 1
+    assert labels.dtype == bool and labels.shape == (48, 64) and labels.any()
+    assert ir.dtype == np.uint8 and ir.shape == (48, 64)
+
+
+def test_segment_layout(tmp_path):
+    src = small(tmp_path, "20230505")
+    (src / "surface_volume").rename(src / "layers")
+    (src / "mask.png").rename(src / "20230505_mask.png")
+    (src / "inklabels.png").rename(src / "20230505_inklabels.png")
+    frag = Fragment(src)
+    assert frag.layout == "segment" and frag.id == "20230505"
+    assert frag.labels() is not None and frag.mask_path.name == "20230505_mask.png"
+    assert frag.read(0, 6, 0, 48, 0, 64).shape == (6, 48, 64)
+
+
+def test_optional_files_absent(tmp_path):
+    path = small(tmp_path)
+    (path / "inklabels.png").unlink()
+    (path / "ir.png").unlink()
+    frag = Fragment(path)
+    assert frag.labels() is None and frag.ir() is None
+    assert frag.labels_window(0, 4, 0, 4) is None and frag.ir_window(0, 4, 0, 4) is None
+
+
+def test_read_window_matches_files_and_pads_outside(tmp_path):
+    path = small(tmp_path)
+    frag = Fragment(path)
+    full = np.stack([tifffile.imread(p) for p in frag.slice_paths])  # [D, H, W]
+    win = frag.read(1, 4, 5, 30, 7, 50)
+    assert win.shape == (3, 25, 43) and win.dtype == np.uint16
+    np.testing.assert_array_equal(win, full[1:4, 5:30, 7:50])
+    # A window hanging over the top-left and bottom-right corners: zeros outside.
+    pad = frag.read(0, 6, -10, 10, 50, 80)
+    assert pad.shape == (6, 20, 30)
+    np.testing.assert_array_equal(pad[:, 10:, :14], full[:, 0:10, 50:64])
+    assert not pad[:, :10].any() and not pad[:, :, 14:].any()
+    assert not frag.read(0, 1, 100, 110, 100, 110).any()  # wholly outside
+    m = frag.mask_window(-5, 5, -5, 5)
+    assert m.dtype == bool and not m[:5].any() and not m[:, :5].any()
+    np.testing.assert_array_equal(frag.ir_window(40, 60, 0, 64)[:8], frag.ir()[40:48])
+
+
+@pytest.mark.parametrize("window", [(0, 7, 0, 4, 0, 4), (3, 3, 0, 4, 0, 4), (0, 1, 4, 4, 0, 4)])
+def test_read_rejects_bad_ranges(tmp_path, window):
+    frag = Fragment(small(tmp_path))
+    with pytest.raises(InputError):
+        frag.read(*window)
+
+
+def test_uint8_slices(tmp_path):
+    path = small(tmp_path)
+    for p in sorted((path / "surface_volume").iterdir()):
+        tifffile.imwrite(p, (tifffile.imread(p) >> 8).astype(np.uint8))
+    frag = Fragment(path)
+    assert frag.dtype == np.uint8 and frag.read(0, 2, 0, 8, 0, 8).dtype == np.uint8
+
+
+def test_pickled_fragment_reads_the_same(tmp_path):
+    frag = Fragment(small(tmp_path))
+    before = frag.read(0, 6, 3, 20, 4, 40)
+    clone = pickle.loads(pickle.dumps(frag))
+    np.testing.assert_array_equal(clone.read(0, 6, 3, 20, 4, 40), before)
+    np.testing.assert_array_equal(clone.labels(), frag.labels())
+
+
+# --- broken folders -----------------------------------------------------------------------------
+
+
+def _break(path: Path, how: str) -> str:
+    """Damage the fragment at ``path``; return the file name the error must mention."""
+    sv = path / "surface_volume"
+    if how == "no_volume":
+        for p in sv.iterdir():
+            p.unlink()
+        sv.rmdir()
+        return path.name
+    if how == "both_layouts":
+        (path / "layers").mkdir()
+        return path.name
+    if how == "gap":
+        (sv / "03.tif").unlink()
+        return "03.tif"
+    if how == "bad_name":
+        (sv / "extra.tif").write_bytes((sv / "00.tif").read_bytes())
+        return "extra.tif"
+    if how == "no_slices":
+        for p in sv.iterdir():
+            p.unlink()
+        return "surface_volume"
+    if how == "size_mismatch":
+        tifffile.imwrite(sv / "02.tif", np.zeros((40, 64), np.uint16))
+        return "02.tif"
+    if how == "dtype_mismatch":
+        tifffile.imwrite(sv / "04.tif", np.zeros((48, 64), np.uint8))
+        return "04.tif"
+    if how == "float_slice":
+        for p in sv.iterdir():
+            tifffile.imwrite(p, np.zeros((48, 64), np.float32))
+        return "00.tif"
+    if how == "rgb_slice":
+        tifffile.imwrite(sv / "01.tif", np.zeros((48, 64, 3), np.uint8))
+        return "01.tif"
+    if how == "multipage":
+        tifffile.imwrite(sv / "05.tif", np.zeros((2, 48, 64), np.uint16), photometric="minisblack")
+        return "05.tif"
+    if how == "truncated_tiff":
+        data = (sv / "02.tif").read_bytes()
+        (sv / "02.tif").write_bytes(data[: len(data) - 100])
+        return "02.tif"
+    if how == "not_a_tiff":
+        (sv / "01.tif").write_bytes(b"this is not a tiff file at all")
+        return "01.tif"
+    if how == "no_mask":
+        (path / "mask.png").unlink()
+        return "mask.png"
+    if how == "mask_size":
+        cv2.imwrite(str(path / "mask.png"), np.full((48, 60), 255, np.uint8))
+        return "mask.png"
+    if how == "truncated_png":
+        data = (path / "mask.png").read_bytes()
+        (path / "mask.png").write_bytes(data[: len(data) // 2])
+        return "mask.png"
+    if how == "not_a_png":
+        (path / "ir.png").write_bytes(b"GIF89a....")
+        return "ir.png"
+    if how == "labels_not_binary":
+        labels = cv2.imread(str(path / "inklabels.png"), cv2.IMREAD_UNCHANGED)
+        labels[0, :3] = 128
+        cv2.imwrite(str(path / "inklabels.png"), labels)
+        return "inklabels.png"
+    if how == "labels_colour":
+        rgb = np.zeros((48, 64, 3), np.uint8)
+        rgb[..., 2] = 255
+        cv2.imwrite(str(path / "inklabels.png"), rgb)
+        return "inklabels.png"
+    if how == "ir_size":
+        cv2.imwrite(str(path / "ir.png"), np.zeros((49, 64), np.uint8))
+        return "ir.png"
+    raise AssertionError(how)
+
+
+BROKEN = [
+    "no_volume", "both_layouts", "gap", "bad_name", "no_slices", "size_mismatch",
+    "dtype_mismatch", "float_slice", "rgb_slice", "multipage", "truncated_tiff", "not_a_tiff",
+    "no_mask", "mask_size", "truncated_png", "not_a_png", "labels_not_binary", "labels_colour",
+    "ir_size",
+]
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_broken_folder_names_the_file(tmp_path, how):
+    path = small(tmp_path)
+    name = _break(path, how)
+    with pytest.raises(FragmentError) as err:
+        Fragment(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.endswith(")") and name in msg.rsplit("(", 1)[1], msg
+
+
+def test_labels_0_1_are_accepted(tmp_path):
+    path = small(tmp_path)
+    labels = cv2.imread(str(path / "inklabels.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(path / "inklabels.png"), (labels > 0).astype(np.uint8))
+    np.testing.assert_array_equal(Fragment(path).labels(), labels > 0)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FragmentError, match="not found"):
+        Fragment(tmp_path / "nope")
+
+
+# --- reading only the window --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", [{"rowsperstrip": 16}, {"tile": (64, 64)}])
+def test_compressed_slices_read_only_needed_segments(tmp_path, layout):
+    """zlib strips / tiles: a window reads only the segments it intersects."""
+    path = small(tmp_path, height=512, width=512, depth=3)
+    full = []
+    for p in sorted((path / "surface_volume").iterdir()):
+        img = tifffile.imread(p)
+        full.append(img)
+        tifffile.imwrite(p, img, compression="zlib", **layout)
+    frag = Fragment(path)
+    assert not frag.slice_infos[0].memmappable
+    np.testing.assert_array_equal(frag.read(0, 3, 0, 512, 0, 512), np.stack(full))
+    frag = Fragment(path)
+    win = frag.read(0, 3, 100, 150, 200, 260)  # 50 x 60 window
+    np.testing.assert_array_equal(win, np.stack(full)[:, 100:150, 200:260])
+    if "tile" in layout:
+        needed = [1 * 8 + 3, 1 * 8 + 4, 2 * 8 + 3, 2 * 8 + 4]  # tiles rows 64..191, cols 192..319
+    else:
+        needed = [6, 7, 8, 9]  # strips of rows 96..159
+    expected = 0
+    for p in frag.slice_paths:
+        with tifffile.TiffFile(p) as tif:
+            counts = tif.pages.first.databytecounts
+        expected += sum(counts[i] for i in needed)
+    assert frag.bytes_read == expected
+    assert expected < 0.2 * sum(p.stat().st_size for p in frag.slice_paths)
+
+
+def _sparse_png_header(path: Path, height: int, width: int) -> None:
+    """A PNG whose header says height x width; its pixel data is never decoded by the test."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_window_read_memory_is_bounded_on_a_volume_larger_than_ram(tmp_path):
+    """65 slices of 16384 x 16384 uint16 = 35 GB (sparse files, no disk used): opening it and
+    reading a 256 x 256 x 65 window must stay far below one slice (512 MB) of resident memory."""
+    h = w = 16384
+    sv = tmp_path / "huge" / "surface_volume"
+    sv.mkdir(parents=True)
+    for z in range(65):
+        m = tifffile.memmap(sv / f"{z:02d}.tif", shape=(h, w), dtype=np.uint16)
+        del m
+    _sparse_png_header(tmp_path / "huge" / "mask.png", h, w)
+    code = textwrap.dedent(f"""
+        import json
+        from scrollsam.data.fragment import Fragment
+        def status(key):  # VmRSS: resident now; VmHWM: peak of this process image
+            with open("/proc/self/status") as f:
+                line = next(x for x in f if x.startswith(key + ":"))
+            return int(line.split()[1]) * 1024
+        frag = Fragment({str(tmp_path / "huge")!r})
+        before = status("VmRSS")
+        win = frag.read(0, 65, 8000, 8256, 9000, 9256)
+        after, peak = status("VmRSS"), status("VmHWM")
+        print(json.dumps({{"before": before, "after": after, "peak": peak,
+                           "shape": list(win.shape), "bytes_read": frag.bytes_read}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert r["shape"] == [65, 256, 256]
+    assert r["bytes_read"] == 65 * 256 * 256 * 2
+    slice_bytes = h * w * 2
+    grown = r["after"] - r["before"]
+    peak_growth = r["peak"] - r["before"]
+    # At most two 4 KiB pages per window row per slice, plus the 8.5 MB result.
+    assert grown < 65 * 256 * 2 * 4096 + 32e6, r
+    assert peak_growth < slice_bytes / 2, r

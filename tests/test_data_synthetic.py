@@ -1,0 +1,125 @@
+"""Synthetic fragments: Kaggle layout and dtypes, determinism, an ink signal where it belongs."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from scrollsam.data.fragment import Fragment
+from scrollsam.data.stats import slice_contrast
+from scrollsam.data.synthetic import synth_fragments, write_fragment
+from scrollsam.errors import InputError
+
+
+def test_synth_fragments_layout_and_dtypes(tmp_path):
+    paths = synth_fragments(tmp_path / "out", fragments=2, height=40, width=56, depth=5, seed=1,
+                            test_fragments=2)
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in paths] == [
+        "train/1", "train/2", "test/a", "test/b"]
+    for p in paths:
+        names = sorted(q.name for q in p.iterdir())
+        expected = ["inklabels.png", "ir.png", "mask.png", "surface_volume"]
+        if p.parent.name == "test":
+            expected.remove("inklabels.png")
+        assert names == expected
+        slices = sorted((p / "surface_volume").iterdir())
+        assert [s.name for s in slices] == ["00.tif", "01.tif", "02.tif", "03.tif", "04.tif"]
+        vol = tifffile.imread(slices[2])
+        assert vol.dtype == np.uint16 and vol.shape == (40, 56)
+        mask = cv2.imread(str(p / "mask.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+        ir = cv2.imread(str(p / "ir.png"), cv2.IMREAD_UNCHANGED)
+        assert ir.dtype == np.uint8 and ir.shape == (40, 56)
+        if p.parent.name == "train":
+            labels = cv2.imread(str(p / "inklabels.png"), cv2.IMREAD_UNCHANGED)
+            assert set(np.unique(labels)) <= {0, 255}
+        assert Fragment(p).shape == (5, 40, 56)
+    assert not list((tmp_path / "out").glob("**/.*tmp*"))  # no leftovers of the temp-and-rename
+
+
+def test_many_slices_get_three_digit_names(tmp_path):
+    path = write_fragment(tmp_path / "f", height=16, width=16, depth=101)
+    names = sorted(p.name for p in (path / "surface_volume").iterdir())
+    assert names[0] == "000.tif" and names[-1] == "100.tif" and len(names) == 101
+    assert Fragment(path).depth == 101
+
+
+def test_deterministic_per_seed(tmp_path):
+    a = write_fragment(tmp_path / "a", height=64, width=64, depth=4, seed=7)
+    b = write_fragment(tmp_path / "b", height=64, width=64, depth=4, seed=7)
+    c = write_fragment(tmp_path / "c", height=64, width=64, depth=4, seed=8)
+    for name in ["surface_volume/02.tif", "mask.png", "inklabels.png", "ir.png"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "surface_volume/02.tif").read_bytes() != (c / "surface_volume/02.tif").read_bytes()
+
+
+def test_fragment_i_does_not_depend_on_the_count(tmp_path):
+    one = synth_fragments(tmp_path / "x", fragments=1, height=32, width=32, depth=3, seed=4)
+    two = synth_fragments(tmp_path / "y", fragments=2, height=32, width=32, depth=3, seed=4)
+    assert (one[0] / "ir.png").read_bytes() == (two[0] / "ir.png").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("syn") / "1"
+    return Fragment(write_fragment(path, height=256, width=256, depth=65, seed=0))
+
+
+def test_looks_like_a_fragment(realistic):
+    frag = realistic
+    mask, ink, ir = frag.mask(), frag.labels(), frag.ir().astype(float)
+    assert 0.4 < mask.mean() < 0.8  # an outline, not the whole image
+    assert not mask[0].all() and not mask[:, 0].all()
+    assert 0.02 < ink[mask].mean() < 0.3  # ink is a minority, inside the fragment
+    assert not (ink & ~mask).any()
+    # Infrared: ink clearly darker than papyrus.
+    assert ir[ink].mean() < ir[mask & ~ink].mean() - 40
+
+
+def test_ink_signal_is_subtle_and_in_the_middle_slices(realistic):
+    contrast = np.array(slice_contrast(realistic, rng=np.random.default_rng(0)).contrast)
+    peak = int(np.argmax(contrast))
+    assert 25 <= peak <= 40, contrast.round(2)
+    assert 0.2 < contrast[peak] < 3.0  # visible to statistics, not an obvious stamp
+    assert np.abs(contrast[:10]).max() < 0.25 and np.abs(contrast[-10:]).max() < 0.25
+
+
+def test_surface_drifts_across_the_fragment(realistic):
+    """The papyrus sheet's edge lies at different depths in different places."""
+    vol = realistic.read(0, 65, 0, 256, 0, 256).astype(float)  # [D, H, W]
+    mask = realistic.mask()
+    threshold = (vol.max() + vol.min()) / 2
+    top = np.argmax(vol > threshold, axis=0)[mask]  # first slice above threshold
+    assert np.percentile(top, 90) - np.percentile(top, 10) >= 2
+
+
+def test_ink_contrast_sets_the_strength_of_the_volume_signal(tmp_path):
+    peaks = []
+    for strength in (0.0, 0.1, 0.3):
+        frag = Fragment(write_fragment(tmp_path / f"f{strength}", height=128, width=128, depth=65,
+                                       ink_contrast=strength))
+        contrast = np.array(slice_contrast(frag, rng=np.random.default_rng(0)).contrast)
+        peaks.append(contrast[25:41].max())
+    assert peaks[0] < 0.3 and peaks[0] + 0.15 < peaks[1] and peaks[1] + 0.3 < peaks[2], peaks
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"height": 8}, "height"), ({"depth": 0}, "depth"), ({"ink_contrast": 2.0}, "ink_contrast"),
+    ({"width": 3.5}, "width"),
+])
+def test_bad_arguments(tmp_path, kw, name):
+    opts = {"height": 32, "width": 32, "depth": 3, **kw}
+    with pytest.raises(InputError, match=name):
+        write_fragment(tmp_path / "f", **opts)
+
+
+def test_existing_folder_is_not_overwritten_unless_asked(tmp_path):
+    path = write_fragment(tmp_path / "f", height=32, width=32, depth=2, seed=1)
+    before = (path / "ir.png").read_bytes()
+    with pytest.raises(InputError, match="already exists"):
+        write_fragment(path, height=32, width=32, depth=2, seed=2)
+    assert (path / "ir.png").read_bytes() == before
+    write_fragment(path, height=32, width=32, depth=2, seed=2, overwrite=True)
+    assert (path / "ir.png").read_bytes() != before

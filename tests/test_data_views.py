@@ -1,0 +1,207 @@
+"""Input views: shape, dtype, value range of each; parameters checked; stats cached in the run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from scrollsam.data import stats as stats_module
+from scrollsam.data.fragment import Fragment
+from scrollsam.data.stats import StatsCache, compute_stats
+from scrollsam.data.synthetic import write_fragment
+from scrollsam.data.views import CLIP, make_view
+from scrollsam.errors import FragmentError, InputError
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def frag(tmp_path_factory):
+    path = tmp_path_factory.mktemp("views") / "1"
+    return Fragment(write_fragment(path, height=160, width=192, depth=16, seed=5))
+
+
+VIEWS = [
+    (("ir", None), {}, 3, 1),
+    (("slices", "triplet"), {"depth": 16}, 3, 1),
+    (("slices", "every"), {"depth": 16}, 3, 4),  # default band of 16 slices: 6..9
+    (("slices", "range"), {"depth": 16, "z0": 4, "z1": 12}, 8, 1),
+    (("slices", "project"), {"depth": 16}, 3, 1),
+    (("slices", "project"), {"depth": 16, "reductions": "mean,min"}, 2, 1),
+    (("slices", "mosaic"), {"depth": 16, "grid": 2}, 3, 1),
+]
+
+
+@pytest.mark.parametrize("args, params, channels, k", VIEWS)
+def test_view_shape_dtype_range(frag, args, params, channels, k):
+    view = make_view(*args, **params)
+    assert view.channels == channels
+    rng = np.random.default_rng(0)
+    inside = frag.mask_window(40, 40 + S, 50, 50 + S)
+    for x in [view.train_window(frag, 40, 50, S, rng=rng), view.eval_window(frag, 40, 50, S)]:
+        assert x.shape == (channels, S, S) and x.dtype == np.float32
+        assert np.isfinite(x).all() and np.abs(x).max() <= CLIP
+        assert not x[:, ~inside].any()  # exactly 0 outside the mask
+    xs = view.infer_windows(frag, 40, 50, S)
+    assert xs.shape == (k, channels, S, S) and xs.dtype == np.float32
+    if args[1] != "every":
+        np.testing.assert_array_equal(xs[0], view.eval_window(frag, 40, 50, S))
+
+
+@pytest.mark.parametrize("args, params, channels, _k", VIEWS)
+def test_view_is_normalised_inside_the_mask(frag, args, params, channels, _k):
+    """Over the whole fragment every channel is roughly zero mean, unit std inside the mask."""
+    view = make_view(*args, **params)
+    x = view.eval_window(frag, 0, 0, 192)  # [C, 192, 192] covers the 160 x 192 fragment
+    inside = frag.mask_window(0, 192, 0, 192)
+    vals = x[:, inside]  # [C, n]
+    assert np.all(np.abs(vals.mean(axis=1)) < 0.35), vals.mean(axis=1)
+    assert np.all((vals.std(axis=1) > 0.5) & (vals.std(axis=1) < 1.6)), vals.std(axis=1)
+    assert not x[:, 160:].any()  # outside the image
+
+
+def test_every_infers_each_slice_of_the_band(frag):
+    view = make_view("slices", "every", z0=3, z1=9, depth=16)
+    xs = view.infer_windows(frag, 10, 10, S)
+    assert xs.shape == (6, 3, S, S)
+    ranged = make_view("slices", "range", z0=3, z1=9, depth=16, stats=view.stats)
+    ref = ranged.eval_window(frag, 10, 10, S)  # [6, S, S]
+    for k in range(6):
+        for c in range(3):
+            np.testing.assert_array_equal(xs[k, c], ref[k])
+    drawn = set()
+    for i in range(40):
+        x = view.train_window(frag, 10, 10, S, rng=np.random.default_rng(i))  # [3, S, S]
+        drawn.add(int(np.argmin([np.abs(x[0] - ref[k]).sum() for k in range(6)])))
+    assert drawn == set(range(6))  # training draws cover the band
+
+
+def test_triplet_draws_consecutive_slices_around_the_centre(frag):
+    view = make_view("slices", "triplet", depth=16, z0=2, z1=14, centre=8, std=2)
+    ranged = make_view("slices", "range", depth=16, z0=0, z1=16, stats=view.stats)
+    ref = ranged.eval_window(frag, 30, 30, S)  # [16, S, S]
+    starts = []
+    for i in range(60):
+        x = view.train_window(frag, 30, 30, S, rng=np.random.default_rng(i))
+        z = int(np.argmin([np.abs(x[0] - ref[z]).sum() for z in range(16)]))
+        np.testing.assert_array_equal(x, ref[z:z + 3])
+        starts.append(z)
+    assert min(starts) >= 2 and max(starts) <= 11  # clipped to the band
+    assert len(set(starts)) >= 3 and abs(np.mean(starts) - 7) < 1.0  # middle slice ~ centre
+    np.testing.assert_array_equal(view.eval_window(frag, 30, 30, S), ref[7:10])
+
+
+def test_mosaic_pixels_come_from_their_slices_in_place(frag):
+    view = make_view("slices", "mosaic", depth=16, z0=2, z1=14, grid=2, depth_shift=0)
+    ranged = make_view("slices", "range", depth=16, z0=2, z1=14, stats=view.stats)
+    y0, x0 = 31, 17  # odd corner: the pattern follows image coordinates, not the window
+    x, ref = view.eval_window(frag, y0, x0, S), ranged.eval_window(frag, y0, x0, S)
+    picks = np.round(np.linspace(0, 11, 12)).astype(int)
+    for c in range(3):
+        for yy in (0, 1, 6):
+            for xx in (0, 3, 9):
+                phase = ((y0 + yy) % 2) * 2 + (x0 + xx) % 2
+                assert x[c, yy, xx] == ref[picks[c * 4 + phase], yy, xx]
+
+
+def test_project_channels_follow_reductions(frag):
+    view = make_view("slices", "project", depth=16, z0=4, z1=12, reductions=("max", "min"))
+    x = view.eval_window(frag, 40, 40, S)
+    inside = frag.mask_window(40, 40 + S, 40, 40 + S)
+    # Standardised max and min stay ordered pixel by pixel up to their affine calibration:
+    # they are strongly but not perfectly correlated.
+    corr = np.corrcoef(x[0][inside], x[1][inside])[0, 1]
+    assert 0.0 < corr < 0.99
+
+
+def test_depth_shift_moves_the_band_in_training_only(frag):
+    view = make_view("slices", "range", depth=16, z0=4, z1=8, depth_shift=2)
+    ref = make_view("slices", "range", depth=16, z0=0, z1=16, stats=view.stats).eval_window(
+        frag, 0, 0, S)
+    seen = set()
+    for i in range(30):
+        x = view.train_window(frag, 0, 0, S, rng=np.random.default_rng(i))
+        shift = [d for d in range(-2, 3) if np.array_equal(x, ref[4 + d:8 + d])]
+        assert len(shift) == 1
+        seen.add(shift[0])
+    assert seen == {-2, -1, 0, 1, 2}
+    np.testing.assert_array_equal(view.eval_window(frag, 0, 0, S), ref[4:8])
+
+
+def test_8_and_16_bit_slices_give_the_same_inputs(tmp_path):
+    a = write_fragment(tmp_path / "a", height=96, width=96, depth=8, seed=2)
+    b = write_fragment(tmp_path / "b", height=96, width=96, depth=8, seed=2)
+    for p in (b / "surface_volume").iterdir():
+        tifffile.imwrite(p, (tifffile.imread(p) // 256).astype(np.uint8))
+    fa, fb = Fragment(a), Fragment(b)
+    assert fb.dtype == np.uint8
+    view = make_view("slices", "range", depth=8, z0=0, z1=8)
+    xa, xb = view.eval_window(fa, 0, 0, 96), view.eval_window(fb, 0, 0, 96)
+    assert np.abs(xa - xb).mean() < 0.05
+
+
+@pytest.mark.parametrize("args, params, match", [
+    (("rgb", None), {}, "input"),
+    (("slices", "random"), {}, "strategy"),
+    (("ir", "triplet"), {}, "strategy"),
+    (("ir", None), {"z0": 3}, "z0"),
+    (("slices", "triplet"), {"sigma": 2}, "sigma"),
+    (("slices", "range"), {"z0": 10, "z1": 5}, "z1"),
+    (("slices", "range"), {"z1": 70}, "z1"),
+    (("slices", "range"), {"z0": -1}, "z0"),
+    (("slices", "triplet"), {"z0": 4, "z1": 6}, "z1"),
+    (("slices", "triplet"), {"std": -1.0}, "std"),
+    (("slices", "triplet"), {"centre": "middle"}, "centre"),
+    (("slices", "project"), {"reductions": ("mean", "median")}, "reductions"),
+    (("slices", "mosaic"), {"grid": 0}, "grid"),
+    (("slices", "range"), {"depth_shift": 1.5}, "depth_shift"),
+])
+def test_bad_parameters_name_themselves(args, params, match):
+    with pytest.raises(InputError, match=match):
+        make_view(*args, **params)
+
+
+def test_defaults_are_the_ink_band_of_65_slices():
+    view = make_view("slices", "range")
+    assert (view.z0, view.z1, view.channels) == (25, 41, 16)
+    assert make_view("slices", "triplet").params == {
+        "depth": 65, "z0": 25, "z1": 41, "centre": 32.5, "std": 4.0}
+
+
+def test_missing_ir_and_too_few_slices_are_fragment_errors(tmp_path):
+    path = write_fragment(tmp_path / "noir", height=64, width=64, depth=8, ir=False)
+    frag = Fragment(path)
+    with pytest.raises(FragmentError, match="noir has no ir.png"):
+        make_view("ir").prepare(frag)
+    with pytest.raises(FragmentError, match="noir has 8 slices") as err:
+        make_view("slices", "triplet").eval_window(frag, 0, 0, 32)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_stats_cache_lives_in_the_run_dir(tmp_path, frag, monkeypatch):
+    data_before = sorted(p.name for p in frag.path.rglob("*"))
+    run = tmp_path / "run"
+    first = StatsCache(run).get(frag)
+    files = list((run / "stats").glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("1-")
+    assert json.loads(files[0].read_text())["stats"]["slice_mean"] == list(first.slice_mean)
+    assert sorted(p.name for p in frag.path.rglob("*")) == data_before  # data folder untouched
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed instead of using the cache")
+
+    monkeypatch.setattr(stats_module, "compute_stats", fail)
+    assert StatsCache(run).get(frag) == first
+    with pytest.raises(InputError, match="cache_dir"):
+        StatsCache(frag.path / "stats").get(frag)
+
+
+def test_stats_are_sampled_and_bounded(frag):
+    st = compute_stats(frag, rng=np.random.default_rng(0), windows=4, size=16)
+    assert st.pixels <= 4 * 16 * 16 and len(st.slice_mean) == 16
+    full = frag.read(0, 16, 0, 160, 0, 192)[:, frag.mask()].astype(float)  # [D, n]
+    np.testing.assert_allclose(compute_stats(frag, rng=np.random.default_rng(0)).slice_mean,
+                               full.mean(axis=1), rtol=0.05)
