@@ -33,9 +33,31 @@ def _not_built(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
 
 def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write OUT/train/<n>/ (and OUT/test/<letter>/) into")
+    p.add_argument("--fragments", type=int, default=3, metavar="N",
+                   help="training fragments OUT/train/1..N with labels (default 3)")
+    p.add_argument("--height", type=int, default=1024, metavar="PX", help="default 1024")
+    p.add_argument("--width", type=int, default=1024, metavar="PX", help="default 1024")
+    p.add_argument("--depth", type=int, default=65, metavar="N", help="slices (default 65)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same fragments (default 0)")
+    p.add_argument("--ink-contrast", type=float, default=0.1, metavar="C",
+                   help="ink density increase in the x-ray volume, fraction of papyrus density "
+                   "(0 = invisible, default 0.1 = subtle); ink is always dark in ir.png")
+    p.add_argument("--test-fragments", type=int, default=0, metavar="N",
+                   help="test fragments OUT/test/a.. without labels (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing fragment folders")
 
 
-_run_synth = _not_built("synth", "fragment data issue")
+def _run_synth(args: argparse.Namespace) -> int:
+    from scrollsam.data.synthetic import synth_fragments
+
+    paths = synth_fragments(
+        args.out, fragments=args.fragments, height=args.height, width=args.width,
+        depth=args.depth, seed=args.seed, ink_contrast=args.ink_contrast,
+        test_fragments=args.test_fragments, overwrite=args.overwrite,
+    )
+    for path in paths:
+        print(path)
+    return EXIT_OK
 
 
 # --- inspect -----------------------------------------------------------------------------------
@@ -43,9 +65,18 @@ _run_synth = _not_built("synth", "fragment data issue")
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("fragment", help="fragment folder (Kaggle or scroll-segment layout)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-_run_inspect = _not_built("inspect", "fragment data issue")
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from scrollsam.data.fragment import Fragment
+    from scrollsam.data.summary import describe, format_description
+
+    summary = describe(Fragment(args.fragment))
+    print(json.dumps(summary, indent=2) if args.json else format_description(summary))
+    return EXIT_OK
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -63,34 +94,109 @@ _run_train = _not_built("train", "training issue")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", help="run folder written by `scrollsam train`")
-    p.add_argument("--fragment", action="append", help="fragment folder (repeatable)")
-    p.add_argument("--out", help="output folder")
+    p.add_argument("--run", required=True, help="run folder written by `scrollsam train`")
+    p.add_argument("--fragment", action="append", required=True, metavar="FRAGMENT_DIR",
+                   help="fragment folder (repeatable; several write OUT/<id>/)")
+    p.add_argument("--out", required=True, help="output folder (prob.png, mask.png, ...)")
+    p.add_argument("--checkpoint", default="best", metavar="best|last|PATH",
+                   help="checkpoint of the run (default best; last.pt if no best.pt yet)")
+    p.add_argument("--threshold", default="auto", metavar="auto|T",
+                   help="ink where probability >= T (default: the one saved with the checkpoint)")
+    p.add_argument("--tile", type=int, help="window side in fragment pixels (default: the "
+                   "model input size; other sizes are resized to it)")
+    p.add_argument("--stride", type=int, help="window step (default: the run's, else tile/2)")
+    p.add_argument("--batch-size", type=int, help="model inputs per call (default: the run's)")
+    p.add_argument("--tta", action="store_true",
+                   help="average over flips and 90 degree rotations (8x slower)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--submission", metavar="FILE.csv",
+                   help="also write the Kaggle CSV for all fragments (ids = folder names)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --submission")
+    p.add_argument("--points", metavar="FILE.json",
+                   help="predict around clicks [{x, y, label}] (fragment pixels) with the "
+                   "prompted decoder instead of everywhere")
+    p.add_argument("--save-tif", action="store_true", help="also write prob.tif (float32)")
 
 
-_run_predict = _not_built("predict", "inference issue")
+def _run_predict(args: argparse.Namespace) -> int:
+    from scrollsam.infer.pipeline import predict_to_folder
+
+    threshold = None if args.threshold == "auto" else _number("--threshold", args.threshold)
+    results = predict_to_folder(
+        args.run, args.fragment, args.out, checkpoint=args.checkpoint, threshold=threshold,
+        tile=args.tile, stride=args.stride, batch_size=args.batch_size, tta=args.tta,
+        device=args.device, submission=args.submission, force=args.force,
+        points=args.points, save_tif=args.save_tif, progress=sys.stderr.isatty(),
+    )
+    for r in results:
+        speed = r.stats.get("megapixels_per_s")
+        line = f"{r.fragment}: {r.out_dir}"
+        if speed is not None:
+            line += f"  {speed:.2f} MP/s, peak {r.stats['peak_rss_anon_mb']:.0f} MB"
+        if r.metrics is not None:
+            m = r.metrics
+            line += (f"  F0.5 {m['f0.5']:.4f} (precision {m['precision']:.4f}, recall "
+                     f"{m['recall']:.4f}, threshold {m['threshold']:g})")
+        print(line)
+    if args.submission:
+        print(f"submission: {args.submission}")
+    return EXIT_OK
+
+
+def _number(option: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ScrollsamError(f"{option}: expected auto or a number, got {text!r}") from None
 
 
 # --- evaluate ----------------------------------------------------------------------------------
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", help="predicted mask or probability PNG")
-    p.add_argument("--labels", help="inklabels.png")
+    p.add_argument("--pred", required=True,
+                   help="predicted image: a binary mask (0/255 or 0/1) used as is, or "
+                        "probabilities (8-bit /255, 16-bit /65535) thresholded")
+    p.add_argument("--labels", required=True, help="ink labels of the same size (inklabels.png)")
+    p.add_argument("--mask", help="fragment mask (mask.png): score only inside it")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="ink where probability >= T, for probability images (default 0.5)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: f0.5, precision, recall, dice, iou, counts")
 
 
-_run_evaluate = _not_built("evaluate", "prompts/losses/metrics issue")
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from scrollsam.metrics import evaluate_files
+
+    result = evaluate_files(args.pred, args.labels, args.mask, threshold=args.threshold)
+    print(json.dumps(result.to_dict()) if args.json else result.report())
+    return EXIT_OK
 
 
 # --- submit ------------------------------------------------------------------------------------
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", action="append", help="ID=MASK.png (repeatable)")
-    p.add_argument("--out", help="submission CSV")
+    p.add_argument("--pred", action="append", required=True, metavar="ID=MASK.png",
+                   help="fragment id and its predicted mask (repeatable; rows keep this order)")
+    p.add_argument("--out", required=True, help="submission CSV to write (Id,Predicted)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="ink where probability >= T, for probability images (default 0.5)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
 
-_run_submit = _not_built("submit", "prompts/losses/metrics issue")
+def _run_submit(args: argparse.Namespace) -> int:
+    from scrollsam.metrics import read_prediction
+    from scrollsam.rle import parse_pred_specs, write_submission
+
+    specs = parse_pred_specs(args.pred)
+    rows = ((i, read_prediction(path, threshold=args.threshold)[0])
+            for i, path in specs)  # lazily: one mask in memory at a time
+    count = write_submission(args.out, rows, overwrite=args.force)
+    log.info("wrote %d rows to %s", count, args.out)
+    return EXIT_OK
 
 
 # --- doctor ------------------------------------------------------------------------------------
@@ -130,7 +236,8 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
                 "scrollsam predict --run runs/demo --fragment data/test/a --out pred",
                 _add_predict, lambda a: _run_predict(a)),
     "evaluate": ("score a predicted mask against ink labels (F0.5 ...)",
-                 "scrollsam evaluate --pred pred/mask.png --labels data/train/3/inklabels.png",
+                 "scrollsam evaluate --pred pred/3/mask.png --labels data/train/3/inklabels.png "
+                 "--mask data/train/3/mask.png --json",
                  _add_evaluate, lambda a: _run_evaluate(a)),
     "submit": ("write a Kaggle submission CSV from predicted masks",
                "scrollsam submit --pred a=pred/a/mask.png --out submission.csv",

@@ -1,0 +1,467 @@
+"""Pixel metrics of the ink-detection competition: F0.5, precision, recall, dice (F1), IoU.
+
+Everything is built on confusion counts (:class:`Counts`: tp, fp, fn, tn inside the valid
+mask), which add up: a whole fragment is scored tile by tile, and several fragments are scored
+both as the mean of their per-fragment scores and "pooled" (all pixels counted together), since
+the competition text does not say which it used (:func:`summarize`, :class:`Scoreboard`).
+
+Conventions:
+- Arrays are numpy arrays or torch tensors (moved to the CPU) of one shape, any rank.
+- Binary inputs: bool; integers: nonzero = true; floats: > 0.5 = true (so 0/1 float targets
+  and 0/255 label images both work). ``valid`` (the fragment mask) limits every count.
+- Probabilities are compared with a threshold as ``prob >= threshold`` at 1/65535 resolution:
+  every probability is first quantised to a 16-bit level (exact for 8- and 16-bit images).
+  :func:`binarize_prediction` and the threshold search use the same rule, so a threshold found
+  by :func:`search_threshold` reproduces its counts exactly.
+- Degenerate ratios never give NaN: a 0/0 score is 1.0 when prediction and truth agree
+  completely (fp == fn == 0, e.g. no ink and none predicted), else 0.0. So every score is 1.0
+  exactly for a perfect prediction, and "no predicted positives" on a tile with ink scores
+  precision = recall = F = 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scrollsam.errors import InputError
+from scrollsam.io import read_image
+
+if TYPE_CHECKING:  # torch is accepted but not imported: `scrollsam evaluate` starts fast
+    import torch
+
+    ArrayLike = np.ndarray | torch.Tensor
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "Counts",
+    "Evaluation",
+    "ProbabilityHistogram",
+    "Scoreboard",
+    "ThresholdSearch",
+    "binarize_prediction",
+    "confusion",
+    "evaluate_files",
+    "read_prediction",
+    "score",
+    "search_threshold",
+    "summarize",
+]
+
+LEVELS = 65536  # probabilities are quantised to 16-bit levels 0..65535
+DEFAULT_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)  # 0.01 ... 0.99
+_CHUNK = 1 << 22  # pixels per chunk when histogramming (bounds temporary memory)
+
+
+def _ratio(num: int, den: int, *, perfect: bool) -> float:
+    if den == 0:
+        return 1.0 if perfect else 0.0
+    return num / den
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Pixel confusion counts inside the valid mask; ``a + b`` pools two sets of pixels."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn,
+                      self.tn + other.tn)
+
+    @property
+    def pixels(self) -> int:
+        """Number of valid pixels counted."""
+        return self.tp + self.fp + self.fn + self.tn
+
+    @property
+    def _perfect(self) -> bool:
+        return self.fp == 0 and self.fn == 0
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp, perfect=self._perfect)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn, perfect=self._perfect)
+
+    def f_beta(self, beta: float = 0.5) -> float:
+        """(1 + b^2) tp / ((1 + b^2) tp + b^2 fn + fp); beta < 1 weighs precision more."""
+        b2 = beta * beta
+        num = (1 + b2) * self.tp
+        den = num + b2 * self.fn + self.fp
+        return 1.0 if den == 0 else num / den  # den == 0 only when tp = fp = fn = 0
+
+    @property
+    def dice(self) -> float:
+        """F1 = 2 tp / (2 tp + fp + fn)."""
+        return self.f_beta(1.0)
+
+    @property
+    def iou(self) -> float:
+        """tp / (tp + fp + fn)."""
+        return _ratio(self.tp, self.tp + self.fp + self.fn, perfect=self._perfect)
+
+    def scores(self, *, beta: float = 0.5) -> dict[str, float]:
+        """``{"f0.5", "precision", "recall", "dice", "iou"}`` (the first key follows beta)."""
+        return {f"f{beta:g}": self.f_beta(beta), "precision": self.precision,
+                "recall": self.recall, "dice": self.dice, "iou": self.iou}
+
+    def as_dict(self) -> dict[str, int]:
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn}
+
+
+def _numpy(x: ArrayLike, name: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch") and hasattr(x, "detach"):  # a torch.Tensor
+        x = x.detach().cpu()
+        if x.dtype.is_floating_point and x.element_size() < 4:  # bf16 / fp16: no numpy twin
+            x = x.float()
+        return x.numpy()
+    raise InputError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _as_bool(x: np.ndarray) -> np.ndarray:
+    if x.dtype == bool:
+        return x
+    if x.dtype.kind == "f":
+        return x > 0.5
+    return x != 0
+
+
+def _check_shapes(**arrays: np.ndarray | None) -> None:
+    named = [(k, v) for k, v in arrays.items() if v is not None]
+    first_name, first = named[0]
+    for name, arr in named[1:]:
+        if arr.shape != first.shape:
+            raise InputError(
+                f"{name}: expected shape {tuple(first.shape)} (that of {first_name}), "
+                f"got {tuple(arr.shape)}"
+            )
+
+
+def confusion(pred: ArrayLike, target: ArrayLike, valid: ArrayLike | None = None) -> Counts:
+    """Counts of a binary prediction against the truth, over pixels where ``valid`` is true.
+
+    pred, target, valid: one shape, any rank (e.g. ``[H, W]`` or ``[P, 1, S, S]``).
+    """
+    p, t = _as_bool(_numpy(pred, "pred")), _as_bool(_numpy(target, "target"))
+    v = None if valid is None else _as_bool(_numpy(valid, "valid"))
+    _check_shapes(pred=p, target=t, valid=v)
+    if v is not None:
+        p, t = p & v, t & v
+        total = int(np.count_nonzero(v))
+    else:
+        total = p.size
+    tp = int(np.count_nonzero(p & t))
+    fp = int(np.count_nonzero(p)) - tp
+    fn = int(np.count_nonzero(t)) - tp
+    return Counts(tp, fp, fn, total - tp - fp - fn)
+
+
+def score(
+    pred: ArrayLike, target: ArrayLike, valid: ArrayLike | None = None, *, beta: float = 0.5
+) -> dict[str, float]:
+    """:meth:`Counts.scores` of :func:`confusion`, plus the counts."""
+    counts = confusion(pred, target, valid)
+    return {**counts.scores(beta=beta), **counts.as_dict()}
+
+
+def summarize(per_fragment: Mapping[str, Counts], *, beta: float = 0.5) -> dict[str, dict]:
+    """Scores of several fragments: ``{"per_fragment": {id: scores}, "mean": scores averaged
+    over fragments, "pooled": scores of all their pixels counted together}``. With no
+    fragments, ``mean`` and ``pooled`` are the scores of no pixels (all 1.0, see module doc)."""
+    per = {k: c.scores(beta=beta) for k, c in per_fragment.items()}
+    pooled = sum(per_fragment.values(), Counts())
+    if per:
+        keys = pooled.scores(beta=beta)
+        mean = {key: float(np.mean([s[key] for s in per.values()])) for key in keys}
+    else:
+        mean = pooled.scores(beta=beta)
+    return {"per_fragment": per, "mean": mean, "pooled": pooled.scores(beta=beta)}
+
+
+@dataclass
+class Scoreboard:
+    """Streaming counts per fragment: ``add`` tiles as they come, ``summary()`` at the end."""
+
+    counts: dict[str, Counts] = field(default_factory=dict)
+
+    def add(self, name: str, pred: ArrayLike, target: ArrayLike,
+            valid: ArrayLike | None = None) -> Counts:
+        """Add a binary prediction's counts to fragment ``name``; returns this call's counts."""
+        c = confusion(pred, target, valid)
+        self.counts[name] = self.counts.get(name, Counts()) + c
+        return c
+
+    def summary(self, *, beta: float = 0.5) -> dict[str, dict]:
+        return summarize(self.counts, beta=beta)
+
+
+# --- probabilities, thresholds ------------------------------------------------------------------
+
+
+def _check_threshold(threshold: float) -> None:
+    ok = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, bool)
+    if not (ok and 0.0 <= float(threshold) <= 1.0):  # also rejects NaN
+        raise InputError(f"threshold: expected a number in [0, 1], got {threshold!r}")
+
+
+def _threshold_level(threshold: float) -> int:
+    """The smallest 16-bit level counted as positive at ``threshold`` (prob >= threshold)."""
+    return int(math.ceil(threshold * (LEVELS - 1) - 1e-6))
+
+
+def _levels(prob: np.ndarray) -> np.ndarray:
+    """Probabilities (float in [0, 1], uint8 /255, or uint16 /65535) as uint16 levels."""
+    if prob.dtype == np.uint8:
+        return prob.astype(np.uint16) * np.uint16(257)  # 255 * 257 = 65535, exact
+    if prob.dtype == np.uint16:
+        return prob
+    if prob.dtype == bool:
+        return prob.astype(np.uint16) * np.uint16(LEVELS - 1)
+    if prob.dtype.kind in "iu":
+        return np.clip(prob, 0, LEVELS - 1).astype(np.uint16)
+    scaled = np.clip(prob.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(LEVELS - 1)
+    return np.rint(scaled).astype(np.uint16)
+
+
+def binarize_prediction(
+    image: np.ndarray, *, threshold: float = 0.5, binary: bool | None = None
+) -> tuple[np.ndarray, bool]:
+    """A predicted image ``[H, W]`` (any shape) as a bool ink mask; returns (mask, was_binary).
+
+    binary: None detects the kind: bool images, integers holding only {0, 1} or {0, full
+        scale} (255 for 8-bit, 65535 for 16-bit), and floats holding only {0, 1} are binary and
+        used as is (nonzero = ink); anything else is a probability image (8-bit /255, 16-bit
+        /65535, float in [0, 1]) thresholded as ``prob >= threshold``. False always
+        thresholds (use it for pieces of a probability map, where an all-{0, 1} 8-bit piece
+        would otherwise read as binary); True always takes nonzero as ink.
+    Raises InputError for negative values, floats above 1 or NaN, and integers above 65535.
+    """
+    _check_threshold(threshold)
+    img = np.asarray(image)
+    if img.dtype == bool:
+        return img, True
+    if img.dtype.kind in "iu":
+        lo, hi = int(img.min(initial=0)), int(img.max(initial=0))
+        if lo < 0 or hi > LEVELS - 1:
+            raise InputError(f"pred: expected 8- or 16-bit values, got range [{lo}, {hi}]")
+        full = 255 if img.dtype == np.uint8 else LEVELS - 1
+        if binary is None:
+            binary = hi <= 1 or (hi == full and bool(np.all((img == 0) | (img == full))))
+        if binary:
+            return img != 0, True
+        if img.dtype != np.uint8:
+            img = img.astype(np.uint16)
+        return _levels(img) >= _threshold_level(threshold), False
+    if img.dtype.kind == "f":
+        nan = bool(np.isnan(img).any())
+        lo, hi = float(np.nanmin(img, initial=0.0)), float(np.nanmax(img, initial=0.0))
+        if nan or lo < 0.0 or hi > 1.0:
+            raise InputError(f"pred: expected probabilities in [0, 1], got range [{lo}, {hi}]"
+                             + (" with NaN" if nan else ""))
+        if binary is None:
+            binary = bool(np.all((img == 0) | (img == 1)))
+        if binary:
+            return img != 0, True
+        return _levels(img) >= _threshold_level(threshold), False
+    raise InputError(f"pred: expected a bool, integer or float image, got dtype {img.dtype}")
+
+
+class ProbabilityHistogram:
+    """Streaming histogram of predicted probabilities, split by truth, for threshold search.
+
+    Holds two counts per 16-bit level (ink pixels, background pixels) inside the valid mask:
+    1 MB whatever the number of pixels, additive over tiles and fragments (``a + b``), and
+    enough to give exact confusion counts at any threshold (:meth:`counts_at`).
+    """
+
+    def __init__(self) -> None:
+        self.ink = np.zeros(LEVELS, dtype=np.int64)
+        self.background = np.zeros(LEVELS, dtype=np.int64)
+
+    def add(self, prob: ArrayLike, target: ArrayLike, valid: ArrayLike | None = None) -> None:
+        """Count probabilities ``prob`` (float in [0, 1], or uint8/uint16 images) against the
+        binary ``target``; same shape, any rank; pixels outside ``valid`` are skipped."""
+        p, t = _numpy(prob, "prob"), _as_bool(_numpy(target, "target"))
+        v = None if valid is None else _as_bool(_numpy(valid, "valid"))
+        _check_shapes(prob=p, target=t, valid=v)
+        p, t = p.reshape(-1), t.reshape(-1)  # (n,)
+        v = None if v is None else v.reshape(-1)
+        for start in range(0, p.size, _CHUNK):
+            stop = start + _CHUNK
+            if p.dtype.kind == "f" and np.isnan(p[start:stop]).any():
+                raise InputError("prob: expected probabilities in [0, 1], got NaN")
+            index = _levels(p[start:stop]).astype(np.int64) * 2 + t[start:stop]  # 2 * level + ink
+            if v is not None:
+                index = index[v[start:stop]]
+            h = np.bincount(index, minlength=2 * LEVELS)  # (2 * LEVELS,)
+            self.background += h[0::2]
+            self.ink += h[1::2]
+
+    def __add__(self, other: ProbabilityHistogram) -> ProbabilityHistogram:
+        out = ProbabilityHistogram()
+        out.ink, out.background = self.ink + other.ink, self.background + other.background
+        return out
+
+    def counts_at(self, thresholds: Sequence[float] | np.ndarray) -> list[Counts]:
+        """Confusion counts when ``prob >= t`` is predicted as ink, for each threshold t."""
+        ink_ge = np.concatenate([np.cumsum(self.ink[::-1])[::-1], [0]])  # pixels at level >= k
+        bg_ge = np.concatenate([np.cumsum(self.background[::-1])[::-1], [0]])
+        n_ink, n_bg = int(ink_ge[0]), int(bg_ge[0])
+        out = []
+        for t in thresholds:
+            _check_threshold(float(t))
+            k = _threshold_level(float(t))
+            tp, fp = int(ink_ge[k]), int(bg_ge[k])
+            out.append(Counts(tp, fp, n_ink - tp, n_bg - fp))
+        return out
+
+    def quantile_thresholds(self, percentiles: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Thresholds at the given percentiles (0..100) of all counted pixels: the value of
+        the first pixel above the lowest q%, so ``prob >= threshold(q)`` marks the top
+        (100 - q)% as ink (more with ties; at least the maximum pixels)."""
+        q = np.asarray(percentiles, dtype=np.float64)
+        if q.size and (q.min() < 0 or q.max() > 100):
+            raise InputError(f"percentiles: expected values in [0, 100], got {q.tolist()}")
+        cum = np.cumsum(self.ink + self.background)  # pixels at level <= k
+        total = int(cum[-1]) if cum.size else 0
+        if total == 0:
+            return np.full(q.shape, 0.5)
+        ranks = (np.floor(q / 100.0 * total) + 1).clip(1, total)  # 1-based rank, ascending
+        levels = np.searchsorted(cum, ranks, side="left")  # first level reaching that rank
+        return levels / (LEVELS - 1)
+
+
+@dataclass(frozen=True)
+class ThresholdSearch:
+    """Result of :func:`search_threshold`: the best threshold, its score and pooled counts,
+    and the whole curve (``thresholds`` and ``scores``, one entry each)."""
+
+    threshold: float
+    score: float
+    counts: Counts
+    thresholds: np.ndarray
+    scores: np.ndarray
+
+
+def search_threshold(
+    histograms: ProbabilityHistogram | Sequence[ProbabilityHistogram],
+    *,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    percentiles: Sequence[float] | np.ndarray | None = None,
+    beta: float = 0.5,
+    pooling: str = "pooled",
+) -> ThresholdSearch:
+    """The threshold maximising F-beta (F0.5) over validation predictions.
+
+    Candidates: ``thresholds`` (a fixed grid; default :data:`DEFAULT_THRESHOLDS`), or
+    ``percentiles`` of the pooled probability distribution (e.g. ``np.arange(80, 100)``:
+    "call the top 20%...1% ink"), not both. Each histogram is one fragment.
+    pooling: "pooled" scores all fragments' pixels together; "mean" averages per-fragment
+        F-beta. Ties go to the lowest threshold. Cost: O(levels) per candidate.
+    """
+    hists = [histograms] if isinstance(histograms, ProbabilityHistogram) else list(histograms)
+    if not hists:
+        raise InputError("histograms: expected at least one ProbabilityHistogram, got none")
+    if pooling not in ("pooled", "mean"):
+        raise InputError(f"pooling: expected 'pooled' or 'mean', got {pooling!r}")
+    if thresholds is not None and percentiles is not None:
+        raise InputError("thresholds, percentiles: expected one of them, got both")
+    pooled = sum(hists[1:], hists[0])
+    if percentiles is not None:
+        cand = np.unique(pooled.quantile_thresholds(percentiles))
+    else:
+        cand = np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds, float)
+        cand = np.unique(cand)  # sorted, so ties resolve to the lowest threshold
+    if cand.size == 0:
+        raise InputError("thresholds: expected at least one candidate, got none")
+    pooled_counts = pooled.counts_at(cand)
+    if pooling == "pooled":
+        scores = np.array([c.f_beta(beta) for c in pooled_counts])
+    else:
+        per = [[c.f_beta(beta) for c in h.counts_at(cand)] for h in hists]  # (fragments, T)
+        scores = np.mean(np.array(per), axis=0)
+    best = int(np.argmax(scores))
+    return ThresholdSearch(float(cand[best]), float(scores[best]), pooled_counts[best], cand,
+                           scores)
+
+
+# --- whole files (the `scrollsam evaluate` command) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Scores of one predicted image against its labels (see :func:`evaluate_files`)."""
+
+    counts: Counts
+    threshold: float | None  # None when the prediction was already binary
+    beta: float = 0.5
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """``f0.5, precision, recall, dice, iou``, the counts, valid pixel count, threshold."""
+        return {**self.counts.scores(beta=self.beta), **self.counts.as_dict(),
+                "valid_pixels": self.counts.pixels, "threshold": self.threshold}
+
+    def report(self) -> str:
+        """A few aligned lines for people."""
+        lines = [f"{k:<10} {v:.4f}" for k, v in self.counts.scores(beta=self.beta).items()]
+        c = self.counts
+        how = "binary" if self.threshold is None else f"probability >= {self.threshold:g}"
+        lines.append(f"pixels     tp={c.tp} fp={c.fp} fn={c.fn} tn={c.tn} "
+                     f"(valid {c.pixels}; prediction {how})")
+        return "\n".join(lines)
+
+
+def evaluate_files(
+    pred: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    mask: str | os.PathLike[str] | None = None,
+    *,
+    threshold: float = 0.5,
+    beta: float = 0.5,
+) -> Evaluation:
+    """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
+    against an ink label image (nonzero = ink), inside ``mask`` (nonzero = valid; default all
+    pixels).
+    All images are ``[H, W]`` of one size; a mismatch raises InputError naming the file."""
+    _check_threshold(threshold)
+    truth = _as_bool(read_image(labels))
+    binary, was_binary = read_prediction(pred, threshold=threshold)
+    if binary.shape != truth.shape:
+        raise InputError(f"{pred}: expected {_hw(truth.shape)} pixels (height x width of "
+                         f"{labels}), got {_hw(binary.shape)}")
+    valid = None
+    if mask is not None:
+        valid = _as_bool(read_image(mask))
+        if valid.shape != truth.shape:
+            raise InputError(f"{mask}: expected {_hw(truth.shape)} pixels (height x width "
+                             f"of {labels}), got {_hw(valid.shape)}")
+    return Evaluation(confusion(binary, truth, valid), None if was_binary else threshold, beta)
+
+
+def read_prediction(
+    path: str | os.PathLike[str], *, threshold: float = 0.5
+) -> tuple[np.ndarray, bool]:
+    """Read a predicted image and make it a bool ink mask ``[H, W]``: (mask, was_binary), as
+    :func:`binarize_prediction`; errors name the file."""
+    image = read_image(path)
+    try:
+        return binarize_prediction(image, threshold=threshold)
+    except InputError as err:
+        raise InputError(f"{path}: {str(err).removeprefix('pred: ')}") from None
+
+
+def _hw(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(n) for n in shape)

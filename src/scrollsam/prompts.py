@@ -1,0 +1,315 @@
+"""Prompt samplers for training SAM on ink: points, boxes and the paper's corrective points.
+
+Frames and shapes (P prompt sets, each over one S x S tile of the model input frame):
+- ground truth: ``target`` ``[P, 1, H, W]`` (ink where > 0.5) and ``valid`` ``[P, 1, H, W]``
+  (the fragment mask, valid where > 0.5; None = everywhere). Ink counts only inside valid, and
+  samplers place points only on valid pixels.
+- points: ``coords`` float32 ``[P, N, 2]`` as **(x, y) = (column, row)** pixel indices of the
+  input frame: pixel (row r, column c) is the point (x=c, y=r). Official SAM adds 0.5 itself to
+  reach the pixel centre, so the values are whole numbers. ``labels`` int64 ``[P, N]``: 1 = ink,
+  0 = background, -1 = padding (coords 0). In every set the real points come first and the
+  padding last; N is fixed by the sampler's arguments, never by the data, and nothing is
+  truncated.
+- boxes: float32 ``[P, 4]`` XYXY with inclusive corners (x1, y1 is the last ink pixel), like
+  SAM's own ``batched_mask_to_box``.
+- mask prompts: the previous round's low-resolution logits ``[P, 1, S/4, S/4]``
+  (:func:`select_mask`).
+
+A tile without ink never gets a positive point: samplers return background points, or padding
+only, which SAM reads as "no point" (the same as a prompt-free decode). Randomness comes only
+from the ``generator`` argument (a ``torch.Generator`` on any device; numbers are drawn on its
+device and moved), never from global state. Results are on the device of ``target``; the
+distance transforms run on the CPU with OpenCV.
+
+First-prompt point samplers share the signature ``(target, valid=None, *, generator, ...)`` and
+are listed in :data:`POINT_SAMPLERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scrollsam.errors import InputError
+
+__all__ = [
+    "POINT_SAMPLERS",
+    "append_points",
+    "box_prompts",
+    "center_points",
+    "corrective_points",
+    "grid_points",
+    "pad_point_sets",
+    "random_points",
+    "select_mask",
+]
+
+Points = tuple[Tensor, Tensor]  # coords [P, N, 2] float32 (x, y), labels [P, N] int64
+
+
+def _shape(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    return type(x).__name__
+
+
+def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Check the ground truth; return (ink, valid) as bool ``[P, H, W]``, ink inside valid."""
+    if not isinstance(target, Tensor) or target.dim() != 4 or target.shape[1] != 1:
+        raise InputError(f"target: expected [P, 1, H, W] tensor, got {_shape(target)}")
+    if valid is None:
+        ok = torch.ones(target.shape[0], *target.shape[2:], dtype=torch.bool,
+                        device=target.device)
+    elif not isinstance(valid, Tensor) or valid.shape != target.shape:
+        raise InputError(f"valid: expected {list(target.shape)} (the shape of target), "
+                         f"got {_shape(valid)}")
+    else:
+        ok = valid[:, 0] > 0.5  # (P, H, W)
+    return (target[:, 0] > 0.5) & ok, ok
+
+
+def _random(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
+            *, normal: bool = False) -> Tensor:
+    if not isinstance(generator, torch.Generator):
+        raise InputError(f"generator: expected a torch.Generator, got {_shape(generator)}")
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=generator.device).to(device)
+
+
+def _compact(coords: Tensor, labels: Tensor) -> Points:
+    """Move padding (label -1) to the end of each set, keeping the order of real points."""
+    pad = labels == -1  # (P, N)
+    coords = coords.masked_fill(pad[..., None], 0.0)
+    order = torch.sort(pad.to(torch.int8), dim=1, stable=True).indices  # (P, N)
+    return coords.gather(1, order[..., None].expand_as(coords)), labels.gather(1, order)
+
+
+def _from_flat(index: Tensor, width: int) -> Tensor:
+    """Flat pixel indices (any shape) -> float32 (x, y) coords, shape + (2,)."""
+    return torch.stack([index % width, index // width], dim=-1).to(torch.float32)
+
+
+def pad_point_sets(sets: list[Points], *, device: torch.device | str | None = None,
+                   length: int | None = None) -> Points:
+    """Stack ragged point sets ``[(coords [n_i, 2], labels [n_i]), ...]`` into ``[P, N, 2]`` /
+    ``[P, N]`` padded with label -1 (coords 0). N = ``length`` or the largest n_i (at least 1);
+    a set longer than ``length`` is an InputError, never cut."""
+    sizes = [int(lab.shape[0]) for _, lab in sets]
+    n = max([1, *sizes]) if length is None else length
+    if sizes and max(sizes) > n:
+        raise InputError(f"sets: expected at most {n} points per set, got {max(sizes)}")
+    coords = torch.zeros(len(sets), n, 2, dtype=torch.float32, device=device)
+    labels = torch.full((len(sets), n), -1, dtype=torch.int64, device=device)
+    for i, (c, lab) in enumerate(sets):
+        if c.shape != (lab.shape[0], 2):
+            raise InputError(f"sets[{i}]: expected coords [n, 2] with labels [n], "
+                             f"got {_shape(c)} and {_shape(lab)}")
+        coords[i, : c.shape[0]] = c.to(coords)
+        labels[i, : lab.shape[0]] = lab.to(labels)
+    return _compact(coords, labels)
+
+
+def append_points(points: Points, new: Points) -> Points:
+    """Append ``new`` ``([P, K, 2], [P, K])`` to ``points`` ``([P, N, 2], [P, N])`` -> N + K
+    points per set, real points first (old, then new) and padding last."""
+    (c0, l0), (c1, l1) = points, new
+    if c0.dim() != 3 or c1.dim() != 3 or c0.shape[0] != c1.shape[0] or c0.shape[2] != 2 \
+            or c1.shape[2] != 2 or l0.shape != c0.shape[:2] or l1.shape != c1.shape[:2]:
+        raise InputError(f"points, new: expected ([P, N, 2], [P, N]) and ([P, K, 2], [P, K]), "
+                         f"got ({_shape(c0)}, {_shape(l0)}) and ({_shape(c1)}, {_shape(l1)})")
+    coords = torch.cat([c0, c1.to(c0)], dim=1)  # (P, N + K, 2)
+    labels = torch.cat([l0, l1.to(l0)], dim=1)  # (P, N + K)
+    return _compact(coords, labels)
+
+
+def grid_points(target: Tensor, valid: Tensor | None = None, *, n: int = 4,
+                generator: torch.Generator | None = None) -> Points:
+    """An n x n grid of pixel centres, labelled from the truth (1 on ink, 0 elsewhere) ->
+    N = n * n. Grid pixel i along an axis of length L is ``floor((i + 0.5) * L / n)``. Points
+    on invalid pixels become padding. Deterministic (``generator`` is ignored)."""
+    ink, ok = _truth(target, valid)
+    P, H, W = ink.shape
+    if not 1 <= n <= min(H, W):
+        raise InputError(f"n: expected 1..{min(H, W)} (the tile size), got {n}")
+    steps = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    ys = (steps * H).floor().long().to(ink.device)  # (n,)
+    xs = (steps * W).floor().long().to(ink.device)  # (n,)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (n, n) each, row-major grid
+    yy, xx = yy.reshape(-1), xx.reshape(-1)  # (n * n,)
+    labels = ink[:, yy, xx].long()  # (P, n * n)
+    labels = labels.masked_fill(~ok[:, yy, xx], -1)
+    coords = torch.stack([xx, yy], dim=-1).float().expand(P, -1, -1)  # (P, n * n, 2)
+    return _compact(coords, labels)
+
+
+def random_points(target: Tensor, valid: Tensor | None = None, *,
+                  generator: torch.Generator, positives: int = 1, negatives: int = 0) -> Points:
+    """``positives`` ink points and ``negatives`` background points, uniform without
+    replacement inside valid -> N = positives + negatives, ink points first. A set with fewer
+    candidates than asked gets what exists, then padding."""
+    ink, ok = _truth(target, valid)
+    P, H, W = ink.shape
+    if positives < 0 or negatives < 0 or positives + negatives == 0:
+        raise InputError(f"positives, negatives: expected >= 0 and not both 0, "
+                         f"got {positives}, {negatives}")
+    if max(positives, negatives) > H * W:
+        raise InputError(f"positives, negatives: expected at most {H * W} (pixels per tile), "
+                         f"got {positives}, {negatives}")
+    keys = _random((P, H * W), generator, ink.device)  # (P, H * W) uniform in [0, 1)
+    flat_ink, flat_ok = ink.reshape(P, -1), ok.reshape(P, -1)
+    out_c, out_l = [], []
+    for count, pool, label in ((positives, flat_ink, 1), (negatives, flat_ok & ~flat_ink, 0)):
+        top = torch.where(pool, keys, -1.0).topk(count, dim=1)  # the `count` largest keys
+        found = top.values >= 0  # (P, count): False where the pool ran out
+        out_c.append(_from_flat(top.indices, W))  # (P, count, 2)
+        out_l.append(torch.where(found, label, -1))  # (P, count)
+    return _compact(torch.cat(out_c, dim=1), torch.cat(out_l, dim=1))
+
+
+def _depth(region: np.ndarray) -> np.ndarray:
+    """Euclidean distance [H, W] of each pixel of a uint8 region to the nearest pixel outside
+    it; the tile border counts as outside (as RITM and the SAM paper's sampler do)."""
+    padded = np.pad(region, 1)  # (H + 2, W + 2), zero border
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
+def _deepest(region: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """(row, col) of the deepest pixel of each of the ``count`` deepest 8-connected components
+    (deepest first; ties to the first pixel in row-major order). Empty region: []."""
+    depth = _depth(region).reshape(-1)
+    if count == 1:
+        i = int(np.argmax(depth))
+        return [divmod(i, region.shape[1])] if depth[i] > 0 else []
+    _, comp = cv2.connectedComponents(region, connectivity=8)
+    inside = np.flatnonzero(comp.reshape(-1))  # flat indices of region pixels
+    order = inside[np.lexsort((inside, -depth[inside]))]  # deepest first, then row-major
+    _, first = np.unique(comp.reshape(-1)[order], return_index=True)
+    best = order[np.sort(first)][:count]  # each component's deepest pixel, deepest first
+    return [divmod(int(i), region.shape[1]) for i in best]
+
+
+def center_points(target: Tensor, valid: Tensor | None = None, *, max_points: int = 1,
+                  generator: torch.Generator | None = None) -> Points:
+    """The ink pixel farthest from the ink's boundary (distance transform), as in the paper ->
+    N = max_points. With ``max_points`` = k > 1: the deepest pixel of each of the k deepest
+    connected ink components (8-connectivity), deepest first. A tile without ink gets one
+    background point at the valid background's deepest pixel instead (label 0); no valid
+    pixels: padding. Deterministic (``generator`` is ignored)."""
+    ink, ok = _truth(target, valid)
+    if max_points < 1:
+        raise InputError(f"max_points: expected >= 1, got {max_points}")
+    ink_np, ok_np = ink.cpu().numpy().astype(np.uint8), ok.cpu().numpy().astype(np.uint8)
+    sets = []
+    for p in range(ink_np.shape[0]):
+        if ink_np[p].any():
+            rc, label = _deepest(ink_np[p], max_points), 1
+        else:
+            rc, label = _deepest(ok_np[p], 1), 0
+        coords = torch.tensor([(c, r) for r, c in rc], dtype=torch.float32).reshape(-1, 2)
+        sets.append((coords, torch.full((len(rc),), label, dtype=torch.int64)))
+    return pad_point_sets(sets, device=target.device, length=max_points)
+
+
+def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: torch.Generator,
+                noise: float = 0.1, max_noise: float = 20.0) -> tuple[Tensor, Tensor]:
+    """The bounding box of the ink, each coordinate jittered as in the SAM paper.
+
+    Noise: Gaussian with std ``noise`` x the box side (width for x, height for y; side =
+    last - first + 1 pixels), each draw clamped to +-``max_noise`` pixels; the box is then
+    clipped to the frame and its corners re-ordered so x0 <= x1, y0 <= y1.
+    Returns (boxes float32 [P, 4] XYXY inclusive, present bool [P]). A set without ink has
+    no box: present is False and its row is 0; the caller falls back (points or no prompt).
+    """
+    ink, _ = _truth(target, valid)
+    P, H, W = ink.shape
+    rows, cols = ink.any(dim=2).to(torch.int32), ink.any(dim=1).to(torch.int32)  # (P,H), (P,W)
+    present = rows.any(dim=1)  # (P,)
+    y0, y1 = rows.argmax(dim=1), H - 1 - rows.flip(1).argmax(dim=1)  # first/last ink row
+    x0, x1 = cols.argmax(dim=1), W - 1 - cols.flip(1).argmax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()  # (P, 4)
+    side = torch.stack([x1 - x0, y1 - y0], dim=1).float().add(1).repeat(1, 2)  # (P, 4) w,h,w,h
+    jitter = _random((P, 4), generator, ink.device, normal=True) * noise * side
+    boxes = boxes + jitter.clamp(-max_noise, max_noise)
+    limit = torch.tensor([W - 1, H - 1, W - 1, H - 1], dtype=torch.float32, device=ink.device)
+    boxes = torch.minimum(boxes.clamp(min=0), limit).round()
+    lo = torch.minimum(boxes[:, :2], boxes[:, 2:])  # (P, 2)
+    hi = torch.maximum(boxes[:, :2], boxes[:, 2:])  # (P, 2)
+    boxes = torch.cat([lo, hi], dim=1) * present[:, None]  # (P, 4), zero rows without ink
+    return boxes, present
+
+
+def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None, *,
+                      mode: str = "center", generator: torch.Generator | None = None) -> Points:
+    """One new point per set from the error region between a prediction and the truth (SAM
+    paper, Appendix A) -> ``([P, 1, 2], [P, 1])``.
+
+    pred: ``[P, 1, h, w]`` mask logits (ink where > 0; upsampled bilinearly to H x W when
+        smaller, e.g. the decoder's S/4 output) or a bool mask (resized nearest).
+    Error region inside valid: false negatives (missed ink) give a positive point (label 1),
+    false positives a negative one (label 0).
+    mode "center": the error pixel farthest from its region's boundary, looking at both
+        regions (the deeper wins; a tie goes to the missed ink), as RITM does;
+    mode "uniform": a pixel drawn uniformly from the union of both regions (needs
+        ``generator``), so each kind is chosen in proportion to its area.
+    A set with no error (a perfect prediction) gets padding (label -1).
+    """
+    ink, ok = _truth(target, valid)
+    P, H, W = ink.shape
+    if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[:2] != (P, 1):
+        raise InputError(f"pred: expected [{P}, 1, h, w] logits or bool mask, got {_shape(pred)}")
+    if mode not in ("center", "uniform"):
+        raise InputError(f"mode: expected 'center' or 'uniform', got {mode!r}")
+    if pred.dtype == torch.bool:
+        hit = F.interpolate(pred.float(), size=(H, W), mode="nearest")[:, 0] > 0.5
+    else:
+        size = (H, W)
+        up = pred if pred.shape[-2:] == size else F.interpolate(
+            pred.float(), size=size, mode="bilinear", align_corners=False)
+        hit = up[:, 0] > 0  # (P, H, W)
+    missed, extra = ink & ~hit, ok & ~ink & hit  # false negatives, false positives
+    if mode == "uniform":
+        if generator is None:
+            raise InputError("generator: expected a torch.Generator for mode 'uniform', got None")
+        keys = _random((P, H * W), generator, ink.device)  # (P, H * W)
+        error = (missed | extra).reshape(P, -1)
+        best = torch.where(error, keys, -1.0).max(dim=1)  # values, indices (P,)
+        label = missed.reshape(P, -1).gather(1, best.indices[:, None]).long()  # (P, 1)
+        label = label.masked_fill(best.values[:, None] < 0, -1)
+        return _compact(_from_flat(best.indices[:, None], W), label)
+    fn_np = missed.cpu().numpy().astype(np.uint8)
+    fp_np = extra.cpu().numpy().astype(np.uint8)
+    sets = []
+    for p in range(P):
+        d_fn, d_fp = _depth(fn_np[p]), _depth(fp_np[p])
+        m_fn, m_fp = float(d_fn.max()), float(d_fp.max())
+        if max(m_fn, m_fp) <= 0:
+            sets.append((torch.zeros(0, 2), torch.zeros(0, dtype=torch.int64)))
+            continue
+        depth, label = (d_fn, 1) if m_fn >= m_fp else (d_fp, 0)
+        r, c = divmod(int(np.argmax(depth)), W)
+        sets.append((torch.tensor([[c, r]], dtype=torch.float32), torch.tensor([label])))
+    return pad_point_sets(sets, device=target.device, length=1)
+
+
+def select_mask(logits: Tensor, index: Tensor) -> Tensor:
+    """The chosen mask of each set, detached, as the next round's mask prompt:
+    ``[P, M, h, w]`` logits and ``[P]`` indices (e.g. ``sam_loss(...)["selected"]``) ->
+    ``[P, 1, h, w]``."""
+    if logits.dim() != 4 or index.shape != logits.shape[:1]:
+        raise InputError(f"logits, index: expected [P, M, h, w] and [P], "
+                         f"got {_shape(logits)} and {_shape(index)}")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits.detach()[rows, index.to(logits.device)].unsqueeze(1)  # (P, 1, h, w)
+
+
+# First-prompt point samplers by name (config: ``prompts.first = "center"``, etc.).
+POINT_SAMPLERS: dict[str, Callable[..., Points]] = {
+    "grid": grid_points,
+    "random": random_points,
+    "center": center_points,
+}

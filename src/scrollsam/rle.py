@@ -1,0 +1,167 @@
+"""Kaggle "Vesuvius Challenge - Ink Detection" run-length encoding and the submission CSV.
+
+The format, exactly: a mask ``[H, W]`` indexed (row, column) = (y, x) is flattened row-major
+(left to right, then top to bottom), pixels are numbered from 1, and each run of ink pixels is
+written as ``start length``; all numbers are separated by single spaces, runs are sorted and do
+not overlap. An empty mask is the empty string. Example: the 2 x 3 mask ``[[0, 1, 1], [1, 0, 1]]``
+is ``"2 3 6 1"`` (pixels 2, 3, 4 are one run, then pixel 6).
+
+The submission file is ``Id,Predicted`` followed by one ``<id>,<rle>`` line per fragment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from scrollsam.errors import InputError
+from scrollsam.io import atomic_path
+
+__all__ = [
+    "SUBMISSION_HEADER",
+    "parse_pred_specs",
+    "rle_decode",
+    "rle_encode",
+    "write_submission",
+]
+
+SUBMISSION_HEADER = "Id,Predicted"
+_NUMBER = re.compile(r"[0-9]+")
+_BAD_ID = re.compile(r"[\s,\"']")
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Encode a 2-D mask ``[H, W]`` (nonzero = ink) as Kaggle RLE (row-major, 1-indexed)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise InputError(f"mask: expected a 2-D array [H, W], got shape {mask.shape}")
+    flat = np.zeros(mask.size + 2, dtype=bool)  # one background pixel before and after
+    flat[1:-1] = mask.reshape(-1) != 0  # row-major (C order) flatten
+    edges = np.flatnonzero(flat[1:] != flat[:-1])  # run starts/ends, 0-based in the mask
+    if edges.size == 0:
+        return ""
+    starts, ends = edges[0::2], edges[1::2]  # ends are exclusive
+    pairs = np.empty((starts.size, 2), dtype=np.int64)
+    pairs[:, 0] = starts + 1  # 1-indexed
+    pairs[:, 1] = ends - starts
+    return " ".join(map(str, pairs.reshape(-1).tolist()))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode Kaggle RLE into a bool mask of ``shape`` = (H, W); the inverse of :func:`rle_encode`.
+
+    Accepts any whitespace between numbers and runs that touch (``1 2 3 1``), which
+    :func:`rle_encode` would have merged. Raises InputError for anything else: a token that is
+    not a plain decimal number, an odd count, a start < 1 or length < 1, runs not sorted or
+    overlapping, or a run past the last pixel.
+    """
+    if len(shape) != 2 or any(int(n) < 0 for n in shape):
+        raise InputError(f"shape: expected (height, width) >= 0, got {tuple(shape)}")
+    height, width = int(shape[0]), int(shape[1])
+    size = height * width
+    tokens = rle.split()
+    for tok in tokens:
+        if not _NUMBER.fullmatch(tok):
+            raise InputError(f"rle: expected space-separated whole numbers, got {tok!r}")
+        if len(tok) > 18:  # would overflow int64; no real mask has that many pixels
+            raise InputError(f"rle: expected numbers up to {size}, got {tok}")
+    if len(tokens) % 2:
+        raise InputError(f"rle: expected (start, length) pairs, got {len(tokens)} numbers")
+    mask = np.zeros(size, dtype=bool)
+    if not tokens:
+        return mask.reshape(height, width)
+    pairs = np.array([int(t) for t in tokens], dtype=np.int64).reshape(-1, 2)  # (runs, 2)
+    starts, lengths = pairs[:, 0], pairs[:, 1]
+    if (starts < 1).any():
+        raise InputError(f"rle: expected starts >= 1 (1-indexed), got {starts[starts < 1][0]}")
+    if (lengths < 1).any():
+        raise InputError(f"rle: expected lengths >= 1, got {lengths[lengths < 1][0]}")
+    ends = starts + lengths - 1  # last pixel of each run, 1-indexed
+    bad = np.flatnonzero(starts[1:] <= ends[:-1])
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(
+            "rle: expected sorted, non-overlapping runs, got run "
+            f"{starts[i + 1]} {lengths[i + 1]} after {starts[i]} {lengths[i]}"
+        )
+    if ends[-1] > size:
+        raise InputError(
+            f"rle: expected runs inside {size} pixels ({height} x {width}), "
+            f"got a run ending at pixel {ends[-1]}"
+        )
+    change = np.zeros(size + 1, dtype=np.int8)  # +1 where a run starts, -1 just after it ends
+    change[starts - 1] += 1  # starts are distinct, and so are ends: += is safe here
+    change[ends] -= 1  # a run touching the next one gives +1 - 1 = 0 at the join
+    mask[:] = np.cumsum(change[:-1], dtype=np.int8) > 0
+    return mask.reshape(height, width)
+
+
+def parse_pred_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """Parse ``ID=PATH`` strings into (id, path) pairs, in order.
+
+    Raises InputError for a spec without ``=``, an empty id or path, an id holding a comma,
+    quote or whitespace (it would break the CSV), and an id given twice.
+    """
+    out: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    for spec in specs:
+        ident, sep, path = spec.partition("=")
+        if not sep or not ident or not path:
+            raise InputError(f"--pred: expected ID=MASK.png, got {spec!r}")
+        if _BAD_ID.search(ident):
+            raise InputError(
+                f"--pred: expected an id without commas, quotes or spaces, got {ident!r}"
+            )
+        if ident in seen:
+            raise InputError(f"--pred: expected each id once, got {ident!r} twice")
+        seen.add(ident)
+        out.append((ident, Path(path)))
+    return out
+
+
+def write_submission(
+    path: str | os.PathLike[str],
+    rows: Iterable[tuple[str, np.ndarray]],
+    *,
+    overwrite: bool = False,
+) -> int:
+    """Write the Kaggle CSV (``Id,Predicted`` + one ``id,rle`` line per row, in order) atomically.
+
+    rows: (id, mask ``[H, W]``) pairs; consumed one at a time, so a generator that loads each
+        mask lazily keeps only one fragment in memory.
+    overwrite: an existing ``path`` is replaced only when True; otherwise InputError, raised
+        before any row is read.
+    Returns the number of rows written. On any error nothing is written.
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise InputError(
+            f"{target}: expected a new file (--force to overwrite), got an existing file"
+        )
+    if not target.parent.is_dir():
+        raise InputError(f"{target}: expected an existing folder to write into, got none")
+    count = 0
+    seen: set[str] = set()
+    try:
+        with atomic_path(target, overwrite=overwrite) as tmp, open(
+            tmp, "w", encoding="utf-8", newline="\n"
+        ) as f:
+            f.write(SUBMISSION_HEADER + "\n")
+            for ident, mask in rows:
+                if not ident or _BAD_ID.search(ident) or ident in seen:
+                    raise InputError(
+                        "id: expected a unique, non-empty id without commas, quotes or spaces, "
+                        f"got {ident!r}"
+                    )
+                seen.add(ident)
+                f.write(f"{ident},{rle_encode(mask)}\n")
+                count += 1
+    except FileExistsError:
+        raise InputError(
+            f"{target}: expected a new file (--force to overwrite), got an existing file"
+        ) from None
+    return count

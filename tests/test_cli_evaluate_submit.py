@@ -1,0 +1,148 @@
+"""`scrollsam evaluate` and `scrollsam submit` through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scrollsam.cli import main
+from scrollsam.rle import rle_decode
+
+TRUTH = np.array([[1, 0, 0, 0],
+                  [1, 1, 0, 0]], np.uint8) * 255
+PRED = np.array([[1, 1, 0, 0],
+                 [1, 0, 0, 1]], np.uint8) * 255
+
+
+def _png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    valid = np.full_like(TRUTH, 255)
+    valid[:, 3] = 0
+    prob = np.array([[230, 140, 10, 0],
+                     [200, 120, 0, 250]], np.uint8)  # 0.90 0.55 .04 0 / .78 .47 0 .98
+    return {
+        "labels": _png(tmp_path / "inklabels.png", TRUTH),
+        "pred": _png(tmp_path / "pred.png", PRED),
+        "mask": _png(tmp_path / "mask.png", valid),
+        "prob": _png(tmp_path / "prob.png", prob),
+        "small": _png(tmp_path / "small.png", np.zeros((3, 4), np.uint8)),
+    }
+
+
+def test_evaluate_json(files, capsys):
+    code = main(["evaluate", "--pred", files["pred"], "--labels", files["labels"],
+                 "--mask", files["mask"], "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON object
+    # inside the mask: tp 2, fp 1, fn 1, tn 2
+    assert out["f0.5"] == pytest.approx(2 / 3)
+    assert out["precision"] == pytest.approx(2 / 3)
+    assert out["recall"] == pytest.approx(2 / 3)
+    assert out["dice"] == pytest.approx(2 / 3)
+    assert out["iou"] == pytest.approx(0.5)
+    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (2, 1, 1, 2)
+    assert out["threshold"] is None  # binary prediction used as is
+
+
+def test_evaluate_text_and_threshold(files, capsys):
+    assert main(["evaluate", "--pred", files["prob"], "--labels", files["labels"]]) == 0
+    text = capsys.readouterr().out
+    for key in ("f0.5", "precision", "recall", "dice", "iou", "tp=", "fn="):
+        assert key in text
+    # at 0.5: .90 .55 .78 .98 are ink -> tp (0,0) (1,0), fp (0,1) (1,3), fn (1,1)
+    main(["evaluate", "--pred", files["prob"], "--labels", files["labels"], "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["tp"], out["fp"], out["fn"]) == (2, 2, 1) and out["threshold"] == 0.5
+    # at 0.4: 0.55 and 0.47 join: (0,1) is fp, (1,1) is tp
+    main(["evaluate", "--pred", files["prob"], "--labels", files["labels"], "--json",
+          "--threshold", "0.4"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["tp"], out["fp"], out["fn"]) == (3, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("which", "flag", "message"),
+    [
+        ("small", "--pred", r"small\.png: expected 2 x 4"),
+        ("small", "--mask", r"small\.png: expected 2 x 4"),
+        ("missing", "--pred", r"missing\.png: expected an image file, got no such file"),
+    ],
+)
+def test_evaluate_errors_exit_2_with_one_line(files, tmp_path, capsys, which, flag, message):
+    files["missing"] = str(tmp_path / "missing.png")
+    args = {"--pred": files["pred"], "--labels": files["labels"], flag: files[which]}
+    code = main(["evaluate", *[x for kv in args.items() for x in kv]])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(message, err)
+
+
+def test_evaluate_bad_threshold(files, capsys):
+    assert main(["evaluate", "--pred", files["prob"], "--labels", files["labels"],
+                 "--threshold", "2"]) == 2
+    assert "threshold: expected a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_submit_writes_rows_in_order(files, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    code = main(["submit", "--pred", f"b={files['pred']}", "--pred", f"a={files['labels']}",
+                 "--out", str(out)])
+    assert code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "Id,Predicted"
+    assert [line.split(",")[0] for line in lines[1:]] == ["b", "a"]
+    assert lines[1] == "b,1 2 5 1 8 1"  # row-major: pixels 1, 2, 5, 8
+    np.testing.assert_array_equal(rle_decode(lines[2].split(",")[1], (2, 4)), TRUTH > 0)
+    # a probability image is thresholded (default 0.5)
+    main(["submit", "--pred", f"p={files['prob']}", "--out", str(out), "--force"])
+    assert out.read_text() == "Id,Predicted\np,1 2 5 1 8 1\n"
+
+
+def test_submit_refuses_to_overwrite_without_force(files, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    out.write_text("precious")
+    code = main(["submit", "--pred", f"a={files['pred']}", "--out", str(out)])
+    assert code == 2
+    assert "--force" in capsys.readouterr().err
+    assert out.read_text() == "precious"
+    assert main(["submit", "--pred", f"a={files['pred']}", "--out", str(out), "--force"]) == 0
+    assert out.read_text().startswith("Id,Predicted\na,")
+
+
+@pytest.mark.parametrize(
+    ("preds", "message"),
+    [
+        (["no-equals-sign.png"], "expected ID=MASK.png"),
+        (["a=PRED", "a=PRED"], "twice"),
+        (["a=PRED", "b=MISSING"], r"missing\.png: expected an image file"),
+    ],
+)
+def test_submit_bad_pred_exit_2_and_writes_nothing(files, tmp_path, capsys, preds, message):
+    out = tmp_path / "submission.csv"
+    specs = [p.replace("PRED", files["pred"]).replace("MISSING", str(tmp_path / "missing.png"))
+             for p in preds]
+    code = main(["submit", *[x for p in specs for x in ("--pred", p)], "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+@pytest.mark.parametrize("command", ["evaluate", "submit"])
+def test_help_has_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"example:\n  scrollsam {command} --pred" in text

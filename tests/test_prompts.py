@@ -1,0 +1,224 @@
+"""Prompt samplers: points in the (x, y) input frame, on the right pixels, with the right labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scrollsam.errors import InputError
+from scrollsam.prompts import (
+    POINT_SAMPLERS,
+    append_points,
+    box_prompts,
+    center_points,
+    corrective_points,
+    grid_points,
+    pad_point_sets,
+    random_points,
+    select_mask,
+)
+
+H, W = 12, 17  # not square: a (row, col) / (x, y) mix-up indexes out of range or off ink
+
+
+def _asymmetric() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompt sets: an L of ink, a thin diagonal-free bar, and a tile without ink."""
+    target = torch.zeros(3, 1, H, W)
+    target[0, 0, 1:10, 2:5] = 1  # vertical stroke of the L
+    target[0, 0, 7:10, 5:15] = 1  # its foot, to the right
+    target[1, 0, 2:4, 9:16] = 1  # a short horizontal bar near the right edge
+    valid = torch.ones_like(target)
+    valid[:, :, :, 0] = 0  # first column outside the fragment
+    valid[0, 0, 8, 10:13] = 0  # a hole in the foot's ink: not valid, not ink
+    return target, valid
+
+
+def _check_points(coords, labels, target, valid):
+    """Every positive on valid ink, every negative on valid background, padding trailing."""
+    assert coords.dtype == torch.float32 and labels.dtype == torch.int64
+    assert coords.shape == (*labels.shape, 2)
+    assert torch.equal(coords, coords.round())  # whole pixel indices
+    for p in range(labels.shape[0]):
+        pad = labels[p] == -1
+        if pad.any():  # padding only at the end, with coords 0
+            first = int(pad.nonzero()[0])
+            assert pad[first:].all()
+            assert (coords[p, first:] == 0).all()
+        for (x, y), label in zip(coords[p].long().tolist(), labels[p].tolist(), strict=True):
+            if label == -1:
+                continue
+            assert 0 <= x < W and 0 <= y < H
+            assert valid[p, 0, y, x] == 1
+            assert target[p, 0, y, x] == label, (p, x, y, label)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_sampler_puts_points_on_the_right_pixels(seed):
+    target, valid = _asymmetric()
+    g = torch.Generator().manual_seed(seed)
+    results = [
+        grid_points(target, valid, n=5),
+        random_points(target, valid, generator=g, positives=6, negatives=6),
+        center_points(target, valid, max_points=2),
+        corrective_points(torch.full((3, 1, 3, 4), -3.0), target, valid),
+        corrective_points(torch.full((3, 1, H, W), 3.0), target, valid),
+        corrective_points(torch.randn(3, 1, H, W, generator=g), target, valid,
+                          mode="uniform", generator=g),
+    ]
+    for coords, labels in results:
+        _check_points(coords, labels, target, valid)
+        assert not (labels[2] == 1).any()  # the tile without ink: never a positive
+
+
+def test_grid_hand_checked():
+    target = torch.zeros(1, 1, 4, 6)
+    target[0, 0, 1, 4] = 1  # row 1, column 4 = the point (x=4, y=1)
+    coords, labels = grid_points(target, n=2)
+    # rows floor((i + .5) * 4 / 2) = 1, 3; columns floor((i + .5) * 6 / 2) = 1, 4
+    assert coords[0].tolist() == [[1, 1], [4, 1], [1, 3], [4, 3]]
+    assert labels[0].tolist() == [0, 1, 0, 0]
+    valid = torch.ones_like(target)
+    valid[0, 0, 3, 1] = 0  # the point (x=1, y=3) becomes padding, moved to the end
+    coords, labels = grid_points(target, valid, n=2)
+    assert coords[0].tolist() == [[1, 1], [4, 1], [4, 3], [0, 0]]
+    assert labels[0].tolist() == [0, 1, 0, -1]
+    with pytest.raises(InputError, match="n: expected"):
+        grid_points(target, n=5)
+
+
+def test_random_counts_padding_and_determinism():
+    target, valid = _asymmetric()
+    a = random_points(target, valid, generator=torch.Generator().manual_seed(3),
+                      positives=2, negatives=1)
+    b = random_points(target, valid, generator=torch.Generator().manual_seed(3),
+                      positives=2, negatives=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[1].tolist()[:2] == [[1, 1, 0], [1, 1, 0]]
+    assert a[1][2].tolist() == [0, -1, -1]  # no ink: one negative, then padding
+    tiny = torch.zeros(1, 1, 3, 3)
+    tiny[0, 0, 1, 1] = 1
+    coords, labels = random_points(tiny, generator=torch.Generator(), positives=3, negatives=0)
+    assert labels.tolist() == [[1, -1, -1]] and coords[0, 0].tolist() == [1, 1]
+    with pytest.raises(InputError, match="generator"):
+        random_points(tiny, generator=None)
+
+
+def test_global_rng_untouched():
+    target, valid = _asymmetric()
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    g = torch.Generator().manual_seed(0)
+    random_points(target, valid, generator=g, positives=3, negatives=3)
+    box_prompts(target, valid, generator=g)
+    corrective_points(torch.zeros(3, 1, H, W), target, valid, mode="uniform", generator=g)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+
+
+def test_center_hand_checked():
+    target = torch.zeros(2, 1, 9, 11)
+    target[0, 0, 2:7, 2:7] = 1  # 5 x 5 block: only its centre (row 4, column 4) has depth 3
+    target[0, 0, 0:2, 9:11] = 1  # a small corner blob, shallower
+    coords, labels = center_points(target, max_points=2)
+    assert coords[0].tolist() == [[4, 4], [9, 0]] and labels[0].tolist() == [1, 1]
+    # one point: the global deepest; ties (a 5 x 7 block's plateau) go to the first pixel in
+    # row-major order
+    wide = torch.zeros(1, 1, 9, 11)
+    wide[0, 0, 2:7, 1:8] = 1
+    assert center_points(wide)[0].tolist() == [[[3, 4]]]
+    # no ink: one background point at the deepest valid pixel (the tile centre), then padding
+    # (a plateau of depth 5 over columns 4..6 of row 4; the first wins)
+    assert coords[1].tolist() == [[4, 4], [0, 0]] and labels[1].tolist() == [0, -1]
+    coords, labels = center_points(target, torch.zeros_like(target))  # nothing valid
+    assert labels.tolist() == [[-1], [-1]]
+
+
+def test_box_exact_noise_limits_and_missing_ink():
+    target, valid = _asymmetric()
+    boxes, present = box_prompts(target, valid, generator=torch.Generator(), noise=0.0)
+    assert present.tolist() == [True, True, False]
+    assert boxes.dtype == torch.float32
+    assert boxes[0].tolist() == [2, 1, 14, 9]  # XYXY, inclusive last ink pixel
+    assert boxes[1].tolist() == [9, 2, 15, 3]
+    assert boxes[2].tolist() == [0, 0, 0, 0]
+    big = torch.zeros(100, 1, 240, 240)  # 100 draws in one batch
+    big[:, 0, 20:220, 20:220] = 1  # 200 px sides: std 20 px, each draw clamped at 20 px
+    g = torch.Generator().manual_seed(0)
+    offsets = box_prompts(big, generator=g)[0] - torch.tensor([20.0, 20.0, 219.0, 219.0])
+    assert offsets.abs().max() == 20 and offsets.std() > 10
+    edge = torch.ones(100, 1, 50, 50)  # ink fills the tile: noise is clipped to the frame
+    b = box_prompts(edge, generator=g)[0]
+    assert b.min() == 0 and b.max() == 49
+    assert (b[:, 0] <= b[:, 2]).all() and (b[:, 1] <= b[:, 3]).all()
+
+
+def test_corrective_picks_the_deeper_error_with_the_right_label():
+    target = torch.zeros(2, 1, 10, 14)
+    target[:, 0, 1:6, 1:8] = 1  # 5 x 7 ink block
+    pred = torch.full((2, 1, 10, 14), -4.0)
+    pred[0, 0, 1:6, 1:3] = 4.0  # set 0 finds its left part: missed 5 x 5, centre (x=5, y=3)
+    pred[0, 0, 8, 8] = 4.0  # and one stray false positive (depth 1)
+    pred[1] = target[1] * 8 - 4  # set 1 gets the ink right...
+    pred[1, 0, 4:10, 9:14] = 4.0  # ...plus a 6 x 5 false positive block beside it
+    coords, labels = corrective_points(pred, target)
+    assert labels.tolist() == [[1], [0]]
+    assert coords[0, 0].tolist() == [5, 3]
+    x, y = coords[1, 0].long().tolist()
+    assert x == 11 and y in (6, 7)  # the middle of the false positive block
+    perfect = corrective_points(target.bool(), target)
+    assert perfect[1].tolist() == [[-1], [-1]] and perfect[0].abs().sum() == 0
+
+
+def test_corrective_uniform_and_low_res_logits():
+    target = torch.zeros(1, 1, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1
+    low = torch.full((1, 1, 4, 4), -6.0)  # S/4 logits predicting nothing: all ink missed
+    coords, labels = corrective_points(low, target)
+    assert labels.tolist() == [[1]] and coords[0, 0].tolist() == [7, 7]
+    g = torch.Generator().manual_seed(1)
+    everything = torch.full((1, 1, 16, 16), 6.0)  # predicts ink everywhere: errors are FP
+    seen = set()
+    for _ in range(30):
+        coords, labels = corrective_points(everything, target, mode="uniform", generator=g)
+        x, y = coords[0, 0].long().tolist()
+        assert labels.item() == 0 and target[0, 0, y, x] == 0
+        seen.add((x, y))
+    assert len(seen) > 20  # spread over the region, not one spot
+    with pytest.raises(InputError, match="generator"):
+        corrective_points(everything, target, mode="uniform")
+    with pytest.raises(InputError, match="pred: expected"):
+        corrective_points(torch.zeros(1, 3, 4, 4), target)
+
+
+def test_append_and_pad_keep_padding_last():
+    first = (torch.tensor([[[1.0, 2.0], [0.0, 0.0]], [[3.0, 4.0], [5.0, 6.0]]]),
+             torch.tensor([[1, -1], [0, 1]]))
+    new = (torch.tensor([[[7.0, 8.0]], [[0.0, 0.0]]]), torch.tensor([[0], [-1]]))
+    coords, labels = append_points(first, new)
+    assert labels.tolist() == [[1, 0, -1], [0, 1, -1]]
+    assert coords.tolist() == [[[1, 2], [7, 8], [0, 0]], [[3, 4], [5, 6], [0, 0]]]
+    coords, labels = pad_point_sets([(torch.tensor([[1.0, 1.0]]), torch.tensor([1])),
+                                     (torch.zeros(0, 2), torch.zeros(0, dtype=torch.int64))])
+    assert labels.tolist() == [[1], [-1]] and coords.shape == (2, 1, 2)
+    with pytest.raises(InputError, match="at most 1"):
+        pad_point_sets([(torch.zeros(2, 2), torch.ones(2, dtype=torch.int64))], length=1)
+    with pytest.raises(InputError, match="points, new"):
+        append_points(first, (torch.zeros(3, 1, 2), torch.zeros(3, 1)))
+
+
+def test_select_mask_and_registry():
+    logits = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    picked = select_mask(logits.requires_grad_(True), torch.tensor([2, 0]))
+    assert picked.shape == (2, 1, 2, 2) and not picked.requires_grad
+    assert torch.equal(picked[0, 0], logits[0, 2]) and torch.equal(picked[1, 0], logits[1, 0])
+    assert set(POINT_SAMPLERS) == {"grid", "random", "center"}
+    target, valid = _asymmetric()
+    for sampler in POINT_SAMPLERS.values():  # one calling convention for all
+        _check_points(*sampler(target, valid, generator=torch.Generator()), target, valid)
+
+
+def test_bad_ground_truth_is_named():
+    with pytest.raises(InputError, match=r"^target: expected \[P, 1, H, W\]"):
+        grid_points(torch.zeros(4, 4))
+    with pytest.raises(InputError, match="^valid: expected"):
+        center_points(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
