@@ -20,14 +20,6 @@ log = logging.getLogger("scrollsam")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _not_built(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"error: `scrollsam {name}` is not built yet ({issue})", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
-
-
 # --- synth -------------------------------------------------------------------------------------
 
 
@@ -83,11 +75,23 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="experiment YAML holding only what changes")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--config", help="experiment YAML holding only what changes (see configs/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in out=DIR from its last.pt (its saved config is "
+                        "used; train.steps=N may extend it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.steps=500 data.train=[train/1,train/2]")
 
 
-_run_train = _not_built("train", "training issue")
+def _run_train(args: argparse.Namespace) -> int:
+    from scrollsam.config import load_config
+    from scrollsam.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    run = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run: {run}  (checkpoints best.pt / last.pt; tensorboard --logdir {run / 'tb'})")
+    return EXIT_OK
 
 
 # --- predict -----------------------------------------------------------------------------------
@@ -204,9 +208,15 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 def _add_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML (default: built-in synthetic + tiny model)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
 
 
-_run_doctor = _not_built("doctor", "training issue")
+def _run_doctor(args: argparse.Namespace) -> int:
+    from scrollsam.config import load_config
+    from scrollsam.doctor import run_doctor
+
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    return run_doctor(cfg)
 
 
 # --- demo --------------------------------------------------------------------------------------
@@ -214,9 +224,24 @@ _run_doctor = _not_built("doctor", "training issue")
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="folder for data, run, predictions")
+    p.add_argument("--input", choices=("ir", "slices"), default="ir",
+                   help="ir: the infrared toy problem; slices: x-ray slice triplets")
+    p.add_argument("--steps", type=int, help="training steps (default: the demo's 300)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_run_demo = _not_built("demo", "training issue")
+def _run_demo(args: argparse.Namespace) -> int:
+    from scrollsam.demo import run_demo
+
+    r = run_demo(args.out, input=args.input, steps=args.steps, progress=not args.no_progress)
+    print(f"\ndemo finished in {r.seconds:.0f} s")
+    print(f"  data         {r.out / 'data'}")
+    print(f"  run          {r.run}  (config.yaml, best.pt, last.pt)")
+    print(f"  prediction   {r.pred}  (prob.png, mask.png, overlay.png, metrics.json)")
+    print(f"  metrics      {r.out / 'metrics.json'}: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in r.metrics.items()))
+    print(f"  tensorboard  tensorboard --logdir {r.run / 'tb'}")
+    return EXIT_OK
 
 
 # --- entry point -------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ class DataConfig:
     input: str = field(default="ir", metadata=_choices("ir", "slices"))
     strategy: str = field(default="triplet",
                           metadata=_choices("triplet", "every", "range", "project", "mosaic"))
-    z_start: int = 24  # first slice of the depth range the slice views use
-    z_end: int = 40  # one past the last slice of that range
+    z_start: int | None = None  # first slice of the slice views' band (null: the ink band)
+    z_end: int | None = None  # one past its last slice (null: the view's default)
     stride: int = 0  # tile stride in px for validation / prediction (0: half the tile)
     ink_share: float = 0.5  # share of training tiles drawn centred on ink
     augment: bool = True  # flips, 90 degree rotations
@@ -144,7 +144,8 @@ class Config:
                            ("data.valid_band", self.data.valid_band)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}: expected a share in [0, 1], got {value}")
-        if not 0 <= self.data.z_start < self.data.z_end:
+        z0, z1 = self.data.z_start, self.data.z_end
+        if (z0 is not None and z0 < 0) or (z0 is not None and z1 is not None and z1 <= z0):
             raise ConfigError(f"data.z_start / data.z_end: expected 0 <= z_start < z_end, got "
                               f"{self.data.z_start}, {self.data.z_end}")
         if self.train.lr <= 0:

@@ -1,0 +1,40 @@
+"""The presets in configs/ load, default.yaml is the real defaults, demo.yaml is the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scrollsam.config import Config, config_to_dict, load_config
+from scrollsam.demo import demo_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_says_what_it_is_for(path):
+    load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name} should open with a comment on its purpose"
+
+
+def test_default_yaml_lists_the_real_defaults():
+    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == config_to_dict(Config())
+
+
+def test_demo_yaml_is_what_the_demo_trains(tmp_path):
+    shipped = config_to_dict(load_config(CONFIGS / "demo.yaml"))
+    used = config_to_dict(demo_config(tmp_path, "ir"))
+    for cfg in (shipped, used):
+        cfg.pop("out")
+        cfg["data"].pop("root")
+    assert shipped == used
+
+
+def test_slice_presets_use_the_xray_volume():
+    for name in ("xray_triplet.yaml", "xray_range.yaml"):
+        cfg = load_config(CONFIGS / name)
+        assert cfg.data.input == "slices" and "image_encoder" in cfg.model.trainable
+    assert load_config(CONFIGS / "xray_range.yaml").data.strategy == "range"

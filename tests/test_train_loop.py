@@ -1,0 +1,159 @@
+"""The training loop on the CPU: run, resume exactly, refuse to overwrite, NaN guard, pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from scrollsam import prompts
+from scrollsam.cli import main
+from scrollsam.config import load_config
+from scrollsam.data.synthetic import write_fragment
+from scrollsam.doctor import run_doctor
+from scrollsam.errors import ConfigError, RunDirError
+from scrollsam.train.loop import TrainingError, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for i in (1, 2):
+        write_fragment(root / "train" / str(i), height=160, width=160, depth=8, seed=i)
+    return root
+
+
+def _cfg(data: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"out={out}", f"data.root={data}", "data.train=[train/1]", "data.valid=[train/2]",
+        "model.type=tiny", "model.image_size=64", "train.batch_size=3", "train.steps=4",
+        "train.warmup=1", "train.eval_every=2", "train.save_every=2", "train.device=cpu",
+        "log.every=1", "log.image_every=2", "prompts.corrective_rounds=1", *extra])
+
+
+def _scalars(run: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_two_step_run_from_a_config_file(data, tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"out: {tmp_path / 'run'}\ndata:\n  root: {data}\n  train: [train/1]\n"
+                   "  valid: [train/2]\nmodel:\n  type: tiny\n  image_size: 64\n"
+                   "train:\n  steps: 2\n  batch_size: 3\n  eval_every: 1\n  device: cpu\n")
+    code = main(["train", "--config", str(exp), "--no-progress"])
+    run = tmp_path / "run"
+    assert code == 0
+    assert {"config.yaml", "best.pt", "last.pt", "tb"} <= {p.name for p in run.iterdir()}
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["model"]["type"] == "tiny"
+    assert 0.0 <= ckpt["best_threshold"] <= 1.0
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    straight = train(_cfg(data, tmp_path / "a"), progress=False)
+    # "killed" after step 2 (its last.pt), then resumed to step 4
+    train(_cfg(data, tmp_path / "b", "train.steps=2"), progress=False)
+    resumed = train(_cfg(data, tmp_path / "b"), resume=True, progress=False)
+    a, b = _scalars(straight, "train/loss"), _scalars(resumed, "train/loss")
+    assert set(a) == {1, 2, 3, 4}
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    wa = torch.load(straight / "last.pt", weights_only=True)["model"]
+    wb = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+
+def test_tensorboard_has_scalars_and_pictures(data, tmp_path):
+    run = train(_cfg(data, tmp_path / "run", "train.steps=2"), progress=False)
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/focal", "train/dice", "train/iou_mse", "train/lr",
+                "train/tiles_per_s", "valid/f0.5", "valid/precision", "valid/recall",
+                "valid/threshold"):
+        assert tag in tags["scalars"], tag
+    (image_tag,) = tags["images"]
+    img = acc.Images(image_tag)[0]
+    assert img.width == 4 * 64 and img.height == 64  # tile | truth | prediction | points
+
+
+def test_pictures_can_be_turned_off(data, tmp_path):
+    run = train(_cfg(data, tmp_path / "run", "train.steps=1", "log.images=false"),
+                progress=False)
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    assert acc.Tags()["images"] == []
+
+
+def test_existing_run_dir_is_never_overwritten(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="run dir exists.*--resume"):
+        train(_cfg(data, run), progress=False)
+    assert (run / "notes.txt").read_text() == "precious"
+    assert main(["train", "--no-progress", f"out={run}", f"data.root={data}",
+                 "data.train=[train/1]", "model.type=tiny", "model.image_size=64"]) == 2
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train(_cfg(data, tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_step_stats_and_saved_batch(data, tmp_path, monkeypatch):
+    import scrollsam.train.loop as loop
+
+    real = loop.prompted_forward
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.parts["loss"] = out.parts["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "prompted_forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 0 .*image mean.*saved"):
+        train(_cfg(data, tmp_path / "run"), progress=False)
+    saved = torch.load(tmp_path / "run" / "nan_batch_step0.pt", weights_only=True)
+    assert saved["image"].shape == (3, 3, 64, 64)
+
+
+def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tmp_path):
+    with pytest.raises(ConfigError, match="frozen image encoder"):
+        train(_cfg(data, tmp_path / "a", "train.cache=memory",
+                   "model.trainable=[image_encoder,mask_decoder]"), progress=False)
+    run = train(_cfg(data, tmp_path / "b", "train.cache=memory", "data.pixel_augment=false",
+                     "model.trainable=[mask_decoder]"), progress=False)
+    hits = _scalars(run, "train/cache_hits")
+    assert max(hits.values()) > 0  # tiles repeat: embeddings were reused
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = load_config(None, ["train.steps=100", "train.warmup=10", "train.lr=1e-3"])
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] >= cfg.train.lr * cfg.train.min_lr_ratio
+
+
+def test_doctor_is_healthy_on_the_builtin_case(capsys):
+    assert run_doctor() == 0
+    out = capsys.readouterr().out
+    for name in ("input image", "embeddings", "points (x, y)", "sparse prompt emb",
+                 "dense prompt emb", "mask logits", "iou predictions", "loss"):
+        assert name in out
+    assert "[3, 3, 64, 64]" in out  # batch of 3 kept through the stages
+    assert "doctor: healthy" in out
+
+
+def test_doctor_catches_points_in_row_column_order(monkeypatch, capsys):
+    real = prompts.random_points
+
+    def swapped(*args, **kwargs):
+        coords, labels = real(*args, **kwargs)
+        return coords.flip(-1), labels  # (row, column): the seed's mistake
+
+    monkeypatch.setattr(prompts, "random_points", swapped)
+    assert run_doctor() == 1
+    out = capsys.readouterr().out
+    assert "FAIL  positive points land on ink" in out
+    assert "are points (row, column)? SAM wants (x, y) = (column, row)" in out
