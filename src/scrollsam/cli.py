@@ -148,10 +148,12 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _number(option: str, text: str) -> float:
+    from scrollsam.errors import InputError
+
     try:
         return float(text)
     except ValueError:
-        raise ScrollsamError(f"{option}: expected auto or a number, got {text!r}") from None
+        raise InputError(f"{option}: expected auto or a number, got {text!r}") from None
 
 
 # --- evaluate ----------------------------------------------------------------------------------

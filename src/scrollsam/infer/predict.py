@@ -1,0 +1,388 @@
+"""Predictor: a trained run turned into ink probabilities for windows, arrays and fragments.
+
+The model and the input view are rebuilt from the run folder alone (``config.yaml`` and a
+checkpoint), so prediction uses exactly the training normalisation::
+
+    from scrollsam.infer.predict import Predictor
+    pred = Predictor.from_run("runs/demo")                # best.pt (else last.pt), auto device
+    result = pred.predict_fragment("data/test/a")         # Prediction: prob [H, W], stats
+    mask = result.prob >= pred.threshold                  # the threshold saved with the checkpoint
+    probs = pred.predict_windows(images)                  # normalised [B, C, T, T] -> [B, T, T]
+
+The predictor owns ``torch.no_grad``, the device, autocast and the embedding cache (used by the
+prompted decoder, :mod:`.points`); the model never disables gradients itself.
+
+Frames: a window is a ``tile x tile`` square of the fragment (T = ``tile``, default the model
+input side S). When T != S a window is resized to S for the model and the logits are resized
+back to T, so the model always sees its own input size. Probabilities are ``sigmoid(logits)``
+upsampled bilinearly to T x T; with test-time augmentation (``tta``) they are the mean over the
+8 flips / 90 degree rotations of the window, each mapped back before averaging. Views that give
+K inputs per window (strategy ``every``: one per slice) average the K probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scrollsam.config import Config, load_config
+from scrollsam.data.fragment import Fragment
+from scrollsam.data.views import View
+from scrollsam.errors import CheckpointError, InputError, RunDirError
+from scrollsam.infer.meter import Meter
+from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
+from scrollsam.model.build import build_model, load_into
+from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.train.checkpoint import load_checkpoint
+from scrollsam.train.loop import build_view
+
+log = logging.getLogger(__name__)
+
+# (quarter turns k, flip first): x -> rot90(flip(x), k); the first entry is the identity.
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+
+@dataclass
+class Prediction:
+    """Probability map of one fragment: ``prob`` float32 [H, W] in [0, 1], 0 outside the mask.
+
+    ``stats``: megapixels (H * W / 1e6), mask_megapixels, tiles (windows predicted), images
+    (model inputs, K and TTA included), seconds, megapixels_per_s (fragment area per second),
+    peak_rss_anon_mb (non-file-backed resident memory, sampled per batch), vm_hwm_mb (peak
+    resident memory incl. mapped slice pages), peak_cuda_mb (None on CPU).
+    """
+
+    fragment: str
+    prob: np.ndarray
+    threshold: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# --- run folder ----------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(run: str | os.PathLike[str], which: str = "best") -> Path:
+    """``best`` -> RUN/best.pt (RUN/last.pt if there is no best.pt yet), ``last`` -> RUN/last.pt,
+    anything else is a path to a checkpoint file."""
+    run = Path(run)
+    if which == "best":
+        best, last = run / "best.pt", run / "last.pt"
+        if best.is_file():
+            return best
+        if last.is_file():
+            log.info("no best.pt in %s yet (no validation finished); using last.pt", run)
+            return last
+        raise CheckpointError(f"no checkpoint in the run folder: expected best.pt or last.pt "
+                              f"({run})")
+    path = run / "last.pt" if which == "last" else Path(which)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found ({path})")
+    return path
+
+
+def load_run_config(run: str | os.PathLike[str]) -> Config:
+    """The merged config a run saved (RUN/config.yaml); RunDirError if it is not a run folder."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunDirError(f"run folder not found ({run})")
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"not a run folder: no config.yaml, expected a folder written by "
+                          f"`scrollsam train` ({run})")
+    return load_config(path)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an InputError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise InputError(f"device: expected auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device: cuda requested but torch sees no CUDA GPU (use --device cpu)")
+    return torch.device(name)
+
+
+def _writable(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+# --- predictor -----------------------------------------------------------------------------------
+
+
+class Predictor:
+    """A model on a device plus the view that feeds it; windows in, probabilities out.
+
+    model: a :class:`SamSegmenter` (moved to ``device``, put in eval mode).
+    view: turns fragment windows into normalised inputs; needed by :meth:`predict_fragment`.
+    tile: window side T in fragment pixels (default S). batch_size: model inputs per call.
+    amp: bf16 autocast on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: SamSegmenter,
+        view: View | None = None,
+        *,
+        threshold: float = 0.5,
+        device: str | torch.device = "auto",
+        tile: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        tta: bool = False,
+        amp: bool = True,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.view = view
+        self.threshold = float(threshold)
+        self.tile = int(tile or model.image_size)
+        self.stride = int(stride or self.tile // 2)
+        if self.tile < 16 or not 1 <= self.stride <= self.tile:
+            raise InputError(f"tile / stride: expected tile >= 16 and 1 <= stride <= tile, got "
+                             f"{self.tile} / {self.stride}")
+        if batch_size < 1:
+            raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"threshold: expected a number in [0, 1], got {threshold}")
+        self.batch_size = int(batch_size)
+        self.tta = bool(tta)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.cache_size = 64  # embeddings kept for prompted decoding (see .points)
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | os.PathLike[str],
+        *,
+        checkpoint: str = "best",
+        device: str = "auto",
+        threshold: float | None = None,
+        tile: int | None = None,
+        stride: int | None = None,
+        batch_size: int | None = None,
+        tta: bool = False,
+        stats_dir: str | os.PathLike[str] | None = None,
+    ) -> Predictor:
+        """Rebuild model and view from RUN's config.yaml and checkpoint (``best`` | ``last`` |
+        path). ``threshold`` None = the one saved with the checkpoint. Normalisation statistics
+        come from the run's cache (RUN/stats/); a fragment it lacks is computed into it, or into
+        ``stats_dir`` when the run folder is read-only; never into a fragment folder."""
+        run = Path(run)
+        cfg = load_run_config(run)
+        ckpt_path = resolve_checkpoint(run, checkpoint)
+        ckpt = load_checkpoint(ckpt_path)
+        cache_dir = run if _writable(run) or stats_dir is None else Path(stats_dir)
+        view = build_view(cfg, cache_dir)  # the training view, statistics cached in the run
+        model = build_model(cfg.model.type, image_size=cfg.model.image_size,
+                            in_chans=view.channels)
+        load_into(model.sam, ckpt["model"], model_type=cfg.model.type, source=str(ckpt_path))
+        saved = float(ckpt.get("best_threshold", 0.5))
+        log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f%s", ckpt_path,
+                 ckpt.get("step"), cfg.model.type, cfg.model.image_size, view.name,
+                 saved if threshold is None else threshold,
+                 " (from the checkpoint)" if threshold is None else "")
+        tile = tile or cfg.model.image_size
+        stride = stride or cfg.data.stride or None
+        return cls(model, view, threshold=saved if threshold is None else threshold,
+                   device=device, tile=tile, stride=stride,
+                   batch_size=batch_size or cfg.train.batch_size, tta=tta, amp=cfg.train.amp)
+
+    # --- windows ---------------------------------------------------------------------------
+
+    def _to_device(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        if not x.is_floating_point():
+            raise InputError(f"images: expected float normalised inputs, got {x.dtype}")
+        return x.to(self.device, torch.float32, non_blocking=True)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Prompt-free logits [N, 1, T, T] for normalised windows [N, C, T, T] on the device."""
+        s, t = self.model.image_size, x.shape[-1]
+        if t != s:
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                              antialias=t > s)  # (N, C, S, S)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            low, _ = self.model.decode(self.model.encode(x))  # (N, 1, S/4, S/4)
+        return F.interpolate(low.float(), size=(t, t), mode="bilinear",
+                             align_corners=False)  # (N, 1, T, T)
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities [N, T, T] of windows [N, C, T, T]; mean over DIHEDRAL with tta."""
+        if not self.tta:
+            return torch.sigmoid(self._logits(x))[:, 0]
+        acc = torch.zeros(x.shape[0], x.shape[-2], x.shape[-1], device=x.device)
+        for k, flip in DIHEDRAL:
+            p = torch.sigmoid(self._logits(dihedral(x, k, flip)))[:, 0]  # (N, T, T)
+            acc += undo_dihedral(p, k, flip)
+        return acc / len(DIHEDRAL)
+
+    def predict_windows(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Ink probabilities float32 [B, T, T] (numpy, CPU) of normalised windows [B, C, T, T],
+        or [B, K, C, T, T] whose K predictions per window are averaged."""
+        x = self._to_device(images)
+        if x.ndim not in (4, 5) or x.shape[-1] != x.shape[-2]:
+            raise InputError(f"images: expected [B, C, T, T] or [B, K, C, T, T], got "
+                             f"{list(x.shape)}")
+        b, k = x.shape[0], x.shape[1] if x.ndim == 5 else 1
+        flat = x.reshape(b * k, *x.shape[-3:])  # (B * K, C, T, T)
+        with torch.no_grad():
+            parts = [self._probs(flat[i:i + self.batch_size])
+                     for i in range(0, flat.shape[0], self.batch_size)]
+            probs = torch.cat(parts).reshape(b, k, *x.shape[-2:]).mean(dim=1)  # (B, T, T)
+        return probs.float().cpu().numpy()
+
+    def predict_array(self, image: np.ndarray, *, mask: np.ndarray | None = None) -> np.ndarray:
+        """Blended probabilities float32 [H, W] over a normalised in-memory image [C, H, W]
+        (or [K, C, H, W]); 0 outside ``mask`` (bool [H, W]) when given."""
+        return sliding_window_array(image, self.predict_windows, tile=self.tile,
+                                    stride=self.stride, batch_size=self._tiles_per_batch(1),
+                                    mask=mask)
+
+    # --- prompts (interactive) -------------------------------------------------------------
+
+    def embed(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, 256, S/16, S/16] (on the device) of normalised windows [N, C, T, T],
+        resized to S; cached (float32, by window content, least recently used dropped first),
+        so clicking again on a tile does not re-encode it."""
+        from scrollsam.train.cache import tile_key
+
+        x = self._to_device(images)
+        s = self.model.image_size
+        if x.shape[-1] != s:
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > s)  # (N, C, S, S)
+        keys = [tile_key(img) for img in x]
+        todo = [i for i, key in enumerate(keys) if key not in self._embeddings]
+        if todo:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.amp):
+                fresh = self.model.encode(x[todo]).float()  # (len(todo), 256, g, g)
+            for i, emb in zip(todo, fresh, strict=True):
+                self._embeddings[keys[i]] = emb
+        for key in keys:
+            self._embeddings.move_to_end(key)
+        while len(self._embeddings) > self.cache_size:
+            self._embeddings.popitem(last=False)
+        return torch.stack([self._embeddings[k] for k in keys])  # (N, 256, g, g)
+
+    def predict_points(self, images: np.ndarray | torch.Tensor, coords: np.ndarray,
+                       labels: np.ndarray) -> np.ndarray:
+        """Probabilities float32 [T, T] of one window given clicks in it.
+
+        images: normalised [C, T, T] or [K, C, T, T] (K predictions averaged); coords float
+        [N, 2] as (x, y) pixels of the T x T window; labels int [N], 1 ink, 0 background.
+        """
+        x = self._to_device(images)
+        x = x[None] if x.ndim == 3 else x  # (K, C, T, T)
+        t = x.shape[-1]
+        coords = np.asarray(coords, np.float32).reshape(-1, 2)
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != coords.shape[0]:
+            raise InputError(f"labels: expected [N] = [{coords.shape[0]}] to match coords, got "
+                             f"{list(labels.shape)}")
+        scale = self.model.image_size / t
+        k = x.shape[0]
+        pts = torch.as_tensor(coords * scale, device=self.device)  # (N, 2) in the S frame
+        pts = pts[None].expand(k, -1, -1).contiguous()  # (K, N, 2)
+        lab = torch.as_tensor(labels, dtype=torch.long, device=self.device)[None].expand(k, -1)
+        emb = self.embed(x)  # (K, 256, g, g)
+        with torch.no_grad():
+            low, _ = self.model.decode(emb, points=(pts, lab.contiguous()))  # (K, 1, S/4, S/4)
+            logits = F.interpolate(low.float(), size=(t, t), mode="bilinear",
+                                   align_corners=False)  # (K, 1, T, T)
+            prob = torch.sigmoid(logits)[:, 0].mean(dim=0)  # (T, T)
+        return prob.cpu().numpy()
+
+    def _tiles_per_batch(self, k: int) -> int:
+        """Windows per sliding-window batch: ``batch_size`` model inputs hold B * K windows."""
+        return max(1, self.batch_size // k)
+
+    # --- fragments -------------------------------------------------------------------------
+
+    def open(self, fragment: str | os.PathLike[str] | Fragment) -> Fragment:
+        """Open (if a path) and check a fragment against the view; computes its statistics."""
+        if self.view is None:
+            raise InputError("view: this Predictor was built without a view; use "
+                             "Predictor.from_run or pass view= to predict fragments")
+        frag = fragment if isinstance(fragment, Fragment) else Fragment(fragment)
+        self.view.prepare(frag)
+        return frag
+
+    def predict_fragment(
+        self, fragment: str | os.PathLike[str] | Fragment, *, progress: bool = False
+    ) -> Prediction:
+        """Whole-fragment probabilities: windows inside mask.png, batched, blended, streamed
+        (slices are read window by window; memory is the output map plus a few batches)."""
+        frag = self.open(fragment)
+        view = self.view
+        assert view is not None
+        tile = self.tile
+        k = view.infer_windows(frag, 0, 0, 16).shape[0]  # inputs per window (K)
+        mask = frag.mask()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        meter = Meter(frag, progress)
+        t0 = time.perf_counter()
+        prob = sliding_window_inference(
+            lambda y0, x0: view.infer_windows(frag, y0, x0, tile), self._count(meter),
+            shape=(frag.height, frag.width), tile=tile, stride=self.stride,
+            batch_size=self._tiles_per_batch(k), mask=mask, progress=meter.update,
+        )
+        np.clip(prob, 0.0, 1.0, out=prob)
+        stats = meter.finish(time.perf_counter() - t0, self.device,
+                             images=meter.tiles * k * (len(DIHEDRAL) if self.tta else 1))
+        return Prediction(frag.id, prob, self.threshold, stats)
+
+    def _count(self, meter: Meter) -> Callable[[np.ndarray], np.ndarray]:
+        def run(windows: np.ndarray) -> np.ndarray:
+            meter.tiles += windows.shape[0]
+            return self.predict_windows(windows)
+        return run
+
+
+def predict_fragment(
+    run: str | os.PathLike[str],
+    fragment: str | os.PathLike[str] | Fragment,
+    *,
+    checkpoint: str = "best",
+    device: str = "auto",
+    tile: int | None = None,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    tta: bool = False,
+    progress: bool = False,
+) -> Prediction:
+    """One call for scripts and benchmarks: :meth:`Predictor.from_run` then
+    :meth:`Predictor.predict_fragment`. ``Prediction.stats`` holds megapixels_per_s and peak
+    memory."""
+    pred = Predictor.from_run(run, checkpoint=checkpoint, device=device, tile=tile,
+                              stride=stride, batch_size=batch_size, tta=tta)
+    return pred.predict_fragment(fragment, progress=progress)
+
+
+# --- test-time augmentation ----------------------------------------------------------------------
+
+
+def dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """``rot90(flip(x), k)`` over the last two axes (flip = mirror left-right)."""
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def undo_dihedral(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """The inverse of :func:`dihedral`: maps a prediction back to the original frame."""
+    y = torch.rot90(y, -k, dims=(-2, -1))
+    return y.flip(-1) if flip else y

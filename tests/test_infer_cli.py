@@ -1,0 +1,170 @@
+"""`scrollsam predict` end to end: files written, threshold, submission round trip, clicks, and
+one-line errors (exit code 2) for missing inputs. Tiny model, small synthetic fragments."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from infer_helpers import make_run
+
+from scrollsam.cli import main
+from scrollsam.data.synthetic import write_fragment
+from scrollsam.infer.outputs import overlay, write_outputs
+from scrollsam.io import read_image
+from scrollsam.metrics import binarize_prediction
+from scrollsam.rle import rle_decode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
+    threads' hand-offs make every small op up to 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_fragment(root / "a", height=100, width=90, depth=65, seed=11)
+    write_fragment(root / "b", height=67, width=101, depth=65, seed=12, labels=False)
+    write_fragment(root / "no_ir", height=80, width=80, depth=65, seed=13, ir=False)
+    write_fragment(root / "thin", height=80, width=80, depth=20, seed=14, ir=False)
+    make_run(root / "run_ir", "data.input=ir", best=0.4, last=0.3)
+    make_run(root / "run_slices", "data.input=slices", "data.strategy=triplet")
+    return root
+
+
+def predict(*args: str) -> int:
+    return main(["predict", *args])
+
+
+def test_predict_writes_pictures_masks_and_metrics_at_the_checkpoint_threshold(data, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "out"
+    assert predict("--run", str(data / "run_ir"), "--fragment", str(data / "a"), "--out",
+                   str(out), "--save-tif", "--device", "cpu") == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"prob.png", "mask.png", "overlay.png", "prob.tif", "metrics.json"}
+    prob = tifffile.imread(out / "prob.tif")
+    assert prob.dtype == np.float32 and prob.shape == (100, 90)
+    mask = read_image(out / "mask.png")
+    assert set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask > 0, binarize_prediction(prob, threshold=0.4)[0])
+    np.testing.assert_array_equal(read_image(out / "prob.png"), np.rint(prob * 255))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.4 and metrics["mode"] == "prompt-free"
+    assert {"f0.5", "precision", "recall", "dice", "iou"} <= set(metrics)
+    assert "F0.5" in capsys.readouterr().out
+
+    # --threshold overrides, --checkpoint last carries its own threshold
+    out2 = tmp_path / "out2"
+    assert predict("--run", str(data / "run_ir"), "--fragment", str(data / "a"), "--out",
+                   str(out2), "--checkpoint", "last", "--device", "cpu") == 0
+    assert json.loads((out2 / "metrics.json").read_text())["threshold"] == 0.3
+    assert predict("--run", str(data / "run_ir"), "--fragment", str(data / "a"), "--out",
+                   str(out2), "--threshold", "0.55", "--device", "cpu") == 0
+    assert json.loads((out2 / "metrics.json").read_text())["threshold"] == 0.55
+
+
+def test_several_fragments_and_a_submission_that_decodes_back_to_the_masks(data, tmp_path):
+    out, csv_path = tmp_path / "pred", tmp_path / "submission.csv"
+    args = ["--run", str(data / "run_slices"), "--fragment", str(data / "a"), "--fragment",
+            str(data / "b"), "--out", str(out), "--submission", str(csv_path), "--device", "cpu"]
+    assert predict(*args) == 0
+    assert (out / "a" / "metrics.json").is_file()
+    assert not (out / "b" / "metrics.json").exists()  # b has no labels
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Id", "Predicted"] and [r[0] for r in rows[1:]] == ["a", "b"]
+    for ident, rle in rows[1:]:
+        mask = read_image(out / ident / "mask.png") > 0
+        np.testing.assert_array_equal(rle_decode(rle, mask.shape), mask)
+        assert mask.any()  # random weights at threshold 0.4: something is called ink
+
+    before = csv_path.read_text()
+    assert predict(*args) == 2  # refuses to overwrite, before predicting anything
+    assert csv_path.read_text() == before
+    assert predict(*args, "--force") == 0
+
+
+def test_clicks_predict_only_around_them(data, tmp_path):
+    clicks = tmp_path / "clicks.json"
+    clicks.write_text(json.dumps([{"x": 50, "y": 60, "label": 1}, {"x": 40, "y": 66,
+                                                                    "label": 0}]))
+    out = tmp_path / "out"
+    assert predict("--run", str(data / "run_ir"), "--fragment", str(data / "a"), "--out",
+                   str(out), "--points", str(clicks), "--save-tif", "--device", "cpu") == 0
+    prob = tifffile.imread(out / "prob.tif")
+    assert prob[60 - 20:60 + 20, 50 - 20:50 + 20].max() > 0
+    # one 64 px tile at (y0, x0) = (28, 18) holds both clicks; nothing outside it
+    assert (prob[:28] == 0).all() and (prob[:, :18] == 0).all() and (prob[:, 82:] == 0).all()
+    assert json.loads((out / "metrics.json").read_text())["mode"] == "points"
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no_config", "no config.yaml"),
+    ("no_checkpoint", "expected best.pt or last.pt"),
+    ("no_ir", "has no ir.png, which view 'ir' needs"),
+    ("few_slices", "has 20 slices"),
+    ("bad_threshold", "--threshold: expected auto or a number"),
+    ("bad_points", "--points: expected JSON"),
+    ("no_fragment", "fragment folder not found"),
+])
+def test_missing_inputs_end_with_one_line_and_exit_code_2(data, tmp_path, capsys, case, match):
+    run, frag, extra = data / "run_ir", data / "a", []
+    if case == "no_config":
+        run = tmp_path / "run"
+        run.mkdir()
+    elif case == "no_checkpoint":
+        run = make_run(tmp_path / "run", best=None, last=None)
+    elif case == "no_ir":
+        frag = data / "no_ir"
+    elif case == "few_slices":
+        run, frag = data / "run_slices", data / "thin"
+    elif case == "bad_threshold":
+        extra = ["--threshold", "high"]
+    elif case == "bad_points":
+        (tmp_path / "p.json").write_text("{not json")
+        extra = ["--points", str(tmp_path / "p.json")]
+    elif case == "no_fragment":
+        frag = tmp_path / "missing"
+    out = tmp_path / "out"
+    code = predict("--run", str(run), "--fragment", str(frag), "--out", str(out), *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not (out / "mask.png").exists()
+
+
+def test_overlay_is_downscaled_and_marks_ink_and_truth():
+    h, w = 300, 200
+    mask8 = np.zeros((h, w), np.uint8)
+    mask8[100:200, 50:150] = 255
+    labels = np.zeros((h, w), bool)
+    labels[20:60, 20:60] = True
+    bg = np.full((h, w), 100, np.uint8)
+    pic = overlay(mask8, labels=labels, background=lambda a, b: bg[a:b], max_side=64)
+    assert pic.shape == (60, 40, 3) and pic.dtype == np.uint8  # factor 5: 300 / 5 = 60
+    b, g, r = (int(v) for v in pic[30, 20])  # inside the predicted square: tinted red
+    assert r > b + 50 and r > g + 50
+    assert (pic[3, 8] == [255, 255, 0]).all()  # just outside the labelled square: cyan outline
+    assert (pic[8, 8] != [255, 255, 0]).any()  # its inside stays visible
+    assert len(set(pic[50, 5].tolist())) == 1  # elsewhere: grey background
+
+
+def test_write_outputs_checks_shapes(tmp_path):
+    from scrollsam.errors import InputError
+
+    prob = np.zeros((10, 12), np.float32)
+    with pytest.raises(InputError, match="labels: expected shape"):
+        write_outputs(tmp_path, prob, threshold=0.5, labels=np.zeros((12, 10), bool))
+    with pytest.raises(InputError, match="prob: expected float32"):
+        write_outputs(tmp_path, prob.astype(np.float64), threshold=0.5)
