@@ -163,3 +163,22 @@ def test_bf16_logits_give_float32_loss():
 def test_shape_errors_name_the_argument(logits, iou, target, valid, name):
     with pytest.raises(InputError, match=f"^{name}: expected"):
         sam_loss(logits, iou, target, valid)
+
+
+def test_mask_resolution_compares_with_area_averaged_labels():
+    # 8 x 8 labels, 2 x 2 logits: each low-res pixel covers a 4 x 4 block
+    target = torch.zeros(1, 1, 8, 8)
+    target[0, 0, :4, :4] = 1.0  # block (0, 0) all ink
+    target[0, 0, 4:, 4:6] = 1.0  # block (1, 1) half ink
+    valid = torch.ones(1, 1, 8, 8)
+    valid[0, 0, :4, 4:] = 0.0  # block (0, 1) outside the fragment: ignored
+    logits = torch.tensor([[[[2.0, -9.0], [-1.0, 0.5]]]], requires_grad=True)
+    out = sam_loss(logits, torch.zeros(1, 1), target, valid, resolution="mask")
+    soft = torch.tensor([[[[1.0, 0.0], [0.0, 0.5]]]])
+    keep = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+    want = sam_loss(logits.detach(), torch.zeros(1, 1), soft, keep)
+    assert out["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-6)
+    out["loss"].backward()
+    assert logits.grad[0, 0, 0, 1] == 0  # the invalid block gets no gradient
+    with pytest.raises(InputError, match="resolution"):
+        sam_loss(logits, torch.zeros(1, 1), target, valid, resolution="half")

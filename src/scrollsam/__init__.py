@@ -9,14 +9,7 @@ The public API is imported lazily so that `scrollsam --help` does not pay for im
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
-
-# OpenMP threads that busy-wait make torch up to 30x slower on a small CPU whenever another
-# process wants a core (measured on 2 cores: a 1000 x 1000 fragment predicted in 30.4 s instead
-# of 1.1 s). Passive waiting costs nothing measurable alone. Takes effect if torch is imported
-# after scrollsam, as the CLI and the tests do; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

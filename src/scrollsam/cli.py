@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from scrollsam.errors import ScrollsamError
 
 log = logging.getLogger("scrollsam")
+
+# Busy-waiting OpenMP threads make torch 2-3x slower (up to 30x seen) whenever another process
+# wants a core: DataLoader workers, a second job, CI. Passive waiting costs at most ~15% on an
+# idle CPU (benchmarks/README.md). This runs before torch is imported; a user's setting wins
+# (OMP_WAIT_POLICY=ACTIVE for a dedicated CPU).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

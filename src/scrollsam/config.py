@@ -81,6 +81,7 @@ class LossConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     iou_on: str = field(default="all", metadata=_choices("all", "selected"))
+    resolution: str = field(default="label", metadata=_choices("label", "mask"))  # see losses
 
 
 @dataclass

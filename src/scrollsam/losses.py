@@ -6,9 +6,12 @@ Shapes and frames (P prompt sets, M masks per set: 3 with multimask output, else
 - ``target`` ``[P, 1, H, W]`` in {0, 1} at label resolution (the S x S input frame), shared by
   the M masks of a set; ``valid`` the same shape, 1 inside the fragment mask.
 
-Resolution: the combiner upsamples the logits bilinearly (``align_corners=False``, as SAM's own
-``postprocess_masks``) to the label resolution H x W and compares there; labels are never
-downsampled. The per-pixel functions below expect logits already at the target's size.
+Resolution: by default (``resolution="label"``) the combiner upsamples the logits bilinearly
+(``align_corners=False``, as SAM's own ``postprocess_masks``) to the label resolution H x W and
+compares there. ``resolution="mask"`` instead area-averages target and valid down to the logits'
+grid (S/4: each low-res pixel's target is its ink fraction, a soft label) and compares there:
+16x fewer pixels, which at S = 1024 is most of a cached training step on a CPU. The per-pixel
+functions below expect logits already at the target's size.
 
 Reduction: every per-pixel loss is averaged over the valid pixels of each (set, mask) pair,
 giving ``[P, M]``; pixels outside ``valid`` count for nothing (a set without valid pixels
@@ -167,6 +170,7 @@ def sam_loss(
     focal_gamma: float = 2.0,
     dice_smooth: float = 1.0,
     iou_head: str = "all",
+    resolution: str = "label",
 ) -> dict[str, Tensor]:
     """The SAM training loss for one round of prompts.
 
@@ -190,6 +194,13 @@ def sam_loss(
                          f"got {_shape(iou_pred)}")
     if iou_head not in ("all", "selected"):
         raise InputError(f"iou_head: expected 'all' or 'selected', got {iou_head!r}")
+    if resolution not in ("label", "mask"):
+        raise InputError(f"resolution: expected 'label' or 'mask', got {resolution!r}")
+    if resolution == "mask" and target.shape[-2:] != logits.shape[-2:]:
+        size = tuple(logits.shape[-2:])
+        target = F.adaptive_avg_pool2d(target.float(), size)  # (P, 1, h, w) ink fraction
+        if valid is not None:
+            valid = F.adaptive_avg_pool2d(valid.float(), size)  # (P, 1, h, w), kept where > 0.5
     up = upsample_logits(logits.float(), tuple(target.shape[-2:]))  # (P, M, H, W)
     parts: dict[str, Tensor] = {
         "focal": focal_loss(up, target, valid, alpha=focal_alpha, gamma=focal_gamma),

@@ -40,6 +40,9 @@ from scrollsam.model.checks import (
 
 Points = tuple[torch.Tensor, torch.Tensor]
 
+# Image tokens (prompt sets x (S/16)**2) per decoder pass on CPU: see SamSegmenter.decode_chunk.
+CPU_DECODE_TOKENS = 8192
+
 
 class SamSegmenter(nn.Module):
     """Official SAM (``self.sam``) with batch-correct encode / decode; see ``build_model``."""
@@ -140,7 +143,8 @@ class SamSegmenter(nn.Module):
         every prompt with the same P. ``image_index`` long [P] names the image of each set
         (default: set p -> image p; all sets -> image 0 when B == 1). No prompt at all is the
         prompt-free mode: one mask per image (P = B), as used for whole-fragment inference.
-        ``chunk`` bounds how many prompt sets go through the transformer at once (memory).
+        ``chunk`` bounds how many prompt sets go through the transformer at once; None means
+        :meth:`decode_chunk`.
 
         Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1.
         """
@@ -153,16 +157,31 @@ class SamSegmenter(nn.Module):
         num_sets = sparse.shape[0]
         index = resolve_image_index(image_index, num_sets=num_sets, num_images=num_images,
                                     device=self.device)
-        step = max(1, int(chunk or num_sets))
+        step = max(1, int(chunk or self.decode_chunk(num_sets)))
+        keep = slice(1, None) if multimask else slice(0, 1)  # official mask-token choice
         outs = [
             self._predict_masks(embeddings, index[i:i + step], sparse[i:i + step],
-                                dense[i:i + step])
+                                dense[i:i + step], keep=keep)
             for i in range(0, max(num_sets, 1), step)
         ]
-        logits = torch.cat([o[0] for o in outs])  # (P, 4, S/4, S/4)
-        iou = torch.cat([o[1] for o in outs])  # (P, 4)
-        keep = slice(1, None) if multimask else slice(0, 1)
-        return logits[:, keep], iou[:, keep]
+        logits = torch.cat([o[0] for o in outs])  # (P, M, S/4, S/4)
+        iou = torch.cat([o[1] for o in outs])  # (P, M)
+        return logits, iou
+
+    def decode_chunk(self, num_sets: int) -> int:
+        """Default ``chunk`` of :meth:`decode`: prompt sets per decoder pass for ``num_sets`` sets.
+
+        On a GPU: all sets at once. On CPU: as many sets as fit in ``CPU_DECODE_TOKENS`` image
+        tokens, ``CPU_DECODE_TOKENS // (S/16)**2`` (32 sets at S = 256, 8 at 512, 2 at 1024,
+        at least 1). A chunk's largest intermediate, the 32-channel upscaled map, is
+        32 x 16 x (S/16)**2 floats per set, so it stays at 16 MB, below glibc's 32 MB ceiling
+        for heap allocations: bigger chunks get fresh mmap'd pages every pass and page-fault
+        on each (measured: 64 sets at S = 1024 in one pass ran at 0.45x the speed of 64
+        single-set calls). Measurements that chose the budget: ``benchmarks/bench_decode.py``.
+        """
+        if self.device.type != "cpu":
+            return max(1, num_sets)
+        return max(1, CPU_DECODE_TOKENS // self.embed_grid**2)
 
     def _predict_masks(
         self,
@@ -170,8 +189,14 @@ class SamSegmenter(nn.Module):
         index: torch.Tensor,
         sparse: torch.Tensor,
         dense: torch.Tensor,
+        *,
+        keep: slice,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave."""
+        """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave.
+
+        Only the mask tokens in ``keep`` go through the final hypernetwork product (official
+        SAM computes all 4 masks and drops 1 or 3 of them afterwards: same values, more work).
+        """
         dec = self.sam.mask_decoder
         p = index.shape[0]
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])  # (1 + 4, 256)
@@ -186,13 +211,12 @@ class SamSegmenter(nn.Module):
         mask_tokens_out = hs[:, 1:1 + dec.num_mask_tokens, :]  # (P, 4, 256)
         src = src.transpose(1, 2).reshape(b, c, h, w)  # (P, 256, g, g)
         upscaled = dec.output_upscaling(src)  # (P, 32, 4g, 4g)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (P, 4, 32)
+        mlps = list(enumerate(dec.output_hypernetworks_mlps))[keep]
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in mlps],
+                               dim=1)  # (P, M, 32)
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # (P, 4, 4g, 4g)
-        iou_pred = dec.iou_prediction_head(iou_token_out)  # (P, 4)
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # (P, M, 4g, 4g)
+        iou_pred = dec.iou_prediction_head(iou_token_out)[:, keep]  # (P, M)
         return masks, iou_pred
 
     # --- conveniences --------------------------------------------------------------------------

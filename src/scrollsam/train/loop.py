@@ -197,8 +197,8 @@ def _nan_guard(s: Setup, parts: dict[str, torch.Tensor], batch: dict, step: int)
     stats = (f"image mean {img.mean():.3g} std {img.std():.3g} min {img.min():.3g} max "
              f"{img.max():.3g}; ink share {batch['label'].float().mean():.3g}")
     bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items() if v.dim() == 0)
-    raise TrainingError(f"loss is {float(loss)} at step {step} ({bad}; batch: {stats}); the "
-                        f"batch is saved for replay ({path}); try a lower train.lr")
+    raise TrainingError(f"loss is {float(loss.detach())} at step {step} ({bad}; batch: "
+                        f"{stats}); the batch is saved for replay ({path}); try a lower train.lr")
 
 
 def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step: int) -> None:

@@ -40,7 +40,7 @@ def loss_kwargs(cfg: LossConfig) -> dict[str, object]:
     focal = cfg.mask_weight if cfg.kind == "focal" else 0.0
     bce = cfg.mask_weight if cfg.kind == "bce" else 0.0
     return dict(focal_weight=focal, bce_weight=bce, dice_weight=cfg.dice_weight,
-                iou_weight=cfg.iou_weight, iou_head=cfg.iou_on)
+                iou_weight=cfg.iou_weight, iou_head=cfg.iou_on, resolution=cfg.resolution)
 
 
 def assign_groups(num_sets: int, cfg: PromptConfig, gen: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""The benchmark harness's pure helpers (no benchmark runs here: `make bench` runs them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import run  # noqa: E402
+
+
+class FakeClock:
+    """Stands in for time.perf_counter; the timed functions advance it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(common.time, "perf_counter", fake)
+    return fake
+
+
+def test_compare_alternates_warms_up_and_reports_median_ratio(clock):
+    calls = []
+    slow_times = iter([9.0, 3.0, 100.0, 3.0, 5.0])  # warm-up 9 (ignored), then 3, 100, 3, 5
+
+    def baseline():
+        calls.append("b")
+        clock.now += next(slow_times)
+
+    def ours():
+        calls.append("o")
+        clock.now += 1.0
+
+    result = common.compare(baseline, ours, repeats=4, warmup=1)
+    assert calls == ["b", "o", "b", "o", "o", "b", "b", "o", "o", "b"]  # order flips each round
+    assert result["baseline_times_s"] == [3.0, 100.0, 3.0, 5.0]
+    assert result["baseline_s"] == 4.0  # median, not mean: the 100 s outlier does not count
+    assert result["ours_s"] == 1.0
+    assert result["ratio"] == 4.0
+    assert result["repeats"] == 4
+
+
+def test_merge_keeps_entries_a_subset_run_did_not_measure(tmp_path):
+    out = tmp_path / "results.json"
+    m1 = {**common.machine_info(), "device": "cuda-box"}
+    common.merge_results(out, m1, {"a": {"ratio": 2.0}, "b": {"ratio": 3.0}})
+    m2 = common.machine_info()
+    doc = common.merge_results(out, m2, {"b": {"ratio": 5.0}})
+    assert json.loads(out.read_text()) == doc
+    assert doc["machine"] == m2
+    assert doc["results"]["a"]["ratio"] == 2.0
+    assert doc["results"]["a"]["measured_on"]["device"] == "cuda-box"  # kept, still traceable
+    assert doc["results"]["b"]["ratio"] == 5.0
+    assert doc["results"]["b"]["measured_on"]["device"] == m2["device"]
+
+
+def test_table_rows_for_comparisons_skips_and_errors():
+    bench = common.Benchmark("x", lambda quick: {}, 2.0, "about")
+    row = common.table_row(bench, {"ratio": 5.0, "baseline_s": 2.5, "ours_s": 0.5,
+                                   "passed": True, "settings": {"B": 4, "P": 16}})
+    assert row == ["x", "2.50 s", "500.0 ms", "5.00x", ">= 2", "pass", "B=4 P=16"]
+    assert common.table_row(bench, {"skipped": "needs CUDA"})[5:] == ["skipped", "needs CUDA"]
+    assert common.table_row(bench, {"error": "boom"})[5] == "ERROR"
+    table = common.format_table([row])
+    assert table.splitlines()[0].startswith("| benchmark")
+    assert len({len(line) for line in table.splitlines()}) == 1  # aligned
+
+
+def test_every_entry_file_registers_and_gpu_entries_skip_without_cuda(monkeypatch):
+    entries = run.load_entries()
+    for name in ("decode_batched_vs_loop", "decode_batched_vs_loop_1024",
+                 "encoder_256_vs_upsampled_1024", "tile_read_vs_full_slice"):
+        assert entries[name].goal is not None
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    gpu = [b for b in entries.values() if b.name.startswith("gpu_")]
+    assert gpu and all(run.run_one(b, quick=True)["skipped"] for b in gpu)
