@@ -261,3 +261,13 @@ def test_prediction_around_clicks_uses_the_prompted_decoder(tmp_path, data):
     assert len(pred._embeddings) == 1  # a second click on the tile reuses its embedding
     predict_clicks(pred, frag, [Click(60, 70), Click(50, 62)])  # same tile, new prompt
     assert len(pred._embeddings) == 1
+
+
+@pytest.mark.filterwarnings("error")
+def test_progress_bar_ends_exactly_at_the_fragment_area(tmp_path):
+    # The bar's total was rounded to 0.001 MP while updates sum to the exact area, so tqdm
+    # warned "clamping frac to range [0, 1]" at the end of every prediction.
+    run = make_run(tmp_path / "run", "data.input=ir")
+    frag = write_fragment(tmp_path / "frag", height=120, width=110, depth=4, seed=3)  # 0.0132 MP
+    pred = Predictor.from_run(run, device="cpu").predict_fragment(frag, progress=True)
+    assert pred.prob.shape == (120, 110)

@@ -44,7 +44,7 @@ class Meter:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(self.area / 1e6, 3), unit="MP", desc=frag.id,
+            self.bar = tqdm(total=self.area / 1e6, unit="MP", desc=frag.id,
                             unit_scale=False, dynamic_ncols=True, mininterval=0.5,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} MP "
                                        "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
