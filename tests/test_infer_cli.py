@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import tifffile
-import torch
 from infer_helpers import make_run
 
 from scrollsam.cli import main
@@ -18,16 +17,6 @@ from scrollsam.infer.outputs import overlay, write_outputs
 from scrollsam.io import read_image
 from scrollsam.metrics import binarize_prediction
 from scrollsam.rle import rle_decode
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
-    threads' hand-offs make every small op up to 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
