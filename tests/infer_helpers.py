@@ -6,8 +6,8 @@ from pathlib import Path
 
 from scrollsam import build_model
 from scrollsam.config import config_to_dict, load_config, save_config
+from scrollsam.data.views import view_from_config
 from scrollsam.train.checkpoint import TrainState, save_checkpoint
-from scrollsam.train.loop import build_view
 
 
 def make_run(path: Path, *overrides: str, best: float | None = 0.4, last: float | None = None,
@@ -18,7 +18,7 @@ def make_run(path: Path, *overrides: str, best: float | None = 0.4, last: float 
     cfg = load_config(None, ["model.type=tiny", f"model.image_size={image_size}",
                              "train.batch_size=16", *overrides])
     save_config(cfg, path / "config.yaml")
-    channels = build_view(cfg, None).channels
+    channels = view_from_config(cfg.data, cache_dir=None).channels
     import torch
 
     torch.manual_seed(seed)

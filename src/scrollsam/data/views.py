@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from scrollsam.config import DataConfig
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.stats import StatsCache, sample_windows
 from scrollsam.errors import FragmentError, InputError
@@ -407,3 +408,15 @@ def _float(name: str, value: Any) -> float:
     if not np.isfinite(value):
         raise InputError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
+
+
+def view_from_config(data: DataConfig, *, cache_dir: str | os.PathLike[str] | None) -> View:
+    """The view a run's ``data`` config names: the same for training and prediction.
+
+    ``data.z_start`` / ``data.z_end`` set the slice band (None: the view's default ink band).
+    """
+    params = {}
+    if data.input == "slices":
+        params = {k: v for k, v in (("z0", data.z_start), ("z1", data.z_end)) if v is not None}
+    strategy = data.strategy if data.input == "slices" else None
+    return make_view(data.input, strategy, cache_dir=cache_dir, **params)

@@ -37,14 +37,13 @@ import torch.nn.functional as F
 
 from scrollsam.config import Config, load_config
 from scrollsam.data.fragment import Fragment
-from scrollsam.data.views import View
+from scrollsam.data.views import View, view_from_config
 from scrollsam.errors import CheckpointError, InputError, RunDirError
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
 from scrollsam.model.build import build_model, load_into
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.train.checkpoint import load_checkpoint
-from scrollsam.train.loop import build_view
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,8 @@ class Predictor:
         ckpt_path = resolve_checkpoint(run, checkpoint)
         ckpt = load_checkpoint(ckpt_path)
         cache_dir = run if _writable(run) or stats_dir is None else Path(stats_dir)
-        view = build_view(cfg, cache_dir)  # the training view, statistics cached in the run
+        # the training view; normalisation statistics cached in the run
+        view = view_from_config(cfg.data, cache_dir=cache_dir)
         model = build_model(cfg.model.type, image_size=cfg.model.image_size,
                             in_chans=view.channels)
         load_into(model.sam, ckpt["model"], model_type=cfg.model.type, source=str(ckpt_path))

@@ -27,7 +27,7 @@ from scrollsam.config import Config, config_from_dict, config_to_dict, save_conf
 from scrollsam.data.augment import Augment
 from scrollsam.data.dataset import TileDataset, make_datasets
 from scrollsam.data.fragment import Fragment
-from scrollsam.data.views import View, make_view
+from scrollsam.data.views import View, view_from_config
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
@@ -98,21 +98,11 @@ def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
     return frags, ids[len(cfg.data.train):]
 
 
-def build_view(cfg: Config, cache_dir: Path | None) -> View:
-    """The input view of a config (the same for training and prediction)."""
-    params = {}
-    if cfg.data.input == "slices":
-        params = {k: v for k, v in (("z0", cfg.data.z_start), ("z1", cfg.data.z_end))
-                  if v is not None}
-    strategy = cfg.data.strategy if cfg.data.input == "slices" else None
-    return make_view(cfg.data.input, strategy, cache_dir=cache_dir, **params)
-
-
 def setup(cfg: Config, run: Path) -> Setup:
     """Fragments, view, datasets, model and cache for ``cfg`` (nothing trained yet)."""
     device = resolve_device(cfg.train.device)
     fragments, valid_ids = open_fragments(cfg)
-    view = build_view(cfg, run)
+    view = view_from_config(cfg.data, cache_dir=run)
     size = cfg.model.image_size
     augment = None
     if cfg.data.augment or cfg.data.pixel_augment:
