@@ -13,7 +13,7 @@ from scrollsam.cli import main
 from scrollsam.config import load_config
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.doctor import run_doctor
-from scrollsam.errors import ConfigError, RunDirError
+from scrollsam.errors import ConfigError, FragmentError, RunDirError
 from scrollsam.train.loop import TrainingError, lr_at, train
 
 
@@ -157,3 +157,19 @@ def test_doctor_catches_points_in_row_column_order(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAIL  positive points land on ink" in out
     assert "are points (row, column)? SAM wants (x, y) = (column, row)" in out
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_dir(data, tmp_path):
+    # A typo in a fragment path used to leave runs/x/config.yaml behind, so the corrected
+    # command was refused with "run dir exists".
+    run = tmp_path / "run"
+    bad = _cfg(data, run, "data.train=[train/1,train/9]")
+    with pytest.raises(FragmentError, match="train/9"):
+        train(bad, progress=False)
+    assert not run.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty dir is the user's: it stays, still empty
+    with pytest.raises(FragmentError):
+        train(_cfg(data, empty, "data.train=[train/9]"), progress=False)
+    assert empty.is_dir() and not any(empty.iterdir())
+    assert train(_cfg(data, run, "train.steps=1"), progress=False) == run  # the retry works

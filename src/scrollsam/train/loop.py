@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,8 +202,11 @@ def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step
     tb.picture("train/tile_truth_prediction_points", [panel], step)
 
 
-def prepare_run(cfg: Config, *, resume: bool) -> tuple[Config, dict | None]:
-    """Refuse to overwrite a run dir; on resume, load its config and last checkpoint."""
+def prepare_run(cfg: Config, *, resume: bool) -> tuple[Config, dict | None, bool]:
+    """Refuse to overwrite a run dir; on resume, load its config and last checkpoint.
+
+    Returns (config, checkpoint or None, whether the run dir was created here).
+    """
     run = Path(cfg.out)
     if resume:
         last = run / "last.pt"
@@ -211,23 +215,38 @@ def prepare_run(cfg: Config, *, resume: bool) -> tuple[Config, dict | None]:
         ckpt = load_checkpoint(last)
         saved = config_from_dict(ckpt["config"])
         saved.train.steps = cfg.train.steps  # the one thing a resume may change: go longer
-        return saved, ckpt
+        return saved, ckpt, False
     if run.exists() and any(run.iterdir()):
         raise RunDirError(f"run dir exists and is not empty ({run}); pass --resume to continue "
                           f"it or choose another out=")
+    created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
-    return cfg, None
+    return cfg, None, created
+
+
+def _undo_new_run(run: Path, *, created: bool) -> None:
+    """Remove what a new run wrote before failing, so the corrected command can use ``run``."""
+    if created:
+        shutil.rmtree(run, ignore_errors=True)
+        return
+    for child in run.iterdir():  # the dir was empty: everything in it is ours
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
     """Train from ``cfg`` into the run dir ``cfg.out``; returns it. See the module docstring."""
-    cfg, ckpt = prepare_run(cfg, resume=resume)
+    cfg, ckpt, created = prepare_run(cfg, resume=resume)
     run = Path(cfg.out)
-    save_config(cfg, run / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     np_rng = np.random.default_rng(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)  # prompts, on the CPU
-    s = setup(cfg, run)
+    try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
+        s = setup(cfg, run)
+    except BaseException:
+        if ckpt is None:
+            _undo_new_run(run, created=created)
+        raise
+    save_config(cfg, run / "config.yaml")
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
