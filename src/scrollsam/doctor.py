@@ -101,6 +101,7 @@ def run_doctor(cfg: Config | None = None, *, out: Callable[[str], None] = print)
             out("doctor: built-in synthetic fragment, tiny model, CPU")
         cfg.train.device = "cpu"
         cfg.train.batch_size = BATCH
+        torch.manual_seed(cfg.train.seed)  # the same verdict every time for the same config
         s = setup(cfg, tmp_path / "run")
         return _diagnose(s, cfg, out)
 
