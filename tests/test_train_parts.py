@@ -197,3 +197,15 @@ def test_tile_panel_draws_green_positive_and_red_negative_points():
 def test_no_stray_files_from_atomic_writes(tmp_path):
     save_config(load_config(), tmp_path / "config.yaml")
     assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_yaml_1_1_words_stay_strings_and_exponents_are_numbers(tmp_path):
+    # train.cache=off was read by YAML 1.1 as the boolean False: "expected a string".
+    cfg = load_config(None, ["train.cache=off", "train.lr=1e-4", "log.images=false"])
+    assert cfg.train.cache == "off" and cfg.train.lr == pytest.approx(1e-4)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("train:\n  cache: off\n  lr: 2e-5\nlog:\n  images: true\n")
+    cfg = load_config(exp)
+    assert cfg.train.cache == "off" and cfg.train.lr == pytest.approx(2e-5)
+    with pytest.raises(ConfigError, match="log.images: expected true or false, got 'no'"):
+        load_config(None, ["log.images=no"])

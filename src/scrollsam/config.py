@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,26 @@ import yaml
 
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 scalars: only true / false are booleans (1.1 also reads yes, no, on, off:
+    ``train.cache=off`` became False) and ``1e-4`` is a number (1.1 wants ``1.0e-4``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -247,7 +268,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({err.problem})") from err
     node: dict[str, Any] = {}
@@ -255,18 +276,8 @@ def parse_override(text: str) -> dict[str, Any]:
     parts = key.split(".")
     for part in parts[:-1]:
         cur = cur.setdefault(part, {})
-    cur[parts[-1]] = _yaml_number(raw, value)
+    cur[parts[-1]] = value
     return node
-
-
-def _yaml_number(raw: str, value: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` as a string; accept it as the number everybody means."""
-    if isinstance(value, str):
-        try:
-            return float(raw) if any(c in raw.lower() for c in ".e") else value
-        except ValueError:
-            return value
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -277,35 +288,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file not found ({path})")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot parse YAML ({path}): {err}") from err
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"expected a mapping of config keys ({path})")
-        _from_dict(Config, _fix_numbers(loaded), "")  # unknown keys reported by their own name
-        merged = _merge(merged, _fix_numbers(loaded))
+        _from_dict(Config, loaded, "")  # unknown keys reported by their own name
+        merged = _merge(merged, loaded)
     for text in overrides:
         update = parse_override(text)
         _from_dict(Config, update, "")
         merged = _merge(merged, update)
     return config_from_dict(merged)
-
-
-def _fix_numbers(data: Any) -> Any:
-    """Turn YAML 1.1 strings like ``1e-4`` inside a loaded file into floats."""
-    if isinstance(data, Mapping):
-        return {k: _fix_numbers(v) for k, v in data.items()}
-    if isinstance(data, str):
-        return _yaml_number(data, data) if _looks_numeric(data) else data
-    return data
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
