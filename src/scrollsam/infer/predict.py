@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scrollsam.config import Config, load_config
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
+from scrollsam.device import resolve_device
 from scrollsam.errors import CheckpointError, InputError, RunDirError
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
@@ -101,17 +102,6 @@ def load_run_config(run: str | os.PathLike[str]) -> Config:
     return load_config(path)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an InputError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise InputError(f"device: expected auto, cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device: cuda requested but torch sees no CUDA GPU (use --device cpu)")
-    return torch.device(name)
-
-
 def _writable(folder: Path) -> bool:
     return folder.is_dir() and os.access(folder, os.W_OK)
 
@@ -141,7 +131,8 @@ class Predictor:
         tta: bool = False,
         amp: bool = True,
     ) -> None:
-        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.device = (device if isinstance(device, torch.device)
+                       else resolve_device(device, setting="--device"))
         self.model = model.to(self.device).eval()
         self.view = view
         self.threshold = float(threshold)

@@ -29,6 +29,7 @@ from scrollsam.data.augment import Augment
 from scrollsam.data.dataset import TileDataset, make_datasets
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
+from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
@@ -63,16 +64,6 @@ def lr_at(step: int, cfg: Config) -> float:
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda was asked for but torch sees no CUDA GPU; "
-                          "use train.device=cpu or auto")
-    return torch.device(name)
-
-
 @dataclass
 class Setup:
     """Everything the loop builds from a config before the first step."""
@@ -101,7 +92,7 @@ def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
 
 def setup(cfg: Config, run: Path) -> Setup:
     """Fragments, view, datasets, model and cache for ``cfg`` (nothing trained yet)."""
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, setting="train.device")
     fragments, valid_ids = open_fragments(cfg)
     view = view_from_config(cfg.data, cache_dir=run)
     size = cfg.model.image_size
