@@ -190,12 +190,11 @@ def synthetic_fragment(height: int, width: int, depth: int, *, seed: int = 0) ->
     return path
 
 
-def _anon_rss_bytes() -> int:
+def _anon_rss_mb() -> float:
     """Resident memory not backed by files (RssAnon): memory-mapped slices do not count."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    from scrollsam.infer.meter import memory_status
+
+    return memory_status().get("rss_anon_mb", 0.0)
 
 
 class PeakAnonRss:
@@ -213,7 +212,7 @@ class PeakAnonRss:
 
     def _sample(self) -> None:
         while True:
-            self._peak = max(self._peak, _anon_rss_bytes())
+            self._peak = max(self._peak, _anon_rss_mb())
             if self._stop.wait(self.interval):
                 return
 
@@ -226,8 +225,8 @@ class PeakAnonRss:
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, _anon_rss_bytes())
-            self.peak_mb = self._peak / 2**20
+            self._peak = max(self._peak, _anon_rss_mb())
+            self.peak_mb = self._peak
 
 
 def in_fresh_process(module: str, func: str, quick: bool) -> dict[str, Any]:
