@@ -209,3 +209,15 @@ def test_yaml_1_1_words_stay_strings_and_exponents_are_numbers(tmp_path):
     assert cfg.train.cache == "off" and cfg.train.lr == pytest.approx(2e-5)
     with pytest.raises(ConfigError, match="log.images: expected true or false, got 'no'"):
         load_config(None, ["log.images=no"])
+
+
+def test_first_points_never_fabricate_a_positive():
+    from scrollsam.train.step import first_points
+
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, 3:5, 10:13] = 1.0  # set 0 has ink (rows 3-4, columns 10-12); set 1 has none
+    valid = torch.ones_like(target)
+    coords, labels = first_points(target, valid, torch.Generator().manual_seed(0))
+    assert coords.shape == (2, 1, 2) and labels.tolist() == [[1], [0]]
+    (x0, y0), (x1, y1) = coords[:, 0].long().tolist()
+    assert target[0, 0, y0, x0] == 1 and target[1, 0, y1, x1] == 0  # (x, y) = (column, row)

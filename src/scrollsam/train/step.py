@@ -31,7 +31,6 @@ class StepOutput:
     """Loss parts (``"loss"`` has grad) and one prompted example for pictures."""
 
     parts: dict[str, torch.Tensor]
-    prompts_decoded: int
     example: dict[str, torch.Tensor] | None
 
 
@@ -53,6 +52,19 @@ def assign_groups(num_sets: int, cfg: PromptConfig, gen: torch.Generator) -> tor
     else:
         prompted = torch.full((num_sets,), first[cfg.first])
     return torch.where(draw < cfg.prompt_free_share, 0, prompted).long()
+
+
+def first_points(target: torch.Tensor, valid: torch.Tensor,
+                 gen: torch.Generator) -> P.Points:
+    """One random ink point per set; a background point where the tile has no ink (never a
+    fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1])."""
+    coords, labels = P.random_points(target, valid, generator=gen, positives=1, negatives=0)
+    empty = labels[:, 0] < 0  # (P,) no ink pixel inside valid
+    if bool(empty.any()):
+        neg_c, neg_l = P.random_points(target, valid, generator=gen, positives=0, negatives=1)
+        coords = torch.where(empty[:, None, None], neg_c, coords)
+        labels = torch.where(empty[:, None], neg_l, labels)
+    return coords, labels
 
 
 def prompted_forward(
@@ -95,12 +107,7 @@ def prompted_forward(
         else:
             box = boxes[sel].to(dev) if group == 2 else None
             if group == 1:
-                pts = P.random_points(tgt, val, generator=gen, positives=1, negatives=0)
-                if bool((pts[1] < 0).all(dim=1).any()):  # tiles without ink: a background point
-                    neg = P.random_points(tgt, val, generator=gen, positives=0, negatives=1)
-                    empty = (pts[1] < 0).all(dim=1)
-                    pts = (torch.where(empty[:, None, None], neg[0], pts[0]),
-                           torch.where(empty[:, None], neg[1], pts[1]))
+                pts = first_points(tgt, val, gen)
             else:
                 pts = (torch.zeros(len(sel), 0, 2), torch.zeros(len(sel), 0, dtype=torch.long))
             mask_in = None
@@ -130,4 +137,4 @@ def prompted_forward(
             total[key] = total.get(key, 0) + mean * n
         weight_sum += n
     parts = {k: v / weight_sum for k, v in total.items()}
-    return StepOutput(parts=parts, prompts_decoded=int(index.shape[0]), example=example)
+    return StepOutput(parts=parts, example=example)
