@@ -158,3 +158,35 @@ def test_embed_prompts_shapes(model, gen):
     assert sparse.shape == (4, 66, 256)  # no padding point with a box: 64 + 2 corners
     sparse, dense = model.embed_prompts(num_sets=5)
     assert sparse.shape == (5, 0, 256) and dense.shape == (5, 256, GRID, GRID)
+
+
+@pytest.mark.parametrize("case", ["points", "masks"])  # first block per image / per set
+def test_gradients_equal_official(model, gen, case):
+    """Training sees the official gradients: every trainable parameter and the embeddings."""
+    emb = _embeddings(gen).requires_grad_(True)
+    index = torch.tensor([2, 0, 0, 2, 1, 2])  # unsorted, several sets per image
+    prompts = CASES[case](gen, len(index))
+    w_logits = torch.randn(len(index), 3, LOW, LOW, generator=gen)
+    w_iou = torch.randn(len(index), 3, generator=gen)
+    params = [p for n, p in model.named_parameters() if "image_encoder" not in n]
+
+    def grads(logits: torch.Tensor, iou: torch.Tensor) -> list[torch.Tensor]:
+        loss = (logits * w_logits).sum() + (iou * w_iou).sum()
+        return torch.autograd.grad(loss, [emb, *params], allow_unused=True)
+
+    ours = grads(*model.decode(emb, image_index=index, multimask=True, chunk=4, **prompts))
+    want = grads(*_official(model, emb, index, points=prompts.get("points"),
+                            masks=prompts.get("mask_inputs"), multimask=True))
+    names = ["embeddings", *[n for n, _ in model.named_parameters() if "image_encoder" not in n]]
+    top = max(float(b.abs().max()) for b in want if b is not None)
+    checked = 0
+    for name, a, b in zip(names, ours, want, strict=True):
+        if a is None or b is None:  # unused: box corners; mask token 0 with multimask
+            assert all(t is None or not t.any() for t in (a, b)), name
+            continue
+        # Some gradients are zero in exact arithmetic (an attention key bias shifts every score
+        # of a query alike) and only rounding noise here: tolerance relative to the largest.
+        atol = 2e-4 * float(b.abs().max()) + 1e-6 * top
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=name)
+        checked += 1
+    assert checked > 30

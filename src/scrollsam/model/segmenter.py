@@ -37,6 +37,12 @@ from scrollsam.model.checks import (
     check_points,
     resolve_image_index,
 )
+from scrollsam.model.decoder_ops import (
+    SharedKeys,
+    blocked_to_image,
+    transformer_tokens,
+    upscale_tokens,
+)
 
 Points = tuple[torch.Tensor, torch.Tensor]
 
@@ -102,6 +108,14 @@ class SamSegmenter(nn.Module):
         N + 2 with a box) and dense ``[P, 256, S/16, S/16]``. With no prompt at all,
         ``num_sets`` gives P and the sparse tokens are empty (T = 0).
         """
+        points, boxes, mask_inputs, p = self._check_prompts(points, boxes, mask_inputs)
+        return self._embed_checked(points, boxes, mask_inputs,
+                                   num_sets=int(num_sets or 0) if p is None else p)
+
+    def _check_prompts(
+        self, points: Points | None, boxes: torch.Tensor | None, mask_inputs: torch.Tensor | None,
+    ) -> tuple[Points | None, torch.Tensor | None, torch.Tensor | None, int | None]:
+        """Validated prompts on the model's device, and their P (None without any prompt)."""
         size, dev = self.image_size, self.device
         if points is not None:
             points = check_points(points, image_size=size, device=dev)
@@ -115,13 +129,20 @@ class SamSegmenter(nn.Module):
         if len(set(counts.values())) > 1:
             raise InputError(f"prompts: expected the same number of prompt sets P in every "
                              f"prompt, got {counts}")
+        return points, boxes, mask_inputs, next(iter(counts.values()), None)
+
+    def _embed_checked(
+        self, points: Points | None, boxes: torch.Tensor | None, mask_inputs: torch.Tensor | None,
+        *, num_sets: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`embed_prompts` on prompts :meth:`_check_prompts` has passed."""
         pe = self.sam.prompt_encoder
-        if counts:
+        if points is not None or boxes is not None or mask_inputs is not None:
             return pe(points=points, boxes=boxes, masks=mask_inputs)
-        p = int(num_sets or 0)
         g = self.embed_grid
-        sparse = torch.empty((p, 0, pe.embed_dim), device=dev)  # (P, 0, 256)
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, g, g)  # (P, 256, g, g)
+        sparse = torch.empty((num_sets, 0, pe.embed_dim), device=self.device)  # (P, 0, 256)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            num_sets, -1, g, g)  # (P, 256, g, g)
         return sparse, dense
 
     # --- decoder -------------------------------------------------------------------------------
@@ -153,17 +174,24 @@ class SamSegmenter(nn.Module):
         # Prompt-free: one set per image, or one per entry of image_index.
         free_sets = (image_index.shape[0] if isinstance(image_index, torch.Tensor)
                      and image_index.ndim == 1 else num_images)
-        sparse, dense = self.embed_prompts(points, boxes, mask_inputs, num_sets=free_sets)
-        num_sets = sparse.shape[0]
+        points, boxes, mask_inputs, num_sets = self._check_prompts(points, boxes, mask_inputs)
+        num_sets = free_sets if num_sets is None else num_sets
         index = resolve_image_index(image_index, num_sets=num_sets, num_images=num_images,
                                     device=self.device)
         step = max(1, int(chunk or self.decode_chunk(num_sets)))
         keep = slice(1, None) if multimask else slice(0, 1)  # official mask-token choice
-        outs = [
-            self._predict_masks(embeddings, index[i:i + step], sparse[i:i + step],
-                                dense[i:i + step], keep=keep)
-            for i in range(0, max(num_sets, 1), step)
-        ]
+        outs = []
+        for i in range(0, max(num_sets, 1), step):
+            # Prompts are embedded per chunk: slicing the embedded dense prompts instead would
+            # make autograd build a zero gradient of all P sets' dense maps for every chunk.
+            part = slice(i, i + step)
+            sparse, dense = self._embed_checked(
+                None if points is None else (points[0][part], points[1][part]),
+                None if boxes is None else boxes[part],
+                None if mask_inputs is None else mask_inputs[part],
+                num_sets=index[part].shape[0])
+            outs.append(self._predict_masks(embeddings, index[part], sparse,
+                                            None if mask_inputs is None else dense, keep=keep))
         logits = torch.cat([o[0] for o in outs])  # (P, M, S/4, S/4)
         iou = torch.cat([o[1] for o in outs])  # (P, M)
         return logits, iou
@@ -188,34 +216,46 @@ class SamSegmenter(nn.Module):
         embeddings: torch.Tensor,
         index: torch.Tensor,
         sparse: torch.Tensor,
-        dense: torch.Tensor,
+        dense: torch.Tensor | None,
         *,
         keep: slice,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave.
+
+        ``dense`` [P, 256, g, g] from mask prompts, or None without: then every set's dense
+        prompt is ``no_mask_embed`` and the transformer's first block works per image
+        (:func:`~scrollsam.model.decoder_ops.first_block_shared`).
 
         Only the mask tokens in ``keep`` go through the final hypernetwork product (official
         SAM computes all 4 masks and drops 1 or 3 of them afterwards: same values, more work).
         """
         dec = self.sam.mask_decoder
         p = index.shape[0]
+        g = embeddings.shape[-1]
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])  # (1 + 4, 256)
         out_tokens = out_tokens.unsqueeze(0).expand(p, -1, -1)  # (P, 5, 256)
         tokens = torch.cat((out_tokens, sparse.to(out_tokens.dtype)), dim=1)  # (P, 5 + T, 256)
-        src = embeddings.index_select(0, index) + dense  # (P, 256, g, g)
+        # Token layout throughout (see decoder_ops): row-major image tokens, channels last.
+        image = embeddings.flatten(2).transpose(1, 2)  # (B, g*g, 256), a view
         pos = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, g, g)
-        pos = pos.expand(p, -1, -1, -1)  # (P, 256, g, g), a view: no copy
-        b, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos, tokens)  # (P, 5 + T, 256), (P, g * g, 256)
+        pos = pos.flatten(2).transpose(1, 2).contiguous()  # (1, g*g, 256), broadcast over sets
+        if dense is None:  # no mask prompt: official SAM adds no_mask_embed at every token
+            offset = self.sam.prompt_encoder.no_mask_embed.weight.expand(p, -1)  # (P, 256)
+            used, local = torch.unique(index, return_inverse=True)  # this chunk's images
+            shared = SharedKeys(image.index_select(0, used), local, offset)  # (B', g*g, 256)
+            keys = None
+        else:
+            shared = None
+            keys = image.index_select(0, index) + dense.flatten(2).transpose(1, 2)  # (P, g*g, 256)
+        # hs (P, 5 + T, 256), src (P, g*g, 256)
+        hs, src = transformer_tokens(dec.transformer, keys, pos, tokens, shared=shared)
         iou_token_out = hs[:, 0, :]  # (P, 256)
         mask_tokens_out = hs[:, 1:1 + dec.num_mask_tokens, :]  # (P, 4, 256)
-        src = src.transpose(1, 2).reshape(b, c, h, w)  # (P, 256, g, g)
-        upscaled = dec.output_upscaling(src)  # (P, 32, 4g, 4g)
+        upscaled = upscale_tokens(dec.output_upscaling, src)  # (P, g*g*16, 32), blocked order
         mlps = list(enumerate(dec.output_hypernetworks_mlps))[keep]
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in mlps],
                                dim=1)  # (P, M, 32)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # (P, M, 4g, 4g)
+        masks = blocked_to_image(upscaled @ hyper_in.transpose(1, 2), g)  # (P, M, 4g, 4g)
         iou_pred = dec.iou_prediction_head(iou_token_out)[:, keep]  # (P, M)
         return masks, iou_pred
 
