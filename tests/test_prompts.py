@@ -17,6 +17,7 @@ from scrollsam.prompts import (
     pad_point_sets,
     random_points,
     select_mask,
+    uniform_pick,
 )
 
 H, W = 12, 17  # not square: a (row, col) / (x, y) mix-up indexes out of range or off ink
@@ -102,6 +103,35 @@ def test_random_counts_padding_and_determinism():
     assert labels.tolist() == [[1, -1, -1]] and coords[0, 0].tolist() == [1, 1]
     with pytest.raises(InputError, match="generator"):
         random_points(tiny, generator=None)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.02])  # drawn by rejection / listed exactly
+def test_uniform_pick_is_uniform_and_distinct(density):
+    gen = torch.Generator().manual_seed(0)
+    length = 400
+    pool = torch.zeros(2000, length, dtype=torch.bool)  # 2000 rows sharing one pool
+    members = torch.randperm(length, generator=gen)[:int(length * density)]
+    pool[:, members] = True
+    index, found = uniform_pick(pool, 3, gen)
+    n = members.numel()
+    assert found.all() and pool.gather(1, index).all()
+    assert (index[:, 0] != index[:, 1]).all() and (index[:, 1] != index[:, 2]).all()
+    assert (index[:, 0] != index[:, 2]).all()
+    counts = torch.bincount(index[:, 0], minlength=length)[members].double()  # first picks
+    expected = 2000 / n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < n - 1 + 4 * (2 * (n - 1)) ** 0.5  # mean n - 1, sd sqrt(2 (n - 1))
+
+
+def test_uniform_pick_short_pools_and_determinism():
+    pool = torch.zeros(3, 50, dtype=torch.bool)
+    pool[0, [4, 30]] = True  # fewer than asked
+    pool[2, :] = True
+    index, found = uniform_pick(pool, 3, torch.Generator().manual_seed(5))
+    assert found.tolist() == [[True, True, False], [False] * 3, [True] * 3]
+    assert sorted(index[0, :2].tolist()) == [4, 30] and index[1].tolist() == [0, 0, 0]
+    again = uniform_pick(pool, 3, torch.Generator().manual_seed(5))
+    assert torch.equal(again[0], index) and torch.equal(again[1], found)
 
 
 def test_global_rng_untouched():

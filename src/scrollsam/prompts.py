@@ -160,15 +160,52 @@ def random_points(target: Tensor, valid: Tensor | None = None, *,
     if max(positives, negatives) > H * W:
         raise InputError(f"positives, negatives: expected at most {H * W} (pixels per tile), "
                          f"got {positives}, {negatives}")
-    keys = _random((P, H * W), generator, ink.device)  # (P, H * W) uniform in [0, 1)
     flat_ink, flat_ok = ink.reshape(P, -1), ok.reshape(P, -1)
     out_c, out_l = [], []
     for count, pool, label in ((positives, flat_ink, 1), (negatives, flat_ok & ~flat_ink, 0)):
-        top = torch.where(pool, keys, -1.0).topk(count, dim=1)  # the `count` largest keys
-        found = top.values >= 0  # (P, count): False where the pool ran out
-        out_c.append(_from_flat(top.indices, W))  # (P, count, 2)
+        if count == 0:
+            continue
+        index, found = uniform_pick(pool, count, generator)  # (P, count) each
+        out_c.append(_from_flat(index, W))  # (P, count, 2)
         out_l.append(torch.where(found, label, -1))  # (P, count)
     return _compact(torch.cat(out_c, dim=1), torch.cat(out_l, dim=1))
+
+
+def uniform_pick(pool: Tensor, count: int, generator: torch.Generator,
+                 *, tries: int = 32) -> tuple[Tensor, Tensor]:
+    """``count`` distinct positions per row of ``pool`` (bool [P, L]), uniform without
+    replacement among the True ones -> (index long [P, count], found bool [P, count]); a row
+    with fewer than ``count`` True positions gets all of them, then found = False (index 0).
+
+    Draws ``tries * count`` positions with replacement per row and keeps the first ``count``
+    distinct ones inside the pool, which is exactly uniform without replacement; a row that
+    is not filled that way (a pool of under about 1/``tries`` of the row) is sampled exactly from
+    its listed positions instead. Cost: O(P * tries * count) plus the sparse rows, where random
+    keys for every position cost O(P * L) (120 ms for 8 rows of 1024 x 1024 on 2 CPU cores).
+    """
+    P, L = pool.shape
+    draws = max(1, tries) * count
+    cand = (_random((P, draws), generator, pool.device) * L).long().clamp_(max=L - 1)  # (P, D)
+    inside = pool.gather(1, cand)  # (P, D)
+    ordered, order = cand.sort(dim=1, stable=True)  # equal draws stay in draw order
+    seen = torch.zeros_like(inside)
+    seen[:, 1:] = ordered[:, 1:] == ordered[:, :-1]  # drawn before, in sorted order
+    repeat = torch.empty_like(seen).scatter_(1, order, seen)  # (P, D), in draw order
+    keep = inside & ~repeat  # (P, D): first occurrences inside the pool
+    rank = keep.cumsum(1)  # (P, D)
+    take = keep & (rank <= count)
+    index = torch.zeros(P, count, dtype=torch.long, device=pool.device)
+    found = torch.zeros(P, count, dtype=torch.bool, device=pool.device)
+    rows, cols = take.nonzero(as_tuple=True)
+    slot = rank[rows, cols] - 1
+    index[rows, slot], found[rows, slot] = cand[rows, cols], True
+    for row in (~found[:, -1]).nonzero().flatten().tolist():  # sparse pools, exactly
+        listed = pool[row].nonzero().flatten()  # (n,)
+        order = torch.randperm(listed.numel(), generator=generator,
+                               device=generator.device).to(pool.device)[:count]
+        index[row], found[row] = 0, False
+        index[row, :order.numel()], found[row, :order.numel()] = listed[order], True
+    return index, found
 
 
 def _depth(region: np.ndarray) -> np.ndarray:
