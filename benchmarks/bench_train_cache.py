@@ -2,7 +2,7 @@
 
 Both ways train the prompt encoder and mask decoder of vit_b at 1024 px (frozen encoder, random
 weights, seeded) with scrollsam's own step (:func:`scrollsam.train.step.prompted_forward`: SAM
-loss, backward, AdamW step), so the work per prompt set is the same:
+loss, backward, the training loop's AdamW step), so the work per prompt set is the same:
 
 - baseline (the seed): batch size 1, one prompt set, the encoder recomputed every step
   (under ``no_grad``, as it is frozen);
@@ -51,19 +51,22 @@ def _labels(gen: torch.Generator, b: int, s: int) -> torch.Tensor:
     goal=100,
     about="vit_b 1024 px decoder training: cached embeddings, 4x2 sets vs encoder every step, "
           "batch 1",
-    needs=needs_modules("scrollsam.train.cache", "scrollsam.train.step", "scrollsam.config"),
+    needs=needs_modules("scrollsam.train.cache", "scrollsam.train.step", "scrollsam.train.loop",
+                       "scrollsam.config"),
 )
 def cached_vs_recompute_train(quick: bool) -> dict[str, Any]:
     from scrollsam.config import LossConfig, PromptConfig
     from scrollsam.model.trainable import set_trainable
     from scrollsam.train.cache import EmbeddingCache
+    from scrollsam.train.loop import make_optimizer
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)
     size = 256 if quick else 1024
     model = build_model("vit_b", image_size=size).train()
     set_trainable(model, ["prompt_encoder", "mask_decoder"])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                         weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(TILES, 3, size, size, generator=gen)  # (B, 3, S, S)
     label = _labels(gen, TILES, size)  # (B, 1, S, S)

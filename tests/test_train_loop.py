@@ -14,7 +14,7 @@ from scrollsam.config import load_config
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.doctor import run_doctor
 from scrollsam.errors import ConfigError, FragmentError, RunDirError
-from scrollsam.train.loop import TrainingError, lr_at, train
+from scrollsam.train.loop import TrainingError, lr_at, make_optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,10 @@ def test_a_run_that_fails_before_training_leaves_no_run_dir(data, tmp_path):
         train(_cfg(data, empty, "data.train=[train/9]"), progress=False)
     assert empty.is_dir() and not any(empty.iterdir())
     assert train(_cfg(data, run, "train.steps=1"), progress=False) == run  # the retry works
+
+
+def test_optimizer_is_fused_where_every_parameter_allows():
+    plain = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer(plain, lr=1e-3, weight_decay=0.0).defaults["fused"] is True
+    mixed = plain + [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+    assert not make_optimizer(mixed, lr=1e-3, weight_decay=0.0).defaults["fused"]

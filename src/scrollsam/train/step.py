@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from scrollsam import prompts as P
 from scrollsam.config import LossConfig, PromptConfig
@@ -84,8 +85,13 @@ def prompted_forward(
     dev = embeddings.device
     b = embeddings.shape[0]
     index = torch.arange(b).repeat_interleave(prompts.sets_per_tile)  # (P,) set -> tile
-    target_cpu = label.detach().cpu()[index]  # (P, 1, S, S)
-    valid_cpu = valid.detach().cpu()[index]  # (P, 1, S, S)
+    # Samplers see bool truth per set (a quarter of the bytes of float copies at S x S).
+    target_cpu = (label.detach().cpu() > 0.5)[index]  # (P, 1, S, S) bool
+    valid_cpu = (valid.detach().cpu() > 0.5)[index]  # (P, 1, S, S) bool
+    if loss.resolution == "mask":  # area-average once per tile, not once per set and round
+        size = (model.mask_size, model.mask_size)
+        label = F.adaptive_avg_pool2d(label.float(), size)  # (B, 1, S/4, S/4)
+        valid = F.adaptive_avg_pool2d(valid.float(), size)  # (B, 1, S/4, S/4)
     groups = assign_groups(index.shape[0], prompts, gen)
     if prompts.first in ("box", "mixed"):
         boxes, present = P.box_prompts(target_cpu, valid_cpu, generator=gen)
@@ -100,7 +106,7 @@ def prompted_forward(
             continue
         idx = index[sel].to(dev)
         tgt, val = target_cpu[sel], valid_cpu[sel]
-        tgt_d, val_d = tgt.to(dev), val.to(dev)
+        tgt_d, val_d = label[idx], valid[idx]  # (Pg, 1, S or S/4, ...) for the loss
         if group == 0:
             logits, iou = model.decode(embeddings, image_index=idx)
             rounds = [sam_loss(logits, iou, tgt_d, val_d, **kw)]
