@@ -38,7 +38,6 @@ from scrollsam.model.checks import (
     resolve_image_index,
 )
 from scrollsam.model.decoder_ops import (
-    SharedKeys,
     blocked_to_image,
     transformer_tokens,
     upscale_tokens,
@@ -180,6 +179,10 @@ class SamSegmenter(nn.Module):
                                     device=self.device)
         step = max(1, int(chunk or self.decode_chunk(num_sets)))
         keep = slice(1, None) if multimask else slice(0, 1)  # official mask-token choice
+        # Token layout throughout (see decoder_ops): row-major image tokens, channels last.
+        image = embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, g*g, 256)
+        pos = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, g, g)
+        pos = pos.flatten(2).transpose(1, 2).contiguous()  # (1, g*g, 256), broadcast over sets
         outs = []
         for i in range(0, max(num_sets, 1), step):
             # Prompts are embedded per chunk: slicing the embedded dense prompts instead would
@@ -190,8 +193,8 @@ class SamSegmenter(nn.Module):
                 None if boxes is None else boxes[part],
                 None if mask_inputs is None else mask_inputs[part],
                 num_sets=index[part].shape[0])
-            outs.append(self._predict_masks(embeddings, index[part], sparse,
-                                            None if mask_inputs is None else dense, keep=keep))
+            outs.append(self._predict_masks(image, pos, index[part], sparse, dense,
+                                            keep=keep))
         logits = torch.cat([o[0] for o in outs])  # (P, M, S/4, S/4)
         iou = torch.cat([o[1] for o in outs])  # (P, M)
         return logits, iou
@@ -213,42 +216,30 @@ class SamSegmenter(nn.Module):
 
     def _predict_masks(
         self,
-        embeddings: torch.Tensor,
+        image: torch.Tensor,
+        pos: torch.Tensor,
         index: torch.Tensor,
         sparse: torch.Tensor,
-        dense: torch.Tensor | None,
+        dense: torch.Tensor,
         *,
         keep: slice,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave.
-
-        ``dense`` [P, 256, g, g] from mask prompts, or None without: then every set's dense
-        prompt is ``no_mask_embed`` and the transformer's first block works per image
-        (:func:`~scrollsam.model.decoder_ops.first_block_shared`).
+        """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave,
+        in token layout (:mod:`scrollsam.model.decoder_ops`): image tokens [B, g*g, 256],
+        their position encoding [1, g*g, 256], index [P], sparse [P, T, 256] and dense
+        [P, 256, g, g] prompt embeddings.
 
         Only the mask tokens in ``keep`` go through the final hypernetwork product (official
         SAM computes all 4 masks and drops 1 or 3 of them afterwards: same values, more work).
         """
         dec = self.sam.mask_decoder
         p = index.shape[0]
-        g = embeddings.shape[-1]
+        g = self.embed_grid
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])  # (1 + 4, 256)
         out_tokens = out_tokens.unsqueeze(0).expand(p, -1, -1)  # (P, 5, 256)
         tokens = torch.cat((out_tokens, sparse.to(out_tokens.dtype)), dim=1)  # (P, 5 + T, 256)
-        # Token layout throughout (see decoder_ops): row-major image tokens, channels last.
-        image = embeddings.flatten(2).transpose(1, 2)  # (B, g*g, 256), a view
-        pos = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, g, g)
-        pos = pos.flatten(2).transpose(1, 2).contiguous()  # (1, g*g, 256), broadcast over sets
-        if dense is None:  # no mask prompt: official SAM adds no_mask_embed at every token
-            offset = self.sam.prompt_encoder.no_mask_embed.weight.expand(p, -1)  # (P, 256)
-            used, local = torch.unique(index, return_inverse=True)  # this chunk's images
-            shared = SharedKeys(image.index_select(0, used), local, offset)  # (B', g*g, 256)
-            keys = None
-        else:
-            shared = None
-            keys = image.index_select(0, index) + dense.flatten(2).transpose(1, 2)  # (P, g*g, 256)
-        # hs (P, 5 + T, 256), src (P, g*g, 256)
-        hs, src = transformer_tokens(dec.transformer, keys, pos, tokens, shared=shared)
+        keys = image.index_select(0, index) + dense.flatten(2).transpose(1, 2)  # (P, g*g, 256)
+        hs, src = transformer_tokens(dec.transformer, keys, pos, tokens)  # (P, 5+T, 256), keys
         iou_token_out = hs[:, 0, :]  # (P, 256)
         mask_tokens_out = hs[:, 1:1 + dec.num_mask_tokens, :]  # (P, 4, 256)
         upscaled = upscale_tokens(dec.output_upscaling, src)  # (P, g*g*16, 32), blocked order
