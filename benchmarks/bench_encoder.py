@@ -3,8 +3,9 @@
 The seed upsampled small crops to SAM's 1024 px input; scrollsam builds the encoder at the tile
 size instead (positional embeddings resized by ``build_model``), so a 256 px tile costs 16x fewer
 tokens and the global-attention blocks far less than that. Weights are random (seeded): speed
-does not depend on their values. The 1024 px encoder takes about 20-25 s per image on a 2-core
-CPU, so this entry runs 3 timed repeats after one warm-up (1 repeat, no warm-up, with --quick).
+does not depend on their values. The 1024 px encoder takes about 12-14 s per image on the 2-core
+CPU of ``results.json``, so this entry runs 3 timed repeats after one warm-up (1 repeat, no
+warm-up, with --quick).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ To keep the work per set fixed and the seed's, every set is one point prompt dec
 corrective rounds triple the decoder work per set, both ways) and the prompt generator is
 reseeded each step. ``baseline_s`` / ``ours_s`` are seconds per prompt set (step median / sets
 per step), so ``ratio`` is the ratio of prompts per second. 3 timed repeats after one warm-up
-(the baseline step costs about 20-25 s on a 2-core CPU, and filling the cache first encodes the
-4 tiles); --quick: 256 px, 1 repeat without warm-up.
+(the baseline step costs about 12-14 s on the 2-core CPU of results.json, and filling the cache
+first encodes the 4 tiles); --quick: 256 px, 1 repeat without warm-up.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Embedding cache: with a frozen image encoder, a tile's embedding never changes.
 
-The encoder is by far the most expensive part of SAM (about 20 s per 1024 px image for vit_b
-on a 2-core CPU, against well under 0.1 s for a decoder call), so when only the prompt encoder
-and mask decoder train, embeddings are computed once per distinct input tile and reused; the
-decoder then trains on many prompts per second even on a CPU.
+The encoder is by far the most expensive part of SAM (12-14 s per 1024 px image for vit_b on a
+2-core CPU, against about 0.11 s per prompt set for a decoder training step, backward
+included), so when only the prompt encoder and mask decoder train, embeddings are computed
+once per distinct input tile and reused; the decoder then trains on about 9 prompt sets per
+second at 1024 px even on a CPU (``benchmarks/bench_train_cache.py``).
 
 Entries are keyed by a hash of the exact input tensor, so the cache is right by construction
 whatever produced the tile (view, depth draw, flips and rotations): a different input is a
