@@ -9,13 +9,13 @@ from PIL import Image
 
 from scrollsam import metrics
 from scrollsam.errors import InputError
+from scrollsam.evaluate import evaluate_files
 from scrollsam.metrics import (
     Counts,
     ProbabilityHistogram,
     Scoreboard,
     binarize_prediction,
     confusion,
-    evaluate_files,
     score,
     search_threshold,
     summarize,

@@ -181,7 +181,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from scrollsam.metrics import evaluate_files
+    from scrollsam.evaluate import evaluate_files
 
     result = evaluate_files(args.pred, args.labels, args.mask, threshold=args.threshold)
     print(json.dumps(result.to_dict()) if args.json else result.report())
@@ -201,7 +201,7 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from scrollsam.metrics import read_prediction
+    from scrollsam.evaluate import read_prediction
     from scrollsam.rle import parse_pred_specs, write_submission
 
     specs = parse_pred_specs(args.pred)

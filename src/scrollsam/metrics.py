@@ -22,7 +22,6 @@ Conventions:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from scrollsam.errors import InputError
-from scrollsam.io import read_image
 
 if TYPE_CHECKING:  # torch is accepted but not imported: `scrollsam evaluate` starts fast
     import torch
@@ -40,14 +38,11 @@ if TYPE_CHECKING:  # torch is accepted but not imported: `scrollsam evaluate` st
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "Counts",
-    "Evaluation",
     "ProbabilityHistogram",
     "Scoreboard",
     "ThresholdSearch",
     "binarize_prediction",
     "confusion",
-    "evaluate_files",
-    "read_prediction",
     "score",
     "search_threshold",
     "summarize",
@@ -131,7 +126,7 @@ def _numpy(x: ArrayLike, name: str) -> np.ndarray:
     raise InputError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def _as_bool(x: np.ndarray) -> np.ndarray:
+def as_bool(x: np.ndarray) -> np.ndarray:
     if x.dtype == bool:
         return x
     if x.dtype.kind == "f":
@@ -155,8 +150,8 @@ def confusion(pred: ArrayLike, target: ArrayLike, valid: ArrayLike | None = None
 
     pred, target, valid: one shape, any rank (e.g. ``[H, W]`` or ``[P, 1, S, S]``).
     """
-    p, t = _as_bool(_numpy(pred, "pred")), _as_bool(_numpy(target, "target"))
-    v = None if valid is None else _as_bool(_numpy(valid, "valid"))
+    p, t = as_bool(_numpy(pred, "pred")), as_bool(_numpy(target, "target"))
+    v = None if valid is None else as_bool(_numpy(valid, "valid"))
     _check_shapes(pred=p, target=t, valid=v)
     if v is not None:
         p, t = p & v, t & v
@@ -211,7 +206,7 @@ class Scoreboard:
 # --- probabilities, thresholds ------------------------------------------------------------------
 
 
-def _check_threshold(threshold: float) -> None:
+def check_threshold(threshold: float) -> None:
     ok = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, bool)
     if not (ok and 0.0 <= float(threshold) <= 1.0):  # also rejects NaN
         raise InputError(f"threshold: expected a number in [0, 1], got {threshold!r}")
@@ -249,7 +244,7 @@ def binarize_prediction(
         would otherwise read as binary); True always takes nonzero as ink.
     Raises InputError for negative values, floats above 1 or NaN, and integers above 65535.
     """
-    _check_threshold(threshold)
+    check_threshold(threshold)
     img = np.asarray(image)
     if img.dtype == bool:
         return img, True
@@ -294,8 +289,8 @@ class ProbabilityHistogram:
     def add(self, prob: ArrayLike, target: ArrayLike, valid: ArrayLike | None = None) -> None:
         """Count probabilities ``prob`` (float in [0, 1], or uint8/uint16 images) against the
         binary ``target``; same shape, any rank; pixels outside ``valid`` are skipped."""
-        p, t = _numpy(prob, "prob"), _as_bool(_numpy(target, "target"))
-        v = None if valid is None else _as_bool(_numpy(valid, "valid"))
+        p, t = _numpy(prob, "prob"), as_bool(_numpy(target, "target"))
+        v = None if valid is None else as_bool(_numpy(valid, "valid"))
         _check_shapes(prob=p, target=t, valid=v)
         p, t = p.reshape(-1), t.reshape(-1)  # (n,)
         v = None if v is None else v.reshape(-1)
@@ -322,7 +317,7 @@ class ProbabilityHistogram:
         n_ink, n_bg = int(ink_ge[0]), int(bg_ge[0])
         out = []
         for t in thresholds:
-            _check_threshold(float(t))
+            check_threshold(float(t))
             k = _threshold_level(float(t))
             tp, fp = int(ink_ge[k]), int(bg_ge[k])
             out.append(Counts(tp, fp, n_ink - tp, n_bg - fp))
@@ -396,72 +391,3 @@ def search_threshold(
     best = int(np.argmax(scores))
     return ThresholdSearch(float(cand[best]), float(scores[best]), pooled_counts[best], cand,
                            scores)
-
-
-# --- whole files (the `scrollsam evaluate` command) ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Scores of one predicted image against its labels (see :func:`evaluate_files`)."""
-
-    counts: Counts
-    threshold: float | None  # None when the prediction was already binary
-    beta: float = 0.5
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        """``f0.5, precision, recall, dice, iou``, the counts, valid pixel count, threshold."""
-        return {**self.counts.scores(beta=self.beta), **self.counts.as_dict(),
-                "valid_pixels": self.counts.pixels, "threshold": self.threshold}
-
-    def report(self) -> str:
-        """A few aligned lines for people."""
-        lines = [f"{k:<10} {v:.4f}" for k, v in self.counts.scores(beta=self.beta).items()]
-        c = self.counts
-        how = "binary" if self.threshold is None else f"probability >= {self.threshold:g}"
-        lines.append(f"pixels     tp={c.tp} fp={c.fp} fn={c.fn} tn={c.tn} "
-                     f"(valid {c.pixels}; prediction {how})")
-        return "\n".join(lines)
-
-
-def evaluate_files(
-    pred: str | os.PathLike[str],
-    labels: str | os.PathLike[str],
-    mask: str | os.PathLike[str] | None = None,
-    *,
-    threshold: float = 0.5,
-    beta: float = 0.5,
-) -> Evaluation:
-    """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
-    against an ink label image (nonzero = ink), inside ``mask`` (nonzero = valid; default all
-    pixels).
-    All images are ``[H, W]`` of one size; a mismatch raises InputError naming the file."""
-    _check_threshold(threshold)
-    truth = _as_bool(read_image(labels))
-    binary, was_binary = read_prediction(pred, threshold=threshold)
-    if binary.shape != truth.shape:
-        raise InputError(f"{pred}: expected {_hw(truth.shape)} pixels (height x width of "
-                         f"{labels}), got {_hw(binary.shape)}")
-    valid = None
-    if mask is not None:
-        valid = _as_bool(read_image(mask))
-        if valid.shape != truth.shape:
-            raise InputError(f"{mask}: expected {_hw(truth.shape)} pixels (height x width "
-                             f"of {labels}), got {_hw(valid.shape)}")
-    return Evaluation(confusion(binary, truth, valid), None if was_binary else threshold, beta)
-
-
-def read_prediction(
-    path: str | os.PathLike[str], *, threshold: float = 0.5
-) -> tuple[np.ndarray, bool]:
-    """Read a predicted image and make it a bool ink mask ``[H, W]``: (mask, was_binary), as
-    :func:`binarize_prediction`; errors name the file."""
-    image = read_image(path)
-    try:
-        return binarize_prediction(image, threshold=threshold)
-    except InputError as err:
-        raise InputError(f"{path}: {str(err).removeprefix('pred: ')}") from None
-
-
-def _hw(shape: tuple[int, ...]) -> str:
-    return " x ".join(str(n) for n in shape)

@@ -28,10 +28,10 @@ import numpy as np
 import tifffile
 
 from scrollsam.errors import InputError
+from scrollsam.evaluate import Evaluation
 from scrollsam.io import atomic_path, atomic_write_text
 from scrollsam.metrics import (
     Counts,
-    Evaluation,
     ProbabilityHistogram,
     binarize_prediction,
     confusion,

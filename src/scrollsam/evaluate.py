@@ -1,0 +1,86 @@
+"""Scoring whole files, as ``scrollsam evaluate`` and ``scrollsam predict`` do.
+
+A predicted image (a binary mask, or probabilities as 8-bit /255, 16-bit /65535 or float in
+[0, 1]) is compared with an ink label image (nonzero = ink) inside an optional fragment mask
+(nonzero = valid); all are ``[H, W]`` of one size. The pixel rules are those of
+:mod:`scrollsam.metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from scrollsam.errors import InputError
+from scrollsam.io import read_image
+from scrollsam.metrics import Counts, as_bool, binarize_prediction, check_threshold, confusion
+
+__all__ = ["Evaluation", "evaluate_files", "read_prediction"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Scores of one predicted image against its labels (see :func:`evaluate_files`)."""
+
+    counts: Counts
+    threshold: float | None  # None when the prediction was already binary
+    beta: float = 0.5
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """``f0.5, precision, recall, dice, iou``, the counts, valid pixel count, threshold."""
+        return {**self.counts.scores(beta=self.beta), **self.counts.as_dict(),
+                "valid_pixels": self.counts.pixels, "threshold": self.threshold}
+
+    def report(self) -> str:
+        """A few aligned lines for people."""
+        lines = [f"{k:<10} {v:.4f}" for k, v in self.counts.scores(beta=self.beta).items()]
+        c = self.counts
+        how = "binary" if self.threshold is None else f"probability >= {self.threshold:g}"
+        lines.append(f"pixels     tp={c.tp} fp={c.fp} fn={c.fn} tn={c.tn} "
+                     f"(valid {c.pixels}; prediction {how})")
+        return "\n".join(lines)
+
+
+def evaluate_files(
+    pred: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    mask: str | os.PathLike[str] | None = None,
+    *,
+    threshold: float = 0.5,
+    beta: float = 0.5,
+) -> Evaluation:
+    """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
+    against an ink label image (nonzero = ink), inside ``mask`` (nonzero = valid; default all
+    pixels).
+    All images are ``[H, W]`` of one size; a mismatch raises InputError naming the file."""
+    check_threshold(threshold)
+    truth = as_bool(read_image(labels))
+    binary, was_binary = read_prediction(pred, threshold=threshold)
+    if binary.shape != truth.shape:
+        raise InputError(f"{pred}: expected {_hw(truth.shape)} pixels (height x width of "
+                         f"{labels}), got {_hw(binary.shape)}")
+    valid = None
+    if mask is not None:
+        valid = as_bool(read_image(mask))
+        if valid.shape != truth.shape:
+            raise InputError(f"{mask}: expected {_hw(truth.shape)} pixels (height x width "
+                             f"of {labels}), got {_hw(valid.shape)}")
+    return Evaluation(confusion(binary, truth, valid), None if was_binary else threshold, beta)
+
+
+def read_prediction(
+    path: str | os.PathLike[str], *, threshold: float = 0.5
+) -> tuple[np.ndarray, bool]:
+    """Read a predicted image and make it a bool ink mask ``[H, W]``: (mask, was_binary), as
+    :func:`binarize_prediction`; errors name the file."""
+    image = read_image(path)
+    try:
+        return binarize_prediction(image, threshold=threshold)
+    except InputError as err:
+        raise InputError(f"{path}: {str(err).removeprefix('pred: ')}") from None
+
+
+def _hw(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(n) for n in shape)
