@@ -146,3 +146,18 @@ def test_help_has_an_example(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert f"example:\n  scrollsam {command} --pred" in text
+
+
+def test_closed_output_pipe_is_not_a_crash(files, monkeypatch, capsys):
+    """`scrollsam evaluate ... | head -1`: the reader leaves early; no traceback, exit 141."""
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["evaluate", "--pred", files["pred"], "--labels", files["labels"]]) == 141
+    assert capsys.readouterr().err == ""
