@@ -79,6 +79,8 @@ class ModelConfig:
     checkpoint: str | None = None  # official SAM file (local path); null: random weights
     image_size: int = 256  # model input side S = tile side, a multiple of 16
     trainable: list[str] = field(default_factory=lambda: ["prompt_encoder", "mask_decoder"])
+    lora_rank: int = 0  # > 0: rank-r LoRA adapters on the frozen encoder's qkv train too
+    lora_alpha: float = 8.0  # LoRA update scale alpha / rank
 
 
 @dataclass
@@ -178,6 +180,16 @@ class Config:
         if bad or not self.model.trainable:
             raise ConfigError(f"model.trainable: expected a non-empty subset of {list(PARTS)}, "
                               f"got {self.model.trainable}")
+        if self.model.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank: expected 0 (off) or a positive rank, got "
+                              f"{self.model.lora_rank}")
+        if self.model.lora_rank and "image_encoder" in self.model.trainable:
+            raise ConfigError("model.lora_rank: LoRA adapts a frozen image encoder, but "
+                              "model.trainable includes image_encoder; drop it from "
+                              "model.trainable or set model.lora_rank=0")
+        if self.model.lora_alpha <= 0:
+            raise ConfigError(f"model.lora_alpha: expected a positive number, got "
+                              f"{self.model.lora_alpha}")
         return self
 
 

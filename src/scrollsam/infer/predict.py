@@ -43,6 +43,7 @@ from scrollsam.errors import CheckpointError, InputError, RunDirError
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
 from scrollsam.model.build import build_model, load_into
+from scrollsam.model.lora import add_lora
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.train.checkpoint import load_checkpoint
 
@@ -178,6 +179,8 @@ class Predictor:
         view = view_from_config(cfg.data, cache_dir=cache_dir)
         model = build_model(cfg.model.type, image_size=cfg.model.image_size,
                             in_chans=view.channels)
+        if cfg.model.lora_rank:  # the run's adapters are in its checkpoints
+            add_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
         load_into(model.sam, ckpt["model"], model_type=cfg.model.type, source=str(ckpt_path))
         saved = float(ckpt.get("best_threshold", 0.5))
         log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f%s", ckpt_path,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from scrollsam.errors import InputError
+from scrollsam.model.lora import is_lora_parameter
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
@@ -29,7 +30,9 @@ class ParamCount:
 def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, ParamCount]:
     """Make exactly ``parts`` of ``model.sam`` trainable (requires_grad) and freeze the rest.
 
-    Returns the parameter counts per part after the change. Unknown part names are an error.
+    LoRA adapters (:func:`scrollsam.model.lora.add_lora`) train whenever the encoder itself
+    does not. Returns the parameter counts per part after the change. Unknown part names are an
+    error.
     """
     chosen = set(parts)
     unknown = chosen - set(PARTS)
@@ -38,6 +41,9 @@ def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, ParamCoun
                          f"{sorted(unknown)}")
     for name in PARTS:
         getattr(model.sam, name).requires_grad_(name in chosen)
+    if "image_encoder" not in chosen:  # LoRA adapters, where added, train on the frozen encoder
+        for name, p in model.sam.image_encoder.named_parameters():
+            p.requires_grad_(is_lora_parameter(name))
     return count_parameters(model)
 
 

@@ -30,8 +30,13 @@ from scrollsam.io import atomic_path
 log = logging.getLogger(__name__)
 
 
-def check_cache_allowed(*, encoder_trainable: bool, pixel_augment: bool) -> None:
+def check_cache_allowed(*, encoder_trainable: bool, pixel_augment: bool,
+                        lora: bool = False) -> None:
     """Raise ConfigError naming the key when a cache would be wrong or useless."""
+    if lora:
+        raise ConfigError("train.cache: the embedding cache needs a fixed image encoder, but "
+                          "model.lora_rank > 0 adapts it while training (embeddings would go "
+                          "stale); set train.cache=off or model.lora_rank=0")
     if encoder_trainable:
         raise ConfigError("train.cache: the embedding cache needs a frozen image encoder, but "
                           "model.trainable includes image_encoder (embeddings would go stale); "

@@ -33,6 +33,7 @@ from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
+from scrollsam.model.lora import add_lora
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import format_counts, set_trainable
 from scrollsam.train.cache import EmbeddingCache, check_cache_allowed
@@ -108,13 +109,18 @@ def setup(cfg: Config, run: Path) -> Setup:
         samples_per_epoch=cfg.train.steps * per_step, ink_share=cfg.data.ink_share,
         augment=augment, seed=cfg.train.seed)
     model = build_model(cfg.model.type, checkpoint=cfg.model.checkpoint, image_size=size,
-                        in_chans=view.channels).to(device)
+                        in_chans=view.channels)
+    if cfg.model.lora_rank:
+        add_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+    model = model.to(device)
     counts = set_trainable(model, cfg.model.trainable)
     log.info("trainable parameters:\n%s", format_counts(counts))
     cache = None
-    frozen = "image_encoder" not in cfg.model.trainable
+    frozen = "image_encoder" not in cfg.model.trainable and not cfg.model.lora_rank
     if cfg.train.cache in ("memory", "disk"):
-        check_cache_allowed(encoder_trainable=not frozen, pixel_augment=cfg.data.pixel_augment)
+        check_cache_allowed(encoder_trainable="image_encoder" in cfg.model.trainable,
+                            pixel_augment=cfg.data.pixel_augment,
+                            lora=bool(cfg.model.lora_rank))
     if cfg.train.cache in ("memory", "disk") or (
             cfg.train.cache == "auto" and frozen and not cfg.data.pixel_augment):
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)

@@ -1,0 +1,113 @@
+"""LoRA adapters on the frozen encoder: exact at the start, only they train, runs keep them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scrollsam import build_model
+from scrollsam.config import load_config
+from scrollsam.data.synthetic import write_fragment
+from scrollsam.errors import ConfigError, InputError
+from scrollsam.infer.predict import Predictor
+from scrollsam.model.lora import LoRALinear, add_lora, has_lora, is_lora_parameter
+from scrollsam.model.trainable import set_trainable
+from scrollsam.train.loop import train
+
+S = 64
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("tiny", image_size=S)
+
+
+def test_a_fresh_adapter_changes_nothing_and_keeps_official_names():
+    model = _model()
+    images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model.encode(images)
+    added = add_lora(model, rank=4, alpha=8.0)
+    blocks = model.sam.image_encoder.blocks
+    dim = blocks[0].attn.qkv.in_features
+    assert added == len(blocks) * 4 * (dim + 3 * dim)
+    assert has_lora(model) and isinstance(blocks[0].attn.qkv, LoRALinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(images), before, atol=0, rtol=0)
+    names = set(model.sam.state_dict())
+    assert {"image_encoder.blocks.0.attn.qkv.weight", "image_encoder.blocks.0.attn.qkv.bias",
+            "image_encoder.blocks.0.attn.qkv.lora_a",
+            "image_encoder.blocks.0.attn.qkv.lora_b"} <= names
+    with pytest.raises(InputError, match="already has a LoRA adapter"):
+        add_lora(model, rank=4, alpha=8.0)
+    with pytest.raises(InputError, match="rank"):
+        add_lora(_model(), rank=0, alpha=8.0)
+
+
+def test_only_adapters_train_in_the_encoder_and_they_change_its_output():
+    model = _model()
+    add_lora(model, rank=2, alpha=4.0)
+    counts = set_trainable(model, ["mask_decoder"])
+    lora = [p for n, p in model.sam.image_encoder.named_parameters() if is_lora_parameter(n)]
+    assert counts["image_encoder"].trainable == sum(p.numel() for p in lora) > 0
+    images = torch.randn(1, 3, S, S, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model.encode(images)
+    logits, _ = model.decode(model.encode(images))
+    logits.square().mean().backward()
+    for name, p in model.sam.image_encoder.named_parameters():
+        if is_lora_parameter(name):
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    # B starts at zero: A's first gradient is zero, B's is not
+    assert any(bool(p.grad.abs().sum() > 0) for n, p in
+               model.sam.image_encoder.named_parameters() if n.endswith("lora_b"))
+    with torch.no_grad():
+        model.sam.image_encoder.blocks[0].attn.qkv.lora_b.fill_(0.1)
+        assert not torch.allclose(model.encode(images), before)
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        load_config(None, ["model.lora_rank=-1"])
+    with pytest.raises(ConfigError, match="frozen image encoder"):
+        load_config(None, ["model.lora_rank=4", "model.trainable=[image_encoder,mask_decoder]"])
+    with pytest.raises(ConfigError, match="model.lora_alpha"):
+        load_config(None, ["model.lora_rank=4", "model.lora_alpha=0"])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for i in (1, 2):
+        write_fragment(root / "train" / str(i), height=160, width=160, depth=8, seed=i)
+    return root
+
+
+def _cfg(data: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"out={out}", f"data.root={data}", "data.train=[train/1]", "data.valid=[train/2]",
+        "model.type=tiny", f"model.image_size={S}", "train.batch_size=2", "train.steps=2",
+        "train.warmup=1", "train.eval_every=2", "train.save_every=2", "train.device=cpu",
+        "log.every=1", "prompts.corrective_rounds=0",
+        "data.pixel_augment=false", "model.lora_rank=2", *extra])
+
+
+def test_a_lora_run_trains_the_adapters_and_predicts_with_them(data, tmp_path):
+    run = train(_cfg(data, tmp_path / "run"), progress=False)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    b = ckpt["model"]["image_encoder.blocks.0.attn.qkv.lora_b"]
+    assert b.abs().sum() > 0  # trained away from its zero start
+    assert not (run / "embeddings").exists()
+    predictor = Predictor.from_run(run, checkpoint="last")
+    assert has_lora(predictor.model)
+    torch.testing.assert_close(
+        predictor.model.sam.image_encoder.blocks[0].attn.qkv.lora_b, b, atol=0, rtol=0)
+
+
+def test_the_cache_is_refused_with_lora(data, tmp_path):
+    with pytest.raises(ConfigError, match="lora_rank"):
+        train(_cfg(data, tmp_path / "run", "train.cache=memory"), progress=False)
