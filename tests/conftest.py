@@ -7,3 +7,17 @@ import os
 # Busy-waiting OpenMP threads make torch many times slower when pytest shares the CPU with
 # anything else (see scrollsam/__init__.py); test modules import torch before scrollsam.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two small synthetic fragments, ``train/1`` and ``train/2`` (160 x 160 x 8), for runs."""
+    from scrollsam.data.synthetic import write_fragment
+
+    root = tmp_path_factory.mktemp("data")
+    for i in (1, 2):
+        write_fragment(root / "train" / str(i), height=160, width=160, depth=8, seed=i)
+    return root

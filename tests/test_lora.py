@@ -9,7 +9,6 @@ import torch
 
 from scrollsam import build_model
 from scrollsam.config import load_config
-from scrollsam.data.synthetic import write_fragment
 from scrollsam.errors import ConfigError, InputError
 from scrollsam.infer.predict import Predictor
 from scrollsam.model.lora import LoRALinear, add_lora, has_lora, is_lora_parameter
@@ -77,14 +76,6 @@ def test_config_checks():
         load_config(None, ["model.lora_rank=4", "model.trainable=[image_encoder,mask_decoder]"])
     with pytest.raises(ConfigError, match="model.lora_alpha"):
         load_config(None, ["model.lora_rank=4", "model.lora_alpha=0"])
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    for i in (1, 2):
-        write_fragment(root / "train" / str(i), height=160, width=160, depth=8, seed=i)
-    return root
 
 
 def _cfg(data: Path, out: Path, *extra: str):

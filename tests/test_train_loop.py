@@ -11,18 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from scrollsam import prompts
 from scrollsam.cli import main
 from scrollsam.config import load_config
-from scrollsam.data.synthetic import write_fragment
 from scrollsam.doctor import run_doctor
 from scrollsam.errors import ConfigError, FragmentError, RunDirError
 from scrollsam.train.loop import TrainingError, lr_at, make_optimizer, train
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    for i in (1, 2):
-        write_fragment(root / "train" / str(i), height=160, width=160, depth=8, seed=i)
-    return root
 
 
 def _cfg(data: Path, out: Path, *extra: str):
