@@ -37,6 +37,7 @@ __all__ = [
     "sam_loss",
     "scalar_parts",
     "soft_dice_loss",
+    "to_mask_resolution",
     "upsample_logits",
 ]
 
@@ -75,6 +76,17 @@ def _same_size(logits: Tensor, target: Tensor) -> None:
     if logits.shape[-2:] != target.shape[-2:]:
         raise InputError(f"logits: expected the label resolution {list(target.shape[-2:])} "
                          f"(call upsample_logits first), got {_shape(logits)}")
+
+
+def to_mask_resolution(target: Tensor, valid: Tensor | None,
+                       size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+    """``resolution="mask"`` targets: area-average ``[N, 1, H, W]`` target and valid down to
+    ``size`` (the decoder's S/4 grid) -> ink fraction and valid fraction (kept where > 0.5).
+    Pooling is per image, so callers may pool once per tile and index sets afterwards."""
+    target = F.adaptive_avg_pool2d(target.float(), size)  # (N, 1, h, w)
+    if valid is not None:
+        valid = F.adaptive_avg_pool2d(valid.float(), size)  # (N, 1, h, w)
+    return target, valid
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -200,10 +212,7 @@ def sam_loss(
     if resolution not in ("label", "mask"):
         raise InputError(f"resolution: expected 'label' or 'mask', got {resolution!r}")
     if resolution == "mask" and target.shape[-2:] != logits.shape[-2:]:
-        size = tuple(logits.shape[-2:])
-        target = F.adaptive_avg_pool2d(target.float(), size)  # (P, 1, h, w) ink fraction
-        if valid is not None:
-            valid = F.adaptive_avg_pool2d(valid.float(), size)  # (P, 1, h, w), kept where > 0.5
+        target, valid = to_mask_resolution(target, valid, tuple(logits.shape[-2:]))
     up = upsample_logits(logits.float(), tuple(target.shape[-2:]))  # (P, M, H, W)
     parts: dict[str, Tensor] = {
         "focal": focal_loss(up, target, valid, alpha=focal_alpha, gamma=focal_gamma),

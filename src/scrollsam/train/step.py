@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from scrollsam import prompts as P
 from scrollsam.config import LossConfig, PromptConfig
-from scrollsam.losses import sam_loss
+from scrollsam.losses import sam_loss, to_mask_resolution
 from scrollsam.model.segmenter import SamSegmenter
 
 
@@ -89,9 +88,7 @@ def prompted_forward(
     target_cpu = (label.detach().cpu() > 0.5)[index]  # (P, 1, S, S) bool
     valid_cpu = (valid.detach().cpu() > 0.5)[index]  # (P, 1, S, S) bool
     if loss.resolution == "mask":  # area-average once per tile, not once per set and round
-        size = (model.mask_size, model.mask_size)
-        label = F.adaptive_avg_pool2d(label.float(), size)  # (B, 1, S/4, S/4)
-        valid = F.adaptive_avg_pool2d(valid.float(), size)  # (B, 1, S/4, S/4)
+        label, valid = to_mask_resolution(label, valid, (model.mask_size, model.mask_size))
     groups = assign_groups(index.shape[0], prompts, gen)
     if prompts.first in ("box", "mixed"):
         boxes, present = P.box_prompts(target_cpu, valid_cpu, generator=gen)
