@@ -55,7 +55,7 @@ def _labels(gen: torch.Generator, b: int, s: int) -> torch.Tensor:
                        "scrollsam.config"),
 )
 def cached_vs_recompute_train(quick: bool) -> dict[str, Any]:
-    from scrollsam.config import LossConfig, PromptConfig
+    from scrollsam.config import LossConfig, PromptConfig, TrainConfig
     from scrollsam.model.trainable import set_trainable
     from scrollsam.train.cache import EmbeddingCache
     from scrollsam.train.loop import make_optimizer
@@ -66,7 +66,7 @@ def cached_vs_recompute_train(quick: bool) -> dict[str, Any]:
     model = build_model("vit_b", image_size=size).train()
     set_trainable(model, ["prompt_encoder", "mask_decoder"])
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                         weight_decay=0.01)
+                         weight_decay=TrainConfig().weight_decay)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(TILES, 3, size, size, generator=gen)  # (B, 3, S, S)
     label = _labels(gen, TILES, size)  # (B, 1, S, S)
