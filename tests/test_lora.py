@@ -102,3 +102,13 @@ def test_a_lora_run_trains_the_adapters_and_predicts_with_them(data, tmp_path):
 def test_the_cache_is_refused_with_lora(data, tmp_path):
     with pytest.raises(ConfigError, match="lora_rank"):
         train(_cfg(data, tmp_path / "run", "train.cache=memory"), progress=False)
+
+
+def test_a_lora_checkpoint_into_a_plain_model_says_how_to_load_it(tmp_path):
+    from scrollsam.errors import CheckpointError
+    from scrollsam.model.build import load_into
+
+    adapted = _model()
+    add_lora(adapted, rank=2, alpha=4.0)
+    with pytest.raises(CheckpointError, match=r"LoRA adapters \(rank 2\).*model.lora_rank=2"):
+        load_into(_model().sam, adapted.sam.state_dict(), model_type="tiny", source="run/last.pt")

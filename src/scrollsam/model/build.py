@@ -26,6 +26,7 @@ from segment_anything.modeling import (
 
 from scrollsam.errors import CheckpointError, InputError
 from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
+from scrollsam.model.lora import is_lora_parameter
 from scrollsam.model.segmenter import SamSegmenter
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,12 @@ def load_into(sam: Sam, state: dict[str, torch.Tensor], *, model_type: str, sour
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     wrong = sorted(k for k in target.keys() & state.keys() if target[k].shape != state[k].shape)
+    if unexpected and all(is_lora_parameter(k) for k in unexpected):
+        rank = state[next(k for k in unexpected if k.endswith("lora_a"))].shape[0]
+        raise CheckpointError(
+            f"{source} holds LoRA adapters (rank {rank}) that the model lacks: train and "
+            f"predict add them from the run's model.lora_rank={rank}; in Python call "
+            f"scrollsam.model.lora.add_lora(model, rank={rank}, alpha=...) before loading")
     if missing or unexpected or wrong:
         parts = []
         if missing:
