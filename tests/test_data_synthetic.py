@@ -20,7 +20,8 @@ def test_synth_fragments_layout_and_dtypes(tmp_path):
         "train/1", "train/2", "test/a", "test/b"]
     for p in paths:
         names = sorted(q.name for q in p.iterdir())
-        expected = ["inklabels.png", "ir.png", "mask.png", "surface_volume"]
+        expected = ["inklabels.png", "ir.png", "mask.png", "surface_volume",
+                    "synth_settings.json"]
         if p.parent.name == "test":
             expected.remove("inklabels.png")
         assert names == expected
@@ -123,3 +124,78 @@ def test_existing_folder_is_not_overwritten_unless_asked(tmp_path):
     assert (path / "ir.png").read_bytes() == before
     write_fragment(path, height=32, width=32, depth=2, seed=2, overwrite=True)
     assert (path / "ir.png").read_bytes() != before
+
+
+def _settings(path):
+    import json
+
+    return json.loads((path / "synth_settings.json").read_text())
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_vary_is_deterministic_per_seed_and_within_its_ranges(tmp_path, level):
+    from scrollsam.data.synth_settings import VARY_RANGES, SynthSettings
+
+    seen = []
+    for seed in range(6):
+        a = write_fragment(tmp_path / f"a{seed}", height=32, width=32, depth=8, seed=seed,
+                           vary=level)
+        b = write_fragment(tmp_path / f"b{seed}", height=32, width=32, depth=8, seed=seed,
+                           vary=level)
+        assert _settings(a) == _settings(b)
+        assert (a / "mask.png").read_bytes() == (b / "mask.png").read_bytes()
+        got = _settings(a)
+        for name, (low, high) in VARY_RANGES[level].items():
+            assert low - 0.5 <= got[name] <= high + 0.5 if name == "depth" else \
+                low <= got[name] <= high, (name, got[name])
+        assert Fragment(a).depth == got["depth"]
+        seen.append(got)
+    defaults = SynthSettings()
+    for name in VARY_RANGES[level]:  # every setting of the level actually varies
+        values = {s[name] for s in seen}
+        assert len(values) > 1 and values != {getattr(defaults, name)}, name
+
+
+def test_vary_zero_is_the_fixed_generator_and_settings_override_draws(tmp_path):
+    from dataclasses import asdict
+
+    from scrollsam.data.synth_settings import SynthSettings
+
+    plain = write_fragment(tmp_path / "p", height=32, width=32, depth=8, seed=3)
+    assert _settings(plain) == asdict(SynthSettings(depth=8))
+    fixed = write_fragment(tmp_path / "f", height=32, width=32, depth=8, seed=3, vary=1,
+                           settings={"ink_offset": 5.0, "ink_contrast": 0.3})
+    drawn = write_fragment(tmp_path / "d", height=32, width=32, depth=8, seed=3, vary=1)
+    got, other = _settings(fixed), _settings(drawn)
+    assert got["ink_offset"] == 5.0 and got["ink_contrast"] == 0.3
+    # the other settings are the same draws as without the fixed ones
+    assert {k: v for k, v in got.items() if k not in ("ink_offset", "ink_contrast")} == \
+        {k: v for k, v in other.items() if k not in ("ink_offset", "ink_contrast")}
+
+
+def test_ink_offset_moves_the_ink_signal_in_depth(tmp_path):
+    peaks = []
+    for offset in (-6.0, 6.0):
+        frag = Fragment(write_fragment(tmp_path / f"o{offset}", height=128, width=128,
+                                       depth=65, settings={"ink_offset": offset,
+                                                           "ink_contrast": 0.3, "drift": 0.0}))
+        contrast = np.array(slice_contrast(frag, rng=np.random.default_rng(0)).contrast)
+        peaks.append(int(np.argmax(contrast)))
+    assert peaks[1] - peaks[0] >= 9, peaks
+
+
+@pytest.mark.parametrize("items, name", [
+    (["nope=1"], "--setting"), (["ink_offset"], "--setting"), (["depth=x"], "depth"),
+])
+def test_bad_settings_name_the_setting(items, name):
+    from scrollsam.data.synth_settings import parse_settings
+
+    with pytest.raises(InputError, match=name):
+        parse_settings(items)
+
+
+def test_settings_out_of_limits_are_refused(tmp_path):
+    with pytest.raises(InputError, match="noise"):
+        write_fragment(tmp_path / "f", height=32, width=32, depth=8, settings={"noise": 2.0})
+    with pytest.raises(InputError, match="--vary"):
+        write_fragment(tmp_path / "g", height=32, width=32, depth=8, vary=7)

@@ -44,16 +44,26 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
                    "(0 = invisible, default 0.1 = subtle); ink is always dark in ir.png")
     p.add_argument("--test-fragments", type=int, default=0, metavar="N",
                    help="test fragments OUT/test/a.. without labels (default 0)")
+    p.add_argument("--vary", type=int, default=0, choices=(0, 1, 2),
+                   help="draw each fragment's generator settings (sheet depth and drift, ink "
+                   "depth, spread and contrast, noise, fibres, stroke width, letter size; at 2 "
+                   "also the slice count) from ranges that widen with the level (default 0: "
+                   "fixed settings); each fragment records them in synth_settings.json")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix one generator setting, e.g. --setting ink_offset=3 (repeatable; "
+                   "names: see scrollsam.data.synth_settings.SynthSettings)")
     p.add_argument("--overwrite", action="store_true", help="replace existing fragment folders")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
+    from scrollsam.data.synth_settings import parse_settings
     from scrollsam.data.synthetic import synth_fragments
 
     paths = synth_fragments(
         args.out, fragments=args.fragments, height=args.height, width=args.width,
         depth=args.depth, seed=args.seed, ink_contrast=args.ink_contrast,
-        test_fragments=args.test_fragments, overwrite=args.overwrite,
+        test_fragments=args.test_fragments, overwrite=args.overwrite, vary=args.vary,
+        settings=parse_settings(args.setting),
     )
     for path in paths:
         print(path)

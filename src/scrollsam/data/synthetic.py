@@ -8,27 +8,36 @@ of the x-ray volume around the surface (slices ~25-40 of 65, as in the real data
 Slices are uncompressed uint16 TIFFs ``surface_volume/00.tif ..`` (axis order (z, y, x)).
 
 Everything is deterministic for a given seed: all randomness comes from one
-``np.random.Generator`` per fragment.
+``np.random.Generator`` per fragment. The generator's settings (sheet depth, ink depth and
+contrast, noise, stroke width, ...) are the defaults of
+:class:`~scrollsam.data.synth_settings.SynthSettings`, or drawn per fragment with ``vary`` > 0
+(see :mod:`scrollsam.data.synth_settings`); each fragment records its settings in
+``synth_settings.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import string
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import tifffile
 
+from scrollsam.data.synth_settings import SynthSettings, draw_settings
 from scrollsam.errors import InputError
 
 log = logging.getLogger(__name__)
 
-INK_CONTRAST = 0.1  # peak density increase of ink in the x-ray volume, relative to papyrus
+INK_CONTRAST = SynthSettings.ink_contrast  # peak density increase of ink in the x-ray volume
+SETTINGS_FILE = "synth_settings.json"  # the generator settings a fragment was made with
 _AIR, _PAPYRUS = 9000.0, 32000.0  # uint16 levels of empty space and papyrus in the volume
 
 
@@ -43,11 +52,14 @@ def synth_fragments(
     ink_contrast: float = INK_CONTRAST,
     test_fragments: int = 0,
     overwrite: bool = False,
+    vary: int = 0,
+    settings: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``OUT/train/1..n/`` (with labels) and ``OUT/test/a, b, ../`` (without labels).
 
     Test fragments keep ``ir.png`` so the infrared view can predict on them. Fragment ``i`` of a
-    seed is the same whatever the number of fragments. Returns the fragment folders written.
+    seed is the same whatever the number of fragments. ``vary`` and ``settings`` as in
+    :func:`write_fragment`. Returns the fragment folders written.
     """
     _check_int("fragments", fragments, 0)
     _check_int("test_fragments", test_fragments, 0)
@@ -56,12 +68,14 @@ def synth_fragments(
     for i in range(fragments):
         written.append(write_fragment(
             root / "train" / str(i + 1), height=height, width=width, depth=depth,
-            seed=(seed, 0, i), ink_contrast=ink_contrast, overwrite=overwrite,
+            seed=(seed, 0, i), ink_contrast=ink_contrast, overwrite=overwrite, vary=vary,
+            settings=settings,
         ))
     for j in range(test_fragments):
         written.append(write_fragment(
             root / "test" / _letters(j), height=height, width=width, depth=depth,
             seed=(seed, 1, j), ink_contrast=ink_contrast, labels=False, overwrite=overwrite,
+            vary=vary, settings=settings,
         ))
     return written
 
@@ -77,12 +91,18 @@ def write_fragment(
     labels: bool = True,
     ir: bool = True,
     overwrite: bool = False,
+    vary: int = 0,
+    settings: dict[str, Any] | None = None,
 ) -> Path:
     """Write one synthetic fragment folder (Kaggle layout) and return its path.
 
     ``seed`` is anything ``np.random.default_rng`` takes. ``ink_contrast`` is the peak density
     increase of ink in the volume as a fraction of the papyrus density (0 = invisible in the
-    x-ray, about 0.1 = subtle, 0.5 = obvious); the infrared ink is always clearly dark. The
+    x-ray, about 0.1 = subtle, 0.5 = obvious); the infrared ink is always clearly dark.
+    ``vary`` (0, 1, 2) draws the generator settings from ranges of that level
+    (:data:`~scrollsam.data.synth_settings.VARY_RANGES`; the slice count too at level 2, which
+    then replaces ``depth``); ``settings`` fixes named settings
+    (``{"ink_offset": 3.0}``) and overrides ``depth`` and ``ink_contrast``. The
     folder is written under a temporary name and renamed, so a killed run leaves no half
     fragment; an existing folder is an error unless ``overwrite``.
     """
@@ -97,12 +117,15 @@ def write_fragment(
             f"out: fragment folder already exists; --overwrite replaces it ({path})"
         )
     rng = np.random.default_rng(seed)
+    base = SynthSettings(ink_contrast=float(ink_contrast), depth=int(depth))
+    chosen = draw_settings(vary, rng, base=base, fixed=settings)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "surface_volume").mkdir(parents=True)
     try:
-        _write_contents(tmp, rng, height, width, depth, ink_contrast, labels=labels, ir=ir)
+        _write_contents(tmp, rng, height, width, chosen, labels=labels, ir=ir)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(chosen), indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -115,15 +138,16 @@ def write_fragment(
 
 
 def _write_contents(
-    folder: Path, rng: np.random.Generator, height: int, width: int, depth: int,
-    ink_contrast: float, *, labels: bool, ir: bool,
+    folder: Path, rng: np.random.Generator, height: int, width: int, settings: SynthSettings,
+    *, labels: bool, ir: bool,
 ) -> None:
     mask = _outline(rng, height, width)  # bool [H, W]
     inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    ink = _glyphs(rng, height, width) & inner  # bool [H, W]
+    ink = _glyphs(rng, height, width, letter_scale=settings.letter,
+                  stroke_scale=settings.stroke) & inner  # bool [H, W]
     recto = _fibres(rng, height, width, along="x")  # float32 [H, W], unit std
     verso = _fibres(rng, height, width, along="y")
-    _write_volume(folder / "surface_volume", rng, mask, ink, recto, verso, depth, ink_contrast)
+    _write_volume(folder / "surface_volume", rng, mask, ink, recto, verso, settings)
     cv2.imwrite(str(folder / "mask.png"), mask.astype(np.uint8) * 255)
     if labels:
         cv2.imwrite(str(folder / "inklabels.png"), ink.astype(np.uint8) * 255)
@@ -133,16 +157,19 @@ def _write_contents(
 
 def _write_volume(
     folder: Path, rng: np.random.Generator, mask: np.ndarray, ink: np.ndarray,
-    recto: np.ndarray, verso: np.ndarray, depth: int, ink_contrast: float,
+    recto: np.ndarray, verso: np.ndarray, settings: SynthSettings,
 ) -> None:
-    """Write ``depth`` uint16 slices: a papyrus sheet around a drifting surface, ink on it."""
+    """Write ``settings.depth`` uint16 slices: a papyrus sheet around a drifting surface, ink on
+    it (its depth, spread and strength, the noise and the fibres from ``settings``)."""
     h, w = mask.shape
+    st, depth = settings, settings.depth
     scale = depth / 65.0  # the real volumes have 65 slices; keep proportions for other depths
     drift = np.tanh(_smooth(rng, h, w, max(h, w) / 2) / 1.5)  # [H, W] in (-1, 1)
-    surface = (depth - 1) / 2 + 3.0 * scale * drift  # [H, W] z of the surface, +-3 of 65
-    half = 11.5 * scale  # half thickness of the papyrus sheet, in slices
+    surface = (depth - 1) / 2 + scale * (st.surface + st.drift * drift)  # [H, W] sheet centre z
+    half = st.sheet * scale  # half thickness of the papyrus sheet, in slices
     soft = max(0.5, 1.2 * scale)  # how sharply density falls off at the sheet faces
-    ink_sigma = max(0.6, 3.0 * scale)  # depth spread of the ink signal around the surface
+    ink_sigma = max(0.6, st.ink_sigma * scale)  # depth spread of the ink signal
+    ink_z = np.float32(st.ink_offset * scale)  # ink depth relative to the sheet centre
     outline = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.5)
     ink_soft = cv2.GaussianBlur(ink.astype(np.float32), (0, 0), 1.0)
     span = np.float32(_PAPYRUS - _AIR)
@@ -152,10 +179,10 @@ def _write_volume(
         dz = (z - surface).astype(np.float32)  # [H, W] signed distance to the surface, slices
         sheet = _sigmoid((dz + half) / soft) * _sigmoid((half - dz) / soft) * outline
         upper = _sigmoid(-dz / 2.0)  # recto fibres above the surface, verso fibres below
-        texture = 1.0 + 0.12 * (upper * recto + (1.0 - upper) * verso)
-        signal = ink_contrast * ink_soft * np.exp(-0.5 * (dz / ink_sigma) ** 2)
+        texture = 1.0 + st.fibre * (upper * recto + (1.0 - upper) * verso)
+        signal = st.ink_contrast * ink_soft * np.exp(-0.5 * ((dz - ink_z) / ink_sigma) ** 2)
         vol = _AIR + span * (sheet * texture * shading + signal)
-        vol += rng.standard_normal((h, w), dtype=np.float32) * (0.04 * span)
+        vol += rng.standard_normal((h, w), dtype=np.float32) * np.float32(st.noise * span)
         tifffile.imwrite(folder / f"{z:0{digits}d}.tif", np.clip(vol, 0, 65535).astype(np.uint16))
 
 
@@ -190,14 +217,16 @@ def _outline(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (blob > 0) | holes
 
 
-def _glyphs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """bool [H, W]: lines of random capital-letter words, slightly rotated, some worn away."""
+def _glyphs(rng: np.random.Generator, h: int, w: int, *, letter_scale: float = 1.0,
+            stroke_scale: float = 1.0) -> np.ndarray:
+    """bool [H, W]: lines of random capital-letter words, slightly rotated, some worn away;
+    letters ``letter_scale`` times the default height, strokes ``stroke_scale`` times as wide."""
     canvas = np.zeros((h, w), np.uint8)
-    letter = float(np.clip(min(h, w) / 18, 8, 120))  # glyph height in pixels
+    letter = float(np.clip(min(h, w) / 18, 8, 120)) * letter_scale  # glyph height in pixels
     font = cv2.FONT_HERSHEY_SIMPLEX
     (_, base_h), _ = cv2.getTextSize("A", font, 1.0, 1)
     scale = letter / base_h
-    thick = max(1, round(letter / 7))
+    thick = max(1, round(letter * stroke_scale / 7))
     pitch = 1.9 * letter
     y = 0.08 * h + letter
     while y < 0.95 * h:
