@@ -45,7 +45,9 @@ def _study(out: Path) -> optuna.Study:
 
 
 def _subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_WAIT_POLICY": "PASSIVE"}
+    """This checkout's scrollsam first (an installed copy may be another branch's)."""
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_three_trial_sweep_writes_the_best_config(data, tmp_path, capsys):

@@ -300,7 +300,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         sampler=optuna.samplers.TPESampler(seed=args.seed), baseline=not args.no_baseline,
     )
     print(format_report(result))
-    return EXIT_OK
+    return EXIT_OK if result.best or args.trials == 0 else EXIT_FAIL  # no trial completed
 
 
 # --- entry point -------------------------------------------------------------------------------
