@@ -264,6 +264,55 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="base experiment YAML every trial starts from")
+    p.add_argument("--space", required=True, metavar="SPACE.yaml",
+                   help="config keys to search: `train.lr: {low: 1.0e-5, high: 1.0e-3, log: "
+                   "true}` (float or int range) or `data.z_start: [16, 20, 24]` (choices)")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="run until the study holds N complete or pruned trials (the same "
+                   "command continues a killed sweep; workers share the target)")
+    p.add_argument("--out", default="runs/sweep", metavar="DIR",
+                   help="trial run dirs DIR/trial_0000/..., study.db, best_config.yaml "
+                   "(default runs/sweep)")
+    p.add_argument("--study", metavar="NAME", help="study name (default: the name of DIR)")
+    p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL of the study, e.g. "
+                   "postgresql://user:pw@host/db for many machines (default sqlite in DIR)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="stop trials whose F0.5 falls below the median of earlier trials at "
+                   "the same step (default median)")
+    p.add_argument("--startup-trials", type=int, default=3, metavar="N",
+                   help="trials that run to the end before the pruner acts (default 3)")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                   help="no pruning before this training step (default 0)")
+    p.add_argument("--seed", type=int, help="sampler seed (give each worker its own)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not start a new study with the base config's own values")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the base config, e.g. train.steps=200")
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    import optuna
+
+    from scrollsam.config import load_config
+    from scrollsam.sweep import format_report, load_space, make_pruner, run_sweep
+
+    base = load_config(args.config, args.overrides)
+    result = run_sweep(
+        base, load_space(args.space, base), trials=args.trials, out=args.out,
+        study_name=args.study, storage=args.storage,
+        pruner=make_pruner(args.pruner, startup_trials=args.startup_trials,
+                           warmup_steps=args.warmup_steps),
+        sampler=optuna.samplers.TPESampler(seed=args.seed), baseline=not args.no_baseline,
+    )
+    print(format_report(result))
+    return EXIT_OK if result.best or args.trials == 0 else EXIT_FAIL  # no trial completed
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 # name -> (one-line help, example, add-arguments, run)
@@ -293,6 +342,10 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "demo": ("synth + train + predict + evaluate on a CPU in minutes",
              "scrollsam demo --out demo",
              _add_demo, lambda a: _run_demo(a)),
+    "sweep": ("search config values with Optuna; each trial an ordinary run dir",
+              "scrollsam sweep --config configs/sweep_demo.yaml --space "
+              "configs/sweep_demo_space.yaml --trials 8 --out runs/sweep_demo",
+              _add_sweep, lambda a: _run_sweep(a)),
 }
 
 

@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +239,14 @@ def make_optimizer(params: list[torch.nn.Parameter], *, lr: float,
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train from ``cfg`` into the run dir ``cfg.out``; returns it. See the module docstring."""
+def train(cfg: Config, *, resume: bool = False, progress: bool = True,
+          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Train from ``cfg`` into the run dir ``cfg.out``; returns it. See the module docstring.
+
+    on_eval: called as ``on_eval(step, scores)`` after each validation that scored tiles (after
+        ``best.pt`` is saved); an exception it raises (a sweep pruning the run) ends training
+        and propagates, with TensorBoard closed.
+    """
     cfg, ckpt, created = prepare_run(cfg, resume=resume)
     run = Path(cfg.out)
     torch.manual_seed(cfg.train.seed)
@@ -328,6 +334,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
                         state.best_f05, state.best_step = scores["f0.5"], state.step
                         state.best_threshold = scores["threshold"]
                         save("best.pt")
+                    if on_eval is not None:
+                        on_eval(state.step, scores)
             if state.step % cfg.train.save_every == 0 or done:
                 save("last.pt")
             tb.flush()

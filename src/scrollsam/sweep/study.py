@@ -1,0 +1,253 @@
+"""``scrollsam sweep``: an Optuna study over config keys, each trial an ordinary run dir.
+
+Per trial: Optuna samples the space, the base config with those values becomes the run dir
+``OUT/trial_0007/`` (config.yaml, best.pt, last.pt, TensorBoard), :func:`~scrollsam.train.loop.
+train` runs it and reports the validation F0.5 of every evaluation to the pruner, which may stop
+the trial there (state PRUNED, its run dir kept). The trial's value is its best validation F0.5,
+the score ``best.pt`` holds.
+
+The study lives in an RDB storage: ``sqlite:///OUT/study.db`` by default, or any SQLAlchemy URL
+(PostgreSQL, MySQL) so workers on many machines join one study by running the same command
+with the same ``--study`` and ``--storage``. ``trials`` is a target for the whole study (trials
+that completed or were pruned), so running the same command again continues a killed sweep and
+does nothing more once the target is met.
+
+A trial whose process died is marked failed, and its run dir is left as it was: at once when
+the sweep that continues runs on the same host (the dead process id is recorded with the trial),
+else by Optuna's heartbeat once the trial has been silent for ``GRACE_S`` seconds. New trials
+get new numbers, hence fresh run dirs; an existing one is never written into.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
+import yaml
+from optuna.trial import TrialState
+
+from scrollsam.config import Config
+from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
+from scrollsam.sweep.report import SweepResult, summarise
+from scrollsam.sweep.space import Space, apply_params
+from scrollsam.train.loop import TrainingError, train
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
+GRACE_S = 600  # ... and is taken for dead (failed) after this long without one
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the trials target
+
+
+class SweepError(ScrollsamError):
+    """The study storage cannot be opened or holds something that is not a scrollsam sweep."""
+
+
+def make_pruner(kind: str = "median", *, startup_trials: int = 3,
+                warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+    """``median``: stop a trial whose F0.5 at an evaluation step is below the median of earlier
+    trials at that step, once ``startup_trials`` trials finished and after ``warmup_steps``
+    training steps; ``none``: never stop a trial early."""
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind != "median":
+        raise ConfigError(f"--pruner: expected median or none, got {kind!r}")
+    if startup_trials < 0 or warmup_steps < 0:
+        raise ConfigError(f"--startup-trials / --warmup-steps: expected >= 0, got "
+                          f"{startup_trials}, {warmup_steps}")
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
+                                       n_warmup_steps=warmup_steps)
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password masked, for messages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at the SQLAlchemy ``url``, with heartbeats; tables made if new.
+
+    SQLite waits up to a minute for a lock held by another worker. Workers starting together
+    race to create the tables and stamp their version; the loser tries again.
+    """
+    kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+              else {"pool_pre_ping": True})
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                                  heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
+            if attempt == attempts - 1:
+                raise SweepError(f"cannot open the study storage: {_first_line(err)} "
+                                 f"({safe_url(url)})") from err
+            time.sleep(0.5 * (attempt + 1))
+        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as err:
+            raise SweepError(f"cannot open the study storage: {_first_line(err)} "
+                             f"({safe_url(url)})") from err
+    raise AssertionError("unreachable")
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Mark failed the RUNNING trials started on this host by a process that is gone; returns
+    them. Their run dirs are not touched."""
+    host = socket.gethostname()
+    orphans = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        orphans.append(t)
+        log.warning("trial %d was running when its sweep stopped: marked failed, run dir left "
+                    "as it was (%s)", t.number, t.user_attrs.get("run_dir"))
+    return orphans
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():  # our own id: its former owner is gone
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "runs/sweep",
+              study_name: str | None = None, storage: str | None = None,
+              pruner: optuna.pruners.BasePruner | None = None,
+              sampler: optuna.samplers.BaseSampler | None = None,
+              baseline: bool = True, progress: bool = False) -> SweepResult:
+    """Run (or continue) the study until it holds ``trials`` finished trials; see the module
+    docstring. Returns the summary, after writing ``OUT/best_config.yaml``.
+
+    study_name: default the name of ``out``. storage: default ``sqlite:///OUT/study.db``.
+    pruner: default :func:`make_pruner` (median). sampler: default TPE.
+    baseline: in a new study, the first trial runs the base config's own values of the swept
+        keys (when the space holds them), so the table shows what the search gained.
+    progress: a progress bar per trial.
+    """
+    if trials < 0:
+        raise ConfigError(f"--trials: expected a number >= 0, got {trials}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    name = study_name or out.resolve().name
+    with _optuna_quiet():
+        study = optuna.create_study(
+            storage=open_storage(url), study_name=name, direction="maximize",
+            sampler=sampler or optuna.samplers.TPESampler(),
+            pruner=pruner if pruner is not None else make_pruner(), load_if_exists=True)
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise SweepError(f"study {name} minimizes its objective: not a scrollsam sweep "
+                             f"({safe_url(url)})")
+        _check_space(study, space)
+        fail_orphaned_trials(study)
+        if baseline and not study.get_trials(deepcopy=False):
+            _enqueue_baseline(study, base, space)
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if done < trials:
+            log.info("study %s (%s): %d of %d trials finished; running the rest", name,
+                     safe_url(url), done, trials)
+            study.optimize(
+                lambda trial: _objective(trial, base, space, out, progress=progress),
+                n_trials=trials - done, gc_after_trial=True,
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED)])
+        return summarise(study, base, space, out=out, storage=safe_url(url))
+
+
+def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
+               progress: bool) -> float:
+    """Train one trial; its best validation F0.5, or NaN (a failed trial) when its values make
+    an invalid config or training fails (NaN loss, out of memory)."""
+    run = out / f"trial_{trial.number:04d}"
+    for key, value in (("run_dir", str(run.resolve())), ("host", socket.gethostname()),
+                       ("pid", os.getpid())):
+        trial.set_user_attr(key, value)
+    params = space.suggest(trial)
+    if run.exists() and any(run.iterdir()):
+        raise RunDirError(f"trial {trial.number}'s run dir exists and is not empty ({run}); "
+                         f"it belongs to another study: choose another --out or --study")
+    log.info("trial %d (%s): %s", trial.number, run,
+             ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+    scores: list[float] = []
+
+    def on_eval(step: int, valid: dict[str, float]) -> None:
+        scores.append(valid["f0.5"])
+        trial.report(valid["f0.5"], step)
+        if trial.should_prune():
+            log.info("trial %d pruned at step %d (valid F0.5 %.4f)", trial.number, step,
+                     valid["f0.5"])
+            raise optuna.TrialPruned(f"valid F0.5 {valid['f0.5']:.4f} at step {step}")
+
+    start = time.perf_counter()
+    try:
+        train(apply_params(base, params, out=run), progress=progress, on_eval=on_eval)
+    except (ConfigError, TrainingError) as err:  # these values fail; other trials may not
+        log.warning("trial %d failed: %s", trial.number, err)
+        trial.set_user_attr("error", str(err))
+        return math.nan
+    if not scores:
+        raise ConfigError("a sweep needs validation scores, but the run scored no validation "
+                          "tiles (data.valid / data.valid_band)")
+    log.info("trial %d finished: best valid F0.5 %.4f in %.0f s", trial.number, max(scores),
+             time.perf_counter() - start)
+    return max(scores)
+
+
+def _check_space(study: optuna.Study, space: Space) -> None:
+    stored = study.user_attrs.get("space")
+    if stored is None:
+        study.set_user_attr("space", space.describe())
+        study.set_user_attr("space_file", space.source)
+    elif stored != space.describe():
+        log.warning("the space (%s) differs from the one study %s began with; earlier trials "
+                    "keep their values", space.source, study.study_name)
+
+
+def _enqueue_baseline(study: optuna.Study, base: Config, space: Space) -> None:
+    params = space.base_params(base)
+    if params is None:
+        log.info("no baseline trial: a base config value lies outside the space")
+        return
+    study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
+
+
+@contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Optuna's own log lines off (each trial is logged here, without tracebacks)."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return str(value)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
