@@ -18,6 +18,15 @@ Frames and shapes (S = ``image_size``, the model input side):
 Official SAM appends one padding point (label -1) to every point set when no box is given, so
 N points become N + 1 sparse tokens (the seed's puzzling ``[3, 65, 256]`` for 64 points).
 
+Two optional parts around official SAM (built from the config by
+:func:`scrollsam.model.build.model_from_config`):
+
+* ``depth_encoder`` (:mod:`.depth`): the model input is then a band of Z slices
+  ``[B, Z, S, S]``, which it turns into SAM's C channels and full-resolution features;
+* ``mask_head`` (:mod:`.heads`): :meth:`refine` turns the S/4 logits of each prompt set into
+  full-resolution logits ``[P, M, S, S]``, using per-image pixel features from
+  :meth:`encode_with_pixels` (or :meth:`pixel_features`).
+
 The module never disables gradients: callers that only predict wrap it in ``torch.no_grad()``.
 """
 
@@ -52,10 +61,13 @@ CPU_DECODE_TOKENS = 8192
 class SamSegmenter(nn.Module):
     """Official SAM (``self.sam``) with batch-correct encode / decode; see ``build_model``."""
 
-    def __init__(self, sam: Sam, *, model_type: str) -> None:
+    def __init__(self, sam: Sam, *, model_type: str, depth_encoder: nn.Module | None = None,
+                 mask_head: nn.Module | None = None) -> None:
         super().__init__()
         self.sam = sam
         self.model_type = model_type
+        self.depth_encoder = depth_encoder
+        self.mask_head = mask_head
 
     # --- geometry ------------------------------------------------------------------------------
 
@@ -66,7 +78,10 @@ class SamSegmenter(nn.Module):
 
     @property
     def in_chans(self) -> int:
-        """C: input channels the patch embedding expects."""
+        """C: input channels the model expects (the depth encoder's band width if it has one,
+        else the channels of the patch embedding)."""
+        if self.depth_encoder is not None:
+            return int(self.depth_encoder.band)
         return int(self.sam.image_encoder.patch_embed.proj.in_channels)
 
     @property
@@ -87,9 +102,47 @@ class SamSegmenter(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, C, S, S] -> embeddings [B, 256, S/16, S/16]."""
+        return self.encode_with_pixels(images, pixels=False)[0]
+
+    def encode_with_pixels(
+        self, images: torch.Tensor, *, pixels: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images [B, C, S, S] -> (embeddings [B, 256, S/16, S/16], pixel features
+        [B, G, S, S] for :meth:`refine`, None without a mask head or with ``pixels=False``).
+        The depth encoder, if any, runs once for both."""
         images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
                               device=self.device)
-        return self.sam.image_encoder(images)
+        features = images
+        if self.depth_encoder is not None:
+            images, features = self.depth_encoder(images)  # (B, 3, S, S), (B, F, S, S)
+        emb = self.sam.image_encoder(images)
+        if not pixels or self.mask_head is None:
+            return emb, None
+        return emb, self.mask_head.image_features(features)
+
+    def pixel_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Pixel features [B, G, S, S] of images [B, C, S, S] for :meth:`refine` (None without
+        a mask head), without the image encoder: what a cached-embedding step needs."""
+        if self.mask_head is None:
+            return None
+        images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
+                              device=self.device)
+        features = images if self.depth_encoder is None else self.depth_encoder(images)[1]
+        return self.mask_head.image_features(features)
+
+    def refine(self, logits: torch.Tensor, pixels: torch.Tensor | None,
+               image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits [P, M, S/4, S/4] -> full-resolution logits [P, M, S, S] with the mask
+        head (``pixels`` from :meth:`encode_with_pixels`, ``image_index`` [P] as in
+        :meth:`decode`, default set p -> image p); unchanged without a head."""
+        if self.mask_head is None:
+            return logits
+        if pixels is None:
+            raise InputError("pixels: the model has a mask head, which needs the pixel "
+                             "features of encode_with_pixels(images)")
+        if image_index is None:
+            image_index = torch.arange(logits.shape[0], device=logits.device)
+        return self.mask_head(logits, pixels, image_index)
 
     # --- prompts -------------------------------------------------------------------------------
 
@@ -257,6 +310,9 @@ class SamSegmenter(nn.Module):
         return self.decode(self.encode(images), **prompts)  # type: ignore[arg-type]
 
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
-        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S] (bilinear, as official SAM does)."""
+        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S] (bilinear, as official SAM does);
+        full-resolution logits (from :meth:`refine`) are returned as they are."""
+        if logits.shape[-1] == self.image_size:
+            return logits
         return F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
                              align_corners=False)
