@@ -28,6 +28,7 @@ from scrollsam.errors import CheckpointError, InputError
 from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
 from scrollsam.model.lora import is_lora_parameter
 from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.torchfile import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,7 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from err
+    obj: Any = load_torch(path)  # one-line errors for empty, corrupt and unsafe files
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or PATCH_WEIGHT not in obj:
