@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from scrollsam.errors import ScrollsamError
+from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger("scrollsam")
 
@@ -85,19 +86,25 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML holding only what changes (see configs/)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in out=DIR from its last.pt (its saved config is "
-                        "used; train.steps=N may extend it)")
+                   help="continue the run in out=DIR from its last checkpoint with its saved "
+                        "config (--config is not needed); key=value may extend train.steps or "
+                        "change where things are (out, data.root, train.device, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.steps=500 data.train=[train/1,train/2]")
+                   help="dotted overrides, anywhere on the line, e.g. train.steps=500 "
+                        "data.train=[train/1,train/2]")
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from scrollsam.config import load_config
+    from scrollsam.config import given_keys, load_config
     from scrollsam.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.config:
+        log.info("--resume continues the run's saved config; %s is not used (key=value "
+                 "overrides may change out, data.root, train.steps, ...)", args.config)
+    run = train(cfg, resume=args.resume, progress=not args.no_progress,
+                given=given_keys(args.overrides))
     print(f"run: {run}  (checkpoints best.pt / last.pt; tensorboard --logdir {run / 'tb'})")
     return EXIT_OK
 
@@ -309,7 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `scrollsam` with ``argv`` (default: sys.argv[1:]) and return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after flags: train out=runs/x --resume a.b=1
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e
+                                                 for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
@@ -322,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as stop:  # Ctrl-C / SIGTERM, last.pt written: say how to go on
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
