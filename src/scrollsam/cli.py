@@ -121,10 +121,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="checkpoint of the run (default best; last.pt if no best.pt yet)")
     p.add_argument("--threshold", default="auto", metavar="auto|T",
                    help="ink where probability >= T (default: the one saved with the checkpoint)")
-    p.add_argument("--tile", type=int, help="window side in fragment pixels (default: the "
-                   "model input size; other sizes are resized to it)")
-    p.add_argument("--stride", type=int, help="window step (default: the run's, else tile/2)")
-    p.add_argument("--batch-size", type=int, help="model inputs per call (default: the run's)")
+    p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 (default: "
+                   "the model input size; other sizes are resized to it)")
+    p.add_argument("--stride", type=int, help="window step in pixels, >= 1 (default: the run's "
+                   "data.stride, else tile/2)")
+    p.add_argument("--batch-size", type=int, help="model inputs per call, >= 1 (default: the "
+                   "run's train.batch_size)")
     p.add_argument("--tta", action="store_true",
                    help="average over flips and 90 degree rotations (8x slower)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

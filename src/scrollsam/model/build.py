@@ -131,6 +131,7 @@ def build_model(
     sam = _build_sam(VARIANTS[type], image_size=image_size, in_chans=in_chans)
     if state is not None:
         load_into(sam, state, model_type=type, source=str(checkpoint))
+        log.info("loaded %s weights from %s", type, checkpoint)
     return SamSegmenter(sam, model_type=type)
 
 
@@ -203,5 +204,4 @@ def load_into(sam: Sam, state: dict[str, torch.Tensor], *, model_type: str, sour
             parts.append(f"shape of {k} is {tuple(state[k].shape)}, model has "
                          f"{tuple(target[k].shape)}")
         raise CheckpointError(f"{source} does not fit a {model_type} model: {'; '.join(parts)}")
-    sam.load_state_dict(state)
-    log.info("loaded %s weights from %s", model_type, source)
+    sam.load_state_dict(state)  # callers say what they loaded (predict: once, with the step)
