@@ -97,6 +97,20 @@ def test_stale_temp_files_of_the_run_are_removed_on_resume(data, tmp_path):
     assert remove_stale_temps(run) == []
 
 
+def test_resume_takes_the_checkpoint_with_the_latest_step(data, tmp_path, caplog):
+    # kill -9 after a validation wrote best.pt and before the next last.pt: best.pt is newer
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(data, f"out={one}", "train.steps=1")) == 0
+    assert main(_args(data, f"out={two}", "train.steps=2")) == 0
+    shutil.copy(two / "last.pt", two / "best.pt")  # step 2, written last
+    shutil.copy(one / "last.pt", two / "last.pt")  # step 1
+    os.utime(two / "best.pt", ns=(2 * 10**18, 2 * 10**18))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", f"out={two}", "--resume", "train.steps=3", "--no-progress"]) == 0
+    assert f"resuming from {two / 'best.pt'} (step 2), the newest checkpoint" in caplog.messages
+    assert _step(two) == 3
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(data, tmp_path,
                                                                       monkeypatch):
     run = tmp_path / "run"

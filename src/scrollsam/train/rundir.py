@@ -142,7 +142,8 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None)
     New run: create the folder (or take an empty one) and refuse one that holds anything.
     Resume: read the newest checkpoint and its config (see :func:`resume_config`; ``given`` =
     the dotted keys set on the command line, None = those that differ from the defaults).
-    Both remove stale temp files once the lock is held. Release with ``with`` or ``.lock``.
+    A resume removes stale temp files once the lock is held (a new run's folder is empty).
+    Release with ``with`` or ``.lock.release()``.
     """
     run = Path(cfg.out)
     if resume:
@@ -154,7 +155,8 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None)
             saved, ckpt = _saved_state(run)
             keys = set(given) if given is not None else _non_default_keys(cfg)
             step = int(ckpt["step"]) if ckpt is not None else 0
-            resumed = resume_config(saved, absolute_paths(cfg), given=keys, step=step)
+            resumed = absolute_paths(resume_config(saved, absolute_paths(cfg), given=keys,
+                                                   step=step))  # runs saved before: relative
             return RunDir(run, resumed, ckpt, new=False, created=False, lock=lock)
         except BaseException:
             lock.release()
@@ -182,13 +184,15 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None)
 def _saved_state(run: Path) -> tuple[Config, dict[str, Any] | None]:
     """(saved config, newest checkpoint) of ``run``; checkpoint None when the run was stopped
     before its first save (then its config.yaml restarts it)."""
-    found = [p for p in (run / "last.pt", run / "best.pt") if p.is_file()]
-    if found:
-        newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-        ckpt = load_checkpoint(newest)
-        if newest.name != "last.pt":
-            log.warning("resuming from %s (step %d): it is newer than last.pt", newest,
-                        int(ckpt["step"]))
+    last, best = run / "last.pt", run / "best.pt"
+    ckpt = load_checkpoint(last) if last.is_file() else None
+    if best.is_file() and (ckpt is None or best.stat().st_mtime_ns > last.stat().st_mtime_ns):
+        other = load_checkpoint(best)  # written after last.pt: maybe at a later step
+        if ckpt is None or int(other["step"]) > int(ckpt["step"]):
+            log.warning("resuming from %s (step %d), the newest checkpoint", best,
+                        int(other["step"]))
+            ckpt = other
+    if ckpt is not None:
         return config_from_dict(ckpt["config"]), ckpt
     if (run / "config.yaml").is_file():
         log.warning("no checkpoint in %s yet (stopped before its first save): starting its "
