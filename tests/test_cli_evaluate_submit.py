@@ -161,3 +161,12 @@ def test_closed_output_pipe_is_not_a_crash(files, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["evaluate", "--pred", files["pred"], "--labels", files["labels"]]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_evaluate_with_an_all_zero_mask_is_an_error_naming_it(files, tmp_path, capsys):
+    # Before: nothing was scored and F0.5 came out as 1.0000.
+    zero = _png(tmp_path / "zeromask.png", np.zeros_like(TRUTH))
+    assert main(["evaluate", "--pred", files["pred"], "--labels", files["pred"],
+                 "--mask", zero]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no valid pixels to score: the mask is all zero ({zero})\n"

@@ -18,7 +18,7 @@ from scrollsam.data.fragment import Fragment
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.data.tiles import Region, tile_windows
 from scrollsam.data.views import make_view
-from scrollsam.errors import FragmentError
+from scrollsam.errors import FragmentError, InputError
 
 H = W = 96
 S = 64
@@ -163,3 +163,22 @@ def test_unlabelled_fragment_is_refused(tmp_path):
     frag = Fragment(write_fragment(tmp_path / "a", height=64, width=64, depth=2, labels=False))
     with pytest.raises(FragmentError, match="a has no ink labels"):
         TileDataset([frag], _tiles(frag), make_view("ir"))
+
+
+def test_a_validation_fragment_without_tiles_is_an_error_at_start(tmp_path):
+    # Before: a warning, and training ran with validation silently off.
+    frags = [Fragment(write_fragment(tmp_path / str(i), height=96, width=96, depth=2, seed=i))
+             for i in (1, 2)]
+    cv2.imwrite(str(frags[1].mask_path), np.zeros((96, 96), np.uint8))
+    frags[1] = Fragment(frags[1].path)
+    with pytest.raises(InputError, match=r"validation fragment 2 has no pixel inside its mask.*"
+                                         r"data\.valid \(.*2/mask\.png\)$"):
+        make_datasets(frags, make_view("ir"), size=S, valid_fragments=["2"])
+    with pytest.raises(InputError, match=r"^data\.valid_band: expected a share > 0"):
+        make_datasets(frags[:1], make_view("ir"), size=S, valid_band=(1.0, 1.0))
+
+
+def test_no_training_tile_names_real_config_keys(tmp_path):
+    frag = Fragment(write_fragment(tmp_path / "1", height=64, width=64, depth=2, seed=1))
+    with pytest.raises(InputError, match=r"no 128 px training tile .*lower model\.image_size"):
+        make_datasets([frag], make_view("ir"), size=128, valid_band=(0.5, 1.0))

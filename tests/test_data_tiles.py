@@ -134,3 +134,11 @@ def test_bad_tile_arguments(frags):
             tile_windows(f, whole, **kw)
     with pytest.raises(InputError, match="region"):
         tile_windows(frags[1], whole, size=8)
+
+
+def test_a_region_without_tiles_is_logged_in_words_not_as_a_repr(frags, caplog):
+    f = frags[0]
+    with caplog.at_level("WARNING"):
+        assert make_tiles(frags, [Region(f.id, 0, 4, 0, 4)], size=64, min_valid=0.9) == []
+    (message,) = caplog.messages
+    assert message == f"no 64 px tile fits rows 0..3, columns 0..3 of fragment {f.id}"

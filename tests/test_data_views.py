@@ -179,6 +179,18 @@ def test_missing_ir_and_too_few_slices_are_fragment_errors(tmp_path):
     with pytest.raises(FragmentError, match="noir has 8 slices") as err:
         make_view("slices", "triplet").eval_window(frag, 0, 0, 32)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert "set data.z_start / data.z_end" in str(err.value)  # was "z0 / z1 or depth"
+
+
+def test_band_errors_from_a_config_name_its_keys():
+    from scrollsam.config import load_config
+    from scrollsam.data.views import view_from_config
+    from scrollsam.errors import ConfigError
+
+    cfg = load_config(None, ["data.input=slices", "data.z_start=25", "data.z_end=26"])
+    with pytest.raises(ConfigError, match=r"^data\.z_end: expected data\.z_end >= "
+                                          r"data\.z_start \+ 3"):
+        view_from_config(cfg.data, cache_dir=None)
 
 
 def test_stats_cache_lives_in_the_run_dir(tmp_path, frag, monkeypatch):

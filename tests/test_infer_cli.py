@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -106,6 +108,8 @@ def test_clicks_predict_only_around_them(data, tmp_path):
     ("bad_threshold", "--threshold: expected auto or a number"),
     ("bad_points", "--points: expected JSON"),
     ("no_fragment", "fragment folder not found"),
+    ("stride_0", "--stride: expected an integer >= 1"),  # was: silently the default
+    ("empty_mask", "mask is empty: no pixel inside the fragment"),
 ])
 def test_missing_inputs_end_with_one_line_and_exit_code_2(data, tmp_path, capsys, case, match):
     run, frag, extra = data / "run_ir", data / "a", []
@@ -125,6 +129,11 @@ def test_missing_inputs_end_with_one_line_and_exit_code_2(data, tmp_path, capsys
         extra = ["--points", str(tmp_path / "p.json")]
     elif case == "no_fragment":
         frag = tmp_path / "missing"
+    elif case == "stride_0":
+        extra = ["--stride", "0"]
+    elif case == "empty_mask":
+        frag = write_fragment(tmp_path / "empty", height=64, width=64, depth=65, seed=5)
+        cv2.imwrite(str(frag / "mask.png"), np.zeros((64, 64), np.uint8))
     out = tmp_path / "out"
     code = predict("--run", str(run), "--fragment", str(frag), "--out", str(out), *extra)
     err = capsys.readouterr().err.strip().splitlines()
@@ -157,3 +166,17 @@ def test_write_outputs_checks_shapes(tmp_path):
         write_outputs(tmp_path, prob, threshold=0.5, labels=np.zeros((12, 10), bool))
     with pytest.raises(InputError, match="prob: expected float32"):
         write_outputs(tmp_path, prob.astype(np.float64), threshold=0.5)
+
+
+def test_a_window_larger_than_the_fragment_warns_and_the_checkpoint_is_named_once(data,
+                                                                                 tmp_path,
+                                                                                 caplog):
+    # Before: --tile 128 on a 100 x 90 fragment gave a poor F0.5 without a word, and predict
+    # said "loaded ... best.pt" twice.
+    with caplog.at_level(logging.INFO):
+        assert predict("--run", str(data / "run_ir"), "--fragment", str(data / "a"), "--out",
+                       str(tmp_path / "out"), "--tile", "128") == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("window (--tile" in m and "128 px is larger than the fragment (100 x 90 px)"
+               in m and "--tile 90 or less" in m for m in warned), warned
+    assert sum("best.pt" in m and m.startswith("loaded") for m in caplog.messages) == 1

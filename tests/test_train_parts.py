@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +107,8 @@ def test_interrupted_checkpoint_write_leaves_no_partial_file(tiny, tmp_path, mon
     before = target.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")  # checkpoints are written through a file object
+        f.flush()
         raise KeyboardInterrupt  # killed mid-write
 
     monkeypatch.setattr(torch, "save", broken_save)

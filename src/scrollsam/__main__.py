@@ -1,4 +1,4 @@
-"""``python -m scrollsam``: the ``scrollsam`` command (what torchrun and subprocesses launch)."""
+"""``python -m scrollsam ...``: the same as the ``scrollsam`` command (torchrun launches this)."""
 
 import sys
 

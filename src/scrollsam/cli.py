@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from scrollsam.errors import ScrollsamError
+from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger("scrollsam")
 
@@ -95,19 +96,25 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML holding only what changes (see configs/)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in out=DIR from its last.pt (its saved config is "
-                        "used; train.steps=N may extend it)")
+                   help="continue the run in out=DIR from its last checkpoint with its saved "
+                        "config (--config is not needed); key=value may extend train.steps or "
+                        "change where things are (out, data.root, train.device, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.steps=500 data.train=[train/1,train/2]")
+                   help="dotted overrides, anywhere on the line, e.g. train.steps=500 "
+                        "data.train=[train/1,train/2]")
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from scrollsam.config import load_config
+    from scrollsam.config import given_keys, load_config
     from scrollsam.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.config:
+        log.info("--resume continues the run's saved config; %s is not used (key=value "
+                 "overrides may change out, data.root, train.steps, ...)", args.config)
+    run = train(cfg, resume=args.resume, progress=not args.no_progress,
+                given=given_keys(args.overrides))
     print(f"run: {run}  (checkpoints best.pt / last.pt; tensorboard --logdir {run / 'tb'})")
     return EXIT_OK
 
@@ -124,10 +131,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="checkpoint of the run (default best; last.pt if no best.pt yet)")
     p.add_argument("--threshold", default="auto", metavar="auto|T",
                    help="ink where probability >= T (default: the one saved with the checkpoint)")
-    p.add_argument("--tile", type=int, help="window side in fragment pixels (default: the "
-                   "model input size; other sizes are resized to it)")
-    p.add_argument("--stride", type=int, help="window step (default: the run's, else tile/2)")
-    p.add_argument("--batch-size", type=int, help="model inputs per call (default: the run's)")
+    p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 (default: "
+                   "the model input size; other sizes are resized to it)")
+    p.add_argument("--stride", type=int, help="window step in pixels, >= 1 (default: the run's "
+                   "data.stride, else tile/2)")
+    p.add_argument("--batch-size", type=int, help="model inputs per call, >= 1 (default: the "
+                   "run's train.batch_size)")
     p.add_argument("--tta", action="store_true",
                    help="average over flips and 90 degree rotations (8x slower)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -372,7 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `scrollsam` with ``argv`` (default: sys.argv[1:]) and return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after flags: train out=runs/x --resume a.b=1
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e
+                                                 for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
@@ -385,12 +400,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as stop:  # Ctrl-C / SIGTERM, last.pt written: say how to go on
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left early (`scrollsam evaluate ... | head -1`)
         _silence_stdout()
         return EXIT_PIPE
+    except OSError as err:  # a refused write outside scrollsam's own writers (mkdir, ...)
+        line = _refused_write(err, getattr(args, "out", None))
+        if line is None or args.debug:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _refused_write(err: OSError, out: str | None) -> str | None:
+    """``no space left on device while writing NAME (FOLDER)`` for a refused write, else None."""
+    from pathlib import Path
+
+    from scrollsam.io import write_failure
+
+    name = Path(os.fsdecode(err.filename)) if err.filename else None
+    folder = name.parent if name is not None else (Path(out) if out else None)
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # disk_usage needs a folder that exists
+    cause = write_failure(err, folder)
+    if cause is None:
+        return None
+    if name is not None:
+        return f"{cause} while writing {name.name} ({name.parent})"
+    return f"{cause} while writing output ({out})" if out else cause
 
 
 def _silence_stdout() -> None:

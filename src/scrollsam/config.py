@@ -317,3 +317,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the merged config as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+
+def given_keys(overrides: Sequence[str]) -> set[str]:
+    """Dotted keys that ``key=value`` overrides set (``["train.steps=60"]`` ->
+    ``{"train.steps"}``): what the user asked for on the command line, as opposed to defaults."""
+    for text in overrides:
+        parse_override(text)  # the same checks as when the override is applied
+    return {text.partition("=")[0].strip() for text in overrides}

@@ -34,3 +34,8 @@ class CheckpointError(ScrollsamError):
 
 class RunDirError(ScrollsamError):
     """A run directory would be overwritten, or a resume finds nothing to resume."""
+
+
+class WriteError(ScrollsamError, OSError):
+    """The file system refused a write (full disk, read-only, no permission). The message says
+    why and names the file and its folder; what was there before is left intact."""

@@ -54,7 +54,8 @@ def evaluate_files(
     """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
     against an ink label image (nonzero = ink), inside ``mask`` (nonzero = valid; default all
     pixels).
-    All images are ``[H, W]`` of one size; a mismatch raises InputError naming the file."""
+    All images are ``[H, W]`` of one size; a mismatch, or a mask without a nonzero pixel,
+    raises InputError naming the file."""
     check_threshold(threshold)
     truth = as_bool(read_image(labels))
     binary, was_binary = read_prediction(pred, threshold=threshold)
@@ -67,6 +68,8 @@ def evaluate_files(
         if valid.shape != truth.shape:
             raise InputError(f"{mask}: expected {_hw(truth.shape)} pixels (height x width "
                              f"of {labels}), got {_hw(valid.shape)}")
+        if not valid.any():  # every score would be 0/0: refuse rather than report 1.0
+            raise InputError(f"no valid pixels to score: the mask is all zero ({mask})")
     return Evaluation(confusion(binary, truth, valid), None if was_binary else threshold, beta)
 
 

@@ -4,7 +4,10 @@ Nothing scrollsam writes may be left half-written: a killed process leaves eithe
 or the new one, never a torn mix. Every writer goes through :func:`atomic_path` (or the two
 one-call helpers built on it): the data goes to a temp file in the *same* folder (so the rename
 never crosses file systems), is flushed to disk, and is then renamed over the target with
-:func:`os.replace`, which is atomic on POSIX and Windows.
+:func:`os.replace`, which is atomic on POSIX and Windows. When the file system refuses the
+write (full disk, read-only, no permission) the temp file is removed, the target keeps its old
+contents, and the error becomes one :class:`~scrollsam.errors.WriteError` line:
+``no space left on device while writing last.pt (runs/x)``.
 
 Reading: :func:`read_image` returns a 2-D array (rows, columns) = (y, x) from a PNG/TIFF/... file
 and turns every failure into an :class:`~scrollsam.errors.InputError` that names the file.
@@ -13,8 +16,11 @@ and turns every failure into an :class:`~scrollsam.errors.InputError` that names
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +28,53 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, WriteError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_image"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_image",
+           "write_failure"]
 
 # Pillow modes whose pixel array is already grey (or grey + alpha, or plain colour).
 _DIRECT_MODES = frozenset(
     {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F", "RGB", "RGBA", "RGBX"}
 )
+
+
+# errno -> the few words an error line uses for it (a refused write the user can act on)
+_REFUSED = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large",
+}
+_FULL_BYTES = 1 << 16  # a folder with less free space than this counts as full
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile on a full disk
+
+
+def write_failure(err: BaseException, folder: str | os.PathLike[str] | None = None) -> str | None:
+    """Why the file system refused a write, in a few words (``"no space left on device"``), or
+    None when ``err`` is not such a refusal. Some writers report a refused write without an
+    errno: numpy's ``tofile`` says ``"262144 requested and 255872 written"`` (a full disk),
+    OpenCV only returns False; for those the ``folder`` written into is asked whether it is
+    read-only, not writable, or has less than 64 KiB free."""
+    if not isinstance(err, OSError):
+        return None
+    if err.errno in _REFUSED:
+        return _REFUSED[err.errno]
+    if err.errno is None and _SHORT_WRITE.search(str(err)):  # numpy: the disk took less
+        return _REFUSED[errno.ENOSPC]
+    if err.errno is None and folder is not None:  # OpenCV says only False: ask the folder
+        try:
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                return _REFUSED[errno.EROFS]
+            if not os.access(folder, os.W_OK):
+                return _REFUSED[errno.EACCES]
+            if shutil.disk_usage(folder).free < _FULL_BYTES:
+                return _REFUSED[errno.ENOSPC]
+        except OSError:
+            return None
+    return None
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -55,7 +100,8 @@ def atomic_path(
 
     The temp name is hidden (leading dot) and keeps ``path``'s suffix, so format-by-extension
     writers work: ``with atomic_path("out/mask.png") as tmp: Image.fromarray(m).save(tmp)``.
-    The block must create the temp file; writing nothing is an error (FileNotFoundError).
+    The block must create the temp file; writing nothing is an error (FileNotFoundError). A
+    refused write (see :func:`write_failure`) in the block or the rename raises WriteError.
 
     overwrite: when False, raise ``FileExistsError`` if ``path`` exists, both before the block
         runs and again just before the rename (a check, not a lock: two processes racing for
@@ -76,9 +122,15 @@ def atomic_path(
         if not overwrite and target.exists():
             raise FileExistsError(f"{target}: file exists")
         os.replace(tmp, target)
+    except OSError as err:
+        cause = None if isinstance(err, WriteError) else write_failure(err, target.parent)
+        if cause is None:
+            raise
+        raise WriteError(f"{cause} while writing {target.name} ({target.parent})") from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if os.path.lexists(tmp):
+            with contextlib.suppress(OSError):  # never hide the error that got us here
+                tmp.unlink()
 
 
 def atomic_write_bytes(

@@ -135,7 +135,8 @@ def make_datasets(
     augment: Augment | None = DEFAULT_AUGMENT,
     seed: int = 0,
 ) -> tuple[TileDataset, TileDataset]:
-    """(train, validation) datasets over ``fragments`` with a spatial split.
+    """(train, validation) datasets over ``fragments`` with a spatial split; InputError when
+    either side gets no tile (validation would silently be off).
 
     Validation holds the fragments named in ``valid_fragments`` and, of the others, the band
     ``valid_band`` (fractions along ``band_axis``); with neither given the band defaults to
@@ -145,6 +146,10 @@ def make_datasets(
     """
     if valid_band is None and not valid_fragments:
         valid_band = (0.8, 1.0)
+    if valid_band is not None and not valid_fragments and valid_band[0] >= valid_band[1]:
+        raise InputError(f"data.valid_band: expected a share > 0 of each training fragment to "
+                         f"hold out when data.valid names no fragment, got the band "
+                         f"{valid_band}")
     train_regions, valid_regions = split_regions(
         fragments, valid_fragments=valid_fragments, valid_band=valid_band, axis=band_axis
     )
@@ -153,13 +158,33 @@ def make_datasets(
     valid_tiles = make_tiles(fragments, valid_regions, size=size, stride=size, min_valid=0.0)
     if not train_tiles:
         raise InputError(
-            f"size: no {size} px training tile has {min_valid:.0%} of its pixels inside a mask; "
-            f"lower size or min_valid"
+            f"no {size} px training tile has {min_valid:.0%} of its pixels inside a mask "
+            f"(fragments {', '.join(r.fragment for r in train_regions) or 'none'}); lower "
+            f"model.image_size or check their mask.png (data.train)"
         )
-    if not valid_tiles:
-        log.warning("no validation tiles: check valid_band / valid_fragments")
+    _check_validation(fragments, valid_fragments, valid_band, valid_tiles)
     log.info("%d training tiles, %d validation tiles", len(train_tiles), len(valid_tiles))
     train = TileDataset(fragments, train_tiles, view, train=True, augment=augment, seed=seed,
                         length=samples_per_epoch, ink_share=ink_share)
     valid = TileDataset(fragments, valid_tiles, view, train=False, seed=seed)
     return train, valid
+
+
+def _check_validation(
+    fragments: Sequence[Fragment], valid_fragments: Sequence[str],
+    valid_band: tuple[float, float] | None, tiles: Sequence[Tile],
+) -> None:
+    """InputError naming the validation fragment (and its mask.png) or the band that yields no
+    tile: validation must never turn itself off."""
+    have = {t.fragment for t in tiles}
+    by_id = {f.id: f for f in fragments}
+    for fid in valid_fragments:
+        if fid not in have:
+            raise InputError(f"validation fragment {fid} has no pixel inside its mask, so it "
+                             f"cannot be validated on; fix the mask or drop it from data.valid "
+                             f"({by_id[fid].mask_path})")
+    if not tiles:
+        share = f" (the last {valid_band[1] - valid_band[0]:.0%})" if valid_band else ""
+        raise InputError(f"the held-out band of the training fragments{share} has no pixel "
+                         f"inside their masks; raise data.valid_band or name validation "
+                         f"fragments in data.valid")

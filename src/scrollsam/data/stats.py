@@ -221,10 +221,16 @@ class StatsCache:
         path = self._file(fragment, key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "stats": stats.to_dict()}, indent=1))
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"key": key, "stats": stats.to_dict()}, indent=1))
+            tmp.replace(path)
+        except OSError as err:  # a cache: a full or read-only disk costs time, not the run
+            tmp.unlink(missing_ok=True)
+            log.warning("could not cache statistics in %s (%s); they are computed again next "
+                        "time", path.parent, err.strerror or err)
+            return
         log.debug("wrote stats cache %s", path)
 
 

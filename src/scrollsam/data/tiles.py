@@ -144,7 +144,9 @@ def make_tiles(
             by_id[region.fragment], region, size=size, stride=stride, min_valid=min_valid
         )
         if not found:
-            log.warning("no %d px tile fits region %s", size, region)
+            log.warning("no %d px tile fits rows %d..%d, columns %d..%d of fragment %s",
+                        size, region.y0, region.y1 - 1, region.x0, region.x1 - 1,
+                        region.fragment)
         tiles.extend(found)
     return tiles
 

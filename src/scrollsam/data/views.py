@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ import numpy as np
 from scrollsam.config import DataConfig
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.stats import StatsCache, sample_windows
-from scrollsam.errors import FragmentError, InputError
+from scrollsam.errors import ConfigError, FragmentError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class SlicesView(View):
         if fragment.depth < self.z1:
             raise FragmentError(
                 f"fragment {fragment.id} has {fragment.depth} slices, view {self.name} needs "
-                f"slices {self.z0}..{self.z1 - 1} (set z0 / z1 or depth) ({fragment.path})"
+                f"slices {self.z0}..{self.z1 - 1} (set data.z_start / data.z_end) ({fragment.path})"
             )
 
     def _normalised(
@@ -419,4 +420,8 @@ def view_from_config(data: DataConfig, *, cache_dir: str | os.PathLike[str] | No
     if data.input == "slices":
         params = {k: v for k, v in (("z0", data.z_start), ("z1", data.z_end)) if v is not None}
     strategy = data.strategy if data.input == "slices" else None
-    return make_view(data.input, strategy, cache_dir=cache_dir, **params)
+    try:
+        return make_view(data.input, strategy, cache_dir=cache_dir, **params)
+    except InputError as err:  # name the config keys, not make_view's parameters
+        text = re.sub(r"\bz0\b", "data.z_start", re.sub(r"\bz1\b", "data.z_end", str(err)))
+        raise ConfigError(text) from None

@@ -33,7 +33,8 @@ def memory_status() -> dict[str, float]:
 
 
 class Meter:
-    """Progress (tqdm, megapixels of fragment area per second) and peak memory samples."""
+    """Progress (tqdm on a terminal, megapixels of fragment area per second) and peak memory
+    samples."""
 
     def __init__(self, frag: Fragment, progress: bool) -> None:
         self.area = frag.height * frag.width
@@ -45,6 +46,7 @@ class Meter:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.area / 1e6, unit="MP", desc=frag.id,
+                            disable=None,  # no bar (no carriage returns) when not a terminal
                             unit_scale=False, dynamic_ncols=True, mininterval=0.5,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} MP "
                                        "[{elapsed}<{remaining}, {rate_noinv_fmt}]")

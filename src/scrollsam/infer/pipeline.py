@@ -68,6 +68,11 @@ def predict_to_folder(
         raise InputError("--fragment: expected at least one fragment folder, got none")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"--threshold: expected auto or a number in [0, 1], got {threshold}")
+    for flag, value, least in (("--tile", tile, 16), ("--stride", stride, 1),
+                               ("--batch-size", batch_size, 1)):
+        if value is not None and value < least:
+            raise InputError(f"{flag}: expected an integer >= {least} (leave it out for the "
+                             f"default), got {value}")
     if submission is not None:
         _check_submission(Path(submission), force=force)
     frags = [Fragment(p) for p in fragments]
@@ -84,6 +89,7 @@ def predict_to_folder(
                                    batch_size=batch_size, tta=tta, stats_dir=out)
     for frag in frags:
         predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
+        _warn_if_larger(frag, predictor.tile)
     clicks = load_clicks(points, ids) if points is not None else None
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
@@ -116,6 +122,15 @@ def predict_to_folder(
         count = write_submission(submission, rows, overwrite=force)
         log.info("wrote %s (%d fragments)", submission, count)
     return results
+
+
+def _warn_if_larger(frag: Fragment, tile: int) -> None:
+    """Warn when a window is larger than the fragment (an empty mask fails in ``open``)."""
+    if tile > min(frag.height, frag.width):
+        log.warning("%s: the window (--tile, default the model input size) of %d px is larger "
+                    "than the fragment (%d x %d px): most of each window is padding the model "
+                    "never saw, so expect poor results; use --tile %d or less",
+                    frag.id, tile, frag.height, frag.width, min(frag.height, frag.width))
 
 
 def _check_submission(path: Path, *, force: bool) -> None:

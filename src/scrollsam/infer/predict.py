@@ -140,8 +140,8 @@ class Predictor:
         self.tile = int(tile or model.image_size)
         self.stride = int(stride or self.tile // 2)
         if self.tile < 16 or not 1 <= self.stride <= self.tile:
-            raise InputError(f"tile / stride: expected tile >= 16 and 1 <= stride <= tile, got "
-                             f"{self.tile} / {self.stride}")
+            raise InputError(f"tile / stride (--tile / --stride, data.stride): expected tile >= "
+                             f"16 and 1 <= stride <= tile, got {self.tile} / {self.stride}")
         if batch_size < 1:
             raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
         if not 0.0 <= self.threshold <= 1.0:

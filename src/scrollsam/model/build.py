@@ -28,6 +28,7 @@ from scrollsam.errors import CheckpointError, InputError
 from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
 from scrollsam.model.lora import is_lora_parameter
 from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.torchfile import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def build_model(
     sam = _build_sam(VARIANTS[type], image_size=image_size, in_chans=in_chans)
     if state is not None:
         load_into(sam, state, model_type=type, source=str(checkpoint))
+        log.info("loaded %s weights from %s", type, checkpoint)
     return SamSegmenter(sam, model_type=type)
 
 
@@ -142,11 +144,7 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from err
+    obj: Any = load_torch(path)  # one-line errors for empty, corrupt and unsafe files
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or PATCH_WEIGHT not in obj:
@@ -206,5 +204,4 @@ def load_into(sam: Sam, state: dict[str, torch.Tensor], *, model_type: str, sour
             parts.append(f"shape of {k} is {tuple(state[k].shape)}, model has "
                          f"{tuple(target[k].shape)}")
         raise CheckpointError(f"{source} does not fit a {model_type} model: {'; '.join(parts)}")
-    sam.load_state_dict(state)
-    log.info("loaded %s weights from %s", model_type, source)
+    sam.load_state_dict(state)  # callers say what they loaded (predict: once, with the step)

@@ -26,6 +26,7 @@ import torch
 
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_path
+from scrollsam.torchfile import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class EmbeddingCache:
         emb = emb.detach().to("cpu", torch.float16).contiguous()
         if self.directory is not None:
             with atomic_path(self.directory / f"{key}.pt", fsync=False) as tmp:
-                torch.save(emb, tmp)
+                save_torch(emb, tmp)
             return
         self._memory[key] = emb
         self._bytes += emb.numel() * emb.element_size()

@@ -20,6 +20,7 @@ import torch
 
 from scrollsam.errors import CheckpointError
 from scrollsam.io import atomic_path
+from scrollsam.torchfile import load_torch, save_torch
 
 FORMAT = "scrollsam-checkpoint-1"
 
@@ -77,7 +78,8 @@ def save_checkpoint(
     config: dict[str, Any],
     rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temp file + rename) and return its path."""
+    """Write a checkpoint atomically (temp file + rename) and return its path. A refused write
+    (full disk, read-only folder) raises WriteError and leaves an existing ``path`` intact."""
     payload = {
         "format": FORMAT,
         "model": model.sam.state_dict(),
@@ -92,20 +94,15 @@ def save_checkpoint(
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        save_torch(payload, tmp)
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a scrollsam checkpoint (``weights_only=True``); CheckpointError if it is not one."""
+    """Read a scrollsam checkpoint (``weights_only=True``); CheckpointError if it is not one
+    (empty, corrupt, unsafe or another kind of file: see :func:`scrollsam.torchfile.load_torch`)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found ({path})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint ({path}): {str(err).splitlines()[0]}"
-                              ) from err
+    obj = load_torch(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"not a scrollsam training checkpoint ({path}); official SAM "
                               "files go in model.checkpoint")

@@ -5,7 +5,9 @@ batches of B tiles (embeddings from the cache when the encoder is frozen), the p
 pass of :mod:`.step` under autocast (bf16 on CUDA, fp32 on CPU), a NaN/inf guard, gradient
 clipping, the optimizer step; then logging, validation (prompt-free F0.5 and its best threshold,
 keeping ``best.pt``), and ``last.pt``. Data order is a pure function of (seed, step), so a resumed
-run continues exactly where the killed one stopped.
+run continues exactly where the killed one stopped. The run dir is locked and prepared by
+:mod:`.rundir`; Ctrl-C and SIGTERM end the run after the current step with ``last.pt`` written
+(:mod:`.stop`).
 """
 
 from __future__ import annotations
@@ -13,24 +15,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from scrollsam.config import Config, config_from_dict, config_to_dict, save_config
+from scrollsam.config import Config, config_to_dict, save_config
 from scrollsam.data.augment import Augment
 from scrollsam.data.dataset import TileDataset, make_datasets
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
-from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
+from scrollsam.errors import ConfigError, ScrollsamError
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
 from scrollsam.model.lora import add_lora
@@ -39,13 +39,15 @@ from scrollsam.model.trainable import format_counts, set_trainable
 from scrollsam.train.cache import EmbeddingCache, check_cache_allowed
 from scrollsam.train.checkpoint import (
     TrainState,
-    load_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
     train_state_of,
 )
+from scrollsam.train.progress import Progress
+from scrollsam.train.rundir import RunDir, open_run, stored_config, without_base_weights
 from scrollsam.train.step import prompted_forward
+from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals
 from scrollsam.train.tb import TensorBoard, tile_panel
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,8 @@ def _batches(s: Setup, start_step: int) -> Iterator[dict]:
     loader = DataLoader(s.train_set, batch_size=s.cfg.train.batch_size,
                         sampler=range(first, len(s.train_set)), drop_last=True,
                         num_workers=s.cfg.data.workers, pin_memory=s.device.type == "cuda",
-                        persistent_workers=s.cfg.data.workers > 0)
+                        persistent_workers=s.cfg.data.workers > 0,
+                        worker_init_fn=ignore_stop_signals)
     yield from loader
 
 
@@ -159,7 +162,7 @@ def validate(s: Setup) -> dict[str, float]:
     s.model.eval()
     hists: dict[str, ProbabilityHistogram] = {}
     loader = DataLoader(s.valid_set, batch_size=s.cfg.train.batch_size, shuffle=False,
-                        num_workers=s.cfg.data.workers)
+                        num_workers=s.cfg.data.workers, worker_init_fn=ignore_stop_signals)
     for batch in loader:
         images = batch["image"].to(s.device, non_blocking=True)
         with _autocast(s):
@@ -199,37 +202,6 @@ def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step
     tb.picture("train/tile_truth_prediction_points", [panel], step)
 
 
-def prepare_run(cfg: Config, *, resume: bool) -> tuple[Config, dict | None, bool]:
-    """Refuse to overwrite a run dir; on resume, load its config and last checkpoint.
-
-    Returns (config, checkpoint or None, whether the run dir was created here).
-    """
-    run = Path(cfg.out)
-    if resume:
-        last = run / "last.pt"
-        if not last.is_file():
-            raise RunDirError(f"nothing to resume: no last.pt in the run dir ({run})")
-        ckpt = load_checkpoint(last)
-        saved = config_from_dict(ckpt["config"])
-        saved.train.steps = cfg.train.steps  # the one thing a resume may change: go longer
-        return saved, ckpt, False
-    if run.exists() and any(run.iterdir()):
-        raise RunDirError(f"run dir exists and is not empty ({run}); pass --resume to continue "
-                          f"it or choose another out=")
-    created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
-    return cfg, None, created
-
-
-def _undo_new_run(run: Path, *, created: bool) -> None:
-    """Remove what a new run wrote before failing, so the corrected command can use ``run``."""
-    if created:
-        shutil.rmtree(run, ignore_errors=True)
-        return
-    for child in run.iterdir():  # the dir was empty: everything in it is ours
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
 def make_optimizer(params: list[torch.nn.Parameter], *, lr: float,
                    weight_decay: float) -> torch.optim.AdamW:
     """AdamW, with the fused kernel where every parameter allows it (float32 on CPU or CUDA):
@@ -240,25 +212,35 @@ def make_optimizer(params: list[torch.nn.Parameter], *, lr: float,
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True,
+          given: Collection[str] | None = None,
           on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Train from ``cfg`` into the run dir ``cfg.out``; returns it. See the module docstring.
 
+    resume: continue the run in ``cfg.out`` (see :mod:`.rundir`; ``given`` = the dotted keys set
+    on the command line, None = those that differ from the defaults). SIGINT / SIGTERM stop
+    after the current step with ``last.pt`` written and raise TrainingStopped (:mod:`.stop`).
     on_eval: called as ``on_eval(step, scores)`` after each validation that scored tiles (after
-        ``best.pt`` is saved); an exception it raises (a sweep pruning the run) ends training
-        and propagates, with TensorBoard closed.
+    ``best.pt`` is saved); an exception it raises (a sweep pruning the run) ends training and
+    propagates, with TensorBoard closed.
     """
-    cfg, ckpt, created = prepare_run(cfg, resume=resume)
-    run = Path(cfg.out)
+    with StopSignals() as stop, open_run(cfg, resume=resume, given=given) as rd:
+        _train(rd, stop, progress=progress, on_eval=on_eval)
+    return rd.path
+
+
+def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
+           on_eval: Callable[[int, dict[str, float]], None] | None) -> None:
+    """The loop of :func:`train` in the open, locked run dir ``rd``."""
+    cfg, ckpt, run = rd.cfg, rd.checkpoint, rd.path
     torch.manual_seed(cfg.train.seed)
     np_rng = np.random.default_rng(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)  # prompts, on the CPU
     try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
-        s = setup(cfg, run)
+        s = setup(cfg if ckpt is None else without_base_weights(cfg), run)
     except BaseException:
-        if ckpt is None:
-            _undo_new_run(run, created=created)
+        rd.undo_new()
         raise
-    save_config(cfg, run / "config.yaml")
+    save_config(stored_config(cfg), run / "config.yaml")
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
@@ -270,7 +252,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
         gen.set_state(ckpt["rng"]["prompts"])
         log.info("resuming %s at step %d", run, state.step)
     tb = TensorBoard(run, enabled=True)
-    config_dict = config_to_dict(cfg)
+    config_dict = config_to_dict(stored_config(cfg))
 
     def save(name: str) -> None:
         rng = {**rng_state(np_rng), "prompts": gen.get_state()}
@@ -279,11 +261,14 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
 
     s.model.train()
     batches = _batches(s, state.step)
-    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
-               dynamic_ncols=True)
+    bar = Progress(total=cfg.train.steps, initial=state.step, enabled=progress,
+                   every=cfg.log.every).start()
     tiles_seen, t0 = 0, time.perf_counter()
     try:
         while state.step < cfg.train.steps:
+            if stop.requested is not None:  # Ctrl-C / SIGTERM: keep every finished step
+                save("last.pt")
+                raise TrainingStopped(stop.requested, step=state.step, run=run)
             step = state.step
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -310,8 +295,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
             state.step += 1
             elapsed = time.perf_counter() - t0
             rate = tiles_seen / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", tiles_s=f"{rate:.1f}")
-            bar.update(1)
+            bar.step(state.step, loss=logged["loss"], tiles_per_s=rate)
             if state.step % cfg.log.every == 0 or state.step == 1:
                 tb.scalars(logged, state.step, prefix="train/")
                 tb.scalars({"lr": lr, "tiles_per_s": rate,
@@ -352,4 +336,3 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
         save("best.pt")  # no validation tiles: the last weights are the best we know
     log.info("run finished: %s (best valid F0.5 %.4f at step %d)", run, state.best_f05,
              state.best_step)
-    return run

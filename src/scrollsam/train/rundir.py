@@ -1,0 +1,298 @@
+"""The run dir: one process at a time, never another run's files overwritten, resumable from
+the folder alone, wherever it has moved.
+
+- **The folder named by ``out=`` is the run.** A new run refuses a folder that holds anything;
+  ``--resume`` continues the folder named on the command line, never a path stored in it.
+- **Stored paths do not depend on where you stand.** The saved config (``config.yaml`` and the
+  copy inside each checkpoint) holds ``out: .`` (the folder that holds it) and absolute
+  ``data.root`` / ``model.checkpoint``, so a run resumes and predicts from any directory.
+- **A lock for the run's life.** ``RUN/.lock`` is locked with ``fcntl.flock`` (exclusive,
+  non-blocking) before anything is read or written; a second process gets ``run dir is in use
+  by pid N``. The operating system drops the lock when the process dies, even by ``kill -9``.
+- **Stale temp files go.** Checkpoints are written to hidden temp files and renamed; a process
+  killed mid-write leaves ``.last.tmp-*.pt`` behind. Once the lock is held no other process can
+  be writing them, so they are removed when a run starts or resumes (only these names).
+- **Resume continues the run as saved.** ``--resume`` reads the newest complete checkpoint
+  (``last.pt``, or ``best.pt`` when a killed run wrote it later) with its config; ``key=value``
+  overrides may change where and how long (:data:`RESUMABLE`, and ``train.steps`` upwards),
+  not what is learned. A run killed before its first checkpoint restarts from step 0 with its
+  saved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
+from scrollsam.errors import RunDirError, WriteError
+from scrollsam.io import write_failure
+from scrollsam.train.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+# Keys a resume may change: where the data and the run are, the device, how often to evaluate,
+# save and log. Everything else would make the rest of the run a different experiment.
+RESUMABLE = frozenset({
+    "out", "data.root", "data.workers", "train.device", "train.eval_every", "train.save_every",
+    "log.every", "log.images", "log.image_every",
+})
+# Temp files of scrollsam's atomic writers in a run dir (scrollsam.io._temp_sibling, the stats
+# cache): (folder inside the run, name pattern).
+STALE_TEMPS = (
+    ("", re.compile(r"^\.(last|best|config)\.tmp-[0-9a-f]{8}\.(pt|yaml)$")),
+    ("embeddings", re.compile(r"^\.[0-9a-f]+\.tmp-[0-9a-f]{8}\.pt$")),
+    ("stats", re.compile(r"^\.[^/]+\.json\.tmp-[0-9]+$")),
+)
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` holding the owner's pid; see :meth:`acquire`."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, run: Path) -> RunLock:
+        """Lock ``run`` (an existing folder) or raise RunDirError naming the holder's pid."""
+        path = run / LOCK_NAME
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                cause = write_failure(err, run)
+                if cause is None:
+                    raise
+                raise WriteError(f"{cause} while writing {LOCK_NAME} ({run})") from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                who = f"pid {holder}" if holder.isdigit() else "another process"
+                raise RunDirError(f"run dir is in use by {who} ({run})") from None
+            try:  # the holder may have removed the file (a failed new run) before we got it
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            if not run.is_dir():
+                raise RunDirError(f"run dir was removed while starting ({run})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        """Unlock (closing the file drops the lock); the lock file stays for the next run."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class RunDir:
+    """An open, locked run dir and what a run needs from it (see :func:`open_run`)."""
+
+    path: Path
+    cfg: Config  # the config to train with: out = path, data.root and model.checkpoint absolute
+    checkpoint: dict[str, Any] | None  # the checkpoint to resume from (None: start at step 0)
+    new: bool  # a new run (not a resume)
+    created: bool  # the folder did not exist before this run
+    lock: RunLock
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.lock.release()
+
+    def undo_new(self) -> None:
+        """After a new run failed before its first step: remove what it wrote, so the corrected
+        command can use the folder (a folder that existed, empty, stays). A resumed run keeps
+        everything."""
+        if not self.new:
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for child in self.path.iterdir():  # the folder was empty: everything in it is ours
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None) -> RunDir:
+    """Lock the run dir ``cfg.out`` and return what the run starts from.
+
+    New run: create the folder (or take an empty one) and refuse one that holds anything.
+    Resume: read the newest checkpoint and its config (see :func:`resume_config`; ``given`` =
+    the dotted keys set on the command line, None = those that differ from the defaults).
+    A resume removes stale temp files once the lock is held (a new run's folder is empty).
+    Release with ``with`` or ``.lock.release()``.
+    """
+    run = Path(cfg.out)
+    if resume:
+        if not run.is_dir():
+            raise RunDirError(f"nothing to resume: the run dir does not exist ({run})")
+        lock = RunLock.acquire(run)
+        try:
+            remove_stale_temps(run)
+            saved, ckpt = _saved_state(run)
+            keys = set(given) if given is not None else _non_default_keys(cfg)
+            step = int(ckpt["step"]) if ckpt is not None else 0
+            resumed = absolute_paths(resume_config(saved, absolute_paths(cfg), given=keys,
+                                                   step=step))  # runs saved before: relative
+            return RunDir(run, resumed, ckpt, new=False, created=False, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+    if run.exists() and not run.is_dir():
+        raise RunDirError(f"out: expected a folder for the run, got a file ({run})")
+    try:
+        run.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as err:
+        cause = write_failure(err, run.parent if run.parent.is_dir() else None)
+        if cause is None:
+            raise
+        raise WriteError(f"{cause} while creating the run dir ({run})") from err
+    lock = RunLock.acquire(run)
+    if any(p.name != LOCK_NAME for p in run.iterdir()):
+        lock.release()
+        raise RunDirError(f"run dir exists and is not empty ({run}); pass --resume to continue "
+                          f"it or choose another out=")
+    return RunDir(run, absolute_paths(cfg), None, new=True, created=created, lock=lock)
+
+
+def _saved_state(run: Path) -> tuple[Config, dict[str, Any] | None]:
+    """(saved config, newest checkpoint) of ``run``; checkpoint None when the run was stopped
+    before its first save (then its config.yaml restarts it)."""
+    last, best = run / "last.pt", run / "best.pt"
+    ckpt = load_checkpoint(last) if last.is_file() else None
+    if best.is_file() and (ckpt is None or best.stat().st_mtime_ns > last.stat().st_mtime_ns):
+        other = load_checkpoint(best)  # written after last.pt: maybe at a later step
+        if ckpt is None or int(other["step"]) > int(ckpt["step"]):
+            log.warning("resuming from %s (step %d), the newest checkpoint", best,
+                        int(other["step"]))
+            ckpt = other
+    if ckpt is not None:
+        return config_from_dict(ckpt["config"]), ckpt
+    if (run / "config.yaml").is_file():
+        log.warning("no checkpoint in %s yet (stopped before its first save): starting its "
+                    "saved config from step 0", run)
+        return load_config(run / "config.yaml"), None
+    raise RunDirError(f"nothing to resume: no last.pt in the run dir ({run})")
+
+
+def resume_config(saved: Config, asked: Config, *, given: Collection[str], step: int) -> Config:
+    """The config a resumed run trains with: ``saved``, with ``out`` from ``asked`` (the folder
+    named now) and, of the ``given`` keys, those in :data:`RESUMABLE` from ``asked``.
+    ``train.steps`` may grow (a smaller value is reported and does nothing); other changed
+    keys are reported and ignored. ``step`` is the checkpoint's step."""
+    cfg = copy.deepcopy(saved)
+    cfg.out = asked.out
+    old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(asked))
+    ignored = []
+    for key in sorted(k for k in given if k in new and k != "out" and new[k] != old.get(k)):
+        if key == "train.steps":
+            if new[key] > old[key]:
+                log.info("--resume: train.steps %d -> %d", old[key], new[key])
+                cfg.train.steps = new[key]
+            else:
+                log.warning("train.steps=%d does nothing: --resume can only extend a run, and "
+                            "this one runs to step %d", new[key], old[key])
+        elif key in RESUMABLE:
+            log.info("--resume: %s %s -> %s", key, old.get(key), new[key])
+            _set(cfg, key, new[key])
+        else:
+            ignored.append(f"{key}={new[key]} (the run has {old.get(key)})")
+    if ignored:
+        log.warning("--resume keeps the run's settings; ignored: %s. To change them start a new "
+                    "run with another out=", ", ".join(ignored))
+    if step >= cfg.train.steps:
+        log.warning("the run is already at step %d of train.steps=%d; pass a larger "
+                    "train.steps=N to train further", step, cfg.train.steps)
+    return cfg.validate()
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``data.root`` and ``model.checkpoint`` made absolute (relative
+    paths mean: from the current directory, which is not where the run will be resumed)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.root = os.path.abspath(cfg.data.root)
+    if cfg.model.checkpoint is not None:
+        cfg.model.checkpoint = os.path.abspath(cfg.model.checkpoint)
+    return cfg
+
+
+def without_base_weights(cfg: Config) -> Config:
+    """A copy of ``cfg`` without ``model.checkpoint``, for building the model of a resumed run:
+    its own checkpoint replaces every weight, so the official file need not be where it was."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.checkpoint = None
+    return cfg
+
+
+def stored_config(cfg: Config) -> Config:
+    """What a run saves (``config.yaml``, checkpoints): ``out`` is ``.``, the folder holding
+    the file, so a moved or copied run names no other place to write."""
+    cfg = copy.deepcopy(cfg)
+    cfg.out = "."
+    return cfg
+
+
+def remove_stale_temps(run: Path) -> list[Path]:
+    """Remove temp files that killed writers left in ``run`` (:data:`STALE_TEMPS`); call only
+    while holding the run's lock. Returns what was removed."""
+    removed = []
+    for sub, pattern in STALE_TEMPS:
+        folder = run / sub if sub else run
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if pattern.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        log.info("removed %d temp files left by an interrupted run in %s", len(removed), run)
+    return removed
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _non_default_keys(cfg: Config) -> set[str]:
+    mine, default = _flat(config_to_dict(cfg)), _flat(config_to_dict(Config()))
+    return {k for k, v in mine.items() if default.get(k) != v}
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    *path, name = key.split(".")
+    node: Any = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, name, value)

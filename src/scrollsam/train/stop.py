@@ -1,0 +1,82 @@
+"""Clean stops: Ctrl-C (SIGINT) and a job scheduler's SIGTERM end training after the current step.
+
+The first signal only sets a flag: the loop finishes the step it is in, writes ``last.pt``
+(atomically, like every checkpoint), and raises :class:`TrainingStopped`, which the CLI turns
+into one line saying how to resume and the exit code a shell expects from the signal (130 for
+SIGINT, 143 for SIGTERM). A second signal stops at once (KeyboardInterrupt for SIGINT,
+SystemExit(143) for SIGTERM); a checkpoint being written then is abandoned and the previous one
+stays. SLURM and other schedulers send SIGTERM some time before they kill a job, which is what
+lets a preempted run continue with ``--resume``.
+
+DataLoader worker processes get the terminal's Ctrl-C too; :func:`ignore_stop_signals` (their
+``worker_init_fn``) keeps them alive so the last step can finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal after writing ``last.pt``; ``str()`` says how to resume."""
+
+    def __init__(self, signum: int, *, step: int, run: Path) -> None:
+        self.signum = signum
+        self.step = step
+        self.run = run
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; last.pt saved; continue with: "
+                         f"scrollsam train out={shlex.quote(str(run))} --resume")
+
+
+class StopSignals:
+    """Context manager: while active, SIGINT / SIGTERM request a stop instead of killing.
+
+    ``requested`` is the first signal's number (None until one arrives). Outside the main
+    thread signal handlers cannot be installed; then nothing changes and ``requested`` stays
+    None. The previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:  # the second signal: stop now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.requested = signum
+        log.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at "
+                    "once)", signal.Signals(signum).name)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT / SIGTERM, so a Ctrl-C in the
+    terminal (sent to every process of the job) leaves them to the main process, which stops
+    them after the last step."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -1,0 +1,186 @@
+"""The run dir in one process: resume writes only into the folder named on the command line,
+overrides anywhere on the line, train.steps extended (and a smaller value reported), stale temp
+files removed on resume, a run killed before its first checkpoint resumed, the lock, progress
+output that a log file can hold."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scrollsam.cli import main
+from scrollsam.config import load_config
+from scrollsam.errors import RunDirError
+from scrollsam.train import loop
+from scrollsam.train.progress import Progress
+from scrollsam.train.rundir import RunLock, remove_stale_temps
+from scrollsam.train.stop import TrainingStopped
+
+
+def _args(data: Path, *extra: str) -> list[str]:
+    return ["train", "--no-progress", f"data.root={data}", "data.train=[train/1]",
+            "data.valid=[train/2]", "model.type=tiny", "model.image_size=64",
+            "train.batch_size=3", "train.steps=2", "train.warmup=1", "train.eval_every=1",
+            "train.device=cpu", "log.images=false", "prompts.corrective_rounds=1", *extra]
+
+
+def _step(run: Path, name: str = "last.pt") -> int:
+    return int(torch.load(run / name, weights_only=True)["step"])
+
+
+def test_resume_of_a_moved_run_writes_only_into_the_folder_named(data, tmp_path, monkeypatch):
+    # Before: --resume took the run folder from the config stored in the checkpoint (relative
+    # to the current directory) and wrote there, leaving the named folder untouched.
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    assert main(_args(data, "out=runs/rel")) == 0
+    moved = tmp_path / "moved"
+    shutil.move(start / "runs" / "rel", moved)
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", f"out={moved}", "--resume", "train.steps=3", "--no-progress"]) == 0
+    assert _step(moved) == 3
+    assert list(elsewhere.iterdir()) == [] and list((start / "runs").iterdir()) == []
+    saved = yaml.safe_load((moved / "config.yaml").read_text())
+    assert saved["out"] == "."  # the folder holding the file: no other place to write
+    assert saved["data"]["root"] == str(data)  # absolute: resumable from anywhere
+    assert torch.load(moved / "last.pt", weights_only=True)["config"]["out"] == "."
+
+
+def test_overrides_anywhere_and_resume_extends_train_steps(data, tmp_path, caplog):
+    run = tmp_path / "run"
+    # Before: "unrecognized arguments" for key=value after a flag.
+    assert main(["train", f"out={run}", "--no-progress", *_args(data)[2:], "train.steps=1"]) == 0
+    assert _step(run) == 1
+    assert main(["train", f"out={run}", "--resume", "--no-progress", "train.steps=2"]) == 0
+    assert _step(run) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--resume", f"out={run}", "train.steps=1", "train.lr=0.5"]) == 0
+    text = caplog.text
+    assert "train.steps=1 does nothing: --resume can only extend a run" in text
+    assert "ignored: train.lr=0.5" in text
+    assert _step(run) == 2
+    assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-4)
+
+
+def test_unknown_flag_after_overrides_is_still_an_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "out=x", "--bogus", "train.steps=2"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_stale_temp_files_of_the_run_are_removed_on_resume(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(_args(data, f"out={run}", "train.steps=1")) == 0
+    ours = [run / ".last.tmp-0123abcd.pt", run / ".best.tmp-89abcdef.pt",
+            run / ".config.tmp-00ff00ff.yaml"]
+    (run / "stats").mkdir(exist_ok=True)
+    ours.append(run / "stats" / ".1-0123456789abcdef.json.tmp-4242")
+    theirs = [run / "notes.tmp-0123abcd.pt", run / ".last.tmp-keep.txt", run / "last.tmp.pt"]
+    for p in ours + theirs:
+        p.write_bytes(b"x" * 10)
+    assert main(["train", f"out={run}", "--resume", "train.steps=2", "--no-progress"]) == 0
+    assert [p for p in ours if p.exists()] == []
+    assert all(p.exists() for p in theirs)  # only scrollsam's own temp names go
+    assert remove_stale_temps(run) == []
+
+
+def test_resume_takes_the_checkpoint_with_the_latest_step(data, tmp_path, caplog):
+    # kill -9 after a validation wrote best.pt and before the next last.pt: best.pt is newer
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(data, f"out={one}", "train.steps=1")) == 0
+    assert main(_args(data, f"out={two}", "train.steps=2")) == 0
+    shutil.copy(two / "last.pt", two / "best.pt")  # step 2, written last
+    shutil.copy(one / "last.pt", two / "last.pt")  # step 1
+    os.utime(two / "best.pt", ns=(2 * 10**18, 2 * 10**18))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", f"out={two}", "--resume", "train.steps=3", "--no-progress"]) == 0
+    assert f"resuming from {two / 'best.pt'} (step 2), the newest checkpoint" in caplog.messages
+    assert _step(two) == 3
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(data, tmp_path,
+                                                                      monkeypatch):
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl-C during the first save
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(None, _args(data, f"out={run}")[2:]), progress=False)
+    monkeypatch.undo()
+    assert (run / "config.yaml").is_file() and not (run / "last.pt").exists()
+    # a fresh start is refused (the folder holds a run); --resume starts it from step 0
+    assert main(_args(data, f"out={run}")) == 2
+    assert main(["train", f"out={run}", "--resume", "--no-progress"]) == 0
+    fresh = tmp_path / "fresh"
+    assert main(_args(data, f"out={fresh}")) == 0
+    a = torch.load(run / "last.pt", weights_only=True)
+    b = torch.load(fresh / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_signal_before_the_first_step_saves_a_resumable_step_0(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = loop.setup
+
+    def setup_then_sigterm(*args, **kwargs):
+        out = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: a flag, the loop saves and stops
+        return out
+
+    monkeypatch.setattr(loop, "setup", setup_then_sigterm)
+    with pytest.raises(TrainingStopped) as stop:
+        loop.train(load_config(None, _args(data, f"out={run}")[2:]), progress=False)
+    assert stop.value.exit_code == 143 and stop.value.step == 0
+    assert _step(run) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_run_lock_names_the_holder_and_is_dropped_on_release(tmp_path):
+    first = RunLock.acquire(tmp_path)
+    with pytest.raises(RunDirError, match=re.escape(f"in use by pid {os.getpid()} ({tmp_path})")):
+        RunLock.acquire(tmp_path)
+    first.release()
+    RunLock.acquire(tmp_path).release()
+
+
+def test_progress_in_a_log_file_has_no_carriage_returns(data, tmp_path, capfd, caplog):
+    # Before: tqdm drew its bar with "\r" into redirected logs.
+    with_progress = [a for a in _args(data, f"out={tmp_path / 'run'}") if a != "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        assert main(with_progress) == 0
+    assert "\r" not in capfd.readouterr().err
+    assert any(re.fullmatch(r"step 2/2: loss \d+\.\d+, [\d.]+ tiles/s", m)
+               for m in caplog.messages)
+
+
+def test_log_lines_are_not_glued_to_the_bar_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr("scrollsam.train.progress._is_terminal", lambda: True)
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        bar = Progress(total=3, initial=0, enabled=True, every=1).start()
+        bar.step(1, loss=0.5, tiles_per_s=1.0)
+        logging.getLogger("scrollsam.train.loop").warning("step 1: valid F0.5 0.5000")
+        bar.step(2, loss=0.5, tiles_per_s=1.0)
+        bar.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert re.search(r"(^|[\r\n])step 1: valid F0.5 0.5000\n", err), repr(err)
