@@ -34,3 +34,13 @@ class CheckpointError(ScrollsamError):
 
 class RunDirError(ScrollsamError):
     """A run directory would be overwritten, or a resume finds nothing to resume."""
+
+
+def describe(value: object) -> str:
+    """A value as error messages show it: ``torch.float32 [3, 2] on cpu`` for a tensor (or an
+    array), else its type name. Duck-typed, so this module does not import torch."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return type(value).__name__
+    device = getattr(value, "device", None)
+    return f"{dtype} {list(shape)}" + (f" on {device}" if device is not None else "")

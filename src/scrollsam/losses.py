@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, describe
 
 __all__ = [
     "bce_loss",
@@ -42,23 +42,17 @@ __all__ = [
 ]
 
 
-def _shape(x: Tensor) -> str:
-    return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-
-
 def _check(logits: Tensor, target: Tensor, valid: Tensor | None) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 4:
-        got = _shape(logits) if isinstance(logits, Tensor) else type(logits).__name__
-        raise InputError(f"logits: expected [P, M, H, W] float tensor, got {got}")
+        raise InputError(f"logits: expected [P, M, H, W] float tensor, got {describe(logits)}")
     if not isinstance(target, Tensor) or target.dim() != 4 or target.shape[1] != 1:
-        got = _shape(target) if isinstance(target, Tensor) else type(target).__name__
-        raise InputError(f"target: expected [P, 1, H, W] tensor, got {got}")
+        raise InputError(f"target: expected [P, 1, H, W] tensor, got {describe(target)}")
     if target.shape[0] != logits.shape[0]:
         raise InputError(f"target: expected {logits.shape[0]} prompt sets (as logits), "
-                         f"got {_shape(target)}")
+                         f"got {describe(target)}")
     if valid is not None and valid.shape != target.shape:
         raise InputError(f"valid: expected the shape of target {list(target.shape)}, "
-                         f"got {_shape(valid)}")
+                         f"got {describe(valid)}")
 
 
 def _weights(target: Tensor, valid: Tensor | None) -> Tensor:
@@ -75,7 +69,7 @@ def _masked_mean(per_pixel: Tensor, weight: Tensor) -> Tensor:
 def _same_size(logits: Tensor, target: Tensor) -> None:
     if logits.shape[-2:] != target.shape[-2:]:
         raise InputError(f"logits: expected the label resolution {list(target.shape[-2:])} "
-                         f"(call upsample_logits first), got {_shape(logits)}")
+                         f"(call upsample_logits first), got {describe(logits)}")
 
 
 def to_mask_resolution(target: Tensor, valid: Tensor | None,
@@ -90,7 +84,10 @@ def to_mask_resolution(target: Tensor, valid: Tensor | None,
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal)."""
+    """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal), with
+    ``align_corners=False`` as SAM's own ``postprocess_masks``. The one upsampling rule of
+    decoder logits: the loss, the model's :meth:`~SamSegmenter.upscale` and the corrective
+    point sampler all use it."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
@@ -167,7 +164,7 @@ def iou_mse_loss(iou_pred: Tensor, actual_iou: Tensor) -> Tensor:
     """Squared error between predicted and actual IoU, element-wise -> ``[P, M]``."""
     if iou_pred.shape != actual_iou.shape:
         raise InputError(f"iou_pred: expected {list(actual_iou.shape)} (one per mask), "
-                         f"got {_shape(iou_pred)}")
+                         f"got {describe(iou_pred)}")
     return (iou_pred.float() - actual_iou.float().detach()) ** 2
 
 
@@ -206,7 +203,7 @@ def sam_loss(
     _check(logits, target, valid)
     if iou_pred.shape != logits.shape[:2]:
         raise InputError(f"iou_pred: expected {list(logits.shape[:2])} ([P, M], as logits), "
-                         f"got {_shape(iou_pred)}")
+                         f"got {describe(iou_pred)}")
     if iou_head not in ("all", "selected"):
         raise InputError(f"iou_head: expected 'all' or 'selected', got {iou_head!r}")
     if resolution not in ("label", "mask"):

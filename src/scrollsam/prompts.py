@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, describe
+from scrollsam.losses import upsample_logits
 
 __all__ = [
     "POINT_SAMPLERS",
@@ -52,22 +53,16 @@ __all__ = [
 Points = tuple[Tensor, Tensor]  # coords [P, N, 2] float32 (x, y), labels [P, N] int64
 
 
-def _shape(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-    return type(x).__name__
-
-
 def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """Check the ground truth; return (ink, valid) as bool ``[P, H, W]``, ink inside valid."""
     if not isinstance(target, Tensor) or target.dim() != 4 or target.shape[1] != 1:
-        raise InputError(f"target: expected [P, 1, H, W] tensor, got {_shape(target)}")
+        raise InputError(f"target: expected [P, 1, H, W] tensor, got {describe(target)}")
     if valid is None:
         ok = torch.ones(target.shape[0], *target.shape[2:], dtype=torch.bool,
                         device=target.device)
     elif not isinstance(valid, Tensor) or valid.shape != target.shape:
         raise InputError(f"valid: expected {list(target.shape)} (the shape of target), "
-                         f"got {_shape(valid)}")
+                         f"got {describe(valid)}")
     else:
         ok = valid[:, 0] > 0.5  # (P, H, W)
     return (target[:, 0] > 0.5) & ok, ok
@@ -76,7 +71,7 @@ def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
 def _random(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
             *, normal: bool = False) -> Tensor:
     if not isinstance(generator, torch.Generator):
-        raise InputError(f"generator: expected a torch.Generator, got {_shape(generator)}")
+        raise InputError(f"generator: expected a torch.Generator, got {describe(generator)}")
     draw = torch.randn if normal else torch.rand
     return draw(shape, generator=generator, device=generator.device).to(device)
 
@@ -108,7 +103,7 @@ def pad_point_sets(sets: list[Points], *, device: torch.device | str | None = No
     for i, (c, lab) in enumerate(sets):
         if c.shape != (lab.shape[0], 2):
             raise InputError(f"sets[{i}]: expected coords [n, 2] with labels [n], "
-                             f"got {_shape(c)} and {_shape(lab)}")
+                             f"got {describe(c)} and {describe(lab)}")
         coords[i, : c.shape[0]] = c.to(coords)
         labels[i, : lab.shape[0]] = lab.to(labels)
     return _compact(coords, labels)
@@ -121,7 +116,8 @@ def append_points(points: Points, new: Points) -> Points:
     if c0.dim() != 3 or c1.dim() != 3 or c0.shape[0] != c1.shape[0] or c0.shape[2] != 2 \
             or c1.shape[2] != 2 or l0.shape != c0.shape[:2] or l1.shape != c1.shape[:2]:
         raise InputError(f"points, new: expected ([P, N, 2], [P, N]) and ([P, K, 2], [P, K]), "
-                         f"got ({_shape(c0)}, {_shape(l0)}) and ({_shape(c1)}, {_shape(l1)})")
+                         f"got ({describe(c0)}, {describe(l0)}) and "
+                         f"({describe(c1)}, {describe(l1)})")
     coords = torch.cat([c0, c1.to(c0)], dim=1)  # (P, N + K, 2)
     labels = torch.cat([l0, l1.to(l0)], dim=1)  # (P, N + K)
     return _compact(coords, labels)
@@ -298,16 +294,13 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
     ink, ok = _truth(target, valid)
     P, H, W = ink.shape
     if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[:2] != (P, 1):
-        raise InputError(f"pred: expected [{P}, 1, h, w] logits or bool mask, got {_shape(pred)}")
+        raise InputError(f"pred: expected [{P}, 1, h, w] logits or bool mask, got {describe(pred)}")
     if mode not in ("center", "uniform"):
         raise InputError(f"mode: expected 'center' or 'uniform', got {mode!r}")
     if pred.dtype == torch.bool:
         hit = F.interpolate(pred.float(), size=(H, W), mode="nearest")[:, 0] > 0.5
     else:
-        size = (H, W)
-        up = pred if pred.shape[-2:] == size else F.interpolate(
-            pred.float(), size=size, mode="bilinear", align_corners=False)
-        hit = up[:, 0] > 0  # (P, H, W)
+        hit = upsample_logits(pred.float(), (H, W))[:, 0] > 0  # (P, H, W)
     missed, extra = ink & ~hit, ok & ~ink & hit  # false negatives, false positives
     if mode == "uniform":
         if generator is None:
@@ -339,7 +332,7 @@ def select_mask(logits: Tensor, index: Tensor) -> Tensor:
     ``[P, 1, h, w]``."""
     if logits.dim() != 4 or index.shape != logits.shape[:1]:
         raise InputError(f"logits, index: expected [P, M, h, w] and [P], "
-                         f"got {_shape(logits)} and {_shape(index)}")
+                         f"got {describe(logits)} and {describe(index)}")
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits.detach()[rows, index.to(logits.device)].unsqueeze(1)  # (P, 1, h, w)
 

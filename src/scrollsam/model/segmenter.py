@@ -24,11 +24,11 @@ The module never disables gradients: callers that only predict wrap it in ``torc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
 from scrollsam.errors import InputError
+from scrollsam.losses import upsample_logits
 from scrollsam.model.checks import (
     check_boxes,
     check_embeddings,
@@ -257,6 +257,6 @@ class SamSegmenter(nn.Module):
         return self.decode(self.encode(images), **prompts)  # type: ignore[arg-type]
 
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
-        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S] (bilinear, as official SAM does)."""
-        return F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
-                             align_corners=False)
+        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S]
+        (:func:`scrollsam.losses.upsample_logits`)."""
+        return upsample_logits(logits, (self.image_size, self.image_size))
