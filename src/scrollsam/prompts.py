@@ -20,14 +20,9 @@ only, which SAM reads as "no point" (the same as a prompt-free decode). Randomne
 from the ``generator`` argument (a ``torch.Generator`` on any device; numbers are drawn on its
 device and moved), never from global state. Results are on the device of ``target``; the
 distance transforms run on the CPU with OpenCV.
-
-First-prompt point samplers share the signature ``(target, valid=None, *, generator, ...)`` and
-are listed in :data:`POINT_SAMPLERS`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -39,12 +34,9 @@ from scrollsam.errors import InputError, describe
 from scrollsam.losses import upsample_logits
 
 __all__ = [
-    "POINT_SAMPLERS",
     "append_points",
     "box_prompts",
-    "center_points",
     "corrective_points",
-    "grid_points",
     "pad_point_sets",
     "random_points",
     "select_mask",
@@ -123,26 +115,6 @@ def append_points(points: Points, new: Points) -> Points:
     return _compact(coords, labels)
 
 
-def grid_points(target: Tensor, valid: Tensor | None = None, *, n: int = 4,
-                generator: torch.Generator | None = None) -> Points:
-    """An n x n grid of pixel centres, labelled from the truth (1 on ink, 0 elsewhere) ->
-    N = n * n. Grid pixel i along an axis of length L is ``floor((i + 0.5) * L / n)``. Points
-    on invalid pixels become padding. Deterministic (``generator`` is ignored)."""
-    ink, ok = _truth(target, valid)
-    P, H, W = ink.shape
-    if not 1 <= n <= min(H, W):
-        raise InputError(f"n: expected 1..{min(H, W)} (the tile size), got {n}")
-    steps = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    ys = (steps * H).floor().long().to(ink.device)  # (n,)
-    xs = (steps * W).floor().long().to(ink.device)  # (n,)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (n, n) each, row-major grid
-    yy, xx = yy.reshape(-1), xx.reshape(-1)  # (n * n,)
-    labels = ink[:, yy, xx].long()  # (P, n * n)
-    labels = labels.masked_fill(~ok[:, yy, xx], -1)
-    coords = torch.stack([xx, yy], dim=-1).float().expand(P, -1, -1)  # (P, n * n, 2)
-    return _compact(coords, labels)
-
-
 def random_points(target: Tensor, valid: Tensor | None = None, *,
                   generator: torch.Generator, positives: int = 1, negatives: int = 0) -> Points:
     """``positives`` ink points and ``negatives`` background points, uniform without
@@ -209,43 +181,6 @@ def _depth(region: np.ndarray) -> np.ndarray:
     it; the tile border counts as outside (as RITM and the SAM paper's sampler do)."""
     padded = np.pad(region, 1)  # (H + 2, W + 2), zero border
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-
-
-def _deepest(region: np.ndarray, count: int) -> list[tuple[int, int]]:
-    """(row, col) of the deepest pixel of each of the ``count`` deepest 8-connected components
-    (deepest first; ties to the first pixel in row-major order). Empty region: []."""
-    depth = _depth(region).reshape(-1)
-    if count == 1:
-        i = int(np.argmax(depth))
-        return [divmod(i, region.shape[1])] if depth[i] > 0 else []
-    _, comp = cv2.connectedComponents(region, connectivity=8)
-    inside = np.flatnonzero(comp.reshape(-1))  # flat indices of region pixels
-    order = inside[np.lexsort((inside, -depth[inside]))]  # deepest first, then row-major
-    _, first = np.unique(comp.reshape(-1)[order], return_index=True)
-    best = order[np.sort(first)][:count]  # each component's deepest pixel, deepest first
-    return [divmod(int(i), region.shape[1]) for i in best]
-
-
-def center_points(target: Tensor, valid: Tensor | None = None, *, max_points: int = 1,
-                  generator: torch.Generator | None = None) -> Points:
-    """The ink pixel farthest from the ink's boundary (distance transform), as in the paper ->
-    N = max_points. With ``max_points`` = k > 1: the deepest pixel of each of the k deepest
-    connected ink components (8-connectivity), deepest first. A tile without ink gets one
-    background point at the valid background's deepest pixel instead (label 0); no valid
-    pixels: padding. Deterministic (``generator`` is ignored)."""
-    ink, ok = _truth(target, valid)
-    if max_points < 1:
-        raise InputError(f"max_points: expected >= 1, got {max_points}")
-    ink_np, ok_np = ink.cpu().numpy().astype(np.uint8), ok.cpu().numpy().astype(np.uint8)
-    sets = []
-    for p in range(ink_np.shape[0]):
-        if ink_np[p].any():
-            rc, label = _deepest(ink_np[p], max_points), 1
-        else:
-            rc, label = _deepest(ok_np[p], 1), 0
-        coords = torch.tensor([(c, r) for r, c in rc], dtype=torch.float32).reshape(-1, 2)
-        sets.append((coords, torch.full((len(rc),), label, dtype=torch.int64)))
-    return pad_point_sets(sets, device=target.device, length=max_points)
 
 
 def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: torch.Generator,
@@ -336,10 +271,3 @@ def select_mask(logits: Tensor, index: Tensor) -> Tensor:
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits.detach()[rows, index.to(logits.device)].unsqueeze(1)  # (P, 1, h, w)
 
-
-# First-prompt point samplers by name (config: ``prompts.first = "center"``, etc.).
-POINT_SAMPLERS: dict[str, Callable[..., Points]] = {
-    "grid": grid_points,
-    "random": random_points,
-    "center": center_points,
-}

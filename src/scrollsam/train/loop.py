@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -40,8 +39,6 @@ from scrollsam.train.cache import EmbeddingCache, check_cache_allowed
 from scrollsam.train.checkpoint import (
     TrainState,
     load_checkpoint,
-    restore_rng_state,
-    rng_state,
     save_checkpoint,
     train_state_of,
 )
@@ -243,8 +240,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
     """Train from ``cfg`` into the run dir ``cfg.out``; returns it. See the module docstring."""
     cfg, ckpt, created = prepare_run(cfg, resume=resume)
     run = Path(cfg.out)
-    torch.manual_seed(cfg.train.seed)
-    np_rng = np.random.default_rng(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # random initial weights where no checkpoint gives them
     gen = torch.Generator().manual_seed(cfg.train.seed)  # prompts, on the CPU
     try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
         s = setup(cfg, run)
@@ -260,16 +256,14 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
         s.model.sam.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = train_state_of(ckpt)
-        restore_rng_state(ckpt["rng"], np_rng)
         gen.set_state(ckpt["rng"]["prompts"])
         log.info("resuming %s at step %d", run, state.step)
     tb = TensorBoard(run, enabled=True)
     config_dict = config_to_dict(cfg)
 
     def save(name: str) -> None:
-        rng = {**rng_state(np_rng), "prompts": gen.get_state()}
         save_checkpoint(run / name, model=s.model, optimizer=optimizer, state=state,
-                        config=config_dict, rng=rng)
+                        config=config_dict, rng={"prompts": gen.get_state()})
 
     s.model.train()
     batches = _batches(s, state.step)
