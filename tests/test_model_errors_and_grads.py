@@ -71,13 +71,14 @@ def test_pixel_points_at_frame_edges_are_accepted(model, emb):
 
 def _loss(model: SamSegmenter) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, S, S, generator=g)
+    s = model.image_size
+    images = torch.randn(2, 3, s, s, generator=g)
     emb = model.encode(images)
     coords, labels = _pts(p=2)
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0]] * 2)
     a, ia = model.decode(emb, points=(coords, labels), boxes=boxes, multimask=True)
     b, ib = model.decode(emb, points=(coords, labels),
-                         mask_inputs=torch.randn(2, 1, S // 4, S // 4, generator=g))
+                         mask_inputs=torch.randn(2, 1, s // 4, s // 4, generator=g))
     c, ic = model.decode(emb)
     return sum(t.square().mean() for t in (a, ia, b, ib, c, ic))
 
@@ -88,15 +89,14 @@ def _shifts_scores_only(name: str) -> bool:
     return "token_to_image.k_proj.bias" in name
 
 
-@pytest.mark.parametrize("parts", [
-    ("mask_decoder",),
-    ("prompt_encoder", "mask_decoder"),
-    ("image_encoder",),
-    PARTS,
+@pytest.mark.parametrize("parts, size", [
+    *[(parts, size) for size in (S, 256) for parts in (  # 256: the training default
+        ("mask_decoder",), ("prompt_encoder", "mask_decoder"), ("image_encoder",), PARTS)],
+    (PARTS, 1024),  # official SAM's size, once (about 10 s on a 2-core CPU)
 ])
-def test_gradients_reach_exactly_the_trainable_parts(parts):
+def test_gradients_reach_exactly_the_trainable_parts(parts, size):
     torch.manual_seed(0)
-    model = build_model("tiny", image_size=S)
+    model = build_model("tiny", image_size=size)
     counts = set_trainable(model, parts)
     _loss(model).backward()
     for name, p in model.sam.named_parameters():
@@ -123,3 +123,27 @@ def test_count_parameters_matches_official_decoder_size(model):
 def test_unknown_trainable_part_is_an_error(model):
     with pytest.raises(InputError, match="trainable parts"):
         set_trainable(model, ["decoder"])
+
+
+class _WrappedLinear(torch.nn.Linear):
+    """A stand-in for an adapter: same weights, a different forward that decoder_ops would skip."""
+
+
+def test_decoder_ops_refuse_a_wrapped_layer_and_name_it():
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=S)
+    attn = model.sam.mask_decoder.transformer.layers[1].cross_attn_token_to_image
+    plain = attn.k_proj
+    wrapped = _WrappedLinear(plain.in_features, plain.out_features)
+    wrapped.load_state_dict(plain.state_dict())
+    attn.k_proj = wrapped  # after the model was built: caught on the first decode
+    with pytest.raises(TypeError, match=r"mask_decoder\.transformer\.layers\.1\."
+                                        r"cross_attn_token_to_image\.k_proj: .* bypass this "
+                                        r"_WrappedLinear"):
+        model.decode(torch.zeros(1, 256, S // 16, S // 16))
+    attn.k_proj = plain
+    model.decode(torch.zeros(1, 256, S // 16, S // 16))  # the official layer again: fine
+    up = model.sam.mask_decoder.output_upscaling
+    up[1] = torch.nn.GroupNorm(1, up[1].weight.shape[0])
+    with pytest.raises(TypeError, match=r"output_upscaling\.1: .*LayerNorm2d"):
+        SamSegmenter(model.sam, model_type="tiny")  # and when a model is built

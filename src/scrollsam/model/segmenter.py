@@ -39,6 +39,7 @@ from scrollsam.model.checks import (
 )
 from scrollsam.model.decoder_ops import (
     blocked_to_image,
+    check_plain_layers,
     transformer_tokens,
     upscale_tokens,
 )
@@ -54,8 +55,10 @@ class SamSegmenter(nn.Module):
 
     def __init__(self, sam: Sam, *, model_type: str) -> None:
         super().__init__()
+        check_plain_layers(sam.mask_decoder)
         self.sam = sam
         self.model_type = model_type
+        self._layers_checked = False  # checked again on the first decode (after adapters)
 
     # --- geometry ------------------------------------------------------------------------------
 
@@ -168,6 +171,9 @@ class SamSegmenter(nn.Module):
 
         Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1.
         """
+        if not self._layers_checked:
+            check_plain_layers(self.sam.mask_decoder)
+            self._layers_checked = True
         embeddings = check_embeddings(embeddings, grid=self.embed_grid, device=self.device)
         num_images = embeddings.shape[0]
         # Prompt-free: one set per image, or one per entry of image_index.
