@@ -3,6 +3,12 @@
 These catch the seed's mistakes where they are made, instead of as a shape mismatch three calls
 deep: points given as [B, 2], labels as floats, coordinates in 0..1 instead of pixels, raw 0..255
 pixels instead of normalised images, or P prompt sets that do not say which image they are for.
+
+Two kinds of check: form (type, rank, shape, dtype, device), always run, free; and values
+(ranges, NaN, the label set), run with ``values=True``, the default. Reading values makes a GPU
+wait for the host (``.item()``, ``.all()``, boolean indexing), so the training step, whose
+prompts come from scrollsam's own samplers, passes ``values=False``; user data (the Predictor,
+doctor, direct calls) keeps them.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ def _tensor(name: str, t: object, *, ndim: int, form: str, device: torch.device)
     return t
 
 
-def check_images(images: object, *, in_chans: int, image_size: int,
-                 device: torch.device) -> torch.Tensor:
+def check_images(images: object, *, in_chans: int, image_size: int, device: torch.device,
+                 values: bool = True) -> torch.Tensor:
     """Images: float [B, C, S, S], normalised (roughly mean 0, std 1 per channel)."""
     form = f"float [B, {in_chans}, {image_size}, {image_size}] normalised images"
     t = _tensor("images", images, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (in_chans, image_size, image_size):
         raise InputError(f"images: expected {form}, got {describe(t)}")
+    if not values:
+        return t
     peak = float(t.detach().abs().amax()) if t.numel() else 0.0
     if peak > MAX_NORMALISED or peak != peak:
         raise InputError(
@@ -51,8 +59,8 @@ def check_embeddings(embeddings: object, *, grid: int, device: torch.device) -> 
     return t
 
 
-def check_points(points: object, *, image_size: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def check_points(points: object, *, image_size: int, device: torch.device,
+                 values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Points: coords float [P, N, 2] as (x, y) pixels in [0, S); labels int [P, N], -1/0/1."""
     if not isinstance(points, (tuple, list)) or len(points) != 2:
         raise InputError(f"points: expected a (coords, labels) pair, got {describe(points)}")
@@ -72,6 +80,8 @@ def check_points(points: object, *, image_size: int,
     if tuple(labels.shape) != tuple(coords.shape[:2]):
         raise InputError(f"points labels: expected [P, N] = {list(coords.shape[:2])} to match "
                          f"coords, got {describe(labels)}")
+    if not values:
+        return coords.float(), labels
     if labels.numel() and not bool(((labels >= -1) & (labels <= 1)).all()):
         bad = sorted({int(v) for v in labels.unique().tolist()} - {-1, 0, 1})
         raise InputError(f"points labels: expected values in {{-1, 0, 1}}, got {bad}")
@@ -89,13 +99,14 @@ def check_points(points: object, *, image_size: int,
     return coords.float(), labels
 
 
-def check_boxes(boxes: object, *, image_size: int, device: torch.device) -> torch.Tensor:
+def check_boxes(boxes: object, *, image_size: int, device: torch.device,
+                values: bool = True) -> torch.Tensor:
     """Boxes: float [P, 4] as XYXY pixels of the input frame, x0 <= x1 and y0 <= y1."""
     form = f"float32 [P, 4] XYXY pixels of the {image_size} x {image_size} input frame"
     t = _tensor("boxes", boxes, ndim=2, form=form, device=device)
     if t.shape[-1] != 4 or not t.is_floating_point():
         raise InputError(f"boxes: expected {form}, got {describe(t)}")
-    if t.numel():
+    if values and t.numel():
         if bool((t[:, 2] < t[:, 0]).any() | (t[:, 3] < t[:, 1]).any()):
             raise InputError(f"boxes: expected {form} with x0 <= x1 and y0 <= y1, got a box "
                              "with its corners swapped")
@@ -118,7 +129,7 @@ def check_mask_inputs(mask_inputs: object, *, image_size: int,
 
 
 def resolve_image_index(image_index: object, *, num_sets: int | None, num_images: int,
-                        device: torch.device) -> torch.Tensor:
+                        device: torch.device, values: bool = True) -> torch.Tensor:
     """Which image each prompt set belongs to: long [P] with values in [0, B).
 
     Default (``None``): set p -> image p when P == B (or when there is no prompt, P := B); all
@@ -140,7 +151,7 @@ def resolve_image_index(image_index: object, *, num_sets: int | None, num_images
     if num_sets is not None and t.shape[0] != num_sets:
         raise InputError(f"image_index: expected one entry per prompt set ({num_sets}), got "
                          f"{describe(t)}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_images):
+    if values and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_images):
         raise InputError(f"image_index: expected {form}, got values in "
                          f"[{int(t.min())}, {int(t.max())}]")
     return t.long()
