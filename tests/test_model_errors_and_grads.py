@@ -147,3 +147,27 @@ def test_decoder_ops_refuse_a_wrapped_layer_and_name_it():
     up[1] = torch.nn.GroupNorm(1, up[1].weight.shape[0])
     with pytest.raises(TypeError, match=r"output_upscaling\.1: .*LayerNorm2d"):
         SamSegmenter(model.sam, model_type="tiny")  # and when a model is built
+
+
+def test_check_values_off_keeps_form_checks_and_skips_value_reads(model, emb):
+    bad_values = (_pts()[0] + 10, _pts()[1] * 2)  # out of the frame, labels outside -1..1
+    model.decode(emb, points=bad_values, check_values=False)  # not read: no error
+    with pytest.raises(InputError, match=r"points coords: expected float32 \[P, N, 2\]"):
+        model.decode(emb, points=(torch.zeros(3, 2), torch.ones(3, dtype=torch.long)),
+                     check_values=False)
+    with pytest.raises(InputError, match="images: expected float"):
+        model.encode(torch.zeros(2, 1, S, S), check_values=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad", [True, False])
+def test_point_tokens_equal_the_official_prompt_encoder(model, dtype, pad):
+    from scrollsam.model.segmenter import embed_point_tokens
+
+    pe = model.sam.prompt_encoder
+    coords, labels = _pts()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ours = embed_point_tokens(pe, coords, labels, pad=pad)
+        official = pe._embed_points(coords, labels, pad=pad)
+    assert ours.dtype == official.dtype and ours.shape == official.shape
+    torch.testing.assert_close(ours, official, atol=0, rtol=0)

@@ -263,7 +263,7 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
 
 def select_mask(logits: Tensor, index: Tensor) -> Tensor:
     """The chosen mask of each set, detached, as the next round's mask prompt:
-    ``[P, M, h, w]`` logits and ``[P]`` indices (e.g. ``sam_loss(...)["selected"]``) ->
+    ``[P, M, h, w]`` logits and ``[P]`` indices (e.g. ``sam_loss(...).selected``) ->
     ``[P, 1, h, w]``."""
     if logits.dim() != 4 or index.shape != logits.shape[:1]:
         raise InputError(f"logits, index: expected [P, M, h, w] and [P], "

@@ -17,10 +17,11 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from scrollsam.config import Config, config_from_dict, config_to_dict, save_config
@@ -30,6 +31,7 @@ from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
+from scrollsam.losses import scalar_parts
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
 from scrollsam.model.lora import add_lora
@@ -143,9 +145,13 @@ def _autocast(s: Setup) -> contextlib.AbstractContextManager:
 
 
 def _embed(s: Setup, images: torch.Tensor) -> torch.Tensor:
+    """Embeddings [B, 256, g, g] on the device of CPU images [B, C, S, S]: from the cache
+    (which hashes them on the CPU, before any copy) or the encoder. No value check: the views
+    normalise, and a check would make the device wait."""
+    encode = partial(s.model.encode, check_values=False)
     if s.cache is not None:
-        return s.cache.encode(images, s.model.encode)
-    return s.model.encode(images)
+        return s.cache.encode(images, encode, device=s.device)
+    return encode(images.to(s.device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -158,9 +164,8 @@ def validate(s: Setup) -> dict[str, float]:
     loader = DataLoader(s.valid_set, batch_size=s.cfg.train.batch_size, shuffle=False,
                         num_workers=s.cfg.data.workers)
     for batch in loader:
-        images = batch["image"].to(s.device, non_blocking=True)
         with _autocast(s):
-            logits, _ = s.model.decode(_embed(s, images))
+            logits, _ = s.model.decode(_embed(s, batch["image"]))
         prob = torch.sigmoid(s.model.upscale(logits.float())).cpu()  # (B, 1, S, S)
         for i, fid in enumerate(batch["fragment"]):
             hists.setdefault(fid, ProbabilityHistogram()).add(
@@ -172,10 +177,30 @@ def validate(s: Setup) -> dict[str, float]:
     return {**scores, "threshold": float(found.threshold)}
 
 
-def _nan_guard(s: Setup, parts: dict[str, torch.Tensor], batch: dict, step: int) -> None:
-    loss = parts["loss"]
-    if torch.isfinite(loss).item():
+def _batch_at(s: Setup, step: int, micro: int) -> dict:
+    """The training batch of micro-batch ``micro`` of ``step``, rebuilt from the dataset (the
+    data order is a pure function of the step, see :func:`_batches`)."""
+    size = s.cfg.train.batch_size
+    first = (step * s.cfg.train.accumulate + micro) * size
+    return default_collate([s.train_set[i] for i in range(first, first + size)])
+
+
+def _nan_guard(s: Setup, losses: list[tuple[int, int, dict[str, torch.Tensor]]]) -> None:
+    """Stop at the first non-finite loss among ``losses`` ((step, micro-batch, loss parts) since
+    the last call) with its step, parts and batch statistics, the batch saved for replay.
+
+    One host sync for them all: the loop calls this on steps that read device values anyway
+    (logging, pictures, validation, checkpoints), always before a checkpoint is written, so
+    NaN weights are never saved. Steps after the bad one ran on NaN weights, harmlessly.
+    """
+    if not losses:
         return
+    finite = torch.stack([torch.isfinite(parts["loss"].detach()) for *_, parts in losses])
+    if bool(finite.all()):
+        return
+    step, micro, parts = losses[int((~finite).nonzero()[0, 0])]
+    loss = parts["loss"]
+    batch = _batch_at(s, step, micro)
     path = s.run / f"nan_batch_step{step}.pt"
     torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, path)
     img = batch["image"].float()
@@ -270,48 +295,56 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True)
     tiles_seen, t0 = 0, time.perf_counter()
+    unchecked: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # losses _nan_guard has not seen
     try:
         while state.step < cfg.train.steps:
             step = state.step
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logged: dict[str, float] = {}
-            for _ in range(cfg.train.accumulate):
-                batch = next(batches)
-                images = batch["image"].to(s.device, non_blocking=True)
-                label = batch["label"].to(s.device, non_blocking=True)
-                valid = batch["valid"].to(s.device, non_blocking=True)
+            logged: dict[str, torch.Tensor] = {}  # tensors until a log step: no host sync
+            for micro in range(cfg.train.accumulate):
+                batch = next(batches)  # CPU tensors: the step moves what the device needs
                 with _autocast(s):
-                    out = prompted_forward(s.model, _embed(s, images), label, valid,
-                                           prompts=cfg.prompts, loss=cfg.loss, gen=gen)
-                _nan_guard(s, out.parts, batch, step)
+                    out = prompted_forward(s.model, _embed(s, batch["image"]), batch["label"],
+                                           batch["valid"], prompt_cfg=cfg.prompts,
+                                           loss_cfg=cfg.loss, gen=gen)
+                unchecked.append((step, micro, out.parts))  # for _nan_guard
                 (out.parts["loss"] / cfg.train.accumulate).backward()
                 for k, v in out.parts.items():
-                    logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.train.accumulate
-                tiles_seen += images.shape[0]
+                    logged[k] = logged.get(k, 0) + v.detach() / cfg.train.accumulate
+                tiles_seen += batch["image"].shape[0]
             if cfg.train.clip > 0:
-                logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params,
-                                                                           cfg.train.clip))
+                logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             elapsed = time.perf_counter() - t0
             rate = tiles_seen / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", tiles_s=f"{rate:.1f}")
-            bar.update(1)
-            if state.step % cfg.log.every == 0 or state.step == 1:
-                tb.scalars(logged, state.step, prefix="train/")
+            done = state.step == cfg.train.steps
+            log_due = state.step % cfg.log.every == 0 or state.step == 1
+            picture_due = cfg.log.images and (state.step % cfg.log.image_every == 0
+                                              or state.step == 1)
+            eval_due = state.step % cfg.train.eval_every == 0 or done
+            save_due = state.step % cfg.train.save_every == 0 or done
+            if log_due or picture_due or eval_due or save_due:
+                _nan_guard(s, unchecked)
+                unchecked.clear()
+            if log_due:
+                scalars = scalar_parts(logged)  # the step's losses as numbers: a host sync
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", tiles_s=f"{rate:.1f}",
+                                refresh=False)
+                tb.scalars(scalars, state.step, prefix="train/")
                 tb.scalars({"lr": lr, "tiles_per_s": rate,
                             "prompts_per_s": rate * cfg.prompts.sets_per_tile}, state.step,
                            prefix="train/")
                 if s.cache is not None:
                     tb.scalars({"cache_hits": s.cache.hits, "cache_misses": s.cache.misses},
                                state.step, prefix="train/")
-            if cfg.log.images and (state.step % cfg.log.image_every == 0 or state.step == 1):
+            bar.update(1)
+            if picture_due:
                 _pictures(s, tb, batch, out.example, state.step)
-            done = state.step == cfg.train.steps
-            if state.step % cfg.train.eval_every == 0 or done:
+            if eval_due:
                 scores = validate(s)
                 if scores:
                     tb.scalars(scores, state.step, prefix="valid/")
@@ -322,7 +355,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
                         state.best_f05, state.best_step = scores["f0.5"], state.step
                         state.best_threshold = scores["threshold"]
                         save("best.pt")
-            if state.step % cfg.train.save_every == 0 or done:
+            if save_due:
                 save("last.pt")
             tb.flush()
     except torch.cuda.OutOfMemoryError as err:
