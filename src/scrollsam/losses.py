@@ -113,8 +113,7 @@ def focal_loss(
     _same_size(logits, target)
     x, t = logits.float(), target.float()  # (P, M, H, W), (P, 1, H, W)
     # Everything that depends on the truth alone is one [P, 1, H, W] weight: the valid mask,
-    # the mean over valid pixels and a_t. Fewer full-size ops: 22 vs 33 ms forward + backward
-    # for 8 sets x 3 masks at 256 x 256 on a 2-core CPU.
+    # the mean over valid pixels and a_t: fewer full-size ops (benchmarks/README.md).
     w = _weights(t, valid)  # (P, 1, H, W)
     weight = w / w.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
     if alpha >= 0:

@@ -148,8 +148,8 @@ def uniform_pick(pool: Tensor, count: int, generator: torch.Generator,
     Draws ``tries * count`` positions with replacement per row and keeps the first ``count``
     distinct ones inside the pool, which is exactly uniform without replacement; a row that
     is not filled that way (a pool of under about 1/``tries`` of the row) is sampled exactly from
-    its listed positions instead. Cost O(P * tries * count) plus the sparse rows: 13 ms for 8
-    rows of 1024 x 1024 on 2 CPU cores, against 120 ms for a random key per position.
+    its listed positions instead. Cost O(P * tries * count) plus the sparse rows, against
+    O(P * L) for a random key per position (timings: ``benchmarks/README.md``).
     """
     P, L = pool.shape
     draws = max(1, tries) * count

@@ -254,8 +254,8 @@ class SamSegmenter(nn.Module):
         at least 1). A chunk's largest intermediate, the 32-channel upscaled map, is
         32 x 16 x (S/16)**2 floats per set, so it stays at 16 MB, below glibc's 32 MB ceiling
         for heap allocations: bigger chunks get fresh mmap'd pages every pass and page-fault
-        on each (measured: 64 sets at S = 1024 in one pass ran at 0.45x the speed of 64
-        single-set calls). Measurements that chose the budget: ``benchmarks/bench_decode.py``.
+        on each. Measurements that chose the budget: ``benchmarks/bench_decode.py`` and
+        ``benchmarks/README.md``.
         """
         if self.device.type != "cpu":
             return max(1, num_sets)

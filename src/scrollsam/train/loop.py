@@ -254,9 +254,8 @@ def _undo_new_run(run: Path, *, created: bool) -> None:
 
 def make_optimizer(params: list[torch.nn.Parameter], *, lr: float,
                    weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, with the fused kernel where every parameter allows it (float32 on CPU or CUDA):
-    4.8 ms against 18 ms per step for the 4.1 M parameters of the vit_b prompt encoder and
-    mask decoder on a 2-core CPU."""
+    """AdamW, with the fused kernel where every parameter allows it (float32 on CPU or CUDA;
+    several times faster per step, ``benchmarks/README.md``)."""
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
