@@ -78,12 +78,12 @@ def cached_vs_recompute_train(quick: bool) -> dict[str, Any]:
     cache = EmbeddingCache()
 
     def step(embed: Callable[[torch.Tensor], torch.Tensor], b: int, sets: int) -> None:
-        prompts = PromptConfig(sets_per_tile=sets, first="point", prompt_free_share=0.0,
-                               corrective_rounds=CORRECTIVE_ROUNDS)
+        prompt_cfg = PromptConfig(sets_per_tile=sets, first="point", prompt_free_share=0.0,
+                                  corrective_rounds=CORRECTIVE_ROUNDS)
         prompt_gen = torch.Generator().manual_seed(2)
         emb = embed(images[:b])  # (b, 256, g, g)
-        out = prompted_forward(model, emb, label[:b], valid[:b], prompts=prompts,
-                               loss=loss_cfg, gen=prompt_gen)
+        out = prompted_forward(model, emb, label[:b], valid[:b], prompt_cfg=prompt_cfg,
+                               loss_cfg=loss_cfg, gen=prompt_gen)
         out.parts["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

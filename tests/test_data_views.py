@@ -187,10 +187,14 @@ def test_band_errors_from_a_config_name_its_keys():
     from scrollsam.data.views import view_from_config
     from scrollsam.errors import ConfigError
 
-    cfg = load_config(None, ["data.input=slices", "data.z_start=25", "data.z_end=26"])
+    cfg = load_config(None, ["data.input=slices"])
+    cfg.data.z_start, cfg.data.z_end = 25, 26
     with pytest.raises(ConfigError, match=r"^data\.z_end: expected data\.z_end >= "
                                           r"data\.z_start \+ 3"):
         view_from_config(cfg.data, cache_dir=None)
+    with pytest.raises(ConfigError, match=r"^data\.z_end: expected data\.z_end >= "
+                                          r"data\.z_start \+ 3"):  # when the config loads
+        load_config(None, ["data.input=slices", "data.z_start=25", "data.z_end=26"])
 
 
 def test_stats_cache_lives_in_the_run_dir(tmp_path, frag, monkeypatch):
@@ -217,3 +221,37 @@ def test_stats_are_sampled_and_bounded(frag):
     full = frag.read(0, 16, 0, 160, 0, 192)[:, frag.mask()].astype(float)  # [D, n]
     np.testing.assert_allclose(compute_stats(frag, rng=np.random.default_rng(0)).slice_mean,
                                full.mean(axis=1), rtol=0.05)
+
+
+def test_every_view_parameter_is_set_through_the_one_config_key():
+    from scrollsam.config import load_config
+    from scrollsam.data.views import view_from_config
+
+    cfg = load_config(None, ["data.input=slices", "data.strategy=triplet",
+                             "data.view={depth: 16, centre: 7, std: 0.5}"])
+    view = view_from_config(cfg.data, cache_dir=None)
+    assert (view.depth, view.centre, view.std) == (16, 7.0, 0.5)
+    cfg = load_config(None, ["data.input=slices", "data.strategy=project",
+                             "data.view.reductions=[max, min]", "data.view.depth_shift=0",
+                             "data.z_start=2", "data.z_end=9"])
+    view = view_from_config(cfg.data, cache_dir=None)
+    assert (view.reductions, view.depth_shift, view.z0, view.z1) == (("max", "min"), 0, 2, 9)
+    mosaic = load_config(None, ["data.input=slices", "data.strategy=mosaic", "data.view.grid=3"])
+    assert view_from_config(mosaic.data, cache_dir=None).grid == 3
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.input=slices", "data.view.sigma=2"],
+     r"data\.view: sigma: unknown parameter of view slices/triplet \(known: depth, z0, z1, "
+     r"centre, std\)"),
+    (["data.view.depth=16"], r"data\.view: depth: unknown parameter of view ir"),
+    (["data.input=slices", "data.view.std=-1"], r"data\.view: std: expected a number >= 0"),
+    (["data.input=slices", "data.z_start=3", "data.view.z0=4"], r"set the band once"),
+    (["data.view=3"], r"data\.view: expected a mapping"),
+])
+def test_bad_view_parameters_in_a_config_name_the_key(overrides, match):
+    from scrollsam.config import load_config
+    from scrollsam.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

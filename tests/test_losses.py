@@ -14,6 +14,7 @@ from scrollsam.losses import (
     focal_loss,
     iou_mse_loss,
     mask_iou,
+    mean_parts,
     sam_loss,
     scalar_parts,
     soft_dice_loss,
@@ -70,14 +71,14 @@ def test_pixels_outside_valid_are_ignored():
         torch.testing.assert_close(fn(a, target, valid), fn(b, target, valid))
         torch.testing.assert_close(fn(a[..., :4], target[..., :4]), fn(a, target, valid))
     logits = a.clone().requires_grad_(True)
-    sam_loss(logits, torch.zeros(2, 1), target, valid)["loss"].backward()
+    sam_loss(logits, torch.zeros(2, 1), target, valid).parts["loss"].backward()
     assert logits.grad[..., 4:].abs().sum() == 0 and logits.grad[..., :4].abs().sum() > 0
-    nothing = sam_loss(a, torch.zeros(2, 1), target, torch.zeros_like(valid))
+    nothing = sam_loss(a, torch.zeros(2, 1), target, torch.zeros_like(valid)).parts
     assert all(math.isfinite(v) for v in scalar_parts(nothing).values())
 
 
 def test_sam_loss_total_hand_checked():
-    out = sam_loss(torch.zeros(1, 1, 2, 2), torch.tensor([[0.5]]), TARGET)
+    out, selected = sam_loss(torch.zeros(1, 1, 2, 2), torch.tensor([[0.5]]), TARGET)
     focal = 0.25 * LN2 / 2  # from test_focal_hand_checked
     dice = 0.4
     iou_mse = 0.25  # nothing predicted (logit 0 is not > 0): IoU 0, predicted 0.5
@@ -86,7 +87,7 @@ def test_sam_loss_total_hand_checked():
     assert out["dice"].item() == pytest.approx(dice)
     assert out["iou_mse"].item() == pytest.approx(iou_mse)
     assert out["mask_iou"].item() == 0.0
-    assert out["selected"].tolist() == [0]
+    assert selected.tolist() == [0]
     assert "bce" not in out
     parts = scalar_parts(out)
     assert set(parts) == {"loss", "mask", "focal", "dice", "iou_mse", "mask_iou"}
@@ -94,7 +95,7 @@ def test_sam_loss_total_hand_checked():
     assert not any(v.requires_grad for k, v in out.items() if k != "loss")
     with_bce = sam_loss(torch.zeros(1, 1, 2, 2), torch.tensor([[0.5]]), TARGET,
                         focal_weight=0, dice_weight=0, bce_weight=1, iou_weight=0)
-    assert with_bce["loss"].item() == pytest.approx(LN2)
+    assert with_bce.parts["loss"].item() == pytest.approx(LN2)
 
 
 def test_low_res_logits_are_upsampled_bilinearly():
@@ -105,7 +106,7 @@ def test_low_res_logits_are_upsampled_bilinearly():
     torch.testing.assert_close(upsample_logits(low, (8, 8)), up)
     ref = sam_loss(up, torch.zeros(1, 3), target)
     out = sam_loss(low, torch.zeros(1, 3), target)
-    torch.testing.assert_close(out["loss"], ref["loss"])
+    torch.testing.assert_close(out.parts["loss"], ref.parts["loss"])
     with pytest.raises(InputError, match="label resolution"):
         focal_loss(low, target)
 
@@ -123,30 +124,30 @@ def _multimask_case():
 
 def test_multimask_backprops_only_the_lowest_loss_mask():
     logits, iou_pred, target = _multimask_case()
-    out = sam_loss(logits, iou_pred, target)
-    assert out["selected"].tolist() == [2, 1]
-    assert out["selected"].dtype == torch.int64
+    out, selected = sam_loss(logits, iou_pred, target)
+    assert selected.tolist() == [2, 1]
+    assert selected.dtype == torch.int64
     out["loss"].backward()
     grad = logits.grad.abs().sum(dim=(2, 3))  # (P, M)
     assert (grad[0, 2] > 0) and (grad[1, 1] > 0)
     assert grad[0, :2].sum() == 0 and grad[1, 0] == 0 and grad[1, 2] == 0
-    assert (iou_pred.grad != 0).all()  # default iou_head="all": every output
+    assert (iou_pred.grad != 0).all()  # default iou_on="all": every output
     # selected masks are exact: actual IoU 1
     assert out["mask_iou"].item() == pytest.approx(1.0)
 
 
-def test_iou_head_selected_only():
+def test_iou_on_selected_only():
     logits, iou_pred, target = _multimask_case()
-    sam_loss(logits, iou_pred, target, iou_head="selected")["loss"].backward()
+    sam_loss(logits, iou_pred, target, iou_on="selected").parts["loss"].backward()
     nonzero = (iou_pred.grad != 0).tolist()
     assert nonzero == [[False, False, True], [False, True, False]]
-    with pytest.raises(InputError, match="iou_head"):
-        sam_loss(logits, iou_pred, target, iou_head="best")
+    with pytest.raises(InputError, match="iou_on"):
+        sam_loss(logits, iou_pred, target, iou_on="best")
 
 
 def test_bf16_logits_give_float32_loss():
     out = sam_loss(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16),
-                   torch.tensor([[0.5]], dtype=torch.bfloat16), TARGET)
+                   torch.tensor([[0.5]], dtype=torch.bfloat16), TARGET).parts
     assert out["loss"].dtype == torch.float32 and math.isfinite(out["loss"].item())
 
 
@@ -173,12 +174,23 @@ def test_mask_resolution_compares_with_area_averaged_labels():
     valid = torch.ones(1, 1, 8, 8)
     valid[0, 0, :4, 4:] = 0.0  # block (0, 1) outside the fragment: ignored
     logits = torch.tensor([[[[2.0, -9.0], [-1.0, 0.5]]]], requires_grad=True)
-    out = sam_loss(logits, torch.zeros(1, 1), target, valid, resolution="mask")
+    out = sam_loss(logits, torch.zeros(1, 1), target, valid, resolution="mask").parts
     soft = torch.tensor([[[[1.0, 0.0], [0.0, 0.5]]]])
     keep = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
-    want = sam_loss(logits.detach(), torch.zeros(1, 1), soft, keep)
+    want = sam_loss(logits.detach(), torch.zeros(1, 1), soft, keep).parts
     assert out["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-6)
     out["loss"].backward()
     assert logits.grad[0, 0, 0, 1] == 0  # the invalid block gets no gradient
     with pytest.raises(InputError, match="resolution"):
         sam_loss(logits, torch.zeros(1, 1), target, valid, resolution="half")
+
+
+def test_mean_parts_over_rounds_then_weighted_by_sets():
+    rounds = [{"loss": torch.tensor(1.0), "dice": torch.tensor(0.2)},
+              {"loss": torch.tensor(3.0), "dice": torch.tensor(0.4)}]
+    group = mean_parts(rounds)
+    assert group["loss"].item() == pytest.approx(2.0) and group["dice"].item() == pytest.approx(0.3)
+    other = {"loss": torch.tensor(5.0), "dice": torch.tensor(0.0)}
+    both = mean_parts([group, other], weights=[3, 1])  # 3 sets, then 1 set
+    assert both["loss"].item() == pytest.approx((3 * 2.0 + 5.0) / 4)
+    assert isinstance(both["dice"], torch.Tensor)

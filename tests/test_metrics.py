@@ -13,12 +13,10 @@ from scrollsam.evaluate import evaluate_files
 from scrollsam.metrics import (
     Counts,
     ProbabilityHistogram,
-    Scoreboard,
     binarize_prediction,
     confusion,
     score,
     search_threshold,
-    summarize,
 )
 
 PRED = np.array([[1, 1, 0, 0],
@@ -81,21 +79,6 @@ def test_empty_valid_mask_scores_perfect():
     assert c == Counts() and c.scores()["f0.5"] == 1.0
 
 
-def test_per_fragment_mean_and_pooled():
-    board = Scoreboard()
-    board.add("a", np.array([1, 1, 0]), np.array([1, 1, 0]))  # perfect: F = 1
-    board.add("b", np.array([1, 0]), np.array([0, 0]))  # one fp: F = 0
-    board.add("b", np.array([1]), np.array([0]))  # streaming: another tile of b
-    out = board.summary()
-    assert out["per_fragment"]["a"]["f0.5"] == 1.0
-    assert out["per_fragment"]["b"]["f0.5"] == 0.0
-    assert out["mean"]["f0.5"] == pytest.approx(0.5)
-    # pooled: tp = 2, fp = 2, fn = 0 -> 2.5 / (2.5 + 2)
-    assert out["pooled"]["f0.5"] == pytest.approx(2.5 / 4.5)
-    assert board.counts["b"] == Counts(tp=0, fp=2, fn=0, tn=1)
-    assert summarize({})["pooled"]["f0.5"] == 1.0
-
-
 def test_threshold_search_hand_computed():
     prob = np.array([0.9, 0.8, 0.6, 0.3, 0.2])
     truth = np.array([1, 0, 1, 0, 1])
@@ -110,30 +93,10 @@ def test_threshold_search_hand_computed():
     assert result.counts == Counts(tp=1, fp=0, fn=2, tn=2)
 
 
-def test_threshold_search_ties_go_low_and_mean_pooling():
-    a, b = ProbabilityHistogram(), ProbabilityHistogram()
+def test_threshold_search_ties_go_low():
+    a = ProbabilityHistogram()
     a.add(np.array([0.9, 0.1]), np.array([1, 0]))  # any t in (0.1, 0.9] is perfect
-    b.add(np.array([0.6, 0.4]), np.array([0, 1]))  # inverted: always bad
     assert search_threshold(a, thresholds=[0.3, 0.5, 0.8]).threshold == pytest.approx(0.3)
-    mean = search_threshold([a, b], thresholds=[0.5, 0.7], pooling="mean")
-    # t=.5: a F=1, b tp0 fp1 fn1 F=0 -> .5; t=.7: a F=1, b F=0 (fn only) -> .5; tie -> 0.5
-    np.testing.assert_allclose(mean.scores, [0.5, 0.5])
-    assert mean.threshold == pytest.approx(0.5)
-    with pytest.raises(InputError, match="pooling"):
-        search_threshold(a, pooling="median")
-    with pytest.raises(InputError, match="both"):
-        search_threshold(a, thresholds=[0.5], percentiles=[50])
-
-
-def test_percentile_thresholds_mark_the_top_fraction():
-    prob = np.arange(100) / 100  # 0.00 ... 0.99
-    h = ProbabilityHistogram()
-    h.add(prob, prob >= 0.5)  # the top 50 pixels are ink
-    t90 = h.quantile_thresholds([90])[0]
-    assert np.count_nonzero(binarize_prediction(prob, threshold=t90)[0]) == 10
-    result = search_threshold(h, percentiles=np.arange(0, 100, 5))
-    assert result.threshold == pytest.approx(0.5, abs=1e-4)  # the 50th percentile
-    assert result.score == 1.0
 
 
 def test_histogram_matches_direct_counts_streaming_and_chunked(monkeypatch):

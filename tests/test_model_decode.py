@@ -8,16 +8,23 @@ import torch
 from scrollsam import build_model
 from scrollsam.model.segmenter import SamSegmenter
 
-S = 1024  # vit_b prompt-encoder / decoder shapes: 64 x 64 embeddings, 256 x 256 mask logits
-GRID, LOW = S // 16, S // 4
+# Model input sides S: 1024 (official SAM: 64 x 64 embeddings, 256 x 256 mask logits), 256 (the
+# training default) and 64 (a 4 x 4 grid). The decoder is the same official one in every variant,
+# so the smaller sizes use the tiny encoder.
+SIZES = {1024: "vit_b", 256: "tiny", 64: "tiny"}
 B = 3  # an odd batch size, as the seed recommends, so batch mix-ups show
 
 
-@pytest.fixture(scope="module")
-def model() -> SamSegmenter:
+@pytest.fixture(scope="module", params=list(SIZES), ids=lambda s: f"S{s}")
+def model(request) -> SamSegmenter:
     torch.manual_seed(0)
-    m = build_model("vit_b", image_size=S).eval()
+    m = build_model(SIZES[request.param], image_size=request.param).eval()
     return m
+
+
+def _sizes(model: SamSegmenter) -> tuple[int, int, int]:
+    """(S, S/16, S/4) of ``model``."""
+    return model.image_size, model.embed_grid, model.mask_size
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +32,21 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1)
 
 
-def _embeddings(g: torch.Generator, b: int = B) -> torch.Tensor:
-    return torch.randn(b, 256, GRID, GRID, generator=g)
+def _embeddings(g: torch.Generator, s: int, b: int = B) -> torch.Tensor:
+    return torch.randn(b, 256, s // 16, s // 16, generator=g)
 
 
-def _points(g: torch.Generator, p: int, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    coords = torch.randint(0, S, (p, n, 2), generator=g).float()  # (P, N, 2) as (x, y)
+def _points(g: torch.Generator, s: int, p: int, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    coords = torch.randint(0, s, (p, n, 2), generator=g).float()  # (P, N, 2) as (x, y)
     labels = torch.randint(0, 2, (p, n), generator=g)
     labels[:, -2:] = -1  # ragged sets padded with -1
     labels[0, 1:] = -1
     return coords, labels
 
 
-def _boxes(g: torch.Generator, p: int) -> torch.Tensor:
-    xy = torch.randint(0, S // 2, (p, 2), generator=g).float()
-    wh = torch.randint(10, S // 2, (p, 2), generator=g).float()
+def _boxes(g: torch.Generator, s: int, p: int) -> torch.Tensor:
+    xy = torch.randint(0, s // 2, (p, 2), generator=g).float()
+    wh = torch.randint(10, s // 2, (p, 2), generator=g).float()
     return torch.cat([xy, xy + wh], dim=1)  # (P, 4) XYXY
 
 
@@ -47,8 +54,8 @@ def _official(model: SamSegmenter, emb: torch.Tensor, index: torch.Tensor, *, po
               boxes=None, masks=None, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Official prompt encoder + mask decoder, called once per image with its own prompt sets."""
     sam = model.sam
-    p = index.shape[0]
-    logits = torch.zeros(p, 3 if multimask else 1, LOW, LOW)
+    p, low = index.shape[0], model.mask_size
+    logits = torch.zeros(p, 3 if multimask else 1, low, low)
     iou = torch.zeros(p, 3 if multimask else 1)
     for b in range(emb.shape[0]):
         sel = (index == b).nonzero().flatten()
@@ -70,13 +77,13 @@ def _official(model: SamSegmenter, emb: torch.Tensor, index: torch.Tensor, *, po
     return logits, iou
 
 
-CASES = {
-    "points": lambda g, p: dict(points=_points(g, p)),
-    "boxes": lambda g, p: dict(boxes=_boxes(g, p)),
-    "points+boxes": lambda g, p: dict(points=_points(g, p), boxes=_boxes(g, p)),
-    "masks": lambda g, p: dict(mask_inputs=torch.randn(p, 1, LOW, LOW, generator=g)),
-    "points+masks": lambda g, p: dict(points=_points(g, p),
-                                      mask_inputs=torch.randn(p, 1, LOW, LOW, generator=g)),
+CASES = {  # (generator, S, P) -> prompts
+    "points": lambda g, s, p: dict(points=_points(g, s, p)),
+    "boxes": lambda g, s, p: dict(boxes=_boxes(g, s, p)),
+    "points+boxes": lambda g, s, p: dict(points=_points(g, s, p), boxes=_boxes(g, s, p)),
+    "masks": lambda g, s, p: dict(mask_inputs=torch.randn(p, 1, s // 4, s // 4, generator=g)),
+    "points+masks": lambda g, s, p: dict(
+        points=_points(g, s, p), mask_inputs=torch.randn(p, 1, s // 4, s // 4, generator=g)),
 }
 
 
@@ -84,13 +91,14 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @torch.no_grad()
 def test_batched_decode_equals_official_per_image(model, gen, case, multimask):
-    emb = _embeddings(gen)
-    prompts = CASES[case](gen, B)
+    s, _, low = _sizes(model)
+    emb = _embeddings(gen, s)
+    prompts = CASES[case](gen, s, B)
     logits, iou = model.decode(emb, multimask=multimask, **prompts)
     want_logits, want_iou = _official(
         model, emb, torch.arange(B), points=prompts.get("points"), boxes=prompts.get("boxes"),
         masks=prompts.get("mask_inputs"), multimask=multimask)
-    assert logits.shape == (B, 3 if multimask else 1, LOW, LOW)
+    assert logits.shape == (B, 3 if multimask else 1, low, low)
     assert iou.shape == (B, 3 if multimask else 1)
     torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(iou, want_iou, atol=1e-4, rtol=0)
@@ -99,9 +107,10 @@ def test_batched_decode_equals_official_per_image(model, gen, case, multimask):
 @pytest.mark.parametrize("case", ["points", "boxes", "masks"])
 @torch.no_grad()
 def test_several_prompt_sets_per_image_via_image_index(model, gen, case):
-    emb = _embeddings(gen)
+    s = model.image_size
+    emb = _embeddings(gen, s)
     index = torch.tensor([2, 0, 1, 0, 2, 2])  # unsorted, image 2 has three sets
-    prompts = CASES[case](gen, len(index))
+    prompts = CASES[case](gen, s, len(index))
     logits, iou = model.decode(emb, image_index=index, multimask=True, **prompts)
     want_logits, want_iou = _official(
         model, emb, index, points=prompts.get("points"), boxes=prompts.get("boxes"),
@@ -112,19 +121,21 @@ def test_several_prompt_sets_per_image_via_image_index(model, gen, case):
 
 @torch.no_grad()
 def test_prompt_free_is_one_mask_per_image(model, gen):
-    emb = _embeddings(gen)
+    s, _, low = _sizes(model)
+    emb = _embeddings(gen, s)
     logits, iou = model.decode(emb)
     want_logits, want_iou = _official(model, emb, torch.arange(B), multimask=False)
-    assert logits.shape == (B, 1, LOW, LOW)
+    assert logits.shape == (B, 1, low, low)
     torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(iou, want_iou, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
 def test_chunked_decode_is_the_same(model, gen):
-    emb = _embeddings(gen)
+    s = model.image_size
+    emb = _embeddings(gen, s)
     index = torch.tensor([0, 1, 2, 0, 1, 2, 1])
-    pts = _points(gen, len(index))
+    pts = _points(gen, s, len(index))
     whole = model.decode(emb, points=pts, image_index=index)
     for chunk in (1, 2, 3, 100):
         parts = model.decode(emb, points=pts, image_index=index, chunk=chunk)
@@ -135,38 +146,41 @@ def test_chunked_decode_is_the_same(model, gen):
 @torch.no_grad()
 def test_official_decoder_cannot_batch_images_but_ours_can(model, gen):
     """Reproduces the seed: official MaskDecoder with B images and B prompt sets breaks."""
-    emb = _embeddings(gen)
-    coords, labels = _points(gen, B)
+    s, _, low = _sizes(model)
+    emb = _embeddings(gen, s)
+    coords, labels = _points(gen, s, B)
     sparse, dense = model.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
     assert sparse.shape == (B, coords.shape[1] + 1, 256)  # the "65": one padding point added
     with pytest.raises(RuntimeError):
         model.sam.mask_decoder(emb, model.sam.prompt_encoder.get_dense_pe(), sparse, dense,
                                multimask_output=False)
     logits, _ = model.decode(emb, points=(coords, labels))
-    assert logits.shape == (B, 1, LOW, LOW)
+    assert logits.shape == (B, 1, low, low)
     # each set really is decoded against its own image: swapping images changes the answer
     swapped, _ = model.decode(emb, points=(coords, labels), image_index=torch.tensor([1, 2, 0]))
     assert not torch.allclose(logits, swapped)
 
 
 def test_embed_prompts_shapes(model, gen):
-    coords, labels = _points(gen, 4, n=64)
+    s, grid, _ = _sizes(model)
+    coords, labels = _points(gen, s, 4, n=64)
     sparse, dense = model.embed_prompts((coords, labels))
     assert sparse.shape == (4, 65, 256)  # 64 points + the official padding point
-    assert dense.shape == (4, 256, GRID, GRID)
-    sparse, _ = model.embed_prompts((coords, labels), _boxes(gen, 4))
+    assert dense.shape == (4, 256, grid, grid)
+    sparse, _ = model.embed_prompts((coords, labels), _boxes(gen, s, 4))
     assert sparse.shape == (4, 66, 256)  # no padding point with a box: 64 + 2 corners
     sparse, dense = model.embed_prompts(num_sets=5)
-    assert sparse.shape == (5, 0, 256) and dense.shape == (5, 256, GRID, GRID)
+    assert sparse.shape == (5, 0, 256) and dense.shape == (5, 256, grid, grid)
 
 
 @pytest.mark.parametrize("case", ["points", "masks"])  # first block per image / per set
 def test_gradients_equal_official(model, gen, case):
     """Training sees the official gradients: every trainable parameter and the embeddings."""
-    emb = _embeddings(gen).requires_grad_(True)
+    s, _, low = _sizes(model)
+    emb = _embeddings(gen, s).requires_grad_(True)
     index = torch.tensor([2, 0, 0, 2, 1, 2])  # unsorted, several sets per image
-    prompts = CASES[case](gen, len(index))
-    w_logits = torch.randn(len(index), 3, LOW, LOW, generator=gen)
+    prompts = CASES[case](gen, s, len(index))
+    w_logits = torch.randn(len(index), 3, low, low, generator=gen)
     w_iou = torch.randn(len(index), 3, generator=gen)
     params = [p for n, p in model.named_parameters() if "image_encoder" not in n]
 

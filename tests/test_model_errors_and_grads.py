@@ -71,13 +71,14 @@ def test_pixel_points_at_frame_edges_are_accepted(model, emb):
 
 def _loss(model: SamSegmenter) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, S, S, generator=g)
+    s = model.image_size
+    images = torch.randn(2, 3, s, s, generator=g)
     emb = model.encode(images)
     coords, labels = _pts(p=2)
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0]] * 2)
     a, ia = model.decode(emb, points=(coords, labels), boxes=boxes, multimask=True)
     b, ib = model.decode(emb, points=(coords, labels),
-                         mask_inputs=torch.randn(2, 1, S // 4, S // 4, generator=g))
+                         mask_inputs=torch.randn(2, 1, s // 4, s // 4, generator=g))
     c, ic = model.decode(emb)
     return sum(t.square().mean() for t in (a, ia, b, ib, c, ic))
 
@@ -88,15 +89,14 @@ def _shifts_scores_only(name: str) -> bool:
     return "token_to_image.k_proj.bias" in name
 
 
-@pytest.mark.parametrize("parts", [
-    ("mask_decoder",),
-    ("prompt_encoder", "mask_decoder"),
-    ("image_encoder",),
-    PARTS,
+@pytest.mark.parametrize("parts, size", [
+    *[(parts, size) for size in (S, 256) for parts in (  # 256: the training default
+        ("mask_decoder",), ("prompt_encoder", "mask_decoder"), ("image_encoder",), PARTS)],
+    (PARTS, 1024),  # official SAM's size, once (about 10 s on a 2-core CPU)
 ])
-def test_gradients_reach_exactly_the_trainable_parts(parts):
+def test_gradients_reach_exactly_the_trainable_parts(parts, size):
     torch.manual_seed(0)
-    model = build_model("tiny", image_size=S)
+    model = build_model("tiny", image_size=size)
     counts = set_trainable(model, parts)
     _loss(model).backward()
     for name, p in model.sam.named_parameters():
@@ -123,3 +123,51 @@ def test_count_parameters_matches_official_decoder_size(model):
 def test_unknown_trainable_part_is_an_error(model):
     with pytest.raises(InputError, match="trainable parts"):
         set_trainable(model, ["decoder"])
+
+
+class _WrappedLinear(torch.nn.Linear):
+    """A stand-in for an adapter: same weights, a different forward that decoder_ops would skip."""
+
+
+def test_decoder_ops_refuse_a_wrapped_layer_and_name_it():
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=S)
+    attn = model.sam.mask_decoder.transformer.layers[1].cross_attn_token_to_image
+    plain = attn.k_proj
+    wrapped = _WrappedLinear(plain.in_features, plain.out_features)
+    wrapped.load_state_dict(plain.state_dict())
+    attn.k_proj = wrapped  # after the model was built: caught on the first decode
+    with pytest.raises(TypeError, match=r"mask_decoder\.transformer\.layers\.1\."
+                                        r"cross_attn_token_to_image\.k_proj: .* bypass this "
+                                        r"_WrappedLinear"):
+        model.decode(torch.zeros(1, 256, S // 16, S // 16))
+    attn.k_proj = plain
+    model.decode(torch.zeros(1, 256, S // 16, S // 16))  # the official layer again: fine
+    up = model.sam.mask_decoder.output_upscaling
+    up[1] = torch.nn.GroupNorm(1, up[1].weight.shape[0])
+    with pytest.raises(TypeError, match=r"output_upscaling\.1: .*LayerNorm2d"):
+        SamSegmenter(model.sam, model_type="tiny")  # and when a model is built
+
+
+def test_check_values_off_keeps_form_checks_and_skips_value_reads(model, emb):
+    bad_values = (_pts()[0] + 10, _pts()[1] * 2)  # out of the frame, labels outside -1..1
+    model.decode(emb, points=bad_values, check_values=False)  # not read: no error
+    with pytest.raises(InputError, match=r"points coords: expected float32 \[P, N, 2\]"):
+        model.decode(emb, points=(torch.zeros(3, 2), torch.ones(3, dtype=torch.long)),
+                     check_values=False)
+    with pytest.raises(InputError, match="images: expected float"):
+        model.encode(torch.zeros(2, 1, S, S), check_values=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad", [True, False])
+def test_point_tokens_equal_the_official_prompt_encoder(model, dtype, pad):
+    from scrollsam.model.segmenter import embed_point_tokens
+
+    pe = model.sam.prompt_encoder
+    coords, labels = _pts()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ours = embed_point_tokens(pe, coords, labels, pad=pad)
+        official = pe._embed_points(coords, labels, pad=pad)
+    assert ours.dtype == official.dtype and ours.shape == official.shape
+    torch.testing.assert_close(ours, official, atol=0, rtol=0)

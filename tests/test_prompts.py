@@ -8,12 +8,9 @@ import torch
 
 from scrollsam.errors import InputError
 from scrollsam.prompts import (
-    POINT_SAMPLERS,
     append_points,
     box_prompts,
-    center_points,
     corrective_points,
-    grid_points,
     pad_point_sets,
     random_points,
     select_mask,
@@ -59,9 +56,7 @@ def test_every_sampler_puts_points_on_the_right_pixels(seed):
     target, valid = _asymmetric()
     g = torch.Generator().manual_seed(seed)
     results = [
-        grid_points(target, valid, n=5),
         random_points(target, valid, generator=g, positives=6, negatives=6),
-        center_points(target, valid, max_points=2),
         corrective_points(torch.full((3, 1, 3, 4), -3.0), target, valid),
         corrective_points(torch.full((3, 1, H, W), 3.0), target, valid),
         corrective_points(torch.randn(3, 1, H, W, generator=g), target, valid,
@@ -70,22 +65,6 @@ def test_every_sampler_puts_points_on_the_right_pixels(seed):
     for coords, labels in results:
         _check_points(coords, labels, target, valid)
         assert not (labels[2] == 1).any()  # the tile without ink: never a positive
-
-
-def test_grid_hand_checked():
-    target = torch.zeros(1, 1, 4, 6)
-    target[0, 0, 1, 4] = 1  # row 1, column 4 = the point (x=4, y=1)
-    coords, labels = grid_points(target, n=2)
-    # rows floor((i + .5) * 4 / 2) = 1, 3; columns floor((i + .5) * 6 / 2) = 1, 4
-    assert coords[0].tolist() == [[1, 1], [4, 1], [1, 3], [4, 3]]
-    assert labels[0].tolist() == [0, 1, 0, 0]
-    valid = torch.ones_like(target)
-    valid[0, 0, 3, 1] = 0  # the point (x=1, y=3) becomes padding, moved to the end
-    coords, labels = grid_points(target, valid, n=2)
-    assert coords[0].tolist() == [[1, 1], [4, 1], [4, 3], [0, 0]]
-    assert labels[0].tolist() == [0, 1, 0, -1]
-    with pytest.raises(InputError, match="n: expected"):
-        grid_points(target, n=5)
 
 
 def test_random_counts_padding_and_determinism():
@@ -143,24 +122,6 @@ def test_global_rng_untouched():
     corrective_points(torch.zeros(3, 1, H, W), target, valid, mode="uniform", generator=g)
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], np_state[1])
-
-
-def test_center_hand_checked():
-    target = torch.zeros(2, 1, 9, 11)
-    target[0, 0, 2:7, 2:7] = 1  # 5 x 5 block: only its centre (row 4, column 4) has depth 3
-    target[0, 0, 0:2, 9:11] = 1  # a small corner blob, shallower
-    coords, labels = center_points(target, max_points=2)
-    assert coords[0].tolist() == [[4, 4], [9, 0]] and labels[0].tolist() == [1, 1]
-    # one point: the global deepest; ties (a 5 x 7 block's plateau) go to the first pixel in
-    # row-major order
-    wide = torch.zeros(1, 1, 9, 11)
-    wide[0, 0, 2:7, 1:8] = 1
-    assert center_points(wide)[0].tolist() == [[[3, 4]]]
-    # no ink: one background point at the deepest valid pixel (the tile centre), then padding
-    # (a plateau of depth 5 over columns 4..6 of row 4; the first wins)
-    assert coords[1].tolist() == [[4, 4], [0, 0]] and labels[1].tolist() == [0, -1]
-    coords, labels = center_points(target, torch.zeros_like(target))  # nothing valid
-    assert labels.tolist() == [[-1], [-1]]
 
 
 def test_box_exact_noise_limits_and_missing_ink():
@@ -236,19 +197,16 @@ def test_append_and_pad_keep_padding_last():
         append_points(first, (torch.zeros(3, 1, 2), torch.zeros(3, 1)))
 
 
-def test_select_mask_and_registry():
+def test_select_mask():
     logits = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     picked = select_mask(logits.requires_grad_(True), torch.tensor([2, 0]))
     assert picked.shape == (2, 1, 2, 2) and not picked.requires_grad
     assert torch.equal(picked[0, 0], logits[0, 2]) and torch.equal(picked[1, 0], logits[1, 0])
-    assert set(POINT_SAMPLERS) == {"grid", "random", "center"}
-    target, valid = _asymmetric()
-    for sampler in POINT_SAMPLERS.values():  # one calling convention for all
-        _check_points(*sampler(target, valid, generator=torch.Generator()), target, valid)
 
 
 def test_bad_ground_truth_is_named():
     with pytest.raises(InputError, match=r"^target: expected \[P, 1, H, W\]"):
-        grid_points(torch.zeros(4, 4))
+        random_points(torch.zeros(4, 4), generator=torch.Generator())
     with pytest.raises(InputError, match="^valid: expected"):
-        center_points(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+        box_prompts(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5),
+                    generator=torch.Generator())

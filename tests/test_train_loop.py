@@ -108,6 +108,28 @@ def test_nan_loss_stops_with_step_stats_and_saved_batch(data, tmp_path, monkeypa
     assert saved["image"].shape == (3, 3, 64, 64)
 
 
+def test_nan_found_later_names_its_own_step_and_saves_its_own_batch(data, tmp_path, monkeypatch):
+    # Losses stay on the device between log steps; the guard then finds the first bad one.
+    import scrollsam.train.loop as loop
+
+    real, seen = loop.prompted_forward, []
+
+    def poisoned(model, emb, label, valid, **kwargs):
+        out = real(model, emb, label, valid, **kwargs)
+        seen.append(label.clone())
+        if len(seen) == 2:  # step 1; the guard runs after steps 0 and 1 (log, then eval / save)
+            out.parts["loss"] = out.parts["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(loop, "prompted_forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is inf at step 1 "):
+        train(_cfg(data, tmp_path / "run", "log.every=3", "log.images=false"), progress=False)
+    assert len(seen) == 2  # stopped before step 2, and before step 1's checkpoint
+    assert not (tmp_path / "run" / "last.pt").exists()
+    saved = torch.load(tmp_path / "run" / "nan_batch_step1.pt", weights_only=True)
+    assert torch.equal(saved["label"], seen[1])  # the batch of step 1, rebuilt exactly
+
+
 def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tmp_path):
     with pytest.raises(ConfigError, match="frozen image encoder"):
         train(_cfg(data, tmp_path / "a", "train.cache=memory",

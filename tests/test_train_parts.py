@@ -17,7 +17,6 @@ from scrollsam.train.cache import EmbeddingCache, check_cache_allowed, tile_key
 from scrollsam.train.checkpoint import (
     TrainState,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
 )
 from scrollsam.train.tb import tile_panel
@@ -88,7 +87,7 @@ def test_checkpoint_is_self_describing_and_weights_only(tiny, tmp_path):
     cfg = config_to_dict(load_config(None, ["model.type=tiny"]))
     path = save_checkpoint(tmp_path / "last.pt", model=tiny, optimizer=opt,
                            state=TrainState(step=12, best_f05=0.7, best_threshold=0.35),
-                           config=cfg, rng=rng_state(np.random.default_rng(0)))
+                           config=cfg, rng={"prompts": torch.Generator().get_state()})
     raw = torch.load(path, weights_only=True)  # no code can run
     assert raw["step"] == 12 and raw["config"] == cfg and raw["best_threshold"] == 0.35
     assert raw["optimizer"]["state"]  # AdamW moments are kept for resume

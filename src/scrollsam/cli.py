@@ -19,9 +19,9 @@ from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger("scrollsam")
 
-# Busy-waiting OpenMP threads make torch 2-3x slower (up to 30x seen) whenever another process
-# wants a core: DataLoader workers, a second job, CI. Passive waiting costs at most ~15% on an
-# idle CPU (benchmarks/README.md). This runs before torch is imported; a user's setting wins
+# Busy-waiting OpenMP threads make torch several times slower whenever another process wants a
+# core: DataLoader workers, a second job, CI. Passive waiting costs little on an idle CPU
+# (benchmarks/README.md). This runs before torch is imported; a user's setting wins
 # (OMP_WAIT_POLICY=ACTIVE for a dedicated CPU).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -328,33 +328,33 @@ def _run_sweep(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "synth": ("write synthetic fragments in the Kaggle layout",
               "scrollsam synth data --fragments 3 --height 1024 --width 1024",
-              _add_synth, lambda a: _run_synth(a)),
+              _add_synth, _run_synth),
     "inspect": ("validate a fragment folder and summarise it",
                 "scrollsam inspect data/train/1",
-                _add_inspect, lambda a: _run_inspect(a)),
+                _add_inspect, _run_inspect),
     "train": ("fine-tune SAM on fragments (config file + key=value overrides)",
               "scrollsam train --config configs/demo.yaml out=runs/demo train.steps=200",
-              _add_train, lambda a: _run_train(a)),
+              _add_train, _run_train),
     "predict": ("segment whole fragments with a trained run",
                 "scrollsam predict --run runs/demo --fragment data/test/a --out pred",
-                _add_predict, lambda a: _run_predict(a)),
+                _add_predict, _run_predict),
     "evaluate": ("score a predicted mask against ink labels (F0.5 ...)",
                  "scrollsam evaluate --pred pred/3/mask.png --labels data/train/3/inklabels.png "
                  "--mask data/train/3/mask.png --json",
-                 _add_evaluate, lambda a: _run_evaluate(a)),
+                 _add_evaluate, _run_evaluate),
     "submit": ("write a Kaggle submission CSV from predicted masks",
                "scrollsam submit --pred a=pred/a/mask.png --out submission.csv",
-               _add_submit, lambda a: _run_submit(a)),
+               _add_submit, _run_submit),
     "doctor": ("trace one batch through every stage and check that loss falls",
                "scrollsam doctor --config configs/demo.yaml",
-               _add_doctor, lambda a: _run_doctor(a)),
+               _add_doctor, _run_doctor),
     "demo": ("synth + train + predict + evaluate on a CPU in minutes",
              "scrollsam demo --out demo",
-             _add_demo, lambda a: _run_demo(a)),
+             _add_demo, _run_demo),
     "sweep": ("search config values with Optuna; each trial an ordinary run dir",
               "scrollsam sweep --config configs/sweep_demo.yaml --space "
               "configs/sweep_demo_space.yaml --trials 8 --out runs/sweep_demo",
-              _add_sweep, lambda a: _run_sweep(a)),
+              _add_sweep, _run_sweep),
 }
 
 

@@ -64,6 +64,7 @@ class DataConfig:
                           metadata=_choices("triplet", "every", "range", "project", "mosaic"))
     z_start: int | None = None  # first slice of the slice views' band (null: the ink band)
     z_end: int | None = None  # one past its last slice (null: the view's default)
+    view: dict[str, Any] = field(default_factory=dict)  # view parameters, e.g. {centre: 30}
     stride: int = 0  # tile stride in px for validation / prediction (0: half the tile)
     ink_share: float = 0.5  # share of training tiles drawn centred on ink
     augment: bool = True  # flips, 90 degree rotations
@@ -172,6 +173,9 @@ class Config:
         if (z0 is not None and z0 < 0) or (z0 is not None and z1 is not None and z1 <= z0):
             raise ConfigError(f"data.z_start / data.z_end: expected 0 <= z_start < z_end, got "
                               f"{self.data.z_start}, {self.data.z_end}")
+        from scrollsam.data.views import view_from_config
+
+        view_from_config(self.data, cache_dir=None)  # data.view checked by the view itself
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr: expected a positive number, got {self.train.lr}")
         from scrollsam.model.trainable import PARTS
@@ -212,6 +216,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}")
+        return {_coerce(key, k, key_hint): v if value_hint is Any else
+                _coerce(f"{key}.{k}", v, value_hint) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

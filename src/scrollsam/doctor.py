@@ -5,7 +5,8 @@ show) runs on the CPU through view -> encoder -> prompts -> prompt encoder -> de
 and a table gives name, shape, dtype, device and value range at each stage. Then it checks what
 went wrong in the seed: images normalised, points in pixels and (x, y) order inside the frame,
 positive points on ink and negative points off it, labels in {-1, 0, 1}. Finally it overfits
-that one batch and fails (exit 1) unless the loss falls by half.
+that one batch with the real training step (:func:`scrollsam.train.step.prompted_forward`, the
+loop's optimizer) and fails (exit 1) unless the loss falls by half.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from scrollsam import prompts as P
+from scrollsam import prompts
 from scrollsam.config import Config, load_config
 from scrollsam.losses import sam_loss
 from scrollsam.model.trainable import set_trainable
-from scrollsam.train.step import loss_kwargs
+from scrollsam.train.step import loss_kwargs, prompted_forward
 
 BATCH = 3
 OVERFIT_STEPS = 40
+OVERFIT_LR = 1e-3
 
 
 @dataclass
@@ -61,7 +63,7 @@ def default_config(workdir: Path) -> Config:
                               f"train.batch_size={BATCH}"])
 
 
-def check_points(coords: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+def point_checks(coords: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
                  size: int) -> list[Check]:
     """The seed's coordinate mistakes: coords [P, N, 2] (x, y), labels [P, N], target [P,1,S,S]."""
     real = labels >= 0
@@ -113,13 +115,13 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
     label = torch.stack([it["label"] for it in items])  # (3, 1, S, S)
     valid = torch.stack([it["valid"] for it in items])  # (3, 1, S, S)
     model, size = s.model, s.model.image_size
-    coords, labels = P.random_points(label, valid, generator=gen, positives=2, negatives=2)
+    coords, labels = prompts.random_points(label, valid, generator=gen, positives=2, negatives=2)
     rows = [_row("input image", images), _row("label (ink)", label), _row("valid (mask)", valid)]
     with torch.no_grad():
         emb = model.encode(images)
         sparse, dense = model.embed_prompts((coords, labels))
         logits, iou = model.decode(emb, points=(coords, labels))
-        loss = sam_loss(logits, iou, label, valid, **loss_kwargs(cfg.loss))["loss"]
+        loss = sam_loss(logits, iou, label, valid, **loss_kwargs(cfg.loss)).parts["loss"]
     rows += [_row("embeddings", emb), _row("points (x, y)", coords),
              _row("point labels", labels), _row("sparse prompt emb", sparse),
              _row("dense prompt emb", dense), _row("mask logits", logits),
@@ -134,19 +136,9 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
               f"values {sorted(set(label.unique().tolist()))[:5]}"),
         Check("batch dimension kept", logits.shape[0] == BATCH and emb.shape[0] == BATCH,
               f"embeddings {list(emb.shape)}, logits {list(logits.shape)}"),
-        *check_points(coords, labels, label, size),
+        *point_checks(coords, labels, label, size),
     ]
-    # Overfit the batch: prompt encoder + decoder on fixed embeddings.
-    set_trainable(model, ["prompt_encoder", "mask_decoder"])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(OVERFIT_STEPS):
-        lg, io = model.decode(emb, points=(coords, labels))
-        step_loss = sam_loss(lg, io, label, valid, **loss_kwargs(cfg.loss))["loss"]
-        opt.zero_grad()
-        step_loss.backward()
-        opt.step()
-        losses.append(float(step_loss.detach()))
+    losses = _overfit(model, emb, label, valid, cfg)
     checks.append(Check("loss falls by half when overfitting one batch",
                         losses[-1] <= 0.5 * losses[0],
                         f"{losses[0]:.4g} -> {losses[-1]:.4g} in {OVERFIT_STEPS} steps"))
@@ -156,3 +148,25 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
     healthy = all(c.ok for c in checks)
     out("\ndoctor: healthy" if healthy else "\ndoctor: problems found (see FAIL lines)")
     return 0 if healthy else 1
+
+
+def _overfit(model, emb: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
+             cfg: Config) -> list[float]:
+    """Losses of ``OVERFIT_STEPS`` training steps on one batch: the training step's prompted
+    forward (the same prompts every step) and the loop's optimizer, training the prompt encoder
+    and decoder on the fixed embeddings."""
+    from scrollsam.train.loop import make_optimizer
+
+    set_trainable(model, ["prompt_encoder", "mask_decoder"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, lr=OVERFIT_LR, weight_decay=cfg.train.weight_decay)
+    losses = []
+    for _ in range(OVERFIT_STEPS):
+        gen = torch.Generator().manual_seed(cfg.train.seed)  # the same first prompts each step
+        out = prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
+                               loss_cfg=cfg.loss, gen=gen)
+        opt.zero_grad(set_to_none=True)
+        out.parts["loss"].backward()
+        opt.step()
+        losses.append(float(out.parts["loss"].detach()))
+    return losses

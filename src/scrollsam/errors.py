@@ -39,3 +39,13 @@ class RunDirError(ScrollsamError):
 class WriteError(ScrollsamError, OSError):
     """The file system refused a write (full disk, read-only, no permission). The message says
     why and names the file and its folder; what was there before is left intact."""
+
+
+def describe(value: object) -> str:
+    """A value as error messages show it: ``torch.float32 [3, 2] on cpu`` for a tensor (or an
+    array), else its type name. Duck-typed, so this module does not import torch."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return type(value).__name__
+    device = getattr(value, "device", None)
+    return f"{dtype} {list(shape)}" + (f" on {device}" if device is not None else "")

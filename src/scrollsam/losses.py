@@ -15,7 +15,8 @@ functions below expect logits already at the target's size.
 
 Reduction: every per-pixel loss is averaged over the valid pixels of each (set, mask) pair,
 giving ``[P, M]``; pixels outside ``valid`` count for nothing (a set without valid pixels
-contributes 0). The combiner picks one mask per set and then takes the mean over P.
+contributes 0). The combiner :func:`sam_loss` picks one mask per set and then takes the mean
+over P; :func:`mean_parts` averages its results over corrective rounds and groups of sets.
 
 All functions are pure and differentiable in ``logits`` / ``iou_pred``; they compute in
 float32 whatever the input dtype (bf16 autocast safe).
@@ -23,17 +24,22 @@ float32 whatever the input dtype (bf16 autocast safe).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, describe
 
 __all__ = [
+    "SamLoss",
     "bce_loss",
     "focal_loss",
     "iou_mse_loss",
     "mask_iou",
+    "mean_parts",
     "sam_loss",
     "scalar_parts",
     "soft_dice_loss",
@@ -42,23 +48,17 @@ __all__ = [
 ]
 
 
-def _shape(x: Tensor) -> str:
-    return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-
-
 def _check(logits: Tensor, target: Tensor, valid: Tensor | None) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 4:
-        got = _shape(logits) if isinstance(logits, Tensor) else type(logits).__name__
-        raise InputError(f"logits: expected [P, M, H, W] float tensor, got {got}")
+        raise InputError(f"logits: expected [P, M, H, W] float tensor, got {describe(logits)}")
     if not isinstance(target, Tensor) or target.dim() != 4 or target.shape[1] != 1:
-        got = _shape(target) if isinstance(target, Tensor) else type(target).__name__
-        raise InputError(f"target: expected [P, 1, H, W] tensor, got {got}")
+        raise InputError(f"target: expected [P, 1, H, W] tensor, got {describe(target)}")
     if target.shape[0] != logits.shape[0]:
         raise InputError(f"target: expected {logits.shape[0]} prompt sets (as logits), "
-                         f"got {_shape(target)}")
+                         f"got {describe(target)}")
     if valid is not None and valid.shape != target.shape:
         raise InputError(f"valid: expected the shape of target {list(target.shape)}, "
-                         f"got {_shape(valid)}")
+                         f"got {describe(valid)}")
 
 
 def _weights(target: Tensor, valid: Tensor | None) -> Tensor:
@@ -75,7 +75,7 @@ def _masked_mean(per_pixel: Tensor, weight: Tensor) -> Tensor:
 def _same_size(logits: Tensor, target: Tensor) -> None:
     if logits.shape[-2:] != target.shape[-2:]:
         raise InputError(f"logits: expected the label resolution {list(target.shape[-2:])} "
-                         f"(call upsample_logits first), got {_shape(logits)}")
+                         f"(call upsample_logits first), got {describe(logits)}")
 
 
 def to_mask_resolution(target: Tensor, valid: Tensor | None,
@@ -90,7 +90,10 @@ def to_mask_resolution(target: Tensor, valid: Tensor | None,
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal)."""
+    """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal), with
+    ``align_corners=False`` as SAM's own ``postprocess_masks``. The one upsampling rule of
+    decoder logits: the loss, the model's :meth:`~SamSegmenter.upscale` and the corrective
+    point sampler all use it."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
@@ -110,8 +113,7 @@ def focal_loss(
     _same_size(logits, target)
     x, t = logits.float(), target.float()  # (P, M, H, W), (P, 1, H, W)
     # Everything that depends on the truth alone is one [P, 1, H, W] weight: the valid mask,
-    # the mean over valid pixels and a_t. Fewer full-size ops: 22 vs 33 ms forward + backward
-    # for 8 sets x 3 masks at 256 x 256 on a 2-core CPU.
+    # the mean over valid pixels and a_t: fewer full-size ops (benchmarks/README.md).
     w = _weights(t, valid)  # (P, 1, H, W)
     weight = w / w.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
     if alpha >= 0:
@@ -167,8 +169,15 @@ def iou_mse_loss(iou_pred: Tensor, actual_iou: Tensor) -> Tensor:
     """Squared error between predicted and actual IoU, element-wise -> ``[P, M]``."""
     if iou_pred.shape != actual_iou.shape:
         raise InputError(f"iou_pred: expected {list(actual_iou.shape)} (one per mask), "
-                         f"got {_shape(iou_pred)}")
+                         f"got {describe(iou_pred)}")
     return (iou_pred.float() - actual_iou.float().detach()) ** 2
+
+
+class SamLoss(NamedTuple):
+    """:func:`sam_loss` of one round: the loss parts and each set's selected mask."""
+
+    parts: dict[str, Tensor]  # "loss" (with grad) and detached 0-dim parts for logging
+    selected: Tensor  # [P] int64: the mask of each set that trains (the next mask prompt)
 
 
 def sam_loss(
@@ -184,31 +193,32 @@ def sam_loss(
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
     dice_smooth: float = 1.0,
-    iou_head: str = "all",
+    iou_on: str = "all",
     resolution: str = "label",
-) -> dict[str, Tensor]:
+) -> SamLoss:
     """The SAM training loss for one round of prompts.
 
     Mask loss per (set, mask) = focal_weight * focal + dice_weight * dice + bce_weight * BCE
     (the paper's 20:1 focal:dice; set ``bce_weight`` > 0 and ``focal_weight`` = 0 for plain
     BCE). With M > 1 masks only the mask with the lowest mask loss is back-propagated, per set
     (the paper's ambiguity handling). The IoU head learns the actual IoU (:func:`mask_iou`) by
-    MSE, on all M outputs (``iou_head="all"``, the default: every output's score is used at
+    MSE, on all M outputs (``iou_on="all"``, the default: every output's score is used at
     inference to rank masks) or only the selected one (``"selected"``, as SAM 2 does).
     Everything is averaged over the P prompt sets.
 
-    Returns ``{"loss": total (with grad), "mask", "focal", "dice"[, "bce"], "iou_mse",
-    "mask_iou": detached scalars for logging (the terms of the selected masks; "mask_iou" is
-    their actual IoU), "selected": [P] int64 index of each set's selected mask}``. Feed
-    :func:`scrollsam.prompts.select_mask` ``(logits, out["selected"])`` back as the next mask
-    prompt; :func:`scalar_parts` gives the loggable floats.
+    Returns :class:`SamLoss`: ``parts`` = ``{"loss": total (with grad), "mask", "focal",
+    "dice"[, "bce"], "iou_mse", "mask_iou"}``, the others detached 0-dim tensors for logging
+    (the terms of the selected masks; "mask_iou" is their actual IoU), and ``selected``, the
+    [P] int64 index of each set's selected mask. Feed :func:`scrollsam.prompts.select_mask`
+    ``(logits, selected)`` back as the next mask prompt; :func:`scalar_parts` gives the
+    loggable floats (a host sync: on log steps only).
     """
     _check(logits, target, valid)
     if iou_pred.shape != logits.shape[:2]:
         raise InputError(f"iou_pred: expected {list(logits.shape[:2])} ([P, M], as logits), "
-                         f"got {_shape(iou_pred)}")
-    if iou_head not in ("all", "selected"):
-        raise InputError(f"iou_head: expected 'all' or 'selected', got {iou_head!r}")
+                         f"got {describe(iou_pred)}")
+    if iou_on not in ("all", "selected"):
+        raise InputError(f"iou_on: expected 'all' or 'selected', got {iou_on!r}")
     if resolution not in ("label", "mask"):
         raise InputError(f"resolution: expected 'label' or 'mask', got {resolution!r}")
     if resolution == "mask" and target.shape[-2:] != logits.shape[-2:]:
@@ -227,17 +237,28 @@ def sam_loss(
     mask_loss = per_mask.gather(1, pick).squeeze(1).mean()
     actual = mask_iou(up, target, valid)  # (P, M), no grad
     iou_err = iou_mse_loss(iou_pred, actual)  # (P, M)
-    iou_loss = iou_err.mean() if iou_head == "all" else iou_err.gather(1, pick).mean()
+    iou_loss = iou_err.mean() if iou_on == "all" else iou_err.gather(1, pick).mean()
     out = {"loss": mask_loss + iou_weight * iou_loss, "mask": mask_loss.detach()}
     for name, value in parts.items():
         out[name] = value.gather(1, pick).mean().detach()
     out["iou_mse"] = iou_loss.detach()
     out["mask_iou"] = actual.gather(1, pick).mean()
-    out["selected"] = selected
-    return out
+    return SamLoss(out, selected)
 
 
-def scalar_parts(out: dict[str, Tensor]) -> dict[str, float]:
-    """The 0-dim entries of a :func:`sam_loss` result (``loss`` included) as Python floats,
-    for logging; ``selected`` and other non-scalars are left out."""
-    return {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
+def mean_parts(parts: Sequence[Mapping[str, Tensor]],
+               weights: Sequence[float] | None = None) -> dict[str, Tensor]:
+    """Mean of several loss-part dicts (:attr:`SamLoss.parts`), key by key, as tensors (no host
+    sync). Unweighted over the corrective rounds of a group of prompt sets; weighted by the
+    number of sets over the groups of a batch, so every prompt set counts alike."""
+    if weights is None:
+        return {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+    total = sum(weights)
+    return {k: sum(p[k] * w for p, w in zip(parts, weights, strict=True)) / total
+            for k in parts[0]}
+
+
+def scalar_parts(parts: Mapping[str, Tensor]) -> dict[str, float]:
+    """Loss parts (``loss`` included) as Python floats, for logging: a host sync per part, so
+    the training loop calls it on log steps only."""
+    return {k: float(v.detach()) for k, v in parts.items()}

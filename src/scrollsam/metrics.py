@@ -1,9 +1,8 @@
 """Pixel metrics of the ink-detection competition: F0.5, precision, recall, dice (F1), IoU.
 
 Everything is built on confusion counts (:class:`Counts`: tp, fp, fn, tn inside the valid
-mask), which add up: a whole fragment is scored tile by tile, and several fragments are scored
-both as the mean of their per-fragment scores and "pooled" (all pixels counted together), since
-the competition text does not say which it used (:func:`summarize`, :class:`Scoreboard`).
+mask), which add up: a whole fragment is scored tile by tile, and several fragments pooled (all
+their pixels counted together).
 
 Conventions:
 - Arrays are numpy arrays or torch tensors (moved to the CPU) of one shape, any rank.
@@ -22,8 +21,8 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,13 +38,11 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "Counts",
     "ProbabilityHistogram",
-    "Scoreboard",
     "ThresholdSearch",
     "binarize_prediction",
     "confusion",
     "score",
     "search_threshold",
-    "summarize",
 ]
 
 LEVELS = 65536  # probabilities are quantised to 16-bit levels 0..65535
@@ -172,37 +169,6 @@ def score(
     return {**counts.scores(beta=beta), **counts.as_dict()}
 
 
-def summarize(per_fragment: Mapping[str, Counts], *, beta: float = 0.5) -> dict[str, dict]:
-    """Scores of several fragments: ``{"per_fragment": {id: scores}, "mean": scores averaged
-    over fragments, "pooled": scores of all their pixels counted together}``. With no
-    fragments, ``mean`` and ``pooled`` are the scores of no pixels (all 1.0, see module doc)."""
-    per = {k: c.scores(beta=beta) for k, c in per_fragment.items()}
-    pooled = sum(per_fragment.values(), Counts())
-    if per:
-        keys = pooled.scores(beta=beta)
-        mean = {key: float(np.mean([s[key] for s in per.values()])) for key in keys}
-    else:
-        mean = pooled.scores(beta=beta)
-    return {"per_fragment": per, "mean": mean, "pooled": pooled.scores(beta=beta)}
-
-
-@dataclass
-class Scoreboard:
-    """Streaming counts per fragment: ``add`` tiles as they come, ``summary()`` at the end."""
-
-    counts: dict[str, Counts] = field(default_factory=dict)
-
-    def add(self, name: str, pred: ArrayLike, target: ArrayLike,
-            valid: ArrayLike | None = None) -> Counts:
-        """Add a binary prediction's counts to fragment ``name``; returns this call's counts."""
-        c = confusion(pred, target, valid)
-        self.counts[name] = self.counts.get(name, Counts()) + c
-        return c
-
-    def summary(self, *, beta: float = 0.5) -> dict[str, dict]:
-        return summarize(self.counts, beta=beta)
-
-
 # --- probabilities, thresholds ------------------------------------------------------------------
 
 
@@ -323,22 +289,6 @@ class ProbabilityHistogram:
             out.append(Counts(tp, fp, n_ink - tp, n_bg - fp))
         return out
 
-    def quantile_thresholds(self, percentiles: Sequence[float] | np.ndarray) -> np.ndarray:
-        """Thresholds at the given percentiles (0..100) of all counted pixels: the value of
-        the first pixel above the lowest q%, so ``prob >= threshold(q)`` marks the top
-        (100 - q)% as ink (more with ties; at least the maximum pixels)."""
-        q = np.asarray(percentiles, dtype=np.float64)
-        if q.size and (q.min() < 0 or q.max() > 100):
-            raise InputError(f"percentiles: expected values in [0, 100], got {q.tolist()}")
-        cum = np.cumsum(self.ink + self.background)  # pixels at level <= k
-        total = int(cum[-1]) if cum.size else 0
-        if total == 0:
-            return np.full(q.shape, 0.5)
-        ranks = (np.floor(q / 100.0 * total) + 1).clip(1, total)  # 1-based rank, ascending
-        levels = np.searchsorted(cum, ranks, side="left")  # first level reaching that rank
-        return levels / (LEVELS - 1)
-
-
 @dataclass(frozen=True)
 class ThresholdSearch:
     """Result of :func:`search_threshold`: the best threshold, its score and pooled counts,
@@ -355,39 +305,24 @@ def search_threshold(
     histograms: ProbabilityHistogram | Sequence[ProbabilityHistogram],
     *,
     thresholds: Sequence[float] | np.ndarray | None = None,
-    percentiles: Sequence[float] | np.ndarray | None = None,
     beta: float = 0.5,
-    pooling: str = "pooled",
 ) -> ThresholdSearch:
-    """The threshold maximising F-beta (F0.5) over validation predictions.
+    """The threshold maximising F-beta (F0.5) over validation predictions, all fragments'
+    pixels counted together (each histogram is one fragment).
 
-    Candidates: ``thresholds`` (a fixed grid; default :data:`DEFAULT_THRESHOLDS`), or
-    ``percentiles`` of the pooled probability distribution (e.g. ``np.arange(80, 100)``:
-    "call the top 20%...1% ink"), not both. Each histogram is one fragment.
-    pooling: "pooled" scores all fragments' pixels together; "mean" averages per-fragment
-        F-beta. Ties go to the lowest threshold. Cost: O(levels) per candidate.
+    Candidates: ``thresholds`` (default :data:`DEFAULT_THRESHOLDS`). Ties go to the lowest
+    threshold. Cost: O(levels) per candidate.
     """
     hists = [histograms] if isinstance(histograms, ProbabilityHistogram) else list(histograms)
     if not hists:
         raise InputError("histograms: expected at least one ProbabilityHistogram, got none")
-    if pooling not in ("pooled", "mean"):
-        raise InputError(f"pooling: expected 'pooled' or 'mean', got {pooling!r}")
-    if thresholds is not None and percentiles is not None:
-        raise InputError("thresholds, percentiles: expected one of them, got both")
     pooled = sum(hists[1:], hists[0])
-    if percentiles is not None:
-        cand = np.unique(pooled.quantile_thresholds(percentiles))
-    else:
-        cand = np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds, float)
-        cand = np.unique(cand)  # sorted, so ties resolve to the lowest threshold
+    cand = np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds, float)
+    cand = np.unique(cand)  # sorted, so ties resolve to the lowest threshold
     if cand.size == 0:
         raise InputError("thresholds: expected at least one candidate, got none")
     pooled_counts = pooled.counts_at(cand)
-    if pooling == "pooled":
-        scores = np.array([c.f_beta(beta) for c in pooled_counts])
-    else:
-        per = [[c.f_beta(beta) for c in h.counts_at(cand)] for h in hists]  # (fragments, T)
-        scores = np.mean(np.array(per), axis=0)
+    scores = np.array([c.f_beta(beta) for c in pooled_counts])
     best = int(np.argmax(scores))
     return ThresholdSearch(float(cand[best]), float(scores[best]), pooled_counts[best], cand,
                            scores)

@@ -20,14 +20,9 @@ only, which SAM reads as "no point" (the same as a prompt-free decode). Randomne
 from the ``generator`` argument (a ``torch.Generator`` on any device; numbers are drawn on its
 device and moved), never from global state. Results are on the device of ``target``; the
 distance transforms run on the CPU with OpenCV.
-
-First-prompt point samplers share the signature ``(target, valid=None, *, generator, ...)`` and
-are listed in :data:`POINT_SAMPLERS`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -35,15 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, describe
+from scrollsam.losses import upsample_logits
 
 __all__ = [
-    "POINT_SAMPLERS",
     "append_points",
     "box_prompts",
-    "center_points",
     "corrective_points",
-    "grid_points",
     "pad_point_sets",
     "random_points",
     "select_mask",
@@ -52,22 +45,16 @@ __all__ = [
 Points = tuple[Tensor, Tensor]  # coords [P, N, 2] float32 (x, y), labels [P, N] int64
 
 
-def _shape(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-    return type(x).__name__
-
-
 def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """Check the ground truth; return (ink, valid) as bool ``[P, H, W]``, ink inside valid."""
     if not isinstance(target, Tensor) or target.dim() != 4 or target.shape[1] != 1:
-        raise InputError(f"target: expected [P, 1, H, W] tensor, got {_shape(target)}")
+        raise InputError(f"target: expected [P, 1, H, W] tensor, got {describe(target)}")
     if valid is None:
         ok = torch.ones(target.shape[0], *target.shape[2:], dtype=torch.bool,
                         device=target.device)
     elif not isinstance(valid, Tensor) or valid.shape != target.shape:
         raise InputError(f"valid: expected {list(target.shape)} (the shape of target), "
-                         f"got {_shape(valid)}")
+                         f"got {describe(valid)}")
     else:
         ok = valid[:, 0] > 0.5  # (P, H, W)
     return (target[:, 0] > 0.5) & ok, ok
@@ -76,7 +63,7 @@ def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
 def _random(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
             *, normal: bool = False) -> Tensor:
     if not isinstance(generator, torch.Generator):
-        raise InputError(f"generator: expected a torch.Generator, got {_shape(generator)}")
+        raise InputError(f"generator: expected a torch.Generator, got {describe(generator)}")
     draw = torch.randn if normal else torch.rand
     return draw(shape, generator=generator, device=generator.device).to(device)
 
@@ -108,7 +95,7 @@ def pad_point_sets(sets: list[Points], *, device: torch.device | str | None = No
     for i, (c, lab) in enumerate(sets):
         if c.shape != (lab.shape[0], 2):
             raise InputError(f"sets[{i}]: expected coords [n, 2] with labels [n], "
-                             f"got {_shape(c)} and {_shape(lab)}")
+                             f"got {describe(c)} and {describe(lab)}")
         coords[i, : c.shape[0]] = c.to(coords)
         labels[i, : lab.shape[0]] = lab.to(labels)
     return _compact(coords, labels)
@@ -121,29 +108,10 @@ def append_points(points: Points, new: Points) -> Points:
     if c0.dim() != 3 or c1.dim() != 3 or c0.shape[0] != c1.shape[0] or c0.shape[2] != 2 \
             or c1.shape[2] != 2 or l0.shape != c0.shape[:2] or l1.shape != c1.shape[:2]:
         raise InputError(f"points, new: expected ([P, N, 2], [P, N]) and ([P, K, 2], [P, K]), "
-                         f"got ({_shape(c0)}, {_shape(l0)}) and ({_shape(c1)}, {_shape(l1)})")
+                         f"got ({describe(c0)}, {describe(l0)}) and "
+                         f"({describe(c1)}, {describe(l1)})")
     coords = torch.cat([c0, c1.to(c0)], dim=1)  # (P, N + K, 2)
     labels = torch.cat([l0, l1.to(l0)], dim=1)  # (P, N + K)
-    return _compact(coords, labels)
-
-
-def grid_points(target: Tensor, valid: Tensor | None = None, *, n: int = 4,
-                generator: torch.Generator | None = None) -> Points:
-    """An n x n grid of pixel centres, labelled from the truth (1 on ink, 0 elsewhere) ->
-    N = n * n. Grid pixel i along an axis of length L is ``floor((i + 0.5) * L / n)``. Points
-    on invalid pixels become padding. Deterministic (``generator`` is ignored)."""
-    ink, ok = _truth(target, valid)
-    P, H, W = ink.shape
-    if not 1 <= n <= min(H, W):
-        raise InputError(f"n: expected 1..{min(H, W)} (the tile size), got {n}")
-    steps = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    ys = (steps * H).floor().long().to(ink.device)  # (n,)
-    xs = (steps * W).floor().long().to(ink.device)  # (n,)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (n, n) each, row-major grid
-    yy, xx = yy.reshape(-1), xx.reshape(-1)  # (n * n,)
-    labels = ink[:, yy, xx].long()  # (P, n * n)
-    labels = labels.masked_fill(~ok[:, yy, xx], -1)
-    coords = torch.stack([xx, yy], dim=-1).float().expand(P, -1, -1)  # (P, n * n, 2)
     return _compact(coords, labels)
 
 
@@ -180,8 +148,8 @@ def uniform_pick(pool: Tensor, count: int, generator: torch.Generator,
     Draws ``tries * count`` positions with replacement per row and keeps the first ``count``
     distinct ones inside the pool, which is exactly uniform without replacement; a row that
     is not filled that way (a pool of under about 1/``tries`` of the row) is sampled exactly from
-    its listed positions instead. Cost O(P * tries * count) plus the sparse rows: 13 ms for 8
-    rows of 1024 x 1024 on 2 CPU cores, against 120 ms for a random key per position.
+    its listed positions instead. Cost O(P * tries * count) plus the sparse rows, against
+    O(P * L) for a random key per position (timings: ``benchmarks/README.md``).
     """
     P, L = pool.shape
     draws = max(1, tries) * count
@@ -213,43 +181,6 @@ def _depth(region: np.ndarray) -> np.ndarray:
     it; the tile border counts as outside (as RITM and the SAM paper's sampler do)."""
     padded = np.pad(region, 1)  # (H + 2, W + 2), zero border
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-
-
-def _deepest(region: np.ndarray, count: int) -> list[tuple[int, int]]:
-    """(row, col) of the deepest pixel of each of the ``count`` deepest 8-connected components
-    (deepest first; ties to the first pixel in row-major order). Empty region: []."""
-    depth = _depth(region).reshape(-1)
-    if count == 1:
-        i = int(np.argmax(depth))
-        return [divmod(i, region.shape[1])] if depth[i] > 0 else []
-    _, comp = cv2.connectedComponents(region, connectivity=8)
-    inside = np.flatnonzero(comp.reshape(-1))  # flat indices of region pixels
-    order = inside[np.lexsort((inside, -depth[inside]))]  # deepest first, then row-major
-    _, first = np.unique(comp.reshape(-1)[order], return_index=True)
-    best = order[np.sort(first)][:count]  # each component's deepest pixel, deepest first
-    return [divmod(int(i), region.shape[1]) for i in best]
-
-
-def center_points(target: Tensor, valid: Tensor | None = None, *, max_points: int = 1,
-                  generator: torch.Generator | None = None) -> Points:
-    """The ink pixel farthest from the ink's boundary (distance transform), as in the paper ->
-    N = max_points. With ``max_points`` = k > 1: the deepest pixel of each of the k deepest
-    connected ink components (8-connectivity), deepest first. A tile without ink gets one
-    background point at the valid background's deepest pixel instead (label 0); no valid
-    pixels: padding. Deterministic (``generator`` is ignored)."""
-    ink, ok = _truth(target, valid)
-    if max_points < 1:
-        raise InputError(f"max_points: expected >= 1, got {max_points}")
-    ink_np, ok_np = ink.cpu().numpy().astype(np.uint8), ok.cpu().numpy().astype(np.uint8)
-    sets = []
-    for p in range(ink_np.shape[0]):
-        if ink_np[p].any():
-            rc, label = _deepest(ink_np[p], max_points), 1
-        else:
-            rc, label = _deepest(ok_np[p], 1), 0
-        coords = torch.tensor([(c, r) for r, c in rc], dtype=torch.float32).reshape(-1, 2)
-        sets.append((coords, torch.full((len(rc),), label, dtype=torch.int64)))
-    return pad_point_sets(sets, device=target.device, length=max_points)
 
 
 def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: torch.Generator,
@@ -298,16 +229,13 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
     ink, ok = _truth(target, valid)
     P, H, W = ink.shape
     if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[:2] != (P, 1):
-        raise InputError(f"pred: expected [{P}, 1, h, w] logits or bool mask, got {_shape(pred)}")
+        raise InputError(f"pred: expected [{P}, 1, h, w] logits or bool mask, got {describe(pred)}")
     if mode not in ("center", "uniform"):
         raise InputError(f"mode: expected 'center' or 'uniform', got {mode!r}")
     if pred.dtype == torch.bool:
         hit = F.interpolate(pred.float(), size=(H, W), mode="nearest")[:, 0] > 0.5
     else:
-        size = (H, W)
-        up = pred if pred.shape[-2:] == size else F.interpolate(
-            pred.float(), size=size, mode="bilinear", align_corners=False)
-        hit = up[:, 0] > 0  # (P, H, W)
+        hit = upsample_logits(pred.float(), (H, W))[:, 0] > 0  # (P, H, W)
     missed, extra = ink & ~hit, ok & ~ink & hit  # false negatives, false positives
     if mode == "uniform":
         if generator is None:
@@ -335,18 +263,11 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
 
 def select_mask(logits: Tensor, index: Tensor) -> Tensor:
     """The chosen mask of each set, detached, as the next round's mask prompt:
-    ``[P, M, h, w]`` logits and ``[P]`` indices (e.g. ``sam_loss(...)["selected"]``) ->
+    ``[P, M, h, w]`` logits and ``[P]`` indices (e.g. ``sam_loss(...).selected``) ->
     ``[P, 1, h, w]``."""
     if logits.dim() != 4 or index.shape != logits.shape[:1]:
         raise InputError(f"logits, index: expected [P, M, h, w] and [P], "
-                         f"got {_shape(logits)} and {_shape(index)}")
+                         f"got {describe(logits)} and {describe(index)}")
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits.detach()[rows, index.to(logits.device)].unsqueeze(1)  # (P, 1, h, w)
 
-
-# First-prompt point samplers by name (config: ``prompts.first = "center"``, etc.).
-POINT_SAMPLERS: dict[str, Callable[..., Points]] = {
-    "grid": grid_points,
-    "random": random_points,
-    "center": center_points,
-}

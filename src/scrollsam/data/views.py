@@ -1,11 +1,8 @@
 """Input views: how a window of a fragment becomes the model's float32 input [C, S, S].
 
-Build one with :func:`make_view`::
+Build one with :func:`make_view` (or :func:`view_from_config`)::
 
-    view = make_view("ir")                                  # infrared image as 3 channels
-    view = make_view("slices", "triplet")                   # 3 consecutive slices, random depth
     view = make_view("slices", "range", z0=25, z1=41)       # 16 slices -> in_chans=16
-    view = make_view("slices", "every", depth=16)           # defaults laid out for 16 slices
     x = view.train_window(fragment, y0, x0, 256, rng=rng)   # [C, 256, 256], random draws
     x = view.eval_window(fragment, y0, x0, 256)             # [C, 256, 256], deterministic
     xs = view.infer_windows(fragment, y0, x0, 256)          # [K, C, 256, 256]: average over K
@@ -25,10 +22,12 @@ Views (``channels`` is known at construction, so the model can be built with ``i
   every pixel shows one slice at its true position and labels stay aligned; 3 channels use
   3 * grid**2 slices spread evenly over the band.
 
-Slice parameters: ``depth`` (slice count the defaults are laid out for, 65 = Kaggle), ``z0`` /
-``z1`` (the band, half-open; default the ink band, slices 25..40 of 65, scaled for other depths),
-``centre`` / ``std`` (triplet draw), ``depth_shift`` (range / project / mosaic: training moves the
-band by up to +-depth_shift slices), ``reductions`` (project), ``grid`` (mosaic).
+Slice parameters (``make_view`` keywords; in a run config the mapping ``data.view``, e.g.
+``data.view={centre: 30, std: 2}``): ``depth`` (slice count the defaults are laid out for, 65 =
+Kaggle), ``z0`` / ``z1`` (the band, half-open; default the ink band, slices 25..40 of 65, scaled
+for other depths; also ``data.z_start`` / ``data.z_end``), ``centre`` / ``std`` (triplet draw),
+``depth_shift`` (range / project / mosaic: training moves the band by up to +-depth_shift
+slices), ``reductions`` (project), ``grid`` (mosaic). Each view checks its own parameters.
 
 Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
 per slice, ``(v - mean[z]) / std[z]``; ir with its own mean / std; projections are standardised
@@ -64,6 +63,7 @@ class View:
 
     name = "view"
     PARAMS: dict[str, Any] = {}
+    channels = 0  # C, set by each view (on the class, or in __init__ when parameters decide)
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
         self.stats = stats
@@ -71,7 +71,6 @@ class View:
             if key not in self.PARAMS:
                 known = ", ".join(self.PARAMS) or "none"
                 raise InputError(f"{key}: unknown parameter of view {self.name} (known: {known})")
-        self.channels = 0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -86,9 +85,8 @@ class View:
     def check(self, fragment: Fragment) -> None:
         """FragmentError naming the fragment when it lacks what this view needs."""
 
-    def train_window(
-        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
-    ) -> np.ndarray:
+    def train_window(self, fragment: Fragment, y0: int, x0: int, size: int, *,
+                     rng: np.random.Generator) -> np.ndarray:
         """Training input for the window at (y0, x0): float32 [C, size, size]; random draws
         (depth choices) come from ``rng``."""
         return self.eval_window(fragment, y0, x0, size)
@@ -110,16 +108,12 @@ class IrView(View):
     """ir.png, standardised, repeated into 3 channels."""
 
     name = "ir"
-
-    def __init__(self, stats: StatsCache, **params: Any) -> None:
-        super().__init__(stats, **params)
-        self.channels = 3
+    channels = 3
 
     def check(self, fragment: Fragment) -> None:
         if fragment.ir_path is None:
-            raise FragmentError(
-                f"fragment {fragment.id} has no ir.png, which view 'ir' needs ({fragment.path})"
-            )
+            raise FragmentError(f"fragment {fragment.id} has no ir.png, which view 'ir' needs "
+                                f"({fragment.path})")
 
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
         self.check(fragment)
@@ -148,10 +142,8 @@ class SlicesView(View):
             z0 = max(0, min(z0, self.depth - self.min_band))  # tiny depths: widen the band
             z1 = min(self.depth, z0 + self.min_band)
         if z1 - z0 < self.min_band:
-            raise InputError(
-                f"z1: expected z1 >= z0 + {self.min_band} for view {self.name}, "
-                f"got z0={z0}, z1={z1}"
-            )
+            raise InputError(f"z1: expected z1 >= z0 + {self.min_band} for view {self.name}, "
+                             f"got z0={z0}, z1={z1}")
         if z1 > self.depth:
             raise InputError(f"z1: expected z1 <= depth ({self.depth}), got {z1}")
         self.z0, self.z1 = z0, z1
@@ -164,9 +156,8 @@ class SlicesView(View):
                 f"slices {self.z0}..{self.z1 - 1} (set data.z_start / data.z_end) ({fragment.path})"
             )
 
-    def _normalised(
-        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
-    ) -> np.ndarray:
+    def _normalised(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                    size: int) -> np.ndarray:
         """Slices z0..z1-1 of the window, standardised and clipped, 0 outside the mask:
         float32 [z1-z0, S, S]."""
         self.check(fragment)
@@ -178,9 +169,8 @@ class SlicesView(View):
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
         return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
 
-    def _shifted_band(
-        self, fragment: Fragment, rng: np.random.Generator, shift: int
-    ) -> tuple[int, int]:
+    def _shifted_band(self, fragment: Fragment, rng: np.random.Generator,
+                      shift: int) -> tuple[int, int]:
         """The band moved by a uniform draw in [-shift, shift], kept inside the volume."""
         lo, hi = max(-shift, -self.z0), min(shift, fragment.depth - self.z1)
         d = int(rng.integers(lo, hi + 1)) if hi >= lo else 0
@@ -193,10 +183,10 @@ class TripletView(SlicesView):
     name = "slices/triplet"
     PARAMS = {**SlicesView.PARAMS, "centre": None, "std": None}
     min_band = 3
+    channels = 3
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
         super().__init__(stats, **params)
-        self.channels = 3
         p = self._p
         self.centre = (self.z0 + self.z1 - 1) / 2 if p["centre"] is None else _float(
             "centre", p["centre"])
@@ -207,9 +197,8 @@ class TripletView(SlicesView):
     def _start(self, middle: float) -> int:
         return int(np.clip(round(middle) - 1, self.z0, self.z1 - 3))
 
-    def train_window(
-        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
-    ) -> np.ndarray:
+    def train_window(self, fragment: Fragment, y0: int, x0: int, size: int, *,
+                     rng: np.random.Generator) -> np.ndarray:
         z = self._start(rng.normal(self.centre, self.std) if self.std > 0 else self.centre)
         return self._normalised(fragment, z, z + 3, y0, x0, size)  # [3, S, S]
 
@@ -222,14 +211,10 @@ class EveryView(SlicesView):
     """One slice as 3 channels; inference returns every slice of the band (K = z1 - z0)."""
 
     name = "slices/every"
+    channels = 3
 
-    def __init__(self, stats: StatsCache, **params: Any) -> None:
-        super().__init__(stats, **params)
-        self.channels = 3
-
-    def train_window(
-        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
-    ) -> np.ndarray:
+    def train_window(self, fragment: Fragment, y0: int, x0: int, size: int, *,
+                     rng: np.random.Generator) -> np.ndarray:
         z = int(rng.integers(self.z0, self.z1))
         return np.repeat(self._normalised(fragment, z, z + 1, y0, x0, size), 3, axis=0)
 
@@ -251,9 +236,8 @@ class _BandView(SlicesView):
         super().__init__(stats, **params)
         self.depth_shift = _int("depth_shift", self._p["depth_shift"], 0)
 
-    def train_window(
-        self, fragment: Fragment, y0: int, x0: int, size: int, *, rng: np.random.Generator
-    ) -> np.ndarray:
+    def train_window(self, fragment: Fragment, y0: int, x0: int, size: int, *,
+                     rng: np.random.Generator) -> np.ndarray:
         self.check(fragment)
         z0, z1 = self._shifted_band(fragment, rng, self.depth_shift)
         return self._compose(fragment, z0, z1, y0, x0, size)
@@ -261,9 +245,8 @@ class _BandView(SlicesView):
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
         return self._compose(fragment, self.z0, self.z1, y0, x0, size)
 
-    def _compose(
-        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
-    ) -> np.ndarray:
+    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                 size: int) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -276,9 +259,8 @@ class RangeView(_BandView):
         super().__init__(stats, **params)
         self.channels = self.z1 - self.z0
 
-    def _compose(
-        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
-    ) -> np.ndarray:
+    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                 size: int) -> np.ndarray:
         return self._normalised(fragment, z0, z1, y0, x0, size)  # [C, S, S]
 
 
@@ -295,16 +277,14 @@ class ProjectView(_BandView):
         if isinstance(red, str):
             red = tuple(r.strip() for r in red.split(",") if r.strip())
         if not isinstance(red, Sequence) or not red or any(r not in REDUCTIONS for r in red):
-            raise InputError(
-                f"reductions: expected a non-empty list of {', '.join(REDUCTIONS)}, got {red!r}"
-            )
+            raise InputError(f"reductions: expected a non-empty list of "
+                             f"{', '.join(REDUCTIONS)}, got {red!r}")
         self.reductions = tuple(red)
         self.channels = len(self.reductions)
         self._calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _raw(
-        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _raw(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+             size: int) -> tuple[np.ndarray, np.ndarray]:
         vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
         fns = {"mean": np.mean, "max": np.max, "min": np.min, "std": np.std}
         out = np.stack([fns[r](vol, axis=0) for r in self.reductions])  # [C, S, S]
@@ -328,9 +308,8 @@ class ProjectView(_BandView):
         super().prepare(fragment)
         self._calibrate(fragment)
 
-    def _compose(
-        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
-    ) -> np.ndarray:
+    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                 size: int) -> np.ndarray:
         mean, std = self._calibrate(fragment)
         raw, inside = self._raw(fragment, z0, z1, y0, x0, size)
         return (np.clip((raw - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
@@ -341,15 +320,14 @@ class MosaicView(_BandView):
 
     name = "slices/mosaic"
     PARAMS = {**_BandView.PARAMS, "grid": 2}
+    channels = 3
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
         super().__init__(stats, **params)
         self.grid = _int("grid", self._p["grid"], 1)
-        self.channels = 3
 
-    def _compose(
-        self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int, size: int
-    ) -> np.ndarray:
+    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                 size: int) -> np.ndarray:
         g = self.grid
         picks = np.round(np.linspace(0, z1 - z0 - 1, 3 * g * g)).astype(int)  # [3*g*g]
         vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
@@ -369,14 +347,9 @@ _VIEWS: dict[str, type[View]] = {
 }
 
 
-def make_view(
-    input: str,
-    strategy: str | None = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    stats: StatsCache | None = None,
-    **params: Any,
-) -> View:
+def make_view(input: str, strategy: str | None = None, *,
+              cache_dir: str | os.PathLike[str] | None = None, stats: StatsCache | None = None,
+              **params: Any) -> View:
     """Build a view: ``input`` "ir" (no strategy) or "slices" with a strategy (default
     "triplet"); ``params`` as listed in the module docstring, checked (InputError naming the
     parameter). Statistics come from ``stats`` or a new :class:`StatsCache` on ``cache_dir``
@@ -388,9 +361,7 @@ def make_view(
     elif input == "slices":
         strategy = strategy or "triplet"
         if strategy not in STRATEGIES:
-            raise InputError(
-                f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}"
-            )
+            raise InputError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
         key = f"slices/{strategy}"
     else:
         raise InputError(f"input: expected 'ir' or 'slices', got {input!r}")
@@ -414,14 +385,21 @@ def _float(name: str, value: Any) -> float:
 def view_from_config(data: DataConfig, *, cache_dir: str | os.PathLike[str] | None) -> View:
     """The view a run's ``data`` config names: the same for training and prediction.
 
-    ``data.z_start`` / ``data.z_end`` set the slice band (None: the view's default ink band).
+    ``data.view`` holds the view's parameters (module docstring), checked here by the view;
+    ``data.z_start`` / ``data.z_end`` set the band's ``z0`` / ``z1`` (None: the default ink
+    band). A bad parameter is a ConfigError naming the key.
     """
-    params = {}
-    if data.input == "slices":
-        params = {k: v for k, v in (("z0", data.z_start), ("z1", data.z_end)) if v is not None}
+    band = {k: v for k, v in (("z0", data.z_start), ("z1", data.z_end))
+            if v is not None and data.input == "slices"}
+    keys = "data.view" + (" / data.z_start / data.z_end" if band else "")
+    if set(band) & set(data.view):
+        raise ConfigError(f"{keys}: set the band once, with data.z_start / data.z_end or with "
+                          f"data.view.z0 / z1, got both")
     strategy = data.strategy if data.input == "slices" else None
     try:
-        return make_view(data.input, strategy, cache_dir=cache_dir, **params)
+        return make_view(data.input, strategy, cache_dir=cache_dir, **band, **data.view)
     except InputError as err:  # name the config keys, not make_view's parameters
-        text = re.sub(r"\bz0\b", "data.z_start", re.sub(r"\bz1\b", "data.z_end", str(err)))
-        raise ConfigError(text) from None
+        text = str(err)
+        if band:
+            text = re.sub(r"\bz0\b", "data.z_start", re.sub(r"\bz1\b", "data.z_end", text))
+        raise ConfigError(text if text.startswith("data.") else f"{keys}: {text}") from None

@@ -3,42 +3,44 @@
 These catch the seed's mistakes where they are made, instead of as a shape mismatch three calls
 deep: points given as [B, 2], labels as floats, coordinates in 0..1 instead of pixels, raw 0..255
 pixels instead of normalised images, or P prompt sets that do not say which image they are for.
+
+Two kinds of check: form (type, rank, shape, dtype, device), always run, free; and values
+(ranges, NaN, the label set), run with ``values=True``, the default. Reading values makes a GPU
+wait for the host (``.item()``, ``.all()``, boolean indexing), so the training step, whose
+prompts come from scrollsam's own samplers, passes ``values=False``; user data (the Predictor,
+doctor, direct calls) keeps them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, describe
 
 # Normalised inputs are roughly zero-mean / unit-std; anything this large is raw pixel values.
 MAX_NORMALISED = 100.0
 
 
-def _form(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} {list(t.shape)} on {t.device}"
-    return type(t).__name__
-
-
 def _tensor(name: str, t: object, *, ndim: int, form: str, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise InputError(f"{name}: expected a torch.Tensor {form}, got {_form(t)}")
+        raise InputError(f"{name}: expected a torch.Tensor {form}, got {describe(t)}")
     if t.ndim != ndim:
-        raise InputError(f"{name}: expected {form}, got {_form(t)}")
+        raise InputError(f"{name}: expected {form}, got {describe(t)}")
     if t.device != device:
         raise InputError(f"{name}: expected a tensor on {device} (the model's device), "
-                         f"got {_form(t)}")
+                         f"got {describe(t)}")
     return t
 
 
-def check_images(images: object, *, in_chans: int, image_size: int,
-                 device: torch.device) -> torch.Tensor:
+def check_images(images: object, *, in_chans: int, image_size: int, device: torch.device,
+                 values: bool = True) -> torch.Tensor:
     """Images: float [B, C, S, S], normalised (roughly mean 0, std 1 per channel)."""
     form = f"float [B, {in_chans}, {image_size}, {image_size}] normalised images"
     t = _tensor("images", images, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (in_chans, image_size, image_size):
-        raise InputError(f"images: expected {form}, got {_form(t)}")
+        raise InputError(f"images: expected {form}, got {describe(t)}")
+    if not values:
+        return t
     peak = float(t.detach().abs().amax()) if t.numel() else 0.0
     if peak > MAX_NORMALISED or peak != peak:
         raise InputError(
@@ -53,31 +55,33 @@ def check_embeddings(embeddings: object, *, grid: int, device: torch.device) -> 
     form = f"float [B, 256, {grid}, {grid}] image embeddings"
     t = _tensor("embeddings", embeddings, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (256, grid, grid):
-        raise InputError(f"embeddings: expected {form}, got {_form(t)}")
+        raise InputError(f"embeddings: expected {form}, got {describe(t)}")
     return t
 
 
-def check_points(points: object, *, image_size: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def check_points(points: object, *, image_size: int, device: torch.device,
+                 values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Points: coords float [P, N, 2] as (x, y) pixels in [0, S); labels int [P, N], -1/0/1."""
     if not isinstance(points, (tuple, list)) or len(points) != 2:
-        raise InputError(f"points: expected a (coords, labels) pair, got {_form(points)}")
+        raise InputError(f"points: expected a (coords, labels) pair, got {describe(points)}")
     frame = f"(x, y) pixels of the {image_size} x {image_size} input frame"
     coords = _tensor("points coords", points[0], ndim=3,
                      form=f"float32 [P, N, 2] as {frame}", device=device)
     labels = _tensor("points labels", points[1], ndim=2,
                      form="int [P, N] with 1 ink, 0 background, -1 padding", device=device)
     if coords.shape[-1] != 2:
-        raise InputError(f"points coords: expected [P, N, 2] as {frame}, got {_form(coords)}")
+        raise InputError(f"points coords: expected [P, N, 2] as {frame}, got {describe(coords)}")
     if not coords.is_floating_point():
         raise InputError(f"points coords: expected float32 [P, N, 2] as {frame}, got "
-                         f"{_form(coords)} (convert with .float())")
+                         f"{describe(coords)} (convert with .float())")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise InputError(f"points labels: expected an integer tensor [P, N] (1, 0, -1), got "
-                         f"{_form(labels)} (convert with .long())")
+                         f"{describe(labels)} (convert with .long())")
     if tuple(labels.shape) != tuple(coords.shape[:2]):
         raise InputError(f"points labels: expected [P, N] = {list(coords.shape[:2])} to match "
-                         f"coords, got {_form(labels)}")
+                         f"coords, got {describe(labels)}")
+    if not values:
+        return coords.float(), labels
     if labels.numel() and not bool(((labels >= -1) & (labels <= 1)).all()):
         bad = sorted({int(v) for v in labels.unique().tolist()} - {-1, 0, 1})
         raise InputError(f"points labels: expected values in {{-1, 0, 1}}, got {bad}")
@@ -95,13 +99,14 @@ def check_points(points: object, *, image_size: int,
     return coords.float(), labels
 
 
-def check_boxes(boxes: object, *, image_size: int, device: torch.device) -> torch.Tensor:
+def check_boxes(boxes: object, *, image_size: int, device: torch.device,
+                values: bool = True) -> torch.Tensor:
     """Boxes: float [P, 4] as XYXY pixels of the input frame, x0 <= x1 and y0 <= y1."""
     form = f"float32 [P, 4] XYXY pixels of the {image_size} x {image_size} input frame"
     t = _tensor("boxes", boxes, ndim=2, form=form, device=device)
     if t.shape[-1] != 4 or not t.is_floating_point():
-        raise InputError(f"boxes: expected {form}, got {_form(t)}")
-    if t.numel():
+        raise InputError(f"boxes: expected {form}, got {describe(t)}")
+    if values and t.numel():
         if bool((t[:, 2] < t[:, 0]).any() | (t[:, 3] < t[:, 1]).any()):
             raise InputError(f"boxes: expected {form} with x0 <= x1 and y0 <= y1, got a box "
                              "with its corners swapped")
@@ -119,12 +124,12 @@ def check_mask_inputs(mask_inputs: object, *, image_size: int,
     form = f"float logits [P, 1, {m}, {m}]"
     t = _tensor("mask_inputs", mask_inputs, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (1, m, m):
-        raise InputError(f"mask_inputs: expected {form}, got {_form(t)}")
+        raise InputError(f"mask_inputs: expected {form}, got {describe(t)}")
     return t
 
 
 def resolve_image_index(image_index: object, *, num_sets: int | None, num_images: int,
-                        device: torch.device) -> torch.Tensor:
+                        device: torch.device, values: bool = True) -> torch.Tensor:
     """Which image each prompt set belongs to: long [P] with values in [0, B).
 
     Default (``None``): set p -> image p when P == B (or when there is no prompt, P := B); all
@@ -142,11 +147,11 @@ def resolve_image_index(image_index: object, *, num_sets: int | None, num_images
     form = f"int [P] with values in [0, {num_images})"
     t = _tensor("image_index", image_index, ndim=1, form=form, device=device)
     if t.is_floating_point() or t.dtype == torch.bool:
-        raise InputError(f"image_index: expected {form}, got {_form(t)}")
+        raise InputError(f"image_index: expected {form}, got {describe(t)}")
     if num_sets is not None and t.shape[0] != num_sets:
         raise InputError(f"image_index: expected one entry per prompt set ({num_sets}), got "
-                         f"{_form(t)}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_images):
+                         f"{describe(t)}")
+    if values and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_images):
         raise InputError(f"image_index: expected {form}, got values in "
                          f"[{int(t.min())}, {int(t.max())}]")
     return t.long()

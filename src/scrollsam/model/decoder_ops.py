@@ -20,11 +20,10 @@ products themselves once gradients are needed. Here:
   :func:`image_to_token`): about 2.3 times fewer multiply-adds, as only heads x T rows or
   columns are projected instead of 4096 image tokens.
 
-Measured (vit_b at 1024 px, a training step of 4 tiles x 2 point prompts: sampling, decoder
-forward, loss, backward, AdamW; 2-core CPU, two runs each, alternating): 1.67-1.68 s with the
-official decoder code, 0.75-0.78 s with this module and the sampling and loss changes made
-with it. ``tests/test_model_decode.py`` checks outputs and every gradient against
-official SAM.
+The official ``MaskDecoder`` (``model.sam.mask_decoder``) stays the readable reference:
+``tests/test_model_decode.py`` checks outputs and every gradient of this module against it at
+S = 1024, 256 and 64, and :func:`check_plain_layers` refuses a decoder whose layers were
+wrapped or replaced, which this module would otherwise bypass. Speed: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -33,8 +32,53 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
+
+
+def check_plain_layers(decoder: MaskDecoder) -> None:
+    """TypeError naming the first sub-module of ``decoder`` that this module would bypass.
+
+    The functions below re-implement the forwards of the official ``TwoWayTransformer``, its
+    blocks and ``Attention`` layers, read the ``weight`` / ``bias`` of their ``nn.Linear``
+    projections directly, and unpack ``output_upscaling`` as (ConvTranspose2d k=2 s=2,
+    LayerNorm2d, activation, ConvTranspose2d k=2 s=2, activation). A wrapped or replaced layer
+    (a LoRA adapter, a quantised Linear, a subclass) would be silently skipped, so every one of
+    them must be exactly the official type. The segmenter runs this when it is built and on its
+    first decode (after adapters are added), not on every decode (a walk of some 70 modules).
+    """
+    t = decoder.transformer
+    want: list[tuple[str, object, type]] = [("transformer", t, TwoWayTransformer)]
+    attns = [("transformer.final_attn_token_to_image", t.final_attn_token_to_image)]
+    for i, layer in enumerate(t.layers):
+        want.append((f"transformer.layers.{i}", layer, TwoWayAttentionBlock))
+        attns += [(f"transformer.layers.{i}.{n}", getattr(layer, n, None)) for n in (
+            "self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")]
+    for name, attn in attns:
+        want.append((name, attn, Attention))
+        want += [(f"{name}.{n}", getattr(attn, n, None), nn.Linear)
+                 for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    up = decoder.output_upscaling
+    if type(up) is not nn.Sequential or len(up) != 5:
+        raise TypeError(f"mask_decoder.output_upscaling: decoder_ops expects the official "
+                        f"nn.Sequential of 5 modules, got {up!r}")
+    want += [("output_upscaling.0", up[0], nn.ConvTranspose2d),
+             ("output_upscaling.1", up[1], LayerNorm2d),  # 2 and 4, activations, are called
+             ("output_upscaling.3", up[3], nn.ConvTranspose2d)]
+    for name, module, kind in want:
+        if type(module) is not kind:
+            raise TypeError(
+                f"mask_decoder.{name}: decoder_ops reads the official {kind.__name__} "
+                f"directly and would bypass this {type(module).__name__}; decode with the "
+                f"official model.sam.mask_decoder or teach scrollsam.model.decoder_ops the layer")
+    for i in (0, 3):
+        conv = up[i]
+        if (conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation,
+                conv.groups) != ((2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1):
+            raise TypeError(f"mask_decoder.output_upscaling.{i}: decoder_ops expects "
+                            f"ConvTranspose2d(kernel_size=2, stride=2), got {conv!r}")
 
 
 def transformer_tokens(
@@ -137,7 +181,7 @@ def image_to_token(attn: Attention, q_in: torch.Tensor, k_in: torch.Tensor,
     k = attn.k_proj(k_in).unflatten(-1, (heads, c))  # (P, T, heads, c)
     v = attn.v_proj(v_in).unflatten(-1, (heads, c))  # (P, T, heads, c)
     # Columns ordered (token, head): the softmax over T then runs on a middle axis, which
-    # PyTorch vectorises across the 8 heads (6x faster than over a last axis of 7 on CPU).
+    # PyTorch vectorises across the 8 heads (faster on CPU than over a last axis of 7).
     wq = _head_weights(attn.q_proj, heads)  # (heads, c, 256)
     qk = torch.einsum("hcx,pthc->pxth", wq, k).flatten(2)  # (P, 256, T * heads)
     bias = torch.einsum("hc,pthc->pth", attn.q_proj.bias.unflatten(0, (heads, c)), k)

@@ -27,17 +27,23 @@ Two optional parts around official SAM (built from the config by
   full-resolution logits ``[P, M, S, S]``, using per-image pixel features from
   :meth:`encode_with_pixels` (or :meth:`pixel_features`).
 
+Arguments are checked at this boundary (:mod:`.checks`): their form always, their values
+(coordinate ranges, label set, image scale) unless ``check_values=False``. Reading values makes
+a GPU wait for the host, so the training step, whose prompts scrollsam's samplers make, turns
+them off; prompts are embedded without the official prompt encoder's boolean indexing for the
+same reason (:func:`embed_point_tokens`).
+
 The module never disables gradients: callers that only predict wrap it in ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 from torch import nn
 
 from scrollsam.errors import InputError
+from scrollsam.losses import upsample_logits
 from scrollsam.model.checks import (
     check_boxes,
     check_embeddings,
@@ -48,6 +54,7 @@ from scrollsam.model.checks import (
 )
 from scrollsam.model.decoder_ops import (
     blocked_to_image,
+    check_plain_layers,
     transformer_tokens,
     upscale_tokens,
 )
@@ -58,16 +65,40 @@ Points = tuple[torch.Tensor, torch.Tensor]
 CPU_DECODE_TOKENS = 8192
 
 
+def embed_point_tokens(pe: PromptEncoder, coords: torch.Tensor, labels: torch.Tensor, *,
+                       pad: bool) -> torch.Tensor:
+    """Official ``PromptEncoder._embed_points`` with ``torch.where`` on the labels in place of its
+    four boolean-mask updates (each a host sync on a GPU): the same values and gradients.
+
+    coords [P, N, 2] (x, y) pixels, labels [P, N] -> tokens [P, N, 256], or [P, N + 1, 256]
+    with ``pad`` (the official padding point (0, 0), label -1, added when no box is given).
+    """
+    coords = coords + 0.5  # pixel centres, as official SAM
+    if pad:
+        coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)  # (P, N+1, 2)
+        labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)  # (P, N+1)
+    tokens = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)  # (P, N', 256)
+    lab = labels[..., None]  # (P, N', 1)
+    # Official: padding tokens become not_a_point_embed, labels 0 / 1 add their embedding; the
+    # sum is formed in float32 and rounded once to the tokens' dtype (bf16 under autocast), as
+    # the official in-place additions do.
+    out = tokens + (lab == 0) * pe.point_embeddings[0].weight + (
+        lab == 1) * pe.point_embeddings[1].weight  # (P, N', 256)
+    return torch.where(lab == -1, pe.not_a_point_embed.weight, out).to(tokens.dtype)
+
+
 class SamSegmenter(nn.Module):
     """Official SAM (``self.sam``) with batch-correct encode / decode; see ``build_model``."""
 
     def __init__(self, sam: Sam, *, model_type: str, depth_encoder: nn.Module | None = None,
                  mask_head: nn.Module | None = None) -> None:
         super().__init__()
+        check_plain_layers(sam.mask_decoder)
         self.sam = sam
         self.model_type = model_type
         self.depth_encoder = depth_encoder
         self.mask_head = mask_head
+        self._layers_checked = False  # checked again on the first decode (after adapters)
 
     # --- geometry ------------------------------------------------------------------------------
 
@@ -100,18 +131,18 @@ class SamSegmenter(nn.Module):
 
     # --- encoder -------------------------------------------------------------------------------
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
         """Normalised images [B, C, S, S] -> embeddings [B, 256, S/16, S/16]."""
-        return self.encode_with_pixels(images, pixels=False)[0]
+        return self.encode_with_pixels(images, pixels=False, check_values=check_values)[0]
 
     def encode_with_pixels(
-        self, images: torch.Tensor, *, pixels: bool = True,
+        self, images: torch.Tensor, *, pixels: bool = True, check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images [B, C, S, S] -> (embeddings [B, 256, S/16, S/16], pixel features
         [B, G, S, S] for :meth:`refine`, None without a mask head or with ``pixels=False``).
         The depth encoder, if any, runs once for both."""
         images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
-                              device=self.device)
+                              device=self.device, values=check_values)
         features = images
         if self.depth_encoder is not None:
             images, features = self.depth_encoder(images)  # (B, 3, S, S), (B, F, S, S)
@@ -120,13 +151,14 @@ class SamSegmenter(nn.Module):
             return emb, None
         return emb, self.mask_head.image_features(features)
 
-    def pixel_features(self, images: torch.Tensor) -> torch.Tensor | None:
+    def pixel_features(self, images: torch.Tensor, *, check_values: bool = True
+                       ) -> torch.Tensor | None:
         """Pixel features [B, G, S, S] of images [B, C, S, S] for :meth:`refine` (None without
         a mask head), without the image encoder: what a cached-embedding step needs."""
         if self.mask_head is None:
             return None
         images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
-                              device=self.device)
+                              device=self.device, values=check_values)
         features = images if self.depth_encoder is None else self.depth_encoder(images)[1]
         return self.mask_head.image_features(features)
 
@@ -153,26 +185,29 @@ class SamSegmenter(nn.Module):
         mask_inputs: torch.Tensor | None = None,
         *,
         num_sets: int | None = None,
+        check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings for P prompt sets with the official prompt encoder.
+        """Prompt embeddings for P prompt sets, as the official prompt encoder gives them.
 
         Returns sparse ``[P, T, 256]`` (T = N + 1 for points alone: the official padding point;
         N + 2 with a box) and dense ``[P, 256, S/16, S/16]``. With no prompt at all,
         ``num_sets`` gives P and the sparse tokens are empty (T = 0).
         """
-        points, boxes, mask_inputs, p = self._check_prompts(points, boxes, mask_inputs)
+        points, boxes, mask_inputs, p = self._check_prompts(points, boxes, mask_inputs,
+                                                            values=check_values)
         return self._embed_checked(points, boxes, mask_inputs,
                                    num_sets=int(num_sets or 0) if p is None else p)
 
     def _check_prompts(
         self, points: Points | None, boxes: torch.Tensor | None, mask_inputs: torch.Tensor | None,
+        *, values: bool,
     ) -> tuple[Points | None, torch.Tensor | None, torch.Tensor | None, int | None]:
         """Validated prompts on the model's device, and their P (None without any prompt)."""
         size, dev = self.image_size, self.device
         if points is not None:
-            points = check_points(points, image_size=size, device=dev)
+            points = check_points(points, image_size=size, device=dev, values=values)
         if boxes is not None:
-            boxes = check_boxes(boxes, image_size=size, device=dev)
+            boxes = check_boxes(boxes, image_size=size, device=dev, values=values)
         if mask_inputs is not None:
             mask_inputs = check_mask_inputs(mask_inputs, image_size=size, device=dev)
         counts = {name: t.shape[0] for name, t in (
@@ -187,12 +222,19 @@ class SamSegmenter(nn.Module):
         self, points: Points | None, boxes: torch.Tensor | None, mask_inputs: torch.Tensor | None,
         *, num_sets: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`embed_prompts` on prompts :meth:`_check_prompts` has passed."""
+        """:meth:`embed_prompts` on prompts :meth:`_check_prompts` has passed: official
+        ``PromptEncoder.forward`` step by step, with :func:`embed_point_tokens` for the points;
+        with no prompt at all, ``num_sets`` sets of no sparse token and the no-mask embedding."""
         pe = self.sam.prompt_encoder
-        if points is not None or boxes is not None or mask_inputs is not None:
-            return pe(points=points, boxes=boxes, masks=mask_inputs)
         g = self.embed_grid
         sparse = torch.empty((num_sets, 0, pe.embed_dim), device=self.device)  # (P, 0, 256)
+        if points is not None:
+            tokens = embed_point_tokens(pe, *points, pad=boxes is None)  # (P, N (+ 1), 256)
+            sparse = torch.cat([sparse, tokens], dim=1)
+        if boxes is not None:
+            sparse = torch.cat([sparse, pe._embed_boxes(boxes)], dim=1)  # (P, T + 2, 256)
+        if mask_inputs is not None:
+            return sparse, pe._embed_masks(mask_inputs)  # (P, 256, g, g)
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
             num_sets, -1, g, g)  # (P, 256, g, g)
         return sparse, dense
@@ -209,6 +251,7 @@ class SamSegmenter(nn.Module):
         image_index: torch.Tensor | None = None,
         *,
         chunk: int | None = None,
+        check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode P prompt sets in one call, each against its own image embedding.
 
@@ -217,19 +260,24 @@ class SamSegmenter(nn.Module):
         (default: set p -> image p; all sets -> image 0 when B == 1). No prompt at all is the
         prompt-free mode: one mask per image (P = B), as used for whole-fragment inference.
         ``chunk`` bounds how many prompt sets go through the transformer at once; None means
-        :meth:`decode_chunk`.
+        :meth:`decode_chunk`. ``check_values=False`` checks the prompts' form only (module
+        docstring): no host sync.
 
         Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1.
         """
+        if not self._layers_checked:
+            check_plain_layers(self.sam.mask_decoder)
+            self._layers_checked = True
         embeddings = check_embeddings(embeddings, grid=self.embed_grid, device=self.device)
         num_images = embeddings.shape[0]
         # Prompt-free: one set per image, or one per entry of image_index.
         free_sets = (image_index.shape[0] if isinstance(image_index, torch.Tensor)
                      and image_index.ndim == 1 else num_images)
-        points, boxes, mask_inputs, num_sets = self._check_prompts(points, boxes, mask_inputs)
+        points, boxes, mask_inputs, num_sets = self._check_prompts(points, boxes, mask_inputs,
+                                                                   values=check_values)
         num_sets = free_sets if num_sets is None else num_sets
         index = resolve_image_index(image_index, num_sets=num_sets, num_images=num_images,
-                                    device=self.device)
+                                    device=self.device, values=check_values)
         step = max(1, int(chunk or self.decode_chunk(num_sets)))
         keep = slice(1, None) if multimask else slice(0, 1)  # official mask-token choice
         # Token layout throughout (see decoder_ops): row-major image tokens, channels last.
@@ -260,8 +308,8 @@ class SamSegmenter(nn.Module):
         at least 1). A chunk's largest intermediate, the 32-channel upscaled map, is
         32 x 16 x (S/16)**2 floats per set, so it stays at 16 MB, below glibc's 32 MB ceiling
         for heap allocations: bigger chunks get fresh mmap'd pages every pass and page-fault
-        on each (measured: 64 sets at S = 1024 in one pass ran at 0.45x the speed of 64
-        single-set calls). Measurements that chose the budget: ``benchmarks/bench_decode.py``.
+        on each. Measurements that chose the budget: ``benchmarks/bench_decode.py`` and
+        ``benchmarks/README.md``.
         """
         if self.device.type != "cpu":
             return max(1, num_sets)
@@ -310,9 +358,7 @@ class SamSegmenter(nn.Module):
         return self.decode(self.encode(images), **prompts)  # type: ignore[arg-type]
 
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
-        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S] (bilinear, as official SAM does);
-        full-resolution logits (from :meth:`refine`) are returned as they are."""
-        if logits.shape[-1] == self.image_size:
-            return logits
-        return F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
-                             align_corners=False)
+        """Low-res logits [P, M, S/4, S/4] -> [P, M, S, S]
+        (:func:`scrollsam.losses.upsample_logits`); full-resolution logits (from
+        :meth:`refine`) are returned as they are."""
+        return upsample_logits(logits, (self.image_size, self.image_size))

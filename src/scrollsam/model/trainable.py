@@ -59,11 +59,6 @@ def count_parameters(model: nn.Module) -> dict[str, ParamCount]:
     return counts
 
 
-def trainable_parts(model: nn.Module) -> list[str]:
-    """The parts of ``model.sam`` that have at least one trainable parameter."""
-    return [n for n in PARTS if any(p.requires_grad for p in getattr(model.sam, n).parameters())]
-
-
 def format_counts(counts: dict[str, ParamCount]) -> str:
     """One line per part: ``mask_decoder  4,058,340 / 4,058,340 trainable``."""
     return "\n".join(f"{name:<15} {c.trainable:>12,} / {c.total:>12,} trainable"

@@ -1,10 +1,8 @@
 """Embedding cache: with a frozen image encoder, a tile's embedding never changes.
 
-The encoder is by far the most expensive part of SAM (12-14 s per 1024 px image for vit_b on a
-2-core CPU, against about 0.11 s per prompt set for a decoder training step, backward
-included), so when only the prompt encoder and mask decoder train, embeddings are computed
-once per distinct input tile and reused; the decoder then trains on about 9 prompt sets per
-second at 1024 px even on a CPU (``benchmarks/bench_train_cache.py``).
+The encoder is by far the most expensive part of SAM (ratios measured in
+``benchmarks/README.md``), so when only the prompt encoder and mask decoder train, embeddings
+are computed once per distinct input tile and reused (``benchmarks/bench_train_cache.py``).
 
 Entries are keyed by a hash of the exact input tensor, so the cache is right by construction
 whatever produced the tile (view, depth draw, flips and rotations): a different input is a
@@ -50,10 +48,9 @@ def check_cache_allowed(*, encoder_trainable: bool, pixel_augment: bool,
 
 def tile_key(image: torch.Tensor) -> str:
     """A content hash of one input tile [C, S, S] (dtype and shape included)."""
-    t = image.detach().to("cpu").contiguous()
-    # SHA-256 runs on the SHA extensions of current x86 and ARM CPUs: 8 ms per 1024 px
-    # 3-channel float tile against 15.5 ms for BLAKE2b (2-core CPU); hashing the array's
-    # buffer in place avoids a 12 MB copy per tile.
+    t = image.detach().cpu().contiguous()
+    # SHA-256 runs on the SHA extensions of current x86 and ARM CPUs (faster than BLAKE2b,
+    # see benchmarks/README.md); hashing the array's buffer in place avoids a copy per tile.
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()[:32]
@@ -99,12 +96,15 @@ class EmbeddingCache:
             _, old = self._memory.popitem(last=False)
             self._bytes -= old.numel() * old.element_size()
 
-    def encode(self, images: torch.Tensor,
-               encoder: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Embeddings [B, 256, g, g] for images [B, C, S, S]; only unseen tiles are encoded.
+    def encode(self, images: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor], *,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """Embeddings [B, 256, g, g] in float32 on ``device`` (default: the images') for images
+        [B, C, S, S]; only unseen tiles are moved to ``device`` and encoded.
 
-        The result is on the images' device in float32.
+        Give the images on the CPU, as the batch comes: they are hashed there, so a batch of
+        hits never waits for the device (a device batch would be copied back to be hashed).
         """
+        device = images.device if device is None else torch.device(device)
         keys = [tile_key(img) for img in images]
         found = [self._get(k) for k in keys]
         todo = [i for i, e in enumerate(found) if e is None]
@@ -112,8 +112,8 @@ class EmbeddingCache:
         self.misses += len(todo)
         if todo:
             with torch.no_grad():
-                fresh = encoder(images[todo])  # (len(todo), 256, g, g)
+                fresh = encoder(images[todo].to(device, non_blocking=True))  # (n, 256, g, g)
             for i, emb in zip(todo, fresh, strict=True):
-                self._put(keys[i], emb)
+                self._put(keys[i], emb)  # a miss waits for the device: stored on the host
                 found[i] = emb.detach().to("cpu", torch.float16)
-        return torch.stack([e for e in found]).to(images.device, torch.float32)  # (B, 256, g, g)
+        return torch.stack(found).to(device, torch.float32, non_blocking=True)  # (B, 256, g, g)

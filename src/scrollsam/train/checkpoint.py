@@ -3,19 +3,19 @@
 A checkpoint holds everything resume and predict need: the SAM weights under ``"model"`` with
 official parameter names (so :func:`scrollsam.model.build.load_sam_state_dict` reads it like an
 official file), the optimizer state, the step, the merged config, the best validation F0.5 and
-its threshold, and the random states. Only tensors and plain Python values are stored, so
+its threshold, and the state of the prompt sampler's generator (``rng["prompts"]``), the
+one random stream training draws from once set up (data order is a pure function of seed and
+step). Only tensors and plain Python values are stored, so
 ``torch.load(weights_only=True)`` reads it. Files are written to a temp file and renamed: an
 interrupted write never leaves a partial ``last.pt``.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from scrollsam.errors import CheckpointError
@@ -33,40 +33,6 @@ class TrainState:
     best_f05: float = -1.0
     best_threshold: float = 0.5
     best_step: int = -1
-
-
-def rng_state(np_rng: np.random.Generator) -> dict[str, Any]:
-    """Random states of torch (CPU and CUDA), Python and ``np_rng`` as plain values."""
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": _plain(random.getstate()),
-        "numpy": _plain(np_rng.bit_generator.state),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any], np_rng: np.random.Generator) -> None:
-    """Undo :func:`rng_state` into the global torch/Python generators and ``np_rng``."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(_tuples(state["python"]))
-    np_rng.bit_generator.state = state["numpy"]
-
-
-def _plain(x: Any) -> Any:
-    """Tuples -> lists recursively (weights_only pickles lists, dicts, ints, strs, floats)."""
-    if isinstance(x, (tuple, list)):
-        return [_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def _tuples(x: Any) -> Any:
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def save_checkpoint(

@@ -18,11 +18,11 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from scrollsam.config import Config, config_to_dict, save_config
 from scrollsam.data.augment import Augment
@@ -31,6 +31,7 @@ from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, ScrollsamError
+from scrollsam.losses import scalar_parts
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
 from scrollsam.model.lora import add_lora
@@ -39,8 +40,6 @@ from scrollsam.model.trainable import format_counts, set_trainable
 from scrollsam.train.cache import EmbeddingCache, check_cache_allowed
 from scrollsam.train.checkpoint import (
     TrainState,
-    restore_rng_state,
-    rng_state,
     save_checkpoint,
     train_state_of,
 )
@@ -149,9 +148,13 @@ def _autocast(s: Setup) -> contextlib.AbstractContextManager:
 
 
 def _embed(s: Setup, images: torch.Tensor) -> torch.Tensor:
+    """Embeddings [B, 256, g, g] on the device of CPU images [B, C, S, S]: from the cache
+    (which hashes them on the CPU, before any copy) or the encoder. No value check: the views
+    normalise, and a check would make the device wait."""
+    encode = partial(s.model.encode, check_values=False)
     if s.cache is not None:
-        return s.cache.encode(images, s.model.encode)
-    return s.model.encode(images)
+        return s.cache.encode(images, encode, device=s.device)
+    return encode(images.to(s.device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -164,9 +167,8 @@ def validate(s: Setup) -> dict[str, float]:
     loader = DataLoader(s.valid_set, batch_size=s.cfg.train.batch_size, shuffle=False,
                         num_workers=s.cfg.data.workers, worker_init_fn=ignore_stop_signals)
     for batch in loader:
-        images = batch["image"].to(s.device, non_blocking=True)
         with _autocast(s):
-            logits, _ = s.model.decode(_embed(s, images))
+            logits, _ = s.model.decode(_embed(s, batch["image"]))
         prob = torch.sigmoid(s.model.upscale(logits.float())).cpu()  # (B, 1, S, S)
         for i, fid in enumerate(batch["fragment"]):
             hists.setdefault(fid, ProbabilityHistogram()).add(
@@ -178,10 +180,30 @@ def validate(s: Setup) -> dict[str, float]:
     return {**scores, "threshold": float(found.threshold)}
 
 
-def _nan_guard(s: Setup, parts: dict[str, torch.Tensor], batch: dict, step: int) -> None:
-    loss = parts["loss"]
-    if torch.isfinite(loss).item():
+def _batch_at(s: Setup, step: int, micro: int) -> dict:
+    """The training batch of micro-batch ``micro`` of ``step``, rebuilt from the dataset (the
+    data order is a pure function of the step, see :func:`_batches`)."""
+    size = s.cfg.train.batch_size
+    first = (step * s.cfg.train.accumulate + micro) * size
+    return default_collate([s.train_set[i] for i in range(first, first + size)])
+
+
+def _nan_guard(s: Setup, losses: list[tuple[int, int, dict[str, torch.Tensor]]]) -> None:
+    """Stop at the first non-finite loss among ``losses`` ((step, micro-batch, loss parts) since
+    the last call) with its step, parts and batch statistics, the batch saved for replay.
+
+    One host sync for them all: the loop calls this on steps that read device values anyway
+    (logging, pictures, validation, checkpoints), always before a checkpoint is written, so
+    NaN weights are never saved. Steps after the bad one ran on NaN weights, harmlessly.
+    """
+    if not losses:
         return
+    finite = torch.stack([torch.isfinite(parts["loss"].detach()) for *_, parts in losses])
+    if bool(finite.all()):
+        return
+    step, micro, parts = losses[int((~finite).nonzero()[0, 0])]
+    loss = parts["loss"]
+    batch = _batch_at(s, step, micro)
     path = s.run / f"nan_batch_step{step}.pt"
     torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, path)
     img = batch["image"].float()
@@ -204,9 +226,8 @@ def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step
 
 def make_optimizer(params: list[torch.nn.Parameter], *, lr: float,
                    weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, with the fused kernel where every parameter allows it (float32 on CPU or CUDA):
-    4.8 ms against 18 ms per step for the 4.1 M parameters of the vit_b prompt encoder and
-    mask decoder on a 2-core CPU."""
+    """AdamW, with the fused kernel where every parameter allows it (float32 on CPU or CUDA;
+    several times faster per step, ``benchmarks/README.md``)."""
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
@@ -232,8 +253,7 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
            on_eval: Callable[[int, dict[str, float]], None] | None) -> None:
     """The loop of :func:`train` in the open, locked run dir ``rd``."""
     cfg, ckpt, run = rd.cfg, rd.checkpoint, rd.path
-    torch.manual_seed(cfg.train.seed)
-    np_rng = np.random.default_rng(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # random initial weights where no checkpoint gives them
     gen = torch.Generator().manual_seed(cfg.train.seed)  # prompts, on the CPU
     try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
         s = setup(cfg if ckpt is None else without_base_weights(cfg), run)
@@ -248,22 +268,21 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
         s.model.sam.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = train_state_of(ckpt)
-        restore_rng_state(ckpt["rng"], np_rng)
         gen.set_state(ckpt["rng"]["prompts"])
         log.info("resuming %s at step %d", run, state.step)
     tb = TensorBoard(run, enabled=True)
     config_dict = config_to_dict(stored_config(cfg))
 
     def save(name: str) -> None:
-        rng = {**rng_state(np_rng), "prompts": gen.get_state()}
         save_checkpoint(run / name, model=s.model, optimizer=optimizer, state=state,
-                        config=config_dict, rng=rng)
+                        config=config_dict, rng={"prompts": gen.get_state()})
 
     s.model.train()
     batches = _batches(s, state.step)
     bar = Progress(total=cfg.train.steps, initial=state.step, enabled=progress,
                    every=cfg.log.every).start()
     tiles_seen, t0 = 0, time.perf_counter()
+    unchecked: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # losses _nan_guard has not seen
     try:
         while state.step < cfg.train.steps:
             if stop.requested is not None:  # Ctrl-C / SIGTERM: keep every finished step
@@ -273,41 +292,49 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logged: dict[str, float] = {}
-            for _ in range(cfg.train.accumulate):
-                batch = next(batches)
-                images = batch["image"].to(s.device, non_blocking=True)
-                label = batch["label"].to(s.device, non_blocking=True)
-                valid = batch["valid"].to(s.device, non_blocking=True)
+            logged: dict[str, torch.Tensor] = {}  # tensors until a log step: no host sync
+            for micro in range(cfg.train.accumulate):
+                batch = next(batches)  # CPU tensors: the step moves what the device needs
                 with _autocast(s):
-                    out = prompted_forward(s.model, _embed(s, images), label, valid,
-                                           prompts=cfg.prompts, loss=cfg.loss, gen=gen)
-                _nan_guard(s, out.parts, batch, step)
+                    out = prompted_forward(s.model, _embed(s, batch["image"]), batch["label"],
+                                           batch["valid"], prompt_cfg=cfg.prompts,
+                                           loss_cfg=cfg.loss, gen=gen)
+                unchecked.append((step, micro, out.parts))  # for _nan_guard
                 (out.parts["loss"] / cfg.train.accumulate).backward()
                 for k, v in out.parts.items():
-                    logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.train.accumulate
-                tiles_seen += images.shape[0]
+                    logged[k] = logged.get(k, 0) + v.detach() / cfg.train.accumulate
+                tiles_seen += batch["image"].shape[0]
             if cfg.train.clip > 0:
-                logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params,
-                                                                           cfg.train.clip))
+                logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             elapsed = time.perf_counter() - t0
             rate = tiles_seen / max(elapsed, 1e-9)
-            bar.step(state.step, loss=logged["loss"], tiles_per_s=rate)
-            if state.step % cfg.log.every == 0 or state.step == 1:
-                tb.scalars(logged, state.step, prefix="train/")
+            done = state.step == cfg.train.steps
+            log_due = state.step % cfg.log.every == 0 or state.step == 1 or done
+            picture_due = cfg.log.images and (state.step % cfg.log.image_every == 0
+                                              or state.step == 1)
+            eval_due = state.step % cfg.train.eval_every == 0 or done
+            save_due = state.step % cfg.train.save_every == 0 or done
+            if log_due or picture_due or eval_due or save_due:
+                _nan_guard(s, unchecked)
+                unchecked.clear()
+            # the step's losses as numbers only on log steps: a host sync
+            scalars = scalar_parts(logged) if log_due else None
+            bar.step(state.step, loss=None if scalars is None else scalars["loss"],
+                     tiles_per_s=rate)
+            if scalars is not None:
+                tb.scalars(scalars, state.step, prefix="train/")
                 tb.scalars({"lr": lr, "tiles_per_s": rate,
                             "prompts_per_s": rate * cfg.prompts.sets_per_tile}, state.step,
                            prefix="train/")
                 if s.cache is not None:
                     tb.scalars({"cache_hits": s.cache.hits, "cache_misses": s.cache.misses},
                                state.step, prefix="train/")
-            if cfg.log.images and (state.step % cfg.log.image_every == 0 or state.step == 1):
+            if picture_due:
                 _pictures(s, tb, batch, out.example, state.step)
-            done = state.step == cfg.train.steps
-            if state.step % cfg.train.eval_every == 0 or done:
+            if eval_due:
                 scores = validate(s)
                 if scores:
                     tb.scalars(scores, state.step, prefix="valid/")
@@ -320,7 +347,7 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
                         save("best.pt")
                     if on_eval is not None:
                         on_eval(state.step, scores)
-            if state.step % cfg.train.save_every == 0 or done:
+            if save_due:
                 save("last.pt")
             tb.flush()
     except torch.cuda.OutOfMemoryError as err:

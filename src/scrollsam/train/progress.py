@@ -45,12 +45,15 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def step(self, step: int, *, loss: float, tiles_per_s: float) -> None:
-        """Report that step ``step`` (1-based) finished with ``loss``."""
+    def step(self, step: int, *, loss: float | None, tiles_per_s: float) -> None:
+        """Report that step ``step`` (1-based) finished with ``loss`` (None: not read on this
+        step, which is not a log step; the bar keeps the last loss shown)."""
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tiles_s=f"{tiles_per_s:.1f}")
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", tiles_s=f"{tiles_per_s:.1f}",
+                                     refresh=False)
             self.bar.update(1)
-        elif self.lines and (step % self.every == 0 or step == self.total):
+        elif self.lines and loss is not None:
             log.info("step %d/%d: loss %.4f, %.1f tiles/s", step, self.total, loss, tiles_per_s)
 
 

@@ -1,143 +1,251 @@
 """One training step's forward pass: SAM-paper prompting over a batch of tiles.
 
-A batch of B tiles gets P = B * ``prompts.sets_per_tile`` prompt sets; ``image_index`` [P] ties
-each set to its tile, so all sets are decoded against their own embedding in one call per group:
+A batch of B tiles gets P = B * ``prompt_cfg.sets_per_tile`` prompt sets, each tied to its tile.
+Every set has one :class:`PromptKind`, its first prompt:
 
-* prompt-free sets (a ``prompts.prompt_free_share`` of them): no prompt, one mask, which is how
+* ``NONE`` (a ``prompt_cfg.prompt_free_share`` of the sets): no prompt, one mask, which is how
   whole fragments are segmented at inference;
-* point sets: one random ink point (a background point where a tile has no ink: never a
+* ``POINT``: one random ink point (a background point where a tile has no ink: never a
   fabricated positive), multimask output in the first round (the lowest-loss mask trains);
-* box sets: the noisy ink bounding box (tiles without ink fall back to a point).
+* ``BOX``: the noisy ink bounding box (a set whose tile has no ink becomes a ``POINT`` set).
 
-Each prompted group then runs ``prompts.corrective_rounds`` rounds: a new point from the error
-region of the previous prediction (missed ink -> positive, false ink -> negative), and the
-previous selected logits as the mask prompt. The loss is averaged over rounds and sets.
+The sets of one kind travel as one :class:`PromptSets` and are decoded in one call, each against
+its own tile's embedding. Prompted kinds then run :func:`corrective_rounds`:
+``prompt_cfg.corrective_rounds`` times a new point from the error region of the previous
+prediction (missed ink -> positive, false ink -> negative), with the previous selected logits
+as the mask prompt. :func:`scrollsam.losses.mean_parts` averages the loss over the rounds, then
+over the sets.
+
+Host and device: the truth arrives on the CPU (the batch as the dataset gives it); prompt
+sampling runs there with ``gen``, decoding and the loss on the embeddings' device. Copies to the
+device do not wait, and nothing reads a device value, except the selected logits of each
+corrective round, copied to the host for the error-region sampler (OpenCV distance transforms):
+``prompt_cfg.corrective_rounds`` copies per prompted kind (``tests/test_train_sync.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import IntEnum
 
 import torch
+from torch import Tensor
 
-from scrollsam import prompts as P
 from scrollsam.config import LossConfig, PromptConfig
-from scrollsam.losses import sam_loss, to_mask_resolution
+from scrollsam.losses import mean_parts, sam_loss, to_mask_resolution
 from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.prompts import (
+    Points,
+    append_points,
+    box_prompts,
+    corrective_points,
+    random_points,
+    select_mask,
+)
+
+
+class PromptKind(IntEnum):
+    """The first prompt of a set (integers, so a [P] tensor of kinds compares with them)."""
+
+    NONE = 0
+    POINT = 1
+    BOX = 2
+
+
+FIRST = {"point": PromptKind.POINT, "box": PromptKind.BOX, "none": PromptKind.NONE}
+ORDER = (PromptKind.POINT, PromptKind.BOX, PromptKind.NONE)  # fixes the order of random draws
+
+
+@dataclass
+class PromptSets:
+    """P prompt sets of one kind, as one decode call takes them. Points and boxes stay on the
+    host, where the samplers make and extend them; :func:`decode` moves them."""
+
+    kind: PromptKind
+    image_index: Tensor  # long [P] on the device: the tile (embedding) of each set
+    points: Points | None = None  # ([P, N, 2] (x, y) pixels, [P, N] labels), host
+    boxes: Tensor | None = None  # [P, 4] XYXY pixels, host
+    mask_inputs: Tensor | None = None  # [P, 1, S/4, S/4] logits on the device
+
+
+@dataclass
+class Truth:
+    """Ground truth of some tiles or sets, where each reader wants it."""
+
+    host_ink: Tensor  # bool [N, 1, S, S] on the CPU: the prompt samplers
+    host_valid: Tensor  # bool [N, 1, S, S] on the CPU
+    ink: Tensor  # float [N, 1, H, W] on the device, H = S or S/4 (loss_cfg.resolution): the loss
+    valid: Tensor  # float [N, 1, H, W] on the device
+
+    def select(self, host_index: Tensor, index: Tensor) -> Truth:
+        """Rows ``host_index`` (long, CPU) = ``index`` (the same, on the device)."""
+        return Truth(self.host_ink[host_index], self.host_valid[host_index],
+                     self.ink.index_select(0, index), self.valid.index_select(0, index))
 
 
 @dataclass
 class StepOutput:
-    """Loss parts (``"loss"`` has grad) and one prompted example for pictures."""
+    """Loss parts (0-dim tensors; ``"loss"`` has grad) and one prompted example for pictures."""
 
-    parts: dict[str, torch.Tensor]
-    example: dict[str, torch.Tensor] | None
+    parts: dict[str, Tensor]
+    example: dict[str, Tensor] | None
 
 
-def loss_kwargs(cfg: LossConfig) -> dict[str, object]:
+def loss_kwargs(loss_cfg: LossConfig) -> dict[str, object]:
     """LossConfig -> keyword arguments of :func:`scrollsam.losses.sam_loss`."""
-    focal = cfg.mask_weight if cfg.kind == "focal" else 0.0
-    bce = cfg.mask_weight if cfg.kind == "bce" else 0.0
-    return dict(focal_weight=focal, bce_weight=bce, dice_weight=cfg.dice_weight,
-                iou_weight=cfg.iou_weight, iou_head=cfg.iou_on, resolution=cfg.resolution)
+    focal = loss_cfg.mask_weight if loss_cfg.kind == "focal" else 0.0
+    bce = loss_cfg.mask_weight if loss_cfg.kind == "bce" else 0.0
+    return dict(focal_weight=focal, bce_weight=bce, dice_weight=loss_cfg.dice_weight,
+                iou_weight=loss_cfg.iou_weight, iou_on=loss_cfg.iou_on,
+                resolution=loss_cfg.resolution)
 
 
-def assign_groups(num_sets: int, cfg: PromptConfig, gen: torch.Generator) -> torch.Tensor:
-    """Group of each prompt set: 0 prompt-free, 1 point, 2 box -> long [P] (CPU)."""
+def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: torch.Generator) -> Tensor:
+    """The :class:`PromptKind` of each prompt set -> long [P] (CPU)."""
     draw = torch.rand(num_sets, generator=gen)
-    kind = torch.rand(num_sets, generator=gen)
-    first = {"point": 1, "box": 2, "none": 0}
-    if cfg.first == "mixed":
-        prompted = torch.where(kind < 0.5, 1, 2)
+    coin = torch.rand(num_sets, generator=gen)
+    if prompt_cfg.first == "mixed":
+        prompted = torch.where(coin < 0.5, PromptKind.POINT, PromptKind.BOX)
     else:
-        prompted = torch.full((num_sets,), first[cfg.first])
-    return torch.where(draw < cfg.prompt_free_share, 0, prompted).long()
+        prompted = torch.full((num_sets,), FIRST[prompt_cfg.first])
+    return torch.where(draw < prompt_cfg.prompt_free_share, PromptKind.NONE, prompted).long()
 
 
-def first_points(target: torch.Tensor, valid: torch.Tensor,
-                 gen: torch.Generator) -> P.Points:
+def first_points(target: Tensor, valid: Tensor, gen: torch.Generator) -> Points:
     """One random ink point per set; a background point where the tile has no ink (never a
     fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1])."""
-    coords, labels = P.random_points(target, valid, generator=gen, positives=1, negatives=0)
+    coords, labels = random_points(target, valid, generator=gen, positives=1, negatives=0)
     empty = labels[:, 0] < 0  # (P,) no ink pixel inside valid
-    if bool(empty.any()):
-        neg_c, neg_l = P.random_points(target, valid, generator=gen, positives=0, negatives=1)
+    if bool(empty.any()):  # host tensors: no device sync
+        neg_c, neg_l = random_points(target, valid, generator=gen, positives=0, negatives=1)
         coords = torch.where(empty[:, None, None], neg_c, coords)
         labels = torch.where(empty[:, None], neg_l, labels)
     return coords, labels
 
 
+def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: LossConfig,
+               device: torch.device) -> Truth:
+    """:class:`Truth` of B tiles from label / valid [B, 1, S, S]; at ``resolution="mask"`` the
+    loss side is area-averaged to S/4 once per tile, not once per set and round."""
+    # Samplers see bool truth (a quarter of the bytes of float copies at S x S).
+    host_ink, host_valid = label.detach().cpu() > 0.5, valid.detach().cpu() > 0.5
+    ink = label.to(device, non_blocking=True)  # (B, 1, S, S)
+    inside = valid.to(device, non_blocking=True)
+    if loss_cfg.resolution == "mask":
+        ink, inside = to_mask_resolution(ink, inside, (model.mask_size, model.mask_size))
+    return Truth(host_ink, host_valid, ink, inside)
+
+
+def first_prompts(kind: PromptKind, tiles: Tensor, truth: Truth, *, boxes: Tensor | None,
+                  gen: torch.Generator, device: torch.device) -> PromptSets:
+    """The sets of one kind with their first prompt: ``tiles`` long [P] (CPU), ``truth`` of
+    the P sets, ``boxes`` [P, 4] of a ``BOX`` kind."""
+    sets = PromptSets(kind, tiles.to(device, non_blocking=True))
+    if kind is PromptKind.POINT:
+        sets.points = first_points(truth.host_ink, truth.host_valid, gen)
+    elif kind is PromptKind.BOX:
+        sets.boxes = boxes
+    return sets
+
+
+def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, multimask: bool,
+           features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The step's one way to run the decoder: ``sets`` against their own embeddings ->
+    logits [P, M, S/4, S/4], IoU [P, M]. Prompts move to the device without waiting, and
+    their values go unchecked (the samplers make them; a check would wait for the device).
+    ``features``: for a full-resolution mask head; unused so far."""
+    dev = embeddings.device
+    points = None if sets.points is None else (sets.points[0].to(dev, non_blocking=True),
+                                               sets.points[1].to(dev, non_blocking=True))
+    boxes = None if sets.boxes is None else sets.boxes.to(dev, non_blocking=True)
+    return model.decode(embeddings, points=points, boxes=boxes, mask_inputs=sets.mask_inputs,
+                        multimask=multimask, image_index=sets.image_index, check_values=False)
+
+
+def corrective_rounds(
+    model: SamSegmenter,
+    embeddings: Tensor,
+    sets: PromptSets,
+    truth: Truth,
+    *,
+    rounds: int,
+    multimask: bool,
+    mask_feedback: bool,
+    loss_kw: dict[str, object],
+    features: Tensor | None = None,
+) -> tuple[dict[str, Tensor], Tensor, PromptSets]:
+    """Decode ``sets`` and score them; then ``rounds`` times add one point from the error region
+    of the selected mask (SAM paper, Appendix A), with its logits as the next mask prompt when
+    ``mask_feedback``, and decode and score again. ``multimask``: three masks in the first round.
+
+    Returns the loss parts averaged over the 1 + ``rounds`` rounds, the last round's selected
+    logits [P, 1, S/4, S/4] (detached) and the prompts of the last round.
+    """
+    per_round = []
+    for r in range(1 + rounds):
+        logits, iou = decode(model, embeddings, sets, multimask=multimask and r == 0,
+                             features=features)
+        loss = sam_loss(logits, iou, truth.ink, truth.valid, **loss_kw)
+        per_round.append(loss.parts)
+        chosen = select_mask(logits, loss.selected)  # (P, 1, S/4, S/4), detached
+        if r < rounds:
+            new = corrective_points(chosen.cpu(), truth.host_ink, truth.host_valid,
+                                    mode="center")  # the round's one device -> host copy
+            points = new if sets.points is None else append_points(sets.points, new)
+            sets = replace(sets, points=points, mask_inputs=chosen if mask_feedback else None)
+    return mean_parts(per_round), chosen, sets
+
+
+def picture_example(tile: Tensor, chosen: Tensor, sets: PromptSets) -> dict[str, Tensor]:
+    """The first set of a group for the training picture: its tile (CPU), last selected logits
+    [1, S/4, S/4] (on the device: the loop copies them on picture steps only) and points."""
+    coords, labels = sets.points if sets.points is not None else (
+        torch.zeros(1, 0, 2), torch.zeros(1, 0, dtype=torch.long))
+    return {"tile": tile, "logits": chosen[0].detach(), "coords": coords[0], "labels": labels[0]}
+
+
 def prompted_forward(
     model: SamSegmenter,
-    embeddings: torch.Tensor,
-    label: torch.Tensor,
-    valid: torch.Tensor,
+    embeddings: Tensor,
+    label: Tensor,
+    valid: Tensor,
     *,
-    prompts: PromptConfig,
-    loss: LossConfig,
+    prompt_cfg: PromptConfig,
+    loss_cfg: LossConfig,
     gen: torch.Generator,
+    features: Tensor | None = None,
 ) -> StepOutput:
-    """Loss for a batch: embeddings [B, 256, g, g], label / valid [B, 1, S, S] on the device.
-
-    Prompt sampling runs on the CPU with ``gen``; decoding runs on the model's device.
-    """
+    """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
+    ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
+    ``features``: passed to :func:`decode` for a full-resolution mask head (unused so far)."""
     dev = embeddings.device
-    b = embeddings.shape[0]
-    index = torch.arange(b).repeat_interleave(prompts.sets_per_tile)  # (P,) set -> tile
-    # Samplers see bool truth per set (a quarter of the bytes of float copies at S x S).
-    target_cpu = (label.detach().cpu() > 0.5)[index]  # (P, 1, S, S) bool
-    valid_cpu = (valid.detach().cpu() > 0.5)[index]  # (P, 1, S, S) bool
-    if loss.resolution == "mask":  # area-average once per tile, not once per set and round
-        label, valid = to_mask_resolution(label, valid, (model.mask_size, model.mask_size))
-    groups = assign_groups(index.shape[0], prompts, gen)
-    if prompts.first in ("box", "mixed"):
-        boxes, present = P.box_prompts(target_cpu, valid_cpu, generator=gen)
-        groups = torch.where((groups == 2) & ~present, 1, groups)  # no ink: no box
-    kw = loss_kwargs(loss)
-    total: dict[str, torch.Tensor] = {}
-    weight_sum = 0
-    example = None
-    for group in (1, 2, 0):
-        sel = (groups == group).nonzero().flatten()  # (Pg,)
+    tile_of_set = torch.arange(embeddings.shape[0]).repeat_interleave(
+        prompt_cfg.sets_per_tile)  # (P,) CPU
+    truth = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
+    kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gen)  # (P,) CPU
+    boxes = None
+    if prompt_cfg.first in ("box", "mixed"):
+        boxes, present = box_prompts(truth.host_ink[tile_of_set], truth.host_valid[tile_of_set],
+                                     generator=gen)  # (P, 4), (P,)
+        kinds = torch.where((kinds == PromptKind.BOX) & ~present, PromptKind.POINT, kinds)
+    loss_kw = loss_kwargs(loss_cfg)
+    groups, sizes, example = [], [], None
+    for kind in ORDER:
+        sel = (kinds == kind).nonzero().flatten()  # (Pk,) CPU
         if not len(sel):
             continue
-        idx = index[sel].to(dev)
-        tgt, val = target_cpu[sel], valid_cpu[sel]
-        tgt_d, val_d = label[idx], valid[idx]  # (Pg, 1, S or S/4, ...) for the loss
-        if group == 0:
-            logits, iou = model.decode(embeddings, image_index=idx)
-            rounds = [sam_loss(logits, iou, tgt_d, val_d, **kw)]
-        else:
-            box = boxes[sel].to(dev) if group == 2 else None
-            if group == 1:
-                pts = first_points(tgt, val, gen)
-            else:
-                pts = (torch.zeros(len(sel), 0, 2), torch.zeros(len(sel), 0, dtype=torch.long))
-            mask_in = None
-            rounds = []
-            for r in range(1 + prompts.corrective_rounds):
-                multimask = prompts.multimask and r == 0 and group == 1
-                logits, iou = model.decode(
-                    embeddings, points=(pts[0].to(dev), pts[1].to(dev)) if pts[0].shape[1]
-                    else None, boxes=box, mask_inputs=mask_in, multimask=multimask,
-                    image_index=idx)
-                out = sam_loss(logits, iou, tgt_d, val_d, **kw)
-                rounds.append(out)
-                chosen = P.select_mask(logits, out["selected"])  # (Pg, 1, S/4, S/4) detached
-                if r == prompts.corrective_rounds:
-                    break
-                new = P.corrective_points(chosen.cpu(), tgt, val, mode="center")
-                pts = P.append_points(pts, new) if pts[0].shape[1] else new
-                mask_in = chosen if prompts.mask_feedback else None
-            if example is None:
-                example = {"tile": index[sel[0]], "logits": chosen[0].detach(),
-                           "coords": pts[0][0], "labels": pts[1][0]}
-        n = len(sel)
-        for key in rounds[0]:
-            if key == "selected":
-                continue
-            mean = torch.stack([o[key] for o in rounds]).mean()
-            total[key] = total.get(key, 0) + mean * n
-        weight_sum += n
-    parts = {k: v / weight_sum for k, v in total.items()}
-    return StepOutput(parts=parts, example=example)
+        tiles = tile_of_set[sel]  # (Pk,)
+        sets_truth = truth.select(tiles, tiles.to(dev, non_blocking=True))
+        sets = first_prompts(kind, tiles, sets_truth, gen=gen, device=dev,
+                             boxes=boxes[sel] if kind is PromptKind.BOX else None)
+        prompted = kind is not PromptKind.NONE
+        parts, chosen, sets = corrective_rounds(
+            model, embeddings, sets, sets_truth,
+            rounds=prompt_cfg.corrective_rounds if prompted else 0,
+            multimask=prompt_cfg.multimask and kind is PromptKind.POINT,
+            mask_feedback=prompt_cfg.mask_feedback, loss_kw=loss_kw, features=features)
+        groups.append(parts)
+        sizes.append(len(sel))
+        if example is None and prompted:
+            example = picture_example(tiles[0], chosen, sets)
+    return StepOutput(parts=mean_parts(groups, weights=sizes), example=example)

@@ -1,0 +1,92 @@
+"""The training step never waits for the device: no value is read back, and the only copies to
+the host are the corrective rounds' selected masks (see tests/sync_detector.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sync_detector import SyncCounter
+
+from scrollsam import build_model
+from scrollsam.config import load_config
+from scrollsam.model.trainable import set_trainable
+from scrollsam.train import step
+from scrollsam.train.cache import EmbeddingCache
+
+S, B = 64, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model("tiny", image_size=S)
+    set_trainable(m, ["prompt_encoder", "mask_decoder"])
+    return m
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images [B, 3, S, S], ink and fragment mask [B, 1, S, S] (the last tile without ink)."""
+    images = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(0))
+    label = torch.zeros(B, 1, S, S)
+    label[0, 0, 10:30, 5:40] = 1
+    label[1, 0, 40:50, 40:60] = 1
+    valid = torch.ones_like(label)
+    valid[:, :, :, :3] = 0
+    return images, label, valid
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the defaults: mixed first prompts, 2 sets per tile, 2 corrective rounds, label loss
+    ["prompts.first=box", "loss.resolution=mask", "prompts.corrective_rounds=1"],
+])
+def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, overrides):
+    cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}", *overrides])
+    images, label, valid = _batch()  # images: "on the device"; label, valid: the CPU batch
+    rounds = []
+    real = step.corrective_rounds
+
+    def spy(*args, **kwargs):
+        rounds.append(kwargs["rounds"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "corrective_rounds", spy)
+    with SyncCounter([*model.parameters(), *model.buffers(), images]) as syncs:
+        emb = model.encode(images, check_values=False)
+        out = step.prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
+                                    loss_cfg=cfg.loss, gen=torch.Generator().manual_seed(0))
+        out.parts["loss"].backward()
+    assert syncs.counts["reads"] == 0, syncs.where
+    # one copy of the selected logits per corrective round, for the error-region sampler
+    assert syncs.counts["copies"] == sum(rounds) > 0, syncs.where
+    model.zero_grad(set_to_none=True)
+
+
+def test_detector_sees_value_checks_boolean_indexing_and_host_copies(model):
+    images, _, _ = _batch()
+    emb = torch.randn(B, 256, S // 16, S // 16)
+    coords = torch.tensor([[[10.0, 20.0], [30.0, 5.0]]]).repeat(B, 1, 1)
+    labels = torch.tensor([[1, 0]]).repeat(B, 1)
+    with SyncCounter([emb, coords, labels, images]) as checked:
+        model.decode(emb, points=(coords, labels))  # value checks on: reads
+        model.encode(images)
+    assert checked.counts["reads"] >= 4, checked.where
+    with SyncCounter([coords, labels]) as official:
+        model.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    assert official.counts["reads"] >= 4  # official SAM's boolean-mask point updates
+    with SyncCounter([emb]) as one:
+        float(emb.sum())
+        emb.mean().cpu()
+    assert (one.counts["reads"], one.counts["copies"]) == (1, 1)
+
+
+def test_cached_embeddings_of_a_cpu_batch_never_touch_the_device(model):
+    images, _, _ = _batch()
+    cache = EmbeddingCache()
+    cache.encode(images, model.encode)  # misses: encoded once
+    with SyncCounter([*model.parameters()]) as syncs:
+        emb = cache.encode(images, model.encode, device="cpu")
+    assert emb.shape == (B, 256, S // 16, S // 16) and cache.hits == B
+    assert sum(syncs.counts.values()) == 0, syncs.where
+    with SyncCounter([images]) as device_batch:  # the batch already on the device
+        cache.encode(images, model.encode)
+    assert device_batch.counts["copies"] == B  # each tile copied back to be hashed
