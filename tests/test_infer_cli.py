@@ -180,3 +180,25 @@ def test_a_window_larger_than_the_fragment_warns_and_the_checkpoint_is_named_onc
     assert any("window (--tile" in m and "128 px is larger than the fragment (100 x 90 px)"
                in m and "--tile 90 or less" in m for m in warned), warned
     assert sum("best.pt" in m and m.startswith("loaded") for m in caplog.messages) == 1
+
+
+def test_a_checkpoint_file_alone_predicts_like_its_run(tmp_path, data):
+    """Issue 11.2: the checkpoint's own config rebuilds model and view; no run dir beside it."""
+    import shutil
+
+    from scrollsam.infer.predict import Predictor
+
+
+    run = make_run(tmp_path / "run", "data.input=ir", best=0.4, last=0.3)
+    alone = tmp_path / "elsewhere" / "model.pt"
+    alone.parent.mkdir()
+    shutil.copy(run / "best.pt", alone)
+    shutil.rmtree(run)  # nothing of the run is left
+    pred = Predictor.from_run(None, checkpoint=str(alone), device="cpu")
+    assert pred.threshold == pytest.approx(0.4)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(alone), "--fragment", str(data / "a"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "prob.png").is_file()
+    assert main(["predict", "--checkpoint", "best", "--fragment", str(data / "a"),
+                 "--out", str(tmp_path / "p2")]) == 2  # best / last need a run

@@ -13,7 +13,7 @@ from scrollsam import build_model
 from scrollsam.config import Config, config_to_dict, load_config, save_config
 from scrollsam.errors import CheckpointError, ConfigError
 from scrollsam.model.build import load_sam_state_dict
-from scrollsam.train.cache import EmbeddingCache, check_cache_allowed, tile_key
+from scrollsam.train.cache import EmbeddingCache, tile_key
 from scrollsam.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -160,11 +160,26 @@ def test_cache_memory_budget_evicts_oldest(tiny):
 
 
 def test_cache_refused_when_encoder_trains_or_pixels_augment():
-    with pytest.raises(ConfigError, match="frozen image encoder"):
-        check_cache_allowed(encoder_trainable=True, pixel_augment=False)
+    from scrollsam.config import load_config
+    from scrollsam.model.assemble import uses_embedding_cache
+
+    def cfg(*over):
+        return load_config(None, ["train.cache=memory", "data.pixel_augment=false", *over])
+
+    with pytest.raises(ConfigError, match="includes image_encoder"):
+        uses_embedding_cache(cfg("model.trainable=[image_encoder,mask_decoder]"))
     with pytest.raises(ConfigError, match="data.pixel_augment"):
-        check_cache_allowed(encoder_trainable=False, pixel_augment=True)
-    check_cache_allowed(encoder_trainable=False, pixel_augment=False)
+        uses_embedding_cache(cfg("data.pixel_augment=true"))
+    with pytest.raises(ConfigError, match="model.depth_encoder"):
+        uses_embedding_cache(cfg("model.depth_encoder=true", "data.input=slices",
+                                 "data.strategy=range"))
+    assert uses_embedding_cache(cfg())
+    # auto: on exactly when it is right
+    assert uses_embedding_cache(cfg("train.cache=auto"))
+    assert not uses_embedding_cache(cfg("train.cache=auto", "model.lora_rank=4"))
+    assert not uses_embedding_cache(cfg("train.cache=auto", "model.depth_encoder=true",
+                                        "data.input=slices", "data.strategy=range"))
+    assert not uses_embedding_cache(cfg("train.cache=off"))
 
 
 def test_tile_key_depends_on_content_only():

@@ -123,12 +123,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run folder written by `scrollsam train`")
+    p.add_argument("--run", help="run folder written by `scrollsam train` (optional with "
+                   "--checkpoint PATH: a checkpoint file holds everything predict needs)")
     p.add_argument("--fragment", action="append", required=True, metavar="FRAGMENT_DIR",
                    help="fragment folder (repeatable; several write OUT/<id>/)")
     p.add_argument("--out", required=True, help="output folder (prob.png, mask.png, ...)")
     p.add_argument("--checkpoint", default="best", metavar="best|last|PATH",
-                   help="checkpoint of the run (default best; last.pt if no best.pt yet)")
+                   help="checkpoint of the run (default best; last.pt if no best.pt yet), or "
+                   "a checkpoint file, used alone (its own config)")
     p.add_argument("--threshold", default="auto", metavar="auto|T",
                    help="ink where probability >= T (default: the one saved with the checkpoint)")
     p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 (default: "

@@ -82,6 +82,11 @@ class ModelConfig:
     trainable: list[str] = field(default_factory=lambda: ["prompt_encoder", "mask_decoder"])
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on the frozen encoder's qkv train too
     lora_alpha: float = 8.0  # LoRA update scale alpha / rank
+    depth_encoder: bool = False  # learned depth encoder: a band of slices -> SAM's input
+    depth_features: int = 16  # its full-resolution feature channels (seen by mask_head: full)
+    depth_out_chans: int = 3  # channels it makes for SAM (3: an official RGB patch filter)
+    mask_head: str = field(default="sam", metadata=_choices("sam", "full"))  # S/4 or full res
+    head_sam_logits: bool = True  # false: the full head without SAM's logits (for comparison)
 
 
 @dataclass
@@ -191,6 +196,21 @@ class Config:
             raise ConfigError("model.lora_rank: LoRA adapts a frozen image encoder, but "
                               "model.trainable includes image_encoder; drop it from "
                               "model.trainable or set model.lora_rank=0")
+        if self.model.depth_encoder and self.data.input != "slices":
+            raise ConfigError("model.depth_encoder: the depth encoder takes a band of x-ray "
+                              "slices; set data.input=slices with data.strategy=range")
+        if self.model.depth_encoder and self.data.strategy != "range":
+            raise ConfigError(f"model.depth_encoder: expected data.strategy=range (a band of "
+                              f"slices), got {self.data.strategy}")
+        for key, value in (("model.depth_features", self.model.depth_features),
+                           ("model.depth_out_chans", self.model.depth_out_chans)):
+            if value < 1:
+                raise ConfigError(f"{key}: expected a positive integer, got {value}")
+        if self.model.mask_head == "full" and self.loss.resolution != "label":
+            raise ConfigError("loss.resolution: model.mask_head=full predicts at the label "
+                              "resolution; set loss.resolution=label")
+        if not self.model.head_sam_logits and self.model.mask_head != "full":
+            raise ConfigError("model.head_sam_logits=false needs model.mask_head=full")
         if self.model.lora_alpha <= 0:
             raise ConfigError(f"model.lora_alpha: expected a positive number, got "
                               f"{self.model.lora_alpha}")

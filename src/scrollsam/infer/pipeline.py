@@ -42,7 +42,7 @@ class FragmentResult:
 
 
 def predict_to_folder(
-    run: str | os.PathLike[str],
+    run: str | os.PathLike[str] | None,
     fragments: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
@@ -59,7 +59,8 @@ def predict_to_folder(
     save_tif: bool = False,
     progress: bool = False,
 ) -> list[FragmentResult]:
-    """Predict every fragment folder with the run and write its outputs under ``out``.
+    """Predict every fragment folder with the run and write its outputs under ``out``
+    (``run`` None: ``checkpoint`` is a checkpoint file, used alone).
 
     threshold: None = the one saved with the checkpoint. submission: Kaggle CSV path; an
     existing file is replaced only with ``force``. points: clicks file (see :mod:`.points`).

@@ -35,15 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scrollsam.config import Config, load_config
+from scrollsam.config import Config, config_from_dict, load_config
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
 from scrollsam.errors import CheckpointError, InputError, RunDirError
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
-from scrollsam.model.build import build_model, load_into
-from scrollsam.model.lora import add_lora
+from scrollsam.losses import upsample_logits
+from scrollsam.model.assemble import model_from_config
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.train.checkpoint import load_checkpoint
 
@@ -150,14 +150,39 @@ class Predictor:
         self.tta = bool(tta)
         self.amp = bool(amp) and self.device.type == "cuda"
         self.cache_size = 64  # embeddings kept for prompted decoding (see .points)
-        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._embeddings: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict())
 
     @classmethod
     def from_run(
         cls,
-        run: str | os.PathLike[str],
+        run: str | os.PathLike[str] | None,
         *,
         checkpoint: str = "best",
+        stats_dir: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """Rebuild model and view from a run's checkpoint (``best`` | ``last`` | path); with
+        ``run`` None, ``checkpoint`` must be a path (see :meth:`from_checkpoint`).
+        Normalisation statistics come from the run's cache (RUN/stats/); a fragment it lacks is
+        computed into it, or into ``stats_dir`` when the run folder is read-only; never into a
+        fragment folder. ``options``: those of :meth:`from_checkpoint`."""
+        if run is None:
+            if checkpoint in ("best", "last"):
+                raise InputError(f"--checkpoint {checkpoint} names a checkpoint of a run: give "
+                                 f"--run RUN, or a checkpoint file as --checkpoint PATH")
+            return cls.from_checkpoint(checkpoint, stats_dir=stats_dir, **options)
+        run = Path(run)
+        load_run_config(run)  # a run folder, or a clear error
+        ckpt_path = resolve_checkpoint(run, checkpoint)
+        stats = run if _writable(run) or stats_dir is None else Path(stats_dir)
+        return cls.from_checkpoint(ckpt_path, stats_dir=stats, **options)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
         device: str = "auto",
         threshold: float | None = None,
         tile: int | None = None,
@@ -166,24 +191,20 @@ class Predictor:
         tta: bool = False,
         stats_dir: str | os.PathLike[str] | None = None,
     ) -> Predictor:
-        """Rebuild model and view from RUN's config.yaml and checkpoint (``best`` | ``last`` |
-        path). ``threshold`` None = the one saved with the checkpoint. Normalisation statistics
-        come from the run's cache (RUN/stats/); a fragment it lacks is computed into it, or into
-        ``stats_dir`` when the run folder is read-only; never into a fragment folder."""
-        run = Path(run)
-        cfg = load_run_config(run)
-        ckpt_path = resolve_checkpoint(run, checkpoint)
-        ckpt = load_checkpoint(ckpt_path)
-        cache_dir = run if _writable(run) or stats_dir is None else Path(stats_dir)
-        # the training view; normalisation statistics cached in the run
-        view = view_from_config(cfg.data, cache_dir=cache_dir)
-        model = build_model(cfg.model.type, image_size=cfg.model.image_size,
-                            in_chans=view.channels)
-        if cfg.model.lora_rank:  # the run's adapters are in its checkpoints
-            add_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
-        load_into(model.sam, ckpt["model"], model_type=cfg.model.type, source=str(ckpt_path))
+        """Rebuild model and view from one checkpoint file alone: the config stored inside it
+        (the run folder beside it is not needed). ``threshold`` None = the one saved with the
+        checkpoint. Statistics are cached in ``stats_dir`` (default: the checkpoint's folder
+        when writable, else memory)."""
+        path = Path(path)
+        ckpt = load_checkpoint(path)
+        cfg = config_from_dict(ckpt["config"])
+        if stats_dir is None and _writable(path.parent):
+            stats_dir = path.parent
+        view = view_from_config(cfg.data, cache_dir=stats_dir)  # the training normalisation
+        model = model_from_config(cfg.model, in_chans=view.channels, weights=ckpt,
+                                  source=str(path))
         saved = float(ckpt.get("best_threshold", 0.5))
-        log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f%s", ckpt_path,
+        log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f%s", path,
                  ckpt.get("step"), cfg.model.type, cfg.model.image_size, view.name,
                  saved if threshold is None else threshold,
                  " (from the checkpoint)" if threshold is None else "")
@@ -208,9 +229,9 @@ class Predictor:
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
                               antialias=t > s)  # (N, C, S, S)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            low, _ = self.model.decode(self.model.encode(x))  # (N, 1, S/4, S/4)
-        return F.interpolate(low.float(), size=(t, t), mode="bilinear",
-                             align_corners=False)  # (N, 1, T, T)
+            emb, pixels = self.model.encode_with_pixels(x)
+            low = self.model.refine(self.model.decode(emb)[0], pixels)  # (N, 1, S/4 or S, ..)
+        return upsample_logits(low.float(), (t, t))  # (N, 1, T, T)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities [N, T, T] of windows [N, C, T, T]; mean over DIHEDRAL with tta."""
@@ -250,6 +271,11 @@ class Predictor:
         """Embeddings [N, 256, S/16, S/16] (on the device) of normalised windows [N, C, T, T],
         resized to S; cached (float32, by window content, least recently used dropped first),
         so clicking again on a tile does not re-encode it."""
+        return self._encoded(images)[0]
+
+    def _encoded(self, images: np.ndarray | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(:meth:`embed`, the mask head's pixel features [N, G, S, S] or None), cached."""
         from scrollsam.train.cache import tile_key
 
         x = self._to_device(images)
@@ -262,14 +288,17 @@ class Predictor:
         if todo:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                  enabled=self.amp):
-                fresh = self.model.encode(x[todo]).float()  # (len(todo), 256, g, g)
-            for i, emb in zip(todo, fresh, strict=True):
-                self._embeddings[keys[i]] = emb
+                emb, pix = self.model.encode_with_pixels(x[todo])  # (n, 256, g, g), pixels
+            for j, i in enumerate(todo):
+                self._embeddings[keys[i]] = (emb[j].float(),
+                                             None if pix is None else pix[j].float())
         for key in keys:
             self._embeddings.move_to_end(key)
         while len(self._embeddings) > self.cache_size:
             self._embeddings.popitem(last=False)
-        return torch.stack([self._embeddings[k] for k in keys])  # (N, 256, g, g)
+        found = [self._embeddings[k] for k in keys]
+        pixels = None if found[0][1] is None else torch.stack([f[1] for f in found])
+        return torch.stack([f[0] for f in found]), pixels  # (N, 256, g, g), (N, G, S, S)
 
     def predict_points(self, images: np.ndarray | torch.Tensor, coords: np.ndarray,
                        labels: np.ndarray) -> np.ndarray:
@@ -291,11 +320,11 @@ class Predictor:
         pts = torch.as_tensor(coords * scale, device=self.device)  # (N, 2) in the S frame
         pts = pts[None].expand(k, -1, -1).contiguous()  # (K, N, 2)
         lab = torch.as_tensor(labels, dtype=torch.long, device=self.device)[None].expand(k, -1)
-        emb = self.embed(x)  # (K, 256, g, g)
+        emb, pixels = self._encoded(x)  # (K, 256, g, g), (K, G, S, S) or None
         with torch.no_grad():
             low, _ = self.model.decode(emb, points=(pts, lab.contiguous()))  # (K, 1, S/4, S/4)
-            logits = F.interpolate(low.float(), size=(t, t), mode="bilinear",
-                                   align_corners=False)  # (K, 1, T, T)
+            low = self.model.refine(low, pixels)  # (K, 1, S, S) with a mask head
+            logits = upsample_logits(low.float(), (t, t))  # (K, 1, T, T)
             prob = torch.sigmoid(logits)[:, 0].mean(dim=0)  # (T, T)
         return prob.cpu().numpy()
 

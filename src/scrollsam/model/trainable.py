@@ -17,6 +17,7 @@ from scrollsam.errors import InputError
 from scrollsam.model.lora import is_lora_parameter
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+EXTRA_PARTS = ("depth_encoder", "mask_head")  # scrollsam's, beside SAM: trained when present
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,21 @@ def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, ParamCoun
     if "image_encoder" not in chosen:  # LoRA adapters, where added, train on the frozen encoder
         for name, p in model.sam.image_encoder.named_parameters():
             p.requires_grad_(is_lora_parameter(name))
+    for name in EXTRA_PARTS:  # scrollsam's own parts start from scratch: they always train
+        part = getattr(model, name, None)
+        if part is not None:
+            part.requires_grad_(True)
     return count_parameters(model)
 
 
 def count_parameters(model: nn.Module) -> dict[str, ParamCount]:
-    """Parameter counts per official part plus ``"total"``."""
+    """Parameter counts per official part, per extra part the model has, plus ``"total"``."""
     counts = {}
-    for name in PARTS:
-        params = list(getattr(model.sam, name).parameters())
+    parts = {name: getattr(model.sam, name) for name in PARTS}
+    parts.update({name: getattr(model, name) for name in EXTRA_PARTS
+                  if getattr(model, name, None) is not None})
+    for name, module in parts.items():
+        params = list(module.parameters())
         counts[name] = ParamCount(sum(p.numel() for p in params if p.requires_grad),
                                   sum(p.numel() for p in params))
     counts["total"] = ParamCount(sum(c.trainable for c in counts.values()),

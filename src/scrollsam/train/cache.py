@@ -22,28 +22,10 @@ from pathlib import Path
 
 import torch
 
-from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_path
 from scrollsam.torchfile import save_torch
 
 log = logging.getLogger(__name__)
-
-
-def check_cache_allowed(*, encoder_trainable: bool, pixel_augment: bool,
-                        lora: bool = False) -> None:
-    """Raise ConfigError naming the key when a cache would be wrong or useless."""
-    if lora:
-        raise ConfigError("train.cache: the embedding cache needs a fixed image encoder, but "
-                          "model.lora_rank > 0 adapts it while training (embeddings would go "
-                          "stale); set train.cache=off or model.lora_rank=0")
-    if encoder_trainable:
-        raise ConfigError("train.cache: the embedding cache needs a frozen image encoder, but "
-                          "model.trainable includes image_encoder (embeddings would go stale); "
-                          "set train.cache=off or drop image_encoder from model.trainable")
-    if pixel_augment:
-        raise ConfigError("train.cache: pixel augmentations (data.pixel_augment=true) make every "
-                          "input unique, so nothing could be reused; set "
-                          "data.pixel_augment=false or train.cache=off")
 
 
 def tile_key(image: torch.Tensor) -> str:

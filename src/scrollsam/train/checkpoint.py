@@ -2,12 +2,13 @@
 
 A checkpoint holds everything resume and predict need: the SAM weights under ``"model"`` with
 official parameter names (so :func:`scrollsam.model.build.load_sam_state_dict` reads it like an
-official file), the optimizer state, the step, the merged config, the best validation F0.5 and
-its threshold, and the state of the prompt sampler's generator (``rng["prompts"]``), the
-one random stream training draws from once set up (data order is a pure function of seed and
-step). Only tensors and plain Python values are stored, so
-``torch.load(weights_only=True)`` reads it. Files are written to a temp file and renamed: an
-interrupted write never leaves a partial ``last.pt``.
+official file), scrollsam's own parts (depth encoder, mask head) under ``"extras"``, the
+optimizer state, the step, the merged config, the best validation F0.5 and its threshold, and
+the state of the prompt sampler's generator (``rng["prompts"]``), the one random stream
+training draws from once set up (data order is a pure function of seed and step). Only
+tensors and plain Python values are stored, so ``torch.load(weights_only=True)`` reads it.
+Files are written to a temp file and renamed: an interrupted write never leaves a partial
+``last.pt``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from scrollsam.errors import CheckpointError
 from scrollsam.io import atomic_path
+from scrollsam.model.assemble import extras_state
 from scrollsam.torchfile import load_torch, save_torch
 
 FORMAT = "scrollsam-checkpoint-1"
@@ -49,6 +51,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "model": model.sam.state_dict(),
+        "extras": extras_state(model),
         "model_type": model.model_type,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": state.step,

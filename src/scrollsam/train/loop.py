@@ -33,18 +33,17 @@ from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, ScrollsamError
 from scrollsam.losses import scalar_parts
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
-from scrollsam.model.build import build_model
-from scrollsam.model.lora import add_lora
+from scrollsam.model.assemble import model_from_config, uses_embedding_cache
 from scrollsam.model.segmenter import SamSegmenter
-from scrollsam.model.trainable import format_counts, set_trainable
-from scrollsam.train.cache import EmbeddingCache, check_cache_allowed
+from scrollsam.model.trainable import count_parameters, format_counts
+from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.checkpoint import (
     TrainState,
     save_checkpoint,
     train_state_of,
 )
 from scrollsam.train.progress import Progress
-from scrollsam.train.rundir import RunDir, open_run, stored_config, without_base_weights
+from scrollsam.train.rundir import RunDir, open_run, stored_config
 from scrollsam.train.step import prompted_forward
 from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals
 from scrollsam.train.tb import TensorBoard, tile_panel
@@ -92,8 +91,9 @@ def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
     return frags, ids[len(cfg.data.train):]
 
 
-def setup(cfg: Config, run: Path) -> Setup:
-    """Fragments, view, datasets, model and cache for ``cfg`` (nothing trained yet)."""
+def setup(cfg: Config, run: Path, *, weights: dict | None = None) -> Setup:
+    """Fragments, view, datasets, model and cache for ``cfg`` (nothing trained yet); the
+    model's weights come from the checkpoint ``weights`` when resuming."""
     device = resolve_device(cfg.train.device, setting="train.device")
     fragments, valid_ids = open_fragments(cfg)
     view = view_from_config(cfg.data, cache_dir=run)
@@ -109,21 +109,11 @@ def setup(cfg: Config, run: Path) -> Setup:
         valid_band=None if valid_ids else (1.0 - cfg.data.valid_band, 1.0),
         samples_per_epoch=cfg.train.steps * per_step, ink_share=cfg.data.ink_share,
         augment=augment, seed=cfg.train.seed)
-    model = build_model(cfg.model.type, checkpoint=cfg.model.checkpoint, image_size=size,
-                        in_chans=view.channels)
-    if cfg.model.lora_rank:
-        add_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
-    model = model.to(device)
-    counts = set_trainable(model, cfg.model.trainable)
-    log.info("trainable parameters:\n%s", format_counts(counts))
+    model = model_from_config(cfg.model, in_chans=view.channels, weights=weights,
+                              source=str(run / "last.pt")).to(device)
+    log.info("trainable parameters:\n%s", format_counts(count_parameters(model)))
     cache = None
-    frozen = "image_encoder" not in cfg.model.trainable and not cfg.model.lora_rank
-    if cfg.train.cache in ("memory", "disk"):
-        check_cache_allowed(encoder_trainable="image_encoder" in cfg.model.trainable,
-                            pixel_augment=cfg.data.pixel_augment,
-                            lora=bool(cfg.model.lora_rank))
-    if cfg.train.cache in ("memory", "disk") or (
-            cfg.train.cache == "auto" and frozen and not cfg.data.pixel_augment):
+    if uses_embedding_cache(cfg):
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
         log.info("embedding cache on (%s)", "disk" if cache.directory else "memory")
     return Setup(cfg, run, device, view, train_set, valid_set, model, cache)
@@ -147,14 +137,19 @@ def _autocast(s: Setup) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _embed(s: Setup, images: torch.Tensor) -> torch.Tensor:
-    """Embeddings [B, 256, g, g] on the device of CPU images [B, C, S, S]: from the cache
-    (which hashes them on the CPU, before any copy) or the encoder. No value check: the views
+def _encode(s: Setup, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embeddings [B, 256, g, g] on the device of CPU images [B, C, S, S], from the cache
+    (which hashes them on the CPU, before any copy) or the encoder, and the pixel features
+    [B, G, S, S] of a full-resolution mask head (None without one). No value check: the views
     normalise, and a check would make the device wait."""
-    encode = partial(s.model.encode, check_values=False)
-    if s.cache is not None:
-        return s.cache.encode(images, encode, device=s.device)
-    return encode(images.to(s.device, non_blocking=True))
+    if s.cache is None:
+        return s.model.encode_with_pixels(images.to(s.device, non_blocking=True),
+                                          check_values=False)
+    emb = s.cache.encode(images, partial(s.model.encode, check_values=False), device=s.device)
+    if s.model.mask_head is None:
+        return emb, None
+    return emb, s.model.pixel_features(images.to(s.device, non_blocking=True),
+                                       check_values=False)
 
 
 @torch.no_grad()
@@ -168,7 +163,8 @@ def validate(s: Setup) -> dict[str, float]:
                         num_workers=s.cfg.data.workers, worker_init_fn=ignore_stop_signals)
     for batch in loader:
         with _autocast(s):
-            logits, _ = s.model.decode(_embed(s, batch["image"]))
+            emb, pixels = _encode(s, batch["image"])
+            logits = s.model.refine(s.model.decode(emb)[0], pixels)  # (B, 1, S/4 or S, ..)
         prob = torch.sigmoid(s.model.upscale(logits.float())).cpu()  # (B, 1, S, S)
         for i, fid in enumerate(batch["fragment"]):
             hists.setdefault(fid, ProbabilityHistogram()).add(
@@ -256,7 +252,7 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
     torch.manual_seed(cfg.train.seed)  # random initial weights where no checkpoint gives them
     gen = torch.Generator().manual_seed(cfg.train.seed)  # prompts, on the CPU
     try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
-        s = setup(cfg if ckpt is None else without_base_weights(cfg), run)
+        s = setup(cfg, run, weights=ckpt)
     except BaseException:
         rd.undo_new()
         raise
@@ -264,8 +260,7 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
-    if ckpt is not None:
-        s.model.sam.load_state_dict(ckpt["model"])
+    if ckpt is not None:  # the model has the checkpoint's weights (setup)
         optimizer.load_state_dict(ckpt["optimizer"])
         state = train_state_of(ckpt)
         gen.set_state(ckpt["rng"]["prompts"])
@@ -296,9 +291,10 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
             for micro in range(cfg.train.accumulate):
                 batch = next(batches)  # CPU tensors: the step moves what the device needs
                 with _autocast(s):
-                    out = prompted_forward(s.model, _embed(s, batch["image"]), batch["label"],
-                                           batch["valid"], prompt_cfg=cfg.prompts,
-                                           loss_cfg=cfg.loss, gen=gen)
+                    emb, pixels = _encode(s, batch["image"])
+                    out = prompted_forward(s.model, emb, batch["label"], batch["valid"],
+                                           prompt_cfg=cfg.prompts, loss_cfg=cfg.loss, gen=gen,
+                                           features=pixels)
                 unchecked.append((step, micro, out.parts))  # for _nan_guard
                 (out.parts["loss"] / cfg.train.accumulate).backward()
                 for k, v in out.parts.items():

@@ -242,14 +242,6 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def without_base_weights(cfg: Config) -> Config:
-    """A copy of ``cfg`` without ``model.checkpoint``, for building the model of a resumed run:
-    its own checkpoint replaces every weight, so the official file need not be where it was."""
-    cfg = copy.deepcopy(cfg)
-    cfg.model.checkpoint = None
-    return cfg
-
-
 def stored_config(cfg: Config) -> Config:
     """What a run saves (``config.yaml``, checkpoints): ``out`` is ``.``, the folder holding
     the file, so a moved or copied run names no other place to write."""

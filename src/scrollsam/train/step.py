@@ -149,17 +149,21 @@ def first_prompts(kind: PromptKind, tiles: Tensor, truth: Truth, *, boxes: Tenso
 
 
 def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, multimask: bool,
-           features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+           features: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The step's one way to run the decoder: ``sets`` against their own embeddings ->
-    logits [P, M, S/4, S/4], IoU [P, M]. Prompts move to the device without waiting, and
-    their values go unchecked (the samplers make them; a check would wait for the device).
-    ``features``: for a full-resolution mask head; unused so far."""
+    (logits, IoU [P, M], the decoder's own logits [P, M, S/4, S/4]). ``logits`` are the mask
+    head's [P, M, S, S] when the model has one (``features``: the pixel features of
+    :meth:`SamSegmenter.encode_with_pixels`), else the decoder's. Prompts move to the device
+    without waiting, and their values go unchecked (the samplers make them; a check would wait
+    for the device)."""
     dev = embeddings.device
     points = None if sets.points is None else (sets.points[0].to(dev, non_blocking=True),
                                                sets.points[1].to(dev, non_blocking=True))
     boxes = None if sets.boxes is None else sets.boxes.to(dev, non_blocking=True)
-    return model.decode(embeddings, points=points, boxes=boxes, mask_inputs=sets.mask_inputs,
-                        multimask=multimask, image_index=sets.image_index, check_values=False)
+    low, iou = model.decode(embeddings, points=points, boxes=boxes, mask_inputs=sets.mask_inputs,
+                            multimask=multimask, image_index=sets.image_index,
+                            check_values=False)
+    return model.refine(low, features, sets.image_index), iou, low
 
 
 def corrective_rounds(
@@ -178,21 +182,25 @@ def corrective_rounds(
     of the selected mask (SAM paper, Appendix A), with its logits as the next mask prompt when
     ``mask_feedback``, and decode and score again. ``multimask``: three masks in the first round.
 
-    Returns the loss parts averaged over the 1 + ``rounds`` rounds, the last round's selected
-    logits [P, 1, S/4, S/4] (detached) and the prompts of the last round.
+    The mask prompt is the decoder's own S/4 logits of the selected mask (with a mask head the
+    error region comes from the head's full-resolution mask). Returns the loss parts averaged
+    over the 1 + ``rounds`` rounds, the last round's selected logits [P, 1, S/4, S/4] or
+    [P, 1, S, S] with a mask head (detached) and the prompts of the last round.
     """
     per_round = []
     for r in range(1 + rounds):
-        logits, iou = decode(model, embeddings, sets, multimask=multimask and r == 0,
-                             features=features)
+        logits, iou, low = decode(model, embeddings, sets, multimask=multimask and r == 0,
+                                  features=features)
         loss = sam_loss(logits, iou, truth.ink, truth.valid, **loss_kw)
         per_round.append(loss.parts)
-        chosen = select_mask(logits, loss.selected)  # (P, 1, S/4, S/4), detached
+        chosen = select_mask(logits, loss.selected)  # (P, 1, S/4 or S, ...), detached
         if r < rounds:
             new = corrective_points(chosen.cpu(), truth.host_ink, truth.host_valid,
                                     mode="center")  # the round's one device -> host copy
             points = new if sets.points is None else append_points(sets.points, new)
-            sets = replace(sets, points=points, mask_inputs=chosen if mask_feedback else None)
+            feedback = chosen if low is logits else select_mask(low, loss.selected)
+            sets = replace(sets, points=points,
+                           mask_inputs=feedback if mask_feedback else None)
     return mean_parts(per_round), chosen, sets
 
 
@@ -217,7 +225,8 @@ def prompted_forward(
 ) -> StepOutput:
     """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
     ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
-    ``features``: passed to :func:`decode` for a full-resolution mask head (unused so far)."""
+    ``features``: the pixel features [B, G, S, S] a full-resolution mask head needs
+    (:meth:`SamSegmenter.encode_with_pixels`); None without one."""
     dev = embeddings.device
     tile_of_set = torch.arange(embeddings.shape[0]).repeat_interleave(
         prompt_cfg.sets_per_tile)  # (P,) CPU
