@@ -15,9 +15,10 @@ from scrollsam.model.depth import DepthEncoder
 from scrollsam.model.heads import MaskHead
 
 
+@pytest.mark.parametrize("kind", ["mix", "pool"])
 @pytest.mark.parametrize("batch, band", [(1, 5), (3, 16), (2, 7)])
-def test_depth_encoder_shapes_for_odd_batches_and_bands(batch, band):
-    enc = DepthEncoder(band, out_chans=3, features=6)
+def test_depth_encoder_shapes_for_odd_batches_and_bands(batch, band, kind):
+    enc = DepthEncoder(band, out_chans=3, features=6, kind=kind)
     image, feats = enc(torch.randn(batch, band, 24, 24))
     assert image.shape == (batch, 3, 24, 24) and feats.shape == (batch, 6, 24, 24)
     assert torch.isfinite(image).all() and torch.isfinite(feats).all()
@@ -29,7 +30,7 @@ def test_depth_encoder_does_not_care_which_slice_holds_the_signal():
     """A density bump moved in depth (inside the band) gives the same features: the property
     that lets a model move to a scroll whose ink sits deeper or shallower."""
     torch.manual_seed(0)
-    enc = DepthEncoder(20, features=8).eval()
+    enc = DepthEncoder(20, features=8, kind="pool").eval()
     bump = torch.randn(1, 5, 16, 16)  # a 5-slice structure
     a, b = torch.zeros(1, 20, 16, 16), torch.zeros(1, 20, 16, 16)
     a[:, 6:11], b[:, 10:15] = bump, bump  # 4 slices deeper, far from the band's ends

@@ -83,7 +83,8 @@ class ModelConfig:
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on the frozen encoder's qkv train too
     lora_alpha: float = 8.0  # LoRA update scale alpha / rank
     depth_encoder: bool = False  # learned depth encoder: a band of slices -> SAM's input
-    depth_features: int = 16  # its full-resolution feature channels (seen by mask_head: full)
+    depth_kind: str = field(default="mix", metadata=_choices("mix", "pool"))  # see model/depth
+    depth_features: int = 32  # its full-resolution feature channels (seen by mask_head: full)
     depth_out_chans: int = 3  # channels it makes for SAM (3: an official RGB patch filter)
     mask_head: str = field(default="sam", metadata=_choices("sam", "full"))  # S/4 or full res
     head_sam_logits: bool = True  # false: the full head without SAM's logits (for comparison)

@@ -54,7 +54,8 @@ def model_from_config(
         add_lora(model, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha)
     if model_cfg.depth_encoder:
         model.depth_encoder = DepthEncoder(in_chans, out_chans=model_cfg.depth_out_chans,
-                                           features=model_cfg.depth_features)
+                                           features=model_cfg.depth_features,
+                                           kind=model_cfg.depth_kind)
     if model_cfg.mask_head == "full":
         if model.depth_encoder is not None:  # the depth encoder's full-resolution features
             head = MaskHead(model_cfg.depth_features, use_sam_logits=model_cfg.head_sam_logits)

@@ -30,7 +30,8 @@ from torch import nn
 
 from scrollsam.errors import InputError
 
-SLICE_CHANNELS = 4  # maps of each slice made by the shared 2D convolution
+SLICE_CHANNELS = 4  # maps of each slice made by the shared 2D convolution ("pool")
+KINDS = ("mix", "pool")
 
 
 class DepthEncoder(nn.Module):
@@ -44,8 +45,13 @@ class DepthEncoder(nn.Module):
         features: int = 16,
         width: int = 8,
         depth_kernel: int = 5,
+        kind: str = "mix",
     ) -> None:
         super().__init__()
+        if kind not in KINDS:
+            raise InputError(f"depth encoder kind: expected one of {', '.join(KINDS)}, got "
+                             f"{kind!r}")
+        self.kind = kind
         for name, value in (("band", band), ("out_chans", out_chans), ("features", features),
                             ("width", width), ("depth_kernel", depth_kernel)):
             if not isinstance(value, int) or value < 1:
@@ -53,6 +59,14 @@ class DepthEncoder(nn.Module):
         self.band = band
         self.out_chans = out_chans
         self.features = features
+        if kind == "mix":  # slices as channels: a learned mixing, then dilated 2D convolutions
+            self.mix = nn.Sequential(
+                nn.Conv2d(band, features, 3, padding=1), nn.GELU(),
+                nn.Conv2d(features, features, 3, padding=2, dilation=2), nn.GELU(),
+                nn.Conv2d(features, features, 3, padding=4, dilation=4), nn.GELU(),
+            )
+            self.to_image = nn.Conv2d(features, out_chans, 1)
+            return
         self.slice_conv = nn.Conv2d(1, SLICE_CHANNELS, 3, padding=1)  # shared over slices
         # along z only: a (k, 1) kernel over the (z, pixel) plane of [B, c, Z, S*S]
         self.depth_conv = nn.Conv2d(SLICE_CHANNELS, width, (depth_kernel, 1),
@@ -68,6 +82,9 @@ class DepthEncoder(nn.Module):
         if slices.ndim != 4 or slices.shape[1] != self.band:
             raise InputError(f"depth encoder input: expected [B, {self.band}, S, S] "
                              f"(a band of {self.band} slices), got {list(slices.shape)}")
+        if self.kind == "mix":
+            feats = self.mix(slices)  # (B, F, S, S)
+            return self.to_image(feats), feats
         b, z, h, w = slices.shape
         x = self.slice_conv(slices.reshape(b * z, 1, h, w))  # (B*Z, c0, S, S)
         x = x.reshape(b, z, -1, h * w).transpose(1, 2)  # (B, c0, Z, S*S)
