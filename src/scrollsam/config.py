@@ -81,6 +81,8 @@ class ModelConfig:
     trainable: list[str] = field(default_factory=lambda: ["prompt_encoder", "mask_decoder"])
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on the frozen encoder's qkv train too
     lora_alpha: float = 8.0  # LoRA update scale alpha / rank
+    window_size: int | None = None  # encoder attention window (null: the variant's, 14 official)
+    attention: str = field(default="fused", metadata=_choices("fused", "official"))  # encoder
 
 
 @dataclass
@@ -120,7 +122,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     clip: float = 1.0  # gradient-norm clip (0: off)
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
-    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with bf16 units; fp32 elsewhere
+    compile: bool = False  # torch.compile the encoder (static shapes; falls back if unavailable)
     cache: str = field(default="auto", metadata=_choices("auto", "off", "memory", "disk"))
     seed: int = 0
     eval_every: int = 200  # validate and keep the best checkpoint every N steps
@@ -187,6 +190,9 @@ class Config:
             raise ConfigError("model.lora_rank: LoRA adapts a frozen image encoder, but "
                               "model.trainable includes image_encoder; drop it from "
                               "model.trainable or set model.lora_rank=0")
+        if self.model.window_size is not None and self.model.window_size < 1:
+            raise ConfigError(f"model.window_size: expected null (the variant's) or a positive "
+                              f"integer, got {self.model.window_size}")
         if self.model.lora_alpha <= 0:
             raise ConfigError(f"model.lora_alpha: expected a positive number, got "
                               f"{self.model.lora_alpha}")

@@ -115,4 +115,6 @@ class EmbeddingCache:
             for i, emb in zip(todo, fresh, strict=True):
                 self._put(keys[i], emb)
                 found[i] = emb.detach().to("cpu", torch.float16)
-        return torch.stack([e for e in found]).to(images.device, torch.float32)  # (B, 256, g, g)
+        with torch.autocast("cpu", enabled=False):  # CPU bf16 autocast refuses fp16 in stack
+            stacked = torch.stack(found)  # (B, 256, g, g) float16, on the CPU
+        return stacked.to(images.device, torch.float32)  # (B, 256, g, g)

@@ -2,7 +2,7 @@
 
 Per step: learning rate from the schedule (a pure function of the step), ``accumulate`` micro
 batches of B tiles (embeddings from the cache when the encoder is frozen), the prompted forward
-pass of :mod:`.step` under autocast (bf16 on CUDA, fp32 on CPU), a NaN/inf guard, gradient
+pass of :mod:`.step` under autocast (:mod:`scrollsam.precision`), a NaN/inf guard, gradient
 clipping, the optimizer step; then logging, validation (prompt-free F0.5 and its best threshold,
 keeping ``best.pt``), and ``last.pt``. Data order is a pure function of (seed, step), so a resumed
 run continues exactly where the killed one stopped.
@@ -33,9 +33,11 @@ from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.build import build_model
+from scrollsam.model.compile import compile_encoder
 from scrollsam.model.lora import add_lora
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import format_counts, set_trainable
+from scrollsam.precision import autocast_for, precision_name
 from scrollsam.train.cache import EmbeddingCache, check_cache_allowed
 from scrollsam.train.checkpoint import (
     TrainState,
@@ -109,12 +111,16 @@ def setup(cfg: Config, run: Path) -> Setup:
         samples_per_epoch=cfg.train.steps * per_step, ink_share=cfg.data.ink_share,
         augment=augment, seed=cfg.train.seed)
     model = build_model(cfg.model.type, checkpoint=cfg.model.checkpoint, image_size=size,
-                        in_chans=view.channels)
+                        in_chans=view.channels, window_size=cfg.model.window_size,
+                        attention=cfg.model.attention)
     if cfg.model.lora_rank:
         add_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
     model = model.to(device)
     counts = set_trainable(model, cfg.model.trainable)
     log.info("trainable parameters:\n%s", format_counts(counts))
+    log.info("precision %s on %s", precision_name(device, cfg.train.amp), device)
+    if cfg.train.compile:
+        compile_encoder(model, device=device)
     cache = None
     frozen = "image_encoder" not in cfg.model.trainable and not cfg.model.lora_rank
     if cfg.train.cache in ("memory", "disk"):
@@ -140,9 +146,7 @@ def _batches(s: Setup, start_step: int) -> Iterator[dict]:
 
 
 def _autocast(s: Setup) -> contextlib.AbstractContextManager:
-    if s.device.type == "cuda" and s.cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast_for(s.device, s.cfg.train.amp)
 
 
 def _embed(s: Setup, images: torch.Tensor) -> torch.Tensor:
