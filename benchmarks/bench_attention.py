@@ -1,7 +1,7 @@
-"""CPU entries of issue 13: fused attention, window size, bf16, and the three together.
+"""CPU entries for the encoder's attention: fused vs official, its modes, window size.
 
-All on the vit_b encoder at 256 px (random seeded weights: speed does not depend on them), or
-the tiny demo's training step, each compared side by side in one process (``common.compare``):
+All on the vit_b encoder at 256 px (random seeded weights: speed does not depend on them), each
+compared side by side in one process (``common.compare``); bf16 entries: ``bench_bf16.py``.
 
 - ``encoder_attention_fused_vs_official_{train,infer}_{fp32,bf16}``: the encoder (batch 2),
   forward + backward or inference, segment_anything's attention against
@@ -12,11 +12,6 @@ the tiny demo's training step, each compared side by side in one process (``comm
   flash kernels take on a GPU) against the bias form on a CPU.
 - ``encoder_256_window16_vs_14``: encoder inference with 16 x 16 windows (the 16 x 16 token
   grid in one window, no padding) against 14 x 14 ones (padded to 28 x 28: four windows).
-- ``encoder_256_bf16_vs_fp32``: encoder inference under CPU bf16 autocast against fp32.
-- ``encoder_256_ours_vs_today``: today's path (official attention, window 14, fp32) against
-  scrollsam's (fused attention, window 16, bf16 where the CPU has it). Goal 2.5x (issue 13).
-- ``train_step_tiny_bf16_vs_fp32``: the demo's whole training step (tiny, 128 px, batch 8,
-  everything trainable, prompted forward, losses, AdamW) in bf16 against fp32.
 
 Entries comparing bf16 are skipped on CPUs without bf16 units (``scrollsam.precision``).
 """
@@ -65,11 +60,11 @@ def _infer_fn(enc: torch.nn.Module, x: torch.Tensor, bf16: bool):
     return run
 
 
-def _pair(baseline: torch.nn.Module, ours: torch.nn.Module, *, train: bool, bf16: bool,
+def _pair(base_enc: torch.nn.Module, our_enc: torch.nn.Module, /, *, train: bool, bf16: bool,
           quick: bool, **settings: Any) -> dict[str, Any]:
     x = _images(2)
     fn = _train_fn if train else _infer_fn
-    result = compare(fn(baseline, x, bf16), fn(ours, x, bf16), repeats=1 if quick else 5)
+    result = compare(fn(base_enc, x, bf16), fn(our_enc, x, bf16), repeats=1 if quick else 5)
     result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 2, "window": 14,
                           "pass": "forward+backward" if train else "inference",
                           "dtype": "bf16" if bf16 else "fp32", **settings}
@@ -122,71 +117,4 @@ def encoder_256_window16_vs_14(quick: bool) -> dict[str, Any]:
                           "dtype": "fp32", "baseline": "window 14", "ours": "window 16"}
     result["metrics"] = {"s_per_image_w14": result["baseline_s"] / 4,
                          "s_per_image_w16": result["ours_s"] / 4}
-    return result
-
-
-@register("encoder_256_bf16_vs_fp32", goal=None, needs=_needs_bf16,
-          about="vit_b encoder inference at 256 px, window 14: fp32 vs bf16 autocast")
-def encoder_256_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
-    enc = _encoder()
-    x = _images(4)
-    result = compare(_infer_fn(enc, x, False), _infer_fn(enc, x, True),
-                     repeats=1 if quick else 5)
-    with torch.inference_mode():
-        ref = enc(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = enc(x).float()
-    result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 4, "attention": "fused",
-                          "window": 14, "baseline": "fp32", "ours": "bf16 autocast"}
-    result["metrics"] = {"s_per_image_fp32": result["baseline_s"] / 4,
-                         "s_per_image_bf16": result["ours_s"] / 4,
-                         "relative_difference": float((low - ref).norm() / ref.norm())}
-    return result
-
-
-@register("encoder_256_ours_vs_today", goal=2.5, needs=_needs_bf16,
-          about="vit_b encoder inference at 256 px: official/w14/fp32 vs fused/w16/bf16")
-def encoder_256_ours_vs_today(quick: bool) -> dict[str, Any]:
-    today, ours = _encoder(attention="official"), _encoder(window=16)
-    x = _images(4)
-    result = compare(_infer_fn(today, x, False), _infer_fn(ours, x, True),
-                     repeats=1 if quick else 5)
-    result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 4,
-                          "baseline": "official attention, window 14, fp32",
-                          "ours": "fused attention, window 16, bf16 autocast"}
-    result["metrics"] = {"s_per_image_today": result["baseline_s"] / 4,
-                         "s_per_image_ours": result["ours_s"] / 4}
-    return result
-
-
-@register("train_step_tiny_bf16_vs_fp32", goal=None, needs=_needs_bf16,
-          about="demo training step (tiny, 128 px, batch 8, all trainable): fp32 vs bf16")
-def train_step_tiny_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
-    from scrollsam.config import LossConfig, PromptConfig
-    from scrollsam.train.loop import make_optimizer
-    from scrollsam.train.step import prompted_forward
-
-    torch.manual_seed(0)
-    model = build_model("tiny", image_size=128).train()
-    opt = make_optimizer(list(model.parameters()), lr=1e-4, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(8, 3, 128, 128, generator=gen)  # (B, C, S, S)
-    label = (torch.rand(8, 1, 128, 128, generator=gen) > 0.7).float()  # (B, 1, S, S)
-    valid = torch.ones_like(label)
-    prompts = PromptConfig(prompt_free_share=0.5, corrective_rounds=1)  # the demo's
-
-    def step(bf16: bool):
-        def run() -> None:
-            g = torch.Generator().manual_seed(1)  # the same prompts every call
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = prompted_forward(model, model.encode(images), label, valid,
-                                       prompts=prompts, loss=LossConfig(), gen=g)
-            out.parts["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
-
-    result = compare(step(False), step(True), repeats=2 if quick else 7)
-    result["settings"] = {"model": "tiny", "px": 128, "batch": 8, "trainable": "all",
-                          "baseline": "fp32", "ours": "bf16 autocast"}
     return result

@@ -17,8 +17,9 @@ ink labels (speed does not depend on the values). Reported per case:
 - ``peak_gpu_mb``: ``torch.cuda.max_memory_allocated`` over the timed steps;
 - ``flops_per_image``: one step counted with ``torch.utils.flop_counter.FlopCounterMode``
   (forward and backward; the fold path's wider heads count as more work);
-- ``mfu``: the official path's FLOPs per image (the model's useful work, the same for every
-  path) x images/s / ``--peak-tflops`` (989 for H100 / H200 dense bf16).
+- ``mfu``: the FLOPs the path does per image x images/s / ``--peak-tflops`` (989 for H100 /
+  H200 dense bf16); ``mfu_official`` (``MFU/off``): the same with the official path's FLOPs per
+  image, a throughput comparable across paths (see :func:`add_mfu`).
 
 Paths: ``official`` (segment_anything attention), ``fold`` (``FusedAttention`` as its auto
 mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` (the bias as
@@ -213,46 +214,52 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
 
 
 def add_mfu(results: dict[str, dict[str, Any]], peak_flops: float) -> None:
-    """``mfu`` of each case from the official path's FLOPs per image of its (model, size)."""
-    useful = {}
+    """Shares of ``peak_flops`` for each timed case.
+
+    ``mfu``: the FLOPs this path really does (its own count, or its eager twin's for a
+    compiled case) x images/s / peak: how busy the card is. ``mfu_official``: the official
+    path's FLOPs per image at the same model and size (window 14) x images/s / peak: a
+    throughput in units of the official model's work, comparable across paths (padding the
+    official path wastes counts as work there, and the fold path's wider heads do not).
+    """
+    counted = {}
     for r in results.values():
         c = r["case"]
-        if c["path"] == "official" and "flops_per_image" in r:
-            useful[(c["model"], c["size"], c["window"])] = r["flops_per_image"]
+        if "flops_per_image" in r:
+            counted[(c["model"], c["size"], c["path"], c["window"])] = r["flops_per_image"]
     for r in results.values():
         c = r["case"]
         if "images_per_s" not in r:
             continue
-        own = r.get("flops_per_image")
-        base = useful.get((c["model"], c["size"], c["window"]))
-        if base is None and c["window"] is not None:
-            base = own  # no official twin with this window: its own count is the useful work
-        if base is None:  # a compiled or bias case: the official count of the same shape
-            base = useful.get((c["model"], c["size"], None), own)
-        if base:
-            r["model_flops_per_image"] = base
-            r["mfu"] = base * r["images_per_s"] / peak_flops
+        own = counted.get((c["model"], c["size"], c["path"], c["window"]))
+        official = counted.get((c["model"], c["size"], "official", None))
+        if own:
+            r["mfu"] = own * r["images_per_s"] / peak_flops
+        if official:
+            r["official_flops_per_image"] = official
+            r["mfu_official"] = official * r["images_per_s"] / peak_flops
 
 
 def format_rows(results: dict[str, dict[str, Any]]) -> str:
     head = f"{'case':34s} {'batch':>5s} {'img/s':>8s} {'step ms':>8s} {'peak MB':>8s} " \
-           f"{'GF/img':>8s} {'MFU':>6s}  note"
+           f"{'GF/img':>8s} {'MFU':>6s} {'MFU/off':>7s}  note"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         c = r.get("case", {})
         if "images_per_s" not in r:
             lines.append(f"{name:34s} {c.get('batch', ''):>5} {'-':>8s} {'-':>8s} {'-':>8s} "
-                         f"{'-':>8s} {'-':>6s}  {r.get('error') or r.get('skipped')}")
+                         f"{'-':>8s} {'-':>6s} {'-':>7s}  {r.get('error') or r.get('skipped')}")
             continue
         peak = r.get("peak_gpu_mb")
         flops = r.get("flops_per_image")
-        mfu = r.get("mfu")
+        mfu, mfu_off = r.get("mfu"), r.get("mfu_official")
         note = f"graphs={r['unique_graphs']}" if "unique_graphs" in r else ""
         lines.append(
             f"{name:34s} {c['batch']:>5d} {r['images_per_s']:8.1f} {r['step_s'] * 1e3:8.1f} "
             f"{(f'{peak:.0f}' if peak is not None else '-'):>8s} "
             f"{(f'{flops / 1e9:.0f}' if flops else '-'):>8s} "
-            f"{(f'{mfu:.1%}' if mfu is not None else '-'):>6s}  {note}")
+            f"{(f'{mfu:.1%}' if mfu is not None else '-'):>6s} "
+            f"{(f'{mfu_off:.1%}' if mfu_off is not None else '-'):>7s}  {note}")
     return "\n".join(lines)
 
 
