@@ -26,6 +26,8 @@ mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` 
 SDPA's ``attn_mask``: memory-efficient kernel), ``+w16`` (16 x 16 windows: no padding at 256 px),
 ``+compile`` (``nn.Module.compile`` of the encoder, static shapes; ``unique_graphs`` shows it
 compiled once).
+Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
+gradients are from the official encoder's on the device (fp32 and bf16, vit_b at 256 px).
 Cases run in order of importance and stop at ``--budget-s`` (the rest are listed as skipped);
 a case that runs out of memory is recorded as such and the next one runs.
 
@@ -213,6 +215,47 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
     return result
 
 
+def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256) -> dict:
+    """Relative difference of each fused mode's encoder output (and parameter gradients, fp32)
+    from the official encoder's fp32 output, on ``device``: ``MODE_fp32``, ``MODE_fp32_grads``,
+    and ``MODE_bf16`` under bf16 autocast next to ``official_bf16`` (bf16's own error). Random
+    weights with non-zero relative-position tables. A wrong kernel shows here before any timing
+    counts."""
+    import copy
+
+    from scrollsam import build_model
+    from scrollsam.model.attention import fuse_attention
+
+    torch.manual_seed(0)
+    with device:
+        official = build_model(model, image_size=size, attention="official").sam.image_encoder
+    with torch.no_grad():
+        for name, p in official.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(std=0.5)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    out: dict[str, float] = {}
+    ref = official(x)  # (B, 256, g, g)
+    ref.square().mean().backward()
+    ref_grads = {n: p.grad for n, p in official.named_parameters()}
+    ref = ref.detach()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        out["official_bf16"] = float((official(x).float() - ref).norm() / ref.norm())
+    for mode in ("fold", "bias", "explicit"):
+        enc = copy.deepcopy(official)
+        enc.zero_grad(set_to_none=True)
+        fuse_attention(enc, mode=mode)
+        got = enc(x)
+        got.square().mean().backward()
+        out[f"{mode}_fp32"] = float((got.detach() - ref).norm() / ref.norm())
+        diff = torch.cat([(p.grad - ref_grads[n]).flatten() for n, p in enc.named_parameters()])
+        whole = torch.cat([g.flatten() for g in ref_grads.values()])
+        out[f"{mode}_fp32_grads"] = float(diff.norm() / whole.norm())  # all parameters at once
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            out[f"{mode}_bf16"] = float((enc(x).float() - ref).norm() / ref.norm())
+    return out
+
+
 def add_mfu(results: dict[str, dict[str, Any]], peak_flops: float) -> None:
     """Shares of ``peak_flops`` for each timed case.
 
@@ -298,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {machine['device']}, torch {machine['torch']}, {len(cases)} cases, "
           f"{steps} timed steps after {warmup} warm-up", flush=True)
     start = time.perf_counter()
+    try:
+        exactness = check_paths(device, model="tiny" if args.smoke else "vit_b",
+                                size=128 if args.smoke else 256)
+    except Exception as err:  # report it with the timings, do not stop them
+        exactness = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    print("fused vs official, relative difference: " + ", ".join(
+        f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in exactness.items()),
+        flush=True)
     results: dict[str, dict[str, Any]] = {}
     for case in cases:
         if time.perf_counter() - start > args.budget_s:
@@ -310,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     add_mfu(results, args.peak_tflops * 1e12)
     wall = time.perf_counter() - start
     doc = {"machine": machine, "peak_tflops": args.peak_tflops, "smoke": args.smoke,
+           "exactness": exactness,
            "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
