@@ -1,72 +1,410 @@
-"""GPU entries (CUDA only; listed as skipped elsewhere): vit_b training steps and encoder speed.
+"""GPU benchmark of the real training step: official attention vs scrollsam's, vit_b and vit_h.
 
-Run them on a CUDA machine with the same command, ``make bench`` or
-``.venv/bin/python benchmarks/run.py --only gpu_train_vit_b_1024_bf16,...``.
+Standalone (what a lent H100 / H200 runs; scrollsam need not be installed, ``src/`` is used)::
 
-- ``gpu_train_vit_b_{1024,256}_bf16``: one full training step of the whole model (encoder,
-  prompt encoder and decoder all trainable, as the x-ray configs train): bf16 autocast forward
-  (encode + decode, one 3-point prompt set per image), BCE loss on the low-res logits, backward,
-  AdamW step. Reports ``images_per_s`` and ``peak_gpu_mb``. Batch 2 at 1024 px, 16 at 256 px.
-- ``gpu_encoder_vit_b_{1024,256}_bf16``: encoder-only inference throughput, bf16 autocast,
-  batch 8 at 1024 px, 64 at 256 px.
+    bash benchmarks/gpu_setup.sh          # segment-anything from wheels/ (no network there)
+    python benchmarks/bench_gpu.py --out $OUT/gpu.json
+    python benchmarks/bench_gpu.py --smoke --out /tmp/gpu-smoke.json   # CPU: tiny, 1 step
 
-Weights are random (seeded): speed does not depend on their values. 10 timed repeats after 3
-warm-ups (3 after 1 with --quick), each timed call synchronised with ``torch.cuda.synchronize``.
+Each case times the step ``scrollsam.train.loop`` runs, whole model trainable (as the x-ray
+configs train it): bf16 autocast, :func:`scrollsam.train.step.prompted_forward` with the default
+prompts (``PromptConfig()``: 2 sets per tile, mixed point / box first prompts, 2 corrective
+rounds with mask feedback, a quarter prompt-free) and losses (``LossConfig()``: focal + dice +
+IoU), backward, gradient clipping at 1, fused AdamW. Inputs are random images with blob-shaped
+ink labels (speed does not depend on the values). Reported per case:
+
+- ``images_per_s`` over ``--steps`` timed steps after ``--warmup`` (the first compiles);
+- ``peak_gpu_mb``: ``torch.cuda.max_memory_allocated`` over the timed steps;
+- ``flops_per_image``: one step counted with ``torch.utils.flop_counter.FlopCounterMode``
+  (forward and backward; the fold path's wider heads count as more work);
+- ``mfu``: the FLOPs the path does per image x images/s / ``--peak-tflops`` (989 for H100 /
+  H200 dense bf16); ``mfu_official`` (``MFU/off``): the same with the official path's FLOPs per
+  image, a throughput comparable across paths (see :func:`add_mfu`).
+
+Paths: ``official`` (segment_anything attention), ``fold`` (``FusedAttention`` as its auto
+mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` (the bias as
+SDPA's ``attn_mask``: memory-efficient kernel), ``+w16`` (16 x 16 windows: no padding at 256 px),
+``+compile`` (``nn.Module.compile`` of the encoder, static shapes; ``unique_graphs`` shows it
+compiled once).
+Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
+gradients are from the official encoder's on the device (fp32 and bf16, vit_b at 256 px).
+Cases run in order of importance and stop at ``--budget-s`` (the rest are listed as skipped);
+a case that runs out of memory is recorded as such and the next one runs.
+
+The ``gpu_*`` entries registered below run the same step under ``benchmarks/run.py`` (``make
+bench`` on a CUDA machine) as an official-vs-scrollsam comparison.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import cuda_sync, measure, needs_cuda, register
 
-from scrollsam import build_model
+try:  # standalone on a machine where scrollsam is not installed: use the checkout's src/
+    import scrollsam  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import compare, cuda_sync, machine_info, measure, needs_cuda, register  # noqa: E402
+
+PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 
 
-def _setup(image_size: int, batch: int) -> tuple[Any, torch.Tensor]:
+@dataclass(frozen=True)
+class Case:
+    """One timed configuration."""
+
+    model: str
+    size: int
+    batch: int
+    path: str = "fold"  # official | fold | bias (FusedAttention modes)
+    window: int | None = None  # None: the variant's (14)
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        w = f"+w{self.window}" if self.window else ""
+        c = "+compile" if self.compile else ""
+        return f"{self.model}_{self.size}_{self.path}{w}{c}"
+
+
+# In order of importance: the budget cuts from the end.
+GPU_CASES = [
+    Case("vit_b", 1024, 4, "official"),
+    Case("vit_b", 1024, 4, "fold"),
+    Case("vit_b", 256, 32, "official"),
+    Case("vit_b", 256, 32, "fold"),
+    Case("vit_b", 256, 32, "fold", window=16),
+    Case("vit_b", 1024, 2, "official"),  # the issue's memory goal is at batch 2
+    Case("vit_b", 1024, 2, "fold"),
+    Case("vit_h", 256, 8, "official"),
+    Case("vit_h", 256, 8, "fold"),
+    Case("vit_h", 1024, 1, "official"),
+    Case("vit_h", 1024, 1, "fold"),
+    Case("vit_b", 1024, 4, "bias"),
+    Case("vit_b", 256, 32, "bias"),
+    Case("vit_b", 256, 32, "fold", window=16, compile=True),
+    Case("vit_b", 1024, 4, "fold", compile=True),
+]
+SMOKE_CASES = [
+    Case("tiny", 128, 2, "official"),
+    Case("tiny", 128, 2, "fold"),
+    Case("tiny", 128, 2, "bias"),
+    Case("tiny", 128, 2, "fold", window=4, compile=True),
+]
+
+
+def blob_labels(batch: int, size: int, *, device: torch.device,
+                gen: torch.Generator) -> torch.Tensor:
+    """Blob-shaped ink (about 30 % of pixels) -> float [B, 1, S, S] of 0 / 1."""
+    noise = torch.rand(batch, 1, size // 16, size // 16, generator=gen)  # (B, 1, S/16, S/16)
+    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+    return (smooth > 0.6).float().to(device)  # (B, 1, S, S)
+
+
+def make_step(case: Case, device: torch.device, *, compile_backend: str = "inductor"):
+    """Build the model and return ``step()`` (one training step) and the model."""
+    from scrollsam import build_model
+    from scrollsam.config import LossConfig, PromptConfig
+    from scrollsam.model.attention import fuse_attention
+    from scrollsam.precision import autocast_for
+    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.step import prompted_forward
+
     torch.manual_seed(0)
-    model = build_model("vit_b", image_size=image_size).cuda()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, device="cuda", generator=gen)
-    torch.cuda.reset_peak_memory_stats()
-    return model, images
+    with device:  # parameters initialised on the device: vit_h builds in seconds, not minutes
+        model = build_model(case.model, image_size=case.size, window_size=case.window,
+                            attention="official" if case.path == "official" else "fused")
+    if case.path != "official":
+        fuse_attention(model.sam.image_encoder, mode=case.path)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # the whole model
+    if case.compile:
+        model.sam.image_encoder.compile(dynamic=False, backend=compile_backend)
+    opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device)
+    label = blob_labels(case.batch, case.size, device=device, gen=gen)  # (B, 1, S, S)
+    valid = torch.ones_like(label)
+    prompts, losses = PromptConfig(), LossConfig()
+    prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
+
+    def step() -> float:
+        with autocast_for(device, True):
+            out = prompted_forward(model, model.encode(images), label, valid, prompt_cfg=prompts,
+                                   loss_cfg=losses, gen=prompt_gen)
+        out.parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.parts["loss"].detach())  # the loop logs it: a sync, as in training
+
+    return step, model
+
+
+def count_flops(step) -> float:
+    """FLOPs of one call of ``step`` (forward and backward) with FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
+             compile_backend: str) -> dict[str, Any]:
+    """Time ``case``; returns its metrics (or ``error``)."""
+    result: dict[str, Any] = {"case": asdict(case)}
+    try:
+        if case.compile:
+            import torch._dynamo
+            from torch._dynamo.utils import counters
+
+            torch._dynamo.reset()
+            counters.clear()
+        t0 = time.perf_counter()
+        step, model = make_step(case, device, compile_backend=compile_backend)
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        result["warmup_s"] = round(time.perf_counter() - t0, 2)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        total = sum(times)
+        result.update(images_per_s=case.batch * steps / total, step_s=total / steps,
+                      times_s=[round(t, 5) for t in times])
+        if device.type == "cuda":
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if case.compile:
+            from torch._dynamo.utils import counters
+
+            result["unique_graphs"] = int(counters["stats"]["unique_graphs"])
+        else:
+            result["flops_per_image"] = count_flops(step) / case.batch
+        del step, model
+    except torch.cuda.OutOfMemoryError as err:
+        result["error"] = f"out of memory: {str(err).splitlines()[0][:160]}"
+    except Exception as err:  # report and go on with the next case
+        result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256) -> dict:
+    """Relative difference of each fused mode's encoder output (and parameter gradients, fp32)
+    from the official encoder's fp32 output, on ``device``: ``MODE_fp32``, ``MODE_fp32_grads``,
+    and ``MODE_bf16`` under bf16 autocast next to ``official_bf16`` (bf16's own error). Random
+    weights with non-zero relative-position tables. A wrong kernel shows here before any timing
+    counts."""
+    import copy
+
+    from scrollsam import build_model
+    from scrollsam.model.attention import fuse_attention
+
+    torch.manual_seed(0)
+    with device:
+        official = build_model(model, image_size=size, attention="official").sam.image_encoder
+    with torch.no_grad():
+        for name, p in official.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(std=0.5)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    out: dict[str, float] = {}
+    ref = official(x)  # (B, 256, g, g)
+    ref.square().mean().backward()
+    ref_grads = {n: p.grad for n, p in official.named_parameters()}
+    ref = ref.detach()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        out["official_bf16"] = float((official(x).float() - ref).norm() / ref.norm())
+    for mode in ("fold", "bias", "explicit"):
+        enc = copy.deepcopy(official)
+        enc.zero_grad(set_to_none=True)
+        fuse_attention(enc, mode=mode)
+        got = enc(x)
+        got.square().mean().backward()
+        out[f"{mode}_fp32"] = float((got.detach() - ref).norm() / ref.norm())
+        diff = torch.cat([(p.grad - ref_grads[n]).flatten() for n, p in enc.named_parameters()])
+        whole = torch.cat([g.flatten() for g in ref_grads.values()])
+        out[f"{mode}_fp32_grads"] = float(diff.norm() / whole.norm())  # all parameters at once
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            out[f"{mode}_bf16"] = float((enc(x).float() - ref).norm() / ref.norm())
+    return out
+
+
+def add_mfu(results: dict[str, dict[str, Any]], peak_flops: float) -> None:
+    """Shares of ``peak_flops`` for each timed case.
+
+    ``mfu``: the FLOPs this path really does (its own count, or its eager twin's for a
+    compiled case) x images/s / peak: how busy the card is. ``mfu_official``: the official
+    path's FLOPs per image at the same model and size (window 14) x images/s / peak: a
+    throughput in units of the official model's work, comparable across paths (padding the
+    official path wastes counts as work there, and the fold path's wider heads do not).
+    """
+    counted = {}
+    for r in results.values():
+        c = r["case"]
+        if "flops_per_image" in r:
+            counted[(c["model"], c["size"], c["path"], c["window"])] = r["flops_per_image"]
+    for r in results.values():
+        c = r["case"]
+        if "images_per_s" not in r:
+            continue
+        own = counted.get((c["model"], c["size"], c["path"], c["window"]))
+        official = counted.get((c["model"], c["size"], "official", None))
+        if own:
+            r["mfu"] = own * r["images_per_s"] / peak_flops
+        if official:
+            r["official_flops_per_image"] = official
+            r["mfu_official"] = official * r["images_per_s"] / peak_flops
+
+
+def format_rows(results: dict[str, dict[str, Any]]) -> str:
+    head = f"{'case':34s} {'batch':>5s} {'img/s':>8s} {'step ms':>8s} {'peak MB':>8s} " \
+           f"{'GF/img':>8s} {'MFU':>6s} {'MFU/off':>7s}  note"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        c = r.get("case", {})
+        if "images_per_s" not in r:
+            lines.append(f"{name:34s} {c.get('batch', ''):>5} {'-':>8s} {'-':>8s} {'-':>8s} "
+                         f"{'-':>8s} {'-':>6s} {'-':>7s}  {r.get('error') or r.get('skipped')}")
+            continue
+        peak = r.get("peak_gpu_mb")
+        flops = r.get("flops_per_image")
+        mfu, mfu_off = r.get("mfu"), r.get("mfu_official")
+        note = f"graphs={r['unique_graphs']}" if "unique_graphs" in r else ""
+        lines.append(
+            f"{name:34s} {c['batch']:>5d} {r['images_per_s']:8.1f} {r['step_s'] * 1e3:8.1f} "
+            f"{(f'{peak:.0f}' if peak is not None else '-'):>8s} "
+            f"{(f'{flops / 1e9:.0f}' if flops else '-'):>8s} "
+            f"{(f'{mfu:.1%}' if mfu is not None else '-'):>6s} "
+            f"{(f'{mfu_off:.1%}' if mfu_off is not None else '-'):>7s}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model, 1 step, CPU: checks the script runs (numbers mean "
+                        "nothing)")
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default 8; 1 smoke)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; 1 smoke)")
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="start no new case after this many seconds (default 270)")
+    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
+                        help=f"dense bf16 peak of the card (default {PEAK_TFLOPS:g}: H100/H200)")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        device, cases, backend = torch.device("cpu"), SMOKE_CASES, "aot_eager"
+        steps, warmup = args.steps or 1, args.warmup or 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA GPU here; use --smoke for a CPU check of the script")
+        device, cases, backend = torch.device("cuda"), GPU_CASES, "inductor"
+        steps, warmup = args.steps or 8, args.warmup or 3
+    if args.cases:
+        wanted = {n.strip() for n in args.cases.split(",") if n.strip()}
+        unknown = wanted - {c.name for c in cases}
+        if unknown:
+            parser.error(f"unknown case(s) {sorted(unknown)}; known: "
+                         f"{', '.join(c.name for c in cases)}")
+        cases = [c for c in cases if c.name in wanted]
+
+    machine = machine_info()
+    print(f"device {machine['device']}, torch {machine['torch']}, {len(cases)} cases, "
+          f"{steps} timed steps after {warmup} warm-up", flush=True)
+    start = time.perf_counter()
+    try:
+        exactness = check_paths(device, model="tiny" if args.smoke else "vit_b",
+                                size=128 if args.smoke else 256)
+    except Exception as err:  # report it with the timings, do not stop them
+        exactness = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    print("fused vs official, relative difference: " + ", ".join(
+        f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in exactness.items()),
+        flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        if time.perf_counter() - start > args.budget_s:
+            results[case.name] = {"case": asdict(case), "skipped": "over --budget-s"}
+            continue
+        r = run_case(case, device, steps=steps, warmup=warmup, compile_backend=backend)
+        results[case.name] = r
+        shown = (f"{r['images_per_s']:.1f} img/s" if "images_per_s" in r else r.get("error"))
+        print(f"  {case.name}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+    add_mfu(results, args.peak_tflops * 1e12)
+    wall = time.perf_counter() - start
+    doc = {"machine": machine, "peak_tflops": args.peak_tflops, "smoke": args.smoke,
+           "exactness": exactness,
+           "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print()
+    print(format_rows(results))
+    print(f"\n{wall:.0f} s; written to {args.out}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+# --- entries for benchmarks/run.py (make bench on a CUDA machine) ------------------------------
 
 
 def _repeats(quick: bool) -> dict[str, int]:
     return {"repeats": 3, "warmup": 1} if quick else {"repeats": 10, "warmup": 3}
 
 
-def _train_step(image_size: int, batch: int, quick: bool) -> dict[str, Any]:
-    model, images = _setup(image_size, batch)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    coords = torch.rand(batch, 3, 2, device="cuda", generator=gen) * image_size  # (B, 3, 2)
-    labels = torch.ones(batch, 3, dtype=torch.long, device="cuda")  # (B, 3)
-    target = (torch.rand(batch, 1, model.mask_size, model.mask_size, device="cuda",
-                         generator=gen) > 0.5).float()  # (B, 1, S/4, S/4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, _ = model.decode(model.encode(images), points=(coords, labels))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-        loss.backward()
-        opt.step()
-
-    result = measure(step, sync=cuda_sync, **_repeats(quick))
-    result["metrics"] = {"images_per_s": batch / result["seconds"],
-                         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
-    result["settings"] = {"model": "vit_b", "image_size": image_size, "batch": batch,
+def _train_official_vs_ours(size: int, batch: int, quick: bool) -> dict[str, Any]:
+    dev = torch.device("cuda")
+    official, _m1 = make_step(Case("vit_b", size, batch, "official"), dev)
+    ours, _m2 = make_step(Case("vit_b", size, batch, "fold"), dev)
+    result = compare(official, ours, sync=cuda_sync, **_repeats(quick))
+    result["metrics"] = {"images_per_s_official": batch / result["baseline_s"],
+                         "images_per_s_ours": batch / result["ours_s"]}
+    result["settings"] = {"model": "vit_b", "image_size": size, "batch": batch,
                           "trainable": "all", "autocast": "bf16", "optimizer": "AdamW",
-                          "prompt": "3 points per image"}
+                          "step": "prompted_forward, default prompts and losses"}
     return result
 
 
+def _setup_encoder(image_size: int, batch: int) -> tuple[Any, torch.Tensor]:
+    from scrollsam import build_model
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build_model("vit_b", image_size=image_size)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, device="cuda", generator=gen)
+    torch.cuda.reset_peak_memory_stats()
+    return model, images
+
+
 def _encoder(image_size: int, batch: int, quick: bool) -> dict[str, Any]:
-    model, images = _setup(image_size, batch)
+    model, images = _setup_encoder(image_size, batch)
     model.eval()
 
     def encode() -> None:
@@ -82,15 +420,15 @@ def _encoder(image_size: int, batch: int, quick: bool) -> dict[str, Any]:
 
 
 @register("gpu_train_vit_b_1024_bf16", goal=None, needs=needs_cuda,
-          about="vit_b full training step at 1024 px, bf16 autocast: images/s")
+          about="vit_b real training step at 1024 px, bf16: official vs fused attention")
 def gpu_train_vit_b_1024_bf16(quick: bool) -> dict[str, Any]:
-    return _train_step(1024, 2, quick)
+    return _train_official_vs_ours(1024, 2, quick)
 
 
 @register("gpu_train_vit_b_256_bf16", goal=None, needs=needs_cuda,
-          about="vit_b full training step at 256 px, bf16 autocast: images/s")
+          about="vit_b real training step at 256 px, bf16: official vs fused attention")
 def gpu_train_vit_b_256_bf16(quick: bool) -> dict[str, Any]:
-    return _train_step(256, 16, quick)
+    return _train_official_vs_ours(256, 32, quick)
 
 
 @register("gpu_encoder_vit_b_1024_bf16", goal=None, needs=needs_cuda,
@@ -103,3 +441,7 @@ def gpu_encoder_vit_b_1024_bf16(quick: bool) -> dict[str, Any]:
           about="vit_b encoder-only inference at 256 px, bf16 autocast: images/s")
 def gpu_encoder_vit_b_256_bf16(quick: bool) -> dict[str, Any]:
     return _encoder(256, 64, quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

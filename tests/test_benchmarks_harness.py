@@ -87,3 +87,33 @@ def test_every_entry_file_registers_and_gpu_entries_skip_without_cuda(monkeypatc
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
     gpu = [b for b in entries.values() if b.name.startswith("gpu_")]
     assert gpu and all(run.run_one(b, quick=True)["skipped"] for b in gpu)
+
+
+def test_gpu_bench_shares_of_peak_count_the_path_and_the_official_work():
+    import bench_gpu
+
+    def case(path, window=None, compile=False):
+        return {"model": "vit_b", "size": 256, "batch": 32, "path": path, "window": window,
+                "compile": compile}
+
+    def timed(c, images_per_s, flops=None):
+        r = {"case": c, "images_per_s": images_per_s, "step_s": 32 / images_per_s}
+        return {**r, "flops_per_image": flops} if flops else r
+
+    results = {
+        "off": timed(case("official"), 100.0, 2e11),
+        "fold": timed(case("fold"), 200.0, 2.5e11),
+        "fold_c": timed(case("fold", compile=True), 400.0),
+        "w16": timed(case("fold", 16), 300.0, 1e11),
+        "oom": {"case": case("bias"), "error": "out of memory"},
+    }
+    bench_gpu.add_mfu(results, peak_flops=1e15)
+    assert results["off"]["mfu"] == pytest.approx(0.02)
+    assert results["fold"]["mfu"] == pytest.approx(0.05)  # its own, wider-head FLOPs
+    assert results["fold"]["mfu_official"] == pytest.approx(0.04)  # the official work
+    assert results["fold_c"]["mfu"] == pytest.approx(0.1)  # counted on its eager twin
+    assert results["w16"]["mfu"] == pytest.approx(0.03)
+    assert results["w16"]["mfu_official"] == pytest.approx(0.06)
+    assert "mfu" not in results["oom"]
+    table = bench_gpu.format_rows(results)
+    assert "out of memory" in table and "vit_b" not in table.splitlines()[0]

@@ -55,7 +55,7 @@ def manual_probs(model, x):
 
 def test_predict_windows_is_the_prompt_free_model_in_batches(model):
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    got = Predictor(model, device="cpu", batch_size=2).predict_windows(x.numpy())
+    got = Predictor(model, device="cpu", amp="fp32", batch_size=2).predict_windows(x.numpy())
     assert got.shape == (5, 64, 64) and got.dtype == np.float32
     np.testing.assert_allclose(got, manual_probs(model, x), atol=1e-5)
     assert torch.is_grad_enabled()  # the predictor left grad mode as it was
@@ -63,8 +63,8 @@ def test_predict_windows_is_the_prompt_free_model_in_batches(model):
 
 def test_tta_is_the_average_of_transformed_predictions(model):
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    plain = Predictor(model, device="cpu")
-    tta = Predictor(model, device="cpu", tta=True).predict_windows(x)
+    plain = Predictor(model, device="cpu", amp="fp32")
+    tta = Predictor(model, device="cpu", amp="fp32", tta=True).predict_windows(x)
     expected = np.mean([
         undo_dihedral(torch.from_numpy(plain.predict_windows(dihedral(x, k, flip))), k, flip)
         .numpy() for k, flip in DIHEDRAL], axis=0)
@@ -76,7 +76,7 @@ def test_tta_is_the_average_of_transformed_predictions(model):
 
 def test_depth_windows_are_averaged_over_k(model):
     x = torch.randn(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(3))  # (B, K, C, T, T)
-    pred = Predictor(model, device="cpu", batch_size=3)
+    pred = Predictor(model, device="cpu", amp="fp32", batch_size=3)
     got = pred.predict_windows(x)
     expected = np.mean([pred.predict_windows(x[:, k]) for k in range(4)], axis=0)
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -84,7 +84,7 @@ def test_depth_windows_are_averaged_over_k(model):
 
 def test_tiles_other_than_the_model_size_are_resized_both_ways(model):
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(4))
-    got = Predictor(model, device="cpu", tile=96).predict_windows(x)
+    got = Predictor(model, device="cpu", amp="fp32", tile=96).predict_windows(x)
     small = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():
         logits, _ = model.decode(model.encode(small))
@@ -98,12 +98,12 @@ def test_predict_array_blends_normalised_images(model):
     img = np.random.default_rng(5).normal(size=(3, 90, 70)).astype(np.float32)
     mask = np.zeros((90, 70), bool)
     mask[10:80, 5:60] = True
-    out = Predictor(model, device="cpu").predict_array(img, mask=mask)
+    out = Predictor(model, device="cpu", amp="fp32").predict_array(img, mask=mask)
     assert out.shape == (90, 70) and (out[~mask] == 0).all() and (out[mask] > 0).all()
 
 
 def test_bad_windows_name_the_argument(model):
-    pred = Predictor(model, device="cpu")
+    pred = Predictor(model, device="cpu", amp="fp32")
     with pytest.raises(InputError, match="images: expected float"):
         pred.predict_windows(np.zeros((1, 3, 64, 64), np.uint16))
     with pytest.raises(InputError, match=r"images: expected \[B, C, T, T\]"):
@@ -230,7 +230,7 @@ def test_clicks_file_forms_and_errors(tmp_path):
 
 def test_prediction_around_clicks_uses_the_prompted_decoder(tmp_path, data):
     run = make_run(tmp_path / "run", "data.input=ir")
-    pred = Predictor.from_run(run, device="cpu")
+    pred = Predictor.from_run(run, device="cpu", precision="fp32")  # compared with fp32 below
     frag = pred.open(Fragment(data / "frag"))
     clicks = [Click(60, 70), Click(58, 80, 0)]
     result, covered = predict_clicks(pred, frag, clicks)

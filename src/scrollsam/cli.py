@@ -142,6 +142,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="average over flips and 90 degree rotations (8x slower)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="bf16 autocast or fp32 (default auto: the run's train.amp, i.e. bf16 "
+                   "on CUDA and on CPUs with bf16 units)")
     p.add_argument("--submission", metavar="FILE.csv",
                    help="also write the Kaggle CSV for all fragments (ids = folder names)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --submission")
@@ -158,7 +161,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     results = predict_to_folder(
         args.run, args.fragment, args.out, checkpoint=args.checkpoint, threshold=threshold,
         tile=args.tile, stride=args.stride, batch_size=args.batch_size, tta=args.tta,
-        device=args.device, submission=args.submission, force=args.force,
+        device=args.device, precision=args.precision, submission=args.submission,
+        force=args.force,
         points=args.points, save_tif=args.save_tif, progress=sys.stderr.isatty(),
     )
     for r in results:

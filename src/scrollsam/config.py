@@ -88,6 +88,8 @@ class ModelConfig:
     depth_out_chans: int = 3  # channels it makes for SAM (3: an official RGB patch filter)
     mask_head: str = field(default="sam", metadata=_choices("sam", "full"))  # S/4 or full res
     head_sam_logits: bool = True  # false: the full head without SAM's logits (for comparison)
+    window_size: int | None = None  # encoder attention window (null: the variant's, 14 official)
+    attention: str = field(default="fused", metadata=_choices("fused", "official"))  # encoder
 
 
 @dataclass
@@ -127,7 +129,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     clip: float = 1.0  # gradient-norm clip (0: off)
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
-    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with bf16 units; fp32 elsewhere
+    compile: bool = False  # torch.compile the encoder (static shapes; falls back if unavailable)
     cache: str = field(default="auto", metadata=_choices("auto", "off", "memory", "disk"))
     seed: int = 0
     eval_every: int = 200  # validate and keep the best checkpoint every N steps
@@ -212,6 +215,9 @@ class Config:
                               "resolution; set loss.resolution=label")
         if not self.model.head_sam_logits and self.model.mask_head != "full":
             raise ConfigError("model.head_sam_logits=false needs model.mask_head=full")
+        if self.model.window_size is not None and self.model.window_size < 1:
+            raise ConfigError(f"model.window_size: expected null (the variant's) or a positive "
+                              f"integer, got {self.model.window_size}")
         if self.model.lora_alpha <= 0:
             raise ConfigError(f"model.lora_alpha: expected a positive number, got "
                               f"{self.model.lora_alpha}")

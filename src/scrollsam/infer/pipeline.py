@@ -58,12 +58,14 @@ def predict_to_folder(
     points: str | os.PathLike[str] | None = None,
     save_tif: bool = False,
     progress: bool = False,
+    precision: str = "auto",
 ) -> list[FragmentResult]:
     """Predict every fragment folder with the run and write its outputs under ``out``
     (``run`` None: ``checkpoint`` is a checkpoint file, used alone).
 
     threshold: None = the one saved with the checkpoint. submission: Kaggle CSV path; an
     existing file is replaced only with ``force``. points: clicks file (see :mod:`.points`).
+    precision: ``auto`` (the run's ``train.amp``), ``bf16`` or ``fp32``.
     """
     if not fragments:
         raise InputError("--fragment: expected at least one fragment folder, got none")
@@ -87,7 +89,8 @@ def predict_to_folder(
         raise InputError(f"--out: expected a folder, got a file ({out})")
     predictor = Predictor.from_run(run, checkpoint=checkpoint, device=device,
                                    threshold=threshold, tile=tile, stride=stride,
-                                   batch_size=batch_size, tta=tta, stats_dir=out)
+                                   batch_size=batch_size, tta=tta, stats_dir=out,
+                                   precision=precision)
     for frag in frags:
         predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
         _warn_if_larger(frag, predictor.tile)
@@ -102,6 +105,7 @@ def predict_to_folder(
             "fragment": frag.id, "run": str(run), "checkpoint": checkpoint,
             "tile": predictor.tile, "stride": predictor.stride, "tta": predictor.tta,
             "mode": "prompt-free" if clicks is None else "points",
+            "compute_dtype": "bf16" if predictor.amp else "fp32",
         }
         if clicks is None:
             pred = predictor.predict_fragment(frag, progress=progress)

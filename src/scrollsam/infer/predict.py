@@ -45,6 +45,7 @@ from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_
 from scrollsam.losses import upsample_logits
 from scrollsam.model.assemble import model_from_config
 from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.precision import use_bf16
 from scrollsam.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class Predictor:
     model: a :class:`SamSegmenter` (moved to ``device``, put in eval mode).
     view: turns fragment windows into normalised inputs; needed by :meth:`predict_fragment`.
     tile: window side T in fragment pixels (default S). batch_size: model inputs per call.
-    amp: bf16 autocast on CUDA.
+    amp: precision, as :func:`scrollsam.precision.use_bf16` takes it: True / ``"auto"`` = bf16
+    autocast on CUDA and on CPUs with bf16 units, ``"bf16"`` forced, False / ``"fp32"`` off.
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class Predictor:
         stride: int | None = None,
         batch_size: int = 8,
         tta: bool = False,
-        amp: bool = True,
+        amp: bool | str = True,
     ) -> None:
         self.device = (device if isinstance(device, torch.device)
                        else resolve_device(device, setting="--device"))
@@ -148,7 +150,7 @@ class Predictor:
             raise InputError(f"threshold: expected a number in [0, 1], got {threshold}")
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp = use_bf16(self.device, amp)
         self.cache_size = 64  # embeddings kept for prompted decoding (see .points)
         self._embeddings: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict())
@@ -190,11 +192,13 @@ class Predictor:
         batch_size: int | None = None,
         tta: bool = False,
         stats_dir: str | os.PathLike[str] | None = None,
+        precision: str = "auto",
     ) -> Predictor:
         """Rebuild model and view from one checkpoint file alone: the config stored inside it
         (the run folder beside it is not needed). ``threshold`` None = the one saved with the
         checkpoint. Statistics are cached in ``stats_dir`` (default: the checkpoint's folder
-        when writable, else memory)."""
+        when writable, else memory). ``precision``: ``auto`` (the run's ``train.amp``),
+        ``bf16`` or ``fp32``."""
         path = Path(path)
         ckpt = load_checkpoint(path)
         cfg = config_from_dict(ckpt["config"])
@@ -212,7 +216,8 @@ class Predictor:
         stride = stride or cfg.data.stride or None
         return cls(model, view, threshold=saved if threshold is None else threshold,
                    device=device, tile=tile, stride=stride,
-                   batch_size=batch_size or cfg.train.batch_size, tta=tta, amp=cfg.train.amp)
+                   batch_size=batch_size or cfg.train.batch_size, tta=tta,
+                   amp=cfg.train.amp if precision == "auto" else precision)
 
     # --- windows ---------------------------------------------------------------------------
 
@@ -386,12 +391,14 @@ def predict_fragment(
     batch_size: int | None = None,
     tta: bool = False,
     progress: bool = False,
+    precision: str = "auto",
 ) -> Prediction:
     """One call for scripts and benchmarks: :meth:`Predictor.from_run` then
     :meth:`Predictor.predict_fragment`. ``Prediction.stats`` holds megapixels_per_s and peak
     memory."""
     pred = Predictor.from_run(run, checkpoint=checkpoint, device=device, tile=tile,
-                              stride=stride, batch_size=batch_size, tta=tta)
+                              stride=stride, batch_size=batch_size, tta=tta,
+                              precision=precision)
     return pred.predict_fragment(fragment, progress=progress)
 
 

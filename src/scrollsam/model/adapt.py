@@ -9,7 +9,10 @@ to the model being loaded into, never the other way round:
   relative position tables of the *global* attention blocks (``rel_pos_h`` / ``rel_pos_w``,
   [2 * 64 - 1, head_dim]) are resized linearly to [2 * S/16 - 1, head_dim] (the same
   interpolation official SAM applies on the fly when sizes differ). Windowed blocks keep their
-  [2 * 14 - 1, head_dim] tables: a window is 14 x 14 tokens at any resolution.
+  [2 * 14 - 1, head_dim] tables at any resolution (a window is 14 x 14 tokens), unless the
+  model's window size differs (``model.window_size`` 16 or 8 at 256 px): then their tables are
+  resized the same way to [2 * window - 1, head_dim]. Resizing happens once, here, at load
+  time; the encoder's forward never interpolates.
 * Channels (``in_chans`` C != 3): the patch embedding ``[D, 3, 16, 16]`` is replaced by the mean
   of its RGB filters replicated C times and scaled by 3 / C, so C identical channels produce
   exactly the activations the original filters give for the same grey image in R, G and B.

@@ -49,7 +49,8 @@ def model_from_config(
     sam_chans = model_cfg.depth_out_chans if model_cfg.depth_encoder else in_chans
     official = None if weights is not None else model_cfg.checkpoint
     model = build_model(model_cfg.type, checkpoint=official, image_size=model_cfg.image_size,
-                        in_chans=sam_chans)
+                        in_chans=sam_chans, window_size=model_cfg.window_size,
+                        attention=model_cfg.attention)
     if model_cfg.lora_rank:
         add_lora(model, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha)
     if model_cfg.depth_encoder:

@@ -10,7 +10,7 @@ for tests and CPU demos with the same 256-channel embedding and the full officia
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from segment_anything.modeling import (
 
 from scrollsam.errors import CheckpointError, InputError
 from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
+from scrollsam.model.attention import fuse_attention
 from scrollsam.model.lora import is_lora_parameter
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.torchfile import load_torch
@@ -66,7 +67,13 @@ VARIANTS: dict[str, EncoderSpec] = {
 }
 
 
-def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int) -> Sam:
+# Encoder attention: "fused" = scrollsam.model.attention.FusedAttention (same parameters and
+# values, one fused kernel); "official" = segment_anything's own.
+ATTENTION = ("fused", "official")
+
+
+def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int,
+               attention: str = "fused") -> Sam:
     grid = image_size // PATCH
     encoder = ImageEncoderViT(
         depth=spec.depth,
@@ -83,6 +90,8 @@ def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int) -> Sam:
         out_chans=PROMPT_DIM,
         in_chans=in_chans,
     )
+    if attention == "fused":
+        fuse_attention(encoder)
     prompt_encoder = PromptEncoder(
         embed_dim=PROMPT_DIM,
         image_embedding_size=(grid, grid),
@@ -108,13 +117,18 @@ def build_model(
     checkpoint: str | Path | None = None,
     image_size: int = 1024,
     in_chans: int = 3,
+    window_size: int | None = None,
+    attention: str = "fused",
 ) -> SamSegmenter:
     """Build a :class:`SamSegmenter` of variant ``type``: ``vit_b``, ``vit_l``, ``vit_h``, ``tiny``.
 
     ``image_size`` is the side S of the square model input (a multiple of 16); ``in_chans`` the
     number of input channels C. ``checkpoint`` is an official SAM file or a scrollsam training
     checkpoint; its weights are adapted to S and C (see :mod:`scrollsam.model.adapt`). Without a
-    checkpoint the weights are random (official initialisation).
+    checkpoint the weights are random (official initialisation). ``window_size``: tokens per
+    side of the encoder's attention windows (None: the variant's, 14 for the official ones; 16
+    or 8 tile the 16 x 16 grid of a 256 px input without padding). ``attention``: ``"fused"``
+    (fused, :mod:`scrollsam.model.attention`) or ``"official"``.
     """
     if type not in VARIANTS:
         raise InputError(f"model type: expected one of {sorted(VARIANTS)}, got {type!r}")
@@ -124,11 +138,17 @@ def build_model(
         )
     if not isinstance(in_chans, int) or in_chans < 1:
         raise InputError(f"in_chans: expected a positive int, got {in_chans!r}")
+    if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
+        raise InputError(f"window_size: expected a positive int or None, got {window_size!r}")
+    if attention not in ATTENTION:
+        raise InputError(f"attention: expected one of {ATTENTION}, got {attention!r}")
+    spec = VARIANTS[type] if window_size is None else replace(VARIANTS[type],
+                                                              window_size=window_size)
     state = None
     if checkpoint is not None:  # read and check the variant before paying for the build
         state = load_sam_state_dict(checkpoint)
         check_variant(state, model_type=type, source=str(checkpoint))
-    sam = _build_sam(VARIANTS[type], image_size=image_size, in_chans=in_chans)
+    sam = _build_sam(spec, image_size=image_size, in_chans=in_chans, attention=attention)
     if state is not None:
         load_into(sam, state, model_type=type, source=str(checkpoint))
         log.info("loaded %s weights from %s", type, checkpoint)

@@ -98,4 +98,6 @@ class EmbeddingCache:
             for i, emb in zip(todo, fresh, strict=True):
                 self._put(keys[i], emb)  # a miss waits for the device: stored on the host
                 found[i] = emb.detach().to("cpu", torch.float16)
-        return torch.stack(found).to(device, torch.float32, non_blocking=True)  # (B, 256, g, g)
+        with torch.autocast("cpu", enabled=False):  # CPU bf16 autocast refuses fp16 in stack
+            stacked = torch.stack(found)  # (B, 256, g, g) float16, on the CPU
+        return stacked.to(device, torch.float32, non_blocking=True)  # (B, 256, g, g)

@@ -2,7 +2,7 @@
 
 Per step: learning rate from the schedule (a pure function of the step), ``accumulate`` micro
 batches of B tiles (embeddings from the cache when the encoder is frozen), the prompted forward
-pass of :mod:`.step` under autocast (bf16 on CUDA, fp32 on CPU), a NaN/inf guard, gradient
+pass of :mod:`.step` under autocast (:mod:`scrollsam.precision`), a NaN/inf guard, gradient
 clipping, the optimizer step; then logging, validation (prompt-free F0.5 and its best threshold,
 keeping ``best.pt``), and ``last.pt``. Data order is a pure function of (seed, step), so a resumed
 run continues exactly where the killed one stopped. The run dir is locked and prepared by
@@ -34,8 +34,10 @@ from scrollsam.errors import ConfigError, ScrollsamError
 from scrollsam.losses import scalar_parts
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
+from scrollsam.model.compile import compile_encoder
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import count_parameters, format_counts
+from scrollsam.precision import autocast_for, precision_name
 from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.checkpoint import (
     TrainState,
@@ -112,6 +114,9 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None) -> Setup:
     model = model_from_config(cfg.model, in_chans=view.channels, weights=weights,
                               source=str(run / "last.pt")).to(device)
     log.info("trainable parameters:\n%s", format_counts(count_parameters(model)))
+    log.info("precision %s on %s", precision_name(device, cfg.train.amp), device)
+    if cfg.train.compile:
+        compile_encoder(model, device=device)
     cache = None
     if uses_embedding_cache(cfg):
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
@@ -132,9 +137,7 @@ def _batches(s: Setup, start_step: int) -> Iterator[dict]:
 
 
 def _autocast(s: Setup) -> contextlib.AbstractContextManager:
-    if s.device.type == "cuda" and s.cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast_for(s.device, s.cfg.train.amp)
 
 
 def _encode(s: Setup, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,125 @@
+"""CPU entries for bf16 autocast (``scrollsam.precision``) against fp32, side by side.
+
+Skipped on CPUs without bf16 units. Random seeded weights: speed does not depend on them.
+
+- ``encoder_256_bf16_vs_fp32``: vit_b encoder inference at 256 px (batch 4, window 14), with
+  the relative difference of the embeddings.
+- ``encoder_256_ours_vs_today``: today's path (official attention, window 14, fp32) against
+  scrollsam's (fused attention, window 16, bf16). Goal 2.5x (issue 13).
+- ``train_step_tiny_bf16_vs_fp32``: the demo's whole training step (tiny, 128 px, batch 8,
+  everything trainable, the demo's prompts, default losses, AdamW).
+- ``train_step_cached_vit_b_bf16_vs_fp32``: the default config's step with cached embeddings
+  (vit_b at 256 px, batch 4, prompt encoder and mask decoder trainable, default prompts and
+  losses, AdamW): the decoder's work alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from bench_attention import SIZE, _encoder, _images, _infer_fn, _needs_bf16
+from common import compare, register
+
+from scrollsam import build_model
+
+
+def _step(model: torch.nn.Module, params: list, embed, label: torch.Tensor, prompts,
+          bf16: bool):
+    """One training step (prompted forward, loss, backward, AdamW) as a callable."""
+    from scrollsam.config import LossConfig
+    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.step import prompted_forward
+
+    opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
+    valid = torch.ones_like(label)
+
+    def run() -> None:
+        g = torch.Generator().manual_seed(1)  # the same prompts every call
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = prompted_forward(model, embed(), label, valid, prompt_cfg=prompts,
+                                   loss_cfg=LossConfig(), gen=g)
+        out.parts["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+@register("encoder_256_bf16_vs_fp32", goal=None, needs=_needs_bf16,
+          about="vit_b encoder inference at 256 px, window 14: fp32 vs bf16 autocast")
+def encoder_256_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
+    enc = _encoder()
+    x = _images(4)
+    result = compare(_infer_fn(enc, x, False), _infer_fn(enc, x, True),
+                     repeats=1 if quick else 5)
+    with torch.inference_mode():
+        ref = enc(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = enc(x).float()
+    result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 4, "attention": "fused",
+                          "window": 14, "baseline": "fp32", "ours": "bf16 autocast"}
+    result["metrics"] = {"s_per_image_fp32": result["baseline_s"] / 4,
+                         "s_per_image_bf16": result["ours_s"] / 4,
+                         "relative_difference": float((low - ref).norm() / ref.norm())}
+    return result
+
+
+@register("encoder_256_ours_vs_today", goal=2.5, needs=_needs_bf16,
+          about="vit_b encoder inference at 256 px: official/w14/fp32 vs fused/w16/bf16")
+def encoder_256_ours_vs_today(quick: bool) -> dict[str, Any]:
+    today, ours = _encoder(attention="official"), _encoder(window=16)
+    x = _images(4)
+    result = compare(_infer_fn(today, x, False), _infer_fn(ours, x, True),
+                     repeats=1 if quick else 5)
+    result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 4,
+                          "baseline": "official attention, window 14, fp32",
+                          "ours": "fused attention, window 16, bf16 autocast"}
+    result["metrics"] = {"s_per_image_today": result["baseline_s"] / 4,
+                         "s_per_image_ours": result["ours_s"] / 4}
+    return result
+
+
+@register("train_step_tiny_bf16_vs_fp32", goal=None, needs=_needs_bf16,
+          about="demo training step (tiny, 128 px, batch 8, all trainable): fp32 vs bf16")
+def train_step_tiny_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
+    from scrollsam.config import PromptConfig
+
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=128).train()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 128, 128, generator=gen)  # (B, C, S, S)
+    label = (torch.rand(8, 1, 128, 128, generator=gen) > 0.7).float()  # (B, 1, S, S)
+    prompts = PromptConfig(prompt_free_share=0.5, corrective_rounds=1)  # the demo's
+
+    def steps(bf16: bool):
+        return _step(model, params, lambda: model.encode(images), label, prompts, bf16)
+
+    result = compare(steps(False), steps(True), repeats=2 if quick else 7)
+    result["settings"] = {"model": "tiny", "px": 128, "batch": 8, "trainable": "all",
+                          "baseline": "fp32", "ours": "bf16 autocast"}
+    return result
+
+
+@register("train_step_cached_vit_b_bf16_vs_fp32", goal=None, needs=_needs_bf16,
+          about="vit_b 256 px step on cached embeddings (decoder trains), batch 4: fp32 vs bf16")
+def train_step_cached_vit_b_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
+    from scrollsam.config import PromptConfig
+    from scrollsam.model.trainable import set_trainable
+
+    torch.manual_seed(0)
+    model = build_model("vit_b", image_size=SIZE).train()
+    set_trainable(model, ["prompt_encoder", "mask_decoder"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(4, 256, SIZE // 16, SIZE // 16, generator=gen)  # (B, 256, g, g) cached
+    label = (torch.rand(4, 1, SIZE, SIZE, generator=gen) > 0.7).float()  # (B, 1, S, S)
+
+    def steps(bf16: bool):
+        return _step(model, params, lambda: emb, label, PromptConfig(), bf16)
+
+    result = compare(steps(False), steps(True), repeats=2 if quick else 7)
+    result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 4,
+                          "trainable": "prompt_encoder, mask_decoder", "embeddings": "cached",
+                          "prompts": "defaults", "baseline": "fp32", "ours": "bf16 autocast"}
+    return result

@@ -1,0 +1,71 @@
+"""``train.compile``: torch.compile of the image encoder, with static shapes, or a warning.
+
+The encoder is most of a training step's work and sees one shape per run (B tiles of S x S,
+``drop_last`` batches), so it is compiled in place (``nn.Module.compile``: parameter names and
+checkpoints stay the official ones) with ``dynamic=False``. After warm-up nothing recompiles:
+one graph for training (grad mode), one for validation (no_grad), one more for a last, smaller
+validation batch. ``tests/test_compile.py`` checks it with dynamo's counters.
+
+The prompted decoder is not compiled: the number of prompt sets in each prompt group (point,
+box, prompt-free) is drawn anew every step, so its shapes change from step to step.
+
+Where compile cannot run (a Python torch's dynamo does not support, no C++ compiler for the CPU
+backend, no Triton for CUDA) one warning line says why and the model runs eagerly; a backend
+that fails while compiling falls back to eager too (dynamo's ``suppress_errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BACKEND = "inductor"  # tests swap in "aot_eager": the same graphs and guards, no C++ build
+
+
+def compile_unavailable(device: torch.device | str, backend: str | None = None) -> str | None:
+    """Why ``torch.compile`` with ``backend`` cannot run on ``device`` here, or None if it can."""
+    backend = backend or BACKEND
+    try:
+        import torch._dynamo as dynamo
+    except Exception as err:  # an odd torch build
+        return f"torch._dynamo cannot be imported ({type(err).__name__}: {err})"
+    if not dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python version"
+    if backend != "inductor":
+        return None
+    kind = torch.device(device).type
+    if kind == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            return "no C++ compiler (g++ / clang++) for the CPU backend"
+    elif kind == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is not installed for the CUDA backend"
+    return None
+
+
+def compile_encoder(model: nn.Module, *, device: torch.device | str,
+                    backend: str | None = None) -> bool:
+    """Compile ``model.sam.image_encoder`` in place (static shapes); True if it was compiled.
+
+    Where compile is unavailable, logs one warning line and leaves the encoder eager.
+    """
+    reason = compile_unavailable(device, backend)
+    if reason is not None:
+        log.warning("train.compile: %s; running without compile", reason)
+        return False
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a failing backend falls back to eager
+    model.sam.image_encoder.compile(dynamic=False, backend=backend or BACKEND)
+    log.info("image encoder compiled (%s, static shapes): the first step pays the compile",
+             backend or BACKEND)
+    return True

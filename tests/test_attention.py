@@ -1,0 +1,161 @@
+"""Fused encoder attention against segment_anything's own: same values, same gradients, same
+parameter names; windowed and global blocks, grids that need padding; window_size option."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention
+
+from scrollsam import build_model
+from scrollsam.errors import InputError
+from scrollsam.model.adapt import resize_rel_pos
+from scrollsam.model.attention import FusedAttention, fuse_attention, relative_index
+from scrollsam.model.build import VARIANTS, EncoderSpec, _build_sam
+
+# vit_b's attention shape (768 wide, 12 heads of 64, 14 x 14 windows) in two blocks, one global
+VIT_B_SHAPED = EncoderSpec(768, 2, 12, (1,), window_size=14)
+
+
+def _official_encoder(spec: EncoderSpec, size: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    enc = _build_sam(spec, image_size=size, in_chans=3, attention="official").image_encoder
+    with torch.no_grad():  # non-zero position terms (official init is zero) so they count
+        enc.pos_embed.normal_(std=0.5)
+        for name, p in enc.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(std=0.5)
+    return enc
+
+
+def _fused(enc: torch.nn.Module, mode: str) -> torch.nn.Module:
+    out = copy.deepcopy(enc)
+    assert fuse_attention(out, mode=mode) == len(out.blocks)
+    return out
+
+
+CASES = [  # (spec, image size): grids 8 (window 8 exact), 5 and 15 (padded), 6 (padded to 14)
+    pytest.param(VARIANTS["tiny"], 128, id="tiny-128"),
+    pytest.param(VARIANTS["tiny"], 80, id="tiny-80-padded"),
+    pytest.param(VARIANTS["tiny"], 240, id="tiny-240-padded"),
+    pytest.param(VIT_B_SHAPED, 96, id="vit_b-shaped-96-padded"),
+]
+
+
+@pytest.mark.parametrize("mode", ["bias", "fold", "explicit", "auto"])
+@pytest.mark.parametrize(("spec", "size"), CASES)
+def test_same_outputs_and_parameter_gradients_as_official(spec, size, mode):
+    official = _official_encoder(spec, size)
+    fused = _fused(official, mode)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, size, size, generator=gen)  # (B, C, S, S)
+    ref, got = official(x), fused(x)  # (B, 256, S/16, S/16)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    weight = torch.randn(ref.shape, generator=gen)  # a loss that weighs every output
+    (ref * weight).sum().backward()
+    (got * weight).sum().backward()
+    grads = dict(fused.named_parameters())
+    for name, p in official.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_global_and_windowed_blocks_are_both_swapped():
+    enc = build_model("tiny", image_size=128).sam.image_encoder
+    grids = [b.attn.grid for b in enc.blocks]
+    assert all(isinstance(b.attn, FusedAttention) for b in enc.blocks)
+    assert grids == [(8, 8)] * 4  # tiny: window 8; 128 px -> an 8 x 8 global grid as well
+    enc = build_model("tiny", image_size=256).sam.image_encoder
+    assert [b.attn.grid for b in enc.blocks] == [(8, 8), (16, 16), (8, 8), (16, 16)]
+
+
+def test_auto_mode_takes_sdpa_for_inference_and_explicit_for_training_on_cpu():
+    attn = build_model("tiny", image_size=128).sam.image_encoder.blocks[0].attn
+    assert attn.mode == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attn.resolved_mode(cpu, grad=False) == "bias"
+    assert attn.resolved_mode(cpu, grad=True) == "explicit"
+    assert attn.resolved_mode(cuda, grad=True) == "fold"
+    assert attn.resolved_mode(cuda, grad=False) == "fold"
+    seen = []
+    original = FusedAttention.resolved_mode
+    attn.resolved_mode = lambda dev, grad: seen.append(grad) or original(attn, dev, grad=grad)
+    x = torch.randn(1, 8, 8, 96)
+    with torch.no_grad():
+        attn(x)
+    attn(x)
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("mode", ["bias", "fold", "explicit"])
+def test_bf16_autocast_close_to_official(mode):
+    official = _official_encoder(VARIANTS["tiny"], 128)
+    fused = _fused(official, mode)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = official(x).float(), fused(x).float()
+    assert got.dtype == torch.float32
+    err = (got - ref).norm() / ref.norm()
+    assert err < 0.02, f"bf16 relative difference {err:.4f}"
+
+
+def test_state_dict_is_official_and_official_weights_load_unchanged():
+    official = _official_encoder(VARIANTS["tiny"], 128)
+    model = build_model("tiny", image_size=128)
+    enc = model.sam.image_encoder
+    assert list(enc.state_dict()) == list(official.state_dict())  # no index buffers saved
+    enc.load_state_dict(official.state_dict())  # strict
+    x = torch.randn(1, 3, 128, 128)
+    torch.testing.assert_close(enc(x), official(x), rtol=1e-4, atol=1e-4)
+
+
+def test_other_grid_falls_back_to_the_official_lookup():
+    torch.manual_seed(0)
+    attn = Attention(96, num_heads=3, use_rel_pos=True, input_size=(8, 8))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    fused = FusedAttention(copy.deepcopy(attn), grid=(8, 8), mode="bias")
+    x = torch.randn(2, 6, 10, 96)  # a 6 x 10 grid: the tables are interpolated, as officially
+    torch.testing.assert_close(fused(x), attn(x), rtol=1e-4, atol=1e-4)
+
+
+def test_relative_index_is_the_official_one():
+    assert relative_index(3, 3).tolist() == [[2, 1, 0], [3, 2, 1], [4, 3, 2]]
+
+
+def test_official_attention_option_keeps_segment_anything_modules():
+    enc = build_model("tiny", image_size=128, attention="official").sam.image_encoder
+    assert all(type(b.attn) is Attention for b in enc.blocks)
+    with pytest.raises(InputError, match="attention"):
+        build_model("tiny", image_size=128, attention="flash")
+
+
+# --- window size -------------------------------------------------------------------------------
+
+
+def test_window_size_option_builds_unpadded_windows():
+    model = build_model("tiny", image_size=256, window_size=16)
+    blocks = model.sam.image_encoder.blocks
+    assert [b.window_size for b in blocks] == [16, 0, 16, 0]  # 16 x 16 grid: one window
+    assert blocks[0].attn.rel_pos_h.shape == (2 * 16 - 1, 32)
+    with pytest.raises(InputError, match="window_size"):
+        build_model("tiny", image_size=256, window_size=0)
+
+
+def test_window_tables_are_interpolated_from_pretrained_ones(tmp_path):
+    torch.manual_seed(0)
+    sam = build_model("tiny", image_size=1024).sam  # window 8, as saved
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name:
+                p.normal_()
+    path = tmp_path / "tiny_1024.pth"
+    torch.save(sam.state_dict(), path)
+    model = build_model("tiny", checkpoint=path, image_size=256, window_size=16)
+    key = "image_encoder.blocks.0.attn.rel_pos_h"  # a windowed block: 15 -> 31 rows
+    torch.testing.assert_close(model.sam.state_dict()[key],
+                               resize_rel_pos(sam.state_dict()[key], 31))
+    x = torch.randn(1, 3, 256, 256)
+    assert torch.isfinite(model.encode(x)).all()

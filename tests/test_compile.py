@@ -1,0 +1,84 @@
+"""train.compile: the encoder compiles once per mode with static shapes and never again after
+warm-up; where compile cannot run, one warning and an eager model."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from scrollsam import build_model
+from scrollsam.config import LossConfig, PromptConfig, load_config
+from scrollsam.model import compile as compile_mod
+from scrollsam.precision import autocast_for
+from scrollsam.train.loop import make_optimizer, train
+from scrollsam.train.step import prompted_forward
+
+dynamo = pytest.importorskip("torch._dynamo")
+if compile_mod.compile_unavailable("cpu", "aot_eager") is not None:
+    pytest.skip(f"torch.compile cannot run here: "
+                f"{compile_mod.compile_unavailable('cpu', 'aot_eager')}", allow_module_level=True)
+
+
+@pytest.fixture
+def fast_backend(monkeypatch):
+    """aot_eager: dynamo's graphs and guards (what recompiles) without a C++ build."""
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_no_recompiles_after_warm_up(fast_backend):
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=64).train()
+    assert compile_mod.compile_encoder(model, device="cpu")
+    opt = make_optimizer(list(model.parameters()), lr=1e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    counts = []
+    for step in range(4):  # new images, new prompt draws (group sizes change) every step
+        images = torch.randn(2, 3, 64, 64, generator=gen)
+        label = (torch.rand(2, 1, 64, 64, generator=gen) > 0.6).float()
+        with autocast_for("cpu", True):
+            out = prompted_forward(model, model.encode(images), label, torch.ones_like(label),
+                                   prompt_cfg=PromptConfig(corrective_rounds=1),
+                                   loss_cfg=LossConfig(), gen=gen)
+        out.parts["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 2:  # validation in between: no_grad is one more graph, once
+            with torch.no_grad(), autocast_for("cpu", True):
+                model.decode(model.encode(images))
+        counts.append(_graphs())
+    assert counts[0] >= 1
+    assert counts[1:] == [counts[1]] * 3, f"graphs after each step: {counts}"
+
+
+def test_a_run_with_compile_trains(fast_backend, data, tmp_path):
+    cfg = load_config(None, [
+        f"out={tmp_path / 'run'}", f"data.root={data}", "data.train=[train/1]",
+        "data.valid=[train/2]", "model.type=tiny", "model.image_size=64",
+        "model.trainable=[image_encoder,prompt_encoder,mask_decoder]", "train.batch_size=2",
+        "train.steps=3", "train.eval_every=3", "train.device=cpu", "train.compile=true",
+        "prompts.corrective_rounds=1"])
+    run = train(cfg, progress=False)
+    assert (run / "best.pt").is_file()
+    assert _graphs() >= 1  # the encoder did go through dynamo
+
+
+def test_unavailable_compile_warns_once_and_stays_eager(monkeypatch, caplog):
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    model = build_model("tiny", image_size=64)
+    with caplog.at_level(logging.WARNING, logger="scrollsam.model.compile"):
+        assert compile_mod.compile_encoder(model, device="cpu", backend="inductor") is False
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no C++ compiler" in lines[0]
+    assert model.sam.image_encoder._compiled_call_impl is None
