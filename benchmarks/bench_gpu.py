@@ -172,10 +172,10 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
     result: dict[str, Any] = {"case": asdict(case)}
     try:
         if case.compile:
-            import torch._dynamo
-            from torch._dynamo.utils import counters
+            from torch import _dynamo as dynamo  # a plain `import torch._dynamo` here would make
+            from torch._dynamo.utils import counters  # `torch` local to this whole function
 
-            torch._dynamo.reset()
+            dynamo.reset()
             counters.clear()
         t0 = time.perf_counter()
         step, model = make_step(case, device, compile_backend=compile_backend)
