@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-learn lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/run.py
+
+# What the model learns against a plain CNN, on the demo's data and budget (~30 min, CPU).
+bench-learn: $(VENV)/.installed-dev
+	$(PY) benchmarks/learn.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache .ruff_cache

@@ -25,17 +25,33 @@ def test_default_yaml_lists_the_real_defaults():
     assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == config_to_dict(Config())
 
 
-def test_demo_yaml_is_what_the_demo_trains(tmp_path):
-    shipped = config_to_dict(load_config(CONFIGS / "demo.yaml"))
-    used = config_to_dict(demo_config(tmp_path, "ir"))
+@pytest.mark.parametrize("name, input", [("demo.yaml", "ir"), ("demo_xray.yaml", "slices")])
+def test_demo_yaml_is_what_the_demo_trains(tmp_path, name, input):
+    shipped = config_to_dict(load_config(CONFIGS / name))
+    used = config_to_dict(demo_config(tmp_path, input))
     for cfg in (shipped, used):
         cfg.pop("out")
         cfg["data"].pop("root")
     assert shipped == used
 
 
+def test_every_learning_benchmark_entry_is_a_valid_config(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parent / "benchmarks"))
+    import learn
+
+    for name, (_, input, overrides) in learn.SAM_ENTRIES.items():
+        cfg = learn._config(tmp_path / name, tmp_path, input, overrides, quick=False)
+        assert cfg.train.steps == 300 and cfg.model.type == "tiny", name
+    for name, (_, overrides) in learn.CNN_ENTRIES.items():
+        learn._config(tmp_path / name, tmp_path, "ir", overrides, quick=False)
+    depth = learn._config(tmp_path / "d", tmp_path, "slices", [], quick=False)
+    assert depth.model.depth_encoder and depth.model.mask_head == "full"  # the x-ray demo
+
+
 def test_slice_presets_use_the_xray_volume():
-    for name in ("xray_triplet.yaml", "xray_range.yaml"):
+    for name in ("xray_triplet.yaml", "xray_range.yaml", "xray_depth.yaml"):
         cfg = load_config(CONFIGS / name)
         assert cfg.data.input == "slices" and "image_encoder" in cfg.model.trainable
     assert load_config(CONFIGS / "xray_range.yaml").data.strategy == "range"
