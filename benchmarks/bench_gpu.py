@@ -69,12 +69,14 @@ class Case:
     path: str = "fold"  # official | fold | bias (FusedAttention modes)
     window: int | None = None  # None: the variant's (14)
     compile: bool = False
+    prompts: str = "sam"  # sam: the default SAM-paper prompting; free: prompt-free sets only
 
     @property
     def name(self) -> str:
         w = f"+w{self.window}" if self.window else ""
         c = "+compile" if self.compile else ""
-        return f"{self.model}_{self.size}_{self.path}{w}{c}"
+        p = "+free" if self.prompts == "free" else ""
+        return f"{self.model}_{self.size}_b{self.batch}_{self.path}{w}{c}{p}"
 
 
 # In order of importance: the budget cuts from the end.
@@ -94,6 +96,12 @@ GPU_CASES = [
     Case("vit_b", 256, 32, "bias"),
     Case("vit_b", 256, 32, "fold", window=16, compile=True),
     Case("vit_b", 1024, 4, "fold", compile=True),
+    # prompt-free only: no host-side prompt sampling, what the encoder and decoder alone cost
+    Case("vit_b", 256, 32, "official", prompts="free"),
+    Case("vit_b", 256, 32, "fold", prompts="free"),
+    Case("vit_b", 256, 32, "fold", window=16, prompts="free"),
+    Case("vit_b", 1024, 4, "official", prompts="free"),
+    Case("vit_b", 1024, 4, "fold", prompts="free"),
 ]
 SMOKE_CASES = [
     Case("tiny", 128, 2, "official"),
@@ -136,6 +144,8 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     label = blob_labels(case.batch, case.size, device=device, gen=gen)  # (B, 1, S, S)
     valid = torch.ones_like(label)
     prompts, losses = PromptConfig(), LossConfig()
+    if case.prompts == "free":
+        prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
     prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
 
     def step() -> float:
