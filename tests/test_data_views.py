@@ -255,3 +255,30 @@ def test_bad_view_parameters_in_a_config_name_the_key(overrides, match):
 
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_align_sheet_follows_the_papyrus_wherever_the_scan_put_it(tmp_path):
+    """A sheet 8 slices deeper moves the aligned band by about 8 slices; ``none`` stays put."""
+    from scrollsam.data.stats import sheet_centre
+    from scrollsam.data.synthetic import write_fragment
+    from scrollsam.data.views import make_view
+
+    frags = {s: Fragment(write_fragment(tmp_path / f"s{s}", height=96, width=96, depth=65,
+                                        seed=3, settings={"surface": s, "drift": 0.0}))
+             for s in (0.0, 8.0)}
+    view = make_view("slices", "range", z0=20, z1=46, align="sheet")
+    plain = make_view("slices", "range", z0=20, z1=46)
+    bands = {s: view.band(f) for s, f in frags.items()}
+    assert bands[8.0][0] - bands[0.0][0] in (7, 8, 9) and bands[0.0][1] - bands[0.0][0] == 26
+    assert abs(bands[0.0][0] - 20) <= 1  # the default generator's sheet is already centred
+    assert plain.band(frags[8.0]) == (20, 46)
+    deep = frags[8.0]
+    x = view.eval_window(deep, 0, 0, 32)
+    z0, z1 = bands[8.0]
+    np.testing.assert_array_equal(x, plain._normalised(deep, z0, z1, 0, 0, 32))
+    assert sheet_centre([1.0, 1.0, 1.0]) == 1.0  # flat: the middle
+    with pytest.raises(InputError, match="align"):
+        make_view("slices", "range", align="top")
+    far = make_view("slices", "range", z0=0, z1=26, align="sheet")  # stays inside the volume
+    z0, z1 = far.band(deep)
+    assert 0 <= z0 and z1 <= 65

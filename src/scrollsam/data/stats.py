@@ -262,3 +262,15 @@ def _random_pixels(
         return found
     picks = rng.choice(idx, size=count - len(found))
     return found + [(int(i // w), int(i % w)) for i in picks]
+
+
+def sheet_centre(slice_mean: tuple[float, ...] | list[float]) -> float:
+    """Depth (slice index, fractional) of the papyrus sheet: the centroid of the slices' mean
+    density above the emptiest slice. Density is what the sheet adds to empty space, so the
+    centroid follows the sheet wherever the scan put it; ``(depth - 1) / 2`` when the profile
+    is flat."""
+    m = np.asarray(slice_mean, np.float64)  # [depth]
+    w = m - m.min()
+    if w.sum() <= 0:
+        return (len(m) - 1) / 2
+    return float((w * np.arange(len(m))).sum() / w.sum())

@@ -27,7 +27,10 @@ Slice parameters (``make_view`` keywords; in a run config the mapping ``data.vie
 Kaggle), ``z0`` / ``z1`` (the band, half-open; default the ink band, slices 25..40 of 65, scaled
 for other depths; also ``data.z_start`` / ``data.z_end``), ``centre`` / ``std`` (triplet draw),
 ``depth_shift`` (range / project / mosaic: training moves the band by up to +-depth_shift
-slices), ``reductions`` (project), ``grid`` (mosaic). Each view checks its own parameters.
+slices), ``align`` (range / project / mosaic: ``sheet`` moves the band, per fragment, so that its
+middle sits on the papyrus sheet's density centroid, :func:`.stats.sheet_centre`; ``none``
+keeps z0 / z1), ``reductions`` (project), ``grid`` (mosaic). Each view checks its own
+parameters.
 
 Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
 per slice, ``(v - mean[z]) / std[z]``; ir with its own mean / std; projections are standardised
@@ -41,14 +44,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from scrollsam.config import DataConfig
 from scrollsam.data.fragment import Fragment
-from scrollsam.data.stats import StatsCache, sample_windows
+from scrollsam.data.stats import StatsCache, sheet_centre
 from scrollsam.errors import ConfigError, FragmentError, InputError
 
 log = logging.getLogger(__name__)
@@ -169,12 +171,14 @@ class SlicesView(View):
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
         return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
 
-    def _shifted_band(self, fragment: Fragment, rng: np.random.Generator,
-                      shift: int) -> tuple[int, int]:
-        """The band moved by a uniform draw in [-shift, shift], kept inside the volume."""
-        lo, hi = max(-shift, -self.z0), min(shift, fragment.depth - self.z1)
+    def _shifted_band(self, fragment: Fragment, rng: np.random.Generator, shift: int, *,
+                      band: tuple[int, int] | None = None) -> tuple[int, int]:
+        """``band`` (default z0, z1) moved by a uniform draw in [-shift, shift], kept inside
+        the volume."""
+        z0, z1 = band or (self.z0, self.z1)
+        lo, hi = max(-shift, -z0), min(shift, fragment.depth - z1)
         d = int(rng.integers(lo, hi + 1)) if hi >= lo else 0
-        return self.z0 + d, self.z1 + d
+        return z0 + d, z1 + d
 
 
 class TripletView(SlicesView):
@@ -230,20 +234,34 @@ class EveryView(SlicesView):
 class _BandView(SlicesView):
     """A view of the whole band that training may shift in depth by up to ``depth_shift``."""
 
-    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2}
+    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2, "align": "none"}
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
         super().__init__(stats, **params)
         self.depth_shift = _int("depth_shift", self._p["depth_shift"], 0)
+        self.align = self._p["align"]
+        if self.align not in ("none", "sheet"):
+            raise InputError(f"align: expected none or sheet, got {self.align!r}")
+
+    def band(self, fragment: Fragment) -> tuple[int, int]:
+        """The fragment's band (z0, z1): as set, or centred on its sheet with ``align=sheet``
+        (kept inside the volume)."""
+        if self.align == "none":
+            return self.z0, self.z1
+        centre = sheet_centre(self.stats.get(fragment).slice_mean)
+        move = round(centre - (self.z0 + self.z1 - 1) / 2)
+        move = int(np.clip(move, -self.z0, fragment.depth - self.z1))
+        return self.z0 + move, self.z1 + move
 
     def train_window(self, fragment: Fragment, y0: int, x0: int, size: int, *,
                      rng: np.random.Generator) -> np.ndarray:
         self.check(fragment)
-        z0, z1 = self._shifted_band(fragment, rng, self.depth_shift)
+        z0, z1 = self._shifted_band(fragment, rng, self.depth_shift, band=self.band(fragment))
         return self._compose(fragment, z0, z1, y0, x0, size)
 
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
-        return self._compose(fragment, self.z0, self.z1, y0, x0, size)
+        self.check(fragment)
+        return self._compose(fragment, *self.band(fragment), y0, x0, size)
 
     def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
                  size: int) -> np.ndarray:
@@ -264,87 +282,11 @@ class RangeView(_BandView):
         return self._normalised(fragment, z0, z1, y0, x0, size)  # [C, S, S]
 
 
-class ProjectView(_BandView):
-    """Reductions over the band (mean / max / min / std of the standardised slices), one channel
-    each, standardised again per channel with statistics sampled once per fragment."""
+def _views() -> dict[str, type[View]]:
+    from scrollsam.data.band_views import MosaicView, ProjectView  # they build on _BandView
 
-    name = "slices/project"
-    PARAMS = {**_BandView.PARAMS, "reductions": ("mean", "max", "std")}
-
-    def __init__(self, stats: StatsCache, **params: Any) -> None:
-        super().__init__(stats, **params)
-        red = self._p["reductions"]
-        if isinstance(red, str):
-            red = tuple(r.strip() for r in red.split(",") if r.strip())
-        if not isinstance(red, Sequence) or not red or any(r not in REDUCTIONS for r in red):
-            raise InputError(f"reductions: expected a non-empty list of "
-                             f"{', '.join(REDUCTIONS)}, got {red!r}")
-        self.reductions = tuple(red)
-        self.channels = len(self.reductions)
-        self._calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _raw(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-             size: int) -> tuple[np.ndarray, np.ndarray]:
-        vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
-        fns = {"mean": np.mean, "max": np.max, "min": np.min, "std": np.std}
-        out = np.stack([fns[r](vol, axis=0) for r in self.reductions])  # [C, S, S]
-        return out.astype(np.float32), fragment.mask_window(y0, y0 + size, x0, x0 + size)
-
-    def _calibrate(self, fragment: Fragment) -> tuple[np.ndarray, np.ndarray]:
-        key = str(fragment.path.resolve())
-        if key not in self._calibration:
-            rng = np.random.default_rng(self.stats.seed)
-            samples = []
-            for y0, x0 in sample_windows(fragment, fragment.mask(), rng=rng, count=8, size=64):
-                raw, inside = self._raw(fragment, self.z0, self.z1, y0, x0, 64)
-                samples.append(raw[:, inside])  # [C, n]
-            allv = np.concatenate(samples, axis=1)  # [C, N]
-            mean = allv.mean(axis=1).astype(np.float32)[:, None, None]  # [C, 1, 1]
-            std = np.maximum(allv.std(axis=1), 1e-3).astype(np.float32)[:, None, None]
-            self._calibration[key] = (mean, std)
-        return self._calibration[key]
-
-    def prepare(self, fragment: Fragment) -> None:
-        super().prepare(fragment)
-        self._calibrate(fragment)
-
-    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int) -> np.ndarray:
-        mean, std = self._calibrate(fragment)
-        raw, inside = self._raw(fragment, z0, z1, y0, x0, size)
-        return (np.clip((raw - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
-
-
-class MosaicView(_BandView):
-    """3 channels, each a grid x grid pixel mosaic of slices fixed to image coordinates."""
-
-    name = "slices/mosaic"
-    PARAMS = {**_BandView.PARAMS, "grid": 2}
-    channels = 3
-
-    def __init__(self, stats: StatsCache, **params: Any) -> None:
-        super().__init__(stats, **params)
-        self.grid = _int("grid", self._p["grid"], 1)
-
-    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int) -> np.ndarray:
-        g = self.grid
-        picks = np.round(np.linspace(0, z1 - z0 - 1, 3 * g * g)).astype(int)  # [3*g*g]
-        vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
-        ys = (np.arange(y0, y0 + size) % g)[:, None]  # [S, 1] row phase in image coordinates
-        xs = (np.arange(x0, x0 + size) % g)[None, :]  # [1, S]
-        phase = ys * g + xs  # [S, S] in 0..g*g-1
-        out = np.empty((3, size, size), np.float32)
-        for c in range(3):
-            which = picks[c * g * g:(c + 1) * g * g][phase]  # [S, S] slice index per pixel
-            out[c] = np.take_along_axis(vol, which[None], axis=0)[0]
-        return out
-
-
-_VIEWS: dict[str, type[View]] = {
-    "ir": IrView, "slices/triplet": TripletView, "slices/every": EveryView,
-    "slices/range": RangeView, "slices/project": ProjectView, "slices/mosaic": MosaicView,
-}
+    return {"ir": IrView, "slices/triplet": TripletView, "slices/every": EveryView,
+            "slices/range": RangeView, "slices/project": ProjectView, "slices/mosaic": MosaicView}
 
 
 def make_view(input: str, strategy: str | None = None, *,
@@ -365,7 +307,7 @@ def make_view(input: str, strategy: str | None = None, *,
         key = f"slices/{strategy}"
     else:
         raise InputError(f"input: expected 'ir' or 'slices', got {input!r}")
-    return _VIEWS[key](stats if stats is not None else StatsCache(cache_dir), **params)
+    return _views()[key](stats if stats is not None else StatsCache(cache_dir), **params)
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
