@@ -24,7 +24,8 @@ from scrollsam.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 XRAY = [  # the x-ray demo on top of the common settings (see demo_overrides)
-    "data.strategy=range", "data.z_start=20", "data.z_end=46", "data.view={depth_shift: 3}",
+    "data.strategy=range", "data.z_start=20", "data.z_end=46",
+    "data.view={depth_shift: 3, align: sheet}",
     "model.depth_encoder=true", "prompts.prompt_free_share=0.75", "prompts.corrective_rounds=0",
     "train.steps=500", "train.eval_every=100", "train.save_every=100", "log.image_every=100",
 ]
@@ -49,9 +50,10 @@ def demo_overrides(out: Path, input: str, *, depth: bool = True) -> list[str]:
     configs/demo_xray.yaml hold the same): the tiny model from random weights, 300 steps on the
     CPU, fragments 1-2 to train on and fragment 3 held back. Both inputs use the
     full-resolution mask head; x-ray slices go through the learned depth encoder (a band of 26
-    slices, jittered by up to 3 slices in training), with mostly prompt-free sets and no
-    corrective rounds, which is what whole-fragment prediction needs; those steps are cheaper,
-    so it takes 500 of them in less time than the ir demo's 300 (``make bench-learn``).
+    slices centred on each fragment's papyrus sheet, jittered by up to 3 slices in training),
+    with mostly prompt-free sets and no corrective rounds, which is what whole-fragment
+    prediction needs; those steps are cheaper, so it takes 500 of them in less time than the ir
+    demo's 300 (``make bench-learn``).
     ``depth=False``: slices as the plain views take them (for comparisons)."""
     common = [
         f"out={out / 'run'}", f"data.root={out / 'data'}", "data.train=[train/1,train/2]",
