@@ -14,6 +14,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from scrollsam.cli_data import (
+    add_evaluate,
+    add_inspect,
+    add_submit,
+    add_synth,
+    run_evaluate,
+    run_inspect,
+    run_submit,
+    run_synth,
+)
 from scrollsam.errors import ScrollsamError
 from scrollsam.train.stop import TrainingStopped
 
@@ -27,67 +37,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_PIPE = 128 + 13  # as a shell reports a command ended by SIGPIPE
-
-
-# --- synth -------------------------------------------------------------------------------------
-
-
-def _add_synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="folder to write OUT/train/<n>/ (and OUT/test/<letter>/) into")
-    p.add_argument("--fragments", type=int, default=3, metavar="N",
-                   help="training fragments OUT/train/1..N with labels (default 3)")
-    p.add_argument("--height", type=int, default=1024, metavar="PX", help="default 1024")
-    p.add_argument("--width", type=int, default=1024, metavar="PX", help="default 1024")
-    p.add_argument("--depth", type=int, default=65, metavar="N", help="slices (default 65)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same fragments (default 0)")
-    p.add_argument("--ink-contrast", type=float, default=0.1, metavar="C",
-                   help="ink density increase in the x-ray volume, fraction of papyrus density "
-                   "(0 = invisible, default 0.1 = subtle); ink is always dark in ir.png")
-    p.add_argument("--test-fragments", type=int, default=0, metavar="N",
-                   help="test fragments OUT/test/a.. without labels (default 0)")
-    p.add_argument("--vary", type=int, default=0, choices=(0, 1, 2),
-                   help="draw each fragment's generator settings (sheet depth and drift, ink "
-                   "depth, spread and contrast, noise, fibres, stroke width, letter size; at 2 "
-                   "also the slice count) from ranges that widen with the level (default 0: "
-                   "fixed settings); each fragment records them in synth_settings.json")
-    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
-                   help="fix one generator setting, e.g. --setting ink_offset=3 (repeatable; "
-                   "names: see scrollsam.data.synth_settings.SynthSettings)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing fragment folders")
-
-
-def _run_synth(args: argparse.Namespace) -> int:
-    from scrollsam.data.synth_settings import parse_settings
-    from scrollsam.data.synthetic import synth_fragments
-
-    paths = synth_fragments(
-        args.out, fragments=args.fragments, height=args.height, width=args.width,
-        depth=args.depth, seed=args.seed, ink_contrast=args.ink_contrast,
-        test_fragments=args.test_fragments, overwrite=args.overwrite, vary=args.vary,
-        settings=parse_settings(args.setting),
-    )
-    for path in paths:
-        print(path)
-    return EXIT_OK
-
-
-# --- inspect -----------------------------------------------------------------------------------
-
-
-def _add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("fragment", help="fragment folder (Kaggle or scroll-segment layout)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
-    import json
-
-    from scrollsam.data.fragment import Fragment
-    from scrollsam.data.summary import describe, format_description
-
-    summary = describe(Fragment(args.fragment))
-    print(json.dumps(summary, indent=2) if args.json else format_description(summary))
-    return EXIT_OK
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -189,55 +138,6 @@ def _number(option: str, text: str) -> float:
         raise InputError(f"{option}: expected auto or a number, got {text!r}") from None
 
 
-# --- evaluate ----------------------------------------------------------------------------------
-
-
-def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", required=True,
-                   help="predicted image: a binary mask (0/255 or 0/1) used as is, or "
-                        "probabilities (8-bit /255, 16-bit /65535) thresholded")
-    p.add_argument("--labels", required=True, help="ink labels of the same size (inklabels.png)")
-    p.add_argument("--mask", help="fragment mask (mask.png): score only inside it")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="ink where probability >= T, for probability images (default 0.5)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object: f0.5, precision, recall, dice, iou, counts")
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from scrollsam.evaluate import evaluate_files
-
-    result = evaluate_files(args.pred, args.labels, args.mask, threshold=args.threshold)
-    print(json.dumps(result.to_dict()) if args.json else result.report())
-    return EXIT_OK
-
-
-# --- submit ------------------------------------------------------------------------------------
-
-
-def _add_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", action="append", required=True, metavar="ID=MASK.png",
-                   help="fragment id and its predicted mask (repeatable; rows keep this order)")
-    p.add_argument("--out", required=True, help="submission CSV to write (Id,Predicted)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="ink where probability >= T, for probability images (default 0.5)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-
-
-def _run_submit(args: argparse.Namespace) -> int:
-    from scrollsam.evaluate import read_prediction
-    from scrollsam.rle import parse_pred_specs, write_submission
-
-    specs = parse_pred_specs(args.pred)
-    rows = ((i, read_prediction(path, threshold=args.threshold)[0])
-            for i, path in specs)  # lazily: one mask in memory at a time
-    count = write_submission(args.out, rows, overwrite=args.force)
-    log.info("wrote %d rows to %s", count, args.out)
-    return EXIT_OK
-
-
 # --- doctor ------------------------------------------------------------------------------------
 
 
@@ -334,10 +234,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "synth": ("write synthetic fragments in the Kaggle layout",
               "scrollsam synth data --fragments 3 --height 1024 --width 1024",
-              _add_synth, _run_synth),
+              add_synth, run_synth),
     "inspect": ("validate a fragment folder and summarise it",
                 "scrollsam inspect data/train/1",
-                _add_inspect, _run_inspect),
+                add_inspect, run_inspect),
     "train": ("fine-tune SAM on fragments (config file + key=value overrides)",
               "scrollsam train --config configs/demo.yaml out=runs/demo train.steps=200",
               _add_train, _run_train),
@@ -347,10 +247,10 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "evaluate": ("score a predicted mask against ink labels (F0.5 ...)",
                  "scrollsam evaluate --pred pred/3/mask.png --labels data/train/3/inklabels.png "
                  "--mask data/train/3/mask.png --json",
-                 _add_evaluate, _run_evaluate),
+                 add_evaluate, run_evaluate),
     "submit": ("write a Kaggle submission CSV from predicted masks",
                "scrollsam submit --pred a=pred/a/mask.png --out submission.csv",
-               _add_submit, _run_submit),
+               add_submit, run_submit),
     "doctor": ("trace one batch through every stage and check that loss falls",
                "scrollsam doctor --config configs/demo.yaml",
                _add_doctor, _run_doctor),

@@ -35,12 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scrollsam.config import Config, config_from_dict, load_config
+from scrollsam.config import config_from_dict
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
-from scrollsam.errors import CheckpointError, InputError, RunDirError
+from scrollsam.errors import InputError
 from scrollsam.infer.meter import Meter
+from scrollsam.infer.run_files import load_run_config, resolve_checkpoint, writable
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
 from scrollsam.losses import upsample_logits
 from scrollsam.model.assemble import model_from_config
@@ -68,44 +69,6 @@ class Prediction:
     prob: np.ndarray
     threshold: float
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-# --- run folder ----------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(run: str | os.PathLike[str], which: str = "best") -> Path:
-    """``best`` -> RUN/best.pt (RUN/last.pt if there is no best.pt yet), ``last`` -> RUN/last.pt,
-    anything else is a path to a checkpoint file."""
-    run = Path(run)
-    if which == "best":
-        best, last = run / "best.pt", run / "last.pt"
-        if best.is_file():
-            return best
-        if last.is_file():
-            log.info("no best.pt in %s yet (no validation finished); using last.pt", run)
-            return last
-        raise CheckpointError(f"no checkpoint in the run folder: expected best.pt or last.pt "
-                              f"({run})")
-    path = run / "last.pt" if which == "last" else Path(which)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found ({path})")
-    return path
-
-
-def load_run_config(run: str | os.PathLike[str]) -> Config:
-    """The merged config a run saved (RUN/config.yaml); RunDirError if it is not a run folder."""
-    run = Path(run)
-    if not run.is_dir():
-        raise RunDirError(f"run folder not found ({run})")
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise RunDirError(f"not a run folder: no config.yaml, expected a folder written by "
-                          f"`scrollsam train` ({run})")
-    return load_config(path)
-
-
-def _writable(folder: Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 # --- predictor -----------------------------------------------------------------------------------
@@ -177,7 +140,7 @@ class Predictor:
         run = Path(run)
         load_run_config(run)  # a run folder, or a clear error
         ckpt_path = resolve_checkpoint(run, checkpoint)
-        stats = run if _writable(run) or stats_dir is None else Path(stats_dir)
+        stats = run if writable(run) or stats_dir is None else Path(stats_dir)
         return cls.from_checkpoint(ckpt_path, stats_dir=stats, **options)
 
     @classmethod
@@ -202,7 +165,7 @@ class Predictor:
         path = Path(path)
         ckpt = load_checkpoint(path)
         cfg = config_from_dict(ckpt["config"])
-        if stats_dir is None and _writable(path.parent):
+        if stats_dir is None and writable(path.parent):
             stats_dir = path.parent
         view = view_from_config(cfg.data, cache_dir=stats_dir)  # the training normalisation
         model = model_from_config(cfg.model, in_chans=view.channels, weights=ckpt,

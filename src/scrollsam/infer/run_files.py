@@ -1,0 +1,48 @@
+"""The files of a training run that prediction reads: its checkpoint and its config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from scrollsam.config import Config, load_config
+from scrollsam.errors import CheckpointError, RunDirError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(run: str | os.PathLike[str], which: str = "best") -> Path:
+    """``best`` -> RUN/best.pt (RUN/last.pt if there is no best.pt yet), ``last`` -> RUN/last.pt,
+    anything else is a path to a checkpoint file."""
+    run = Path(run)
+    if which == "best":
+        best, last = run / "best.pt", run / "last.pt"
+        if best.is_file():
+            return best
+        if last.is_file():
+            log.info("no best.pt in %s yet (no validation finished); using last.pt", run)
+            return last
+        raise CheckpointError(f"no checkpoint in the run folder: expected best.pt or last.pt "
+                              f"({run})")
+    path = run / "last.pt" if which == "last" else Path(which)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found ({path})")
+    return path
+
+
+def load_run_config(run: str | os.PathLike[str]) -> Config:
+    """The merged config a run saved (RUN/config.yaml); RunDirError if it is not a run folder."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunDirError(f"run folder not found ({run})")
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"not a run folder: no config.yaml, expected a folder written by "
+                          f"`scrollsam train` ({run})")
+    return load_config(path)
+
+
+def writable(folder: Path) -> bool:
+    """Whether ``folder`` exists and this process may write into it."""
+    return folder.is_dir() and os.access(folder, os.W_OK)
