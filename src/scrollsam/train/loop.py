@@ -112,7 +112,7 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None) -> Setup:
         samples_per_epoch=cfg.train.steps * per_step, ink_share=cfg.data.ink_share,
         augment=augment, seed=cfg.train.seed)
     model = model_from_config(cfg.model, in_chans=view.channels, weights=weights,
-                              source=str(run / "last.pt")).to(device)
+                              source=f"{run} (its newest checkpoint)").to(device)
     log.info("trainable parameters:\n%s", format_counts(count_parameters(model)))
     log.info("precision %s on %s", precision_name(device, cfg.train.amp), device)
     if cfg.train.compile:
