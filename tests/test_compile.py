@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scrollsam import build_model
-from scrollsam.config import LossConfig, PromptConfig, load_config
+from scrollsam.config import LossConfig, PromptConfig
 from scrollsam.model import compile as compile_mod
 from scrollsam.precision import autocast_for
 from scrollsam.train.loop import make_optimizer, train
@@ -61,13 +61,9 @@ def test_no_recompiles_after_warm_up(fast_backend):
     assert counts[1:] == [counts[1]] * 3, f"graphs after each step: {counts}"
 
 
-def test_a_run_with_compile_trains(fast_backend, data, tmp_path):
-    cfg = load_config(None, [
-        f"out={tmp_path / 'run'}", f"data.root={data}", "data.train=[train/1]",
-        "data.valid=[train/2]", "model.type=tiny", "model.image_size=64",
-        "model.trainable=[image_encoder,prompt_encoder,mask_decoder]", "train.batch_size=2",
-        "train.steps=3", "train.eval_every=3", "train.device=cpu", "train.compile=true",
-        "prompts.corrective_rounds=1"])
+def test_a_run_with_compile_trains(fast_backend, tiny_run_config):
+    cfg = tiny_run_config("train.batch_size=2", "train.steps=3", "train.eval_every=3",
+                          "train.compile=true")
     run = train(cfg, progress=False)
     assert (run / "best.pt").is_file()
     assert _graphs() >= 1  # the encoder did go through dynamo

@@ -163,17 +163,14 @@ def test_depth_jitter_never_reads_outside_the_volume(data):
     ("data.input=ir", "model.mask_head=full"),
     (*SLICES, "model.depth_encoder=true", "model.mask_head=full"),
 ])
-def test_short_run_trains_and_predict_rebuilds_the_parts_from_the_run(data, tmp_path, over):
+def test_short_run_trains_and_predict_rebuilds_the_parts_from_the_run(data, tiny_run_config,
+                                                                      over):
     from scrollsam.infer.predict import Predictor
     from scrollsam.train.checkpoint import load_checkpoint
     from scrollsam.train.loop import train
 
-    cfg = load_config(None, [
-        f"out={tmp_path / 'run'}", f"data.root={data}", "data.train=[train/1]",
-        "data.valid=[train/2]", "model.type=tiny", "model.image_size=64",
-        "model.trainable=[image_encoder,prompt_encoder,mask_decoder]", "train.steps=2",
-        "train.batch_size=3", "train.eval_every=2", "train.device=cpu", "log.images=false",
-        "prompts.corrective_rounds=1", *over])
+    cfg = tiny_run_config("train.steps=2", "train.batch_size=3", "train.eval_every=2",
+                          "log.images=false", *over)
     run = train(cfg, progress=False)
     ckpt = load_checkpoint(run / "last.pt")
     pred = Predictor.from_run(run, checkpoint="last", device="cpu")
