@@ -123,9 +123,9 @@ def format_report(result: SweepResult) -> str:
     if result.best:
         keys = list(dict.fromkeys(k for r in result.best for k in r.params))
         header = ["trial", "F0.5", "steps", "time", *keys]
-        rows = [[f"{r.number}{' (base)' if r.baseline else ''}", _num(r.f05),
+        rows = [[f"{r.number}{' (base)' if r.baseline else ''}", format_value(r.f05),
                  "-" if r.steps is None else str(r.steps), _duration(r.seconds),
-                 *(_num(r.params.get(k)) for k in keys)] for r in result.best]
+                 *(format_value(r.params.get(k)) for k in keys)] for r in result.best]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines += ["", "best trials:"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -145,7 +145,9 @@ def format_report(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
-def _num(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A parameter or score as tables and log lines show it (floats to 4 digits, lists as
+    flow YAML, None as -)."""
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -58,16 +58,6 @@ class Param:
     choices: tuple[Any, ...] = ()
     labels: tuple[Any, ...] = ()
 
-    def distribution(self) -> optuna.distributions.BaseDistribution:
-        """The Optuna distribution this parameter samples from."""
-        if self.kind == "float":
-            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log,
-                                                          step=self.step)
-        if self.kind == "int":
-            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log,
-                                                        step=self.step or 1)
-        return optuna.distributions.CategoricalDistribution(self.labels)
-
     def suggest(self, trial: optuna.Trial) -> Any:
         """Sample this parameter in ``trial``; returns the config value."""
         if self.kind == "float":

@@ -33,12 +33,11 @@ from pathlib import Path
 import optuna
 import sqlalchemy.engine
 import sqlalchemy.exc
-import yaml
 from optuna.trial import TrialState
 
 from scrollsam.config import Config
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
-from scrollsam.sweep.report import SweepResult, summarise
+from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
 from scrollsam.train.loop import TrainingError, train
 
@@ -186,7 +185,7 @@ def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
         raise RunDirError(f"trial {trial.number}'s run dir exists and is not empty ({run}); "
                          f"it belongs to another study: choose another --out or --study")
     log.info("trial %d (%s): %s", trial.number, run,
-             ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+             ", ".join(f"{k}={format_value(v)}" for k, v in params.items()))
     scores: list[float] = []
 
     def on_eval(step: int, valid: dict[str, float]) -> None:
@@ -239,14 +238,6 @@ def _optuna_quiet() -> Iterator[None]:
         yield
     finally:
         optuna.logging.set_verbosity(before)
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, dict)):
-        return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
-    return str(value)
 
 
 def _first_line(err: BaseException) -> str:
