@@ -175,7 +175,7 @@ def test_log_lines_are_not_glued_to_the_bar_on_a_terminal(monkeypatch, capsys):
     handler = logging.StreamHandler(sys.stderr)
     logging.getLogger().addHandler(handler)
     try:
-        bar = Progress(total=3, initial=0, enabled=True, every=1).start()
+        bar = Progress(total=3, initial=0, enabled=True).start()
         bar.step(1, loss=0.5, tiles_per_s=1.0)
         logging.getLogger("scrollsam.train.loop").warning("step 1: valid F0.5 0.5000")
         bar.step(2, loss=0.5, tiles_per_s=1.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from scrollsam.io import atomic_path
-from scrollsam.torchfile import save_torch
+from scrollsam.torchfile import load_torch, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class EmbeddingCache:
                 self._memory.move_to_end(key)
             return emb
         path = self.directory / f"{key}.pt"
-        return torch.load(path, weights_only=True) if path.is_file() else None
+        return load_torch(path, what="cached embedding") if path.is_file() else None
 
     def _put(self, key: str, emb: torch.Tensor) -> None:
         emb = emb.detach().to("cpu", torch.float16).contiguous()

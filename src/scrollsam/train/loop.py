@@ -31,6 +31,7 @@ from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError, ScrollsamError
+from scrollsam.io import atomic_path
 from scrollsam.losses import scalar_parts
 from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
@@ -38,6 +39,7 @@ from scrollsam.model.compile import compile_encoder
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import count_parameters, format_counts
 from scrollsam.precision import autocast_for, precision_name
+from scrollsam.torchfile import save_torch
 from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.checkpoint import (
     TrainState,
@@ -149,7 +151,7 @@ def _encode(s: Setup, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor 
         return s.model.encode_with_pixels(images.to(s.device, non_blocking=True),
                                           check_values=False)
     emb = s.cache.encode(images, partial(s.model.encode, check_values=False), device=s.device)
-    if s.model.mask_head is None:
+    if s.model.mask_head is None:  # nothing else to compute: no copy of the images either
         return emb, None
     return emb, s.model.pixel_features(images.to(s.device, non_blocking=True),
                                        check_values=False)
@@ -204,7 +206,8 @@ def _nan_guard(s: Setup, losses: list[tuple[int, int, dict[str, torch.Tensor]]])
     loss = parts["loss"]
     batch = _batch_at(s, step, micro)
     path = s.run / f"nan_batch_step{step}.pt"
-    torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, path)
+    with atomic_path(path) as tmp:  # a full disk is one line, as for checkpoints
+        save_torch({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, tmp)
     img = batch["image"].float()
     stats = (f"image mean {img.mean():.3g} std {img.std():.3g} min {img.min():.3g} max "
              f"{img.max():.3g}; ink share {batch['label'].float().mean():.3g}")
@@ -259,7 +262,8 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
     except BaseException:
         rd.undo_new()
         raise
-    save_config(stored_config(cfg), run / "config.yaml")
+    stored = stored_config(cfg)
+    save_config(stored, run / "config.yaml")
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
@@ -269,7 +273,7 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
         gen.set_state(ckpt["rng"]["prompts"])
         log.info("resuming %s at step %d", run, state.step)
     tb = TensorBoard(run, enabled=True)
-    config_dict = config_to_dict(stored_config(cfg))
+    config_dict = config_to_dict(stored)
 
     def save(name: str) -> None:
         save_checkpoint(run / name, model=s.model, optimizer=optimizer, state=state,
@@ -277,13 +281,13 @@ def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
 
     s.model.train()
     batches = _batches(s, state.step)
-    bar = Progress(total=cfg.train.steps, initial=state.step, enabled=progress,
-                   every=cfg.log.every).start()
+    bar = Progress(total=cfg.train.steps, initial=state.step, enabled=progress).start()
     tiles_seen, t0 = 0, time.perf_counter()
     unchecked: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # losses _nan_guard has not seen
     try:
         while state.step < cfg.train.steps:
             if stop.requested is not None:  # Ctrl-C / SIGTERM: keep every finished step
+                _nan_guard(s, unchecked)  # never save NaN weights
                 save("last.pt")
                 raise TrainingStopped(stop.requested, step=state.step, run=run)
             step = state.step

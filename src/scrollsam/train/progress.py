@@ -3,8 +3,9 @@
 On a terminal the bar redraws itself with carriage returns, and log records (validation
 scores, warnings) are routed through ``tqdm.write`` so each stays on its own line instead of
 being glued to the bar. When stderr is not a terminal (a redirected log, a batch job) there is
-no bar: every ``every`` steps one plain line ``step 40/300: loss 0.4123, 25.1 tiles/s`` is
-logged instead, so a log file holds no ``\\r`` noise.
+no bar: on each log step (``log.every``) one plain line
+``step 40/300: loss 0.4123, 25.1 tiles/s`` is logged instead, so a log file holds no ``\\r``
+noise.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ class Progress:
     """Reports steps ``initial + 1 .. total`` between :meth:`start` and :meth:`close`;
     ``enabled`` False: silent."""
 
-    def __init__(self, *, total: int, initial: int, enabled: bool, every: int) -> None:
+    def __init__(self, *, total: int, initial: int, enabled: bool) -> None:
         self.total = total
-        self.every = max(1, every)
         self.terminal = enabled and _is_terminal()
         self.lines = enabled and not self.terminal
         self.bar: tqdm | None = None
