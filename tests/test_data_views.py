@@ -282,3 +282,19 @@ def test_align_sheet_follows_the_papyrus_wherever_the_scan_put_it(tmp_path):
     far = make_view("slices", "range", z0=0, z1=26, align="sheet")  # stays inside the volume
     z0, z1 = far.band(deep)
     assert 0 <= z0 and z1 <= 65
+
+
+def test_project_with_align_sheet_calibrates_on_the_band_it_shows(tmp_path):
+    """Its per-channel standardisation was sampled from the unaligned band."""
+    from scrollsam.data.synthetic import write_fragment
+    from scrollsam.data.views import make_view
+
+    deep = Fragment(write_fragment(tmp_path / "deep", height=128, width=128, depth=65, seed=3,
+                                   settings={"surface": 12.0, "drift": 0.0}))
+    view = make_view("slices", "project", z0=14, z1=40, align="sheet",
+                     reductions=("mean", "std"))
+    view.prepare(deep)
+    x = view.eval_window(deep, 0, 0, 128)  # [2, 128, 128]
+    inside = deep.mask()
+    means = x[:, inside].mean(axis=1)
+    assert np.abs(means).max() < 0.3, means  # standardised on the band it shows

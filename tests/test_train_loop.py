@@ -158,6 +158,17 @@ def test_doctor_is_healthy_on_the_builtin_case(capsys):
     assert "doctor: healthy" in out
 
 
+def test_doctor_runs_a_config_with_the_full_resolution_head(capsys, tmp_path):
+    """It failed with 'the model has a mask head, which needs the pixel features'."""
+    from scrollsam.doctor import default_config
+
+    cfg = default_config(tmp_path)
+    cfg.model.mask_head = "full"
+    assert run_doctor(cfg.validate()) == 0
+    out = capsys.readouterr().out
+    assert "full-res logits" in out and "doctor: healthy" in out
+
+
 def test_doctor_catches_points_in_row_column_order(monkeypatch, capsys):
     real = prompts.random_points
 

@@ -118,14 +118,17 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
     coords, labels = prompts.random_points(label, valid, generator=gen, positives=2, negatives=2)
     rows = [_row("input image", images), _row("label (ink)", label), _row("valid (mask)", valid)]
     with torch.no_grad():
-        emb = model.encode(images)
+        emb, pixels = model.encode_with_pixels(images)  # pixels: a mask head's, else None
         sparse, dense = model.embed_prompts((coords, labels))
         logits, iou = model.decode(emb, points=(coords, labels))
-        loss = sam_loss(logits, iou, label, valid, **loss_kwargs(cfg.loss)).parts["loss"]
+        full = model.refine(logits, pixels)  # the mask head's full resolution, else logits
+        loss = sam_loss(full, iou, label, valid, **loss_kwargs(cfg.loss)).parts["loss"]
     rows += [_row("embeddings", emb), _row("points (x, y)", coords),
              _row("point labels", labels), _row("sparse prompt emb", sparse),
-             _row("dense prompt emb", dense), _row("mask logits", logits),
-             _row("iou predictions", iou), _row("loss", loss)]
+             _row("dense prompt emb", dense), _row("mask logits", logits)]
+    if pixels is not None:
+        rows += [_row("pixel features", pixels), _row("full-res logits", full)]
+    rows += [_row("iou predictions", iou), _row("loss", loss)]
     out(_table(rows))
     inside = images.permute(1, 0, 2, 3)[:, valid[:, 0] > 0.5]  # (C, K) pixels inside the mask
     mean, std = float(inside.mean()), float(inside.std())
@@ -138,7 +141,7 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
               f"embeddings {list(emb.shape)}, logits {list(logits.shape)}"),
         *point_checks(coords, labels, label, size),
     ]
-    losses = _overfit(model, emb, label, valid, cfg)
+    losses = _overfit(model, emb, pixels, label, valid, cfg)
     checks.append(Check("loss falls by half when overfitting one batch",
                         losses[-1] <= 0.5 * losses[0],
                         f"{losses[0]:.4g} -> {losses[-1]:.4g} in {OVERFIT_STEPS} steps"))
@@ -150,8 +153,8 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
     return 0 if healthy else 1
 
 
-def _overfit(model, emb: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
-             cfg: Config) -> list[float]:
+def _overfit(model, emb: torch.Tensor, pixels: torch.Tensor | None, label: torch.Tensor,
+             valid: torch.Tensor, cfg: Config) -> list[float]:
     """Losses of ``OVERFIT_STEPS`` training steps on one batch: the training step's prompted
     forward (the same prompts every step) and the loop's optimizer, training the prompt encoder
     and decoder on the fixed embeddings."""
@@ -164,7 +167,7 @@ def _overfit(model, emb: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
     for _ in range(OVERFIT_STEPS):
         gen = torch.Generator().manual_seed(cfg.train.seed)  # the same first prompts each step
         out = prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
-                               loss_cfg=cfg.loss, gen=gen)
+                               loss_cfg=cfg.loss, gen=gen, features=pixels)
         opt.zero_grad(set_to_none=True)
         out.parts["loss"].backward()
         opt.step()

@@ -46,7 +46,7 @@ class ProjectView(_BandView):
             rng = np.random.default_rng(self.stats.seed)
             samples = []
             for y0, x0 in sample_windows(fragment, fragment.mask(), rng=rng, count=8, size=64):
-                raw, inside = self._raw(fragment, self.z0, self.z1, y0, x0, 64)
+                raw, inside = self._raw(fragment, *self.band(fragment), y0, x0, 64)
                 samples.append(raw[:, inside])  # [C, n]
             allv = np.concatenate(samples, axis=1)  # [C, N]
             mean = allv.mean(axis=1).astype(np.float32)[:, None, None]  # [C, 1, 1]
