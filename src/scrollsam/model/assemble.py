@@ -24,11 +24,10 @@ from scrollsam.model.depth import DepthEncoder
 from scrollsam.model.heads import MaskHead
 from scrollsam.model.lora import add_lora
 from scrollsam.model.segmenter import SamSegmenter
-from scrollsam.model.trainable import set_trainable
+from scrollsam.model.trainable import EXTRA_PARTS, set_trainable
 
 log = logging.getLogger(__name__)
 
-EXTRAS = ("depth_encoder", "mask_head")  # scrollsam's parts beside the official SAM
 
 
 def model_from_config(
@@ -57,13 +56,10 @@ def model_from_config(
         model.depth_encoder = DepthEncoder(in_chans, out_chans=model_cfg.depth_out_chans,
                                            features=model_cfg.depth_features,
                                            kind=model_cfg.depth_kind)
-    if model_cfg.mask_head == "full":
-        if model.depth_encoder is not None:  # the depth encoder's full-resolution features
-            head = MaskHead(model_cfg.depth_features, use_sam_logits=model_cfg.head_sam_logits)
-        else:  # a small stem over the model input
-            head = MaskHead(model_cfg.depth_features, stem_from=in_chans,
-                            use_sam_logits=model_cfg.head_sam_logits)
-        model.mask_head = head
+    if model_cfg.mask_head == "full":  # on the depth encoder's features, else its own stem
+        model.mask_head = MaskHead(
+            model_cfg.depth_features, stem_from=None if model_cfg.depth_encoder else in_chans,
+            use_sam_logits=model_cfg.head_sam_logits)
     if weights is not None:
         load_weights(model, weights, model_type=model_cfg.type, source=source)
     set_trainable(model, model_cfg.trainable)
@@ -73,7 +69,7 @@ def model_from_config(
 def extras_state(model: SamSegmenter) -> dict[str, dict[str, torch.Tensor]]:
     """State dicts of the scrollsam parts the model has (what a checkpoint's ``"extras"``
     holds)."""
-    return {name: getattr(model, name).state_dict() for name in EXTRAS
+    return {name: getattr(model, name).state_dict() for name in EXTRA_PARTS
             if getattr(model, name) is not None}
 
 
@@ -83,7 +79,7 @@ def load_weights(model: SamSegmenter, weights: dict[str, Any], *, model_type: st
     the checkpoint and the model do not have the same parts."""
     load_into(model.sam, weights["model"], model_type=model_type, source=source)
     extras = weights.get("extras") or {}
-    for name in EXTRAS:
+    for name in EXTRA_PARTS:
         part = getattr(model, name)
         if (part is None) != (name not in extras):
             raise CheckpointError(

@@ -20,8 +20,9 @@ Shapes: logits ``[P, M, S/4, S/4]`` -> ``[P, M, S, S]``; ``image_index`` long [P
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from scrollsam.losses import upsample_logits
 
 
 class MaskHead(nn.Module):
@@ -68,9 +69,10 @@ class MaskHead(nn.Module):
         -> full-resolution logits [P, M, S, S]."""
         p, m = logits.shape[:2]
         size = image_features.shape[-2:]
-        up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # (P,M,S,S)
-        if not self.use_sam_logits:
-            up = torch.zeros_like(up)
+        if self.use_sam_logits:
+            up = upsample_logits(logits, tuple(size))  # (P, M, S, S)
+        else:
+            up = logits.new_zeros(p, m, *size)
         feats = image_features.index_select(0, image_index)  # (P, G, S, S)
         g = feats.shape[1]
         feats = feats[:, None].expand(p, m, g, *size).reshape(p * m, g, *size)  # (P*M, G, S, S)

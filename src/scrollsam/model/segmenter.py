@@ -19,7 +19,7 @@ Official SAM appends one padding point (label -1) to every point set when no box
 N points become N + 1 sparse tokens (the seed's puzzling ``[3, 65, 256]`` for 64 points).
 
 Two optional parts around official SAM (built from the config by
-:func:`scrollsam.model.build.model_from_config`):
+:func:`scrollsam.model.assemble.model_from_config`):
 
 * ``depth_encoder`` (:mod:`.depth`): the model input is then a band of Z slices
   ``[B, Z, S, S]``, which it turns into SAM's C channels and full-resolution features;
