@@ -41,7 +41,7 @@ from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
 from scrollsam.infer.meter import Meter
-from scrollsam.infer.run_files import load_run_config, resolve_checkpoint, writable
+from scrollsam.infer.run_files import check_run_folder, resolve_checkpoint, writable
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
 from scrollsam.losses import upsample_logits
 from scrollsam.model.assemble import model_from_config
@@ -138,7 +138,7 @@ class Predictor:
                                  f"--run RUN, or a checkpoint file as --checkpoint PATH")
             return cls.from_checkpoint(checkpoint, stats_dir=stats_dir, **options)
         run = Path(run)
-        load_run_config(run)  # a run folder, or a clear error
+        check_run_folder(run)
         ckpt_path = resolve_checkpoint(run, checkpoint)
         stats = run if writable(run) or stats_dir is None else Path(stats_dir)
         return cls.from_checkpoint(ckpt_path, stats_dir=stats, **options)

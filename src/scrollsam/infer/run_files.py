@@ -1,4 +1,4 @@
-"""The files of a training run that prediction reads: its checkpoint and its config."""
+"""The files of a training run that prediction looks at: the run folder and its checkpoints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-from scrollsam.config import Config, load_config
 from scrollsam.errors import CheckpointError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -31,8 +30,9 @@ def resolve_checkpoint(run: str | os.PathLike[str], which: str = "best") -> Path
     return path
 
 
-def load_run_config(run: str | os.PathLike[str]) -> Config:
-    """The merged config a run saved (RUN/config.yaml); RunDirError if it is not a run folder."""
+def check_run_folder(run: str | os.PathLike[str]) -> None:
+    """RunDirError unless ``run`` is a folder written by ``scrollsam train`` (it has
+    config.yaml; what predict builds comes from the checkpoint's own copy of it)."""
     run = Path(run)
     if not run.is_dir():
         raise RunDirError(f"run folder not found ({run})")
@@ -40,7 +40,6 @@ def load_run_config(run: str | os.PathLike[str]) -> Config:
     if not path.is_file():
         raise RunDirError(f"not a run folder: no config.yaml, expected a folder written by "
                           f"`scrollsam train` ({run})")
-    return load_config(path)
 
 
 def writable(folder: Path) -> bool:

@@ -136,11 +136,11 @@ def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: L
     return Truth(host_ink, host_valid, ink, inside)
 
 
-def first_prompts(kind: PromptKind, tiles: Tensor, truth: Truth, *, boxes: Tensor | None,
-                  gen: torch.Generator, device: torch.device) -> PromptSets:
-    """The sets of one kind with their first prompt: ``tiles`` long [P] (CPU), ``truth`` of
-    the P sets, ``boxes`` [P, 4] of a ``BOX`` kind."""
-    sets = PromptSets(kind, tiles.to(device, non_blocking=True))
+def first_prompts(kind: PromptKind, image_index: Tensor, truth: Truth, *,
+                  boxes: Tensor | None, gen: torch.Generator) -> PromptSets:
+    """The sets of one kind with their first prompt: ``image_index`` long [P] (the tile of each
+    set, on the device), ``truth`` of the P sets, ``boxes`` [P, 4] of a ``BOX`` kind."""
+    sets = PromptSets(kind, image_index)
     if kind is PromptKind.POINT:
         sets.points = first_points(truth.host_ink, truth.host_valid, gen)
     elif kind is PromptKind.BOX:
@@ -244,8 +244,9 @@ def prompted_forward(
         if not len(sel):
             continue
         tiles = tile_of_set[sel]  # (Pk,)
-        sets_truth = truth.select(tiles, tiles.to(dev, non_blocking=True))
-        sets = first_prompts(kind, tiles, sets_truth, gen=gen, device=dev,
+        index = tiles.to(dev, non_blocking=True)  # (Pk,) the same, on the device
+        sets_truth = truth.select(tiles, index)
+        sets = first_prompts(kind, index, sets_truth, gen=gen,
                              boxes=boxes[sel] if kind is PromptKind.BOX else None)
         prompted = kind is not PromptKind.NONE
         parts, chosen, sets = corrective_rounds(
