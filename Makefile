@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv from nothing
-# (Python 3.10+ and make are all they assume) and re-install only when pyproject.toml changes.
+# (Python 3.11+ and make are all they assume) and re-install only when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

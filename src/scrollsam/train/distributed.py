@@ -1,0 +1,134 @@
+"""torchrun / DistributedDataParallel plumbing: which process this is, the process group, and
+the few collectives the loop and prediction need.
+
+``torchrun --nproc-per-node N -m scrollsam train|predict ...`` starts N copies of the same
+command with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in their environment (SLURM launches
+torchrun, see ``scripts/``). :func:`init_distributed` reads them once and joins the process
+group: NCCL on CUDA, gloo on the CPU, chosen from the device. Without those variables (a plain
+``scrollsam train``) it does nothing and :class:`World` says one process: every caller works
+the same for one process and many, and nothing here is home-made transport.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from scrollsam.errors import InputError
+
+# A collective that waits longer than this ends the job instead of hanging it (a rank that died
+# outside the loop's error exchange, a lost node). Training steps are far shorter.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among ``size`` processes: ``rank`` in [0, size), ``local_rank`` its
+    index on its machine (its GPU)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, TensorBoard, config and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env(env: dict[str, str] | None = None) -> World:
+    """The World that torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` describe; one
+    process when ``WORLD_SIZE`` is unset. Inconsistent values are an InputError."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env:
+        return World()
+    try:
+        size = int(env["WORLD_SIZE"])
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError as err:
+        raise InputError(f"RANK / WORLD_SIZE / LOCAL_RANK: expected integers, got {err}") from err
+    if size < 1 or not 0 <= rank < size or local < 0:
+        raise InputError(f"RANK / WORLD_SIZE: expected 0 <= RANK < WORLD_SIZE, got RANK={rank} "
+                         f"WORLD_SIZE={size} (launch with torchrun)")
+    return World(rank=rank, size=size, local_rank=local)
+
+
+def current_world() -> World:
+    """The World of the joined process group, else one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(rank=dist.get_rank(), size=dist.get_world_size(),
+                 local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def process_device(device: torch.device, world: World) -> torch.device:
+    """The device this process uses: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun (one
+    GPU per process), anything else is returned as it is."""
+    if device.type == "cuda" and world.distributed and device.index is None:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def init_distributed(device: torch.device, *,
+                     timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> World:
+    """Join the process group torchrun describes (NCCL for CUDA, gloo otherwise) and return
+    this process's World; one process (and no group) without torchrun. Joining twice is a
+    no-op, so tests that start their own group can call code that calls this."""
+    world = world_from_env()
+    if not world.distributed:
+        return world
+    if dist.is_initialized():
+        return current_world()
+    if device.type == "cuda":
+        torch.cuda.set_device(process_device(device, world))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return world
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined (at the end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every process, in place (and returned); ``t`` as it is alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    """Wait for every process (no-op alone)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (pickled; small objects only)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, int]]:
+    """The row bands [y0, y1) of an image ``height`` rows tall that ``world.rank`` owns: bands
+    of ``band_rows`` rows (a multiple of the output's chunk height, so each band's chunks belong
+    to it alone), dealt round-robin to the ranks; their union over ranks covers every row once.
+    """
+    if band_rows < 1:
+        raise InputError(f"band_rows: expected a positive integer, got {band_rows}")
+    starts = range(0, height, band_rows)
+    return [(y0, min(y0 + band_rows, height)) for i, y0 in enumerate(starts)
+            if i % world.size == world.rank]
