@@ -39,6 +39,7 @@ def write_multiscales(
     axes: Sequence[str],
     scales: Sequence[Sequence[float]],
     paths: Sequence[str] | None = None,
+    translations: Sequence[Sequence[float]] | None = None,
     name: str | None = None,
     downscale: str | None = None,
     version: str = "0.4",
@@ -47,8 +48,10 @@ def write_multiscales(
 
     ``axes`` names each array dimension in order (e.g. ``("z", "y", "x")``, ``("y", "x")``);
     ``scales[i]`` is level i's voxel size per axis in level-0 voxels (``[1, 2, 2]`` for a level
-    halved in y and x); ``paths`` defaults to ``"0", "1", ...``; ``downscale`` names the method
-    (NGFF ``type``, e.g. ``"mean"``). The arrays themselves are the caller's to write.
+    halved in y and x); ``translations[i]`` (optional) is the position of level i's first voxel
+    centre in level-0 voxels (``[0, 0.5, 0.5]`` for a 2 x 2 mean); ``paths`` defaults to
+    ``"0", "1", ...``; ``downscale`` names the method (NGFF ``type``, e.g. ``"mean"``). The
+    arrays themselves are the caller's to write.
     """
     if version not in VERSIONS:
         raise ValueError(f"version: expected one of {VERSIONS}, got {version!r}")
@@ -56,16 +59,19 @@ def write_multiscales(
     if len(paths) != len(scales) or not scales:
         raise ValueError(f"scales / paths: expected one scale per level, got {len(scales)} "
                          f"scales for {len(paths)} paths")
-    for s in scales:
+    if translations is not None and len(translations) != len(scales):
+        raise ValueError(f"translations: expected one per level ({len(scales)}), got "
+                         f"{len(translations)}")
+    for s in [*scales, *(translations or [])]:
         if len(s) != len(axes):
-            raise ValueError(f"scales: expected {len(axes)} numbers per level, got {list(s)}")
+            raise ValueError(f"scales / translations: expected {len(axes)} numbers per level, "
+                             f"got {list(s)}")
     entry: dict[str, Any] = {
         "axes": [{"name": a, "type": _AXIS_TYPES[a]} if a in _AXIS_TYPES else {"name": a}
                  for a in axes],
         "datasets": [
-            {"path": p, "coordinateTransformations": [
-                {"type": "scale", "scale": [float(v) for v in s]}]}
-            for p, s in zip(paths, scales, strict=True)
+            {"path": p, "coordinateTransformations": _transforms(s, translations, i)}
+            for i, (p, s) in enumerate(zip(paths, scales, strict=True))
         ],
     }
     if name is not None:
@@ -108,3 +114,13 @@ def read_multiscales(attrs: Mapping[str, Any]) -> Multiscales | None:
     else:
         raise ValueError(f"multiscales[0].axes: expected a list, got {raw!r}")
     return Multiscales(version=version, axes=axes, paths=tuple(paths))
+
+
+def _transforms(scale: Sequence[float], translations: Sequence[Sequence[float]] | None,
+                level: int) -> list[dict[str, Any]]:
+    """A dataset's coordinateTransformations: its scale, then its translation if given."""
+    out: list[dict[str, Any]] = [{"type": "scale", "scale": [float(v) for v in scale]}]
+    if translations is not None:
+        out.append({"type": "translation",
+                    "translation": [float(v) for v in translations[level]]})
+    return out

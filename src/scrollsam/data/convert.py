@@ -13,12 +13,14 @@ Formats:
   tools open; ``zarr_format=3`` writes NGFF 0.5), ``/``-separated chunk keys. Level 0 is the
   volume; levels 1.. halve y and x (2 x 2 mean, rounded; z is kept) while a level still spans
   at least one chunk in y and x, at most :data:`MAX_LEVELS` levels (``levels`` fixes the count;
-  1 = no pyramid). Scrollsam reads level 0 only; the pyramid is for viewers.
+  1 = no pyramid), each with its NGFF scale and the half-voxel translation of a mean. Scrollsam
+  reads level 0 only; the pyramid is for viewers.
 
 Memory stays flat: the volume is copied block by block, each block a run of whole chunks (one
 chunk deep and high, as wide as fits in ``block_bytes``), read from the source with
 :meth:`Fragment.read` and written as whole chunks. Each pyramid level is made the same way
-from the level above it. The output is written under a temporary name and renamed, so a killed
+from the level above it. Peak memory is a few blocks (zarr's encode buffers included), whatever
+the volume's size. The output is written under a temporary name and renamed, so a killed
 copy leaves nothing half-written.
 """
 
@@ -93,7 +95,7 @@ def convert_fragment(
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("wrote %s (%s, %s levels, chunks %s)", out, format, n_levels, chunks)
+    log.debug("wrote %s (%s, %s levels, chunks %s)", out, format, n_levels, chunks)
     return out
 
 
@@ -173,9 +175,12 @@ def _write_ome(store: Path, frag: Fragment, chunks: Sequence[int], zarr_format: 
         level_chunks = [min(c, n) for c, n in zip(chunks, shape, strict=True)]
         array = _create(group.store_path / str(level), shape, level_chunks, frag.dtype,
                         zarr_format, dimension_separator="/")
-        _fill(array, read, shape, level_chunks, block_bytes=block_bytes)
+        # a pyramid block reads four times its size from the level above
+        _fill(array, read, shape, level_chunks,
+              block_bytes=block_bytes if level == 0 else block_bytes // 4)
     ngff.write_multiscales(
         group, axes=("z", "y", "x"), scales=[(1, 2**n, 2**n) for n in range(levels)],
+        translations=[(0, (2**n - 1) / 2, (2**n - 1) / 2) for n in range(levels)],
         name=frag.id, downscale="mean" if levels > 1 else None,
         version="0.4" if zarr_format == 2 else "0.5",
     )
@@ -191,9 +196,13 @@ def _halved(above: Any, above_shape: Sequence[int]) -> Reader:
         pad_y, pad_x = 2 * (y1 - y0) - src.shape[1], 2 * (x1 - x0) - src.shape[2]
         if pad_y or pad_x:
             src = np.pad(src, ((0, 0), (0, pad_y), (0, pad_x)), mode="edge")
-        s = src.astype(np.uint32)  # (z, 2h, 2w)
-        total = s[:, 0::2, 0::2] + s[:, 1::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 1::2]
-        return ((total + 2) // 4).astype(above.dtype)  # (z, h, w)
+        total = src[:, 0::2, 0::2].astype(np.uint32)  # (z, h, w)
+        total += src[:, 1::2, 0::2]
+        total += src[:, 0::2, 1::2]
+        total += src[:, 1::2, 1::2]
+        total += 2  # round half up
+        total //= 4
+        return total.astype(above.dtype)
 
     return read
 

@@ -15,7 +15,8 @@ Only local folders are read (zarr's ``LocalStore``, read-only). A window read as
 ``array[z0:z1, y0:y1, x0:x1]``, which fetches and decodes exactly the chunks the window
 touches. ``bytes_read`` counts the encoded bytes of those chunks as fetched from the store
 (a chunk touched by two windows counts twice; chunks never written, which read as the fill
-value, count 0). Every problem raises :class:`~scrollsam.errors.FragmentError` naming the store.
+value, count 0; metadata documents are not counted). Every problem raises
+:class:`~scrollsam.errors.FragmentError` naming the store.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 VOLUME_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 _OPEN_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+_METADATA_KEYS = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def store_files(path: Path) -> list[Path]:
 
 
 class _Counter:
-    """Bytes fetched from a store (incremented on zarr's I/O thread; a plain int is enough)."""
+    """Chunk bytes fetched from a store (incremented on zarr's I/O thread; a plain int is
+    enough)."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -210,13 +213,16 @@ def _counting_store(store: Any, counter: _Counter) -> Any:
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             buf = await self._store.get(key, prototype, byte_range)
-            if buf is not None:
+            if buf is not None and key.rsplit("/", 1)[-1] not in _METADATA_KEYS:
                 counter.bytes += len(buf)
             return buf
 
         async def get_partial_values(self, prototype: Any, key_ranges: Iterable[Any]) -> Any:
+            key_ranges = list(key_ranges)
             bufs = await self._store.get_partial_values(prototype, key_ranges)
-            counter.bytes += sum(len(b) for b in bufs if b is not None)
+            counter.bytes += sum(len(b) for (key, _), b in zip(key_ranges, bufs, strict=True)
+                                 if b is not None
+                                 and key.rsplit("/", 1)[-1] not in _METADATA_KEYS)
             return bufs
 
     return CountingStore(store)
