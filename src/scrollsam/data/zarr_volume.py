@@ -157,12 +157,14 @@ class ZarrReader:
 
     def read(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Voxels ``[z0:z1, y0:y1, x0:x1]`` (inside the volume) as a new native-order array."""
-        if self._array is None:
-            node = _open(self.info.path, counter=self._counter)
-            self._array = node if not self.info.array_path else node[self.info.array_path]
         index = (0,) * self.info.lead + (slice(z0, z1), slice(y0, y1), slice(x0, x1))
         try:
+            if self._array is None:
+                node = _open(self.info.path, counter=self._counter)
+                self._array = node[self.info.array_path] if self.info.array_path else node
             out = self._array[index]
+        except FragmentError:
+            raise
         except Exception as err:  # codecs raise many types (RuntimeError, ValueError, ...)
             raise FragmentError(
                 f"corrupt or unreadable Zarr chunk in window z {z0}:{z1}, y {y0}:{y1}, "
