@@ -199,3 +199,21 @@ def test_settings_out_of_limits_are_refused(tmp_path):
         write_fragment(tmp_path / "f", height=32, width=32, depth=8, settings={"noise": 2.0})
     with pytest.raises(InputError, match="--vary"):
         write_fragment(tmp_path / "g", height=32, width=32, depth=8, vary=7)
+
+
+def test_ink_variation_makes_some_strokes_stronger_than_others(tmp_path):
+    """Without noise and fibres the ink's density excess is the same everywhere at
+    ink_variation 0 and spreads over a factor of several at 1.0 (bounded by e**1 either way)."""
+    spreads = []
+    for v in (0.0, 1.0):
+        quiet = {"ink_variation": v, "noise": 0.0, "fibre": 0.0, "drift": 0.0, "stroke": 2.5}
+        frag = Fragment(write_fragment(tmp_path / f"v{v}", height=192, width=192, depth=65,
+                                       seed=3, settings=quiet))
+        ink = cv2.erode(frag.labels().astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        z = 32  # the sheet's centre, where the ink peaks
+        plain = write_fragment(tmp_path / f"p{v}", height=192, width=192, depth=65, seed=3,
+                               settings={**quiet, "ink_contrast": 0.0})
+        excess = (frag.read(z, z + 1, 0, 192, 0, 192)[0].astype(np.float64)
+                  - Fragment(plain).read(z, z + 1, 0, 192, 0, 192)[0])[ink]
+        spreads.append(np.percentile(excess, 95) / np.percentile(excess, 5))
+    assert spreads[0] < 1.3 and 2.0 < spreads[1] < np.e ** 2 + 0.1, spreads

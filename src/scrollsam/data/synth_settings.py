@@ -35,6 +35,9 @@ class SynthSettings:
     ink_offset: float = 0.0  # depth of the ink signal relative to the sheet centre, slices
     ink_sigma: float = 3.0  # depth spread of the ink signal, slices
     ink_contrast: float = 0.1  # peak density increase of ink, fraction of papyrus density
+    # how much ink strength varies across the fragment: the contrast is multiplied by a smooth
+    # field in [exp(-v), exp(v)] (real ink is denser in some strokes and letters than others)
+    ink_variation: float = 0.0
     noise: float = 0.04  # voxel noise std, fraction of the papyrus - air density span
     fibre: float = 0.12  # fibre texture amplitude, fraction of papyrus density
     stroke: float = 1.0  # stroke width, multiple of the default (letter height / 7)
@@ -49,12 +52,13 @@ VARY_RANGES: dict[int, dict[str, tuple[float, float]]] = {
         "surface": (-4.0, 4.0), "drift": (1.0, 5.0), "sheet": (8.0, 14.0),
         "ink_offset": (-1.5, 1.5), "ink_sigma": (2.0, 4.0), "ink_contrast": (0.06, 0.16),
         "noise": (0.03, 0.06), "fibre": (0.06, 0.18), "stroke": (0.7, 1.5), "letter": (0.8, 1.25),
+        "ink_variation": (0.0, 0.7),
     },
     2: {
         "surface": (-8.0, 8.0), "drift": (0.5, 7.0), "sheet": (6.0, 16.0),
         "ink_offset": (-3.0, 3.0), "ink_sigma": (1.5, 5.0), "ink_contrast": (0.04, 0.25),
         "noise": (0.02, 0.08), "fibre": (0.03, 0.25), "stroke": (0.6, 2.0), "letter": (0.7, 1.5),
-        "depth": (48, 80),
+        "depth": (48, 80), "ink_variation": (0.0, 1.0),
     },
 }
 LEVELS = tuple(VARY_RANGES)
@@ -98,7 +102,8 @@ def parse_settings(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 def check_settings(s: SynthSettings) -> SynthSettings:
     """InputError naming the setting when a value cannot make a fragment."""
-    limits = {"drift": (0.0, 30.0), "sheet": (1.0, 30.0), "ink_sigma": (0.3, 20.0),
+    limits = {"drift": (0.0, 30.0), "ink_variation": (0.0, 3.0), "sheet": (1.0, 30.0),
+              "ink_sigma": (0.3, 20.0),
               "ink_contrast": (0.0, 1.0), "noise": (0.0, 1.0), "fibre": (0.0, 1.0),
               "stroke": (0.2, 5.0), "letter": (0.2, 5.0), "surface": (-30.0, 30.0),
               "ink_offset": (-30.0, 30.0)}

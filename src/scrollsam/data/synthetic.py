@@ -174,6 +174,9 @@ def _write_volume(
     ink_soft = cv2.GaussianBlur(ink.astype(np.float32), (0, 0), 1.0)
     span = np.float32(_PAPYRUS - _AIR)
     shading = (1.0 + 0.05 * _smooth(rng, h, w, max(h, w) / 4)).astype(np.float32)
+    if st.ink_variation > 0:  # stronger and fainter strokes across the fragment
+        strength = np.exp(st.ink_variation * np.tanh(_smooth(rng, h, w, max(h, w) / 5)))
+        ink_soft = (ink_soft * strength).astype(np.float32)  # [H, W]
     digits = max(2, len(str(depth - 1)))
     for z in range(depth):
         dz = (z - surface).astype(np.float32)  # [H, W] signed distance to the surface, slices

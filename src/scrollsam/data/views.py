@@ -29,10 +29,10 @@ for other depths; also ``data.z_start`` / ``data.z_end``), ``centre`` / ``std`` 
 ``depth_shift`` (range / project / mosaic: training moves the band by up to +-depth_shift
 slices), ``depth_scale`` (range / project / mosaic: training stretches or squeezes the band in
 depth by a factor drawn log-uniformly in [1 / (1 + s), 1 + s], as scans of another voxel size or
-a thinner / thicker sheet would look; 0 = off), ``align`` (range / project / mosaic: ``sheet`` moves the band, per fragment, so that its
-middle sits on the papyrus sheet's density centroid, :func:`.stats.sheet_centre`; ``none``
-keeps z0 / z1), ``reductions`` (project), ``grid`` (mosaic). Each view checks its own
-parameters.
+a thinner / thicker sheet would look; 0 = off), ``align`` (range / project / mosaic: ``sheet``
+moves the band, per fragment, so that its middle sits on the papyrus sheet's density centroid,
+:func:`.stats.sheet_centre`; ``none`` keeps z0 / z1), ``reductions`` (project), ``grid``
+(mosaic). Each view checks its own parameters.
 
 Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
 per slice, ``(v - mean[z]) / std[z]``; ir with its own mean / std; projections are standardised
