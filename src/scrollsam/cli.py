@@ -72,8 +72,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", help="run folder written by `scrollsam train` (optional with "
-                   "--checkpoint PATH: a checkpoint file holds everything predict needs)")
+    p.add_argument("--run", "--run-dir", dest="run",
+                   help="run folder written by `scrollsam train` (optional with --checkpoint "
+                   "PATH: a checkpoint file holds everything predict needs); spell it --run-dir "
+                   "after torchrun, whose parser mistakes --run for its --run-path")
     p.add_argument("--fragment", action="append", required=True, metavar="FRAGMENT_DIR",
                    help="fragment folder (repeatable; several write OUT/<id>/)")
     p.add_argument("--out", required=True, help="output folder (prob.png, mask.png, ...)")

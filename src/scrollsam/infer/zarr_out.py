@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
 from ome_zarr.format import FormatV04
-from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+with warnings.catch_warnings():  # ome_zarr 0.18 warns about its own Scaler at import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
 from scrollsam.errors import InputError
 from scrollsam.infer.outputs import block_mean, overlay_factor, write_png
