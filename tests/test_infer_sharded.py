@@ -4,6 +4,7 @@ torch.multiprocessing; a rank that fails ends every rank with one clear error, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 from infer_helpers import make_run, sharded_worker, zarr_files
 
@@ -34,7 +36,18 @@ def data(tmp_path_factory):
 def _env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "OMP_WAIT_POLICY": "PASSIVE",
-            "OMP_NUM_THREADS": "1"}
+            "OMP_NUM_THREADS": "1"}  # torchrun's default for its ranks, said explicitly
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One CPU thread here, as each rank has (torchrun's OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _free_port() -> int:
@@ -49,8 +62,9 @@ def test_torchrun_two_ranks_write_the_ome_zarr_of_one_process_bit_for_bit(data, 
     # --run-path and stops with "ambiguous option"
     args = ["--run-dir", str(data / "run"), "--fragment", str(data / "frag"), "--device",
             "cpu", "--format", "zarr", *BANDS]
-    assert main(["predict", *args, "--out", str(tmp_path / "one"),
-                 "--submission", str(tmp_path / "one.csv")]) == 0
+    with one_thread():  # as torchrun's ranks: float sums depend on the thread count
+        assert main(["predict", *args, "--out", str(tmp_path / "one"),
+                     "--submission", str(tmp_path / "one.csv")]) == 0
     capsys.readouterr()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -72,13 +86,15 @@ def test_torchrun_two_ranks_write_the_ome_zarr_of_one_process_bit_for_bit(data, 
     assert summary["processes"] == 2 and [r["bands"] for r in summary["ranks"]] == [2, 1]
 
 
-def test_png_mode_on_two_ranks_equals_one_process_and_a_failing_rank_ends_both(data, tmp_path):
+def test_png_mode_on_two_ranks_equals_one_process_and_a_failing_rank_ends_both(data, tmp_path,
+                                                                              monkeypatch):
     common = dict(run=data / "run", fragments=[data / "frag"], device="cpu", chunk=32,
                   band_rows=64, fmt="png")
-    predict_to_folder(out=tmp_path / "one", **common)
+    with one_thread():
+        predict_to_folder(out=tmp_path / "one", **common)
     jobs = [("png", {**common, "out": tmp_path / "two"}, None),
             ("fail", {**common, "out": tmp_path / "fail", "fmt": "zarr"}, 1)]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by the spawned ranks' torch
     mp.spawn(sharded_worker, args=(2, _free_port(), jobs, tmp_path), nprocs=2, join=True)
     assert (tmp_path / "png-0.txt").read_text() == "ok" == (tmp_path / "png-1.txt").read_text()
     for name in ("prob.png", "mask.png", "overlay.png"):
