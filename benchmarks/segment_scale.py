@@ -249,11 +249,15 @@ def main() -> None:
     results: dict[str, Any] = {}
     if RESULTS.is_file():
         results = json.loads(RESULTS.read_text()).get("results", {})
+    load = {"load_average_before": os.getloadavg()}
     if args.only in (None, "medium"):
-        results["medium_1_vs_2_ranks"] = medium(run, args.medium_side)
+        results["medium_1_vs_2_ranks"] = {**medium(run, args.medium_side), **load,
+                                          "load_average_after": os.getloadavg()}
         print(json.dumps(results["medium_1_vs_2_ranks"], indent=1))
     if args.only in (None, "big"):
-        results["big_segment"] = big(run, args.height, args.width, args.mask_share)
+        load = {"load_average_before": os.getloadavg()}
+        results["big_segment"] = {**big(run, args.height, args.width, args.mask_share), **load,
+                                  "load_average_after": os.getloadavg()}
         print(json.dumps(results["big_segment"], indent=1))
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

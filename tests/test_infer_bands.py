@@ -17,11 +17,12 @@ from scrollsam.cli import main
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import default_band_rows
+from scrollsam.infer.outputs import block_mean
 from scrollsam.infer.pipeline import predict_to_folder
 from scrollsam.infer.predict import Predictor
 from scrollsam.infer.segment import choose_format
 from scrollsam.infer.sliding_window import sliding_window_array
-from scrollsam.infer.zarr_out import level_shapes
+from scrollsam.infer.zarr_out import ZarrOutput, level_shapes
 from scrollsam.io import read_image
 from scrollsam.rle import rle_encode, rle_encode_rows
 
@@ -101,6 +102,11 @@ def test_zarr_output_opens_with_ome_zarr_has_a_halving_pyramid_and_previews(data
     assert labels and [d.shape for d in labels[0].data] == [m.shape for m in masks]
     assert read_image(out / "prob_preview.png").shape == (150, 120)  # under 2048: level 0
     np.testing.assert_array_equal(read_image(out / "mask_preview.png"), masks[0] * 255)
+    small = ZarrOutput(out).write_previews(tmp_path, max_side=30)  # 5 x 5 blocks, 30-row reads
+    for key, full in (("prob_preview", probs[0]), ("mask_preview", masks[0] * 255)):
+        want = block_mean(lambda a, b, f=full: f[a:b], full.shape, 5, dtype=np.uint8)
+        np.testing.assert_array_equal(read_image(small[key]), want)
+        assert want.shape == (30, 24)
 
 
 def test_zarr_mode_scores_submission_and_values_equal_png_mode(data, tmp_path):

@@ -21,7 +21,6 @@ never a level.
 
 from __future__ import annotations
 
-import math
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -172,7 +171,7 @@ class ZarrOutput:
         block, 0..255): level 0 block-averaged so the longest side is at most ``max_side``."""
         shape = self.prob(0).shape
         f = overlay_factor(shape, max_side)
-        step = math.lcm(f, self.chunk)
+        step = f * max(1, round(self.chunk / f))  # about a chunk row of rows, whole blocks
         out = {}
         for key, arr, scale in (("prob_preview", self.prob(0), None),
                                 ("mask_preview", self.mask(0), 255)):
