@@ -187,6 +187,9 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
         job = BandJob(predictor, frag, dest, rows, world, info, progress and world.main)
         kind = choose_format(fmt, (frag.height, frag.width))
         if kind == "zarr":
+            if save_tif and world.main:
+                log.warning("%s: --save-tif writes prob.tif in PNG mode only; the OME-Zarr map "
+                            "holds float16 probabilities with --dtype float16", frag.id)
             settings = _settings(predictor, frag, chunk=chunk, band_rows=rows, dtype=dtype)
             done = predict_zarr(job, chunk=chunk, dtype=dtype, settings=settings,
                                 restart=restart)
