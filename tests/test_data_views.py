@@ -298,3 +298,31 @@ def test_project_with_align_sheet_calibrates_on_the_band_it_shows(tmp_path):
     inside = deep.mask()
     means = x[:, inside].mean(axis=1)
     assert np.abs(means).max() < 0.3, means  # standardised on the band it shows
+
+
+def test_depth_scale_resamples_the_band_about_its_middle(frag):
+    """Scale 2 over slices 6..10 (middle 8) shows slices 4, 6, 8, 10, 12; scale 1 is the band;
+    positions outside the volume repeat its first / last slice; evaluation never scales."""
+    view = make_view("slices", "range", depth=16, z0=6, z1=11, depth_scale=1.0)
+    band = view._band_slices(frag, 6, 11, 10, 20, S)
+    assert np.array_equal(band, view._normalised(frag, 6, 11, 10, 20, S))
+    wide = view._band_slices(frag, 6, 11, 10, 20, S, scale=2.0)
+    want = np.stack([view._normalised(frag, z, z + 1, 10, 20, S)[0] for z in (4, 6, 8, 10, 12)])
+    assert np.allclose(wide, want, atol=1e-6)
+    half = view._band_slices(frag, 6, 11, 10, 20, S, scale=0.5)  # 7, 7.5, 8, 8.5, 9
+    mid = (view._normalised(frag, 7, 8, 10, 20, S) + view._normalised(frag, 8, 9, 10, 20, S)) / 2
+    assert np.allclose(half[1], mid[0], atol=1e-6)
+    edge = view._band_slices(frag, 0, 5, 10, 20, S, scale=3.0)  # -4, -1, 2, 5, 8 -> 0, 0, 2, ..
+    assert np.array_equal(edge[0], edge[1])
+    assert np.array_equal(view.eval_window(frag, 10, 20, S), view._normalised(frag, 6, 11, 10,
+                                                                              20, S))
+
+
+def test_depth_scale_draws_vary_in_training_and_are_checked(frag):
+    view = make_view("slices", "range", depth=16, z0=6, z1=11, depth_shift=0, depth_scale=0.5)
+    draws = [view.train_window(frag, 10, 20, S, rng=np.random.default_rng(i)) for i in range(6)]
+    assert all(d.shape == (5, S, S) and d.dtype == np.float32 for d in draws)
+    assert len({d.tobytes() for d in draws}) > 1
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(InputError, match="depth_scale"):
+            make_view("slices", "range", depth=16, depth_scale=bad)

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from scrollsam.cli_data import (
+    add_convert,
     add_evaluate,
     add_inspect,
     add_submit,
     add_synth,
+    run_convert,
     run_evaluate,
     run_inspect,
     run_submit,
@@ -264,6 +266,9 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "inspect": ("validate a fragment folder and summarise it",
                 "scrollsam inspect data/train/1",
                 add_inspect, run_inspect),
+    "convert": ("copy a fragment folder with its volume as Zarr or OME-Zarr",
+                "scrollsam convert data/train/1 data/zarr/1 --format ome-zarr --chunks 64,256,256",
+                add_convert, run_convert),
     "train": ("fine-tune SAM on fragments (config file + key=value overrides)",
               "scrollsam train --config configs/demo.yaml out=runs/demo train.steps=200",
               _add_train, _run_train),

@@ -1,4 +1,5 @@
-"""The `scrollsam` commands that make, check and score data: synth, inspect, evaluate, submit.
+"""The `scrollsam` commands that make, check and score data: synth, inspect, convert, evaluate,
+submit.
 
 One block per command, as in :mod:`scrollsam.cli` (which registers them): an ``add_<name>``
 function that declares its arguments and a ``run_<name>`` function that calls the library and
@@ -60,7 +61,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("fragment", help="fragment folder (Kaggle or scroll-segment layout)")
+    p.add_argument("fragment", help="fragment folder (Kaggle or scroll-segment layout, TIFF "
+                   "slices or a Zarr / OME-Zarr volume)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -72,6 +74,37 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     summary = describe(Fragment(args.fragment))
     print(json.dumps(summary, indent=2) if args.json else format_description(summary))
+    return EXIT_OK
+
+
+# --- convert -----------------------------------------------------------------------------------
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fragment", help="fragment folder to copy (any layout, TIFF or Zarr volume)")
+    p.add_argument("out", help="folder to write the copy into (its name is the copy's id)")
+    p.add_argument("--format", default="zarr", choices=("zarr", "ome-zarr"),
+                   help="zarr: one (z, y, x) array; ome-zarr: an OME-NGFF image with a small "
+                   "y/x pyramid for viewers (default zarr)")
+    p.add_argument("--chunks", default="64,256,256", metavar="Z,Y,X",
+                   help="chunk shape in voxels, clipped to the volume (default 64,256,256)")
+    p.add_argument("--zarr-version", type=int, default=2, choices=(2, 3),
+                   help="zarr format: 2 (OME-NGFF 0.4, widest support) or 3 (NGFF 0.5) "
+                   "(default 2)")
+    p.add_argument("--levels", type=int, metavar="N",
+                   help="ome-zarr pyramid levels, 1 = full resolution only (default: halve y "
+                   "and x while a level spans a chunk, at most 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from scrollsam.data.convert import convert_fragment, parse_chunks
+
+    out = convert_fragment(
+        args.fragment, args.out, format=args.format, chunks=parse_chunks(args.chunks),
+        zarr_format=args.zarr_version, levels=args.levels, overwrite=args.overwrite,
+    )
+    print(out)
     return EXIT_OK
 
 

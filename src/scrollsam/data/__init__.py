@@ -1,6 +1,8 @@
 """Fragment data: validated lazy reading, synthetic fragments, input views, tiles and datasets.
 
     fragment.Fragment      a validated fragment folder read window by window, axes (z, y, x)
+    formats / zarr_volume  TIFF slice and Zarr / OME-Zarr volume access behind Fragment
+    convert                convert_fragment: a fragment copy with its volume as (OME-)Zarr
     synthetic              synth_fragments / write_fragment: realistic fake fragments
     views.make_view        a fragment window -> float32 [C, S, S] model input ("ir", "slices/...")
     stats                  per-fragment normalisation statistics (cached in the run dir)
@@ -18,6 +20,7 @@ from typing import Any
 
 _LAZY = {
     "Fragment": "scrollsam.data.fragment",
+    "convert_fragment": "scrollsam.data.convert",
     "synth_fragments": "scrollsam.data.synthetic",
     "write_fragment": "scrollsam.data.synthetic",
     "make_view": "scrollsam.data.views",

@@ -34,8 +34,8 @@ class ProjectView(_BandView):
         self._calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _raw(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-             size: int) -> tuple[np.ndarray, np.ndarray]:
-        vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
+             size: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        vol = self._band_slices(fragment, z0, z1, y0, x0, size, scale)  # [n, S, S]
         fns = {"mean": np.mean, "max": np.max, "min": np.min, "std": np.std}
         out = np.stack([fns[r](vol, axis=0) for r in self.reductions])  # [C, S, S]
         return out.astype(np.float32), fragment.mask_window(y0, y0 + size, x0, x0 + size)
@@ -59,9 +59,9 @@ class ProjectView(_BandView):
         self._calibrate(fragment)
 
     def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int) -> np.ndarray:
+                 size: int, *, scale: float = 1.0) -> np.ndarray:
         mean, std = self._calibrate(fragment)
-        raw, inside = self._raw(fragment, z0, z1, y0, x0, size)
+        raw, inside = self._raw(fragment, z0, z1, y0, x0, size, scale)
         return (np.clip((raw - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
 
 
@@ -77,10 +77,10 @@ class MosaicView(_BandView):
         self.grid = _int("grid", self._p["grid"], 1)
 
     def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int) -> np.ndarray:
+                 size: int, *, scale: float = 1.0) -> np.ndarray:
         g = self.grid
         picks = np.round(np.linspace(0, z1 - z0 - 1, 3 * g * g)).astype(int)  # [3*g*g]
-        vol = self._normalised(fragment, z0, z1, y0, x0, size)  # [n, S, S]
+        vol = self._band_slices(fragment, z0, z1, y0, x0, size, scale)  # [n, S, S]
         ys = (np.arange(y0, y0 + size) % g)[:, None]  # [S, 1] row phase in image coordinates
         xs = (np.arange(x0, x0 + size) % g)[None, :]  # [1, S]
         phase = ys * g + xs  # [S, S] in 0..g*g-1

@@ -1,15 +1,22 @@
 """`Fragment`: one validated fragment folder, read lazily window by window.
 
-Two layouts are recognised (``<id>`` is the folder name)::
+Two layouts are recognised (``<id>`` is the folder name), each with its volume either as a TIFF
+slice folder or as a Zarr / OME-Zarr store (see :mod:`.zarr_volume`)::
 
     kaggle   surface_volume/00.tif .. NN.tif   mask.png         [inklabels.png]        [ir.png]
+             or surface_volume.zarr
     segment  layers/00.tif .. NN.tif           <id>_mask.png    [<id>_inklabels.png]   [ir.png]
+             or layers.zarr
+
+A folder holding more than one volume (a TIFF folder and a ``.zarr`` store, or both layouts) is
+refused rather than guessed: the two copies may differ, and reading the wrong one is silent.
 
 Opening a folder validates it before any work: slice files numbered contiguously from 0, each a
 single-channel uint8 / uint16 TIFF of the same height x width and pixel type, none truncated
-(file size against what the header promises); mask / labels / ir PNGs intact and the same size
-as the slices; labels binary (0/255 or 0/1). Only headers are read, except ``inklabels.png``,
-whose values are checked (and kept) at open. Every problem raises
+(file size against what the header promises), or a Zarr store whose metadata promises a (z, y,
+x) uint8 / uint16 volume; mask / labels / ir PNGs intact and the same size as the volume's
+(y, x); labels binary (0/255 or 0/1). Only headers and metadata are read, except
+``inklabels.png``, whose values are checked (and kept) at open. Every problem raises
 :class:`~scrollsam.errors.FragmentError` naming the file.
 
 Volumes use axis order ``(z, y, x)``; z indexes the slice files. Nothing reads a whole slice
@@ -32,12 +39,14 @@ from scrollsam.data.formats import (
     probe_slice,
     read_png,
 )
+from scrollsam.data.zarr_volume import ZarrInfo, ZarrReader, probe_zarr, store_files
 from scrollsam.errors import FragmentError, InputError
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("kaggle", "segment")
 _SLICE_DIRS = {"kaggle": "surface_volume", "segment": "layers"}
+ZARR_STORES = {"kaggle": "surface_volume.zarr", "segment": "layers.zarr"}
 _LARGE_SEGMENT = 4 * 1024 * 1024  # pixels; bigger compressed strips make window reads slow
 _SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 
@@ -45,9 +54,11 @@ _SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 class Fragment:
     """A validated fragment folder.
 
-    Attributes: ``path``, ``id`` (folder name), ``layout`` ("kaggle" | "segment"), ``depth``,
-    ``height``, ``width``, ``dtype`` (np.uint8 or np.uint16), ``shape`` = (depth, height, width),
-    ``slice_paths`` (z order), ``mask_path``, ``labels_path`` / ``ir_path`` (None when absent).
+    Attributes: ``path``, ``id`` (folder name), ``layout`` ("kaggle" | "segment"), ``store``
+    ("tiff" | "zarr" | "ome-zarr"), ``volume_path`` (the slice folder or the ``.zarr`` store),
+    ``depth``, ``height``, ``width``, ``dtype`` (np.uint8 or np.uint16), ``shape`` = (depth,
+    height, width), ``slice_paths`` (z order; empty for a Zarr volume), ``zarr_info`` (None for
+    TIFF), ``mask_path``, ``labels_path`` / ``ir_path`` (None when absent).
 
     Window readers take half-open ranges and accept y / x ranges that reach outside the image;
     the outside is filled with 0 (False), so sliding windows need no special case at borders.
@@ -60,8 +71,41 @@ class Fragment:
         if not self.path.is_dir():
             raise FragmentError(f"fragment folder not found ({self.path})")
         self.id = self.path.resolve().name
-        self.layout = _detect_layout(self.path)
-        self.slice_paths = _slice_files(self.path / _SLICE_DIRS[self.layout])
+        self.layout, self.volume_path = _detect_layout(self.path)
+        self.slice_paths: list[Path] = []
+        self._readers: list[SliceReader] = []
+        self.zarr_info: ZarrInfo | None = None
+        self._zarr: ZarrReader | None = None
+        if self.volume_path.suffix == ".zarr":
+            self._open_zarr()
+        else:
+            self._open_slices()
+
+        prefix = "" if self.layout == "kaggle" else f"{self.id}_"
+        self.mask_path = self.path / f"{prefix}mask.png"
+        if not self.mask_path.is_file():
+            raise FragmentError(f"missing mask: expected {self.mask_path.name} ({self.mask_path})")
+        self._check_png_size(self.mask_path)
+        labels = self.path / f"{prefix}inklabels.png"
+        self.labels_path: Path | None = labels if labels.is_file() else None
+        ir = self.path / "ir.png"
+        self.ir_path: Path | None = ir if ir.is_file() else None
+        for p in (self.labels_path, self.ir_path):
+            if p is not None:
+                self._check_png_size(p)
+
+        self._mask: np.ndarray | None = None
+        self._ir: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        if self.labels_path is not None:
+            self._labels = _binary(read_png(self.labels_path, gray="equal"), self.labels_path)
+            self._check_decoded_size(self._labels, self.labels_path)
+        log.debug("opened %s: %s layout, %s %s", self.path, self.layout, self.shape, self.dtype)
+
+    def _open_slices(self) -> None:
+        """Probe and cross-check every slice TIFF (headers only)."""
+        self.store = "tiff"
+        self.slice_paths = _slice_files(self.volume_path)
         infos = [probe_slice(p) for p in self.slice_paths]
         first = infos[0]
         for info in infos[1:]:
@@ -85,26 +129,12 @@ class Fragment:
                 first.segment_pixels * first.dtype.itemsize / 1e6,
             )
 
-        prefix = "" if self.layout == "kaggle" else f"{self.id}_"
-        self.mask_path = self.path / f"{prefix}mask.png"
-        if not self.mask_path.is_file():
-            raise FragmentError(f"missing mask: expected {self.mask_path.name} ({self.mask_path})")
-        self._check_png_size(self.mask_path)
-        labels = self.path / f"{prefix}inklabels.png"
-        self.labels_path: Path | None = labels if labels.is_file() else None
-        ir = self.path / "ir.png"
-        self.ir_path: Path | None = ir if ir.is_file() else None
-        for p in (self.labels_path, self.ir_path):
-            if p is not None:
-                self._check_png_size(p)
-
-        self._mask: np.ndarray | None = None
-        self._ir: np.ndarray | None = None
-        self._labels: np.ndarray | None = None
-        if self.labels_path is not None:
-            self._labels = _binary(read_png(self.labels_path, gray="equal"), self.labels_path)
-            self._check_decoded_size(self._labels, self.labels_path)
-        log.debug("opened %s: %s layout, %s %s", self.path, self.layout, self.shape, self.dtype)
+    def _open_zarr(self) -> None:
+        """Probe the Zarr store's metadata (no chunk data)."""
+        info = probe_zarr(self.volume_path)
+        self.store, self.zarr_info, self._zarr = info.kind, info, ZarrReader(info)
+        self.depth, self.height, self.width = info.shape
+        self.dtype = info.dtype
 
     # --- description -----------------------------------------------------------------------
 
@@ -119,19 +149,32 @@ class Fragment:
         return [r.info for r in self._readers]
 
     @property
+    def volume_files(self) -> list[Path]:
+        """The files that hold the volume: the slice TIFFs in z order, or every file of the
+        Zarr store (metadata and chunks, walked on each call)."""
+        if self._zarr is not None:
+            return store_files(self.volume_path)
+        return list(self.slice_paths)
+
+    @property
     def bytes_on_disk(self) -> int:
-        """Size of the slice files plus the PNGs, in bytes."""
-        files = [*self.slice_paths, self.mask_path, self.labels_path, self.ir_path]
+        """Size of the volume files plus the PNGs, in bytes."""
+        files = [*self.volume_files, self.mask_path, self.labels_path, self.ir_path]
         return sum(os.path.getsize(p) for p in files if p is not None)
 
     @property
     def bytes_read(self) -> int:
-        """Bytes of slice data read so far by this process (see :class:`.formats.SliceReader`)."""
+        """Bytes of volume data read so far by this process: window bytes or encoded strips /
+        tiles of the TIFFs (:class:`.formats.SliceReader`), encoded chunks fetched from a Zarr
+        store (:class:`.zarr_volume.ZarrReader`)."""
+        if self._zarr is not None:
+            return self._zarr.bytes_read
         return sum(r.bytes_read for r in self._readers)
 
     def __repr__(self) -> str:
         return (
-            f"Fragment({str(self.path)!r}, layout={self.layout!r}, shape={self.shape}, "
+            f"Fragment({str(self.path)!r}, layout={self.layout!r}, store={self.store!r}, "
+            f"shape={self.shape}, "
             f"dtype={self.dtype.name})"
         )
 
@@ -141,7 +184,8 @@ class Fragment:
         """Window ``[z0:z1, y0:y1, x0:x1]`` of the volume: [z1-z0, y1-y0, x1-x0], native dtype.
 
         ``0 <= z0 < z1 <= depth``; y / x ranges may reach outside the image (filled with 0). Only
-        the rows and columns of the window are read from each slice file.
+        the rows and columns of the window are read from each slice file, only the chunks the
+        window touches from a Zarr store.
         """
         if not (0 <= z0 < z1 <= self.depth):
             raise InputError(
@@ -152,7 +196,10 @@ class Fragment:
         out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=self.dtype)  # (z, y, x)
         iy0, iy1 = max(y0, 0), min(y1, self.height)
         ix0, ix1 = max(x0, 0), min(x1, self.width)
-        if iy0 < iy1 and ix0 < ix1:
+        if iy0 < iy1 and ix0 < ix1 and self._zarr is not None:
+            out[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = self._zarr.read(
+                z0, z1, iy0, iy1, ix0, ix1)
+        elif iy0 < iy1 and ix0 < ix1:
             for i, reader in enumerate(self._readers[z0:z1]):
                 out[i, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = reader.read(iy0, iy1, ix0, ix1)
         return out
@@ -161,6 +208,8 @@ class Fragment:
         """Release memory maps and file handles (reads re-open them)."""
         for r in self._readers:
             r.close()
+        if self._zarr is not None:
+            self._zarr.close()
 
     def __enter__(self) -> Fragment:
         return self
@@ -214,7 +263,8 @@ class Fragment:
         info = probe_png(path)
         if (info.height, info.width) != (self.height, self.width):
             raise FragmentError(
-                f"image is {info.height}x{info.width} but the slices are "
+                f"image is {info.height}x{info.width} but the "
+                f"{'slices are' if self.store == 'tiff' else 'volume is'} "
                 f"{self.height}x{self.width} ({path})"
             )
 
@@ -225,16 +275,21 @@ class Fragment:
             )
 
 
-def _detect_layout(path: Path) -> str:
-    found = [name for name, sub in _SLICE_DIRS.items() if (path / sub).is_dir()]
+def _detect_layout(path: Path) -> tuple[str, Path]:
+    """(layout, volume path): the one slice folder or ``.zarr`` store in ``path``; none or more
+    than one is a FragmentError."""
+    found = [(layout, path / sub) for layout, sub in _SLICE_DIRS.items() if (path / sub).is_dir()]
+    found += [(layout, path / name) for layout, name in ZARR_STORES.items()
+              if (path / name).exists()]
     if not found:
         raise FragmentError(
-            f"not a fragment folder: no surface_volume/ (Kaggle layout) or layers/ "
-            f"(scroll-segment layout) ({path})"
+            f"not a fragment folder: no surface_volume/ or surface_volume.zarr (Kaggle layout) "
+            f"or layers/ or layers.zarr (scroll-segment layout) ({path})"
         )
     if len(found) > 1:
+        names = " and ".join(f"{p.name}{'' if p.suffix else '/'}" for _, p in found)
         raise FragmentError(
-            f"ambiguous fragment folder: both surface_volume/ and layers/ exist ({path})"
+            f"ambiguous fragment folder: both {names} exist; keep one volume ({path})"
         )
     return found[0]
 

@@ -236,7 +236,7 @@ class StatsCache:
 
 def _cache_key(fragment: Fragment, seed: int) -> str:
     """Digest of what the statistics depend on: files (size, mtime), shape, dtype, method."""
-    files = [*fragment.slice_paths, fragment.mask_path, fragment.ir_path]
+    files = [*fragment.volume_files, fragment.mask_path, fragment.ir_path]
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p]
     blob = json.dumps([_VERSION, seed, SAMPLE_WINDOWS, SAMPLE_SIZE, fragment.shape,
                        fragment.dtype.name, stamp])

@@ -18,9 +18,13 @@ from scrollsam.data.stats import compute_stats, slice_contrast
 
 def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
     """Summary of ``fragment`` as a JSON-serialisable dict (keys as in the `inspect --json`
-    output: path, id, layout, height, width, depth, dtype, compression, memory_mapped,
-    bytes_on_disk, mask_coverage, has_labels, has_ir, ink_fraction, ir, sampled_pixels,
-    slices [{z, file, mean, std, contrast}], ink_band)."""
+    output: path, id, layout, store, volume, height, width, depth, dtype, compression,
+    memory_mapped, chunks, bytes_on_disk, mask_coverage, has_labels, has_ir, ink_fraction, ir,
+    sampled_pixels, slices [{z, file, mean, std, contrast}], ink_band).
+
+    ``store`` is "tiff", "zarr" or "ome-zarr"; ``volume`` names the slice folder or store and,
+    for Zarr, what it is (``surface_volume.zarr: Zarr v2 array``); ``chunks`` is the Zarr chunk
+    shape (z, y, x) or None; a slice's ``file`` is None for Zarr volumes."""
     mask = fragment.mask()
     labels = fragment.labels()
     stats = compute_stats(fragment, rng=np.random.default_rng(seed))
@@ -30,23 +34,35 @@ def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
     if labels is not None and inside:
         ink_fraction = np.count_nonzero(labels & mask) / inside
     slices = []
-    for z, path in enumerate(fragment.slice_paths):
+    names = [p.name for p in fragment.slice_paths] or [None] * fragment.depth
+    for z, name in enumerate(names):
         slices.append({
-            "z": z, "file": path.name,
+            "z": z, "file": name,
             "mean": round(stats.slice_mean[z], 3), "std": round(stats.slice_std[z], 3),
             "contrast": None if contrast is None else round(contrast.contrast[z], 4),
         })
-    infos = fragment.slice_infos
+    zi = fragment.zarr_info
+    if zi is None:
+        infos = fragment.slice_infos
+        volume = f"{fragment.volume_path.name}/"
+        compression, mapped = sorted({i.compression for i in infos}), all(
+            i.memmappable for i in infos)
+    else:
+        volume = f"{fragment.volume_path.name}: {zi.description}"
+        compression, mapped = [zi.codec], False
     return {
         "path": str(fragment.path),
         "id": fragment.id,
         "layout": fragment.layout,
+        "store": fragment.store,
+        "volume": volume,
         "height": fragment.height,
         "width": fragment.width,
         "depth": fragment.depth,
         "dtype": fragment.dtype.name,
-        "compression": sorted({i.compression for i in infos}),
-        "memory_mapped": all(i.memmappable for i in infos),
+        "compression": compression,
+        "memory_mapped": mapped,
+        "chunks": None if zi is None else list(zi.chunks),
         "bytes_on_disk": fragment.bytes_on_disk,
         "mask_coverage": inside / (fragment.height * fragment.width),
         "has_labels": labels is not None,
@@ -62,12 +78,16 @@ def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
 def format_description(d: dict[str, Any]) -> str:
     """Human-readable text of a :func:`describe` dict."""
     first, last = d["slices"][0]["file"], d["slices"][-1]["file"]
-    folder = "surface_volume" if d["layout"] == "kaggle" else "layers"
-    read = "memory-mapped" if d["memory_mapped"] else "read by strip / tile"
     codec = "/".join(d["compression"]).lower().replace("none", "uncompressed")
+    if d["chunks"] is None:
+        volume = f"{d['volume']}{first}..{last}"
+        read = "memory-mapped" if d["memory_mapped"] else "read by strip / tile"
+    else:
+        volume = d["volume"]
+        read = "read by chunk, chunks " + " x ".join(str(c) for c in d["chunks"]) + " (z, y, x)"
     lines = [
         f"fragment {d['id']} ({d['path']})",
-        f"  layout      {d['layout']} ({folder}/{first}..{last})",
+        f"  layout      {d['layout']} ({volume})",
         f"  size        {d['height']} x {d['width']} x {d['depth']} (height x width x depth), "
         f"{d['dtype']}, {codec} ({read})",
         f"  on disk     {_bytes(d['bytes_on_disk'])}",
@@ -89,7 +109,7 @@ def format_description(d: dict[str, Any]) -> str:
     lines.append(header + ("  contrast" if has_contrast else ""))
     peak = max((abs(s["contrast"]) for s in d["slices"]), default=0.0) if has_contrast else 0.0
     for s in d["slices"]:
-        row = f"  {s['z']:5d}  {s['file']:<10} {s['mean']:10.1f} {s['std']:10.1f}"
+        row = f"  {s['z']:5d}  {s['file'] or '-':<10} {s['mean']:10.1f} {s['std']:10.1f}"
         if has_contrast:
             bar = "#" * round(20 * abs(s["contrast"]) / peak) if peak > 0 else ""
             row += f"  {s['contrast']:+8.3f} {bar}"

@@ -27,7 +27,9 @@ Slice parameters (``make_view`` keywords; in a run config the mapping ``data.vie
 Kaggle), ``z0`` / ``z1`` (the band, half-open; default the ink band, slices 25..40 of 65, scaled
 for other depths; also ``data.z_start`` / ``data.z_end``), ``centre`` / ``std`` (triplet draw),
 ``depth_shift`` (range / project / mosaic: training moves the band by up to +-depth_shift
-slices), ``align`` (range / project / mosaic: ``sheet`` moves the band, per fragment, so that its
+slices), ``depth_scale`` (range / project / mosaic: training stretches or squeezes the band in
+depth by a factor drawn log-uniformly in [1 / (1 + s), 1 + s], as scans of another voxel size or
+a thinner / thicker sheet would look; 0 = off), ``align`` (range / project / mosaic: ``sheet`` moves the band, per fragment, so that its
 middle sits on the papyrus sheet's density centroid, :func:`.stats.sheet_centre`; ``none``
 keeps z0 / z1), ``reductions`` (project), ``grid`` (mosaic). Each view checks its own
 parameters.
@@ -234,7 +236,7 @@ class EveryView(SlicesView):
 class _BandView(SlicesView):
     """A view of the whole band that training may shift in depth by up to ``depth_shift``."""
 
-    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2, "align": "none"}
+    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2, "align": "none", "depth_scale": 0.0}
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
         super().__init__(stats, **params)
@@ -242,6 +244,9 @@ class _BandView(SlicesView):
         self.align = self._p["align"]
         if self.align not in ("none", "sheet"):
             raise InputError(f"align: expected none or sheet, got {self.align!r}")
+        self.depth_scale = _float("depth_scale", self._p["depth_scale"])
+        if not 0.0 <= self.depth_scale <= 1.0:
+            raise InputError(f"depth_scale: expected a number in [0, 1], got {self.depth_scale}")
 
     def band(self, fragment: Fragment) -> tuple[int, int]:
         """The fragment's band (z0, z1): as set, or centred on its sheet with ``align=sheet``
@@ -257,15 +262,37 @@ class _BandView(SlicesView):
                      rng: np.random.Generator) -> np.ndarray:
         self.check(fragment)
         z0, z1 = self._shifted_band(fragment, rng, self.depth_shift, band=self.band(fragment))
-        return self._compose(fragment, z0, z1, y0, x0, size)
+        scale = 1.0
+        if self.depth_scale > 0:  # log-uniform in [1 / (1 + s), 1 + s]
+            scale = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.depth_scale)))
+        return self._compose(fragment, z0, z1, y0, x0, size, scale=scale)
 
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
         self.check(fragment)
         return self._compose(fragment, *self.band(fragment), y0, x0, size)
 
     def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int) -> np.ndarray:
+                 size: int, *, scale: float = 1.0) -> np.ndarray:
         raise NotImplementedError
+
+    def _band_slices(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                     size: int, scale: float = 1.0) -> np.ndarray:
+        """The band's n = z1 - z0 normalised slices, float32 [n, S, S]; with ``scale`` != 1
+        resampled in depth about the band's middle (linear interpolation, positions kept
+        inside the volume): slice k sits at ``mid + (k - (n - 1) / 2) * scale``, so scale > 1
+        shows a thinner sheet and thinner ink, as a coarser scan would (training only)."""
+        if scale == 1.0:
+            return self._normalised(fragment, z0, z1, y0, x0, size)
+        n = z1 - z0
+        pos = (z0 + z1 - 1) / 2 + (np.arange(n) - (n - 1) / 2) * scale  # [n] fractional z
+        pos = np.clip(pos, 0, fragment.depth - 1)
+        lo, hi = int(np.floor(pos[0])), min(int(np.ceil(pos[-1])) + 1, fragment.depth)
+        vol = self._normalised(fragment, lo, hi, y0, x0, size)  # [hi - lo, S, S]
+        at = pos - lo  # [n] positions in vol
+        i0 = np.minimum(np.floor(at).astype(int), hi - lo - 1)  # [n]
+        i1 = np.minimum(i0 + 1, hi - lo - 1)
+        w = (at - i0).astype(np.float32)[:, None, None]  # [n, 1, 1]
+        return (vol[i0] * (1 - w) + vol[i1] * w).astype(np.float32)  # [n, S, S]
 
 
 class RangeView(_BandView):
@@ -278,8 +305,8 @@ class RangeView(_BandView):
         self.channels = self.z1 - self.z0
 
     def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int) -> np.ndarray:
-        return self._normalised(fragment, z0, z1, y0, x0, size)  # [C, S, S]
+                 size: int, *, scale: float = 1.0) -> np.ndarray:
+        return self._band_slices(fragment, z0, z1, y0, x0, size, scale)  # [C, S, S]
 
 
 def _views() -> dict[str, type[View]]:
