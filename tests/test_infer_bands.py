@@ -212,3 +212,19 @@ def test_auto_format_chooses_by_size():
     assert choose_format("png", (30000, 20000)) == "png"
     with pytest.raises(InputError, match="--format"):
         choose_format("tiff", (1, 1))
+
+
+def test_an_ome_zarr_volume_predicts_the_same_bands_as_its_tiff_folder(data, tmp_path):
+    from scrollsam.data.convert import convert_fragment
+
+    run = make_run(tmp_path / "run", "data.input=slices", "data.strategy=triplet",
+                   "data.view={depth: 8}")
+    copy = convert_fragment(data / "frag", tmp_path / "ome" / "frag", format="ome-zarr",
+                            chunks=(4, 32, 32))
+    outs = []
+    for frag in (data / "frag", copy):
+        outs.append(tmp_path / f"out{len(outs)}")
+        predict_to_folder(run, [frag], outs[-1], device="cpu", fmt="zarr", **BANDS)
+    for a, b in zip(zarr_files(outs[0]), zarr_files(outs[1]), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
