@@ -128,6 +128,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from scrollsam.infer.pipeline import predict_to_folder
     from scrollsam.train.distributed import world_from_env
 
+    if not world_from_env().main:  # under torchrun rank 0 tells; the others only warn
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
     threshold = None if args.threshold == "auto" else _number("--threshold", args.threshold)
     results = predict_to_folder(
         args.run, args.fragment, args.out, checkpoint=args.checkpoint, threshold=threshold,
