@@ -29,3 +29,47 @@ def make_run(path: Path, *overrides: str, best: float | None = 0.4, last: float 
                             state=TrainState(step=7, best_threshold=threshold),
                             config=config_to_dict(cfg))
     return path
+
+
+def sharded_worker(rank: int, world: int, port: int, jobs: list, result_dir: Path) -> None:
+    """One torchrun-like process (gloo) for torch.multiprocessing.spawn: joins the group, runs
+    ``predict_to_folder(**kwargs)`` for each job ``(name, kwargs, failing_rank)`` (on
+    ``failing_rank`` the model raises), and writes ``ok`` or the error to ``name-RANK.txt``."""
+    import os
+
+    import torch
+
+    from scrollsam.errors import InputError, ScrollsamError
+    from scrollsam.infer.pipeline import predict_to_folder
+    from scrollsam.infer.predict import Predictor
+    from scrollsam.train.distributed import init_distributed, shutdown_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    init_distributed(torch.device("cpu"))
+    real = Predictor.predict_rows
+    try:
+        for name, kwargs, failing in jobs:
+            if failing == rank:
+                def boom(self, *args, **kw):
+                    raise InputError("boom on purpose")
+                Predictor.predict_rows = boom
+            try:
+                predict_to_folder(**kwargs)
+                outcome = "ok"
+            except ScrollsamError as err:
+                outcome = f"{type(err).__name__}: {err}"
+            finally:
+                Predictor.predict_rows = real
+            (result_dir / f"{name}-{rank}.txt").write_text(outcome)
+    finally:
+        shutdown_distributed()
+
+
+def zarr_files(out: Path) -> tuple[list, list]:
+    """Every level of ``out/prob.ome.zarr``'s probability map and of its mask, as arrays."""
+    import zarr
+
+    root = zarr.open_group(out / "prob.ome.zarr", mode="r")
+    n = len(root.attrs["multiscales"][0]["datasets"])
+    return ([root[str(i)][:] for i in range(n)], [root[f"labels/ink/{i}"][:] for i in range(n)])

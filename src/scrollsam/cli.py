@@ -74,8 +74,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", help="run folder written by `scrollsam train` (optional with "
-                   "--checkpoint PATH: a checkpoint file holds everything predict needs)")
+    p.add_argument("--run", "--run-dir", dest="run",
+                   help="run folder written by `scrollsam train` (optional with --checkpoint "
+                   "PATH: a checkpoint file holds everything predict needs); spell it --run-dir "
+                   "after torchrun, whose parser mistakes --run for its --run-path")
     p.add_argument("--fragment", action="append", required=True, metavar="FRAGMENT_DIR",
                    help="fragment folder (repeatable; several write OUT/<id>/)")
     p.add_argument("--out", required=True, help="output folder (prob.png, mask.png, ...)")
@@ -103,11 +105,31 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="predict around clicks [{x, y, label}] (fragment pixels) with the "
                    "prompted decoder instead of everywhere")
     p.add_argument("--save-tif", action="store_true", help="also write prob.tif (float32)")
+    p.add_argument("--format", default="auto", choices=("auto", "png", "zarr"),
+                   help="png: prob.png, mask.png, overlay.png; zarr: prob.ome.zarr (chunked "
+                   "OME-Zarr with a pyramid, resumable) + PNG previews; auto (default): zarr "
+                   "above 64 Mpx")
+    p.add_argument("--dtype", default="uint8", choices=("uint8", "float16"),
+                   help="OME-Zarr values: uint8 = round(255 * p) (default) or float16 = p")
+    p.add_argument("--chunk", type=int, default=1024, metavar="N",
+                   help="OME-Zarr chunk side in pixels, >= 16 (default 1024)")
+    p.add_argument("--band-rows", type=int, metavar="N",
+                   help="rows per band, a multiple of --chunk (default: the smallest multiple "
+                   "of at least 4 windows); more rows recompute fewer windows, use more memory")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an OME-Zarr prediction with other settings in --out and start "
+                   "over (default: refuse; the same settings resume where a killed run stopped)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="MIN",
+                   help="under torchrun: minutes a process waits for the others before the job "
+                   "ends with an error (default 60)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from scrollsam.infer.pipeline import predict_to_folder
+    from scrollsam.train.distributed import world_from_env
 
+    if not world_from_env().main:  # under torchrun rank 0 tells; the others only warn
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
     threshold = None if args.threshold == "auto" else _number("--threshold", args.threshold)
     results = predict_to_folder(
         args.run, args.fragment, args.out, checkpoint=args.checkpoint, threshold=threshold,
@@ -115,12 +137,18 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device, precision=args.precision, submission=args.submission,
         force=args.force,
         points=args.points, save_tif=args.save_tif, progress=sys.stderr.isatty(),
+        fmt=args.format, dtype=args.dtype, chunk=args.chunk, band_rows=args.band_rows,
+        restart=args.restart, timeout_min=args.timeout,
     )
+    if not world_from_env().main:
+        return EXIT_OK  # rank 0 reports for every process
     for r in results:
         speed = r.stats.get("megapixels_per_s")
         line = f"{r.fragment}: {r.out_dir}"
         if speed is not None:
             line += f"  {speed:.2f} MP/s, peak {r.stats['peak_rss_anon_mb']:.0f} MB"
+        if r.stats.get("bands_skipped"):
+            line += f" ({r.stats['bands_skipped']} of {r.stats['bands']} bands already done)"
         if r.metrics is not None:
             m = r.metrics
             line += (f"  F0.5 {m['f0.5']:.4f} (precision {m['precision']:.4f}, recall "

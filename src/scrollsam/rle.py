@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "parse_pred_specs",
     "rle_decode",
     "rle_encode",
+    "rle_encode_rows",
     "write_submission",
 ]
 
@@ -49,6 +50,42 @@ def rle_encode(mask: np.ndarray) -> str:
     pairs[:, 0] = starts + 1  # 1-indexed
     pairs[:, 1] = ends - starts
     return " ".join(map(str, pairs.reshape(-1).tolist()))
+
+
+def rle_encode_rows(bands: Iterable[np.ndarray]) -> Iterator[str]:
+    """:func:`rle_encode` of a mask given as row bands [b, W] from top to bottom (nonzero =
+    ink), streamed: yields pieces (``"start length"`` pairs, space-separated) whose
+    concatenation is exactly ``rle_encode`` of the whole mask. Memory: one band; a run that
+    crosses a band's end is carried into the next."""
+    offset, first = 0, True  # pixels before this band; nothing written yet
+    open_start: int | None = None  # 0-based start of a run still open at the last band's end
+    width = None
+    for band in bands:
+        band = np.asarray(band)
+        if band.ndim != 2 or (width is not None and band.shape[1] != width):
+            raise InputError(f"bands: expected 2-D row bands of one width, got shape "
+                             f"{band.shape}")
+        width = band.shape[1]
+        flat = np.zeros(band.size + 2, dtype=bool)
+        flat[1:-1] = band.reshape(-1) != 0  # (b * W,) row-major
+        flat[0] = open_start is not None  # a run from the band above continues into this one
+        edges = np.flatnonzero(flat[1:-1] != flat[:-2])  # changes at pixel i, 0-based in band
+        starts_ends = (edges + offset).tolist()
+        if open_start is not None:  # the first edge closes the carried run (or none: open)
+            starts_ends = [open_start, *starts_ends]
+        if len(starts_ends) % 2:  # a run open at this band's end: carry it
+            open_start = starts_ends.pop()
+        else:
+            open_start = None
+        pairs = np.asarray(starts_ends, dtype=np.int64).reshape(-1, 2)  # (runs, [start, end))
+        if pairs.size:
+            text = " ".join(map(str, np.stack([pairs[:, 0] + 1, pairs[:, 1] - pairs[:, 0]],
+                                              axis=1).reshape(-1).tolist()))
+            yield text if first else " " + text
+            first = False
+        offset += band.size
+    if open_start is not None:
+        yield ("" if first else " ") + f"{open_start + 1} {offset - open_start}"
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
@@ -125,14 +162,16 @@ def parse_pred_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
 
 def write_submission(
     path: str | os.PathLike[str],
-    rows: Iterable[tuple[str, np.ndarray]],
+    rows: Iterable[tuple[str, np.ndarray | Iterable[np.ndarray]]],
     *,
     overwrite: bool = False,
 ) -> int:
     """Write the Kaggle CSV (``Id,Predicted`` + one ``id,rle`` line per row, in order) atomically.
 
-    rows: (id, mask ``[H, W]``) pairs; consumed one at a time, so a generator that loads each
-        mask lazily keeps only one fragment in memory.
+    rows: (id, mask) pairs, a mask being an array ``[H, W]`` or an iterable of its row bands
+        (``[b, W]`` from top to bottom, encoded as they come, :func:`rle_encode_rows`);
+        consumed one at a time, so a generator that loads each mask lazily keeps only one
+        fragment (or one band) in memory.
     overwrite: an existing ``path`` is replaced only when True; otherwise InputError, raised
         before any row is read.
     Returns the number of rows written. On any error nothing is written.
@@ -158,7 +197,13 @@ def write_submission(
                         f"got {ident!r}"
                     )
                 seen.add(ident)
-                f.write(f"{ident},{rle_encode(mask)}\n")
+                if isinstance(mask, np.ndarray):
+                    f.write(f"{ident},{rle_encode(mask)}\n")
+                else:
+                    f.write(f"{ident},")
+                    for piece in rle_encode_rows(mask):
+                        f.write(piece)
+                    f.write("\n")
                 count += 1
     except FileExistsError:
         raise InputError(

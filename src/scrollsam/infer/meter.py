@@ -36,10 +36,16 @@ class Meter:
     """Progress (tqdm on a terminal, megapixels of fragment area per second) and peak memory
     samples."""
 
-    def __init__(self, frag: Fragment, progress: bool) -> None:
-        self.area = frag.height * frag.width
-        self.mask_pixels = int(np.count_nonzero(frag.mask()))
+    def __init__(self, frag: Fragment, progress: bool, *,
+                 bands: list[tuple[int, int]] | None = None) -> None:
+        """bands: the row bands [y0, y1) this process predicts (default the whole fragment);
+        area and mask pixels count only them."""
+        bands = [(0, frag.height)] if bands is None else bands
+        mask = frag.mask()
+        self.area = sum((y1 - y0) * frag.width for y0, y1 in bands)
+        self.mask_pixels = sum(int(np.count_nonzero(mask[y0:y1])) for y0, y1 in bands)
         self.tiles = 0
+        self.images = 0  # model inputs: K per window, times 8 with TTA
         self.peak_anon = memory_status().get("rss_anon_mb", 0.0)
         self.bar = None
         if progress:
@@ -56,7 +62,7 @@ class Meter:
         if self.bar is not None:
             self.bar.update(pixels / 1e6)
 
-    def finish(self, seconds: float, device: torch.device, *, images: int) -> dict[str, Any]:
+    def finish(self, seconds: float, device: torch.device) -> dict[str, Any]:
         if self.bar is not None:
             self.bar.close()
         mem = memory_status()
@@ -64,7 +70,7 @@ class Meter:
                 else None)
         return {
             "megapixels": self.area / 1e6, "mask_megapixels": self.mask_pixels / 1e6,
-            "tiles": self.tiles, "images": images, "seconds": seconds,
+            "tiles": self.tiles, "images": self.images, "seconds": seconds,
             "megapixels_per_s": self.area / 1e6 / max(seconds, 1e-9),
             "peak_rss_anon_mb": max(self.peak_anon, mem.get("rss_anon_mb", 0.0)),
             "vm_hwm_mb": mem.get("vm_hwm_mb"), "peak_cuda_mb": cuda,

@@ -5,27 +5,45 @@ folder, the checkpoint, every fragment against the run's input view, the clicks 
 existing submission file), so a mistake costs seconds, not an hour of inference. Then, per
 fragment, it predicts (prompt-free, or around clicks), writes the files of :mod:`.outputs` into
 ``OUT`` (``OUT/<id>/`` when several fragments are given) and, at the end, the Kaggle CSV with
-the fragments' folder names as ids, decoded from the written ``mask.png`` files.
+the fragments' folder names as ids, decoded from the written ``mask.png`` files (or streamed
+from the OME-Zarr masks, band by band).
+
+Each fragment is predicted band by band (:mod:`.segment`), into PNG files or, for large
+fragments, an OME-Zarr map (``fmt``). Under torchrun (``WORLD_SIZE`` set) the process group is
+joined here, every rank predicts its own bands, and rank 0 alone writes the shared files.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 
 from scrollsam.data.fragment import Fragment
+from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
+from scrollsam.infer.band_state import check_band_rows, default_band_rows
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
 from scrollsam.infer.predict import Predictor
+from scrollsam.infer.segment import BandJob, choose_format, predict_png, predict_zarr, settle
+from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
 from scrollsam.io import read_image
 from scrollsam.rle import write_submission
+from scrollsam.train.distributed import (
+    World,
+    init_distributed,
+    process_device,
+    shutdown_distributed,
+    world_from_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +57,13 @@ class FragmentResult:
     files: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    format: str = "png"
+
+    def mask_rows(self) -> np.ndarray | Iterator[np.ndarray]:
+        """The written mask: the whole mask.png, or the OME-Zarr mask in row bands."""
+        if self.format == "zarr":
+            return ZarrOutput(self.out_dir).mask_rows()
+        return read_image(self.files["mask"])
 
 
 def predict_to_folder(
@@ -59,6 +84,12 @@ def predict_to_folder(
     save_tif: bool = False,
     progress: bool = False,
     precision: str = "auto",
+    fmt: str = "auto",
+    dtype: str = "uint8",
+    chunk: int = DEFAULT_CHUNK,
+    band_rows: int | None = None,
+    restart: bool = False,
+    timeout_min: float = 60.0,
 ) -> list[FragmentResult]:
     """Predict every fragment folder with the run and write its outputs under ``out``
     (``run`` None: ``checkpoint`` is a checkpoint file, used alone).
@@ -66,6 +97,12 @@ def predict_to_folder(
     threshold: None = the one saved with the checkpoint. submission: Kaggle CSV path; an
     existing file is replaced only with ``force``. points: clicks file (see :mod:`.points`).
     precision: ``auto`` (the run's ``train.amp``), ``bf16`` or ``fp32``.
+    fmt: ``png``, ``zarr`` (OME-Zarr, :mod:`.zarr_out`) or ``auto`` (zarr above
+    :data:`.segment.AUTO_ZARR_PIXELS`); dtype: the OME-Zarr values, uint8 or float16.
+    chunk: OME-Zarr chunk side; band_rows: rows per band, a multiple of ``chunk`` (default
+    :func:`.band_state.default_band_rows`). restart: discard an OME-Zarr prediction with other
+    settings in the output folder instead of refusing. timeout_min: under torchrun, how long a
+    process waits for the others at an exchange before the job ends with an error.
     """
     if not fragments:
         raise InputError("--fragment: expected at least one fragment folder, got none")
@@ -76,6 +113,16 @@ def predict_to_folder(
         if value is not None and value < least:
             raise InputError(f"{flag}: expected an integer >= {least} (leave it out for the "
                              f"default), got {value}")
+    choose_format(fmt, (1, 1))  # checks the name
+    if dtype not in VALUE_TYPES:
+        raise InputError(f"--dtype: expected one of {', '.join(VALUE_TYPES)}, got {dtype!r}")
+    check_band_rows(band_rows or chunk, chunk)
+    if not timeout_min > 0:
+        raise InputError(f"--timeout: expected a positive number of minutes, got {timeout_min}")
+    world = world_from_env()
+    if points is not None and (fmt == "zarr" or world.distributed):
+        raise InputError("--points: prediction around clicks writes PNG files in one process "
+                         "(not with --format zarr, not under torchrun)")
     if submission is not None:
         _check_submission(Path(submission), force=force)
     frags = [Fragment(p) for p in fragments]
@@ -87,6 +134,29 @@ def predict_to_folder(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")
+    dev = process_device(resolve_device(device, setting="--device"), world)
+    joined = world.distributed and not (dist.is_available() and dist.is_initialized())
+    world = init_distributed(dev, timeout=datetime.timedelta(minutes=timeout_min))
+    try:
+        return _predict_all(run, frags, out, world=world, device=dev, checkpoint=checkpoint,
+                            threshold=threshold, tile=tile, stride=stride,
+                            batch_size=batch_size, tta=tta, submission=submission, force=force,
+                            points=points, save_tif=save_tif, progress=progress,
+                            precision=precision, fmt=fmt, dtype=dtype, chunk=chunk,
+                            band_rows=band_rows, restart=restart)
+    finally:
+        if joined:
+            shutdown_distributed()
+
+
+def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out: Path, *,
+                 world: World, device: Any, checkpoint: str, threshold: float | None,
+                 tile: int | None, stride: int | None, batch_size: int | None, tta: bool,
+                 submission: str | os.PathLike[str] | None, force: bool,
+                 points: str | os.PathLike[str] | None, save_tif: bool, progress: bool,
+                 precision: str, fmt: str, dtype: str, chunk: int, band_rows: int | None,
+                 restart: bool) -> list[FragmentResult]:
+    ids = [f.id for f in frags]
     predictor = Predictor.from_run(run, checkpoint=checkpoint, device=device,
                                    threshold=threshold, tile=tile, stride=stride,
                                    batch_size=batch_size, tta=tta, stats_dir=out,
@@ -97,6 +167,8 @@ def predict_to_folder(
     clicks = load_clicks(points, ids) if points is not None else None
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
+    rows = band_rows or default_band_rows(predictor.tile, chunk)
+    check_band_rows(rows, chunk)
 
     results = []
     for frag in frags:
@@ -107,26 +179,63 @@ def predict_to_folder(
             "mode": "prompt-free" if clicks is None else "points",
             "compute_dtype": "bf16" if predictor.amp else "fp32",
         }
-        if clicks is None:
-            pred = predictor.predict_fragment(frag, progress=progress)
-            valid = frag.mask()
+        if clicks is not None:
+            results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
+                                           points=points, save_tif=save_tif))
+            frag.close()
+            continue
+        job = BandJob(predictor, frag, dest, rows, world, info, progress and world.main)
+        kind = choose_format(fmt, (frag.height, frag.width))
+        if kind == "zarr":
+            if save_tif and world.main:
+                log.warning("%s: --save-tif writes prob.tif in PNG mode only; the OME-Zarr map "
+                            "holds float16 probabilities with --dtype float16", frag.id)
+            settings = _settings(predictor, frag, chunk=chunk, band_rows=rows, dtype=dtype)
+            done = predict_zarr(job, chunk=chunk, dtype=dtype, settings=settings,
+                                restart=restart)
         else:
-            if not clicks.get(frag.id):
-                log.warning("%s: no clicks for it in %s; its outputs are empty", frag.id, points)
-            pred, valid = predict_clicks(predictor, frag, clicks.get(frag.id, []))
-        written = write_outputs(dest, pred.prob, threshold=pred.threshold, valid=valid,
-                                labels=frag.labels(), background=background_rows(frag,
-                                predictor), save_tif=save_tif, info=info)
-        results.append(FragmentResult(frag.id, dest, written.files, written.metrics, pred.stats))
-        log.info("%s: wrote %s", frag.id, ", ".join(p.name for p in written.files.values()))
-        del pred
+            done = predict_png(job, background=background_rows(frag, predictor),
+                               save_tif=save_tif)
+        results.append(FragmentResult(frag.id, dest, done.files, done.metrics, done.stats,
+                                      kind))
+        if world.main:
+            log.info("%s: wrote %s", frag.id, ", ".join(p.name for p in done.files.values()))
         frag.close()
 
     if submission is not None:
-        rows = ((r.fragment, read_image(r.files["mask"])) for r in results)
-        count = write_submission(submission, rows, overwrite=force)
-        log.info("wrote %s (%d fragments)", submission, count)
+        def write() -> None:
+            if world.main:
+                count = write_submission(submission, ((r.fragment, r.mask_rows())
+                                                      for r in results), overwrite=force)
+                log.info("wrote %s (%d fragments)", submission, count)
+        settle(write, world)
     return results
+
+
+def _predict_clicks(predictor: Predictor, frag: Fragment, clicks: dict[str, Any], dest: Path,
+                    *, info: dict[str, Any], points: Any, save_tif: bool) -> FragmentResult:
+    """Prediction around clicks (one process, PNG files)."""
+    if not clicks.get(frag.id):
+        log.warning("%s: no clicks for it in %s; its outputs are empty", frag.id, points)
+    pred, valid = predict_clicks(predictor, frag, clicks.get(frag.id, []))
+    written = write_outputs(dest, pred.prob, threshold=pred.threshold, valid=valid,
+                            labels=frag.labels(), background=background_rows(frag, predictor),
+                            save_tif=save_tif, info=info)
+    log.info("%s: wrote %s", frag.id, ", ".join(p.name for p in written.files.values()))
+    return FragmentResult(frag.id, dest, written.files, written.metrics, pred.stats)
+
+
+def _settings(predictor: Predictor, frag: Fragment, **extra: Any) -> dict[str, Any]:
+    """What an OME-Zarr prediction's values depend on (stored with it; a resume must match)."""
+    src = predictor.source
+    ckpt = (None if src is None else
+            {"path": str(src.resolve()), "bytes": src.stat().st_size,
+             "mtime_ns": src.stat().st_mtime_ns})
+    return {"fragment": str(frag.path.resolve()), "shape": [frag.height, frag.width],
+            "checkpoint": ckpt, "tile": predictor.tile, "stride": predictor.stride,
+            "batch_size": predictor.batch_size, "tta": predictor.tta,
+            "compute_dtype": "bf16" if predictor.amp else "fp32",
+            "device": predictor.device.type, "threshold": predictor.threshold, **extra}
 
 
 def _warn_if_larger(frag: Fragment, tile: int) -> None:

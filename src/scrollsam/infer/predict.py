@@ -114,6 +114,7 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
         self.amp = use_bf16(self.device, amp)
+        self.source: Path | None = None  # the checkpoint file, when built from one
         self.cache_size = 64  # embeddings kept for prompted decoding (see .points)
         self._embeddings: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict())
@@ -148,7 +149,7 @@ class Predictor:
         cls,
         path: str | os.PathLike[str],
         *,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         threshold: float | None = None,
         tile: int | None = None,
         stride: int | None = None,
@@ -177,10 +178,12 @@ class Predictor:
                  " (from the checkpoint)" if threshold is None else "")
         tile = tile or cfg.model.image_size
         stride = stride or cfg.data.stride or None
-        return cls(model, view, threshold=saved if threshold is None else threshold,
+        pred = cls(model, view, threshold=saved if threshold is None else threshold,
                    device=device, tile=tile, stride=stride,
                    batch_size=batch_size or cfg.train.batch_size, tta=tta,
                    amp=cfg.train.amp if precision == "auto" else precision)
+        pred.source = path
+        return pred
 
     # --- windows ---------------------------------------------------------------------------
 
@@ -317,28 +320,41 @@ class Predictor:
         """Whole-fragment probabilities: windows inside mask.png, batched, blended, streamed
         (slices are read window by window; memory is the output map plus a few batches)."""
         frag = self.open(fragment)
-        view = self.view
-        assert view is not None
-        tile = self.tile
-        k = view.infer_windows(frag, 0, 0, 16).shape[0]  # inputs per window (K)
-        mask = frag.mask()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         meter = Meter(frag, progress)
         t0 = time.perf_counter()
-        prob = sliding_window_inference(
-            lambda y0, x0: view.infer_windows(frag, y0, x0, tile), self._count(meter),
-            shape=(frag.height, frag.width), tile=tile, stride=self.stride,
-            batch_size=self._tiles_per_batch(k), mask=mask, progress=meter.update,
-        )
-        np.clip(prob, 0.0, 1.0, out=prob)
-        stats = meter.finish(time.perf_counter() - t0, self.device,
-                             images=meter.tiles * k * (len(DIHEDRAL) if self.tta else 1))
+        prob = self.predict_rows(frag, 0, frag.height, meter=meter)
+        stats = meter.finish(time.perf_counter() - t0, self.device)
         return Prediction(frag.id, prob, self.threshold, stats)
 
-    def _count(self, meter: Meter) -> Callable[[np.ndarray], np.ndarray]:
-        def run(windows: np.ndarray) -> np.ndarray:
-            meter.tiles += windows.shape[0]
+    def predict_rows(self, frag: Fragment, y0: int, y1: int, *,
+                     meter: Meter | None = None) -> np.ndarray:
+        """Probabilities float32 [y1 - y0, W] in [0, 1] of the rows [y0, y1) of an opened
+        fragment (:meth:`open`), 0 outside its mask: every window of the whole-fragment grid
+        that touches the rows is run, in grid order and in the same batches whichever band
+        is asked, so a band's values never depend on the other bands or on who runs them."""
+        view = self.view
+        if view is None:
+            raise InputError("view: this Predictor was built without a view; use "
+                             "Predictor.from_run or pass view= to predict fragments")
+        tile = self.tile
+        k = view.infer_windows(frag, 0, 0, 16).shape[0]  # inputs per window (K)
+        prob = sliding_window_inference(
+            lambda a, b: view.infer_windows(frag, a, b, tile), self._count(meter),
+            shape=(frag.height, frag.width), tile=tile, stride=self.stride,
+            batch_size=self._tiles_per_batch(k), mask=frag.mask(),
+            progress=None if meter is None else meter.update, rows=(y0, y1),
+        )
+        np.clip(prob, 0.0, 1.0, out=prob)
+        return prob
+
+    def _count(self, meter: Meter | None) -> Callable[[np.ndarray], np.ndarray]:
+        def run(windows: np.ndarray) -> np.ndarray:  # [B, K, C, T, T]
+            if meter is not None:
+                meter.tiles += windows.shape[0]
+                meter.images += (windows.shape[0] * windows.shape[1]
+                                 * (len(DIHEDRAL) if self.tta else 1))
             return self.predict_windows(windows)
         return run
 

@@ -135,30 +135,44 @@ def sliding_window_inference(
     sigma_scale: float = 0.125,
     progress: Callable[[int], None] | None = None,
     prefetch: bool = True,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Blend ``predictor`` over all windows of an image of ``shape`` = (H, W) into float32 [H, W].
+    """Blend ``predictor`` over all windows of an image of ``shape`` = (H, W) into float32 [H, W],
+    or, with ``rows`` = (y0, y1), into the band float32 [y1 - y0, W] of those rows alone.
 
     read: ``(y0, x0) -> window`` for the pixels ``[y0:y0+tile, x0:x0+tile]``, any array whose
         last two axes are (tile, tile) (e.g. [C, tile, tile]); it must pad past the border.
     predictor: ``windows [B, *window.shape] -> [B, tile, tile]`` values to blend (probabilities).
     mask: bool [H, W]; windows without a mask pixel are skipped, the result is 0 outside it.
-    progress: called with the image area (pixels) of each finished window's grid cell.
+    progress: called with the image area (pixels) of each finished window's grid cell (the
+        part inside ``rows``), so the calls add up to the area predicted.
     prefetch: read the next batch in a background thread while the predictor runs.
+    rows: run only the windows that touch rows [y0, y1), in the same order and the same batches
+        as they would run over the whole image: a band's values are the sums of the whole
+        image's run whenever the predictor gives a window the same values in any batch, and
+        the same bands always give bit-identical values (sharded prediction, :mod:`.bands`).
     """
     grid = Grid.make(shape, tile=tile, stride=stride)
     h, w = grid.shape
+    r0, r1 = (0, h) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= r0 < r1 <= h:
+        raise InputError(f"rows: expected 0 <= y0 < y1 <= {h}, got {rows}")
     if mask is not None and (mask.shape != (h, w) or mask.dtype != bool):
         raise InputError(f"mask: expected bool [{h}, {w}], got {mask.dtype} {list(mask.shape)}")
     if batch_size < 1:
         raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
     g = blend_weight(grid.tile, blend=blend, sigma_scale=sigma_scale)
     weight = np.outer(g, g).astype(np.float32)  # (tile, tile)
-    out = np.zeros((h, w), dtype=np.float32)  # (H, W) sum of weight * prediction
+    out = np.zeros((r1 - r0, w), dtype=np.float32)  # (rows, W) sum of weight * prediction
+    cell_rows = dict(zip(grid.ys, _cell_bounds(grid.ys, h), strict=True))
 
     def batches() -> Iterator[tuple[list[tuple[int, int]], int]]:
         todo, area = [], 0
         for y0, x0, cell in grid.cells():
-            area += cell
+            if y0 + tile <= r0 or y0 >= r1:
+                continue  # the window does not touch the band
+            c0, c1 = cell_rows[y0]
+            area += cell // (c1 - c0) * max(0, min(c1, r1) - max(c0, r0))
             if mask is None or mask[y0:y0 + tile, x0:x0 + tile].any():
                 todo.append((y0, x0))
             if len(todo) == batch_size:
@@ -183,17 +197,17 @@ def sliding_window_inference(
                 windows = future.result()
             else:
                 windows = load(corners)
-            _accumulate(out, predictor, windows, corners, weight, tile)
+            _accumulate(out, predictor, windows, corners, weight, tile, r0)
             if progress is not None:
                 progress(area)
         if pending is not None:
             corners, area, future = pending
-            _accumulate(out, predictor, future.result(), corners, weight, tile)
+            _accumulate(out, predictor, future.result(), corners, weight, tile, r0)
             if progress is not None:
                 progress(area)
 
     wy, wx = grid.weight_sums(g)
-    normalise(out, wy, wx, mask)
+    normalise(out, wy[r0:r1], wx, None if mask is None else mask[r0:r1])
     return out
 
 
@@ -268,7 +282,10 @@ def normalise(out: np.ndarray, wy: np.ndarray, wx: np.ndarray, mask: np.ndarray 
 
 
 def _accumulate(out: np.ndarray, predictor: Predictor, windows: np.ndarray | None,
-                corners: list[tuple[int, int]], weight: np.ndarray, tile: int) -> None:
+                corners: list[tuple[int, int]], weight: np.ndarray, tile: int,
+                r0: int = 0) -> None:
+    """Add ``weight * prediction`` of each window into ``out``, the rows [r0, r0 + len(out))
+    of the image (the part of each window inside them)."""
     if windows is None:
         return
     pred = np.asarray(predictor(windows), dtype=np.float32)
@@ -277,8 +294,9 @@ def _accumulate(out: np.ndarray, predictor: Predictor, windows: np.ndarray | Non
                          f"{[len(corners), tile, tile]}, got {list(pred.shape)}")
     h, w = out.shape
     for p, (y0, x0) in zip(pred, corners, strict=True):
-        y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-        out[y0:y1, x0:x1] += (weight * p)[:y1 - y0, :x1 - x0]
+        a, b = max(y0, r0), min(y0 + tile, r0 + h)  # image rows of the window inside out
+        x1 = min(x0 + tile, w)
+        out[a - r0:b - r0, x0:x1] += (weight * p)[a - y0:b - y0, :x1 - x0]
 
 
 def _checked_window(win: np.ndarray, tile: int) -> np.ndarray:
@@ -291,6 +309,11 @@ def _checked_window(win: np.ndarray, tile: int) -> np.ndarray:
 def _cell_sizes(starts: tuple[int, ...], length: int) -> list[int]:
     ends = [*starts[1:], length]
     return [e - s for s, e in zip(starts, ends, strict=True)]
+
+
+def _cell_bounds(starts: tuple[int, ...], length: int) -> list[tuple[int, int]]:
+    """[start, end) of each window's grid cell along an axis (cells partition the axis)."""
+    return list(zip(starts, [*starts[1:], length], strict=True))
 
 
 def _axis_sum(starts: tuple[int, ...], g: np.ndarray, length: int) -> np.ndarray:
