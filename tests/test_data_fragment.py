@@ -286,3 +286,25 @@ def test_window_read_memory_is_bounded_on_a_volume_larger_than_ram(tmp_path):
     # At most two 4 KiB pages per window row per slice, plus the 8.5 MB result.
     assert grown < 65 * 256 * 2 * 4096 + 32e6, r
     assert peak_growth < slice_bytes / 2, r
+
+
+def test_decoding_the_mask_holds_one_copy_of_it(tmp_path):
+    """A segment's mask.png is hundreds of MB decoded: the bool mask reuses the decoded bytes
+    (the peak was two copies)."""
+    import tracemalloc
+
+    h = w = 1500
+    (tmp_path / "f" / "surface_volume").mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "f" / "surface_volume" / "00.tif", np.zeros((h, w), np.uint8))
+    m = np.zeros((h, w), np.uint8)
+    m[100:1400, 50:1450] = 255
+    cv2.imwrite(str(tmp_path / "f" / "mask.png"), m)
+    frag = Fragment(tmp_path / "f")
+    tracemalloc.start()
+    try:
+        mask = frag.mask()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert mask.dtype == np.bool_ and int(mask.sum()) == 1300 * 1400
+    assert peak < 1.3 * h * w, peak / (h * w)

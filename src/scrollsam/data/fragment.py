@@ -224,7 +224,11 @@ class Fragment:
         if self._mask is None:
             img = read_png(self.mask_path, gray="equal")
             self._check_decoded_size(img, self.mask_path)
-            self._mask = img > 0
+            if img.dtype == np.uint8:  # in place: a segment's mask is hundreds of MB
+                np.minimum(img, 1, out=img)
+                self._mask = img.view(np.bool_)
+            else:
+                self._mask = img > 0
         return self._mask
 
     def labels(self) -> np.ndarray | None:
