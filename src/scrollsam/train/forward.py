@@ -98,5 +98,5 @@ def wrap_for_ranks(model: SamSegmenter, cache: EmbeddingCache | None, *, world: 
     # device_ids=None: DDP does not move the CPU batch to the GPU (the prompt samplers and
     # the cache's hashing read it there). Buffers are constants (pixel mean, positional
     # encoding): synchronised once when wrapping, not broadcast before every step.
-    return nn.parallel.DistributedDataParallel(step, device_ids=None, broadcast_buffers=False,
+    return nn.parallel.DistributedDataParallel(step, device_ids=None, forward_sync_buffers=False,
                                                gradient_as_bucket_view=True)
