@@ -258,8 +258,6 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
         rd.undo_new()
         raise
     stored = stored_config(cfg)
-    if world.main:
-        save_config(stored, run / "config.yaml")
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
@@ -277,14 +275,15 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             save_checkpoint(run / name, model=s.model, optimizer=optimizer, state=state,
                             config=config_dict, world_size=world.size)
 
-    def writes(*actions: Callable[[], None]) -> None:  # rank 0's writes, failures agreed
+    def writes(action: Callable[[], object]) -> None:  # rank 0's writes, failures agreed
         failure = None
         try:
-            for act in actions:
-                act()
+            action()
         except Exception as err:
             failure = err
         ranks.agree(failure)
+
+    writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
     batches = _batches(s, state.step)
