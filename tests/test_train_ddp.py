@@ -98,9 +98,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(data, tmp_path)
     # which Adam's normalisation turns into parameter differences of about lr per step for
     # parameters whose gradient is ~0: at lr 1e-5 they stay below 1e-6 (at the demo's 1e-3,
     # about 5e-5 after 3 steps).
-    torch.set_num_threads(1)
-    one = train(load_config(None, _args(data, tmp_path / "one", 4, "train.lr=1e-5")),
-                progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes runs
+    try:
+        one = train(load_config(None, _args(data, tmp_path / "one", 4, "train.lr=1e-5")),
+                    progress=False)
+    finally:
+        torch.set_num_threads(threads)  # later tests compare runs with the default count
     two = tmp_path / "two"
     results = _ok(run_ranks(train_worker, 2, _args(data, two, 2, "train.lr=1e-5")))
     assert results[1]["writes"] == []  # rank 1 wrote nothing into the run dir
