@@ -58,15 +58,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from scrollsam.config import given_keys, load_config
+    from scrollsam.train.distributed import world_from_env
     from scrollsam.train.loop import train
 
+    world = world_from_env()  # under torchrun: rank 0 speaks, the others only warn
+    if not world.main:
+        log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     cfg = load_config(args.config, args.overrides)
     if args.resume and args.config:
         log.info("--resume continues the run's saved config; %s is not used (key=value "
                  "overrides may change out, data.root, train.steps, ...)", args.config)
     run = train(cfg, resume=args.resume, progress=not args.no_progress,
                 given=given_keys(args.overrides))
-    print(f"run: {run}  (checkpoints best.pt / last.pt; tensorboard --logdir {run / 'tb'})")
+    if world.main:
+        print(f"run: {run}  (checkpoints best.pt / last.pt; tensorboard --logdir {run / 'tb'})")
     return EXIT_OK
 
 

@@ -17,12 +17,17 @@ Frames and shapes (P prompt sets, each over one S x S tile of the model input fr
 
 A tile without ink never gets a positive point: samplers return background points, or padding
 only, which SAM reads as "no point" (the same as a prompt-free decode). Randomness comes only
-from the ``generator`` argument (a ``torch.Generator`` on any device; numbers are drawn on its
-device and moved), never from global state. Results are on the device of ``target``; the
-distance transforms run on the CPU with OpenCV.
+from the ``generator`` argument, never from global state: one ``torch.Generator`` for all P
+sets, or a sequence of P generators, one per set (:data:`Generators`), so that each set's
+prompts depend on its own generator alone, whatever else is in the batch (training under
+torchrun splits a batch across processes and must draw the same prompts). Numbers are drawn on
+a generator's device and moved. Results are on the device of ``target``; the distance
+transforms run on the CPU with OpenCV.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -34,15 +39,20 @@ from scrollsam.errors import InputError, describe
 from scrollsam.losses import upsample_logits
 
 __all__ = [
+    "Generators",
     "append_points",
     "box_prompts",
     "corrective_points",
     "pad_point_sets",
+    "random_numbers",
     "random_points",
+    "rows_of",
     "select_mask",
 ]
 
 Points = tuple[Tensor, Tensor]  # coords [P, N, 2] float32 (x, y), labels [P, N] int64
+# One generator for all P sets, or one per set (set p draws from generators[p] only).
+Generators = torch.Generator | Sequence[torch.Generator]
 
 
 def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -60,12 +70,33 @@ def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     return (target[:, 0] > 0.5) & ok, ok
 
 
-def _random(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
-            *, normal: bool = False) -> Tensor:
-    if not isinstance(generator, torch.Generator):
-        raise InputError(f"generator: expected a torch.Generator, got {describe(generator)}")
+def random_numbers(shape: tuple[int, ...], generator: Generators, device: torch.device,
+                   *, normal: bool = False) -> Tensor:
+    """Uniform [0, 1) (or standard normal) numbers of ``shape`` (P, ...) on ``device``; with one
+    generator per set, row p comes from ``generator[p]`` alone."""
     draw = torch.randn if normal else torch.rand
-    return draw(shape, generator=generator, device=generator.device).to(device)
+    if isinstance(generator, torch.Generator):
+        return draw(shape, generator=generator, device=generator.device).to(device)
+    if not _per_set(generator, shape[0]):
+        raise InputError(f"generator: expected a torch.Generator or {shape[0]} of them (one per "
+                         f"set), got {describe(generator)}")
+    if not generator:
+        return torch.empty(shape, device=device)
+    rows = [draw(shape[1:], generator=g, device=g.device).to(device) for g in generator]
+    return torch.stack(rows)  # (P, ...)
+
+
+def _per_set(generator: object, sets: int) -> bool:
+    return (isinstance(generator, Sequence) and len(generator) == sets
+            and all(isinstance(g, torch.Generator) for g in generator))
+
+
+def rows_of(generator: Generators, rows: Sequence[int]) -> Generators:
+    """The generators of the sets ``rows`` (a subset of the sets, in that order): the one
+    shared generator as it is, or the per-set ones picked."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    return [generator[r] for r in rows]
 
 
 def _compact(coords: Tensor, labels: Tensor) -> Points:
@@ -116,7 +147,7 @@ def append_points(points: Points, new: Points) -> Points:
 
 
 def random_points(target: Tensor, valid: Tensor | None = None, *,
-                  generator: torch.Generator, positives: int = 1, negatives: int = 0) -> Points:
+                  generator: Generators, positives: int = 1, negatives: int = 0) -> Points:
     """``positives`` ink points and ``negatives`` background points, uniform without
     replacement inside valid -> N = positives + negatives, ink points first. A set with fewer
     candidates than asked gets what exists, then padding."""
@@ -139,7 +170,7 @@ def random_points(target: Tensor, valid: Tensor | None = None, *,
     return _compact(torch.cat(out_c, dim=1), torch.cat(out_l, dim=1))
 
 
-def uniform_pick(pool: Tensor, count: int, generator: torch.Generator,
+def uniform_pick(pool: Tensor, count: int, generator: Generators,
                  *, tries: int = 32) -> tuple[Tensor, Tensor]:
     """``count`` distinct positions per row of ``pool`` (bool [P, L]), uniform without
     replacement among the True ones -> (index long [P, count], found bool [P, count]); a row
@@ -153,7 +184,8 @@ def uniform_pick(pool: Tensor, count: int, generator: torch.Generator,
     """
     P, L = pool.shape
     draws = max(1, tries) * count
-    cand = (_random((P, draws), generator, pool.device) * L).long().clamp_(max=L - 1)  # (P, D)
+    cand = random_numbers((P, draws), generator, pool.device) * L  # (P, D)
+    cand = cand.long().clamp_(max=L - 1)
     inside = pool.gather(1, cand)  # (P, D)
     ordered, order = cand.sort(dim=1, stable=True)  # equal draws stay in draw order
     seen = torch.zeros_like(inside)
@@ -169,8 +201,9 @@ def uniform_pick(pool: Tensor, count: int, generator: torch.Generator,
     index[rows, slot], found[rows, slot] = cand[rows, cols], True
     for row in (~found[:, -1]).nonzero().flatten().tolist():  # sparse pools, exactly
         listed = pool[row].nonzero().flatten()  # (n,)
-        perm = torch.randperm(listed.numel(), generator=generator,
-                              device=generator.device).to(pool.device)[:count]
+        gen = generator if isinstance(generator, torch.Generator) else generator[row]
+        perm = torch.randperm(listed.numel(), generator=gen,
+                              device=gen.device).to(pool.device)[:count]
         index[row], found[row] = 0, False
         index[row, :perm.numel()], found[row, :perm.numel()] = listed[perm], True
     return index, found
@@ -183,7 +216,7 @@ def _depth(region: np.ndarray) -> np.ndarray:
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
 
-def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: torch.Generator,
+def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: Generators,
                 noise: float = 0.1, max_noise: float = 20.0) -> tuple[Tensor, Tensor]:
     """The bounding box of the ink, each coordinate jittered as in the SAM paper.
 
@@ -201,7 +234,7 @@ def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: torch
     x0, x1 = cols.argmax(dim=1), W - 1 - cols.flip(1).argmax(dim=1)
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()  # (P, 4)
     side = torch.stack([x1 - x0, y1 - y0], dim=1).float().add(1).repeat(1, 2)  # (P, 4) w,h,w,h
-    jitter = _random((P, 4), generator, ink.device, normal=True) * noise * side
+    jitter = random_numbers((P, 4), generator, ink.device, normal=True) * noise * side
     boxes = boxes + jitter.clamp(-max_noise, max_noise)
     limit = torch.tensor([W - 1, H - 1, W - 1, H - 1], dtype=torch.float32, device=ink.device)
     boxes = torch.minimum(boxes.clamp(min=0), limit).round()
@@ -212,7 +245,7 @@ def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: torch
 
 
 def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None, *,
-                      mode: str = "center", generator: torch.Generator | None = None) -> Points:
+                      mode: str = "center", generator: Generators | None = None) -> Points:
     """One new point per set from the error region between a prediction and the truth (SAM
     paper, Appendix A) -> ``([P, 1, 2], [P, 1])``.
 
@@ -240,7 +273,7 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
     if mode == "uniform":
         if generator is None:
             raise InputError("generator: expected a torch.Generator for mode 'uniform', got None")
-        keys = _random((P, H * W), generator, ink.device)  # (P, H * W)
+        keys = random_numbers((P, H * W), generator, ink.device)  # (P, H * W)
         error = (missed | extra).reshape(P, -1)
         best = torch.where(error, keys, -1.0).max(dim=1)  # values, indices (P,)
         label = missed.reshape(P, -1).gather(1, best.indices[:, None]).long()  # (P, 1)

@@ -4,8 +4,10 @@ A checkpoint holds everything resume and predict need: the SAM weights under ``"
 official parameter names (so :func:`scrollsam.model.build.load_sam_state_dict` reads it like an
 official file), scrollsam's own parts (depth encoder, mask head) under ``"extras"``, the
 optimizer state, the step, the merged config, the best validation F0.5 and its threshold, and
-the state of the prompt sampler's generator (``rng["prompts"]``), the one random stream
-training draws from once set up (data order is a pure function of seed and step). Only
+the number of processes that trained it (``world_size``: with the config's batch size it gives
+the global batch a resume must keep). No random state: the data order and each tile's prompts
+are pure functions of the seed and the sample index (:mod:`.order`); the ``rng`` entry of
+older checkpoints (a prompt generator's state) is read and ignored. Only
 tensors and plain Python values are stored, so ``torch.load(weights_only=True)`` reads it.
 Files are written to a temp file and renamed: an interrupted write never leaves a partial
 ``last.pt``.
@@ -45,9 +47,11 @@ def save_checkpoint(
     state: TrainState,
     config: dict[str, Any],
     rng: dict[str, Any] | None = None,
+    world_size: int = 1,
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path. A refused write
-    (full disk, read-only folder) raises WriteError and leaves an existing ``path`` intact."""
+    (full disk, read-only folder) raises WriteError and leaves an existing ``path`` intact.
+    ``model``: the unwrapped SamSegmenter (not its DDP wrapper); ``world_size``: processes."""
     payload = {
         "format": FORMAT,
         "model": model.sam.state_dict(),
@@ -60,6 +64,7 @@ def save_checkpoint(
         "best_step": state.best_step,
         "config": config,
         "rng": rng,
+        "world_size": world_size,
     }
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -132,3 +132,22 @@ def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, i
     starts = range(0, height, band_rows)
     return [(y0, min(y0 + band_rows, height)) for i, y0 in enumerate(starts)
             if i % world.size == world.rank]
+
+
+def join_process_group(*, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> World:
+    """Like :func:`init_distributed`, with a backend for each device kind this machine has:
+    gloo for CPU tensors and, where torch sees CUDA, NCCL for CUDA tensors; a collective picks
+    the backend from its tensor's device. For training, which joins before it knows its device
+    (a resumed run reads it from its checkpoint) and exchanges small CPU flags beside DDP's
+    gradients. Each process uses GPU ``LOCAL_RANK``. No-op alone and when already joined."""
+    world = world_from_env()
+    if not world.distributed:
+        return world
+    if dist.is_initialized():
+        return current_world()
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(process_device(torch.device("cuda"), world))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=timeout)
+    return world

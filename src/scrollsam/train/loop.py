@@ -4,10 +4,16 @@ Per step: learning rate from the schedule (a pure function of the step), ``accum
 batches of B tiles (embeddings from the cache when the encoder is frozen), the prompted forward
 pass of :mod:`.step` under autocast (:mod:`scrollsam.precision`), a NaN/inf guard, gradient
 clipping, the optimizer step; then logging, validation (prompt-free F0.5 and its best threshold,
-keeping ``best.pt``), and ``last.pt``. Data order is a pure function of (seed, step), so a resumed
-run continues exactly where the killed one stopped. The run dir is locked and prepared by
-:mod:`.rundir`; Ctrl-C and SIGTERM end the run after the current step with ``last.pt`` written
-(:mod:`.stop`).
+keeping ``best.pt``), and ``last.pt``. Data order and prompts are pure functions of (seed,
+sample index) (:mod:`.order`), so a resumed run continues exactly where the killed one stopped.
+The run dir is locked and prepared by :mod:`.rundir`; Ctrl-C and SIGTERM end the run after the
+current step with ``last.pt`` written (:mod:`.stop`).
+
+Under torchrun (``torchrun --nproc-per-node N -m scrollsam train ...``) every process runs this
+loop on its share of each global batch, DDP averages the gradients (:mod:`.forward`), rank 0
+alone writes (run dir, config, checkpoints, TensorBoard), validation is shared out
+(:mod:`.validate`), and errors and stops are agreed at fixed points (:mod:`.ranks`), so the
+processes end together with one message.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,33 +35,38 @@ from scrollsam.data.dataset import TileDataset, make_datasets
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
-from scrollsam.errors import ConfigError, ScrollsamError
-from scrollsam.io import atomic_path
+from scrollsam.errors import ConfigError
 from scrollsam.losses import scalar_parts
-from scrollsam.metrics import ProbabilityHistogram, search_threshold
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
 from scrollsam.model.compile import compile_encoder
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import count_parameters, format_counts
 from scrollsam.precision import autocast_for, precision_name
-from scrollsam.torchfile import save_torch
+from scrollsam.train import validate as validation
 from scrollsam.train.cache import EmbeddingCache
-from scrollsam.train.checkpoint import (
-    TrainState,
-    save_checkpoint,
-    train_state_of,
+from scrollsam.train.checkpoint import TrainState, save_checkpoint, train_state_of
+from scrollsam.train.distributed import (
+    World,
+    join_process_group,
+    process_device,
+    shutdown_distributed,
+    world_from_env,
 )
+from scrollsam.train.forward import wrap_for_ranks
+from scrollsam.train.guard import Losses, nan_guard, out_of_memory
+from scrollsam.train.order import RankSamples, first_sample, global_batch
 from scrollsam.train.progress import Progress
-from scrollsam.train.rundir import RunDir, open_run, stored_config
-from scrollsam.train.step import prompted_forward
+from scrollsam.train.ranks import Ranks, TrainingError
+from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
+from scrollsam.train.step import prompted_forward, tile_seeds
 from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals
 from scrollsam.train.tb import TensorBoard, tile_panel
 
+__all__ = ["Setup", "TrainingError", "lr_at", "make_optimizer", "setup", "train", "validate"]
+
 log = logging.getLogger(__name__)
 
-
-class TrainingError(ScrollsamError):
-    """Training cannot go on: NaN loss, CUDA out of memory. The message says what to do."""
+DUPLICATE_SIGNAL_S = 5.0  # under torchrun: a Ctrl-C arrives twice (terminal, then torchrun)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -81,6 +91,7 @@ class Setup:
     valid_set: TileDataset
     model: SamSegmenter
     cache: EmbeddingCache | None
+    ranks: Ranks
 
 
 def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
@@ -95,44 +106,50 @@ def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
     return frags, ids[len(cfg.data.train):]
 
 
-def setup(cfg: Config, run: Path, *, weights: dict | None = None) -> Setup:
+def setup(cfg: Config, run: Path, *, weights: dict | None = None,
+          ranks: Ranks | None = None) -> Setup:
     """Fragments, view, datasets, model and cache for ``cfg`` (nothing trained yet); the
-    model's weights come from the checkpoint ``weights`` when resuming."""
-    device = resolve_device(cfg.train.device, setting="train.device")
+    model's weights come from the checkpoint ``weights`` when resuming. ``ranks``: this
+    process among torchrun's (default: alone); only rank 0 caches statistics in the run dir."""
+    ranks = ranks if ranks is not None else Ranks(World())
+    world = ranks.world
+    device = process_device(resolve_device(cfg.train.device, setting="train.device"), world)
     fragments, valid_ids = open_fragments(cfg)
-    view = view_from_config(cfg.data, cache_dir=run)
+    view = view_from_config(cfg.data, cache_dir=run if world.main else None)
     size = cfg.model.image_size
     augment = None
     if cfg.data.augment or cfg.data.pixel_augment:
         augment = Augment(flips=cfg.data.augment, rot90=cfg.data.augment,
                           pixel=cfg.data.pixel_augment)
-    per_step = cfg.train.batch_size * cfg.train.accumulate
     train_set, valid_set = make_datasets(
         fragments, view, size=size, stride=cfg.data.stride or None,
         valid_fragments=valid_ids,
         valid_band=None if valid_ids else (1.0 - cfg.data.valid_band, 1.0),
-        samples_per_epoch=cfg.train.steps * per_step, ink_share=cfg.data.ink_share,
-        augment=augment, seed=cfg.train.seed)
+        samples_per_epoch=cfg.train.steps * global_batch(cfg, world.size),
+        ink_share=cfg.data.ink_share, augment=augment, seed=cfg.train.seed)
     model = model_from_config(cfg.model, in_chans=view.channels, weights=weights,
                               source=f"{run} (its newest checkpoint)").to(device)
     log.info("trainable parameters:\n%s", format_counts(count_parameters(model)))
     log.info("precision %s on %s", precision_name(device, cfg.train.amp), device)
+    if world.distributed:
+        log.info("process %d of %d: global batch %d (%d processes x batch %d x accumulate %d)",
+                 world.rank, world.size, global_batch(cfg, world.size), world.size,
+                 cfg.train.batch_size, cfg.train.accumulate)
     if cfg.train.compile:
         compile_encoder(model, device=device)
     cache = None
-    if uses_embedding_cache(cfg):
+    if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
         log.info("embedding cache on (%s)", "disk" if cache.directory else "memory")
-    return Setup(cfg, run, device, view, train_set, valid_set, model, cache)
+    return Setup(cfg, run, device, view, train_set, valid_set, model, cache, ranks)
 
 
 def _batches(s: Setup, start_step: int) -> Iterator[dict]:
-    """Training batches from sample ``start_step * B * accumulate`` on: order fixed by the seed."""
-    per_step = s.cfg.train.batch_size * s.cfg.train.accumulate
-    first = start_step * per_step
+    """This process's training batches from step ``start_step`` on (:mod:`.order`)."""
     loader = DataLoader(s.train_set, batch_size=s.cfg.train.batch_size,
-                        sampler=range(first, len(s.train_set)), drop_last=True,
-                        num_workers=s.cfg.data.workers, pin_memory=s.device.type == "cuda",
+                        sampler=RankSamples(start_step, cfg=s.cfg, world=s.ranks.world),
+                        drop_last=True, num_workers=s.cfg.data.workers,
+                        pin_memory=s.device.type == "cuda",
                         persistent_workers=s.cfg.data.workers > 0,
                         worker_init_fn=ignore_stop_signals)
     yield from loader
@@ -142,78 +159,32 @@ def _autocast(s: Setup) -> contextlib.AbstractContextManager:
     return autocast_for(s.device, s.cfg.train.amp)
 
 
-def _encode(s: Setup, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Embeddings [B, 256, g, g] on the device of CPU images [B, C, S, S], from the cache
-    (which hashes them on the CPU, before any copy) or the encoder, and the pixel features
-    [B, G, S, S] of a full-resolution mask head (None without one). No value check: the views
-    normalise, and a check would make the device wait."""
-    if s.cache is None:
-        return s.model.encode_with_pixels(images.to(s.device, non_blocking=True),
-                                          check_values=False)
-    emb = s.cache.encode(images, partial(s.model.encode, check_values=False), device=s.device)
-    if s.model.mask_head is None:  # nothing else to compute: no copy of the images either
-        return emb, None
-    return emb, s.model.pixel_features(images.to(s.device, non_blocking=True),
-                                       check_values=False)
-
-
-@torch.no_grad()
 def validate(s: Setup) -> dict[str, float]:
-    """Prompt-free prediction over the validation tiles: F0.5 etc. at the best threshold."""
-    if len(s.valid_set) == 0:
-        return {}
-    s.model.eval()
-    hists: dict[str, ProbabilityHistogram] = {}
-    loader = DataLoader(s.valid_set, batch_size=s.cfg.train.batch_size, shuffle=False,
-                        num_workers=s.cfg.data.workers, worker_init_fn=ignore_stop_signals)
-    for batch in loader:
-        with _autocast(s):
-            emb, pixels = _encode(s, batch["image"])
-            logits = s.model.refine(s.model.decode(emb)[0], pixels)  # (B, 1, S/4 or S, ..)
-        prob = torch.sigmoid(s.model.upscale(logits.float())).cpu()  # (B, 1, S, S)
-        for i, fid in enumerate(batch["fragment"]):
-            hists.setdefault(fid, ProbabilityHistogram()).add(
-                prob[i, 0].numpy(), batch["label"][i, 0].numpy() > 0.5,
-                batch["valid"][i, 0].numpy() > 0.5)
-    found = search_threshold(list(hists.values()))
-    scores = found.counts.scores()
-    s.model.train()
-    return {**scores, "threshold": float(found.threshold)}
+    """Prompt-free prediction over the validation tiles: F0.5 etc. at the best threshold (every
+    process calls it; see :mod:`.validate`)."""
+    return validation.validate(s.model, s.cache, s.valid_set, ranks=s.ranks,
+                               batch_size=s.cfg.train.batch_size, workers=s.cfg.data.workers,
+                               device=s.device, autocast=lambda: _autocast(s))
 
 
-def _batch_at(s: Setup, step: int, micro: int) -> dict:
-    """The training batch of micro-batch ``micro`` of ``step``, rebuilt from the dataset (the
-    data order is a pure function of the step, see :func:`_batches`)."""
-    size = s.cfg.train.batch_size
-    first = (step * s.cfg.train.accumulate + micro) * size
-    return default_collate([s.train_set[i] for i in range(first, first + size)])
+def _samples(s: Setup, step: int, micro: int) -> range:
+    """The global sample indices of this process's micro-batch ``micro`` of ``step``."""
+    first = first_sample(step, micro, cfg=s.cfg, world=s.ranks.world)
+    return range(first, first + s.cfg.train.batch_size)
 
 
-def _nan_guard(s: Setup, losses: list[tuple[int, int, dict[str, torch.Tensor]]]) -> None:
-    """Stop at the first non-finite loss among ``losses`` ((step, micro-batch, loss parts) since
-    the last call) with its step, parts and batch statistics, the batch saved for replay.
+def _check_losses(s: Setup, losses: Losses) -> None:
+    """:func:`.guard.nan_guard` on every process, agreed: a NaN on any rank stops them all."""
+    def batch_of(step: int, micro: int) -> dict:  # rebuilt: a pure function of the step
+        return default_collate([s.train_set[i] for i in _samples(s, step, micro)])
 
-    One host sync for them all: the loop calls this on steps that read device values anyway
-    (logging, pictures, validation, checkpoints), always before a checkpoint is written, so
-    NaN weights are never saved. Steps after the bad one ran on NaN weights, harmlessly.
-    """
-    if not losses:
-        return
-    finite = torch.stack([torch.isfinite(parts["loss"].detach()) for *_, parts in losses])
-    if bool(finite.all()):
-        return
-    step, micro, parts = losses[int((~finite).nonzero()[0, 0])]
-    loss = parts["loss"]
-    batch = _batch_at(s, step, micro)
-    path = s.run / f"nan_batch_step{step}.pt"
-    with atomic_path(path) as tmp:  # a full disk is one line, as for checkpoints
-        save_torch({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, tmp)
-    img = batch["image"].float()
-    stats = (f"image mean {img.mean():.3g} std {img.std():.3g} min {img.min():.3g} max "
-             f"{img.max():.3g}; ink share {batch['label'].float().mean():.3g}")
-    bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items() if v.dim() == 0)
-    raise TrainingError(f"loss is {float(loss.detach())} at step {step} ({bad}; batch: "
-                        f"{stats}); the batch is saved for replay ({path}); try a lower train.lr")
+    failure = None
+    try:
+        nan_guard(losses, batch_of=batch_of, run=s.run, world=s.ranks.world)
+    except Exception as err:
+        failure = err
+    s.ranks.agree(failure)
+    losses.clear()
 
 
 def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step: int) -> None:
@@ -243,126 +214,174 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
     on the command line, None = those that differ from the defaults). SIGINT / SIGTERM stop
     after the current step with ``last.pt`` written and raise TrainingStopped (:mod:`.stop`).
     on_eval: called as ``on_eval(step, scores)`` after each validation that scored tiles (after
-    ``best.pt`` is saved); an exception it raises (a sweep pruning the run) ends training and
-    propagates, with TensorBoard closed.
+    ``best.pt`` is saved; on every process under torchrun); an exception it raises (a sweep
+    pruning the run) ends training and propagates, with TensorBoard closed.
+    Under torchrun this joins the process group (and leaves it at the end if it joined).
     """
-    with StopSignals() as stop, open_run(cfg, resume=resume, given=given) as rd:
-        _train(rd, stop, progress=progress, on_eval=on_eval)
+    world = world_from_env()
+    joined = False
+    with StopSignals(same_within=DUPLICATE_SIGNAL_S if world.distributed else 0.0) as stop:
+        ranks = Ranks(world, stop)
+        rd, failure = None, None
+        try:  # rank 0 locks and prepares the folder; the others only read it
+            opener = open_run if world.main else follow_run
+            rd = opener(cfg, resume=resume, given=given, world_size=world.size)
+        except Exception as err:
+            failure = err
+        try:
+            if world.distributed and not torch.distributed.is_initialized():
+                join_process_group()
+                joined = True
+            ranks.agree(failure)  # the others go on once rank 0 has prepared the folder
+            _train(rd, ranks, progress=progress, on_eval=on_eval)
+        finally:
+            if rd is not None and rd.lock is not None:
+                rd.lock.release()  # rank 0's
+            if joined:
+                shutdown_distributed()
     return rd.path
 
 
-def _train(rd: RunDir, stop: StopSignals, *, progress: bool,
+def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
            on_eval: Callable[[int, dict[str, float]], None] | None) -> None:
-    """The loop of :func:`train` in the open, locked run dir ``rd``."""
-    cfg, ckpt, run = rd.cfg, rd.checkpoint, rd.path
+    """The loop of :func:`train` in the open run dir ``rd`` (locked by rank 0)."""
+    cfg, ckpt, run, world = rd.cfg, rd.checkpoint, rd.path, ranks.world
     torch.manual_seed(cfg.train.seed)  # random initial weights where no checkpoint gives them
-    gen = torch.Generator().manual_seed(cfg.train.seed)  # prompts, on the CPU
     try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
-        s = setup(cfg, run, weights=ckpt)
+        failure = None
+        try:
+            s = setup(cfg, run, weights=ckpt, ranks=ranks)
+        except Exception as err:
+            failure = err
+        ranks.agree(failure)  # (the same error on every process: a bad config fails them all)
     except BaseException:
         rd.undo_new()
         raise
     stored = stored_config(cfg)
-    save_config(stored, run / "config.yaml")
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
     if ckpt is not None:  # the model has the checkpoint's weights (setup)
         optimizer.load_state_dict(ckpt["optimizer"])
         state = train_state_of(ckpt)
-        gen.set_state(ckpt["rng"]["prompts"])
         log.info("resuming %s at step %d", run, state.step)
-    tb = TensorBoard(run, enabled=True)
+    step_module = wrap_for_ranks(s.model, s.cache, world=world, prompt_cfg=cfg.prompts,
+                                 loss_cfg=cfg.loss, device=s.device, forward=prompted_forward)
+    tb = TensorBoard(run, enabled=world.main)
     config_dict = config_to_dict(stored)
 
-    def save(name: str) -> None:
-        save_checkpoint(run / name, model=s.model, optimizer=optimizer, state=state,
-                        config=config_dict, rng={"prompts": gen.get_state()})
+    def save(name: str) -> None:  # rank 0; the model unwrapped (official key names)
+        if world.main:
+            save_checkpoint(run / name, model=s.model, optimizer=optimizer, state=state,
+                            config=config_dict, world_size=world.size)
+
+    def writes(action: Callable[[], object]) -> None:  # rank 0's writes, failures agreed
+        failure = None
+        try:
+            action()
+        except Exception as err:
+            failure = err
+        ranks.agree(failure)
+
+    writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
     batches = _batches(s, state.step)
-    bar = Progress(total=cfg.train.steps, initial=state.step, enabled=progress).start()
+    bar = Progress(total=cfg.train.steps, initial=state.step,
+                   enabled=progress and world.main).start()
     tiles_seen, t0 = 0, time.perf_counter()
-    unchecked: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # losses _nan_guard has not seen
+    unchecked: Losses = []  # losses nan_guard has not seen
     try:
         while state.step < cfg.train.steps:
-            if stop.requested is not None:  # Ctrl-C / SIGTERM: keep every finished step
-                _nan_guard(s, unchecked)  # never save NaN weights
-                save("last.pt")
-                raise TrainingStopped(stop.requested, step=state.step, run=run)
+            if ranks.stop_requested is not None:  # Ctrl-C / SIGTERM: keep every finished step
+                _check_losses(s, unchecked)  # never save NaN weights
+                writes(lambda: save("last.pt"))  # the others wait for it before they exit
+                raise TrainingStopped(ranks.stop_requested, step=state.step, run=run)
             step = state.step
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logged: dict[str, torch.Tensor] = {}  # tensors until a log step: no host sync
             for micro in range(cfg.train.accumulate):
-                batch = next(batches)  # CPU tensors: the step moves what the device needs
-                with _autocast(s):
-                    emb, pixels = _encode(s, batch["image"])
-                    out = prompted_forward(s.model, emb, batch["label"], batch["valid"],
-                                           prompt_cfg=cfg.prompts, loss_cfg=cfg.loss, gen=gen,
-                                           features=pixels)
-                unchecked.append((step, micro, out.parts))  # for _nan_guard
-                (out.parts["loss"] / cfg.train.accumulate).backward()
+                last = micro == cfg.train.accumulate - 1  # DDP all-reduces on the last only
+                no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
+                with contextlib.nullcontext() if last else no_sync():
+                    failure = None
+                    try:
+                        batch = next(batches)  # CPU tensors: the step moves what it needs
+                        seeds = tile_seeds(cfg.train.seed, _samples(s, step, micro))
+                        with _autocast(s):
+                            out = step_module(batch["image"], batch["label"], batch["valid"],
+                                              seeds)
+                    except Exception as err:
+                        failure = out_of_memory(err)
+                    ranks.agree(failure)  # before backward, which waits for every process
+                    unchecked.append((step, micro, out.parts))  # for _nan_guard
+                    (out.parts["loss"] / cfg.train.accumulate).backward()
                 for k, v in out.parts.items():
                     logged[k] = logged.get(k, 0) + v.detach() / cfg.train.accumulate
-                tiles_seen += batch["image"].shape[0]
+                tiles_seen += batch["image"].shape[0] * world.size
             if cfg.train.clip > 0:
                 logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            elapsed = time.perf_counter() - t0
-            rate = tiles_seen / max(elapsed, 1e-9)
+            rate = tiles_seen / max(time.perf_counter() - t0, 1e-9)  # all processes' tiles
             done = state.step == cfg.train.steps
             log_due = state.step % cfg.log.every == 0 or state.step == 1 or done
             picture_due = cfg.log.images and (state.step % cfg.log.image_every == 0
                                               or state.step == 1)
             eval_due = state.step % cfg.train.eval_every == 0 or done
             save_due = state.step % cfg.train.save_every == 0 or done
-            if log_due or picture_due or eval_due or save_due:
-                _nan_guard(s, unchecked)
-                unchecked.clear()
-            # the step's losses as numbers only on log steps: a host sync
-            scalars = scalar_parts(logged) if log_due else None
-            bar.step(state.step, loss=None if scalars is None else scalars["loss"],
-                     tiles_per_s=rate)
-            if scalars is not None:
-                tb.scalars(scalars, state.step, prefix="train/")
-                tb.scalars({"lr": lr, "tiles_per_s": rate,
-                            "prompts_per_s": rate * cfg.prompts.sets_per_tile}, state.step,
-                           prefix="train/")
-                if s.cache is not None:
-                    tb.scalars({"cache_hits": s.cache.hits, "cache_misses": s.cache.misses},
-                               state.step, prefix="train/")
-            if picture_due:
-                _pictures(s, tb, batch, out.example, state.step)
-            if eval_due:
-                scores = validate(s)
-                if scores:
+            due = log_due or picture_due or eval_due or save_due
+            if due:
+                _check_losses(s, unchecked)
+            # the step's losses as numbers (averaged over processes) only on log steps: a sync
+            scalars = scalar_parts(ranks.mean(logged)) if log_due else None
+            scores = validate(s) if eval_due else {}
+            better = bool(scores) and scores["f0.5"] > state.best_f05
+            if better:
+                state.best_f05, state.best_step = scores["f0.5"], state.step
+                state.best_threshold = scores["threshold"]
+
+            failure = None
+            try:  # rank 0 writes; a failure there must end every process, not just this one
+                bar.step(state.step, loss=None if scalars is None else scalars["loss"],
+                         tiles_per_s=rate)
+                if scalars is not None:
+                    tb.scalars(scalars, state.step, prefix="train/")
+                    tb.scalars({"lr": lr, "tiles_per_s": rate,
+                                "prompts_per_s": rate * cfg.prompts.sets_per_tile}, state.step,
+                               prefix="train/")
+                    if s.cache is not None:
+                        tb.scalars({"cache_hits": s.cache.hits, "cache_misses": s.cache.misses},
+                                   state.step, prefix="train/")
+                if picture_due and world.main:
+                    _pictures(s, tb, batch, out.example, state.step)
+                if scores and world.main:
                     tb.scalars(scores, state.step, prefix="valid/")
                     log.info("step %d: valid F0.5 %.4f (precision %.4f, recall %.4f) at "
-                             "threshold %.2f", state.step, scores["f0.5"], scores["precision"],
-                             scores["recall"], scores["threshold"])
-                    if scores["f0.5"] > state.best_f05:
-                        state.best_f05, state.best_step = scores["f0.5"], state.step
-                        state.best_threshold = scores["threshold"]
-                        save("best.pt")
-                    if on_eval is not None:
-                        on_eval(state.step, scores)
-            if save_due:
-                save("last.pt")
-            tb.flush()
-    except torch.cuda.OutOfMemoryError as err:
-        raise TrainingError(
-            "CUDA out of memory: lower train.batch_size (and raise train.accumulate to keep "
-            "the effective batch), lower model.image_size (256 is about 16x cheaper than "
-            "1024), or freeze the encoder (model.trainable=[prompt_encoder,mask_decoder]) so "
-            "embeddings are cached") from err
+                             "threshold %.2f", state.step, scores["f0.5"],
+                             scores["precision"], scores["recall"], scores["threshold"])
+                if better:
+                    save("best.pt")
+                if save_due:
+                    save("last.pt")
+                tb.flush()
+            except Exception as err:
+                failure = err
+            if due:  # (other steps only moved the progress bar)
+                ranks.agree(failure)
+            elif failure is not None:
+                raise failure
+            if scores and on_eval is not None:
+                on_eval(state.step, scores)
+    except torch.cuda.OutOfMemoryError as err:  # in backward or the optimizer step
+        raise out_of_memory(err) from err
     finally:
         bar.close()
         tb.close()
-    if not (run / "best.pt").exists():
-        save("best.pt")  # no validation tiles: the last weights are the best we know
+    # no validation tiles: the last weights are the best we know
+    writes(lambda: None if (run / "best.pt").exists() else save("best.pt"))
     log.info("run finished: %s (best valid F0.5 %.4f at step %d)", run, state.best_f05,
              state.best_step)

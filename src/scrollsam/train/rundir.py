@@ -17,6 +17,12 @@ the folder alone, wherever it has moved.
   overrides may change where and how long (:data:`RESUMABLE`, and ``train.steps`` upwards),
   not what is learned. A run killed before its first checkpoint restarts from step 0 with its
   saved ``config.yaml``.
+- **Under torchrun rank 0 owns the folder.** It alone locks it, creates or checks it and
+  removes stale temps (:func:`open_run`); the other processes read what they need without
+  writing (:func:`follow_run`). A resume may change the number of processes, and
+  ``train.batch_size`` / ``train.accumulate`` with it, only where the global batch (processes
+  x batch_size x accumulate) stays the same: then the run continues exactly
+  (:mod:`.order`); another global batch is a ConfigError saying which values keep it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
-from scrollsam.errors import RunDirError, WriteError
+from scrollsam.errors import ConfigError, RunDirError, WriteError
 from scrollsam.io import write_failure
 from scrollsam.train.checkpoint import load_checkpoint
 
@@ -44,9 +50,10 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 # Keys a resume may change: where the data and the run are, the device, how often to evaluate,
 # save and log. Everything else would make the rest of the run a different experiment.
+# train.batch_size and train.accumulate only where the global batch stays (check_global_batch).
 RESUMABLE = frozenset({
     "out", "data.root", "data.workers", "train.device", "train.eval_every", "train.save_every",
-    "log.every", "log.images", "log.image_every",
+    "log.every", "log.images", "log.image_every", "train.batch_size", "train.accumulate",
 })
 # Temp files of scrollsam's atomic writers in a run dir (scrollsam.io._temp_sibling, the stats
 # cache): (folder inside the run, name pattern).
@@ -114,20 +121,21 @@ class RunDir:
     checkpoint: dict[str, Any] | None  # the checkpoint to resume from (None: start at step 0)
     new: bool  # a new run (not a resume)
     created: bool  # the folder did not exist before this run
-    lock: RunLock
+    lock: RunLock | None  # None: a process that only reads the folder (follow_run)
 
     def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def undo_new(self) -> None:
         """After a new run failed before its first step: remove what it wrote, so the corrected
         command can use the folder (a folder that existed, empty, stays). A resumed run keeps
-        everything."""
-        if not self.new:
+        everything. Only the lock's holder removes anything."""
+        if not self.new or self.lock is None:
             return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -136,12 +144,14 @@ class RunDir:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None) -> RunDir:
+def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
+             world_size: int = 1) -> RunDir:
     """Lock the run dir ``cfg.out`` and return what the run starts from.
 
     New run: create the folder (or take an empty one) and refuse one that holds anything.
     Resume: read the newest checkpoint and its config (see :func:`resume_config`; ``given`` =
-    the dotted keys set on the command line, None = those that differ from the defaults).
+    the dotted keys set on the command line, None = those that differ from the defaults), on
+    ``world_size`` processes (see :func:`check_global_batch`).
     A resume removes stale temp files once the lock is held (a new run's folder is empty).
     Release with ``with`` or ``.lock.release()``.
     """
@@ -152,11 +162,7 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None)
         lock = RunLock.acquire(run)
         try:
             remove_stale_temps(run)
-            saved, ckpt = _saved_state(run)
-            keys = set(given) if given is not None else _non_default_keys(cfg)
-            step = int(ckpt["step"]) if ckpt is not None else 0
-            resumed = absolute_paths(resume_config(saved, absolute_paths(cfg), given=keys,
-                                                   step=step))  # runs saved before: relative
+            resumed, ckpt = _resumed(cfg, run, given=given, world_size=world_size)
             return RunDir(run, resumed, ckpt, new=False, created=False, lock=lock)
         except BaseException:
             lock.release()
@@ -179,6 +185,65 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None)
         raise RunDirError(f"run dir exists and is not empty ({run}); pass --resume to continue "
                           f"it or choose another out=")
     return RunDir(run, absolute_paths(cfg), None, new=True, created=created, lock=lock)
+
+
+def follow_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
+               world_size: int = 1) -> RunDir:
+    """What :func:`open_run` returns, for a torchrun process other than rank 0: nothing is
+    locked, created or removed (rank 0 does that). Call it before rank 0 can write: the
+    checkpoint it reads is the one rank 0 resumes from."""
+    run = Path(cfg.out)
+    if not resume:
+        return RunDir(run, absolute_paths(cfg), None, new=True, created=False, lock=None)
+    if not run.is_dir():
+        raise RunDirError(f"nothing to resume: the run dir does not exist ({run})")
+    resumed, ckpt = _resumed(cfg, run, given=given, world_size=world_size)
+    return RunDir(run, resumed, ckpt, new=False, created=False, lock=None)
+
+
+def _resumed(cfg: Config, run: Path, *, given: Collection[str] | None,
+             world_size: int) -> tuple[Config, dict[str, Any] | None]:
+    """(the config to resume with, the checkpoint) of the run dir ``run``."""
+    saved, ckpt = _saved_state(run)
+    keys = set(given) if given is not None else _non_default_keys(cfg)
+    step = int(ckpt["step"]) if ckpt is not None else 0
+    resumed = absolute_paths(resume_config(saved, absolute_paths(cfg), given=keys,
+                                           step=step))  # runs saved before: relative
+    if ckpt is not None:
+        check_global_batch(resumed, world_size=world_size, saved=saved,
+                           saved_world_size=int(ckpt.get("world_size", 1)), run=run)
+    return resumed, ckpt
+
+
+def check_global_batch(cfg: Config, *, world_size: int, saved: Config, saved_world_size: int,
+                       run: Path) -> None:
+    """ConfigError unless ``cfg`` on ``world_size`` processes has the global batch (processes x
+    train.batch_size x train.accumulate) the run was saved with: its data order and schedule
+    are counted in global batches, so only then does it continue exactly; the message says
+    which values keep it."""
+    def parts(c: Config, w: int) -> tuple[int, int, int]:
+        return w, c.train.batch_size, c.train.accumulate
+
+    old, new = parts(saved, saved_world_size), parts(cfg, world_size)
+    g_old, g_new = old[0] * old[1] * old[2], new[0] * new[1] * new[2]
+    if g_old == g_new:
+        if old != new:
+            log.info("--resume: %d processes x batch %d x accumulate %d (was %d x %d x %d), "
+                     "the same global batch of %d", *new, *old, g_new)
+        return
+    if g_old % world_size == 0:
+        per = g_old // world_size  # tiles per process and step
+        keep = (f"train.batch_size={per // cfg.train.accumulate}"
+                if per % cfg.train.accumulate == 0 else f"train.batch_size={per} "
+                f"train.accumulate=1")
+        fix = f"pass {keep} to keep it on {world_size} processes"
+    else:
+        fix = f"use a number of processes that divides {g_old}"
+    raise ConfigError(
+        f"--resume: the run trained with a global batch of {g_old} tiles ({old[0]} processes x "
+        f"train.batch_size {old[1]} x train.accumulate {old[2]}) and would go on with {g_new} "
+        f"({new[0]} x {new[1]} x {new[2]}); {fix}, or start a new run with another out= "
+        f"({run})")
 
 
 def _saved_state(run: Path) -> tuple[Config, dict[str, Any] | None]:

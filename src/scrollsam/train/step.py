@@ -16,8 +16,15 @@ prediction (missed ink -> positive, false ink -> negative), with the previous se
 as the mask prompt. :func:`scrollsam.losses.mean_parts` averages the loss over the rounds, then
 over the sets.
 
+Randomness: each prompt set draws from its own CPU generator, seeded from its tile's seed and
+its place among the tile's sets (:func:`set_generators`). The training loop gives each tile the
+seed of its global sample index (:func:`tile_seeds`), so a tile's prompts are a pure function of
+(``train.seed``, sample index): the same whichever process draws it and whatever else shares its
+batch (torchrun splits a global batch across processes), and a resumed run needs no generator
+state. Callers without sample indices (the doctor, tests) pass one ``gen`` to draw tile seeds from.
+
 Host and device: the truth arrives on the CPU (the batch as the dataset gives it); prompt
-sampling runs there with ``gen``, decoding and the loss on the embeddings' device. Copies to the
+sampling runs there, decoding and the loss on the embeddings' device. Copies to the
 device do not wait, and nothing reads a device value, except the selected logits of each
 corrective round, copied to the host for the error-region sampler (OpenCV distance transforms):
 ``prompt_cfg.corrective_rounds`` copies per prompted kind (``tests/test_train_sync.py``).
@@ -25,21 +32,27 @@ corrective round, copied to the host for the error-region sampler (OpenCV distan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from scrollsam.config import LossConfig, PromptConfig
+from scrollsam.errors import InputError
 from scrollsam.losses import mean_parts, sam_loss, to_mask_resolution
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.prompts import (
+    Generators,
     Points,
     append_points,
     box_prompts,
     corrective_points,
+    random_numbers,
     random_points,
+    rows_of,
     select_mask,
 )
 
@@ -53,7 +66,8 @@ class PromptKind(IntEnum):
 
 
 FIRST = {"point": PromptKind.POINT, "box": PromptKind.BOX, "none": PromptKind.NONE}
-ORDER = (PromptKind.POINT, PromptKind.BOX, PromptKind.NONE)  # fixes the order of random draws
+ORDER = (PromptKind.POINT, PromptKind.BOX, PromptKind.NONE)  # the order of decode calls
+PROMPT_STREAM = 0x70726F6D  # "prom": tile seeds are a stream of their own beside the data's
 
 
 @dataclass
@@ -100,10 +114,29 @@ def loss_kwargs(loss_cfg: LossConfig) -> dict[str, object]:
                 resolution=loss_cfg.resolution)
 
 
-def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: torch.Generator) -> Tensor:
+def tile_seeds(seed: int, samples: Sequence[int]) -> list[int]:
+    """The prompt seed of each training sample index in ``samples`` (global indices: the n-th
+    tile the run draws, see :mod:`scrollsam.train.order`) for the run seed ``seed``."""
+    return [_seed64(np.random.SeedSequence([seed, n], spawn_key=(PROMPT_STREAM,)))
+            for n in samples]
+
+
+def set_generators(seeds: Sequence[int], sets_per_tile: int) -> list[torch.Generator]:
+    """One CPU generator per prompt set, set j of tile t seeded from (``seeds[t]``, j): the
+    P = len(seeds) * ``sets_per_tile`` sets in tile order, as :func:`prompted_forward` makes
+    them."""
+    return [torch.Generator().manual_seed(_seed64(np.random.SeedSequence([int(s), j])))
+            for s in seeds for j in range(sets_per_tile)]
+
+
+def _seed64(seq: np.random.SeedSequence) -> int:
+    hi, lo = (int(v) for v in seq.generate_state(2, np.uint32))
+    return (hi << 32 | lo) & (2**63 - 1)
+
+
+def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: Generators) -> Tensor:
     """The :class:`PromptKind` of each prompt set -> long [P] (CPU)."""
-    draw = torch.rand(num_sets, generator=gen)
-    coin = torch.rand(num_sets, generator=gen)
+    draw, coin = random_numbers((num_sets, 2), gen, torch.device("cpu")).unbind(1)  # (P,) each
     if prompt_cfg.first == "mixed":
         prompted = torch.where(coin < 0.5, PromptKind.POINT, PromptKind.BOX)
     else:
@@ -111,15 +144,15 @@ def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: torch.Generator) 
     return torch.where(draw < prompt_cfg.prompt_free_share, PromptKind.NONE, prompted).long()
 
 
-def first_points(target: Tensor, valid: Tensor, gen: torch.Generator) -> Points:
+def first_points(target: Tensor, valid: Tensor, gen: Generators) -> Points:
     """One random ink point per set; a background point where the tile has no ink (never a
-    fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1])."""
+    fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1]). Host tensors: no device sync."""
     coords, labels = random_points(target, valid, generator=gen, positives=1, negatives=0)
-    empty = labels[:, 0] < 0  # (P,) no ink pixel inside valid
-    if bool(empty.any()):  # host tensors: no device sync
-        neg_c, neg_l = random_points(target, valid, generator=gen, positives=0, negatives=1)
-        coords = torch.where(empty[:, None, None], neg_c, coords)
-        labels = torch.where(empty[:, None], neg_l, labels)
+    empty = (labels[:, 0] < 0).nonzero().flatten()  # (E,) sets without an ink pixel in valid
+    if len(empty):  # only they draw again, so a set's draws never depend on the others
+        coords[empty], labels[empty] = random_points(
+            target[empty], valid[empty], generator=rows_of(gen, empty.tolist()), positives=0,
+            negatives=1)
     return coords, labels
 
 
@@ -137,7 +170,7 @@ def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: L
 
 
 def first_prompts(kind: PromptKind, image_index: Tensor, truth: Truth, *,
-                  boxes: Tensor | None, gen: torch.Generator) -> PromptSets:
+                  boxes: Tensor | None, gen: Generators) -> PromptSets:
     """The sets of one kind with their first prompt: ``image_index`` long [P] (the tile of each
     set, on the device), ``truth`` of the P sets, ``boxes`` [P, 4] of a ``BOX`` kind."""
     sets = PromptSets(kind, image_index)
@@ -220,22 +253,32 @@ def prompted_forward(
     *,
     prompt_cfg: PromptConfig,
     loss_cfg: LossConfig,
-    gen: torch.Generator,
+    seeds: Sequence[int] | None = None,
+    gen: torch.Generator | None = None,
     features: Tensor | None = None,
 ) -> StepOutput:
     """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
     ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
-    ``features``: the pixel features [B, G, S, S] a full-resolution mask head needs
+    ``seeds``: the prompt seed of each tile (B ints, :func:`tile_seeds`), or ``gen`` to draw
+    them from. ``features``: the pixel features [B, G, S, S] a full-resolution mask head needs
     (:meth:`SamSegmenter.encode_with_pixels`); None without one."""
     dev = embeddings.device
-    tile_of_set = torch.arange(embeddings.shape[0]).repeat_interleave(
-        prompt_cfg.sets_per_tile)  # (P,) CPU
+    B = embeddings.shape[0]
+    if (seeds is None) == (gen is None):
+        raise InputError("seeds, gen: expected exactly one of them (the prompt seed of each "
+                         "tile, or a generator to draw them from)")
+    if gen is not None:
+        seeds = torch.randint(0, 2**62, (B,), generator=gen).tolist()
+    if len(seeds) != B:
+        raise InputError(f"seeds: expected one per tile ({B}), got {len(seeds)}")
+    tile_of_set = torch.arange(B).repeat_interleave(prompt_cfg.sets_per_tile)  # (P,) CPU
+    gens = set_generators(seeds, prompt_cfg.sets_per_tile)  # P, one per set
     truth = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
-    kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gen)  # (P,) CPU
+    kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gens)  # (P,) CPU
     boxes = None
     if prompt_cfg.first in ("box", "mixed"):
         boxes, present = box_prompts(truth.host_ink[tile_of_set], truth.host_valid[tile_of_set],
-                                     generator=gen)  # (P, 4), (P,)
+                                     generator=gens)  # (P, 4), (P,)
         kinds = torch.where((kinds == PromptKind.BOX) & ~present, PromptKind.POINT, kinds)
     loss_kw = loss_kwargs(loss_cfg)
     groups, sizes, example = [], [], None
@@ -246,7 +289,7 @@ def prompted_forward(
         tiles = tile_of_set[sel]  # (Pk,)
         index = tiles.to(dev, non_blocking=True)  # (Pk,) the same, on the device
         sets_truth = truth.select(tiles, index)
-        sets = first_prompts(kind, index, sets_truth, gen=gen,
+        sets = first_prompts(kind, index, sets_truth, gen=rows_of(gens, sel.tolist()),
                              boxes=boxes[sel] if kind is PromptKind.BOX else None)
         prompted = kind is not PromptKind.NONE
         parts, chosen, sets = corrective_rounds(

@@ -8,6 +8,11 @@ SystemExit(143) for SIGTERM); a checkpoint being written then is abandoned and t
 stays. SLURM and other schedulers send SIGTERM some time before they kill a job, which is what
 lets a preempted run continue with ``--resume``.
 
+Under torchrun a Ctrl-C reaches each training process twice: from the terminal, and from
+torchrun, which passes the signal it got on to its workers (and kills them 30 s later). So a
+repeat within ``same_within`` seconds is the same request (the loop passes a few seconds under
+torchrun, 0 alone), and every process stops after the same step (:mod:`.ranks`).
+
 DataLoader worker processes get the terminal's Ctrl-C too; :func:`ignore_stop_signals` (their
 ``worker_init_fn``) keeps them alive so the last step can finish.
 """
@@ -18,6 +23,7 @@ import logging
 import shlex
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -45,11 +51,14 @@ class StopSignals:
 
     ``requested`` is the first signal's number (None until one arrives). Outside the main
     thread signal handlers cannot be installed; then nothing changes and ``requested`` stays
-    None. The previous handlers come back on exit.
+    None. The previous handlers come back on exit. A signal within ``same_within`` seconds of
+    the first is taken as a copy of it, not as the second one that stops at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, same_within: float = 0.0) -> None:
         self.requested: int | None = None
+        self.same_within = same_within
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -66,10 +75,13 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:  # the second signal: stop now
+            if time.monotonic() - self._first_at < self.same_within:
+                return  # the launcher passing the same Ctrl-C on
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.requested = signum
+        self._first_at = time.monotonic()
         log.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at "
                     "once)", signal.Signals(signum).name)
 

@@ -1,0 +1,92 @@
+"""Keeping torchrun's training processes in step: one error, one stop, one set of numbers.
+
+Under torchrun every process runs the same loop, and DDP's gradient all-reduce waits for all
+of them. A process that raised while the others went on would leave them waiting for ever, so
+the loop catches what a step's own work raises (data, forward pass, NaN guard, validation) and
+calls :meth:`Ranks.agree` before anything that waits for the others (backward, histograms):
+one 3-element all-reduce says whether a process failed and whether one got Ctrl-C / SIGTERM.
+When one failed, every process raises the same :class:`TrainingError` naming the first failed
+rank and its message (``rank 1: ...``); when one got a signal, every process stops after the
+same step. Alone (no torchrun) nothing is exchanged: errors propagate as they are and the
+signal is read where it arrives, exactly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+
+from scrollsam.errors import ScrollsamError
+from scrollsam.train.distributed import World, all_reduce_sum, gather_objects
+from scrollsam.train.stop import StopSignals
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(ScrollsamError):
+    """Training cannot go on: NaN loss, CUDA out of memory, another process's error. The
+    message says what to do."""
+
+
+def _message(err: BaseException) -> str:
+    """One line for ``err``: a scrollsam error's own message, else its type and message."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, ScrollsamError):
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class Ranks:
+    """The processes of a run (``world``) and the stop requests of this one (``stop``)."""
+
+    def __init__(self, world: World, stop: StopSignals | None = None) -> None:
+        self.world = world
+        self.stop = stop
+        self._agreed_stop: int | None = None
+
+    @property
+    def stop_requested(self) -> int | None:
+        """The signal that stops the run after this step (None: go on). Alone: the live flag;
+        under torchrun: what the last :meth:`agree` settled, the same on every process."""
+        if not self.world.distributed:
+            return None if self.stop is None else self.stop.requested
+        return self._agreed_stop
+
+    def agree(self, failure: BaseException | None = None) -> None:
+        """Exchange whether this process failed (``failure``: what it caught) and whether it was
+        asked to stop. Raises on every process when any failed: alone ``failure`` itself; under
+        torchrun the failed process's own error when every process failed alike (a bad config
+        or fragment), else ``TrainingError("rank R: <message>")`` naming the first failed rank.
+        Call it at the same points on every process."""
+        if not self.world.distributed:
+            if failure is not None:
+                raise failure
+            return
+        asked = None if self.stop is None else self.stop.requested
+        flags = torch.tensor([failure is not None, asked == signal.SIGINT,
+                              asked == signal.SIGTERM], dtype=torch.int64)
+        all_reduce_sum(flags)  # (3,) on every process: failed, SIGINT, SIGTERM counts
+        failed, sigint, sigterm = (int(v) for v in flags)
+        if sigterm or sigint:
+            self._agreed_stop = signal.SIGTERM if sigterm else signal.SIGINT
+        if not failed:
+            return
+        if failure is not None and not isinstance(failure, ScrollsamError):
+            log.error("rank %d failed", self.world.rank, exc_info=failure)  # a bug: its trace
+        messages = gather_objects(None if failure is None else _message(failure))
+        rank, first = next((r, m) for r, m in enumerate(messages) if m is not None)
+        if failure is not None and all(m == first for m in messages):
+            raise failure  # every process failed the same way: its own error, unprefixed
+        raise TrainingError(f"rank {rank}: {first}") from failure
+
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """0-dim tensors averaged over the processes (one all-reduce; a host sync under
+        torchrun: the loop calls it on log steps only). Alone: ``values`` as they are."""
+        if not self.world.distributed or not values:
+            return values
+        keys = sorted(values)
+        stacked = torch.stack([values[k].detach().float() for k in keys])  # (K,)
+        all_reduce_sum(stacked)
+        return {k: v / self.world.size for k, v in zip(keys, stacked.unbind(0), strict=True)}

@@ -1,0 +1,72 @@
+"""Validation during training: prompt-free prediction of the validation tiles, F0.5 and other
+scores at the best threshold.
+
+Under torchrun the tiles are shared out (tile i to rank i % W), each process counts its
+predictions in a :class:`ProbabilityHistogram`, and the histograms are summed over processes
+(one all-reduce of their integer counts), so every process finds the same best threshold and
+scores, equal to what one process finds over all tiles (up to the float rounding of
+predictions made in other batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from scrollsam.metrics import ProbabilityHistogram, search_threshold
+from scrollsam.model.segmenter import SamSegmenter
+from scrollsam.train.cache import EmbeddingCache
+from scrollsam.train.distributed import all_reduce_sum
+from scrollsam.train.forward import encode_tiles
+from scrollsam.train.ranks import Ranks
+from scrollsam.train.stop import ignore_stop_signals
+
+
+def my_tiles(count: int, ranks: Ranks) -> range:
+    """The validation tile indices this process scores: i with i % W == rank."""
+    return range(ranks.world.rank, count, ranks.world.size)
+
+
+@torch.no_grad()
+def _histogram(model: SamSegmenter, cache: EmbeddingCache | None, loader: DataLoader, *,
+               device: torch.device,
+               autocast: Callable[[], contextlib.AbstractContextManager]
+               ) -> ProbabilityHistogram:
+    hist = ProbabilityHistogram()
+    for batch in loader:
+        with autocast():
+            emb, pixels = encode_tiles(model, cache, batch["image"], device=device)
+            logits = model.refine(model.decode(emb)[0], pixels)  # (B, 1, S/4 or S, ..)
+        prob = torch.sigmoid(model.upscale(logits.float())).cpu()  # (B, 1, S, S)
+        hist.add(prob[:, 0].numpy(), batch["label"][:, 0].numpy() > 0.5,
+                 batch["valid"][:, 0].numpy() > 0.5)
+    return hist
+
+
+def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.utils.data.Dataset,
+             *, ranks: Ranks, batch_size: int, workers: int, device: torch.device,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+    """F0.5, precision, recall, ... and ``threshold`` (the best) over the validation ``tiles``;
+    {} without tiles. The same numbers on every process (this one scores its share)."""
+    if len(tiles) == 0:
+        return {}
+    model.eval()
+    loader = DataLoader(Subset(tiles, my_tiles(len(tiles), ranks)), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals)
+    hist, failure = ProbabilityHistogram(), None
+    try:
+        hist = _histogram(model, cache, loader, device=device, autocast=autocast)
+    except Exception as err:  # every process must hear of it before the sum below
+        failure = err
+    finally:
+        model.train()
+    ranks.agree(failure)
+    counts = torch.from_numpy(np.stack([hist.ink, hist.background]))  # (2, levels) int64
+    all_reduce_sum(counts)
+    hist.ink, hist.background = counts[0].numpy(), counts[1].numpy()
+    found = search_threshold(hist)
+    return {**found.counts.scores(), "threshold": float(found.threshold)}
