@@ -326,3 +326,26 @@ def test_depth_scale_draws_vary_in_training_and_are_checked(frag):
     for bad in (-0.1, 1.5, "x"):
         with pytest.raises(InputError, match="depth_scale"):
             make_view("slices", "range", depth=16, depth_scale=bad)
+
+
+def test_median_mad_norm_ignores_outliers_that_squash_mean_std(tmp_path):
+    """A crack-like 10% of saturated pixels inflates a slice's std several times, squashing the
+    papyrus to a fraction of unit spread; median / MAD keeps it near unit spread."""
+    path = write_fragment(tmp_path / "f", height=128, width=128, depth=16, seed=2)
+    z = 8
+    img = tifffile.imread(path / "surface_volume" / f"{z:02d}.tif")
+    crack = np.zeros(img.shape, bool)
+    crack[:, ::10] = True
+    img[crack] = np.iinfo(img.dtype).max
+    tifffile.imwrite(path / "surface_volume" / f"{z:02d}.tif", img)
+    frag = Fragment(path)
+    spreads = {}
+    for norm in ("mean_std", "median_mad"):
+        view = make_view("slices", "range", depth=16, z0=z, z1=z + 1, norm=norm)
+        x = view.eval_window(frag, 0, 0, 128)[0]
+        inside = frag.mask_window(0, 128, 0, 128) & ~crack
+        spreads[norm] = float(x[inside].std())
+    assert spreads["median_mad"] > 0.6 and spreads["mean_std"] < 0.5 * spreads["median_mad"], \
+        spreads
+    with pytest.raises(InputError, match="norm"):
+        make_view("slices", "range", depth=16, norm="minmax")

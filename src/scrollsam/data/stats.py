@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_WINDOWS = 32  # windows per statistic
 SAMPLE_SIZE = 64  # window side, pixels: at most 32 * 64 * 64 = 131072 pixels per slice
-_VERSION = 1  # bump when the way statistics are computed changes (invalidates caches)
+MAD_TO_STD = 1.4826  # MAD * this = std for normally distributed values
+_VERSION = 2  # bump when the way statistics are computed changes (invalidates caches)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class FragmentStats:
     """Normalisation statistics of one fragment, in raw pixel units (uint8 or uint16 levels).
 
     ``slice_mean`` / ``slice_std``: [depth], mean and std of each slice inside the mask.
+    ``slice_median`` / ``slice_mad``: [depth], median and MAD * 1.4826 (a std that outliers,
+    cracks, air pockets and bright inclusions, barely move) of each slice inside the mask.
     ``ir_mean`` / ``ir_std``: of ir.png inside the mask, None without ir.png.
     """
 
@@ -44,6 +47,8 @@ class FragmentStats:
     dtype: str
     slice_mean: tuple[float, ...]
     slice_std: tuple[float, ...]
+    slice_median: tuple[float, ...]
+    slice_mad: tuple[float, ...]
     ir_mean: float | None
     ir_std: float | None
     pixels: int  # sampled pixels per slice
@@ -51,7 +56,8 @@ class FragmentStats:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (lists, floats, str)."""
         d = asdict(self)
-        d["slice_mean"], d["slice_std"] = list(self.slice_mean), list(self.slice_std)
+        for key in ("slice_mean", "slice_std", "slice_median", "slice_mad"):
+            d[key] = list(getattr(self, key))
         return d
 
     @classmethod
@@ -60,6 +66,8 @@ class FragmentStats:
             fragment=str(d["fragment"]), dtype=str(d["dtype"]),
             slice_mean=tuple(float(v) for v in d["slice_mean"]),
             slice_std=tuple(float(v) for v in d["slice_std"]),
+            slice_median=tuple(float(v) for v in d["slice_median"]),
+            slice_mad=tuple(float(v) for v in d["slice_mad"]),
             ir_mean=None if d["ir_mean"] is None else float(d["ir_mean"]),
             ir_std=None if d["ir_std"] is None else float(d["ir_std"]),
             pixels=int(d["pixels"]),
@@ -101,7 +109,8 @@ def compute_stats(
     fragment: Fragment, *, rng: np.random.Generator,
     windows: int = SAMPLE_WINDOWS, size: int = SAMPLE_SIZE,
 ) -> FragmentStats:
-    """Mean / std of every slice (and of ir.png) inside the mask, from a bounded sample."""
+    """Mean / std and median / MAD of every slice (and mean / std of ir.png) inside the mask,
+    from a bounded sample."""
     mask = fragment.mask()
     if not mask.any():
         raise FragmentError(f"mask is empty: no pixel inside the fragment ({fragment.mask_path})")
@@ -115,18 +124,21 @@ def compute_stats(
         if ir is not None:
             ir_values.append(ir[inside])
     sample = np.concatenate(values, axis=1)  # [D, N]
-    mean, std = [], []
+    mean, std, median, mad = [], [], [], []
     for row in sample:
         row = row.astype(np.float64)
         mean.append(float(row.mean()))
         std.append(float(row.std()))
+        median.append(float(np.median(row)))
+        mad.append(float(MAD_TO_STD * np.median(np.abs(row - median[-1]))))
     ir_mean = ir_std = None
     if ir_values:
         ir_all = np.concatenate(ir_values).astype(np.float64)
         ir_mean, ir_std = float(ir_all.mean()), float(ir_all.std())
     return FragmentStats(
         fragment=fragment.id, dtype=fragment.dtype.name, slice_mean=tuple(mean),
-        slice_std=tuple(std), ir_mean=ir_mean, ir_std=ir_std, pixels=int(sample.shape[1]),
+        slice_std=tuple(std), slice_median=tuple(median), slice_mad=tuple(mad), ir_mean=ir_mean,
+        ir_std=ir_std, pixels=int(sample.shape[1]),
     )
 
 

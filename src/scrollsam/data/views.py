@@ -25,7 +25,8 @@ Views (``channels`` is known at construction, so the model can be built with ``i
 Slice parameters (``make_view`` keywords; in a run config the mapping ``data.view``, e.g.
 ``data.view={centre: 30, std: 2}``): ``depth`` (slice count the defaults are laid out for, 65 =
 Kaggle), ``z0`` / ``z1`` (the band, half-open; default the ink band, slices 25..40 of 65, scaled
-for other depths; also ``data.z_start`` / ``data.z_end``), ``centre`` / ``std`` (triplet draw),
+for other depths; also ``data.z_start`` / ``data.z_end``), ``norm`` (``mean_std`` or
+``median_mad``, below), ``centre`` / ``std`` (triplet draw),
 ``depth_shift`` (range / project / mosaic: training moves the band by up to +-depth_shift
 slices), ``depth_scale`` (range / project / mosaic: training stretches or squeezes the band in
 depth by a factor drawn log-uniformly in [1 / (1 + s), 1 + s], as scans of another voxel size or
@@ -35,10 +36,12 @@ moves the band, per fragment, so that its middle sits on the papyrus sheet's den
 (mosaic). Each view checks its own parameters.
 
 Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
-per slice, ``(v - mean[z]) / std[z]``; ir with its own mean / std; projections are standardised
-per channel once more. Statistics are per fragment, inside ``mask.png`` (:mod:`.stats`). So inside
-the mask each channel is roughly zero mean / unit std; values are clipped to [-CLIP, CLIP] and
-pixels outside the mask (or outside the image) are exactly 0.
+per slice, ``(v - mean[z]) / std[z]``, or with ``norm: median_mad`` ``(v - median[z]) /
+(1.4826 MAD[z])``, which cracks, air pockets and bright inclusions barely move; ir with its own
+mean / std; projections are standardised per channel once more. Statistics are per fragment,
+inside ``mask.png`` (:mod:`.stats`). So inside the mask each channel is roughly zero mean / unit
+std; values are clipped to [-CLIP, CLIP] and pixels outside the mask (or outside the image) are
+exactly 0.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 CLIP = 5.0  # normalised inputs lie in [-CLIP, CLIP]
 REDUCTIONS = ("mean", "max", "min", "std")
 STRATEGIES = ("triplet", "every", "range", "project", "mosaic")
+NORMS = ("mean_std", "median_mad")  # per-slice standardisation, see the module docstring
 
 
 class View:
@@ -133,7 +137,7 @@ class IrView(View):
 class SlicesView(View):
     """Common part of the slice views: the depth band and per-slice normalisation."""
 
-    PARAMS: dict[str, Any] = {"depth": 65, "z0": None, "z1": None}
+    PARAMS: dict[str, Any] = {"depth": 65, "z0": None, "z1": None, "norm": "mean_std"}
     min_band = 1
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
@@ -151,6 +155,9 @@ class SlicesView(View):
         if z1 > self.depth:
             raise InputError(f"z1: expected z1 <= depth ({self.depth}), got {z1}")
         self.z0, self.z1 = z0, z1
+        self.norm = p["norm"]
+        if self.norm not in NORMS:
+            raise InputError(f"norm: expected one of {', '.join(NORMS)}, got {self.norm!r}")
         self._p = p
 
     def check(self, fragment: Fragment) -> None:
@@ -167,8 +174,10 @@ class SlicesView(View):
         self.check(fragment)
         st = self.stats.get(fragment)
         floor = 1e-3 * np.iinfo(fragment.dtype).max
-        mean = np.asarray(st.slice_mean[z0:z1], np.float32)[:, None, None]  # [n, 1, 1]
-        std = np.maximum(np.asarray(st.slice_std[z0:z1], np.float32), floor)[:, None, None]
+        centre, spread = ((st.slice_mean, st.slice_std) if self.norm == "mean_std"
+                          else (st.slice_median, st.slice_mad))
+        mean = np.asarray(centre[z0:z1], np.float32)[:, None, None]  # [n, 1, 1]
+        std = np.maximum(np.asarray(spread[z0:z1], np.float32), floor)[:, None, None]
         vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)  # [n,S,S]
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
         return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
