@@ -1,4 +1,5 @@
-"""The torchrun environment and the row bands each rank owns (no process group needed)."""
+"""The torchrun environment, the row bands each rank owns and the one-line errors ranks
+exchange (no process group needed)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 
 from scrollsam.errors import InputError
-from scrollsam.train.distributed import World, process_device, row_bands, world_from_env
+from scrollsam.train.distributed import (
+    World,
+    error_line,
+    exchange_errors,
+    process_device,
+    row_bands,
+    world_from_env,
+)
 
 
 def test_world_from_env_alone_and_under_torchrun() -> None:
@@ -36,3 +44,13 @@ def test_row_bands_cover_every_row_once(height: int, band: int, size: int) -> No
     for r in range(size):
         bands = row_bands(height, band_rows=band, world=World(r, size))
         assert all(y0 % band == 0 for y0, _ in bands)
+
+
+def test_exchanged_errors_are_one_line_each() -> None:
+    """A multi-line message (a traceback-like text) travels as its first line; a scrollsam
+    error's message goes bare unless typed (prediction's settle names every type)."""
+    assert exchange_errors(None) == []
+    assert exchange_errors(RuntimeError("boom\n  at line 3\n")) == [(0, "RuntimeError: boom")]
+    assert exchange_errors(InputError("bad fragment (x)\nmore")) == [(0, "bad fragment (x)")]
+    assert error_line(InputError("bad\nmore"), typed=True) == "InputError: bad"
+    assert error_line(KeyError()) == "KeyError"

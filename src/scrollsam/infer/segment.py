@@ -43,7 +43,7 @@ from scrollsam.infer.predict import Predictor
 from scrollsam.infer.zarr_out import ZarrOutput
 from scrollsam.io import atomic_write_text
 from scrollsam.metrics import binarize_prediction, search_threshold
-from scrollsam.train.distributed import World, gather_objects, row_bands
+from scrollsam.train.distributed import World, exchange_errors, gather_objects, row_bands
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def settle(step: Callable[[], T], world: World) -> T:
     except Exception as err:  # reported to every rank, then re-raised below
         error = err
     if world.distributed:
-        status = None if error is None else f"{type(error).__name__}: {error}"
-        failed = [(r, s) for r, s in enumerate(gather_objects(status)) if s is not None]
+        failed = exchange_errors(error, typed=True)
         if error is None and failed:
             rank, what = failed[0]
             raise RankError(f"rank {rank} of {world.size} failed: {what}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, ScrollsamError
 
 # A collective that waits longer than this ends the job instead of hanging it (a rank that died
 # outside the loop's error exchange, a lost node). Training steps are far shorter.
@@ -120,6 +120,27 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def error_line(err: BaseException, *, typed: bool = False) -> str:
+    """One line for ``err``: the first line of its message, prefixed by its type name
+    (``RuntimeError: ...``) unless it is a scrollsam error and not ``typed``."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, ScrollsamError) and not typed:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def exchange_errors(error: BaseException | None, *,
+                    typed: bool = False) -> list[tuple[int, str]]:
+    """Every process's error, exchanged (a collective: call it at the same point on every
+    process): ``[(rank, one-line message), ...]`` of the processes that failed (their
+    ``error`` was not None), lowest rank first; empty when none did. The one place torchrun's
+    processes tell each other that they failed (training's :class:`~scrollsam.train.ranks.Ranks`
+    and prediction's :func:`~scrollsam.infer.segment.settle`). ``typed``: see
+    :func:`error_line`. Alone: this process's error, if any."""
+    line = None if error is None else error_line(error, typed=typed)
+    return [(rank, m) for rank, m in enumerate(gather_objects(line)) if m is not None]
 
 
 def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ import signal
 import torch
 
 from scrollsam.errors import ScrollsamError
-from scrollsam.train.distributed import World, all_reduce_sum, gather_objects
+from scrollsam.train.distributed import World, all_reduce_sum, exchange_errors
 from scrollsam.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,6 @@ log = logging.getLogger(__name__)
 class TrainingError(ScrollsamError):
     """Training cannot go on: NaN loss, CUDA out of memory, another process's error. The
     message says what to do."""
-
-
-def _message(err: BaseException) -> str:
-    """One line for ``err``: a scrollsam error's own message, else its type and message."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, ScrollsamError):
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class Ranks:
@@ -75,9 +67,10 @@ class Ranks:
             return
         if failure is not None and not isinstance(failure, ScrollsamError):
             log.error("rank %d failed", self.world.rank, exc_info=failure)  # a bug: its trace
-        messages = gather_objects(None if failure is None else _message(failure))
-        rank, first = next((r, m) for r, m in enumerate(messages) if m is not None)
-        if failure is not None and all(m == first for m in messages):
+        failed = exchange_errors(failure)
+        rank, first = failed[0]
+        if failure is not None and len(failed) == self.world.size and all(
+                m == first for _, m in failed):
             raise failure  # every process failed the same way: its own error, unprefixed
         raise TrainingError(f"rank {rank}: {first}") from failure
 
