@@ -147,13 +147,14 @@ def test_stats_cache_key_follows_the_store(tiffs, tmp_path):
 @pytest.mark.parametrize(("version", "zf"), [("0.4", 2), ("0.5", 3)])
 def test_ngff_round_trip(tmp_path, version, zf):
     group = zarr.open_group(tmp_path / "img.zarr", mode="w", zarr_format=zf)
-    ngff.write_multiscales(group, axes=("y", "x"), scales=[(1, 1), (2, 2)], version=version,
-                           translations=[(0, 0), (0.5, 0.5)], name="prob")
+    ngff.write_multiscales(group, axes=("y", "x"), scales=[(1, 1), (2, 2)], name="prob",
+                           translations=[(0, 0), (0.5, 0.5)], downscale="mean")
     attrs = dict(zarr.open_group(tmp_path / "img.zarr", mode="r").attrs)
     entry = attrs["multiscales"][0] if version == "0.4" else attrs["ome"]["multiscales"][0]
     assert entry["datasets"][1]["coordinateTransformations"] == [
         {"type": "scale", "scale": [2.0, 2.0]}, {"type": "translation", "translation": [0.5, 0.5]}]
     assert entry["axes"] == [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    assert (entry["name"], entry["type"]) == ("prob", "mean")
     assert ngff.read_multiscales(attrs) == ngff.Multiscales(version, ("y", "x"), ("0", "1"))
     with pytest.raises(ValueError, match="scales"):
         ngff.write_multiscales(group, axes=("y", "x"), scales=[(1, 1, 1)])

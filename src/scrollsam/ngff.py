@@ -8,18 +8,19 @@ full resolution first. Where the metadata lives depends on the NGFF version:
 
 Axes are dicts ``{"name": "z", "type": "space"}`` (0.4 / 0.5); 0.3 listed bare names and 0.1 /
 0.2 had no axes at all (always ``t, c, z, y, x``). :func:`read_multiscales` understands all of
-them; :func:`write_multiscales` writes 0.4 or 0.5. This module knows nothing about fragments:
-input volumes (:mod:`scrollsam.data.zarr_volume`) and output maps can both use it.
+them; :func:`write_multiscales` writes 0.4 or 0.5 through ``ome_zarr``. This module
+knows nothing about fragments: input volumes (:mod:`scrollsam.data.zarr_volume`), converted
+volumes (:mod:`scrollsam.data.convert`) and predicted maps (:mod:`scrollsam.infer.zarr_out`)
+all use it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VERSIONS = ("0.4", "0.5")
-_AXIS_TYPES = {"x": "space", "y": "space", "z": "space", "c": "channel", "t": "time"}
 _OLD_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1 / 0.2: always five dimensions
 
 
@@ -42,9 +43,10 @@ def write_multiscales(
     translations: Sequence[Sequence[float]] | None = None,
     name: str | None = None,
     downscale: str | None = None,
-    version: str = "0.4",
 ) -> None:
-    """Set the OME-NGFF ``multiscales`` attribute of a zarr ``group`` (v2 for 0.4, v3 for 0.5).
+    """Set the OME-NGFF ``multiscales`` metadata of a zarr ``group``: NGFF 0.4 on a zarr v2
+    group, 0.5 on a v3 group, written by ``ome_zarr`` (the one writer of scrollsam's
+    OME-Zarr stores: converted volumes and predicted maps).
 
     ``axes`` names each array dimension in order (e.g. ``("z", "y", "x")``, ``("y", "x")``);
     ``scales[i]`` is level i's voxel size per axis in level-0 voxels (``[1, 2, 2]`` for a level
@@ -53,8 +55,6 @@ def write_multiscales(
     ``"0", "1", ...``; ``downscale`` names the method (NGFF ``type``, e.g. ``"mean"``). The
     arrays themselves are the caller's to write.
     """
-    if version not in VERSIONS:
-        raise ValueError(f"version: expected one of {VERSIONS}, got {version!r}")
     paths = [str(i) for i in range(len(scales))] if paths is None else list(paths)
     if len(paths) != len(scales) or not scales:
         raise ValueError(f"scales / paths: expected one scale per level, got {len(scales)} "
@@ -66,22 +66,25 @@ def write_multiscales(
         if len(s) != len(axes):
             raise ValueError(f"scales / translations: expected {len(axes)} numbers per level, "
                              f"got {list(s)}")
-    entry: dict[str, Any] = {
-        "axes": [{"name": a, "type": _AXIS_TYPES[a]} if a in _AXIS_TYPES else {"name": a}
-                 for a in axes],
-        "datasets": [
-            {"path": p, "coordinateTransformations": _transforms(s, translations, i)}
-            for i, (p, s) in enumerate(zip(paths, scales, strict=True))
-        ],
-    }
-    if name is not None:
-        entry["name"] = name
-    if downscale is not None:
-        entry["type"] = downscale
-    if version == "0.4":
-        group.attrs["multiscales"] = [{"version": version, **entry}]
-    else:
-        group.attrs["ome"] = {"version": version, "multiscales": [entry]}
+    datasets = [{"path": p, "coordinateTransformations": _transforms(s, translations, i)}
+                for i, (p, s) in enumerate(zip(paths, scales, strict=True))]
+    from ome_zarr.format import FormatV04, FormatV05  # (reading volumes does not need it)
+
+    with warnings.catch_warnings():  # ome_zarr 0.18 warns about its own Scaler at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.writer import write_multiscales_metadata
+
+    fmt = FormatV04() if group.metadata.zarr_format == 2 else FormatV05()
+    write_multiscales_metadata(group, datasets, fmt=fmt, axes=list(axes), name=name)
+    if downscale is not None:  # NGFF's optional ``type``, which ome_zarr does not take
+        if fmt.version == "0.4":
+            listed = group.attrs["multiscales"]
+            group.attrs["multiscales"] = [{**listed[0], "type": downscale}, *listed[1:]]
+        else:
+            ome = dict(group.attrs["ome"])
+            ome["multiscales"] = [{**ome["multiscales"][0], "type": downscale},
+                                  *ome["multiscales"][1:]]
+            group.attrs["ome"] = ome
 
 
 def read_multiscales(attrs: Mapping[str, Any]) -> Multiscales | None:

@@ -182,7 +182,6 @@ def _write_ome(store: Path, frag: Fragment, chunks: Sequence[int], zarr_format: 
         group, axes=("z", "y", "x"), scales=[(1, 2**n, 2**n) for n in range(levels)],
         translations=[(0, (2**n - 1) / 2, (2**n - 1) / 2) for n in range(levels)],
         name=frag.id, downscale="mean" if levels > 1 else None,
-        version="0.4" if zarr_format == 2 else "0.5",
     )
 
 

@@ -1,7 +1,8 @@
 """The segment-scale output: a chunked OME-Zarr probability map with a pyramid, written by bands.
 
-Layout of ``OUT/prob.ome.zarr`` (Zarr v2 format, OME-NGFF 0.4 metadata written by ``ome_zarr``,
-axes (y, x), so napari's ``napari-ome-zarr`` plugin and the Vesuvius tools open it)::
+Layout of ``OUT/prob.ome.zarr`` (Zarr v2 format, OME-NGFF 0.4 metadata written by ``ome_zarr``
+through :func:`scrollsam.ngff.write_multiscales`, axes (y, x), so napari's ``napari-ome-zarr``
+plugin and the Vesuvius tools open it)::
 
     prob.ome.zarr/0, 1, ..., L     ink probability [H / 2**l, W / 2**l] (ceil), chunks C x C;
                                    uint8 = round(255 * p) (as prob.png; p = value / 255), or
@@ -32,8 +33,9 @@ from ome_zarr.format import FormatV04
 
 with warnings.catch_warnings():  # ome_zarr 0.18 warns about its own Scaler at import
     warnings.simplefilter("ignore", DeprecationWarning)
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+    from ome_zarr.writer import write_label_metadata
 
+from scrollsam import ngff
 from scrollsam.errors import InputError
 from scrollsam.infer.outputs import block_mean, overlay_factor, write_png
 from scrollsam.train.distributed import World, row_bands
@@ -101,12 +103,10 @@ class ZarrOutput:
                               fill_value=0, chunk_key_encoding=_KEYS)
             labels.create_array(str(level), shape=lshape, chunks=(chunk, chunk),
                                 dtype="uint8", fill_value=0, chunk_key_encoding=_KEYS)
-        datasets = [{"path": str(level), "coordinateTransformations": [
-            {"type": "scale", "scale": [float(2 ** level)] * 2}]} for level in range(len(shapes))]
-        fmt = FormatV04()
-        write_multiscales_metadata(root, datasets, fmt=fmt, axes=["y", "x"], name=name)
-        write_multiscales_metadata(labels, datasets, fmt=fmt, axes=["y", "x"], name=LABEL_NAME)
-        write_label_metadata(root["labels"], LABEL_NAME, fmt=fmt,
+        scales = [(2**level, 2**level) for level in range(len(shapes))]
+        ngff.write_multiscales(root, axes=("y", "x"), scales=scales, name=name)
+        ngff.write_multiscales(labels, axes=("y", "x"), scales=scales, name=LABEL_NAME)
+        write_label_metadata(root["labels"], LABEL_NAME, fmt=FormatV04(),
                              colors=[{"label-value": 1, "rgba": [255, 40, 40, 255]}])
         scale = "p = value / 255" if dtype == "uint8" else "p = value"
         root.attrs["scrollsam"] = {"values": scale, "threshold": float(threshold),
