@@ -31,6 +31,16 @@ def make_run(path: Path, *overrides: str, best: float | None = 0.4, last: float 
     return path
 
 
+def band_data(root: Path) -> Path:
+    """``root`` with the band tests' fragment (``frag``: 150 x 120 px, 8 slices) and a tiny ir
+    run (``run``, threshold 0.5)."""
+    from scrollsam.data.synthetic import write_fragment
+
+    write_fragment(root / "frag", height=150, width=120, depth=8, seed=5)
+    make_run(root / "run", "data.input=ir", best=0.5)
+    return root
+
+
 def sharded_worker(rank: int, world: int, port: int, jobs: list, result_dir: Path) -> None:
     """One torchrun-like process (gloo) for torch.multiprocessing.spawn: joins the group, runs
     ``predict_to_folder(**kwargs)`` for each job ``(name, kwargs, failing_rank)`` (on

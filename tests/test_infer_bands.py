@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from infer_helpers import make_run, zarr_files
+from infer_helpers import band_data, make_run, zarr_files
 
 from scrollsam.cli import main
-from scrollsam.data.synthetic import write_fragment
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import default_band_rows
 from scrollsam.infer.outputs import block_mean
@@ -31,10 +30,7 @@ BANDS = {"chunk": 32, "band_rows": 64}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bands")
-    write_fragment(root / "frag", height=150, width=120, depth=8, seed=5)
-    make_run(root / "run", "data.input=ir", best=0.5)
-    return root
+    return band_data(tmp_path_factory.mktemp("bands"))
 
 
 def test_a_band_is_exactly_those_rows_of_the_whole_map_and_progress_adds_up():

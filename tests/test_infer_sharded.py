@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from infer_helpers import make_run, sharded_worker, zarr_files
+from ddp_helpers import free_port
+from infer_helpers import band_data, sharded_worker, zarr_files
 
 from scrollsam.cli import main
-from scrollsam.data.synthetic import write_fragment
 from scrollsam.infer.pipeline import predict_to_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -27,10 +26,7 @@ BANDS = ["--chunk", "32", "--band-rows", "64"]  # 150 rows: 3 bands, rank 0 gets
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded")
-    write_fragment(root / "frag", height=150, width=120, depth=8, seed=5)
-    make_run(root / "run", "data.input=ir", best=0.5)
-    return root
+    return band_data(tmp_path_factory.mktemp("sharded"))
 
 
 def _env() -> dict[str, str]:
@@ -48,12 +44,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_ranks_write_the_ome_zarr_of_one_process_bit_for_bit(data, tmp_path,
@@ -95,7 +85,7 @@ def test_png_mode_on_two_ranks_equals_one_process_and_a_failing_rank_ends_both(d
     jobs = [("png", {**common, "out": tmp_path / "two"}, None),
             ("fail", {**common, "out": tmp_path / "fail", "fmt": "zarr"}, 1)]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by the spawned ranks' torch
-    mp.spawn(sharded_worker, args=(2, _free_port(), jobs, tmp_path), nprocs=2, join=True)
+    mp.spawn(sharded_worker, args=(2, free_port(), jobs, tmp_path), nprocs=2, join=True)
     assert (tmp_path / "png-0.txt").read_text() == "ok" == (tmp_path / "png-1.txt").read_text()
     for name in ("prob.png", "mask.png", "overlay.png"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
