@@ -168,7 +168,7 @@ def test_defaults_are_the_ink_band_of_65_slices():
     view = make_view("slices", "range")
     assert (view.z0, view.z1, view.channels) == (25, 41, 16)
     assert make_view("slices", "triplet").params == {
-        "depth": 65, "z0": 25, "z1": 41, "centre": 32.5, "std": 4.0}
+        "depth": 65, "z0": 25, "z1": 41, "norm": "mean_std", "centre": 32.5, "std": 4.0}
 
 
 def test_missing_ir_and_too_few_slices_are_fragment_errors(tmp_path):
@@ -243,7 +243,7 @@ def test_every_view_parameter_is_set_through_the_one_config_key():
 @pytest.mark.parametrize("overrides, match", [
     (["data.input=slices", "data.view.sigma=2"],
      r"data\.view: sigma: unknown parameter of view slices/triplet \(known: depth, z0, z1, "
-     r"centre, std\)"),
+     r"norm, centre, std\)"),
     (["data.view.depth=16"], r"data\.view: depth: unknown parameter of view ir"),
     (["data.input=slices", "data.view.std=-1"], r"data\.view: std: expected a number >= 0"),
     (["data.input=slices", "data.z_start=3", "data.view.z0=4"], r"set the band once"),
