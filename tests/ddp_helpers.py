@@ -151,3 +151,21 @@ def settings_worker(rank: int, runs: list[list[str]]) -> None:
     for overrides in runs:
         train(load_config(None, overrides), progress=False)
     dist.destroy_process_group()
+
+
+def threads_after_failure_worker(rank: int, overrides: list[str],
+                                 fail_at: int | None) -> dict:
+    """:func:`train_worker` with rank 1 failing at step ``fail_at``: this process's thread
+    count before training and after train() has raised (Linux: /proc/self/task), and the
+    error's name."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    import scrollsam.train.loop  # noqa: F401 (its imports start their thread pools here)
+
+    before = threads()
+    try:
+        train_worker(rank, overrides, False, fail_at)
+    except Exception as err:  # noqa: BLE001 (the test checks which)
+        return {"before": before, "after": threads(), "error": type(err).__name__}
+    return {"before": before, "after": threads(), "error": None}

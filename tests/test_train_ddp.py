@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_helpers import free_port, run_ranks, settings_worker, train_worker, validate_worker
+from ddp_helpers import (
+    free_port,
+    run_ranks,
+    settings_worker,
+    threads_after_failure_worker,
+    train_worker,
+    validate_worker,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scrollsam import build_model
@@ -144,6 +151,18 @@ def test_a_failing_rank_ends_every_rank_with_its_message(data, tmp_path):
         assert r.get("error") == "TrainingError", r
         assert r["message"] == "rank 1: RuntimeError: boom in step 2"
     assert not (run / "last.pt").exists()  # it failed before step 3's save
+
+
+def test_a_failed_run_leaves_no_process_group_threads_behind(data, tmp_path):
+    # Before: on the error path the exception's frames kept DDP, whose reducer holds the
+    # process group, alive past destroy_process_group; gloo's worker threads lived on into
+    # interpreter exit, where one releasing its last collective's tensor (which needs the GIL)
+    # aborted the process ("terminate called without an active exception") about 1 run in 4.
+    results = _ok(run_ranks(threads_after_failure_worker, 2,
+                            _args(data, tmp_path / "run", 2, "train.steps=4"), 2, timeout=120))
+    for r in results:
+        assert r["error"] == "TrainingError"
+        assert r["after"] == r["before"], r  # gloo's threads joined: the group is gone
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,31 @@ def shutdown_distributed() -> None:
     """Leave the process group, if one was joined (at the end of a command)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_frames(error: BaseException) -> None:
+    """Let go of what the finished frames of ``error``'s traceback (and of the errors it chains,
+    ``__cause__`` / ``__context__``) hold: their local variables are cleared
+    (:func:`traceback.clear_frames`; the traceback still prints, file and line for each frame).
+
+    For a process that leaves the group on an error: the loop's frames hold the
+    DistributedDataParallel wrapper, whose reducer holds the process group, and a reference
+    cycle through them (``failure = err`` in a frame the error's traceback names) keeps them
+    until a garbage collection, often the one at interpreter exit. Then
+    :func:`shutdown_distributed` only unregisters the group: gloo's worker threads live on, and
+    at exit one releasing its last collective's tensors (which needs the GIL) aborts the
+    process ("terminate called without an active exception") after the error line. Called
+    before :func:`shutdown_distributed`, nothing holds the group, which then goes for real
+    (its threads joined), as on the normal path."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)  # running frames (the caller's) stay as they are
+        todo += [e for e in (err.__cause__, err.__context__) if e is not None]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from scrollsam.train.distributed import (
     World,
     join_process_group,
     process_device,
+    release_frames,
     shutdown_distributed,
     world_from_env,
 )
@@ -234,6 +235,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
                 joined = True
             ranks.agree(failure)  # the others go on once rank 0 has prepared the folder
             _train(rd, ranks, progress=progress, on_eval=on_eval)
+        except BaseException as err:
+            if world.distributed:  # DDP in its frames would keep the group (and its threads)
+                release_frames(err)
+            raise
         finally:
             if rd is not None and rd.lock is not None:
                 rd.lock.release()  # rank 0's
