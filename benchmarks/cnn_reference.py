@@ -49,8 +49,10 @@ def train_cnn(cfg: Config, *, steps: int = 300, batch: int = 16, crop: int = 64,
     torch.manual_seed(seed)
     root = Path(cfg.data.root)
     view = view_from_config(cfg.data, cache_dir=None)
-    frags = [Fragment(root / p) for p in cfg.data.train]
-    train_set, _ = make_datasets(frags, view, size=crop, valid_band=(0.999, 1.0),
+    frags = [Fragment(root / p) for p in [*cfg.data.train, *cfg.data.valid]]
+    held = [f.id for f in frags[len(cfg.data.train):]]  # never trained on; no band held out
+    train_set, _ = make_datasets(frags, view, size=crop, valid_fragments=held,
+                                 valid_band=None if held else (0.8, 1.0),
                                  samples_per_epoch=steps * batch, augment=Augment(pixel=False),
                                  seed=seed)
     model = SmallCNN(view.channels)

@@ -40,6 +40,8 @@ from scrollsam.train.loop import train  # noqa: E402
 
 WORK = BENCH_DIR / "_work" / "learn"
 SLICE_BAND = ["data.input=slices", "data.strategy=range", "data.z_start=20", "data.z_end=46"]
+# the x-ray demo's view of that band: centred on each fragment's sheet, jittered in training
+CNN_BAND = [*SLICE_BAND, "data.view={depth_shift: 3, align: sheet}"]
 
 # name -> (what it is, input, config overrides on top of the demo's config for that input)
 SAM_ENTRIES: dict[str, tuple[str, str, list[str]]] = {
@@ -59,10 +61,10 @@ SAM_ENTRIES: dict[str, tuple[str, str, list[str]]] = {
 }
 CNN_ENTRIES: dict[str, tuple[str, list[str]]] = {
     "learn_cnn_ir": ("4-layer CNN reference, ir", ["data.input=ir"]),
-    "learn_cnn_slices": ("4-layer CNN reference, 26 slices", SLICE_BAND),
+    "learn_cnn_slices": ("4-layer CNN reference, 26 slices", CNN_BAND),
     # about the x-ray demo's training time on this CPU (~160 s): the same time, not the same steps
     "learn_cnn_slices_long": ("4-layer CNN reference, 26 slices, 2800 steps",
-                              [*SLICE_BAND, "train.steps=2800"]),
+                              [*CNN_BAND, "train.steps=2800"]),
 }
 # generator settings outside the ranges the x-ray demo trains on (scrollsam.data.synth_settings)
 OUT_OF_RANGE: dict[str, dict[str, float]] = {
@@ -124,7 +126,7 @@ def cross_entry(name: str, data: Path, *, quick: bool) -> dict[str, Any]:
         per = {r.fragment: float((r.metrics or {})["f0.5"]) for r in results}
         what = "x-ray demo model on out-of-range generators"
     else:
-        cfg = _config(WORK / "runs" / name, data, "ir", SLICE_BAND, quick=quick)
+        cfg = _config(WORK / "runs" / name, data, "ir", CNN_BAND, quick=quick)
         model, view, _ = train_cnn(cfg, steps=cfg.train.steps)
         per = {n: score_cnn(model, view, p)["f0.5"] for n, p in frags.items()}
         what = "CNN reference (26 slices) on out-of-range generators"
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown entries {unknown}; see --list", file=sys.stderr)
         return 2
     data = prepare_data(WORK / "data")
+    out = Path(args.out)
+    if args.quick and not args.only:
+        out = BENCH_DIR / "_work" / "learn-quick.json"
     results: dict[str, Any] = {}
     for name in chosen:
         start = time.perf_counter()
@@ -175,10 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28} F0.5 {r['f0.5']:.3f}  P {r.get('precision', float('nan')):.3f}  "
               f"R {r.get('recall', float('nan')):.3f}  train {r.get('train_seconds', '-')} s  "
               f"({r['what']})", flush=True)
-    out = Path(args.out)
-    if args.quick and not args.only:
-        out = BENCH_DIR / "_work" / "learn-quick.json"
-    common.merge_results(out, common.machine_info(), results)
+        # after every entry: an error in a later one keeps what was measured
+        common.merge_results(out, common.machine_info(), {name: r})
     print(f"written to {out}")
     return 0
 
