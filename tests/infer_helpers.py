@@ -47,16 +47,14 @@ def sharded_worker(rank: int, world: int, port: int, jobs: list, result_dir: Pat
     ``failing_rank`` the model raises), and writes ``ok`` or the error to ``name-RANK.txt``."""
     import os
 
-    import torch
-
     from scrollsam.errors import InputError, ScrollsamError
     from scrollsam.infer.pipeline import predict_to_folder
     from scrollsam.infer.predict import Predictor
-    from scrollsam.train.distributed import init_distributed, shutdown_distributed
+    from scrollsam.train.distributed import join_process_group, shutdown_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    init_distributed(torch.device("cpu"))
+    join_process_group()
     real = Predictor.predict_rows
     try:
         for name, kwargs, failing in jobs:

@@ -39,7 +39,7 @@ from scrollsam.io import read_image
 from scrollsam.rle import write_submission
 from scrollsam.train.distributed import (
     World,
-    init_distributed,
+    join_process_group,
     process_device,
     shutdown_distributed,
     world_from_env,
@@ -136,7 +136,7 @@ def predict_to_folder(
         raise InputError(f"--out: expected a folder, got a file ({out})")
     dev = process_device(resolve_device(device, setting="--device"), world)
     joined = world.distributed and not (dist.is_available() and dist.is_initialized())
-    world = init_distributed(dev, timeout=datetime.timedelta(minutes=timeout_min))
+    world = join_process_group(timeout=datetime.timedelta(minutes=timeout_min))
     try:
         return _predict_all(run, frags, out, world=world, device=dev, checkpoint=checkpoint,
                             threshold=threshold, tile=tile, stride=stride,

@@ -46,7 +46,6 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: TrainState,
     config: dict[str, Any],
-    rng: dict[str, Any] | None = None,
     world_size: int = 1,
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path. A refused write
@@ -63,7 +62,6 @@ def save_checkpoint(
         "best_threshold": state.best_threshold,
         "best_step": state.best_step,
         "config": config,
-        "rng": rng,
         "world_size": world_size,
     }
     path = Path(path)

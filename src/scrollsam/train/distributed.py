@@ -3,7 +3,7 @@ the few collectives the loop and prediction need.
 
 ``torchrun --nproc-per-node N -m scrollsam train|predict ...`` starts N copies of the same
 command with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in their environment (SLURM launches
-torchrun, see ``scripts/``). :func:`init_distributed` reads them once and joins the process
+torchrun, see ``scripts/``). :func:`join_process_group` reads them once and joins the process
 group: NCCL on CUDA, gloo on the CPU, chosen from the device. Without those variables (a plain
 ``scrollsam train``) it does nothing and :class:`World` says one process: every caller works
 the same for one process and many, and nothing here is home-made transport.
@@ -79,22 +79,6 @@ def process_device(device: torch.device, world: World) -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device, *,
-                     timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> World:
-    """Join the process group torchrun describes (NCCL for CUDA, gloo otherwise) and return
-    this process's World; one process (and no group) without torchrun. Joining twice is a
-    no-op, so tests that start their own group can call code that calls this."""
-    world = world_from_env()
-    if not world.distributed:
-        return world
-    if dist.is_initialized():
-        return current_world()
-    if device.type == "cuda":
-        torch.cuda.set_device(process_device(device, world))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return world
-
-
 def shutdown_distributed() -> None:
     """Leave the process group, if one was joined (at the end of a command)."""
     if dist.is_available() and dist.is_initialized():
@@ -131,12 +115,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def barrier() -> None:
-    """Wait for every process (no-op alone)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def gather_objects(obj: object) -> list[object]:
@@ -182,11 +160,13 @@ def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, i
 
 
 def join_process_group(*, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> World:
-    """Like :func:`init_distributed`, with a backend for each device kind this machine has:
-    gloo for CPU tensors and, where torch sees CUDA, NCCL for CUDA tensors; a collective picks
-    the backend from its tensor's device. For training, which joins before it knows its device
-    (a resumed run reads it from its checkpoint) and exchanges small CPU flags beside DDP's
-    gradients. Each process uses GPU ``LOCAL_RANK``. No-op alone and when already joined."""
+    """Join the process group torchrun describes and return this process's World; one process
+    (and no group) without torchrun. One backend per device kind this machine has: gloo for CPU
+    tensors and, where torch sees CUDA, NCCL for CUDA tensors; a collective picks the backend
+    from its tensor's device. So training can join before it knows its device (a resumed run
+    reads it from its checkpoint) and exchange small CPU flags beside DDP's gradients, and
+    prediction joins the same way. Each process uses GPU ``LOCAL_RANK``. No-op alone and when
+    already joined (tests that start their own group can call code that calls this)."""
     world = world_from_env()
     if not world.distributed:
         return world

@@ -55,7 +55,7 @@ from scrollsam.train.distributed import (
 )
 from scrollsam.train.forward import wrap_for_ranks
 from scrollsam.train.guard import Losses, nan_guard, out_of_memory
-from scrollsam.train.order import RankSamples, first_sample, global_batch
+from scrollsam.train.order import RankSamples, global_batch, samples
 from scrollsam.train.progress import Progress
 from scrollsam.train.ranks import Ranks, TrainingError
 from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
@@ -168,16 +168,11 @@ def validate(s: Setup) -> dict[str, float]:
                                device=s.device, autocast=lambda: _autocast(s))
 
 
-def _samples(s: Setup, step: int, micro: int) -> range:
-    """The global sample indices of this process's micro-batch ``micro`` of ``step``."""
-    first = first_sample(step, micro, cfg=s.cfg, world=s.ranks.world)
-    return range(first, first + s.cfg.train.batch_size)
-
-
 def _check_losses(s: Setup, losses: Losses) -> None:
     """:func:`.guard.nan_guard` on every process, agreed: a NaN on any rank stops them all."""
     def batch_of(step: int, micro: int) -> dict:  # rebuilt: a pure function of the step
-        return default_collate([s.train_set[i] for i in _samples(s, step, micro)])
+        return default_collate([s.train_set[i] for i in samples(step, micro, cfg=s.cfg,
+                                                                  world=s.ranks.world)])
 
     failure = None
     try:
@@ -314,7 +309,8 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                     failure = None
                     try:
                         batch = next(batches)  # CPU tensors: the step moves what it needs
-                        seeds = tile_seeds(cfg.train.seed, _samples(s, step, micro))
+                        seeds = tile_seeds(cfg.train.seed, samples(step, micro, cfg=cfg,
+                                                                        world=s.ranks.world))
                         with _autocast(s):
                             out = step_module(batch["image"], batch["label"], batch["valid"],
                                               seeds)

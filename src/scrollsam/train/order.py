@@ -28,11 +28,13 @@ def global_batch(cfg: Config, world_size: int) -> int:
     return world_size * cfg.train.batch_size * cfg.train.accumulate
 
 
-def first_sample(step: int, micro: int, *, cfg: Config, world: World) -> int:
-    """The global index of the first sample this process takes in micro-batch ``micro`` of
-    ``step`` (it takes ``cfg.train.batch_size`` from there)."""
+def samples(step: int, micro: int, *, cfg: Config, world: World) -> range:
+    """The global indices of the ``cfg.train.batch_size`` samples this process takes in
+    micro-batch ``micro`` of ``step``: the loader's tiles and the prompts' seeds both come
+    from here."""
     size = cfg.train.batch_size
-    return ((step * cfg.train.accumulate + micro) * world.size + world.rank) * size
+    first = ((step * cfg.train.accumulate + micro) * world.size + world.rank) * size
+    return range(first, first + size)
 
 
 class RankSamples(Sampler[int]):
@@ -50,5 +52,4 @@ class RankSamples(Sampler[int]):
         t = self.cfg.train
         for step in range(self.start, t.steps):
             for micro in range(t.accumulate):
-                first = first_sample(step, micro, cfg=self.cfg, world=self.world)
-                yield from range(first, first + t.batch_size)
+                yield from samples(step, micro, cfg=self.cfg, world=self.world)
