@@ -193,9 +193,12 @@ class Fragment:
                 f"got {z0}:{z1}"
             )
         _check_window(y0, y1, x0, x1)
-        out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=self.dtype)  # (z, y, x)
         iy0, iy1 = max(y0, 0), min(y1, self.height)
         ix0, ix1 = max(x0, 0), min(x1, self.width)
+        inside = (iy0, iy1, ix0, ix1) == (y0, y1, x0, x1) and y0 < y1 and x0 < x1
+        if inside and self._zarr is not None:  # a new array already: no padded copy
+            return self._zarr.read(z0, z1, y0, y1, x0, x1)  # (z, y, x)
+        out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=self.dtype)  # (z, y, x)
         if iy0 < iy1 and ix0 < ix1 and self._zarr is not None:
             out[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = self._zarr.read(
                 z0, z1, iy0, iy1, ix0, ix1)

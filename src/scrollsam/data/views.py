@@ -183,10 +183,10 @@ class SlicesView(View):
         return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
 
     def _shifted_band(self, fragment: Fragment, rng: np.random.Generator, shift: int, *,
-                      band: tuple[int, int] | None = None) -> tuple[int, int]:
-        """``band`` (default z0, z1) moved by a uniform draw in [-shift, shift], kept inside
-        the volume."""
-        z0, z1 = band or (self.z0, self.z1)
+                      band: tuple[int, int]) -> tuple[int, int]:
+        """``band`` (z0, z1) moved by a uniform draw in [-shift, shift], kept inside the
+        volume."""
+        z0, z1 = band
         lo, hi = max(-shift, -z0), min(shift, fragment.depth - z1)
         d = int(rng.integers(lo, hi + 1)) if hi >= lo else 0
         return z0 + d, z1 + d
