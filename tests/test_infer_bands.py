@@ -224,3 +224,12 @@ def test_an_ome_zarr_volume_predicts_the_same_bands_as_its_tiff_folder(data, tmp
     for a, b in zip(zarr_files(outs[0]), zarr_files(outs[1]), strict=True):
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_bad_precision_is_refused_before_the_checkpoint_loads(data, tmp_path):
+    """It was a ValueError from deep in the predictor, after the model had loaded."""
+    from scrollsam.infer.pipeline import predict_to_folder
+
+    with pytest.raises(InputError, match="--precision: expected one of auto, bf16, fp32"):
+        predict_to_folder(tmp_path / "no-run", [data / "frag"], tmp_path / "o",
+                          precision="fp16")

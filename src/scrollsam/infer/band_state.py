@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from scrollsam.errors import InputError
+from scrollsam.evaluate import Evaluation
 from scrollsam.io import atomic_write_bytes, atomic_write_text
-from scrollsam.metrics import Counts, ProbabilityHistogram, confusion
+from scrollsam.metrics import Counts, ProbabilityHistogram, confusion, search_threshold
 
 STATE_NAME = ".predict"
 
@@ -55,15 +56,22 @@ class BandScore:
 
     @classmethod
     def of(cls, prob: np.ndarray, ink: np.ndarray, labels: np.ndarray,
-           valid: np.ndarray) -> BandScore:
+           valid: np.ndarray | None) -> BandScore:
         """Scores of probabilities float32 [b, W], predicted ink bool [b, W], truth and valid
-        (fragment mask) bool [b, W]."""
+        (fragment mask, None = everywhere) bool [b, W]."""
         score = cls(confusion(ink, labels, valid))
         score.hist.add(prob, labels, valid)
         return score
 
     def __add__(self, other: BandScore) -> BandScore:
         return BandScore(self.counts + other.counts, self.hist + other.hist)
+
+    def metrics(self, threshold: float, info: dict[str, Any]) -> dict[str, Any]:
+        """metrics.json: the scores at ``threshold``, the best threshold on these pixels and
+        its F0.5, then ``info`` (PNG and OME-Zarr outputs alike)."""
+        best = search_threshold(self.hist)
+        return {**Evaluation(self.counts, float(threshold)).to_dict(),
+                "best_threshold_here": best.threshold, "best_f0.5_here": best.score, **info}
 
     def to_bytes(self) -> bytes:
         levels = np.flatnonzero(self.hist.ink | self.hist.background)  # sparse: few levels used

@@ -28,14 +28,10 @@ import numpy as np
 import tifffile
 
 from scrollsam.errors import InputError
-from scrollsam.evaluate import Evaluation
+from scrollsam.infer.band_state import BandScore
 from scrollsam.io import atomic_path, atomic_write_text
 from scrollsam.metrics import (
-    Counts,
-    ProbabilityHistogram,
     binarize_prediction,
-    confusion,
-    search_threshold,
 )
 
 OVERLAY_MAX_SIDE = 4096
@@ -82,7 +78,7 @@ def write_outputs(
     h, w = prob.shape
     prob8 = np.empty(prob.shape, np.uint8)  # (H, W)
     mask8 = np.empty(prob.shape, np.uint8)  # (H, W) 0 / 255
-    counts, hist = Counts(), ProbabilityHistogram()
+    score = BandScore()
     step = _band_rows(w)
     for y0 in range(0, h, step):
         rows = slice(y0, y0 + step)
@@ -92,8 +88,7 @@ def write_outputs(
         mask8[rows] = binary.astype(np.uint8) * 255
         if labels is not None:
             v = None if valid is None else valid[rows]
-            counts = counts + confusion(binary, labels[rows], v)
-            hist.add(band, labels[rows], v)
+            score = score + BandScore.of(band, binary, labels[rows], v)
 
     written = Written()
     written.files["prob"] = write_png(out / "prob.png", prob8)
@@ -103,10 +98,7 @@ def write_outputs(
     if save_tif:
         written.files["prob_tif"] = write_tif(out / "prob.tif", prob)
     if labels is not None:
-        best = search_threshold(hist)
-        metrics = {**Evaluation(counts, float(threshold)).to_dict(),
-                   "best_threshold_here": best.threshold, "best_f0.5_here": best.score,
-                   **(info or {})}
+        metrics = score.metrics(threshold, info or {})
         written.metrics = metrics
         path = out / "metrics.json"
         atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")

@@ -33,9 +33,17 @@ from scrollsam.infer.band_state import check_band_rows, default_band_rows
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
 from scrollsam.infer.predict import Predictor
-from scrollsam.infer.segment import BandJob, choose_format, predict_png, predict_zarr, settle
+from scrollsam.infer.segment import (
+    FORMATS,
+    BandJob,
+    choose_format,
+    predict_png,
+    predict_zarr,
+    settle,
+)
 from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
 from scrollsam.io import read_image
+from scrollsam.precision import PRECISIONS
 from scrollsam.rle import write_submission
 from scrollsam.train.distributed import (
     World,
@@ -113,9 +121,10 @@ def predict_to_folder(
         if value is not None and value < least:
             raise InputError(f"{flag}: expected an integer >= {least} (leave it out for the "
                              f"default), got {value}")
-    choose_format(fmt, (1, 1))  # checks the name
-    if dtype not in VALUE_TYPES:
-        raise InputError(f"--dtype: expected one of {', '.join(VALUE_TYPES)}, got {dtype!r}")
+    for flag, value, allowed in (("--format", fmt, FORMATS), ("--dtype", dtype, VALUE_TYPES),
+                                 ("--precision", precision, PRECISIONS)):
+        if value not in allowed:
+            raise InputError(f"{flag}: expected one of {', '.join(allowed)}, got {value!r}")
     check_band_rows(band_rows or chunk, chunk)
     if not timeout_min > 0:
         raise InputError(f"--timeout: expected a positive number of minutes, got {timeout_min}")
@@ -167,8 +176,7 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
     clicks = load_clicks(points, ids) if points is not None else None
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
-    rows = band_rows or default_band_rows(predictor.tile, chunk)
-    check_band_rows(rows, chunk)
+    rows = band_rows or default_band_rows(predictor.tile, chunk)  # valid by construction
 
     results = []
     for frag in frags:

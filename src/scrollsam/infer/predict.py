@@ -332,8 +332,8 @@ class Predictor:
                      meter: Meter | None = None) -> np.ndarray:
         """Probabilities float32 [y1 - y0, W] in [0, 1] of the rows [y0, y1) of an opened
         fragment (:meth:`open`), 0 outside its mask: every window of the whole-fragment grid
-        that touches the rows is run, in grid order and in the same batches whichever band
-        is asked, so a band's values never depend on the other bands or on who runs them."""
+        that touches the rows is run, in grid order, batched among themselves, so a band's
+        values never depend on the other bands or on who runs them."""
         view = self.view
         if view is None:
             raise InputError("view: this Predictor was built without a view; use "

@@ -35,14 +35,13 @@ import numpy as np
 
 from scrollsam.data.fragment import Fragment
 from scrollsam.errors import InputError, ScrollsamError
-from scrollsam.evaluate import Evaluation
 from scrollsam.infer.band_state import BandScore, BandState
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.outputs import Rows, Written, write_outputs
 from scrollsam.infer.predict import Predictor
 from scrollsam.infer.zarr_out import ZarrOutput
 from scrollsam.io import atomic_write_text
-from scrollsam.metrics import binarize_prediction, search_threshold
+from scrollsam.metrics import binarize_prediction
 from scrollsam.train.distributed import World, exchange_errors, gather_objects, row_bands
 
 log = logging.getLogger(__name__)
@@ -178,7 +177,7 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
         result.files["zarr"] = out.path
         result.files.update(out.write_previews(job.dest))
         if frag.labels() is not None:
-            result.metrics = _metrics(state.total(job.bands), job.predictor.threshold, job.info)
+            result.metrics = state.total(job.bands).metrics(job.predictor.threshold, job.info)
             path = job.dest / "metrics.json"
             atomic_write_text(path, json.dumps(result.metrics, indent=2) + "\n")
             result.files["metrics"] = path
@@ -236,10 +235,3 @@ def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool) -> Seg
         if world.main and scratch.exists():
             scratch.unlink()  # its pages stay mapped until `prob` goes
     return result
-
-
-def _metrics(score: BandScore, threshold: float, info: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json as :func:`.outputs.write_outputs` writes it, from pooled band scores."""
-    best = search_threshold(score.hist)
-    return {**Evaluation(score.counts, float(threshold)).to_dict(),
-            "best_threshold_here": best.threshold, "best_f0.5_here": best.score, **info}

@@ -147,10 +147,10 @@ def sliding_window_inference(
     progress: called with the image area (pixels) of each finished window's grid cell (the
         part inside ``rows``), so the calls add up to the area predicted.
     prefetch: read the next batch in a background thread while the predictor runs.
-    rows: run only the windows that touch rows [y0, y1), in the same order and the same batches
-        as they would run over the whole image: a band's values are the sums of the whole
-        image's run whenever the predictor gives a window the same values in any batch, and
-        the same bands always give bit-identical values (sharded prediction, :mod:`.bands`).
+    rows: run only the windows that touch rows [y0, y1), in grid order, batched among
+        themselves: the same band always gives bit-identical values, whoever runs it (sharded
+        prediction, :mod:`.segment`), and the whole image's values whenever the predictor gives
+        a window the same values in any batch.
     """
     grid = Grid.make(shape, tile=tile, stride=stride)
     h, w = grid.shape
