@@ -40,16 +40,7 @@ def rle_encode(mask: np.ndarray) -> str:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise InputError(f"mask: expected a 2-D array [H, W], got shape {mask.shape}")
-    flat = np.zeros(mask.size + 2, dtype=bool)  # one background pixel before and after
-    flat[1:-1] = mask.reshape(-1) != 0  # row-major (C order) flatten
-    edges = np.flatnonzero(flat[1:] != flat[:-1])  # run starts/ends, 0-based in the mask
-    if edges.size == 0:
-        return ""
-    starts, ends = edges[0::2], edges[1::2]  # ends are exclusive
-    pairs = np.empty((starts.size, 2), dtype=np.int64)
-    pairs[:, 0] = starts + 1  # 1-indexed
-    pairs[:, 1] = ends - starts
-    return " ".join(map(str, pairs.reshape(-1).tolist()))
+    return "".join(rle_encode_rows([mask]))
 
 
 def rle_encode_rows(bands: Iterable[np.ndarray]) -> Iterator[str]:
@@ -197,13 +188,10 @@ def write_submission(
                         f"got {ident!r}"
                     )
                 seen.add(ident)
-                if isinstance(mask, np.ndarray):
-                    f.write(f"{ident},{rle_encode(mask)}\n")
-                else:
-                    f.write(f"{ident},")
-                    for piece in rle_encode_rows(mask):
-                        f.write(piece)
-                    f.write("\n")
+                f.write(f"{ident},")
+                for piece in rle_encode_rows([mask] if isinstance(mask, np.ndarray) else mask):
+                    f.write(piece)  # a whole mask, or row bands streamed
+                f.write("\n")
                 count += 1
     except FileExistsError:
         raise InputError(
