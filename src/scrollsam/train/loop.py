@@ -368,7 +368,8 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                     save("best.pt")
                 if save_due:
                     save("last.pt")
-                tb.flush()
+                if due:  # only due steps wrote anything; a flush failure is then agreed on
+                    tb.flush()
             except Exception as err:
                 failure = err
             if due:  # (other steps only moved the progress bar)
