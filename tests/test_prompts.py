@@ -14,6 +14,7 @@ from scrollsam.prompts import (
     pad_point_sets,
     random_points,
     select_mask,
+    uniform_one,
     uniform_pick,
 )
 
@@ -210,3 +211,64 @@ def test_bad_ground_truth_is_named():
     with pytest.raises(InputError, match="^valid: expected"):
         box_prompts(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5),
                     generator=torch.Generator())
+
+
+def test_uniform_corrective_point_is_uniform_over_the_error_region():
+    """Each error pixel is drawn equally often (chi-square over 4000 draws of 24 pixels), the
+    label follows the pixel's kind, and a set's point depends on its own generator alone."""
+    target = torch.zeros(2, 1, 6, 8)
+    target[:, 0, 1:4, 1:5] = 1  # 12 ink pixels
+    pred = torch.full((2, 1, 6, 8), -4.0)
+    pred[:, 0, 1:3, 1:5] = 4.0  # finds 8 of them: 4 missed ink pixels (row 3)
+    pred[:, 0, 5, :] = 4.0  # and 8 false ink pixels (row 5)
+    valid = torch.ones_like(target)
+    valid[1, 0, 5, 4:] = 0  # set 1: 4 of its false pixels are outside the fragment
+    counts = torch.zeros(2, 6, 8)
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    for _ in range(4000):
+        coords, labels = corrective_points(pred, target, valid, mode="uniform", generator=gens)
+        _check_points(coords, labels, (target > 0.5).float(), valid)
+        for p in range(2):
+            x, y = coords[p, 0].long().tolist()
+            counts[p, y, x] += 1
+    for p, pixels in ((0, 12), (1, 8)):
+        hits = counts[p][counts[p] > 0]
+        assert hits.numel() == pixels  # every error pixel drawn, nothing else
+        expected = 4000 / pixels
+        chi2 = float(((hits - expected) ** 2 / expected).sum())
+        assert chi2 < 45.0  # dof 11 or 7: p < 1e-5 for a fair draw to exceed this
+    alone = corrective_points(pred[1:], target[1:], valid[1:], mode="uniform",
+                              generator=[torch.Generator().manual_seed(4)])
+    with_other = corrective_points(pred, target, valid, mode="uniform",
+                                   generator=[torch.Generator().manual_seed(9),
+                                              torch.Generator().manual_seed(4)])
+    assert torch.equal(alone[0][0], with_other[0][1]) and torch.equal(alone[1][0], with_other[1][1])
+
+
+def test_uniform_corrective_point_pads_a_perfect_set_and_takes_the_last_pixel():
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, 3, 3] = 1  # set 0 misses only the very last pixel; set 1 has no error
+    pred = torch.full((2, 1, 4, 4), -4.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        coords, labels = corrective_points(pred, target, mode="uniform", generator=gen)
+        assert coords[0, 0].tolist() == [3, 3] and labels.tolist() == [[1], [-1]]
+        assert coords[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 1024])
+def test_uniform_one_across_blocks_is_uniform_and_finds_only_pool_positions(block):
+    pool = torch.zeros(3, 37, dtype=torch.bool)
+    pool[0, [0, 4, 5, 6, 20, 36]] = True  # spread over blocks, first and last positions too
+    pool[2, 36] = True  # a single position, the last one
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    counts = torch.zeros(3, 37)
+    for _ in range(1200):
+        index, found = uniform_one(pool, gens, block=block)
+        assert found.tolist() == [True, False, True] and index[1] == 0
+        counts[torch.arange(3), index] += found.float()
+    hits = counts[0][pool[0]]
+    assert counts[0][~pool[0]].sum() == 0 and hits.numel() == 6
+    chi2 = float(((hits - 200) ** 2 / 200).sum())
+    assert chi2 < 30.0  # dof 5: p < 1e-5 for a fair draw to exceed this
+    assert counts[2, 36] == 1200

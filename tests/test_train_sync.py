@@ -1,5 +1,6 @@
-"""The training step never waits for the device: no value is read back, and the only copies to
-the host are the corrective rounds' selected masks (see tests/sync_detector.py)."""
+"""The training step never waits for the device: no value is read back and nothing is copied
+to the host, except the selected masks of the corrective rounds when their points come from the
+error region's centre (``prompts.corrective=center``; see tests/sync_detector.py)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("overrides", [
-    [],  # the defaults: mixed first prompts, 2 sets per tile, 2 corrective rounds, label loss
+    [],  # the defaults: mixed first prompts, 2 sets per tile, 2 uniform corrective rounds
     ["prompts.first=box", "loss.resolution=mask", "prompts.corrective_rounds=1"],
+    ["prompts.corrective=center"],
+    ["prompts.corrective=center", "prompts.first=box", "prompts.corrective_rounds=1"],
 ])
 def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, overrides):
     cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}", *overrides])
@@ -56,8 +59,11 @@ def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, ov
                                     loss_cfg=cfg.loss, gen=torch.Generator().manual_seed(0))
         out.parts["loss"].backward()
     assert syncs.counts["reads"] == 0, syncs.where
-    # one copy of the selected logits per corrective round, for the error-region sampler
-    assert syncs.counts["copies"] == sum(rounds) > 0, syncs.where
+    assert sum(rounds) > 0
+    # centre: the selected logits and the truth (ink, valid) copied each round, for OpenCV;
+    # uniform: nothing
+    copies = 3 * sum(rounds) if cfg.prompts.corrective == "center" else 0
+    assert syncs.counts["copies"] == copies, syncs.where
     model.zero_grad(set_to_none=True)
 
 

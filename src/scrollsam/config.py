@@ -99,6 +99,9 @@ class PromptConfig:
     sets_per_tile: int = 2  # P / B: prompt sets decoded per tile in one call
     first: str = field(default="mixed", metadata=_choices("point", "box", "mixed", "none"))
     corrective_rounds: int = 2  # extra rounds, each adding a point from the error region
+    # where a corrective point comes from: uniform over the error region (the SAM paper's
+    # training sampler; on the device, no sync) or its centre (RITM's; CPU distance transforms)
+    corrective: str = field(default="uniform", metadata=_choices("uniform", "center"))
     mask_feedback: bool = True  # feed the previous round's logits back as the mask prompt
     prompt_free_share: float = 0.25  # share of prompt sets with no prompt (how inference runs)
     multimask: bool = True  # 3 masks for ambiguous first prompts, lowest loss trained

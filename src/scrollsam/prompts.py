@@ -21,8 +21,10 @@ from the ``generator`` argument, never from global state: one ``torch.Generator`
 sets, or a sequence of P generators, one per set (:data:`Generators`), so that each set's
 prompts depend on its own generator alone, whatever else is in the batch (training under
 torchrun splits a batch across processes and must draw the same prompts). Numbers are drawn on
-a generator's device and moved. Results are on the device of ``target``; the distance
-transforms run on the CPU with OpenCV.
+a generator's device and moved without waiting. Results are on the device of ``target``, and
+only :func:`corrective_points` in mode "center" reads values back from it (its distance
+transforms run on the CPU with OpenCV); mode "uniform", the SAM paper's training sampler, runs
+where the masks are.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "random_points",
     "rows_of",
     "select_mask",
+    "uniform_one",
 ]
 
 Points = tuple[Tensor, Tensor]  # coords [P, N, 2] float32 (x, y), labels [P, N] int64
@@ -66,24 +69,37 @@ def _truth(target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
         raise InputError(f"valid: expected {list(target.shape)} (the shape of target), "
                          f"got {describe(valid)}")
     else:
-        ok = valid[:, 0] > 0.5  # (P, H, W)
-    return (target[:, 0] > 0.5) & ok, ok
+        ok = _as_bool(valid[:, 0])  # (P, H, W)
+    return _as_bool(target[:, 0]) & ok, ok
+
+
+def _as_bool(x: Tensor) -> Tensor:
+    """Where ``x`` > 0.5; a bool tensor as it is (no float comparison over every pixel)."""
+    return x if x.dtype == torch.bool else x > 0.5
 
 
 def random_numbers(shape: tuple[int, ...], generator: Generators, device: torch.device,
-                   *, normal: bool = False) -> Tensor:
+                   *, normal: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform [0, 1) (or standard normal) numbers of ``shape`` (P, ...) on ``device``; with one
-    generator per set, row p comes from ``generator[p]`` alone."""
+    generator per set, row p comes from ``generator[p]`` alone. Copies to another device do not
+    wait for it."""
     draw = torch.randn if normal else torch.rand
     if isinstance(generator, torch.Generator):
-        return draw(shape, generator=generator, device=generator.device).to(device)
+        return _moved(draw(shape, generator=generator, device=generator.device, dtype=dtype),
+                      device)
     if not _per_set(generator, shape[0]):
         raise InputError(f"generator: expected a torch.Generator or {shape[0]} of them (one per "
                          f"set), got {describe(generator)}")
     if not generator:
-        return torch.empty(shape, device=device)
-    rows = [draw(shape[1:], generator=g, device=g.device).to(device) for g in generator]
-    return torch.stack(rows)  # (P, ...)
+        return torch.empty(shape, device=device, dtype=dtype)
+    rows = torch.stack([draw(shape[1:], generator=g, device=g.device, dtype=dtype)
+                        for g in generator])  # (P, ...) where the generators are
+    return _moved(rows, device)
+
+
+def _moved(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``: itself when it is there, else a copy that does not wait."""
+    return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
 
 
 def _per_set(generator: object, sets: int) -> bool:
@@ -216,6 +232,41 @@ def _depth(region: np.ndarray) -> np.ndarray:
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
 
+def _uniform_error_point(missed: Tensor, extra: Tensor, generator: Generators) -> Points:
+    """One pixel per set drawn uniformly from ``missed | extra`` (bool [P, H, W]) -> points
+    ``([P, 1, 2], [P, 1])``, label 1 on missed ink, 0 on false ink, -1 where a set has no error
+    (:func:`uniform_one`: on the masks' device, no sync)."""
+    P, H, W = missed.shape
+    index, found = uniform_one((missed | extra).reshape(P, -1), generator)  # (P,), (P,)
+    label = missed.reshape(P, -1).gather(1, index[:, None]).long()  # (P, 1): 1 missed, 0 false
+    return _compact(_from_flat(index[:, None], W), label.masked_fill(~found[:, None], -1))
+
+
+def uniform_one(pool: Tensor, generator: Generators, *, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """One position per row of ``pool`` (bool [P, L]) drawn uniformly among its True ones ->
+    (index long [P], found bool [P]); index 0 where a row has none.
+
+    Exactly uniform: one float64 number u per row (from its generator) picks the True position
+    of rank floor(u * count) in order, found through per-block counts (blocks of ``block``
+    positions) and then a cumulative count inside the one block that holds it. Runs on the
+    pool's device without reading a value back (no sync); only P numbers travel to it.
+    """
+    P, L = pool.shape
+    blocks = F.pad(pool, (0, -L % block)).view(P, -1, block)  # (P, nb, block), False padding
+    per_block = blocks.sum(2, dtype=torch.int64)  # (P, nb)
+    upto = per_block.cumsum(1)  # (P, nb): True positions up to the end of each block
+    count = upto[:, -1:]  # (P, 1)
+    u = random_numbers((P, 1), generator, pool.device, dtype=torch.float64)  # (P, 1)
+    rank = torch.minimum((u * count).long(), (count - 1).clamp(min=0))  # (P, 1), 0-based
+    b = torch.searchsorted(upto, rank, right=True).clamp(max=blocks.shape[1] - 1)  # (P, 1)
+    rank_in = rank - (upto.gather(1, b) - per_block.gather(1, b))  # rank inside block b
+    inner = blocks.gather(1, b[..., None].expand(P, 1, block))[:, 0]  # (P, block)
+    j = torch.searchsorted(inner.cumsum(1, dtype=torch.int64), rank_in, right=True)  # (P, 1)
+    index = (b * block + j.clamp(max=block - 1))[:, 0]  # (P,)
+    found = count[:, 0] > 0
+    return index.masked_fill(~found, 0), found
+
+
 def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: Generators,
                 noise: float = 0.1, max_noise: float = 20.0) -> tuple[Tensor, Tensor]:
     """The bounding box of the ink, each coordinate jittered as in the SAM paper.
@@ -256,7 +307,8 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
     mode "center": the error pixel farthest from its region's boundary, looking at both
         regions (the deeper wins; a tie goes to the missed ink), as RITM does;
     mode "uniform": a pixel drawn uniformly from the union of both regions (needs
-        ``generator``), so each kind is chosen in proportion to its area.
+        ``generator``), so each kind is chosen in proportion to its area; the SAM paper's
+        training sampler, and SAM 2's. It runs on the device of ``target`` with no sync.
     A set with no error (a perfect prediction) gets padding (label -1).
     """
     ink, ok = _truth(target, valid)
@@ -273,12 +325,7 @@ def corrective_points(pred: Tensor, target: Tensor, valid: Tensor | None = None,
     if mode == "uniform":
         if generator is None:
             raise InputError("generator: expected a torch.Generator for mode 'uniform', got None")
-        keys = random_numbers((P, H * W), generator, ink.device)  # (P, H * W)
-        error = (missed | extra).reshape(P, -1)
-        best = torch.where(error, keys, -1.0).max(dim=1)  # values, indices (P,)
-        label = missed.reshape(P, -1).gather(1, best.indices[:, None]).long()  # (P, 1)
-        label = label.masked_fill(best.values[:, None] < 0, -1)
-        return _compact(_from_flat(best.indices[:, None], W), label)
+        return _uniform_error_point(missed, extra, generator)
     fn_np = missed.cpu().numpy().astype(np.uint8)
     fp_np = extra.cpu().numpy().astype(np.uint8)
     sets = []

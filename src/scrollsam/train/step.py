@@ -23,11 +23,14 @@ seed of its global sample index (:func:`tile_seeds`), so a tile's prompts are a 
 batch (torchrun splits a global batch across processes), and a resumed run needs no generator
 state. Callers without sample indices (the doctor, tests) pass one ``gen`` to draw tile seeds from.
 
-Host and device: the truth arrives on the CPU (the batch as the dataset gives it); prompt
-sampling runs there, decoding and the loss on the embeddings' device. Copies to the
-device do not wait, and nothing reads a device value, except the selected logits of each
-corrective round, copied to the host for the error-region sampler (OpenCV distance transforms):
-``prompt_cfg.corrective_rounds`` copies per prompted kind (``tests/test_train_sync.py``).
+Host and device: the truth arrives on the CPU (the batch as the dataset gives it) and is
+copied to the device once, without waiting; the host keeps only which tiles have ink, to
+choose prompt kinds. Every prompt (first points, boxes, corrective points with
+``prompt_cfg.corrective: uniform``, the SAM paper's sampler), decoding and the loss run on the
+embeddings' device, drawing their few random numbers from the sets' CPU generators: nothing
+reads a device value back (``tests/test_train_sync.py``). The one exception is
+``prompt_cfg.corrective: center``: each round copies the selected logits and the truth to the
+host for OpenCV's distance transforms.
 """
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ from scrollsam.prompts import (
     box_prompts,
     corrective_points,
     random_numbers,
-    random_points,
     rows_of,
     select_mask,
+    uniform_one,
 )
 
 
@@ -72,29 +75,29 @@ PROMPT_STREAM = 0x70726F6D  # "prom": tile seeds are a stream of their own besid
 
 @dataclass
 class PromptSets:
-    """P prompt sets of one kind, as one decode call takes them. Points and boxes stay on the
-    host, where the samplers make and extend them; :func:`decode` moves them."""
+    """P prompt sets of one kind, as one decode call takes them, on the device where the
+    samplers make and extend them."""
 
     kind: PromptKind
     image_index: Tensor  # long [P] on the device: the tile (embedding) of each set
-    points: Points | None = None  # ([P, N, 2] (x, y) pixels, [P, N] labels), host
-    boxes: Tensor | None = None  # [P, 4] XYXY pixels, host
-    mask_inputs: Tensor | None = None  # [P, 1, S/4, S/4] logits on the device
+    points: Points | None = None  # ([P, N, 2] (x, y) pixels, [P, N] labels)
+    boxes: Tensor | None = None  # [P, 4] XYXY pixels
+    mask_inputs: Tensor | None = None  # [P, 1, S/4, S/4] logits
 
 
 @dataclass
 class Truth:
-    """Ground truth of some tiles or sets, where each reader wants it."""
+    """Ground truth of some tiles or sets, on the device, in the form each reader wants."""
 
-    host_ink: Tensor  # bool [N, 1, S, S] on the CPU: the prompt samplers
-    host_valid: Tensor  # bool [N, 1, S, S] on the CPU
-    ink: Tensor  # float [N, 1, H, W] on the device, H = S or S/4 (loss_cfg.resolution): the loss
-    valid: Tensor  # float [N, 1, H, W] on the device
+    ink: Tensor  # float [N, 1, H, W], H = S or S/4 (loss_cfg.resolution): the loss
+    valid: Tensor  # float [N, 1, H, W]
+    full_ink: Tensor  # bool [N, 1, S, S]: the prompt samplers
+    full_valid: Tensor  # bool [N, 1, S, S]
 
-    def select(self, host_index: Tensor, index: Tensor) -> Truth:
-        """Rows ``host_index`` (long, CPU) = ``index`` (the same, on the device)."""
-        return Truth(self.host_ink[host_index], self.host_valid[host_index],
-                     self.ink.index_select(0, index), self.valid.index_select(0, index))
+    def select(self, index: Tensor) -> Truth:
+        """Rows ``index`` (long, on the device)."""
+        return Truth(*(t.index_select(0, index) for t in
+                       (self.ink, self.valid, self.full_ink, self.full_valid)))
 
 
 @dataclass
@@ -145,28 +148,35 @@ def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: Generators) -> Te
 
 
 def first_points(target: Tensor, valid: Tensor, gen: Generators) -> Points:
-    """One random ink point per set; a background point where the tile has no ink (never a
-    fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1]). Host tensors: no device sync."""
-    coords, labels = random_points(target, valid, generator=gen, positives=1, negatives=0)
-    empty = (labels[:, 0] < 0).nonzero().flatten()  # (E,) sets without an ink pixel in valid
-    if len(empty):  # only they draw again, so a set's draws never depend on the others
-        coords[empty], labels[empty] = random_points(
-            target[empty], valid[empty], generator=rows_of(gen, empty.tolist()), positives=0,
-            negatives=1)
-    return coords, labels
+    """One ink point per set, uniform over its ink inside valid; a background point where the
+    set has no ink (never a fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1]); target /
+    valid [P, 1, S, S] bool (or float, ink where > 0.5). Every set draws twice (ink, then
+    background), so its point depends on its own generator alone; on the truth's device, no
+    sync (:func:`scrollsam.prompts.uniform_one`)."""
+    ink, ok = target[:, 0] > 0.5, valid[:, 0] > 0.5  # (P, S, S)
+    P, _, W = ink.shape
+    pos, has_ink = uniform_one((ink & ok).reshape(P, -1), gen)  # (P,), (P,)
+    neg, has_bg = uniform_one((ok & ~ink).reshape(P, -1), gen)
+    index = torch.where(has_ink, pos, neg)[:, None]  # (P, 1)
+    labels = torch.where(has_ink, 1, torch.where(has_bg, 0, -1))[:, None]  # (P, 1)
+    coords = torch.stack([index % W, index // W], dim=-1).float()  # (P, 1, 2) as (x, y)
+    return coords.masked_fill(labels[..., None] < 0, 0.0), labels.long()
 
 
 def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: LossConfig,
-               device: torch.device) -> Truth:
-    """:class:`Truth` of B tiles from label / valid [B, 1, S, S]; at ``resolution="mask"`` the
-    loss side is area-averaged to S/4 once per tile, not once per set and round."""
-    # Samplers see bool truth (a quarter of the bytes of float copies at S x S).
-    host_ink, host_valid = label.detach().cpu() > 0.5, valid.detach().cpu() > 0.5
+               device: torch.device) -> tuple[Truth, Tensor]:
+    """:class:`Truth` of B tiles from label / valid [B, 1, S, S] and which tiles have ink
+    inside valid (bool [B], on the host: it decides prompt kinds there); at
+    ``resolution="mask"`` the loss side is area-averaged to S/4 once per tile, not once per set
+    and round."""
+    host_label, host_valid = label.detach().cpu(), valid.detach().cpu()  # no copy from a CPU batch
+    has_ink = ((host_label > 0.5) & (host_valid > 0.5)).flatten(1).any(1)  # (B,)
     ink = label.to(device, non_blocking=True)  # (B, 1, S, S)
     inside = valid.to(device, non_blocking=True)
+    full_ink, full_valid = ink > 0.5, inside > 0.5  # (B, 1, S, S) bool: the samplers' truth
     if loss_cfg.resolution == "mask":
         ink, inside = to_mask_resolution(ink, inside, (model.mask_size, model.mask_size))
-    return Truth(host_ink, host_valid, ink, inside)
+    return Truth(ink, inside, full_ink, full_valid), has_ink
 
 
 def first_prompts(kind: PromptKind, image_index: Tensor, truth: Truth, *,
@@ -175,7 +185,7 @@ def first_prompts(kind: PromptKind, image_index: Tensor, truth: Truth, *,
     set, on the device), ``truth`` of the P sets, ``boxes`` [P, 4] of a ``BOX`` kind."""
     sets = PromptSets(kind, image_index)
     if kind is PromptKind.POINT:
-        sets.points = first_points(truth.host_ink, truth.host_valid, gen)
+        sets.points = first_points(truth.full_ink, truth.full_valid, gen)
     elif kind is PromptKind.BOX:
         sets.boxes = boxes
     return sets
@@ -189,11 +199,8 @@ def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, multima
     :meth:`SamSegmenter.encode_with_pixels`), else the decoder's. Prompts move to the device
     without waiting, and their values go unchecked (the samplers make them; a check would wait
     for the device)."""
-    dev = embeddings.device
-    points = None if sets.points is None else (sets.points[0].to(dev, non_blocking=True),
-                                               sets.points[1].to(dev, non_blocking=True))
-    boxes = None if sets.boxes is None else sets.boxes.to(dev, non_blocking=True)
-    low, iou = model.decode(embeddings, points=points, boxes=boxes, mask_inputs=sets.mask_inputs,
+    low, iou = model.decode(embeddings, points=sets.points, boxes=sets.boxes,
+                            mask_inputs=sets.mask_inputs,
                             multimask=multimask, image_index=sets.image_index,
                             check_values=False)
     return model.refine(low, features, sets.image_index), iou, low
@@ -209,11 +216,15 @@ def corrective_rounds(
     multimask: bool,
     mask_feedback: bool,
     loss_kw: dict[str, object],
+    sampler: str = "uniform",
+    gen: Generators | None = None,
     features: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, PromptSets]:
     """Decode ``sets`` and score them; then ``rounds`` times add one point from the error region
     of the selected mask (SAM paper, Appendix A), with its logits as the next mask prompt when
     ``mask_feedback``, and decode and score again. ``multimask``: three masks in the first round.
+    ``sampler``: :func:`corrective_points`' mode; "uniform" (the SAM paper's) draws from the sets'
+    generators ``gen`` on the device, "center" copies each round's masks to the host.
 
     The mask prompt is the decoder's own S/4 logits of the selected mask (with a mask head the
     error region comes from the head's full-resolution mask). Returns the loss parts averaged
@@ -228,13 +239,23 @@ def corrective_rounds(
         per_round.append(loss.parts)
         chosen = select_mask(logits, loss.selected)  # (P, 1, S/4 or S, ...), detached
         if r < rounds:
-            new = corrective_points(chosen.cpu(), truth.host_ink, truth.host_valid,
-                                    mode="center")  # the round's one device -> host copy
+            if sampler == "uniform":  # on the device, no sync
+                new = corrective_points(chosen, truth.full_ink, truth.full_valid,
+                                        mode="uniform", generator=gen)
+            else:  # OpenCV on the host: the round's copies back and their wait
+                new = corrective_points(chosen.cpu(), truth.full_ink.cpu(),
+                                        truth.full_valid.cpu(), mode="center")
+                new = _to(new, chosen.device)
             points = new if sets.points is None else append_points(sets.points, new)
             feedback = chosen if low is logits else select_mask(low, loss.selected)
             sets = replace(sets, points=points,
                            mask_inputs=feedback if mask_feedback else None)
     return mean_parts(per_round), chosen, sets
+
+
+def _to(points: Points, device: torch.device) -> Points:
+    """``points`` on ``device`` (a copy that does not wait)."""
+    return points[0].to(device, non_blocking=True), points[1].to(device, non_blocking=True)
 
 
 def picture_example(tile: Tensor, chosen: Tensor, sets: PromptSets) -> dict[str, Tensor]:
@@ -273,13 +294,15 @@ def prompted_forward(
         raise InputError(f"seeds: expected one per tile ({B}), got {len(seeds)}")
     tile_of_set = torch.arange(B).repeat_interleave(prompt_cfg.sets_per_tile)  # (P,) CPU
     gens = set_generators(seeds, prompt_cfg.sets_per_tile)  # P, one per set
-    truth = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
+    truth, has_ink = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
     kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gens)  # (P,) CPU
     boxes = None
-    if prompt_cfg.first in ("box", "mixed"):
-        boxes, present = box_prompts(truth.host_ink[tile_of_set], truth.host_valid[tile_of_set],
-                                     generator=gens)  # (P, 4), (P,)
-        kinds = torch.where((kinds == PromptKind.BOX) & ~present, PromptKind.POINT, kinds)
+    if prompt_cfg.first in ("box", "mixed"):  # a set whose tile has no ink gets a point
+        kinds = torch.where((kinds == PromptKind.BOX) & ~has_ink[tile_of_set], PromptKind.POINT,
+                            kinds)
+        sets_truth = truth.select(tile_of_set.to(dev, non_blocking=True))
+        boxes, _ = box_prompts(sets_truth.full_ink, sets_truth.full_valid,
+                               generator=gens)  # (P, 4) on the device
     loss_kw = loss_kwargs(loss_cfg)
     groups, sizes, example = [], [], None
     for kind in ORDER:
@@ -288,15 +311,18 @@ def prompted_forward(
             continue
         tiles = tile_of_set[sel]  # (Pk,)
         index = tiles.to(dev, non_blocking=True)  # (Pk,) the same, on the device
-        sets_truth = truth.select(tiles, index)
-        sets = first_prompts(kind, index, sets_truth, gen=rows_of(gens, sel.tolist()),
-                             boxes=boxes[sel] if kind is PromptKind.BOX else None)
+        sets_truth = truth.select(index)
+        sets_gens = rows_of(gens, sel.tolist())
+        sets = first_prompts(kind, index, sets_truth, gen=sets_gens,
+                             boxes=boxes[sel.to(dev, non_blocking=True)]
+                             if kind is PromptKind.BOX else None)
         prompted = kind is not PromptKind.NONE
         parts, chosen, sets = corrective_rounds(
             model, embeddings, sets, sets_truth,
             rounds=prompt_cfg.corrective_rounds if prompted else 0,
             multimask=prompt_cfg.multimask and kind is PromptKind.POINT,
-            mask_feedback=prompt_cfg.mask_feedback, loss_kw=loss_kw, features=features)
+            mask_feedback=prompt_cfg.mask_feedback, loss_kw=loss_kw,
+            sampler=prompt_cfg.corrective, gen=sets_gens, features=features)
         groups.append(parts)
         sizes.append(len(sel))
         if example is None and prompted:
