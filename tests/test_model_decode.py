@@ -206,3 +206,27 @@ def test_gradients_equal_official(model, gen, case):
         torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=name)
         checked += 1
     assert checked > 30
+
+
+def test_token_attention_never_asks_for_cudnn_kernels(model, gen, monkeypatch):
+    """cuDNN builds an execution plan on the host for every new shape, and the prompt tokens'
+    shapes change every training step: their attention must run with cuDNN's SDPA kernel
+    switched off (and the other kernels on), whatever the global setting."""
+    from scrollsam.model import decoder_ops
+
+    seen = []
+    real = decoder_ops.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_ops.F, "scaled_dot_product_attention", spy)
+    _, grid, _ = _sizes(model)
+    emb = torch.randn(2, 256, grid, grid, generator=gen)
+    coords = torch.tensor([[[10.0, 20.0]], [[30.0, 5.0]]])
+    model.decode(emb, points=(coords, torch.ones(2, 1, dtype=torch.long)))
+    assert seen and all(s == (False, True, True) for s in seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the global setting is back
