@@ -3,17 +3,19 @@
 Standalone (what a lent H100 / H200 runs; scrollsam need not be installed, ``src/`` is used)::
 
     bash benchmarks/gpu_setup.sh          # segment-anything from wheels/ (no network there)
-    python benchmarks/bench_gpu.py --out $OUT/gpu.json
+    python benchmarks/bench_gpu.py --out $OUT/gpu.json [--attention] [--profile CASE,...]
     python benchmarks/bench_gpu.py --smoke --out /tmp/gpu-smoke.json   # CPU: tiny, 1 step
 
 Each case times the step ``scrollsam.train.loop`` runs, whole model trainable (as the x-ray
 configs train it): bf16 autocast, :func:`scrollsam.train.step.prompted_forward` with the default
 prompts (``PromptConfig()``: 2 sets per tile, mixed point / box first prompts, 2 corrective
 rounds with mask feedback, a quarter prompt-free) and losses (``LossConfig()``: focal + dice +
-IoU), backward, gradient clipping at 1, fused AdamW. Inputs are random images with blob-shaped
-ink labels (speed does not depend on the values). Reported per case:
+IoU), backward, gradient clipping at 1, fused AdamW, and the loss read back (the loop logs it).
+Inputs are random images on the device and blob-shaped ink labels on the host, pinned, as the
+training loader gives them (speed does not depend on the values). Reported per case:
 
-- ``images_per_s`` over ``--steps`` timed steps after ``--warmup`` (the first compiles);
+- ``images_per_s``: batch / the median of ``--steps`` timed steps after ``--warmup`` (the first
+  compiles);
 - ``peak_gpu_mb``: ``torch.cuda.max_memory_allocated`` over the timed steps;
 - ``flops_per_image``: one step counted with ``torch.utils.flop_counter.FlopCounterMode``
   (forward and backward; the fold path's wider heads count as more work);
@@ -25,11 +27,16 @@ Paths: ``official`` (segment_anything attention), ``fold`` (``FusedAttention`` a
 mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` (the bias as
 SDPA's ``attn_mask``: memory-efficient kernel), ``+w16`` (16 x 16 windows: no padding at 256 px),
 ``+compile`` (``nn.Module.compile`` of the encoder, static shapes; ``unique_graphs`` shows it
-compiled once).
+compiled once). Prompts: the default (uniform corrective points, on the device), ``+center``
+(corrective points at the error's centre: OpenCV on the host, the sampler before) or ``+free``
+(prompt-free sets only: what the encoder and decoder alone cost).
 Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
-gradients are from the official encoder's on the device (fp32 and bf16, vit_b at 256 px).
-Cases run in order of importance and stop at ``--budget-s`` (the rest are listed as skipped);
-a case that runs out of memory is recorded as such and the next one runs.
+gradients are from the official encoder's on the device (``gpu_attention.check_paths``);
+``--attention`` times one attention block per mode and token grid (``gpu_attention``);
+``--profile`` writes a torch.profiler table per named case. Cases run in order of importance
+and stop at ``--budget-s`` (the rest are listed as skipped); a case that runs out of memory is
+recorded as such and the next one runs. The JSON is rewritten after every part, so a run
+stopped at its time limit keeps what it measured.
 
 The ``gpu_*`` entries registered below run the same step under ``benchmarks/run.py`` (``make
 bench`` on a CUDA machine) as an official-vs-scrollsam comparison.
@@ -42,12 +49,11 @@ import gc
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 try:  # standalone on a machine where scrollsam is not installed: use the checkout's src/
     import scrollsam  # noqa: F401
@@ -55,120 +61,10 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import compare, cuda_sync, machine_info, measure, needs_cuda, register  # noqa: E402
+from gpu_attention import check_paths, format_blocks, time_blocks  # noqa: E402
+from gpu_step import GPU_CASES, SMOKE_CASES, Case, count_flops, make_step  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
-
-
-@dataclass(frozen=True)
-class Case:
-    """One timed configuration."""
-
-    model: str
-    size: int
-    batch: int
-    path: str = "fold"  # official | fold | bias (FusedAttention modes)
-    window: int | None = None  # None: the variant's (14)
-    compile: bool = False
-    prompts: str = "sam"  # sam: the default SAM-paper prompting; free: prompt-free sets only
-
-    @property
-    def name(self) -> str:
-        w = f"+w{self.window}" if self.window else ""
-        c = "+compile" if self.compile else ""
-        p = "+free" if self.prompts == "free" else ""
-        return f"{self.model}_{self.size}_b{self.batch}_{self.path}{w}{c}{p}"
-
-
-# In order of importance: the budget cuts from the end.
-GPU_CASES = [
-    Case("vit_b", 1024, 4, "official"),
-    Case("vit_b", 1024, 4, "fold"),
-    Case("vit_b", 256, 32, "official"),
-    Case("vit_b", 256, 32, "fold"),
-    Case("vit_b", 256, 32, "fold", window=16),
-    Case("vit_b", 1024, 2, "official"),  # the issue's memory goal is at batch 2
-    Case("vit_b", 1024, 2, "fold"),
-    Case("vit_h", 256, 8, "official"),
-    Case("vit_h", 256, 8, "fold"),
-    Case("vit_h", 1024, 1, "official"),
-    Case("vit_h", 1024, 1, "fold"),
-    Case("vit_b", 1024, 4, "bias"),
-    Case("vit_b", 256, 32, "bias"),
-    Case("vit_b", 256, 32, "fold", window=16, compile=True),
-    Case("vit_b", 1024, 4, "fold", compile=True),
-    # prompt-free only: no host-side prompt sampling, what the encoder and decoder alone cost
-    Case("vit_b", 256, 32, "official", prompts="free"),
-    Case("vit_b", 256, 32, "fold", prompts="free"),
-    Case("vit_b", 256, 32, "fold", window=16, prompts="free"),
-    Case("vit_b", 1024, 4, "official", prompts="free"),
-    Case("vit_b", 1024, 4, "fold", prompts="free"),
-]
-SMOKE_CASES = [
-    Case("tiny", 128, 2, "official"),
-    Case("tiny", 128, 2, "fold"),
-    Case("tiny", 128, 2, "bias"),
-    Case("tiny", 128, 2, "fold", window=4, compile=True),
-]
-
-
-def blob_labels(batch: int, size: int, *, device: torch.device,
-                gen: torch.Generator) -> torch.Tensor:
-    """Blob-shaped ink (about 30 % of pixels) -> float [B, 1, S, S] of 0 / 1."""
-    noise = torch.rand(batch, 1, size // 16, size // 16, generator=gen)  # (B, 1, S/16, S/16)
-    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
-    return (smooth > 0.6).float().to(device)  # (B, 1, S, S)
-
-
-def make_step(case: Case, device: torch.device, *, compile_backend: str = "inductor"):
-    """Build the model and return ``step()`` (one training step) and the model."""
-    from scrollsam import build_model
-    from scrollsam.config import LossConfig, PromptConfig
-    from scrollsam.model.attention import fuse_attention
-    from scrollsam.precision import autocast_for
-    from scrollsam.train.loop import make_optimizer
-    from scrollsam.train.step import prompted_forward
-
-    torch.manual_seed(0)
-    with device:  # parameters initialised on the device: vit_h builds in seconds, not minutes
-        model = build_model(case.model, image_size=case.size, window_size=case.window,
-                            attention="official" if case.path == "official" else "fused")
-    if case.path != "official":
-        fuse_attention(model.sam.image_encoder, mode=case.path)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]  # the whole model
-    if case.compile:
-        model.sam.image_encoder.compile(dynamic=False, backend=compile_backend)
-    opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device)
-    label = blob_labels(case.batch, case.size, device=device, gen=gen)  # (B, 1, S, S)
-    valid = torch.ones_like(label)
-    prompts, losses = PromptConfig(), LossConfig()
-    if case.prompts == "free":
-        prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
-    prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
-
-    def step() -> float:
-        with autocast_for(device, True):
-            out = prompted_forward(model, model.encode(images), label, valid, prompt_cfg=prompts,
-                                   loss_cfg=losses, gen=prompt_gen)
-        out.parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.parts["loss"].detach())  # the loop logs it: a sync, as in training
-
-    return step, model
-
-
-def count_flops(step) -> float:
-    """FLOPs of one call of ``step`` (forward and backward) with FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return float(counter.get_total_flops())
 
 
 def _sync(device: torch.device) -> None:
@@ -195,16 +91,9 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
         result["warmup_s"] = round(time.perf_counter() - t0, 2)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(steps):
-            _sync(device)
-            t = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        total = sum(times)
-        result.update(images_per_s=case.batch * steps / total, step_s=total / steps,
-                      times_s=[round(t, 5) for t in times])
+        timed = measure(step, repeats=steps, warmup=0, sync=lambda: _sync(device))
+        result.update(images_per_s=case.batch / timed["seconds"], step_s=timed["seconds"],
+                      times_s=timed["times_s"])
         if device.type == "cuda":
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if case.compile:
@@ -225,45 +114,24 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
     return result
 
 
-def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256) -> dict:
-    """Relative difference of each fused mode's encoder output (and parameter gradients, fp32)
-    from the official encoder's fp32 output, on ``device``: ``MODE_fp32``, ``MODE_fp32_grads``,
-    and ``MODE_bf16`` under bf16 autocast next to ``official_bf16`` (bf16's own error). Random
-    weights with non-zero relative-position tables. A wrong kernel shows here before any timing
-    counts."""
-    import copy
+def profile_case(case: Case, device: torch.device, *, steps: int = 3,
+                 rows: int = 25) -> str:
+    """A torch.profiler table of ``steps`` training steps of ``case`` after 2 warm-up steps:
+    the ops with the most device time, and the host time beside it."""
+    from torch.profiler import ProfilerActivity, profile
 
-    from scrollsam import build_model
-    from scrollsam.model.attention import fuse_attention
-
-    torch.manual_seed(0)
-    with device:
-        official = build_model(model, image_size=size, attention="official").sam.image_encoder
-    with torch.no_grad():
-        for name, p in official.named_parameters():
-            if "rel_pos" in name:
-                p.normal_(std=0.5)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    out: dict[str, float] = {}
-    ref = official(x)  # (B, 256, g, g)
-    ref.square().mean().backward()
-    ref_grads = {n: p.grad for n, p in official.named_parameters()}
-    ref = ref.detach()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        out["official_bf16"] = float((official(x).float() - ref).norm() / ref.norm())
-    for mode in ("fold", "bias", "explicit"):
-        enc = copy.deepcopy(official)
-        enc.zero_grad(set_to_none=True)
-        fuse_attention(enc, mode=mode)
-        got = enc(x)
-        got.square().mean().backward()
-        out[f"{mode}_fp32"] = float((got.detach() - ref).norm() / ref.norm())
-        diff = torch.cat([(p.grad - ref_grads[n]).flatten() for n, p in enc.named_parameters()])
-        whole = torch.cat([g.flatten() for g in ref_grads.values()])
-        out[f"{mode}_fp32_grads"] = float(diff.norm() / whole.norm())  # all parameters at once
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            out[f"{mode}_bf16"] = float((enc(x).float() - ref).norm() / ref.norm())
-    return out
+    step, _model = make_step(case, device)
+    for _ in range(2):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
 
 def add_mfu(results: dict[str, dict[str, Any]], peak_flops: float) -> None:
@@ -327,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; 1 smoke)")
     parser.add_argument("--budget-s", type=float, default=270.0,
                         help="start no new case after this many seconds (default 270)")
+    parser.add_argument("--attention", action="store_true",
+                        help="also time one attention block per mode and shape (gpu_attention)")
+    parser.add_argument("--attention-modes", default="",
+                        help="comma-separated modes for --attention (default: official, plain, "
+                        "fold, bias); MODE/cudnn|efficient|flash too")
+    parser.add_argument("--profile", default="",
+                        help="comma-separated case names to profile (tables under --out's "
+                        "folder as profile_CASE.txt)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                         help=f"dense bf16 peak of the card (default {PEAK_TFLOPS:g}: H100/H200)")
     args = parser.parse_args(argv)
@@ -359,22 +235,41 @@ def main(argv: list[str] | None = None) -> int:
     print("fused vs official, relative difference: " + ", ".join(
         f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in exactness.items()),
         flush=True)
+    doc: dict[str, Any] = {"machine": machine, "peak_tflops": args.peak_tflops,
+                           "smoke": args.smoke, "exactness": exactness, "steps": steps,
+                           "warmup": warmup}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a run stopped at its time limit keeps what it did
+        doc["wall_s"] = round(time.perf_counter() - start, 1)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    if args.attention and device.type == "cuda":
+        modes = tuple(args.attention_modes.split(",")) if args.attention_modes else None
+        doc["attention_blocks"] = time_blocks(device, **({"modes": modes} if modes else {}))
+        save()
+        print(format_blocks(doc["attention_blocks"]), flush=True)
+    every = {c.name: c for c in (SMOKE_CASES if args.smoke else GPU_CASES)}
+    for name in filter(None, (n.strip() for n in args.profile.split(","))):
+        if name not in every:
+            parser.error(f"--profile: unknown case {name!r}")
+        table = profile_case(every[name], device)
+        (args.out.parent / f"profile_{name.replace('+', '-')}.txt").write_text(table)
+        print(f"profile {name}:\n" + "\n".join(table.splitlines()[:16]), flush=True)
     results: dict[str, dict[str, Any]] = {}
+    doc["results"] = results
     for case in cases:
         if time.perf_counter() - start > args.budget_s:
             results[case.name] = {"case": asdict(case), "skipped": "over --budget-s"}
             continue
         r = run_case(case, device, steps=steps, warmup=warmup, compile_backend=backend)
         results[case.name] = r
+        add_mfu(results, args.peak_tflops * 1e12)
+        save()
         shown = (f"{r['images_per_s']:.1f} img/s" if "images_per_s" in r else r.get("error"))
         print(f"  {case.name}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
-    add_mfu(results, args.peak_tflops * 1e12)
-    wall = time.perf_counter() - start
-    doc = {"machine": machine, "peak_tflops": args.peak_tflops, "smoke": args.smoke,
-           "exactness": exactness,
-           "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    save()
+    wall = doc["wall_s"]
     print()
     print(format_rows(results))
     print(f"\n{wall:.0f} s; written to {args.out}")

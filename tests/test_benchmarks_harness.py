@@ -118,3 +118,23 @@ def test_gpu_bench_shares_of_peak_count_the_path_and_the_official_work():
     table = bench_gpu.format_rows(results)
     oom_row = next(line for line in table.splitlines() if "out of memory" in line)
     assert "%" not in oom_row  # no share of peak for a case that did not run
+
+
+def test_gpu_bench_runs_end_to_end_on_a_cpu_in_smoke_mode(tmp_path):
+    """The script a lent GPU runs must not break where CI cannot see it: its smoke mode runs
+    the same code (exactness check, a real training step per case, a profile, the JSON)."""
+    import json
+
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    code = bench_gpu.main(["--smoke", "--out", str(out), "--steps", "1", "--warmup", "1",
+                           "--cases", "tiny_128_b2_fold,tiny_128_b2_fold+center",
+                           "--profile", "tiny_128_b2_fold+center"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"tiny_128_b2_fold", "tiny_128_b2_fold+center"}
+    assert all(r["images_per_s"] > 0 and r["flops_per_image"] > 0
+               for r in doc["results"].values())
+    assert doc["exactness"]["fold_fp32"] < 1e-4 and doc["exactness"]["fold_fp32_grads"] < 1e-4
+    assert "aten::" in (tmp_path / "profile_tiny_128_b2_fold-center.txt").read_text()

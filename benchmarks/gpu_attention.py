@@ -1,0 +1,168 @@
+"""The encoder's attention on a GPU: each mode's exactness and its own speed, block by block.
+
+Used by ``bench_gpu.py`` (``--attention``). Two parts:
+
+- :func:`check_paths`: how far each fused mode's encoder output and parameter gradients are
+  from the official encoder's (fp32, and bf16 next to bf16's own error), on the device;
+- :func:`time_blocks`: one vit_b attention block (dim 768, 12 heads, official parameters),
+  forward + backward under bf16 autocast, for each mode at the token grids the encoder uses:
+  14 x 14 windows and the global grid, at 256 and 1024 px, with as many windows / images as a
+  training batch has. ``plain`` is SDPA with no bias at all: the floor a bias can approach;
+  ``MODE/KERNEL``: SDPA held to one kernel (cudnn, efficient, flash).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from scrollsam import build_model
+from scrollsam.model.attention import FusedAttention, fuse_attention
+
+FUSED_MODES = ("fold", "bias", "explicit")
+# (name, token grid side, blocks of that grid in a batch): vit_b training batches of 4 at
+# 1024 px (64 x 64 tokens; 25 windows of 14 x 14 each, padded to 70 x 70) and 32 at 256 px
+# (16 x 16 tokens, one 16 x 16 window or the global grid).
+BLOCK_SHAPES = (
+    ("1024_global", 64, 4),
+    ("1024_window14", 14, 4 * 25),
+    ("256_global", 16, 32),  # also the 16 x 16 windows of window_size 16
+)
+
+
+def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256,
+                modes: tuple[str, ...] = FUSED_MODES) -> dict[str, Any]:
+    """Relative difference of each fused mode's encoder output (and parameter gradients, fp32)
+    from the official encoder's fp32 output, on ``device``: ``MODE_fp32``, ``MODE_fp32_grads``,
+    and ``MODE_bf16`` under bf16 autocast next to ``official_bf16`` (bf16's own error). Random
+    weights with non-zero relative-position tables. A wrong kernel shows here before any timing
+    counts; a mode that fails records its error and the others still run."""
+    torch.manual_seed(0)
+    with device:
+        official = build_model(model, image_size=size, attention="official").sam.image_encoder
+    with torch.no_grad():
+        for name, p in official.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(std=0.5)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    out: dict[str, Any] = {}
+    ref = official(x)  # (B, 256, g, g)
+    ref.square().mean().backward()
+    ref_grads = {n: p.grad for n, p in official.named_parameters()}
+    ref = ref.detach()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        out["official_bf16"] = float((official(x).float() - ref).norm() / ref.norm())
+    for mode in modes:
+        try:
+            enc = copy.deepcopy(official)
+            enc.zero_grad(set_to_none=True)
+            fuse_attention(enc, mode=mode)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                out[f"{mode}_bf16"] = float((enc(x).float() - ref).norm() / ref.norm())
+            grads = device.type == "cuda" or mode != "flex"  # no FlexAttention backward on CPU
+            with torch.set_grad_enabled(grads):
+                got = enc(x)
+            out[f"{mode}_fp32"] = float((got.detach() - ref).norm() / ref.norm())
+            if grads:
+                got.square().mean().backward()
+                diff = torch.cat([(p.grad - ref_grads[n]).flatten()
+                                  for n, p in enc.named_parameters()])
+                whole = torch.cat([g.flatten() for g in ref_grads.values()])
+                out[f"{mode}_fp32_grads"] = float(diff.norm() / whole.norm())
+        except Exception as err:  # noqa: BLE001 - recorded, the other modes still run
+            out[f"{mode}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return out
+
+
+def _block(grid: int, mode: str, device: torch.device) -> torch.nn.Module:
+    """One vit_b attention block over a ``grid`` x ``grid`` token grid in ``mode`` (or the
+    official module for ``official``, or ``plain``: SDPA with no relative-position bias)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(0)
+    with device:
+        attn = Attention(768, num_heads=12, use_rel_pos=mode != "plain",
+                         input_size=(grid, grid))
+        if attn.use_rel_pos:
+            with torch.no_grad():
+                attn.rel_pos_h.normal_(std=0.1)
+                attn.rel_pos_w.normal_(std=0.1)
+    if mode == "official":
+        return attn
+    base, _, backend = mode.partition("/")
+    block = FusedAttention(attn, grid=(grid, grid), mode="fold" if base == "plain" else base)
+    if not backend:
+        return block
+    kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    class Only(torch.nn.Module):  # the block with SDPA held to one kernel
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel([kernel]):
+                return self.block(x)
+
+    return Only()
+
+
+def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
+                modes: tuple[str, ...] = ("official", "plain", *FUSED_MODES[:-1]),
+                ) -> dict[str, dict[str, Any]]:
+    """Median ms of forward + backward of one attention block per mode and shape (bf16
+    autocast, input gradient and parameter gradients), with peak memory; errors recorded."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, grid, count in BLOCK_SHAPES:
+        row: dict[str, Any] = {}
+        x = torch.randn(count, grid, grid, 768, device=device, requires_grad=True)
+        for mode in modes:
+            try:
+                block = _block(grid, mode, device)
+
+                def step(block: torch.nn.Module = block, x: torch.Tensor = x) -> None:
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        y = block(x)  # (count, grid, grid, 768)
+                    y.float().square().mean().backward()
+
+                for _ in range(warmup):
+                    step()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                times = []
+                for _ in range(repeats):
+                    start.record()
+                    step()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                row[mode] = {"ms": sorted(times)[len(times) // 2],
+                             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+            except Exception as err:  # noqa: BLE001 - recorded, the next mode runs
+                row[mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+            finally:
+                x.grad = None
+                torch.cuda.empty_cache()
+        results[name] = row
+    return results
+
+
+def format_blocks(results: dict[str, dict[str, Any]]) -> str:
+    """A table: one row per shape, ms per mode (fwd + bwd)."""
+    modes = list(next(iter(results.values())).keys()) if results else []
+    lines = [f"{'attention block fwd+bwd ms':28s} " + " ".join(f"{m:>9s}" for m in modes)]
+    for name, row in results.items():
+        cells = [f"{row[m]['ms']:9.2f}" if "ms" in row[m] else f"{'err':>9s}" for m in modes]
+        lines.append(f"{name:28s} " + " ".join(cells))
+    errors = [f"  {n}/{m}: {r['error']}" for n, row in results.items() for m, r in row.items()
+              if "error" in r]
+    return "\n".join(lines + errors)
+
+
+__all__ = ["BLOCK_SHAPES", "check_paths", "format_blocks", "time_blocks"]

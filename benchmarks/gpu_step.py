@@ -1,0 +1,140 @@
+"""The training step the GPU benchmark times (``bench_gpu.py``): its cases and how each is built.
+
+A :class:`Case` names a model, input size, batch, attention path, window, compile and prompt
+mode; :func:`make_step` builds the model and returns one real training step of it (see
+``bench_gpu.py`` for what the step holds). Kept apart from ``bench_gpu.py`` so that file stays
+the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed configuration."""
+
+    model: str
+    size: int
+    batch: int
+    path: str = "fold"  # official | fold | bias (FusedAttention modes)
+    window: int | None = None  # None: the variant's (14)
+    compile: bool = False
+    # sam: the default SAM-paper prompting (uniform corrective points, on the device);
+    # center: the same with corrective points at the error's centre (CPU distance transforms);
+    # free: prompt-free sets only
+    prompts: str = "sam"
+
+    @property
+    def name(self) -> str:
+        w = f"+w{self.window}" if self.window else ""
+        c = "+compile" if self.compile else ""
+        p = "" if self.prompts == "sam" else f"+{self.prompts}"
+        return f"{self.model}_{self.size}_b{self.batch}_{self.path}{w}{c}{p}"
+
+
+# In order of importance: the budget cuts from the end.
+GPU_CASES = [
+    Case("vit_b", 1024, 4, "official"),
+    Case("vit_b", 1024, 4, "fold"),
+    Case("vit_b", 1024, 4, "fold", prompts="center"),  # the corrective sampler before
+    Case("vit_b", 1024, 8, "fold"),
+    Case("vit_b", 1024, 16, "fold"),
+    Case("vit_b", 256, 32, "official"),
+    Case("vit_b", 256, 32, "fold"),
+    Case("vit_b", 256, 32, "fold", window=16),
+    Case("vit_b", 256, 128, "fold", window=16),
+    Case("vit_b", 256, 256, "fold", window=16),
+    Case("vit_b", 1024, 2, "official"),  # the issue's memory goal is at batch 2
+    Case("vit_b", 1024, 2, "fold"),
+    Case("vit_b", 1024, 16, "fold", compile=True),
+    Case("vit_b", 256, 256, "fold", window=16, compile=True),
+    Case("vit_h", 256, 8, "official"),
+    Case("vit_h", 256, 8, "fold"),
+    Case("vit_h", 1024, 1, "official"),
+    Case("vit_h", 1024, 1, "fold"),
+    # prompt-free only: what the encoder and decoder alone cost
+    Case("vit_b", 1024, 4, "official", prompts="free"),
+    Case("vit_b", 1024, 8, "fold", prompts="free"),
+    Case("vit_b", 256, 256, "fold", window=16, prompts="free"),
+    Case("vit_b", 1024, 4, "bias"),
+    Case("vit_b", 256, 32, "bias"),
+    Case("vit_b", 1024, 8, "fold", compile=True),
+    Case("vit_b", 256, 128, "fold", window=16, compile=True),
+]
+SMOKE_CASES = [
+    Case("tiny", 128, 2, "official"),
+    Case("tiny", 128, 2, "fold"),
+    Case("tiny", 128, 2, "bias"),
+    Case("tiny", 128, 2, "fold", prompts="center"),
+    Case("tiny", 128, 2, "fold", window=4, compile=True),
+]
+
+
+def blob_labels(batch: int, size: int, *, device: torch.device,
+                gen: torch.Generator) -> torch.Tensor:
+    """Blob-shaped ink (about 30 % of pixels) -> float [B, 1, S, S] of 0 / 1."""
+    noise = torch.rand(batch, 1, size // 16, size // 16, generator=gen)  # (B, 1, S/16, S/16)
+    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+    return (smooth > 0.6).float().to(device)  # (B, 1, S, S)
+
+
+def make_step(case: Case, device: torch.device, *, compile_backend: str = "inductor"):
+    """Build the model and return ``step()`` (one training step) and the model."""
+    from scrollsam import build_model
+    from scrollsam.config import LossConfig, PromptConfig
+    from scrollsam.model.attention import fuse_attention
+    from scrollsam.precision import autocast_for
+    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.step import prompted_forward
+
+    torch.manual_seed(0)
+    with device:  # parameters initialised on the device: vit_h builds in seconds, not minutes
+        model = build_model(case.model, image_size=case.size, window_size=case.window,
+                            attention="official" if case.path == "official" else "fused")
+    if case.path != "official":
+        fuse_attention(model.sam.image_encoder, mode=case.path)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # the whole model
+    if case.compile:
+        model.sam.image_encoder.compile(dynamic=False, backend=compile_backend)
+    opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device)
+    # the truth stays on the host, pinned, as the training loader gives it
+    label = blob_labels(case.batch, case.size, device=torch.device("cpu"), gen=gen)
+    valid = torch.ones_like(label)  # (B, 1, S, S)
+    if device.type == "cuda":
+        label, valid = label.pin_memory(), valid.pin_memory()
+    prompts, losses = PromptConfig(), LossConfig()
+    if case.prompts == "free":
+        prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
+    elif case.prompts == "center":
+        prompts = PromptConfig(corrective="center")
+    prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
+
+    def step() -> float:
+        with autocast_for(device, True):
+            out = prompted_forward(model, model.encode(images), label, valid, prompt_cfg=prompts,
+                                   loss_cfg=losses, gen=prompt_gen)
+        out.parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.parts["loss"].detach())  # the loop logs it: a sync, as in training
+
+    return step, model
+
+
+def count_flops(step) -> float:
+    """FLOPs of one call of ``step`` (forward and backward) with FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
