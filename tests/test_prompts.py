@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from scrollsam import prompts
 from scrollsam.errors import InputError
 from scrollsam.prompts import (
     append_points,
@@ -256,15 +257,16 @@ def test_uniform_corrective_point_pads_a_perfect_set_and_takes_the_last_pixel():
         assert coords[1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("tries", [1, 32])
 @pytest.mark.parametrize("block", [1, 5, 64, 1024])
-def test_uniform_one_across_blocks_is_uniform_and_finds_only_pool_positions(block):
+def test_uniform_one_across_blocks_is_uniform_and_finds_only_pool_positions(block, tries):
     pool = torch.zeros(3, 37, dtype=torch.bool)
     pool[0, [0, 4, 5, 6, 20, 36]] = True  # spread over blocks, first and last positions too
     pool[2, 36] = True  # a single position, the last one
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
     counts = torch.zeros(3, 37)
     for _ in range(1200):
-        index, found = uniform_one(pool, gens, block=block)
+        index, found = uniform_one(pool, gens, block=block, tries=tries)
         assert found.tolist() == [True, False, True] and index[1] == 0
         counts[torch.arange(3), index] += found.float()
     hits = counts[0][pool[0]]
@@ -272,3 +274,12 @@ def test_uniform_one_across_blocks_is_uniform_and_finds_only_pool_positions(bloc
     chi2 = float(((hits - 200) ** 2 / 200).sum())
     assert chi2 < 30.0  # dof 5: p < 1e-5 for a fair draw to exceed this
     assert counts[2, 36] == 1200
+
+
+def test_uniform_one_gives_the_same_draws_with_and_without_the_cpu_shortcut(monkeypatch):
+    pool = torch.rand(4, 3000, generator=torch.Generator().manual_seed(0)) > 0.4
+    seeds = range(4)
+    fast = uniform_one(pool, [torch.Generator().manual_seed(s) for s in seeds])
+    monkeypatch.setattr(prompts, "CPU_SHORTCUT", False)  # what a GPU computes
+    full = uniform_one(pool, [torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sync_detector import SyncCounter
 
-from scrollsam import build_model
+from scrollsam import build_model, prompts
 from scrollsam.config import load_config
 from scrollsam.model.trainable import set_trainable
 from scrollsam.train import step
@@ -53,6 +53,7 @@ def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, ov
         return real(*args, **kwargs)
 
     monkeypatch.setattr(step, "corrective_rounds", spy)
+    monkeypatch.setattr(prompts, "CPU_SHORTCUT", False)  # the path a GPU takes
     with SyncCounter([*model.parameters(), *model.buffers(), images]) as syncs:
         emb = model.encode(images, check_values=False)
         out = step.prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,

@@ -53,6 +53,9 @@ __all__ = [
     "uniform_one",
 ]
 
+# uniform_one on a CPU: skip the ranked pick when the draws found every row's position (a read
+# that a GPU would wait for; tests/test_train_sync.py turns it off to see the GPU's path).
+CPU_SHORTCUT = True
 Points = tuple[Tensor, Tensor]  # coords [P, N, 2] float32 (x, y), labels [P, N] int64
 # One generator for all P sets, or one per set (set p draws from generators[p] only).
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -242,29 +245,40 @@ def _uniform_error_point(missed: Tensor, extra: Tensor, generator: Generators) -
     return _compact(_from_flat(index[:, None], W), label.masked_fill(~found[:, None], -1))
 
 
-def uniform_one(pool: Tensor, generator: Generators, *, block: int = 1024) -> tuple[Tensor, Tensor]:
+def uniform_one(pool: Tensor, generator: Generators, *, tries: int = 32,
+                block: int = 1024) -> tuple[Tensor, Tensor]:
     """One position per row of ``pool`` (bool [P, L]) drawn uniformly among its True ones ->
     (index long [P], found bool [P]); index 0 where a row has none.
 
-    Exactly uniform: one float64 number u per row (from its generator) picks the True position
-    of rank floor(u * count) in order, found through per-block counts (blocks of ``block``
-    positions) and then a cumulative count inside the one block that holds it. Runs on the
-    pool's device without reading a value back (no sync); only P numbers travel to it.
+    Exactly uniform, from ``tries`` + 1 float64 numbers per row (its generator's, whatever the
+    device): the first of ``tries`` uniform positions that falls inside the pool; a row where
+    none does takes the True position of rank floor(u * count) instead (u the last number),
+    found through per-block counts (blocks of ``block`` positions) and a cumulative count inside
+    the one block that holds it. Either way the choice is uniform over the pool. Nothing is read
+    back from the pool's device (no sync); on a CPU, where reading is free, the ranked pick is
+    skipped when every row found its position by the draws (the count over all positions costs
+    about 30 ms for 8 rows of 1024 x 1024 on one core, the draws 0.1 ms).
     """
     P, L = pool.shape
+    draws = random_numbers((P, tries + 1), generator, pool.device, dtype=torch.float64)
+    cand = (draws[:, :tries] * L).long().clamp_(max=L - 1)  # (P, tries)
+    inside = pool.gather(1, cand)  # (P, tries)
+    hit = inside.any(1)  # (P,)
+    first = cand.gather(1, inside.to(torch.uint8).argmax(1, keepdim=True))[:, 0]  # (P,)
+    if CPU_SHORTCUT and pool.device.type == "cpu" and bool(hit.all()):
+        return first, hit
     blocks = F.pad(pool, (0, -L % block)).view(P, -1, block)  # (P, nb, block), False padding
     per_block = blocks.sum(2, dtype=torch.int64)  # (P, nb)
     upto = per_block.cumsum(1)  # (P, nb): True positions up to the end of each block
     count = upto[:, -1:]  # (P, 1)
-    u = random_numbers((P, 1), generator, pool.device, dtype=torch.float64)  # (P, 1)
-    rank = torch.minimum((u * count).long(), (count - 1).clamp(min=0))  # (P, 1), 0-based
+    rank = torch.minimum((draws[:, tries:] * count).long(), (count - 1).clamp(min=0))  # (P, 1)
     b = torch.searchsorted(upto, rank, right=True).clamp(max=blocks.shape[1] - 1)  # (P, 1)
     rank_in = rank - (upto.gather(1, b) - per_block.gather(1, b))  # rank inside block b
     inner = blocks.gather(1, b[..., None].expand(P, 1, block))[:, 0]  # (P, block)
     j = torch.searchsorted(inner.cumsum(1, dtype=torch.int64), rank_in, right=True)  # (P, 1)
-    index = (b * block + j.clamp(max=block - 1))[:, 0]  # (P,)
+    ranked = (b * block + j.clamp(max=block - 1))[:, 0]  # (P,)
     found = count[:, 0] > 0
-    return index.masked_fill(~found, 0), found
+    return torch.where(hit, first, ranked.masked_fill(~found, 0)), found
 
 
 def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: Generators,
