@@ -184,3 +184,28 @@ def test_short_run_trains_and_predict_rebuilds_the_parts_from_the_run(data, tiny
         assert ckpt["extras"]["mask_head"]["set_out.weight"].abs().sum() > 0
     prob = pred.predict_fragment(data / "train" / "2").prob
     assert prob.shape == (160, 160) and np.isfinite(prob).all()
+
+
+def test_mask_head_set_stage_equals_the_concatenated_convolution():
+    """The head applies set_in's image part once per image; the result must equal the 1 x 1
+    convolution of [the set's image features, its upsampled logits] it stands for."""
+    import torch.nn.functional as F
+
+    from scrollsam.losses import upsample_logits
+    from scrollsam.model.heads import MaskHead
+
+    torch.manual_seed(0)
+    head = MaskHead(5, stem_from=3)
+    for p in head.parameters():  # set_out starts at zero: make every part count
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 3, 16, 16)
+    logits = torch.randn(3, 2, 4, 4)  # (P, M, S/4, S/4)
+    index = torch.tensor([1, 0, 1])
+    got = head(logits, head.image_features(x), index)
+    stage = head.image_stage(head.stem(x))[index]  # (P, G, S, S): the plain computation
+    up = upsample_logits(logits, (16, 16))  # (P, M, S, S)
+    want = []
+    for m in range(2):
+        cat = torch.cat([stage, up[:, m:m + 1]], dim=1)  # (P, G + 1, S, S)
+        want.append(head.set_out(F.gelu(head.set_in(cat)))[:, 0] + up[:, m])
+    torch.testing.assert_close(got, torch.stack(want, dim=1), rtol=1e-5, atol=1e-5)

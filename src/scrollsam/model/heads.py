@@ -20,6 +20,7 @@ Shapes: logits ``[P, M, S/4, S/4]`` -> ``[P, M, S, S]``; ``image_index`` long [P
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scrollsam.losses import upsample_logits
@@ -58,15 +59,22 @@ class MaskHead(nn.Module):
 
     def image_features(self, features: torch.Tensor) -> torch.Tensor:
         """Per-image stage: [B, F, S, S] (or the model input [B, C, S, S] with a stem) ->
-        [B, G, S, S]."""
+        [B, G, S, S], already through the image side of ``set_in`` (see :meth:`forward`)."""
         if self.stem is not None:
             features = self.stem(features)
-        return self.image_stage(features)
+        g = self.set_in.out_channels
+        return F.conv2d(self.image_stage(features), self.set_in.weight[:, :g],
+                        self.set_in.bias)  # (B, G, S, S)
 
     def forward(self, logits: torch.Tensor, image_features: torch.Tensor,
                 image_index: torch.Tensor) -> torch.Tensor:
         """SAM logits [P, M, S/4, S/4], :meth:`image_features` [B, G, S, S], image_index [P]
-        -> full-resolution logits [P, M, S, S]."""
+        -> full-resolution logits [P, M, S, S].
+
+        ``set_in`` is a 1 x 1 convolution of [features of the set's image, upsampled logits]:
+        its image part is linear in the features alone, so :meth:`image_features` applies it
+        once per image, and each set and mask adds only its logits times their weight column
+        (the same sum, without a [P * M, G + 1, S, S] copy and convolution)."""
         p, m = logits.shape[:2]
         size = image_features.shape[-2:]
         if self.use_sam_logits:
@@ -75,7 +83,8 @@ class MaskHead(nn.Module):
             up = logits.new_zeros(p, m, *size)
         feats = image_features.index_select(0, image_index)  # (P, G, S, S)
         g = feats.shape[1]
-        feats = feats[:, None].expand(p, m, g, *size).reshape(p * m, g, *size)  # (P*M, G, S, S)
-        x = torch.cat([feats, up.reshape(p * m, 1, *size)], dim=1)  # (P*M, G+1, S, S)
-        delta = self.set_out(self.act(self.set_in(x)))  # (P*M, 1, S, S)
+        w_up = self.set_in.weight[:, g:].reshape(1, 1, g, 1, 1).to(feats.dtype)  # (1,1,G,1,1)
+        # in the features' dtype: under bf16 autocast the largest tensor of the step stays bf16
+        x = torch.addcmul(feats[:, None], up[:, :, None].to(feats.dtype), w_up)  # (P,M,G,S,S)
+        delta = self.set_out(self.act(x.reshape(p * m, g, *size)))  # (P*M, 1, S, S)
         return up + delta.reshape(p, m, *size)
