@@ -196,8 +196,8 @@ def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, multima
     """The step's one way to run the decoder: ``sets`` against their own embeddings ->
     (logits, IoU [P, M], the decoder's own logits [P, M, S/4, S/4]). ``logits`` are the mask
     head's [P, M, S, S] when the model has one (``features``: the pixel features of
-    :meth:`SamSegmenter.encode_with_pixels`), else the decoder's. Prompts move to the device
-    without waiting, and their values go unchecked (the samplers make them; a check would wait
+    :meth:`SamSegmenter.encode_with_pixels`), else the decoder's. The prompts are on the device
+    already (the samplers make them there), and their values go unchecked (a check would wait
     for the device)."""
     low, iou = model.decode(embeddings, points=sets.points, boxes=sets.boxes,
                             mask_inputs=sets.mask_inputs,
@@ -300,8 +300,8 @@ def prompted_forward(
     if prompt_cfg.first in ("box", "mixed"):  # a set whose tile has no ink gets a point
         kinds = torch.where((kinds == PromptKind.BOX) & ~has_ink[tile_of_set], PromptKind.POINT,
                             kinds)
-        sets_truth = truth.select(tile_of_set.to(dev, non_blocking=True))
-        boxes, _ = box_prompts(sets_truth.full_ink, sets_truth.full_valid,
+        every_set = truth.select(tile_of_set.to(dev, non_blocking=True))
+        boxes, _ = box_prompts(every_set.full_ink, every_set.full_valid,
                                generator=gens)  # (P, 4) on the device
     loss_kw = loss_kwargs(loss_cfg)
     groups, sizes, example = [], [], None
