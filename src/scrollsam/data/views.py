@@ -30,14 +30,18 @@ for other depths; also ``data.z_start`` / ``data.z_end``), ``norm`` (``mean_std`
 ``depth_shift`` (range / project / mosaic: training moves the band by up to +-depth_shift
 slices), ``depth_scale`` (range / project / mosaic: training stretches or squeezes the band in
 depth by a factor drawn log-uniformly in [1 / (1 + s), 1 + s], as scans of another voxel size or
-a thinner / thicker sheet would look; 0 = off), ``align`` (range / project / mosaic: ``sheet``
-moves the band, per fragment, so that its middle sits on the papyrus sheet's density centroid,
-:func:`.stats.sheet_centre`; ``none`` keeps z0 / z1), ``reductions`` (project), ``grid``
-(mosaic). Each view checks its own parameters.
+a thinner / thicker sheet would look; 0 = off), ``profile`` (range / project / mosaic: true
+standardises each pixel's band along depth instead, below), ``align`` (range / project /
+mosaic: ``sheet`` moves the band, per fragment, so that its middle sits on the papyrus
+sheet's density centroid, :func:`.stats.sheet_centre`; ``none`` keeps z0 / z1),
+``reductions`` (project), ``grid`` (mosaic). Each view checks its own parameters.
 
 Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
 per slice, ``(v - mean[z]) / std[z]``, or with ``norm: median_mad`` ``(v - median[z]) /
-(1.4826 MAD[z])``, which cracks, air pockets and bright inclusions barely move; ir with its own
+(1.4826 MAD[z])``, which cracks, air pockets and bright inclusions barely move; with
+``profile: true`` each pixel's column of band slices instead by its own depth mean and std,
+``(v[:, y, x] - mean_z) / std_z``, so brightness or texture that scales or offsets a pixel's whole
+column cancels and only the shape of its depth profile is left; ir with its own
 mean / std; projections are standardised per channel once more. Statistics are per fragment,
 inside ``mask.png`` (:mod:`.stats`). So inside the mask each channel is roughly zero mean / unit
 std; values are clipped to [-CLIP, CLIP] and pixels outside the mask (or outside the image) are
@@ -168,12 +172,18 @@ class SlicesView(View):
             )
 
     def _normalised(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                    size: int) -> np.ndarray:
-        """Slices z0..z1-1 of the window, standardised and clipped, 0 outside the mask:
-        float32 [z1-z0, S, S]."""
+                    size: int, *, profile: bool = False) -> np.ndarray:
+        """Slices z0..z1-1 of the window, standardised (per slice, or per pixel along depth
+        with ``profile``) and clipped, 0 outside the mask: float32 [z1-z0, S, S]."""
         self.check(fragment)
         st = self.stats.get(fragment)
         floor = 1e-3 * np.iinfo(fragment.dtype).max
+        if profile:
+            vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)
+            mean = vol.mean(axis=0, keepdims=True)  # [1, S, S]: each pixel's depth mean
+            std = np.maximum(vol.std(axis=0, keepdims=True), np.float32(floor))  # [1, S, S]
+            inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
+            return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
         centre, spread = ((st.slice_mean, st.slice_std) if self.norm == "mean_std"
                           else (st.slice_median, st.slice_mad))
         mean = np.asarray(centre[z0:z1], np.float32)[:, None, None]  # [n, 1, 1]
@@ -245,7 +255,8 @@ class EveryView(SlicesView):
 class _BandView(SlicesView):
     """A view of the whole band that training may shift in depth by up to ``depth_shift``."""
 
-    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2, "align": "none", "depth_scale": 0.0}
+    PARAMS = {**SlicesView.PARAMS, "depth_shift": 2, "align": "none", "depth_scale": 0.0,
+              "profile": False}
 
     def __init__(self, stats: StatsCache, **params: Any) -> None:
         super().__init__(stats, **params)
@@ -256,6 +267,10 @@ class _BandView(SlicesView):
         self.depth_scale = _float("depth_scale", self._p["depth_scale"])
         if not 0.0 <= self.depth_scale <= 1.0:
             raise InputError(f"depth_scale: expected a number in [0, 1], got {self.depth_scale}")
+        self.profile = self._p["profile"]
+        if not isinstance(self.profile, bool | np.bool_):
+            raise InputError(f"profile: expected true or false, got {self.profile!r}")
+        self.profile = bool(self.profile)
 
     def band(self, fragment: Fragment) -> tuple[int, int]:
         """The fragment's band (z0, z1): as set, or centred on its sheet with ``align=sheet``
@@ -291,12 +306,12 @@ class _BandView(SlicesView):
         inside the volume): slice k sits at ``mid + (k - (n - 1) / 2) * scale``, so scale > 1
         shows a thinner sheet and thinner ink, as a coarser scan would (training only)."""
         if scale == 1.0:
-            return self._normalised(fragment, z0, z1, y0, x0, size)
+            return self._normalised(fragment, z0, z1, y0, x0, size, profile=self.profile)
         n = z1 - z0
         pos = (z0 + z1 - 1) / 2 + (np.arange(n) - (n - 1) / 2) * scale  # [n] fractional z
         pos = np.clip(pos, 0, fragment.depth - 1)
         lo, hi = int(np.floor(pos[0])), min(int(np.ceil(pos[-1])) + 1, fragment.depth)
-        vol = self._normalised(fragment, lo, hi, y0, x0, size)  # [hi - lo, S, S]
+        vol = self._normalised(fragment, lo, hi, y0, x0, size, profile=self.profile)
         at = pos - lo  # [n] positions in vol
         i0 = np.minimum(np.floor(at).astype(int), hi - lo - 1)  # [n]
         i1 = np.minimum(i0 + 1, hi - lo - 1)
