@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from bench_attention import SIZE, _encoder, _images, _infer_fn, _needs_bf16
-from common import compare, register
+from common import BENCH_DIR, compare, register
 
 from scrollsam import build_model
 
@@ -80,24 +80,44 @@ def encoder_256_ours_vs_today(quick: bool) -> dict[str, Any]:
 
 
 @register("train_step_tiny_bf16_vs_fp32", goal=None, needs=_needs_bf16,
-          about="demo training step (tiny, 128 px, batch 8, all trainable): fp32 vs bf16")
+          about="the demo's training step (configs/demo.yaml: tiny, 128 px, batch 8, "
+                "full-resolution head, all trainable, new prompts each step): fp32 vs bf16")
 def train_step_tiny_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
-    from scrollsam.config import PromptConfig
+    from scrollsam.config import load_config
+    from scrollsam.model.assemble import model_from_config
+    from scrollsam.train.forward import LossModule
+    from scrollsam.train.loop import make_optimizer
 
+    cfg = load_config(str(BENCH_DIR.parent / "configs" / "demo.yaml"), [])
     torch.manual_seed(0)
-    model = build_model("tiny", image_size=128).train()
-    params = list(model.parameters())
+    model = model_from_config(cfg.model, in_chans=3).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = LossModule(model, None, prompt_cfg=cfg.prompts, loss_cfg=cfg.loss,
+                      device=torch.device("cpu"))
+    opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(8, 3, 128, 128, generator=gen)  # (B, C, S, S)
-    label = (torch.rand(8, 1, 128, 128, generator=gen) > 0.7).float()  # (B, 1, S, S)
-    prompts = PromptConfig(prompt_free_share=0.5, corrective_rounds=1)  # the demo's
+    b, s = cfg.train.batch_size, cfg.model.image_size
+    images = torch.randn(b, 3, s, s, generator=gen)  # (B, C, S, S)
+    label = (torch.rand(b, 1, s, s, generator=gen) > 0.7).float()  # (B, 1, S, S)
+    valid = torch.ones_like(label)
 
     def steps(bf16: bool):
-        return _step(model, params, lambda: model.encode(images), label, prompts, bf16)
+        calls = iter(range(10**6))
+
+        def run() -> None:  # new prompts every call, as in training (the set count per prompt
+            n = next(calls)  # kind changes, and with it the shapes); both see the same series
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = step(images, label, valid, list(range(n * b, n * b + b)))
+            out.parts["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
 
     result = compare(steps(False), steps(True), repeats=2 if quick else 7)
-    result["settings"] = {"model": "tiny", "px": 128, "batch": 8, "trainable": "all",
-                          "baseline": "fp32", "ours": "bf16 autocast"}
+    result["settings"] = {"config": "configs/demo.yaml", "model": "tiny", "px": s, "batch": b,
+                          "mask_head": cfg.model.mask_head, "baseline": "fp32",
+                          "ours": "bf16 autocast"}
     return result
 
 
