@@ -7,6 +7,7 @@ import os
 # Busy-waiting OpenMP threads make torch many times slower when pytest shares the CPU with
 # anything else (see scrollsam/__init__.py); test modules import torch before scrollsam.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0")  # tests run processes side by side: no spinning
 
 
 import pytest  # noqa: E402  (after the environment is set)
