@@ -176,21 +176,19 @@ class SlicesView(View):
         """Slices z0..z1-1 of the window, standardised (per slice, or per pixel along depth
         with ``profile``) and clipped, 0 outside the mask: float32 [z1-z0, S, S]."""
         self.check(fragment)
-        st = self.stats.get(fragment)
-        floor = 1e-3 * np.iinfo(fragment.dtype).max
-        if profile:
-            vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)
-            mean = vol.mean(axis=0, keepdims=True)  # [1, S, S]: each pixel's depth mean
-            std = np.maximum(vol.std(axis=0, keepdims=True), np.float32(floor))  # [1, S, S]
-            inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
-            return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
-        centre, spread = ((st.slice_mean, st.slice_std) if self.norm == "mean_std"
-                          else (st.slice_median, st.slice_mad))
-        mean = np.asarray(centre[z0:z1], np.float32)[:, None, None]  # [n, 1, 1]
-        std = np.maximum(np.asarray(spread[z0:z1], np.float32), floor)[:, None, None]
+        floor = np.float32(1e-3 * np.iinfo(fragment.dtype).max)
         vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)  # [n,S,S]
+        if profile:  # each pixel's own depth mean / std: [1, S, S]
+            mean, std = vol.mean(axis=0, keepdims=True), vol.std(axis=0, keepdims=True)
+        else:  # the fragment's per-slice statistics: [n, 1, 1]
+            st = self.stats.get(fragment)
+            centre, spread = ((st.slice_mean, st.slice_std) if self.norm == "mean_std"
+                              else (st.slice_median, st.slice_mad))
+            mean = np.asarray(centre[z0:z1], np.float32)[:, None, None]
+            std = np.asarray(spread[z0:z1], np.float32)[:, None, None]
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
-        return (np.clip((vol - mean) / std, -CLIP, CLIP) * inside).astype(np.float32)
+        return (np.clip((vol - mean) / np.maximum(std, floor), -CLIP, CLIP)
+                * inside).astype(np.float32)
 
     def _shifted_band(self, fragment: Fragment, rng: np.random.Generator, shift: int, *,
                       band: tuple[int, int]) -> tuple[int, int]:
