@@ -45,6 +45,7 @@ __all__ = [
     "append_points",
     "box_prompts",
     "corrective_points",
+    "first_points",
     "pad_point_sets",
     "random_numbers",
     "random_points",
@@ -187,6 +188,20 @@ def random_points(target: Tensor, valid: Tensor | None = None, *,
         out_c.append(_from_flat(index, W))  # (P, count, 2)
         out_l.append(torch.where(found, label, -1))  # (P, count)
     return _compact(torch.cat(out_c, dim=1), torch.cat(out_l, dim=1))
+
+
+def first_points(target: Tensor, valid: Tensor | None, generator: Generators) -> Points:
+    """One ink point per set, uniform over its ink inside valid; a background point where the
+    set has no ink (never a fabricated positive) -> ``([P, 1, 2], [P, 1])``. Every set draws
+    for both (ink, then background), so its point depends on its own generator alone; on the
+    truth's device, no sync (:func:`uniform_one`)."""
+    ink, ok = _truth(target, valid)
+    P, _, W = ink.shape
+    pos, has_ink = uniform_one(ink.reshape(P, -1), generator)  # (P,), (P,)
+    neg, has_bg = uniform_one((ok & ~ink).reshape(P, -1), generator)
+    index = torch.where(has_ink, pos, neg)[:, None]  # (P, 1)
+    labels = torch.where(has_ink, 1, torch.where(has_bg, 0, -1))[:, None]  # (P, 1)
+    return _compact(_from_flat(index, W), labels.long())
 
 
 def uniform_pick(pool: Tensor, count: int, generator: Generators,

@@ -53,10 +53,10 @@ from scrollsam.prompts import (
     append_points,
     box_prompts,
     corrective_points,
+    first_points,
     random_numbers,
     rows_of,
     select_mask,
-    uniform_one,
 )
 
 
@@ -147,36 +147,16 @@ def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: Generators) -> Te
     return torch.where(draw < prompt_cfg.prompt_free_share, PromptKind.NONE, prompted).long()
 
 
-def first_points(target: Tensor, valid: Tensor, gen: Generators) -> Points:
-    """One ink point per set, uniform over its ink inside valid; a background point where the
-    set has no ink (never a fabricated positive) -> ([P, 1, 2] as (x, y), [P, 1]); target /
-    valid [P, 1, S, S] bool (or float, ink where > 0.5). Every set draws twice (ink, then
-    background), so its point depends on its own generator alone; on the truth's device, no
-    sync (:func:`scrollsam.prompts.uniform_one`)."""
-    ink, ok = target[:, 0] > 0.5, valid[:, 0] > 0.5  # (P, S, S)
-    P, _, W = ink.shape
-    pos, has_ink = uniform_one((ink & ok).reshape(P, -1), gen)  # (P,), (P,)
-    neg, has_bg = uniform_one((ok & ~ink).reshape(P, -1), gen)
-    index = torch.where(has_ink, pos, neg)[:, None]  # (P, 1)
-    labels = torch.where(has_ink, 1, torch.where(has_bg, 0, -1))[:, None]  # (P, 1)
-    coords = torch.stack([index % W, index // W], dim=-1).float()  # (P, 1, 2) as (x, y)
-    return coords.masked_fill(labels[..., None] < 0, 0.0), labels.long()
-
-
 def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: LossConfig,
-               device: torch.device) -> tuple[Truth, Tensor]:
-    """:class:`Truth` of B tiles from label / valid [B, 1, S, S] and which tiles have ink
-    inside valid (bool [B], on the host: it decides prompt kinds there); at
-    ``resolution="mask"`` the loss side is area-averaged to S/4 once per tile, not once per set
-    and round."""
-    host_label, host_valid = label.detach().cpu(), valid.detach().cpu()  # no copy from a CPU batch
-    has_ink = ((host_label > 0.5) & (host_valid > 0.5)).flatten(1).any(1)  # (B,)
+               device: torch.device) -> Truth:
+    """:class:`Truth` of B tiles from label / valid [B, 1, S, S]; at ``resolution="mask"`` the
+    loss side is area-averaged to S/4 once per tile, not once per set and round."""
     ink = label.to(device, non_blocking=True)  # (B, 1, S, S)
     inside = valid.to(device, non_blocking=True)
     full_ink, full_valid = ink > 0.5, inside > 0.5  # (B, 1, S, S) bool: the samplers' truth
     if loss_cfg.resolution == "mask":
         ink, inside = to_mask_resolution(ink, inside, (model.mask_size, model.mask_size))
-    return Truth(ink, inside, full_ink, full_valid), has_ink
+    return Truth(ink, inside, full_ink, full_valid)
 
 
 def first_prompts(kind: PromptKind, image_index: Tensor, truth: Truth, *,
@@ -294,10 +274,12 @@ def prompted_forward(
         raise InputError(f"seeds: expected one per tile ({B}), got {len(seeds)}")
     tile_of_set = torch.arange(B).repeat_interleave(prompt_cfg.sets_per_tile)  # (P,) CPU
     gens = set_generators(seeds, prompt_cfg.sets_per_tile)  # P, one per set
-    truth, has_ink = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
+    truth = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
     kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gens)  # (P,) CPU
     boxes = None
     if prompt_cfg.first in ("box", "mixed"):  # a set whose tile has no ink gets a point
+        # decided on the host, from the batch as the loader gave it (no copy from a CPU batch)
+        has_ink = ((label.detach().cpu() > 0.5) & (valid.detach().cpu() > 0.5)).flatten(1).any(1)
         kinds = torch.where((kinds == PromptKind.BOX) & ~has_ink[tile_of_set], PromptKind.POINT,
                             kinds)
         every_set = truth.select(tile_of_set.to(dev, non_blocking=True))
