@@ -121,9 +121,7 @@ def cross_entry(name: str, data: Path, *, quick: bool) -> dict[str, Any]:
         run = WORK / "runs" / "learn_slices_depth_full" / "run"
         if not (run / "best.pt").is_file():
             sam_entry("learn_slices_depth_full", data, quick=quick)
-        results = predict_to_folder(run, list(frags.values()), run.parent / "cross",
-                                    device="cpu")
-        per = {r.fragment: float((r.metrics or {})["f0.5"]) for r in results}
+        per = _scores(run, list(frags.values()), run.parent / "cross")
         what = "x-ray demo model on out-of-range generators"
     else:
         cfg = _config(WORK / "runs" / name, data, "ir", CNN_BAND, quick=quick)
@@ -145,8 +143,7 @@ def cross_seeds(data: Path, seeds: list[int], *, quick: bool) -> dict[str, Any]:
         out = WORK / "runs" / f"learn_cross_seed{seed}"
         cfg = _config(out, data, input_, [*overrides, f"train.seed={seed}"], quick=quick)
         run = train(cfg, progress=False)
-        results = predict_to_folder(run, frags, out / "pred", device="cpu")
-        per = {r.fragment: float((r.metrics or {})["f0.5"]) for r in results}
+        per = _scores(run, frags, out / "pred")
         held = per.pop(Path(HELD_BACK).name)
         rows[str(seed)] = {**per, "cross_mean": sum(per.values()) / len(per), "held_back": held}
         print(f"  seed {seed}: cross {rows[str(seed)]['cross_mean']:.3f} "
@@ -159,6 +156,12 @@ def cross_seeds(data: Path, seeds: list[int], *, quick: bool) -> dict[str, Any]:
     return {"f0.5": mean, "std": std, "held_back": sum(held) / len(held), "per_seed": rows,
             "what": f"x-ray demo model on out-of-range generators, seeds {seeds}",
             "settings": OUT_OF_RANGE}
+
+
+def _scores(run: Path, fragments: list[Path], out: Path) -> dict[str, float]:
+    """F0.5 of ``run``'s model on each fragment (``scrollsam predict`` into ``out``)."""
+    results = predict_to_folder(run, fragments, out, device="cpu")
+    return {r.fragment: float((r.metrics or {})["f0.5"]) for r in results}
 
 
 def _config(out: Path, data: Path, input_: str, overrides: list[str], *,
