@@ -11,9 +11,10 @@ from scrollsam.train.checkpoint import TrainState, save_checkpoint
 
 
 def make_run(path: Path, *overrides: str, best: float | None = 0.4, last: float | None = None,
-             image_size: int = 64, seed: int = 0) -> Path:
+             image_size: int = 64, seed: int = 0, reference: float | None = None) -> Path:
     """A run folder as `scrollsam train` writes it: config.yaml plus best.pt (threshold
-    ``best``) and / or last.pt (threshold ``last``), tiny model with random weights."""
+    ``best``) and / or last.pt (threshold ``last``), tiny model with random weights;
+    ``reference``: the validation's expected threshold (None: a checkpoint from before it)."""
     path.mkdir(parents=True)
     cfg = load_config(None, ["model.type=tiny", f"model.image_size={image_size}",
                              "train.batch_size=16", *overrides])
@@ -26,7 +27,8 @@ def make_run(path: Path, *overrides: str, best: float | None = 0.4, last: float 
     for name, threshold in (("best.pt", best), ("last.pt", last)):
         if threshold is not None:
             save_checkpoint(path / name, model=model, optimizer=None,
-                            state=TrainState(step=7, best_threshold=threshold),
+                            state=TrainState(step=7, best_threshold=threshold,
+                                             best_expected_threshold=reference),
                             config=config_to_dict(cfg))
     return path
 

@@ -105,7 +105,7 @@ def test_clicks_predict_only_around_them(data, tmp_path):
     ("no_checkpoint", "expected best.pt or last.pt"),
     ("no_ir", "has no ir.png, which view 'ir' needs"),
     ("few_slices", "has 20 slices"),
-    ("bad_threshold", "--threshold: expected auto or a number"),
+    ("bad_threshold", "--threshold: expected auto, saved or a number"),
     ("bad_points", "--points: expected JSON"),
     ("no_fragment", "fragment folder not found"),
     ("stride_0", "--stride: expected an integer >= 1"),  # was: silently the default

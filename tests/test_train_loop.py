@@ -41,6 +41,11 @@ def test_two_step_run_from_a_config_file(data, tmp_path):
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["type"] == "tiny"
     assert 0.0 <= ckpt["best_threshold"] <= 1.0
+    # the best validation's expected threshold goes with it: prediction adapts from it
+    best = torch.load(run / "best.pt", weights_only=True)
+    logged = _scalars(run, "valid/expected_threshold")[best["best_step"]]
+    assert best["best_expected_threshold"] == pytest.approx(logged, abs=1e-6)
+    assert 0.01 <= best["best_expected_threshold"] <= 0.99
 
 
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):

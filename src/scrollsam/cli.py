@@ -93,8 +93,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="best", metavar="best|last|PATH",
                    help="checkpoint of the run (default best; last.pt if no best.pt yet), or "
                    "a checkpoint file, used alone (its own config)")
-    p.add_argument("--threshold", default="auto", metavar="auto|T",
-                   help="ink where probability >= T (default: the one saved with the checkpoint)")
+    p.add_argument("--threshold", default="auto", metavar="auto|saved|T",
+                   help="ink where probability >= T; auto (default): the run's validation "
+                   "threshold, moved with each fragment's probabilities; saved: the run's as it is")
     p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 (default: "
                    "the model input size; other sizes are resized to it)")
     p.add_argument("--stride", type=int, help="window step in pixels, >= 1 (default: the run's "
@@ -135,11 +136,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from scrollsam.infer.pipeline import predict_to_folder
+    from scrollsam.infer.threshold import threshold_choice
     from scrollsam.train.distributed import world_from_env
 
     if not world_from_env().main:  # under torchrun rank 0 tells; the others only warn
         log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
-    threshold = None if args.threshold == "auto" else _number("--threshold", args.threshold)
+    threshold = threshold_choice(args.threshold)
     results = predict_to_folder(
         args.run, args.fragment, args.out, checkpoint=args.checkpoint, threshold=threshold,
         tile=args.tile, stride=args.stride, batch_size=args.batch_size, tta=args.tta,
@@ -166,15 +168,6 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.submission:
         print(f"submission: {args.submission}")
     return EXIT_OK
-
-
-def _number(option: str, text: str) -> float:
-    from scrollsam.errors import InputError
-
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(f"{option}: expected auto or a number, got {text!r}") from None
 
 
 # --- doctor ------------------------------------------------------------------------------------

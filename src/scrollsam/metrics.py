@@ -41,6 +41,7 @@ __all__ = [
     "ThresholdSearch",
     "binarize_prediction",
     "confusion",
+    "expected_threshold",
     "score",
     "search_threshold",
 ]
@@ -326,3 +327,41 @@ def search_threshold(
     best = int(np.argmax(scores))
     return ThresholdSearch(float(cand[best]), float(scores[best]), pooled_counts[best], cand,
                            scores)
+
+
+def expected_threshold(
+    histograms: ProbabilityHistogram | Sequence[ProbabilityHistogram],
+    *,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    beta: float = 0.5,
+) -> float:
+    """The threshold maximising the F-beta that the probabilities themselves expect, labels
+    unused: reading each pixel's probability p as its chance of being ink, thresholding at t
+    expects TP = sum of p over p >= t, FP = sum of (1 - p) there and FN = sum of p below t,
+    and t is chosen to maximise (1 + b^2) TP / ((1 + b^2) TP + b^2 FN + FP) (the plug-in
+    rule of F-measure optimisation). It needs no truth, so it can be computed on any
+    fragment; where the model is less sure of the ink than on its validation data (fainter or
+    unfamiliar ink), it moves down with the probabilities. Candidates and ties as in
+    :func:`search_threshold`; both histogram counts (ink and background) are pooled.
+    """
+    hists = [histograms] if isinstance(histograms, ProbabilityHistogram) else list(histograms)
+    if not hists:
+        raise InputError("histograms: expected at least one ProbabilityHistogram, got none")
+    pooled = sum(hists[1:], hists[0])
+    count = (pooled.ink + pooled.background).astype(np.float64)  # pixels per level (LEVELS,)
+    p = np.arange(LEVELS, dtype=np.float64) / (LEVELS - 1)
+    ink_ge = np.concatenate([np.cumsum((count * p)[::-1])[::-1], [0.0]])  # sum p, level >= k
+    n_ge = np.concatenate([np.cumsum(count[::-1])[::-1], [0.0]])  # pixels at level >= k
+    cand = np.unique(np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds,
+                                float))
+    if cand.size == 0:
+        raise InputError("thresholds: expected at least one candidate, got none")
+    for t in cand:
+        check_threshold(float(t))
+    k = np.array([_threshold_level(float(t)) for t in cand])  # (candidates,)
+    tp = ink_ge[k]
+    fp, fn = n_ge[k] - tp, ink_ge[0] - tp
+    b2 = beta * beta
+    den = (1 + b2) * tp + b2 * fn + fp
+    expected = np.divide((1 + b2) * tp, den, out=np.zeros_like(tp), where=den > 0)
+    return float(cand[int(np.argmax(expected))])

@@ -41,6 +41,7 @@ from scrollsam.infer.segment import (
     predict_zarr,
     settle,
 )
+from scrollsam.infer.threshold import threshold_choice
 from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
 from scrollsam.io import read_image
 from scrollsam.precision import PRECISIONS
@@ -80,7 +81,7 @@ def predict_to_folder(
     out: str | os.PathLike[str],
     *,
     checkpoint: str = "best",
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     tile: int | None = None,
     stride: int | None = None,
     batch_size: int | None = None,
@@ -102,7 +103,8 @@ def predict_to_folder(
     """Predict every fragment folder with the run and write its outputs under ``out``
     (``run`` None: ``checkpoint`` is a checkpoint file, used alone).
 
-    threshold: None = the one saved with the checkpoint. submission: Kaggle CSV path; an
+    threshold: None / ``auto`` = the one saved with the checkpoint, adapted to each fragment
+    (:mod:`.threshold`); ``saved`` = that one as it is; a number. submission: Kaggle CSV path; an
     existing file is replaced only with ``force``. points: clicks file (see :mod:`.points`).
     precision: ``auto`` (the run's ``train.amp``), ``bf16`` or ``fp32``.
     fmt: ``png``, ``zarr`` (OME-Zarr, :mod:`.zarr_out`) or ``auto`` (zarr above
@@ -114,8 +116,7 @@ def predict_to_folder(
     """
     if not fragments:
         raise InputError("--fragment: expected at least one fragment folder, got none")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise InputError(f"--threshold: expected auto or a number in [0, 1], got {threshold}")
+    threshold = threshold_choice(threshold)
     for flag, value, least in (("--tile", tile, 16), ("--stride", stride, 1),
                                ("--batch-size", batch_size, 1)):
         if value is not None and value < least:
@@ -187,6 +188,8 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
             "mode": "prompt-free" if clicks is None else "points",
             "compute_dtype": "bf16" if predictor.amp else "fp32",
         }
+        if clicks is not None:  # prompted maps cover a few tiles: the run's threshold as is
+            info["threshold_rule"] = "fixed"
         if clicks is not None:
             results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
                                            points=points, save_tif=save_tif))
@@ -243,7 +246,8 @@ def _settings(predictor: Predictor, frag: Fragment, **extra: Any) -> dict[str, A
             "checkpoint": ckpt, "tile": predictor.tile, "stride": predictor.stride,
             "batch_size": predictor.batch_size, "tta": predictor.tta,
             "compute_dtype": "bf16" if predictor.amp else "fp32",
-            "device": predictor.device.type, "threshold": predictor.threshold, **extra}
+            "device": predictor.device.type, "threshold": predictor.threshold,
+            "threshold_reference": predictor.rule.reference, **extra}
 
 
 def _warn_if_larger(frag: Fragment, tile: int) -> None:

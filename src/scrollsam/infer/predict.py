@@ -6,7 +6,7 @@ checkpoint), so prediction uses exactly the training normalisation::
     from scrollsam.infer.predict import Predictor
     pred = Predictor.from_run("runs/demo")                # best.pt (else last.pt), auto device
     result = pred.predict_fragment("data/test/a")         # Prediction: prob [H, W], stats
-    mask = result.prob >= pred.threshold                  # the threshold saved with the checkpoint
+    mask = result.prob >= result.threshold                # the run's, adapted (.threshold)
     probs = pred.predict_windows(images)                  # normalised [B, C, T, T] -> [B, T, T]
 
 The predictor owns ``torch.no_grad``, the device, autocast and the embedding cache (used by the
@@ -43,17 +43,15 @@ from scrollsam.errors import InputError
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.run_files import check_run_folder, resolve_checkpoint, writable
 from scrollsam.infer.sliding_window import sliding_window_array, sliding_window_inference
+from scrollsam.infer.threshold import ThresholdRule
+from scrollsam.infer.tta import DIHEDRAL, dihedral, undo_dihedral
 from scrollsam.losses import upsample_logits
 from scrollsam.model.assemble import model_from_config
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.precision import use_bf16
-from scrollsam.train.checkpoint import load_checkpoint
+from scrollsam.train.checkpoint import expected_of, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-# (quarter turns k, flip first): x -> rot90(flip(x), k); the first entry is the identity.
-DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
-
 
 @dataclass
 class Prediction:
@@ -89,7 +87,7 @@ class Predictor:
         model: SamSegmenter,
         view: View | None = None,
         *,
-        threshold: float = 0.5,
+        threshold: float | ThresholdRule = 0.5,
         device: str | torch.device = "auto",
         tile: int | None = None,
         stride: int | None = None,
@@ -101,7 +99,10 @@ class Predictor:
                        else resolve_device(device, setting="--device"))
         self.model = model.to(self.device).eval()
         self.view = view
-        self.threshold = float(threshold)
+        # how each fragment's threshold is chosen (.threshold); a number: that one, fixed
+        self.rule = (threshold if isinstance(threshold, ThresholdRule)
+                     else ThresholdRule(float(threshold)))
+        self.threshold = self.rule.value  # the run's (validation) threshold, or the given one
         self.tile = int(tile or model.image_size)
         self.stride = int(stride or self.tile // 2)
         if self.tile < 16 or not 1 <= self.stride <= self.tile:
@@ -109,8 +110,6 @@ class Predictor:
                              f"16 and 1 <= stride <= tile, got {self.tile} / {self.stride}")
         if batch_size < 1:
             raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise InputError(f"threshold: expected a number in [0, 1], got {threshold}")
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
         self.amp = use_bf16(self.device, amp)
@@ -150,7 +149,7 @@ class Predictor:
         path: str | os.PathLike[str],
         *,
         device: str | torch.device = "auto",
-        threshold: float | None = None,
+        threshold: float | str | None = None,
         tile: int | None = None,
         stride: int | None = None,
         batch_size: int | None = None,
@@ -159,10 +158,11 @@ class Predictor:
         precision: str = "auto",
     ) -> Predictor:
         """Rebuild model and view from one checkpoint file alone: the config stored inside it
-        (the run folder beside it is not needed). ``threshold`` None = the one saved with the
-        checkpoint. Statistics are cached in ``stats_dir`` (default: the checkpoint's folder
-        when writable, else memory). ``precision``: ``auto`` (the run's ``train.amp``),
-        ``bf16`` or ``fp32``."""
+        (the run folder beside it is not needed). ``threshold``: None / ``auto`` = the one saved
+        with the checkpoint, adapted to each fragment; ``saved`` = that one as it is; a number
+        (:meth:`.ThresholdRule.choose`). Statistics are cached in ``stats_dir`` (default: the
+        checkpoint's folder when writable, else memory). ``precision``: ``auto`` (the run's
+        ``train.amp``), ``bf16`` or ``fp32``."""
         path = Path(path)
         ckpt = load_checkpoint(path)
         cfg = config_from_dict(ckpt["config"])
@@ -171,14 +171,14 @@ class Predictor:
         view = view_from_config(cfg.data, cache_dir=stats_dir)  # the training normalisation
         model = model_from_config(cfg.model, in_chans=view.channels, weights=ckpt,
                                   source=str(path))
-        saved = float(ckpt.get("best_threshold", 0.5))
+        rule = ThresholdRule.choose(threshold, saved=float(ckpt.get("best_threshold", 0.5)),
+                                    reference=expected_of(ckpt))
         log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f%s", path,
-                 ckpt.get("step"), cfg.model.type, cfg.model.image_size, view.name,
-                 saved if threshold is None else threshold,
-                 " (from the checkpoint)" if threshold is None else "")
+                 ckpt.get("step"), cfg.model.type, cfg.model.image_size, view.name, rule.value,
+                 " (the checkpoint's, adapted to each fragment)" if rule.adaptive else "")
         tile = tile or cfg.model.image_size
         stride = stride or cfg.data.stride or None
-        pred = cls(model, view, threshold=saved if threshold is None else threshold,
+        pred = cls(model, view, threshold=rule,
                    device=device, tile=tile, stride=stride,
                    batch_size=batch_size or cfg.train.batch_size, tta=tta,
                    amp=cfg.train.amp if precision == "auto" else precision)
@@ -326,7 +326,11 @@ class Predictor:
         t0 = time.perf_counter()
         prob = self.predict_rows(frag, 0, frag.height, meter=meter)
         stats = meter.finish(time.perf_counter() - t0, self.device)
-        return Prediction(frag.id, prob, self.threshold, stats)
+        return Prediction(frag.id, prob, self.threshold_for(prob, frag), stats)
+
+    def threshold_for(self, prob: np.ndarray, frag: Fragment) -> float:
+        """The threshold for a fragment's probabilities [H, W] (:mod:`.threshold`)."""
+        return self.rule.for_fragment(prob, frag.mask() > 0)
 
     def predict_rows(self, frag: Fragment, y0: int, y1: int, *,
                      meter: Meter | None = None) -> np.ndarray:
@@ -379,19 +383,3 @@ def predict_fragment(
                               stride=stride, batch_size=batch_size, tta=tta,
                               precision=precision)
     return pred.predict_fragment(fragment, progress=progress)
-
-
-# --- test-time augmentation ----------------------------------------------------------------------
-
-
-def dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """``rot90(flip(x), k)`` over the last two axes (flip = mirror left-right)."""
-    if flip:
-        x = x.flip(-1)
-    return torch.rot90(x, k, dims=(-2, -1))
-
-
-def undo_dihedral(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """The inverse of :func:`dihedral`: maps a prediction back to the original frame."""
-    y = torch.rot90(y, -k, dims=(-2, -1))
-    return y.flip(-1) if flip else y

@@ -41,7 +41,7 @@ from scrollsam.infer.outputs import Rows, Written, write_outputs
 from scrollsam.infer.predict import Predictor
 from scrollsam.infer.zarr_out import ZarrOutput
 from scrollsam.io import atomic_write_text
-from scrollsam.metrics import binarize_prediction
+from scrollsam.metrics import Counts, ProbabilityHistogram, binarize_prediction, confusion
 from scrollsam.train.distributed import World, exchange_errors, gather_objects, row_bands
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,9 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
 
     stats = settle(lambda: job.run_bands(todo, write), world)
     stats.update(bands=len(job.mine), bands_skipped=skipped)
+    adapted: dict[str, Any] = {}  # rank 0's: the fragment's threshold and the mask's counts
+    if job.predictor.rule.adaptive:
+        settle(lambda: adapted.update(adapt_mask(job, out)) if world.main else None, world)
     for level in range(1, out.levels()):
         settle(lambda lv=level: out.build_level(lv, world), world)
     result = SegmentResult("zarr", stats=stats)
@@ -177,11 +180,17 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
         result.files["zarr"] = out.path
         result.files.update(out.write_previews(job.dest))
         if frag.labels() is not None:
-            result.metrics = state.total(job.bands).metrics(job.predictor.threshold, job.info)
+            total = state.total(job.bands)
+            if adapted:
+                total = BandScore(adapted["counts"], total.hist)
+            threshold = adapted.get("threshold", job.predictor.threshold)
+            result.metrics = total.metrics(threshold, {**job.info, **job.predictor.rule.describe()})
             path = job.dest / "metrics.json"
             atomic_write_text(path, json.dumps(result.metrics, indent=2) + "\n")
             result.files["metrics"] = path
-        summary = {**job.info, "format": "zarr", "shape": [frag.height, frag.width],
+        summary = {**job.info, **job.predictor.rule.describe(),
+                   "threshold": adapted.get("threshold", job.predictor.threshold),
+                   "format": "zarr", "shape": [frag.height, frag.width],
                    "levels": out.levels(), "chunk": chunk, "dtype": dtype,
                    "band_rows": job.band_rows, "processes": world.size, "ranks": ranks,
                    "files": {k: p.name for k, p in result.files.items()}}
@@ -191,6 +200,33 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
 
     settle(finish, world)
     return result
+
+
+def adapt_mask(job: BandJob, out: ZarrOutput) -> dict[str, Any]:
+    """The adaptive threshold (:mod:`.threshold`) of a fragment streamed into ``out``: the
+    probabilities are read back band by band for it, then the level-0 mask is rewritten at it.
+    Returns ``threshold`` and ``counts`` (the rewritten mask's confusion counts; None without
+    labels). The bands were written with the run's threshold: a killed rewrite is redone
+    whole by the next run."""
+    frag, prob = job.frag, out.prob(0)
+    mask, labels = frag.mask() > 0, frag.labels()
+    hist = ProbabilityHistogram()
+    for y0, y1 in job.bands:
+        rows = prob[y0:y1]  # (b, W) uint8 or float16, as stored
+        hist.add(rows, np.zeros(rows.shape, bool), mask[y0:y1])
+    threshold = job.predictor.rule.for_histogram(hist)
+    counts = None if labels is None else Counts()
+    for y0, y1 in job.bands:
+        ink, _ = binarize_prediction(prob[y0:y1], threshold=threshold, binary=False)
+        ink &= mask[y0:y1]
+        out.mask(0)[y0:y1] = ink.astype(np.uint8)
+        if labels is not None:
+            counts = counts + confusion(ink, labels[y0:y1], mask[y0:y1])
+    attrs = dict(out.root.attrs["scrollsam"])
+    out.root.attrs["scrollsam"] = {**attrs, "threshold": float(threshold)}
+    log.info("%s: threshold %.2f (the run's %.2f, adapted to the fragment)", frag.id,
+             threshold, job.predictor.threshold)
+    return {"threshold": threshold, "counts": counts}
 
 
 def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool) -> SegmentResult:
@@ -224,7 +260,9 @@ def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool) -> Seg
             return
         info = {**job.info, **({"processes": world.size, "ranks": ranks}
                                if world.distributed else {})}
-        written: Written = write_outputs(job.dest, prob, threshold=job.predictor.threshold,
+        threshold = job.predictor.threshold_for(prob, frag)
+        info.update(job.predictor.rule.describe())
+        written: Written = write_outputs(job.dest, prob, threshold=threshold,
                                          valid=frag.mask(), labels=frag.labels(),
                                          background=background, save_tif=save_tif, info=info)
         result.files, result.metrics = written.files, written.metrics

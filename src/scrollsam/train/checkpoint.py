@@ -3,8 +3,10 @@
 A checkpoint holds everything resume and predict need: the SAM weights under ``"model"`` with
 official parameter names (so :func:`scrollsam.model.build.load_sam_state_dict` reads it like an
 official file), scrollsam's own parts (depth encoder, mask head) under ``"extras"``, the
-optimizer state, the step, the merged config, the best validation F0.5 and its threshold, and
-the number of processes that trained it (``world_size``: with the config's batch size it gives
+optimizer state, the step, the merged config, the best validation F0.5 and its threshold (with
+the threshold the validation probabilities expect, ``best_expected_threshold``, by which
+prediction adapts the threshold to each fragment: :mod:`scrollsam.infer.threshold`), and the
+number of processes that trained it (``world_size``: with the config's batch size it gives
 the global batch a resume must keep). No random state: the data order and each tile's prompts
 are pure functions of the seed and the sample index (:mod:`.order`); the ``rng`` entry of
 older checkpoints (a prompt generator's state) is read and ignored. Only
@@ -37,6 +39,8 @@ class TrainState:
     best_f05: float = -1.0
     best_threshold: float = 0.5
     best_step: int = -1
+    # the expected-F0.5 threshold of the best validation's probabilities (None: not known)
+    best_expected_threshold: float | None = None
 
 
 def save_checkpoint(
@@ -61,6 +65,7 @@ def save_checkpoint(
         "best_f05": state.best_f05,
         "best_threshold": state.best_threshold,
         "best_step": state.best_step,
+        "best_expected_threshold": state.best_expected_threshold,
         "config": config,
         "world_size": world_size,
     }
@@ -85,4 +90,11 @@ def train_state_of(ckpt: dict[str, Any]) -> TrainState:
     """The :class:`TrainState` stored in a loaded checkpoint."""
     return TrainState(step=int(ckpt["step"]), best_f05=float(ckpt["best_f05"]),
                       best_threshold=float(ckpt["best_threshold"]),
-                      best_step=int(ckpt["best_step"]))
+                      best_step=int(ckpt["best_step"]),
+                      best_expected_threshold=expected_of(ckpt))
+
+
+def expected_of(ckpt: dict[str, Any]) -> float | None:
+    """The checkpoint's ``best_expected_threshold``; None in checkpoints written before it."""
+    value = ckpt.get("best_expected_threshold")
+    return None if value is None else float(value)

@@ -344,6 +344,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             if better:
                 state.best_f05, state.best_step = scores["f0.5"], state.step
                 state.best_threshold = scores["threshold"]
+                state.best_expected_threshold = scores["expected_threshold"]
 
             failure = None
             try:  # rank 0 writes; a failure there must end every process, not just this one

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from scrollsam.metrics import ProbabilityHistogram, search_threshold
+from scrollsam.metrics import ProbabilityHistogram, expected_threshold, search_threshold
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.distributed import all_reduce_sum
@@ -50,8 +50,10 @@ def _histogram(model: SamSegmenter, cache: EmbeddingCache | None, loader: DataLo
 def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.utils.data.Dataset,
              *, ranks: Ranks, batch_size: int, workers: int, device: torch.device,
              autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
-    """F0.5, precision, recall, ... and ``threshold`` (the best) over the validation ``tiles``;
-    {} without tiles. The same numbers on every process (this one scores its share)."""
+    """F0.5, precision, recall, ... and ``threshold`` (the best) over the validation ``tiles``,
+    and ``expected_threshold`` (:func:`~scrollsam.metrics.expected_threshold` of their
+    probabilities, labels unused); {} without tiles. The same numbers on every process (this
+    one scores its share)."""
     if len(tiles) == 0:
         return {}
     model.eval()
@@ -69,4 +71,5 @@ def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.uti
     all_reduce_sum(counts)
     hist.ink, hist.background = counts[0].numpy(), counts[1].numpy()
     found = search_threshold(hist)
-    return {**found.counts.scores(), "threshold": float(found.threshold)}
+    return {**found.counts.scores(), "threshold": float(found.threshold),
+            "expected_threshold": expected_threshold(hist)}

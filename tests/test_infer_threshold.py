@@ -1,0 +1,130 @@
+"""The threshold a prediction uses: the expected-F0.5 threshold of a fragment's probabilities
+(labels unused, the plug-in optimum), and the run's validation threshold moved by it, in PNG
+and OME-Zarr outputs alike; ``--threshold saved`` and a number keep a fixed one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from infer_helpers import make_run, zarr_files
+
+from scrollsam.cli import main
+from scrollsam.data.synthetic import write_fragment
+from scrollsam.errors import InputError
+from scrollsam.infer.pipeline import predict_to_folder
+from scrollsam.infer.predict import Predictor
+from scrollsam.infer.threshold import ThresholdRule, threshold_choice
+from scrollsam.io import read_image
+from scrollsam.metrics import ProbabilityHistogram, expected_threshold
+
+CANDIDATES = np.round(np.arange(1, 100) / 100, 2)
+
+
+def _hist(prob: np.ndarray, labels: np.ndarray | None = None) -> ProbabilityHistogram:
+    h = ProbabilityHistogram()
+    h.add(prob, np.zeros(prob.shape, bool) if labels is None else labels)
+    return h
+
+
+def _brute_force(prob: np.ndarray) -> float:
+    p = np.rint(prob.astype(np.float64) * 65535) / 65535  # the histogram's 16-bit levels
+    best, best_f = None, -1.0
+    for t in CANDIDATES:
+        sel = p >= t - 1e-9
+        tp, fp = p[sel].sum(), (1 - p[sel]).sum()
+        fn = p.sum() - tp
+        f = 1.25 * tp / (1.25 * tp + 0.25 * fn + fp)
+        if f > best_f + 1e-12:
+            best, best_f = t, f
+    return float(best)
+
+
+@pytest.mark.parametrize("a,b", [(0.5, 3.0), (2.0, 2.0), (0.3, 0.6)])
+def test_expected_threshold_is_the_plug_in_optimum_and_ignores_labels(a, b):
+    prob = np.random.default_rng(0).beta(a, b, size=20000).astype(np.float32)
+    t = expected_threshold(_hist(prob))
+    assert t == _brute_force(prob)
+    labels = np.random.default_rng(1).random(prob.shape) < 0.3
+    assert expected_threshold(_hist(prob, labels)) == t  # only the probabilities count
+
+
+def test_expected_threshold_moves_down_with_the_probabilities():
+    prob = np.random.default_rng(2).beta(0.5, 3.0, size=20000).astype(np.float32)
+    ts = [expected_threshold(_hist(prob * s)) for s in (1.0, 0.7, 0.4)]
+    assert ts[0] > ts[1] > ts[2]
+
+
+def test_the_rule_keeps_the_validation_offset_and_stays_in_range():
+    prob = np.random.default_rng(3).beta(0.5, 3.0, size=20000).astype(np.float32)
+    ref = expected_threshold(_hist(prob))
+    rule = ThresholdRule(0.55, ref)
+    assert rule.adaptive and rule.for_fragment(prob, None) == 0.55  # validation: its own
+    fainter = rule.for_fragment(prob * 0.5, None)
+    assert fainter == round(0.55 + expected_threshold(_hist(prob * 0.5)) - ref, 2) < 0.55
+    inside = np.zeros(prob.shape, bool)
+    inside[:100] = True  # only pixels inside the mask count
+    assert rule.for_fragment(prob, inside) == rule.for_histogram(_hist(prob[:100]))
+    assert ThresholdRule(0.02, 0.9).for_fragment(prob, None) == 0.01  # clipped
+    assert ThresholdRule(0.98, 0.01).for_fragment(prob, None) == 0.99
+
+
+def test_threshold_choices():
+    assert ThresholdRule.choose(None, saved=0.4, reference=0.3) == ThresholdRule(0.4, 0.3)
+    assert ThresholdRule.choose("auto", saved=0.4, reference=None) == ThresholdRule(0.4)
+    assert ThresholdRule.choose("saved", saved=0.4, reference=0.3) == ThresholdRule(0.4)
+    assert ThresholdRule.choose("0.25", saved=0.4, reference=0.3) == ThresholdRule(0.25)
+    assert not ThresholdRule.choose(0.7, saved=0.4, reference=0.3).adaptive
+    for bad in ("often", "1.5", -0.1, "nan"):
+        with pytest.raises(InputError, match="--threshold: expected auto, saved or a number"):
+            threshold_choice(bad)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thr")
+    write_fragment(root / "frag", height=150, width=120, depth=8, seed=5)
+    make_run(root / "adaptive", "data.input=ir", best=0.5, reference=0.3)
+    make_run(root / "old", "data.input=ir", best=0.5)  # written before the reference existed
+    return root
+
+
+def test_png_prediction_uses_the_fragment_threshold_and_says_so(data, tmp_path):
+    pred = Predictor.from_run(data / "adaptive", device="cpu")
+    result = pred.predict_fragment(data / "frag")
+    mask = read_image(data / "frag" / "mask.png") > 0
+    want = round(float(np.clip(0.5 + expected_threshold(_hist(result.prob[mask])) - 0.3,
+                               0.01, 0.99)), 2)
+    assert result.threshold == want != 0.5
+    (r,) = predict_to_folder(data / "adaptive", [data / "frag"], tmp_path / "a", device="cpu")
+    written = read_image(tmp_path / "a" / "mask.png") > 0
+    np.testing.assert_array_equal(written, (result.prob >= want) & mask)
+    assert r.metrics["threshold"] == want and r.metrics["threshold_rule"] == "adapted"
+    assert r.metrics["validation_threshold"] == 0.5
+    for run, flags in (("adaptive", ["--threshold", "saved"]), ("old", [])):
+        out = tmp_path / f"{run}-{len(flags)}"
+        assert main(["predict", "--run", str(data / run), "--fragment", str(data / "frag"),
+                     "--out", str(out), "--device", "cpu", *flags]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["threshold"] == 0.5 and metrics["threshold_rule"] == "fixed"
+
+
+def test_zarr_prediction_adapts_its_mask_like_png(data, tmp_path):
+    common = dict(device="cpu", chunk=32, band_rows=64)
+    (png,) = predict_to_folder(data / "adaptive", [data / "frag"], tmp_path / "png", fmt="png",
+                               **common)
+    (zr,) = predict_to_folder(data / "adaptive", [data / "frag"], tmp_path / "zarr",
+                              fmt="zarr", **common)
+    probs, masks = zarr_files(tmp_path / "zarr")
+    mask = read_image(data / "frag" / "mask.png") > 0
+    t = zr.metrics["threshold"]
+    assert t == ThresholdRule(0.5, 0.3).for_fragment(probs[0], mask)  # from the stored values
+    assert abs(t - png.metrics["threshold"]) <= 0.01 and t != 0.5
+    np.testing.assert_array_equal(masks[0] > 0, (probs[0] >= np.ceil(t * 255 - 1e-6)) & mask)
+    summary = json.loads((tmp_path / "zarr" / "summary.json").read_text())
+    assert summary["threshold"] == t and summary["threshold_rule"] == "adapted"
+    # the metrics count the mask that was written
+    labels = read_image(data / "frag" / "inklabels.png") > 0
+    tp = int((masks[0].astype(bool) & labels & mask).sum())
+    assert zr.metrics["tp"] == tp
