@@ -6,7 +6,8 @@
 
 Every entry trains on the demo's data and budget (``scrollsam demo``'s fragments, config and
 300 steps on the CPU) and is scored on the demo's held-back fragment over its whole area: SAM
-entries with ``scrollsam predict`` at the threshold chosen on validation, the CNN reference
+entries with ``scrollsam predict`` (its default threshold: the one chosen on validation, adapted
+to the fragment's probabilities, ``scrollsam.infer.threshold``), the CNN reference
 (``cnn_reference.py``) at its best threshold on the same fragment. F0.5, precision, recall and
 the training seconds go into ``benchmarks/results.json`` under ``learn_*`` (merged as
 ``run.py`` does), and the table is printed.
@@ -34,14 +35,15 @@ from cnn_reference import score_cnn, train_cnn  # noqa: E402
 
 from scrollsam.config import Config, load_config  # noqa: E402
 from scrollsam.data.synthetic import write_fragment  # noqa: E402
-from scrollsam.demo import HELD_BACK, demo_overrides, synth_demo_data  # noqa: E402
+from scrollsam.demo import HELD_BACK, XRAY_VIEW, demo_overrides, synth_demo_data  # noqa: E402
 from scrollsam.infer.pipeline import predict_to_folder  # noqa: E402
 from scrollsam.train.loop import train  # noqa: E402
 
 WORK = BENCH_DIR / "_work" / "learn"
 SLICE_BAND = ["data.input=slices", "data.strategy=range", "data.z_start=20", "data.z_end=46"]
-# the x-ray demo's view of that band: centred on each fragment's sheet, jittered in training
-CNN_BAND = [*SLICE_BAND, "data.view={depth_shift: 3, align: sheet}"]
+# the x-ray demo's view of that band: centred on each fragment's sheet, jittered in training,
+# each pixel standardised along its depth
+CNN_BAND = [*SLICE_BAND, f"data.view={XRAY_VIEW}"]
 
 # name -> (what it is, input, config overrides on top of the demo's config for that input)
 SAM_ENTRIES: dict[str, tuple[str, str, list[str]]] = {
@@ -62,9 +64,9 @@ SAM_ENTRIES: dict[str, tuple[str, str, list[str]]] = {
 CNN_ENTRIES: dict[str, tuple[str, list[str]]] = {
     "learn_cnn_ir": ("4-layer CNN reference, ir", ["data.input=ir"]),
     "learn_cnn_slices": ("4-layer CNN reference, 26 slices", CNN_BAND),
-    # about the x-ray demo's training time on this CPU (~160 s): the same time, not the same steps
-    "learn_cnn_slices_long": ("4-layer CNN reference, 26 slices, 2800 steps",
-                              [*CNN_BAND, "train.steps=2800"]),
+    # about the x-ray demo's training time on this CPU (~180 s): the same time, not the same steps
+    "learn_cnn_slices_long": ("4-layer CNN reference, 26 slices, 4000 steps",
+                              [*CNN_BAND, "train.steps=4000"]),
 }
 # generator settings outside the ranges the x-ray demo trains on (scrollsam.data.synth_settings)
 OUT_OF_RANGE: dict[str, dict[str, float]] = {

@@ -24,9 +24,11 @@ from scrollsam.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+# the x-ray demo's band view: centred on each fragment's papyrus sheet, jittered by up to 3
+# slices in training, each pixel's band standardised along its own depth (profile)
+XRAY_VIEW = "{depth_shift: 3, align: sheet, profile: true}"
 XRAY = [  # the x-ray demo on top of the common settings (see demo_overrides)
-    "data.strategy=range", "data.z_start=20", "data.z_end=46",
-    "data.view={depth_shift: 3, align: sheet}",
+    "data.strategy=range", "data.z_start=20", "data.z_end=46", f"data.view={XRAY_VIEW}",
     "data.pixel_augment=true",
     "model.depth_encoder=true", "prompts.prompt_free_share=0.75", "prompts.corrective_rounds=0",
     "train.steps=700", "train.eval_every=100", "train.save_every=100", "log.image_every=100",
@@ -55,7 +57,8 @@ def demo_overrides(out: Path, input: str, *, depth: bool = True) -> list[str]:
     configs/demo_xray.yaml hold the same): the tiny model from random weights, 300 steps on the
     CPU, fragments 1-8 to train on and fragment 9 held back. Both inputs use the
     full-resolution mask head; x-ray slices go through the learned depth encoder (a band of 26
-    slices centred on each fragment's papyrus sheet, jittered by up to 3 slices in training),
+    slices centred on each fragment's papyrus sheet, jittered by up to 3 slices in training,
+    each pixel's band standardised along its own depth),
     with brightness / contrast / noise augmentation, mostly prompt-free sets and no corrective
     rounds, which is what whole-fragment prediction needs; those steps are cheaper, so it takes
     700 of them, about 1.6 times the ir demo's training time (``make bench-learn``).
