@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_helpers import free_port
-from infer_helpers import band_data, sharded_worker, zarr_files
+from infer_helpers import band_data, make_run, sharded_worker, zarr_files
 
 from scrollsam.cli import main
 from scrollsam.infer.pipeline import predict_to_folder
@@ -26,7 +26,10 @@ BANDS = ["--chunk", "32", "--band-rows", "64"]  # 150 rows: 3 bands, rank 0 gets
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return band_data(tmp_path_factory.mktemp("sharded"))
+    root = band_data(tmp_path_factory.mktemp("sharded"))
+    # a run whose threshold adapts to the fragment: rank 0 rewrites the OME-Zarr mask
+    make_run(root / "adaptive", "data.input=ir", best=0.5, reference=0.3)
+    return root
 
 
 def _env() -> dict[str, str]:
@@ -50,7 +53,7 @@ def test_torchrun_two_ranks_write_the_ome_zarr_of_one_process_bit_for_bit(data, 
                                                                            capsys):
     # --run-dir, not --run: torchrun's own parser takes --run for an abbreviation of its
     # --run-path and stops with "ambiguous option"
-    args = ["--run-dir", str(data / "run"), "--fragment", str(data / "frag"), "--device",
+    args = ["--run-dir", str(data / "adaptive"), "--fragment", str(data / "frag"), "--device",
             "cpu", "--format", "zarr", *BANDS]
     with one_thread():  # as torchrun's ranks: float sums depend on the thread count
         assert main(["predict", *args, "--out", str(tmp_path / "one"),
@@ -74,6 +77,7 @@ def test_torchrun_two_ranks_write_the_ome_zarr_of_one_process_bit_for_bit(data, 
 
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and [r["bands"] for r in summary["ranks"]] == [2, 1]
+    assert summary["threshold_rule"] == "adapted" and summary["threshold"] != 0.5
 
 
 def test_png_mode_on_two_ranks_equals_one_process_and_a_failing_rank_ends_both(data, tmp_path,

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 from infer_helpers import make_run, zarr_files
 
 from scrollsam.cli import main
@@ -68,6 +69,7 @@ def test_the_rule_keeps_the_validation_offset_and_stays_in_range():
     assert rule.for_fragment(prob, inside) == rule.for_histogram(_hist(prob[:100]))
     assert ThresholdRule(0.02, 0.9).for_fragment(prob, None) == 0.01  # clipped
     assert ThresholdRule(0.98, 0.01).for_fragment(prob, None) == 0.99
+    assert ThresholdRule(0.55, ref).for_fragment(np.zeros(50, np.float32), None) == 0.55  # nothing
 
 
 def test_threshold_choices():
@@ -124,6 +126,13 @@ def test_zarr_prediction_adapts_its_mask_like_png(data, tmp_path):
     np.testing.assert_array_equal(masks[0] > 0, (probs[0] >= np.ceil(t * 255 - 1e-6)) & mask)
     summary = json.loads((tmp_path / "zarr" / "summary.json").read_text())
     assert summary["threshold"] == t and summary["threshold_rule"] == "adapted"
+    root = zarr.open_group(tmp_path / "zarr" / "prob.ome.zarr", mode="r+")
+    assert root.attrs["scrollsam"]["threshold"] == t
+    # a run killed while rewriting the mask: the next run redoes the rewrite whole
+    root["labels/ink/0"][:40] = 1 - root["labels/ink/0"][:40]
+    predict_to_folder(data / "adaptive", [data / "frag"], tmp_path / "zarr", fmt="zarr",
+                      **common)
+    np.testing.assert_array_equal(zarr_files(tmp_path / "zarr")[1][0], masks[0])
     # the metrics count the mask that was written
     labels = read_image(data / "frag" / "inklabels.png") > 0
     tp = int((masks[0].astype(bool) & labels & mask).sum())

@@ -190,7 +190,6 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
         }
         if clicks is not None:  # prompted maps cover a few tiles: the run's threshold as is
             info["threshold_rule"] = "fixed"
-        if clicks is not None:
             results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
                                            points=points, save_tif=save_tif))
             frag.close()
@@ -247,7 +246,8 @@ def _settings(predictor: Predictor, frag: Fragment, **extra: Any) -> dict[str, A
             "batch_size": predictor.batch_size, "tta": predictor.tta,
             "compute_dtype": "bf16" if predictor.amp else "fp32",
             "device": predictor.device.type, "threshold": predictor.threshold,
-            "threshold_reference": predictor.rule.reference, **extra}
+            **({} if predictor.rule.reference is None  # (older stores resume as before)
+               else {"threshold_reference": predictor.rule.reference}), **extra}
 
 
 def _warn_if_larger(frag: Fragment, tile: int) -> None:

@@ -262,6 +262,9 @@ def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool) -> Seg
                                if world.distributed else {})}
         threshold = job.predictor.threshold_for(prob, frag)
         info.update(job.predictor.rule.describe())
+        if job.predictor.rule.adaptive:
+            log.info("%s: threshold %.2f (the run's %.2f, adapted to the fragment)", frag.id,
+                     threshold, job.predictor.threshold)
         written: Written = write_outputs(job.dest, prob, threshold=threshold,
                                          valid=frag.mask(), labels=frag.labels(),
                                          background=background, save_tif=save_tif, info=info)
