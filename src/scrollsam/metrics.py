@@ -253,19 +253,26 @@ class ProbabilityHistogram:
         self.ink = np.zeros(LEVELS, dtype=np.int64)
         self.background = np.zeros(LEVELS, dtype=np.int64)
 
-    def add(self, prob: ArrayLike, target: ArrayLike, valid: ArrayLike | None = None) -> None:
+    def add(self, prob: ArrayLike, target: ArrayLike | None,
+            valid: ArrayLike | None = None) -> None:
         """Count probabilities ``prob`` (float in [0, 1], or uint8/uint16 images) against the
-        binary ``target``; same shape, any rank; pixels outside ``valid`` are skipped."""
-        p, t = _numpy(prob, "prob"), as_bool(_numpy(target, "target"))
+        binary ``target``; same shape, any rank; pixels outside ``valid`` are skipped.
+        ``target`` None: no truth (every pixel counted as background), for statistics of the
+        probabilities alone (:func:`expected_threshold`)."""
+        p = _numpy(prob, "prob")
+        t = None if target is None else as_bool(_numpy(target, "target"))
         v = None if valid is None else as_bool(_numpy(valid, "valid"))
         _check_shapes(prob=p, target=t, valid=v)
-        p, t = p.reshape(-1), t.reshape(-1)  # (n,)
+        p = p.reshape(-1)  # (n,)
+        t = None if t is None else t.reshape(-1)
         v = None if v is None else v.reshape(-1)
         for start in range(0, p.size, _CHUNK):
             stop = start + _CHUNK
             if p.dtype.kind == "f" and np.isnan(p[start:stop]).any():
                 raise InputError("prob: expected probabilities in [0, 1], got NaN")
-            index = _levels(p[start:stop]).astype(np.int64) * 2 + t[start:stop]  # 2 * level + ink
+            index = _levels(p[start:stop]).astype(np.int64) * 2  # 2 * level + ink
+            if t is not None:
+                index += t[start:stop]
             if v is not None:
                 index = index[v[start:stop]]
             h = np.bincount(index, minlength=2 * LEVELS)  # (2 * LEVELS,)
@@ -314,14 +321,7 @@ def search_threshold(
     Candidates: ``thresholds`` (default :data:`DEFAULT_THRESHOLDS`). Ties go to the lowest
     threshold. Cost: O(levels) per candidate.
     """
-    hists = [histograms] if isinstance(histograms, ProbabilityHistogram) else list(histograms)
-    if not hists:
-        raise InputError("histograms: expected at least one ProbabilityHistogram, got none")
-    pooled = sum(hists[1:], hists[0])
-    cand = np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds, float)
-    cand = np.unique(cand)  # sorted, so ties resolve to the lowest threshold
-    if cand.size == 0:
-        raise InputError("thresholds: expected at least one candidate, got none")
+    pooled, cand = _pooled(histograms), _candidates(thresholds)
     pooled_counts = pooled.counts_at(cand)
     scores = np.array([c.f_beta(beta) for c in pooled_counts])
     best = int(np.argmax(scores))
@@ -344,18 +344,11 @@ def expected_threshold(
     unfamiliar ink), it moves down with the probabilities. Candidates and ties as in
     :func:`search_threshold`; both histogram counts (ink and background) are pooled.
     """
-    hists = [histograms] if isinstance(histograms, ProbabilityHistogram) else list(histograms)
-    if not hists:
-        raise InputError("histograms: expected at least one ProbabilityHistogram, got none")
-    pooled = sum(hists[1:], hists[0])
+    pooled, cand = _pooled(histograms), _candidates(thresholds)
     count = (pooled.ink + pooled.background).astype(np.float64)  # pixels per level (LEVELS,)
     p = np.arange(LEVELS, dtype=np.float64) / (LEVELS - 1)
     ink_ge = np.concatenate([np.cumsum((count * p)[::-1])[::-1], [0.0]])  # sum p, level >= k
     n_ge = np.concatenate([np.cumsum(count[::-1])[::-1], [0.0]])  # pixels at level >= k
-    cand = np.unique(np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds,
-                                float))
-    if cand.size == 0:
-        raise InputError("thresholds: expected at least one candidate, got none")
     for t in cand:
         check_threshold(float(t))
     k = np.array([_threshold_level(float(t)) for t in cand])  # (candidates,)
@@ -365,3 +358,21 @@ def expected_threshold(
     den = (1 + b2) * tp + b2 * fn + fp
     expected = np.divide((1 + b2) * tp, den, out=np.zeros_like(tp), where=den > 0)
     return float(cand[int(np.argmax(expected))])
+
+
+def _pooled(histograms: ProbabilityHistogram | Sequence[ProbabilityHistogram]
+            ) -> ProbabilityHistogram:
+    """One histogram, or the sum of several (all their pixels counted together)."""
+    hists = [histograms] if isinstance(histograms, ProbabilityHistogram) else list(histograms)
+    if not hists:
+        raise InputError("histograms: expected at least one ProbabilityHistogram, got none")
+    return sum(hists[1:], hists[0])
+
+
+def _candidates(thresholds: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    """Candidate thresholds (default :data:`DEFAULT_THRESHOLDS`), sorted and unique, so ties
+    resolve to the lowest."""
+    cand = np.unique(np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds, float))
+    if cand.size == 0:
+        raise InputError("thresholds: expected at least one candidate, got none")
+    return cand

@@ -102,7 +102,6 @@ class Predictor:
         # how each fragment's threshold is chosen (.threshold); a number: that one, fixed
         self.rule = (threshold if isinstance(threshold, ThresholdRule)
                      else ThresholdRule(float(threshold)))
-        self.threshold = self.rule.value  # the run's (validation) threshold, or the given one
         self.tile = int(tile or model.image_size)
         self.stride = int(stride or self.tile // 2)
         if self.tile < 16 or not 1 <= self.stride <= self.tile:
@@ -117,6 +116,11 @@ class Predictor:
         self.cache_size = 64  # embeddings kept for prompted decoding (see .points)
         self._embeddings: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict())
+
+    @property
+    def threshold(self) -> float:
+        """The run's (validation) threshold, or the given one: before adapting to a fragment."""
+        return self.rule.value
 
     @classmethod
     def from_run(

@@ -167,8 +167,13 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
     stats = settle(lambda: job.run_bands(todo, write), world)
     stats.update(bands=len(job.mine), bands_skipped=skipped)
     adapted: dict[str, Any] = {}  # rank 0's: the fragment's threshold and the mask's counts
+
+    def adapt() -> None:  # rank 0: the whole fragment's threshold, then the mask rewritten
+        if world.main:
+            adapted.update(adapt_mask(job, out))
+
     if job.predictor.rule.adaptive:
-        settle(lambda: adapted.update(adapt_mask(job, out)) if world.main else None, world)
+        settle(adapt, world)
     for level in range(1, out.levels()):
         settle(lambda lv=level: out.build_level(lv, world), world)
     result = SegmentResult("zarr", stats=stats)
@@ -213,7 +218,7 @@ def adapt_mask(job: BandJob, out: ZarrOutput) -> dict[str, Any]:
     hist = ProbabilityHistogram()
     for y0, y1 in job.bands:
         rows = prob[y0:y1]  # (b, W) uint8 or float16, as stored
-        hist.add(rows, np.zeros(rows.shape, bool), mask[y0:y1])
+        hist.add(rows, None, mask[y0:y1])
     threshold = job.predictor.rule.for_histogram(hist)
     counts = None if labels is None else Counts()
     for y0, y1 in job.bands:

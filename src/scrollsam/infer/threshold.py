@@ -98,7 +98,7 @@ class ThresholdRule:
         if self.reference is None:
             return self.value
         hist = ProbabilityHistogram()
-        hist.add(prob, np.zeros(prob.shape, bool), valid)  # truth unused: one count per pixel
+        hist.add(prob, None, valid)
         return self.for_histogram(hist)
 
     def describe(self) -> dict[str, Any]:
