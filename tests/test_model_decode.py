@@ -120,6 +120,55 @@ def test_several_prompt_sets_per_image_via_image_index(model, gen, case):
 
 
 @torch.no_grad()
+def test_boxes_as_corner_points_equal_official_boxes_and_share_a_call_with_point_sets(model, gen):
+    """Box corners as points labelled 2 / 3 (``pad=False``: every sparse token given) decode as
+    the official box prompt, with or without points, and point sets (their padding point given)
+    and box sets with as many tokens share one call (what the training step does)."""
+    from scrollsam.train.step import corner_points
+
+    s = model.image_size
+    emb = _embeddings(gen, s)
+    (coords, labels), boxes = _points(gen, s, B, n=3), _boxes(gen, s, B)
+    corners = corner_points(boxes)
+    want_box, want_box_iou = _official(model, emb, torch.arange(B), boxes=boxes, multimask=True)
+    logits, iou = model.decode(emb, points=corners, pad=False, multimask=True)
+    torch.testing.assert_close(logits, want_box, atol=1e-4, rtol=0)
+    torch.testing.assert_close(iou, want_box_iou, atol=1e-4, rtol=0)
+    # points, then corners (official order) and corners, then points (the step's order)
+    want, _ = _official(model, emb, torch.arange(B), points=(coords, labels), boxes=boxes,
+                        multimask=False)
+    for order in ((coords, corners[0]), (corners[0], coords)):
+        lab = (labels, corners[1]) if order[0] is coords else (corners[1], labels)
+        got, _ = model.decode(emb, points=(torch.cat(order, 1), torch.cat(lab, 1)), pad=False)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # point sets with their padding point (3 + 1 tokens) beside box sets with a point (2 + 2)
+    padded = (torch.cat([coords, torch.zeros(B, 1, 2)], 1),
+              torch.cat([labels, torch.full((B, 1), -1)], 1))  # (B, 4, 2), (B, 4)
+    box_sets = (torch.cat([coords[:, :2], corners[0]], 1),
+                torch.cat([labels[:, :2], corners[1]], 1))  # (B, 4, 2), (B, 4)
+    both = tuple(torch.cat(pair) for pair in zip(padded, box_sets, strict=True))
+    got, _ = model.decode(emb, points=both, pad=False, image_index=torch.arange(2 * B) % B)
+    want_points, _ = _official(model, emb, torch.arange(B), points=(coords, labels),
+                               multimask=False)
+    want_boxes, _ = _official(model, emb, torch.arange(B), boxes=boxes, multimask=False,
+                              points=(coords[:, :2], labels[:, :2]))
+    torch.testing.assert_close(got, torch.cat([want_points, want_boxes]), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_all_masks_are_the_single_mask_output_then_the_three_multimask_ones(model, gen):
+    s = model.image_size
+    emb = _embeddings(gen, s)
+    points = _points(gen, s, B)
+    every, every_iou = model.decode(emb, points=points, all_masks=True)
+    assert every.shape[1] == 4 and every_iou.shape[1] == 4
+    for multimask, masks in ((False, slice(0, 1)), (True, slice(1, 4))):
+        logits, iou = model.decode(emb, points=points, multimask=multimask)
+        torch.testing.assert_close(every[:, masks], logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(every_iou[:, masks], iou, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_prompt_free_is_one_mask_per_image(model, gen):
     s, _, low = _sizes(model)
     emb = _embeddings(gen, s)

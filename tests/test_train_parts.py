@@ -208,6 +208,19 @@ def test_tile_panel_draws_green_positive_and_red_negative_points():
     assert panel[15, s + 45].tolist() == [255, 255, 255]  # truth panel shows the ink
 
 
+def test_tile_panel_draws_a_box_prompt_from_its_corner_points():
+    s = 64
+    image, label = torch.zeros(3, s, s), torch.zeros(1, s, s)
+    coords = torch.tensor([[10.0, 20.0], [40.0, 50.0], [30.0, 30.0]])  # (x, y): box, then a point
+    labels = torch.tensor([2, 3, 1])  # top-left, bottom-right corner, an ink point
+    pts = tile_panel(image, label, label, coords=coords, point_labels=labels)[:, 3 * s:]
+    yellow = (240, 200, 0)
+    assert tuple(pts[20, 25]) == yellow and tuple(pts[35, 40]) == yellow  # top and right edges
+    assert tuple(pts[35, 25]) != yellow  # inside: not filled
+    assert tuple(pts[30, 30]) == (40, 220, 40)  # the point, green; corners are not dots
+    assert tuple(pts[20, 10]) == yellow
+
+
 def test_no_stray_files_from_atomic_writes(tmp_path):
     save_config(load_config(), tmp_path / "config.yaml")
     assert os.listdir(tmp_path) == ["config.yaml"]

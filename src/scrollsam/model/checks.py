@@ -61,7 +61,8 @@ def check_embeddings(embeddings: object, *, grid: int, device: torch.device) -> 
 
 def check_points(points: object, *, image_size: int, device: torch.device,
                  values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points: coords float [P, N, 2] as (x, y) pixels in [0, S); labels int [P, N], -1/0/1."""
+    """Points: coords float [P, N, 2] as (x, y) pixels in [0, S); labels int [P, N]: 1 ink,
+    0 background, -1 padding, 2 / 3 a box's top-left / bottom-right corner."""
     if not isinstance(points, (tuple, list)) or len(points) != 2:
         raise InputError(f"points: expected a (coords, labels) pair, got {describe(points)}")
     frame = f"(x, y) pixels of the {image_size} x {image_size} input frame"
@@ -82,9 +83,10 @@ def check_points(points: object, *, image_size: int, device: torch.device,
                          f"coords, got {describe(labels)}")
     if not values:
         return coords.float(), labels
-    if labels.numel() and not bool(((labels >= -1) & (labels <= 1)).all()):
-        bad = sorted({int(v) for v in labels.unique().tolist()} - {-1, 0, 1})
-        raise InputError(f"points labels: expected values in {{-1, 0, 1}}, got {bad}")
+    if labels.numel() and not bool(((labels >= -1) & (labels <= 3)).all()):
+        bad = sorted({int(v) for v in labels.unique().tolist()} - {-1, 0, 1, 2, 3})
+        raise InputError(f"points labels: expected values in {{-1, 0, 1}} (2 / 3: box "
+                         f"corners), got {bad}")
     real = coords[labels >= 0]  # (K, 2) the non-padding points
     if real.numel():
         if not bool(torch.isfinite(real).all()):

@@ -11,7 +11,8 @@ Frames and shapes (S = ``image_size``, the model input side):
 * images ``[B, C, S, S]`` float, already normalised (about mean 0 and std 1 per channel);
 * embeddings ``[B, 256, S/16, S/16]``;
 * points ``(coords [P, N, 2], labels [P, N])``: coords are **(x, y) = (column, row) pixels** of
-  the S x S input frame; labels 1 = ink, 0 = background, -1 = padding (ignored);
+  the S x S input frame; labels 1 = ink, 0 = background, -1 = padding (ignored), 2 / 3 = a
+  box's top-left / bottom-right corner (SAM 2's way of writing a box as two points);
 * boxes ``[P, 4]`` XYXY pixels; mask prompts ``[P, 1, S/4, S/4]`` logits;
 * output logits ``[P, M, S/4, S/4]`` and predicted IoU ``[P, M]``; M = 3 with ``multimask``.
 
@@ -67,24 +68,26 @@ CPU_DECODE_TOKENS = 8192
 
 def embed_point_tokens(pe: PromptEncoder, coords: torch.Tensor, labels: torch.Tensor, *,
                        pad: bool) -> torch.Tensor:
-    """Official ``PromptEncoder._embed_points`` with ``torch.where`` on the labels in place of its
+    """Official ``PromptEncoder._embed_points`` with a gather on the labels in place of its
     four boolean-mask updates (each a host sync on a GPU): the same values and gradients.
 
     coords [P, N, 2] (x, y) pixels, labels [P, N] -> tokens [P, N, 256], or [P, N + 1, 256]
     with ``pad`` (the official padding point (0, 0), label -1, added when no box is given).
+    Labels 2 and 3 are a box's top-left and bottom-right corners (SAM 2 writes boxes so): they
+    get the official ``_embed_boxes`` corner tokens, so a box can travel as two points.
     """
     coords = coords + 0.5  # pixel centres, as official SAM
     if pad:
         coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)  # (P, N+1, 2)
         labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)  # (P, N+1)
     tokens = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)  # (P, N', 256)
-    lab = labels[..., None]  # (P, N', 1)
-    # Official: padding tokens become not_a_point_embed, labels 0 / 1 add their embedding; the
-    # sum is formed in float32 and rounded once to the tokens' dtype (bf16 under autocast), as
-    # the official in-place additions do.
-    out = tokens + (lab == 0) * pe.point_embeddings[0].weight + (
-        lab == 1) * pe.point_embeddings[1].weight  # (P, N', 256)
-    return torch.where(lab == -1, pe.not_a_point_embed.weight, out).to(tokens.dtype)
+    # Official: padding tokens become not_a_point_embed; labels 0 / 1 (points) and 2 / 3 (box
+    # corners) add point_embeddings[label]. The sum is formed in float32 and rounded once to
+    # the tokens' dtype (bf16 under autocast), as the official in-place additions do.
+    table = torch.stack([e.weight[0] for e in pe.point_embeddings])  # (4, 256)
+    out = tokens + table[labels.clamp(0, len(table) - 1)]  # (P, N', 256)
+    return torch.where(labels[..., None] == -1, pe.not_a_point_embed.weight, out).to(
+        tokens.dtype)
 
 
 class SamSegmenter(nn.Module):
@@ -220,16 +223,17 @@ class SamSegmenter(nn.Module):
 
     def _embed_checked(
         self, points: Points | None, boxes: torch.Tensor | None, mask_inputs: torch.Tensor | None,
-        *, num_sets: int,
+        *, num_sets: int, pad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`embed_prompts` on prompts :meth:`_check_prompts` has passed: official
         ``PromptEncoder.forward`` step by step, with :func:`embed_point_tokens` for the points;
-        with no prompt at all, ``num_sets`` sets of no sparse token and the no-mask embedding."""
+        with no prompt at all, ``num_sets`` sets of no sparse token and the no-mask embedding.
+        ``pad=False``: no padding point is appended (see :meth:`decode`)."""
         pe = self.sam.prompt_encoder
         g = self.embed_grid
         sparse = torch.empty((num_sets, 0, pe.embed_dim), device=self.device)  # (P, 0, 256)
         if points is not None:
-            tokens = embed_point_tokens(pe, *points, pad=boxes is None)  # (P, N (+ 1), 256)
+            tokens = embed_point_tokens(pe, *points, pad=pad and boxes is None)  # (P, N(+1), 256)
             sparse = torch.cat([sparse, tokens], dim=1)
         if boxes is not None:
             sparse = torch.cat([sparse, pe._embed_boxes(boxes)], dim=1)  # (P, T + 2, 256)
@@ -250,6 +254,8 @@ class SamSegmenter(nn.Module):
         multimask: bool = False,
         image_index: torch.Tensor | None = None,
         *,
+        pad: bool = True,
+        all_masks: bool = False,
         chunk: int | None = None,
         check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,11 +265,15 @@ class SamSegmenter(nn.Module):
         every prompt with the same P. ``image_index`` long [P] names the image of each set
         (default: set p -> image p; all sets -> image 0 when B == 1). No prompt at all is the
         prompt-free mode: one mask per image (P = B), as used for whole-fragment inference.
-        ``chunk`` bounds how many prompt sets go through the transformer at once; None means
-        :meth:`decode_chunk`. ``check_values=False`` checks the prompts' form only (module
-        docstring): no host sync.
+        ``pad=False``: the point sets already hold every sparse token, padding points and box
+        corners (labels 2 / 3) included, and nothing is appended; point sets and box sets with
+        equal token counts can then share one call. ``chunk`` bounds how many prompt sets go
+        through the transformer at once; None means :meth:`decode_chunk`.
+        ``check_values=False`` checks the prompts' form only (module docstring): no host sync.
 
-        Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1.
+        Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1;
+        ``all_masks``: M = 4, the single-mask output first, then the three multimask outputs
+        (for callers that choose per set).
         """
         if not self._layers_checked:
             check_plain_layers(self.sam.mask_decoder)
@@ -279,7 +289,7 @@ class SamSegmenter(nn.Module):
         index = resolve_image_index(image_index, num_sets=num_sets, num_images=num_images,
                                     device=self.device, values=check_values)
         step = max(1, int(chunk or self.decode_chunk(num_sets)))
-        keep = slice(1, None) if multimask else slice(0, 1)  # official mask-token choice
+        keep = slice(0, None) if all_masks else slice(1, None) if multimask else slice(0, 1)
         # Token layout throughout (see decoder_ops): row-major image tokens, channels last.
         image = embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, g*g, 256)
         pos = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, g, g)
@@ -293,7 +303,7 @@ class SamSegmenter(nn.Module):
                 None if points is None else (points[0][part], points[1][part]),
                 None if boxes is None else boxes[part],
                 None if mask_inputs is None else mask_inputs[part],
-                num_sets=index[part].shape[0])
+                num_sets=index[part].shape[0], pad=pad)
             outs.append(self._predict_masks(image, pos, index[part], sparse, dense,
                                             keep=keep))
         logits = torch.cat([o[0] for o in outs])  # (P, M, S/4, S/4)

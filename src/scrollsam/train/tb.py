@@ -16,6 +16,7 @@ import torch
 
 GREEN = (40, 220, 40)
 RED = (230, 40, 40)
+YELLOW = (240, 200, 0)  # a box prompt
 
 
 def _to_uint8_grey(image: torch.Tensor) -> np.ndarray:
@@ -42,7 +43,8 @@ def tile_panel(
     """One row of four panels, uint8 [S, 4 * S, 3] (HWC, RGB).
 
     image [C, S, S] normalised; label, prob, valid [1, S, S] in [0, 1]; coords [N, 2] as (x, y)
-    pixels of the tile; point_labels [N] (1 ink, 0 background, -1 padding: not drawn).
+    pixels of the tile; point_labels [N] (1 ink, 0 background, -1 padding: not drawn; 2 / 3 a
+    box's top-left / bottom-right corner: the box is drawn in yellow).
     """
     tile = _rgb(_to_uint8_grey(image))
     truth = _rgb((label[0].detach().float().cpu().numpy() * 255).astype(np.uint8))
@@ -50,9 +52,13 @@ def tile_panel(
     points = tile.copy()
     if coords is not None and point_labels is not None:
         radius = max(2, tile.shape[0] // 64)
-        for (x, y), lab in zip(coords.detach().cpu().tolist(),
-                               point_labels.detach().cpu().tolist(), strict=True):
-            if lab < 0:
+        pairs = list(zip(coords.detach().cpu().tolist(), point_labels.detach().cpu().tolist(),
+                         strict=True))
+        corners = {lab: (int(round(x)), int(round(y))) for (x, y), lab in pairs if lab in (2, 3)}
+        if len(corners) == 2:
+            cv2.rectangle(points, corners[2], corners[3], YELLOW, max(1, radius // 2))
+        for (x, y), lab in pairs:
+            if lab not in (0, 1):
                 continue
             colour = GREEN if lab == 1 else RED
             cv2.circle(points, (int(round(x)), int(round(y))), radius, colour, -1)
