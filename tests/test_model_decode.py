@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scrollsam import build_model
+from scrollsam.errors import InputError
 from scrollsam.model.segmenter import SamSegmenter
 
 # Model input sides S: 1024 (official SAM: 64 x 64 embeddings, 256 x 256 mask logits), 256 (the
@@ -124,7 +125,7 @@ def test_boxes_as_corner_points_equal_official_boxes_and_share_a_call_with_point
     """Box corners as points labelled 2 / 3 (``pad=False``: every sparse token given) decode as
     the official box prompt, with or without points, and point sets (their padding point given)
     and box sets with as many tokens share one call (what the training step does)."""
-    from scrollsam.train.step import corner_points
+    from scrollsam.train.prompt_sets import corner_points
 
     s = model.image_size
     emb = _embeddings(gen, s)
@@ -153,6 +154,28 @@ def test_boxes_as_corner_points_equal_official_boxes_and_share_a_call_with_point
     want_boxes, _ = _official(model, emb, torch.arange(B), boxes=boxes, multimask=False,
                               points=(coords[:, :2], labels[:, :2]))
     torch.testing.assert_close(got, torch.cat([want_points, want_boxes]), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_absent_tokens_are_never_attended_to(model, gen):
+    """A set whose sparse tokens are all absent decodes as the prompt-free set; a set with
+    absent tokens as the set without them: prompted and prompt-free sets share one call."""
+    s = model.image_size
+    emb = _embeddings(gen, s)
+    coords, labels = _points(gen, s, B, n=3)
+    free, free_iou = model.decode(emb)  # (B, 1, S/4, S/4): no prompt
+    fewer, _ = model.decode(emb, points=(coords[:, :1], labels[:, :1]), pad=False)
+    present = torch.tensor([[True, False, False]] * B + [[False] * 3] * B)  # (2B, 3)
+    both = (torch.cat([coords, torch.full_like(coords, 7.0)]),
+            torch.cat([labels, torch.ones_like(labels)]))  # absent tokens' values: anything
+    got, iou = model.decode(emb, points=both, pad=False, present=present,
+                            image_index=torch.arange(2 * B) % B)
+    torch.testing.assert_close(got[:B], fewer, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[B:], free, atol=1e-4, rtol=0)
+    torch.testing.assert_close(iou[B:], free_iou, atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match=r"present: expected bool \[P, T\] = \[6, 3\]"):
+        model.decode(emb, points=both, pad=False, present=present[:, :2],
+                     image_index=torch.arange(2 * B) % B)
 
 
 @torch.no_grad()

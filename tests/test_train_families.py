@@ -1,5 +1,6 @@
-"""Point and box prompt sets share the decoder calls of a training step (``step.FAMILIES``): the
-same loss parts and gradients as decoding each kind on its own, in 4 calls instead of 7."""
+"""Point, box and prompt-free sets share the decoder calls of a training step
+(``prompt_sets.FAMILIES``): the same loss parts and gradients as decoding each kind on its own,
+in 3 calls instead of 7 with the default prompts."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 
 from scrollsam.config import load_config
 from scrollsam.model.assemble import model_from_config
-from scrollsam.train import step
-from scrollsam.train.step import PromptKind
+from scrollsam.train import prompt_sets, step
+from scrollsam.train.prompt_sets import PromptKind, PromptSets
 
 S, B = 64, 4
 SEEDS = [11, 12, 13, 14]  # tile seeds whose 8 sets hold every prompt kind
@@ -55,11 +56,11 @@ def test_point_and_box_sets_decoded_together_equal_separate_calls(head, monkeypa
         return {k: float(v.detach()) for k, v in out.parts.items()}, grads, len(calls)
 
     parts, grads, n_calls = run()
-    monkeypatch.setattr(step, "FAMILIES", tuple((k,) for k in PromptKind))
+    monkeypatch.setattr(prompt_sets, "FAMILIES", tuple((k,) for k in PromptKind))
     split_parts, split_grads, n_split = run()
     rounds = cfg.prompts.corrective_rounds
     assert n_split == 3 * (1 + rounds) - rounds  # point, box: every round; none: once
-    assert n_calls == 2 * (1 + rounds) - rounds
+    assert n_calls == 1 + rounds
     assert parts.keys() == split_parts.keys()
     for key, value in parts.items():
         assert value == pytest.approx(split_parts[key], rel=1e-5, abs=1e-6), key
@@ -68,11 +69,15 @@ def test_point_and_box_sets_decoded_together_equal_separate_calls(head, monkeypa
         torch.testing.assert_close(g, split_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_first_round_blocks_give_point_sets_three_masks_and_box_sets_one():
-    index = torch.zeros(5, dtype=torch.long)
-    sets = step.PromptSets(index, multimask_rows=2)
-    assert step.round_blocks(sets, first=True) == [(slice(0, 2), (1, 4)), (slice(2, 5), (0, 1))]
-    assert step.round_blocks(sets, first=False) == [(slice(0, 5), (0, 1))]
-    assert step.round_blocks(step.PromptSets(index), first=True) == [(slice(0, 5), (0, 1))]
-    every = step.PromptSets(index, multimask_rows=5)
-    assert step.round_blocks(every, first=True) == [(slice(0, 5), (1, 4))]
+def test_blocks_give_point_sets_three_masks_and_prompt_free_sets_their_own_loss():
+    index = torch.zeros(6, dtype=torch.long)
+    points = (torch.zeros(6, 2, 2), torch.zeros(6, 2, dtype=torch.long))
+    sets = PromptSets(index, points, multimask_rows=2, free_rows=1)
+    assert sets.blocks(first=True) == [(slice(0, 2), (1, 4)), (slice(2, 5), (0, 1)),
+                                       (slice(5, 6), (0, 1))]
+    assert sets.present()[:, 0].tolist() == [True] * 5 + [False]
+    later = sets.prompted_only()
+    assert later.blocks(first=False) == [(slice(0, 5), (0, 1))] and later.present() is None
+    assert PromptSets(index).blocks(first=True) == [(slice(0, 6), (0, 1))]
+    free = PromptSets(index, free_rows=6)
+    assert free.blocks(first=True) == [(slice(0, 6), (0, 1))] and free.prompted == 0

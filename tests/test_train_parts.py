@@ -239,7 +239,7 @@ def test_yaml_1_1_words_stay_strings_and_exponents_are_numbers(tmp_path):
 
 
 def test_first_points_never_fabricate_a_positive():
-    from scrollsam.train.step import first_points
+    from scrollsam.prompts import first_points
 
     target = torch.zeros(2, 1, 16, 16)
     target[0, 0, 3:5, 10:13] = 1.0  # set 0 has ink (rows 3-4, columns 10-12); set 1 has none

@@ -93,16 +93,20 @@ def transformer_tokens(
     keys: torch.Tensor,
     key_pe: torch.Tensor,
     tokens: torch.Tensor,
+    present: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Official ``TwoWayTransformer.forward`` on image tokens instead of maps.
 
     keys ``[P, g*g, 256]`` (image embedding plus dense prompt, token order row-major), key_pe
     ``[1 or P, g*g, 256]`` (broadcast over sets, never copied), tokens ``[P, T, 256]``.
+    ``present`` bool ``[P, T]`` (None: all): a token marked absent is never attended to, so a
+    set decodes exactly as if it did not have it (its own output row is meaningless); sets with
+    different numbers of prompt tokens can so share one call.
     Returns (queries ``[P, T, 256]``, keys ``[P, g*g, 256]``).
     """
     queries = tokens
     for layer in transformer.layers:
-        queries, keys = two_way_block(layer, queries, keys, tokens, key_pe)
+        queries, keys = two_way_block(layer, queries, keys, tokens, key_pe, present)
     attn_out = token_to_image(transformer.final_attn_token_to_image, queries + tokens,
                               keys + key_pe, keys)
     return transformer.norm_final_attn(queries + attn_out), keys
@@ -114,31 +118,38 @@ def two_way_block(
     keys: torch.Tensor,
     query_pe: torch.Tensor,
     key_pe: torch.Tensor,
+    present: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Official ``TwoWayAttentionBlock.forward``: queries ``[P, T, 256]``, keys
-    ``[P, g*g, 256]``, pe broadcastable to each -> (queries, keys), same shapes."""
+    ``[P, g*g, 256]``, pe broadcastable to each, ``present`` as in :func:`transformer_tokens`
+    -> (queries, keys), same shapes."""
     if layer.skip_first_layer_pe:
-        queries = attention(layer.self_attn, queries, queries, queries)
+        queries = attention(layer.self_attn, queries, queries, queries, present)
     else:
         q = queries + query_pe
-        queries = queries + attention(layer.self_attn, q, q, queries)
+        queries = queries + attention(layer.self_attn, q, q, queries, present)
     queries = layer.norm1(queries)
     k = keys + key_pe  # (P, g*g, 256)
     attn_out = token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
     queries = layer.norm2(queries + attn_out)
     queries = layer.norm3(queries + layer.mlp(queries))
-    attn_out = image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries)
+    attn_out = image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries,
+                              present)
     return queries, layer.norm4(keys + attn_out)
 
 
-def attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              present: torch.Tensor | None = None) -> torch.Tensor:
     """Official ``Attention.forward(q, k, v)``, ``[P, N, 256]`` inputs -> ``[P, Nq, 256]``, with
     one fused attention kernel instead of the official matmul, scale, softmax, matmul and head
-    copies. Used for the tokens' self-attention (a few tokens)."""
+    copies. Used for the tokens' self-attention (a few tokens); ``present`` bool ``[P, N]``:
+    the keys that may be attended to (None: all)."""
     split = _split_heads(attn.num_heads)
+    mask = None if present is None else present[:, None, None, :]  # (P, 1, 1, N)
     with sdpa_kernel(TOKEN_BACKENDS):
         out = F.scaled_dot_product_attention(split(attn.q_proj(q)), split(attn.k_proj(k)),
-                                             split(attn.v_proj(v)))  # (P, heads, Nq, c)
+                                             split(attn.v_proj(v)),
+                                             attn_mask=mask)  # (P, heads, Nq, c)
     return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -175,7 +186,7 @@ def token_to_image(attn: Attention, q_in: torch.Tensor, k_in: torch.Tensor,
 
 
 def image_to_token(attn: Attention, q_in: torch.Tensor, k_in: torch.Tensor,
-                   v_in: torch.Tensor) -> torch.Tensor:
+                   v_in: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
     """Official ``Attention.forward`` for N image tokens attending to T tokens, with the image
     side's projections (queries in, ``out_proj`` out) moved onto the token side.
 
@@ -183,6 +194,7 @@ def image_to_token(attn: Attention, q_in: torch.Tensor, k_in: torch.Tensor,
     token x scores key k as ``(W_q x + b_q) . k = x . (W_q^T k) + b_q . k``, and the output
     ``W_o concat_h(A_h V_h) + b_o = sum_h A_h (V_h W_o,h^T) + b_o``: two products with
     heads x T (56) columns replace the 256 -> 128 -> 256 projections of all N image tokens.
+    ``present`` bool ``[P, T]``: the tokens that may be attended to (None: all).
     """
     heads, c = attn.num_heads, attn.internal_dim // attn.num_heads
     p, t = q_in.shape[0], k_in.shape[1]
@@ -194,7 +206,10 @@ def image_to_token(attn: Attention, q_in: torch.Tensor, k_in: torch.Tensor,
     qk = torch.einsum("hcx,pthc->pxth", wq, k).flatten(2)  # (P, 256, T * heads)
     bias = torch.einsum("hc,pthc->pth", attn.q_proj.bias.unflatten(0, (heads, c)), k)
     scores = torch.baddbmm(bias.flatten(1)[:, None, :], q_in, qk)  # (P, N, T * heads)
-    weights = torch.softmax(scores.unflatten(-1, (t, heads)) * c**-0.5, dim=-2).flatten(2)
+    scores = scores.unflatten(-1, (t, heads)) * c**-0.5  # (P, N, T, heads)
+    if present is not None:
+        scores = scores.masked_fill(~present[:, None, :, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-2).flatten(2)
     wo = attn.out_proj.weight.unflatten(1, (heads, c))  # (256, heads, c)
     vo = torch.einsum("pthc,xhc->pthx", v, wo).flatten(1, 2)  # (P, T * heads, 256)
     return torch.baddbmm(attn.out_proj.bias.expand(p, 1, -1), weights, vo)  # (P, N, 256)

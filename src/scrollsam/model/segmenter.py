@@ -43,7 +43,7 @@ import torch
 from segment_anything.modeling import PromptEncoder, Sam
 from torch import nn
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, describe
 from scrollsam.losses import upsample_logits
 from scrollsam.model.checks import (
     check_boxes,
@@ -256,6 +256,7 @@ class SamSegmenter(nn.Module):
         *,
         pad: bool = True,
         all_masks: bool = False,
+        present: torch.Tensor | None = None,
         chunk: int | None = None,
         check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,8 +268,10 @@ class SamSegmenter(nn.Module):
         prompt-free mode: one mask per image (P = B), as used for whole-fragment inference.
         ``pad=False``: the point sets already hold every sparse token, padding points and box
         corners (labels 2 / 3) included, and nothing is appended; point sets and box sets with
-        equal token counts can then share one call. ``chunk`` bounds how many prompt sets go
-        through the transformer at once; None means :meth:`decode_chunk`.
+        equal token counts can then share one call. ``present`` bool [P, T] marks which of those
+        sparse tokens take part (None: all): an absent token is never attended to, so a set
+        whose tokens are all absent decodes exactly as a prompt-free one. ``chunk`` bounds how
+        many prompt sets go through the transformer at once; None means :meth:`decode_chunk`.
         ``check_values=False`` checks the prompts' form only (module docstring): no host sync.
 
         Returns logits [P, M, S/4, S/4] and predicted IoU [P, M], M = 3 if ``multimask`` else 1;
@@ -288,6 +291,12 @@ class SamSegmenter(nn.Module):
         num_sets = free_sets if num_sets is None else num_sets
         index = resolve_image_index(image_index, num_sets=num_sets, num_images=num_images,
                                     device=self.device, values=check_values)
+        if present is not None:
+            tokens = 0 if points is None else points[0].shape[1] + (pad and boxes is None)
+            tokens += 0 if boxes is None else 2
+            if present.dtype != torch.bool or tuple(present.shape) != (num_sets, tokens):
+                raise InputError(f"present: expected bool [P, T] = {[num_sets, tokens]} (one "
+                                 f"per sparse prompt token), got {describe(present)}")
         step = max(1, int(chunk or self.decode_chunk(num_sets)))
         keep = slice(0, None) if all_masks else slice(1, None) if multimask else slice(0, 1)
         # Token layout throughout (see decoder_ops): row-major image tokens, channels last.
@@ -304,8 +313,8 @@ class SamSegmenter(nn.Module):
                 None if boxes is None else boxes[part],
                 None if mask_inputs is None else mask_inputs[part],
                 num_sets=index[part].shape[0], pad=pad)
-            outs.append(self._predict_masks(image, pos, index[part], sparse, dense,
-                                            keep=keep))
+            outs.append(self._predict_masks(image, pos, index[part], sparse, dense, keep=keep,
+                                            present=None if present is None else present[part]))
         logits = torch.cat([o[0] for o in outs])  # (P, M, S/4, S/4)
         iou = torch.cat([o[1] for o in outs])  # (P, M)
         return logits, iou
@@ -334,11 +343,12 @@ class SamSegmenter(nn.Module):
         dense: torch.Tensor,
         *,
         keep: slice,
+        present: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Official ``MaskDecoder.predict_masks`` with a gather in place of repeat_interleave,
         in token layout (:mod:`scrollsam.model.decoder_ops`): image tokens [B, g*g, 256],
         their position encoding [1, g*g, 256], index [P], sparse [P, T, 256] and dense
-        [P, 256, g, g] prompt embeddings.
+        [P, 256, g, g] prompt embeddings, ``present`` bool [P, T] (see :meth:`decode`).
 
         Only the mask tokens in ``keep`` go through the final hypernetwork product (official
         SAM computes all 4 masks and drops 1 or 3 of them afterwards: same values, more work).
@@ -350,7 +360,10 @@ class SamSegmenter(nn.Module):
         out_tokens = out_tokens.unsqueeze(0).expand(p, -1, -1)  # (P, 5, 256)
         tokens = torch.cat((out_tokens, sparse.to(out_tokens.dtype)), dim=1)  # (P, 5 + T, 256)
         keys = image.index_select(0, index) + dense.flatten(2).transpose(1, 2)  # (P, g*g, 256)
-        hs, src = transformer_tokens(dec.transformer, keys, pos, tokens)  # (P, 5+T, 256), keys
+        if present is not None:  # the output tokens always take part
+            present = torch.cat([present.new_ones(p, out_tokens.shape[1]), present], dim=1)
+        hs, src = transformer_tokens(dec.transformer, keys, pos, tokens,
+                                     present)  # (P, 5 + T, 256), keys
         iou_token_out = hs[:, 0, :]  # (P, 256)
         mask_tokens_out = hs[:, 1:1 + dec.num_mask_tokens, :]  # (P, 4, 256)
         upscaled = upscale_tokens(dec.output_upscaling, src)  # (P, g*g*16, 32), blocked order

@@ -9,11 +9,9 @@ Every set has one :class:`PromptKind`, its first prompt:
   fabricated positive), multimask output in the first round (the lowest-loss mask trains);
 * ``BOX``: the noisy ink bounding box (a set whose tile has no ink becomes a ``POINT`` set).
 
-The sets of one family of kinds (:data:`FAMILIES`) travel as one :class:`PromptSets` and are
-decoded in one call, each against its own tile's embedding: point and box sets together, as a
-box travels as two corner points (labels 2 and 3, SAM 2's convention, the same tokens as
-official SAM's box) and both then have the same number of sparse tokens in every round; the
-prompt-free sets, which have none, apart. Prompted sets then run :func:`corrective_rounds`:
+All kinds share one decoder call per round, each set against its own tile's embedding (how a
+box and no prompt fit beside points: :mod:`scrollsam.train.prompt_sets`). Prompted sets then
+run :func:`corrective_rounds`:
 ``prompt_cfg.corrective_rounds`` times a new point from the error region of the previous
 prediction (missed ink -> positive, false ink -> negative), with the previous selected logits
 as the mask prompt. :func:`scrollsam.losses.mean_parts` averages the loss over the rounds, then
@@ -40,9 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import IntEnum
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,40 +52,22 @@ from scrollsam.prompts import (
     append_points,
     box_prompts,
     corrective_points,
-    first_points,
-    random_numbers,
     rows_of,
     select_mask,
 )
+from scrollsam.train import prompt_sets
+from scrollsam.train.prompt_sets import (
+    Block,
+    PromptKind,
+    PromptSets,
+    assign_kinds,
+    first_prompts,
+    set_generators,
+    tile_seeds,
+)
 
-
-class PromptKind(IntEnum):
-    """The first prompt of a set (integers, so a [P] tensor of kinds compares with them)."""
-
-    NONE = 0
-    POINT = 1
-    BOX = 2
-
-
-FIRST = {"point": PromptKind.POINT, "box": PromptKind.BOX, "none": PromptKind.NONE}
-# Kinds decoded together, in this order (rows of a family are ordered by kind). A point set
-# (its point and the padding point) and a box set (two corners) have two sparse tokens in the
-# first round and one more each corrective round, so they share every decoder call: 4 calls a
-# step instead of 7 with the default prompts.
-FAMILIES = ((PromptKind.POINT, PromptKind.BOX), (PromptKind.NONE,))
-PROMPT_STREAM = 0x70726F6D  # "prom": tile seeds are a stream of their own beside the data's
-
-
-@dataclass
-class PromptSets:
-    """P prompt sets of one family, as one decode call takes them, on the device where the
-    samplers make and extend them. ``points`` hold every sparse token of a set: its points,
-    padding (label -1) and box corners (labels 2, 3), so the decoder appends nothing."""
-
-    image_index: Tensor  # long [P] on the device: the tile (embedding) of each set
-    points: Points | None = None  # ([P, N, 2] (x, y) pixels, [P, N] labels)
-    mask_inputs: Tensor | None = None  # [P, 1, S/4, S/4] logits
-    multimask_rows: int = 0  # the first rows (point sets) get three masks in the first round
+__all__ = ["StepOutput", "Truth", "corrective_rounds", "decode", "loss_kwargs",
+           "prompted_forward", "tile_seeds", "tile_truth"]
 
 
 @dataclass
@@ -128,36 +106,6 @@ def loss_kwargs(loss_cfg: LossConfig) -> dict[str, object]:
                 resolution=loss_cfg.resolution)
 
 
-def tile_seeds(seed: int, samples: Sequence[int]) -> list[int]:
-    """The prompt seed of each training sample index in ``samples`` (global indices: the n-th
-    tile the run draws, see :mod:`scrollsam.train.order`) for the run seed ``seed``."""
-    return [_seed64(np.random.SeedSequence([seed, n], spawn_key=(PROMPT_STREAM,)))
-            for n in samples]
-
-
-def set_generators(seeds: Sequence[int], sets_per_tile: int) -> list[torch.Generator]:
-    """One CPU generator per prompt set, set j of tile t seeded from (``seeds[t]``, j): the
-    P = len(seeds) * ``sets_per_tile`` sets in tile order, as :func:`prompted_forward` makes
-    them."""
-    return [torch.Generator().manual_seed(_seed64(np.random.SeedSequence([int(s), j])))
-            for s in seeds for j in range(sets_per_tile)]
-
-
-def _seed64(seq: np.random.SeedSequence) -> int:
-    hi, lo = (int(v) for v in seq.generate_state(2, np.uint32))
-    return (hi << 32 | lo) & (2**63 - 1)
-
-
-def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: Generators) -> Tensor:
-    """The :class:`PromptKind` of each prompt set -> long [P] (CPU)."""
-    draw, coin = random_numbers((num_sets, 2), gen, torch.device("cpu")).unbind(1)  # (P,) each
-    if prompt_cfg.first == "mixed":
-        prompted = torch.where(coin < 0.5, PromptKind.POINT, PromptKind.BOX)
-    else:
-        prompted = torch.full((num_sets,), FIRST[prompt_cfg.first])
-    return torch.where(draw < prompt_cfg.prompt_free_share, PromptKind.NONE, prompted).long()
-
-
 def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: LossConfig,
                device: torch.device) -> Truth:
     """:class:`Truth` of B tiles from label / valid [B, 1, S, S]; at ``resolution="mask"`` the
@@ -170,51 +118,10 @@ def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: L
     return Truth(ink, inside, full_ink, full_valid)
 
 
-def corner_points(boxes: Tensor) -> Points:
-    """Boxes [P, 4] XYXY -> their corners as points ``([P, 2, 2], [P, 2])``, labelled 2
-    (top-left) and 3 (bottom-right): official SAM's box tokens (:func:`embed_point_tokens`)."""
-    labels = torch.arange(2, 4, device=boxes.device).expand(boxes.shape[0], 2)  # no host copy
-    return boxes.reshape(-1, 2, 2), labels
-
-
-def first_prompts(kinds: Tensor, image_index: Tensor, truth: Truth, *, boxes: Tensor | None,
-                  gen: Generators, multimask: bool) -> PromptSets:
-    """The sets of one family with their first prompt. ``kinds`` long [P] (CPU) ordered as
-    :data:`FAMILIES` orders them, ``image_index`` long [P] (the tile of each set, on the
-    device), ``truth`` and ``gen`` of the P sets, ``boxes`` [P, 4] (used on ``BOX`` rows)."""
-    n_point = int((kinds == PromptKind.POINT).sum())
-    n_box = int((kinds == PromptKind.BOX).sum())
-    if n_point + n_box == 0:
-        return PromptSets(image_index)
-    parts = []  # each ([P_k, 2, 2], [P_k, 2])
-    if n_point:  # the point and the padding point official SAM adds when there is no box
-        point = first_points(truth.full_ink[:n_point], truth.full_valid[:n_point],
-                             rows_of(gen, range(n_point)))
-        parts.append(append_points(point, (point[0].new_zeros(n_point, 1, 2),
-                                           point[1].new_full((n_point, 1), -1))))
-    if n_box:
-        parts.append(corner_points(boxes[n_point:]))
-    points = (torch.cat([c for c, _ in parts]), torch.cat([lab for _, lab in parts]))
-    return PromptSets(image_index, points, multimask_rows=n_point if multimask else 0)
-
-
-Block = tuple[slice, tuple[int, int]]  # rows of a family, and the decoder mask outputs they take
-
-
-def round_blocks(sets: PromptSets, *, first: bool) -> list[Block]:
-    """The rows of ``sets`` that share a mask count this round: the first round's multimask
-    rows take the decoder's three multimask outputs (1, 4), every other row its single mask
-    output (0, 1)."""
-    p = sets.image_index.shape[0]
-    k = sets.multimask_rows if first else 0
-    blocks = [(slice(0, k), (1, 4)), (slice(k, p), (0, 1))]
-    return [b for b in blocks if b[0].stop > b[0].start]
-
-
 def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, blocks: list[Block],
            features: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The step's one way to run the decoder: ``sets`` against their own embeddings, in one
-    call -> per block of :func:`round_blocks` (logits, IoU [P_b, M], the decoder's own logits
+    call -> per block of :meth:`PromptSets.blocks` (logits, IoU [P_b, M], the decoder's own logits
     [P_b, M, S/4, S/4]). ``logits`` are the mask head's [P_b, M, S, S] when the model has one
     (``features``: the pixel features of :meth:`SamSegmenter.encode_with_pixels`), else the
     decoder's. The prompts are on the device already (the samplers make them there), and their
@@ -222,13 +129,15 @@ def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, blocks:
     outputs = {m for _, m in blocks}
     low, iou = model.decode(embeddings, points=sets.points, mask_inputs=sets.mask_inputs,
                             multimask=outputs == {(1, 4)}, all_masks=len(outputs) > 1,
-                            image_index=sets.image_index, pad=False, check_values=False)
+                            image_index=sets.image_index, pad=False, present=sets.present(),
+                            check_values=False)
     if len(blocks) == 1:
         return [(model.refine(low, features, sets.image_index), iou, low)]
     out = []
     for rows, (lo, hi) in blocks:
-        part = low[rows, lo:hi]  # (P_b, M, S/4, S/4)
-        out.append((model.refine(part, features, sets.image_index[rows]), iou[rows, lo:hi],
+        masks = slice(lo, hi) if len(outputs) > 1 else slice(None)
+        part = low[rows, masks]  # (P_b, M, S/4, S/4)
+        out.append((model.refine(part, features, sets.image_index[rows]), iou[rows, masks],
                     part))
     return out
 
@@ -245,46 +154,58 @@ def corrective_rounds(
     sampler: str = "uniform",
     gen: Generators | None = None,
     features: Tensor | None = None,
-) -> tuple[dict[str, Tensor], Tensor, PromptSets]:
+) -> tuple[list[tuple[dict[str, Tensor], int]], Tensor, PromptSets]:
     """Decode ``sets`` and score them; then ``rounds`` times add one point from the error region
-    of the selected mask (SAM paper, Appendix A), with its logits as the next mask prompt when
-    ``mask_feedback``, and decode and score again. ``sets.multimask_rows``: the sets with three
-    masks in the first round (each block of :func:`round_blocks` is scored on its own, and the
-    parts are averaged over all sets). ``sampler``: :func:`corrective_points`' mode; "uniform"
-    (the SAM paper's) draws from the sets' generators ``gen`` on the device, "center" copies
-    each round's masks to the host.
+    of the selected mask (SAM paper, Appendix A) to each prompted set, with its logits as the
+    next mask prompt when ``mask_feedback``, and decode and score again. The blocks of
+    :meth:`PromptSets.blocks` are scored on their own (multimask point sets pick their lowest-
+    loss mask); prompt-free sets (``sets.free_rows``) take part in the first round only.
+    ``sampler``: :func:`corrective_points`' mode; "uniform" (the SAM paper's) draws from the
+    sets' generators ``gen`` on the device, "center" copies each round's masks to the host.
 
     The mask prompt is the decoder's own S/4 logits of the selected mask (with a mask head the
-    error region comes from the head's full-resolution mask). Returns the loss parts averaged
-    over the 1 + ``rounds`` rounds, the last round's selected logits [P, 1, S/4, S/4] or
-    [P, 1, S, S] with a mask head (detached) and the prompts of the last round.
+    error region comes from the head's full-resolution mask). Returns the loss parts with their
+    numbers of sets, for :func:`mean_parts` (the prompted sets' parts averaged over the
+    1 + ``rounds`` rounds, the prompt-free sets' of their one round), the selected logits of
+    the last round [P', 1, S/4, S/4] or [P', 1, S, S] with a mask head (detached) and the
+    prompts of the last round (P' = its sets).
     """
-    per_round = []
+    per_round, free = [], []
     for r in range(1 + rounds):
-        blocks = round_blocks(sets, first=r == 0)
+        blocks = sets.blocks(first=r == 0)
         outs = decode(model, embeddings, sets, blocks=blocks, features=features)
         parts, sizes, picked, feedback = [], [], [], []
         for (rows, _), (logits, iou, low) in zip(blocks, outs, strict=True):
             part = truth if len(blocks) == 1 else truth.rows(rows)
             loss = sam_loss(logits, iou, part.ink, part.valid, **loss_kw)
-            parts.append(loss.parts)
-            sizes.append(logits.shape[0])
+            if rows.start >= sets.prompted:  # the prompt-free sets
+                free.append((loss.parts, logits.shape[0]))
+            else:
+                parts.append(loss.parts)
+                sizes.append(logits.shape[0])
             picked.append(select_mask(logits, loss.selected))  # (P_b, 1, S/4 or S, ...)
             feedback.append(picked[-1] if low is logits else select_mask(low, loss.selected))
-        per_round.append(parts[0] if len(parts) == 1 else mean_parts(parts, weights=sizes))
         chosen = _rows_together(picked)  # (P, 1, ...), detached
-        if r < rounds:
-            if sampler == "uniform":  # on the device, no sync
-                new = corrective_points(chosen, truth.full_ink, truth.full_valid,
-                                        mode="uniform", generator=gen)
-            else:  # OpenCV on the host: the round's copies back and their wait
-                new = corrective_points(chosen.cpu(), truth.full_ink.cpu(),
-                                        truth.full_valid.cpu(), mode="center")
-                new = _to(new, chosen.device)
-            points = new if sets.points is None else append_points(sets.points, new)
-            sets = replace(sets, points=points,
-                           mask_inputs=_rows_together(feedback) if mask_feedback else None)
-    return mean_parts(per_round), chosen, sets
+        if not parts:  # prompt-free sets alone
+            break
+        per_round.append(parts[0] if len(parts) == 1 else mean_parts(parts, weights=sizes))
+        if r == rounds:
+            break
+        n = sets.prompted  # the corrective rounds go on with the prompted sets
+        sets, truth, chosen = sets.prompted_only(), truth.rows(slice(0, n)), chosen[:n]
+        gen = gen if gen is None else rows_of(gen, range(n))
+        if sampler == "uniform":  # on the device, no sync
+            new = corrective_points(chosen, truth.full_ink, truth.full_valid,
+                                    mode="uniform", generator=gen)
+        else:  # OpenCV on the host: the round's copies back and their wait
+            new = corrective_points(chosen.cpu(), truth.full_ink.cpu(),
+                                    truth.full_valid.cpu(), mode="center")
+            new = _to(new, chosen.device)
+        points = new if sets.points is None else append_points(sets.points, new)
+        sets = replace(sets, points=points, mask_inputs=_rows_together(feedback)[:n]
+                       if mask_feedback else None)
+    prompted = [(mean_parts(per_round), sets.prompted)] if per_round else []
+    return prompted + free, chosen, sets
 
 
 def _rows_together(parts: list[Tensor]) -> Tensor:
@@ -345,8 +266,9 @@ def prompted_forward(
         boxes, _ = box_prompts(every_set.full_ink, every_set.full_valid,
                                generator=gens)  # (P, 4) on the device
     loss_kw = loss_kwargs(loss_cfg)
-    groups, sizes, example = [], [], None
-    for family in FAMILIES:
+    groups: list[tuple[dict[str, Tensor], int]] = []
+    example = None
+    for family in prompt_sets.FAMILIES:  # read here, so tests can split the calls
         sel = torch.cat([(kinds == kind).nonzero().flatten() for kind in family])  # (Pf,) CPU
         if not len(sel):
             continue
@@ -354,17 +276,17 @@ def prompted_forward(
         index = tiles.to(dev, non_blocking=True)  # (Pf,) the same, on the device
         sets_truth = truth.select(index)
         sets_gens = rows_of(gens, sel.tolist())
-        sets = first_prompts(kinds[sel], index, sets_truth, gen=sets_gens,
-                             boxes=None if boxes is None else boxes[sel.to(dev, non_blocking=True)],
-                             multimask=prompt_cfg.multimask)
-        prompted = sets.points is not None
+        sets = first_prompts(kinds[sel], index, sets_truth.full_ink, sets_truth.full_valid,
+                             gen=sets_gens, multimask=prompt_cfg.multimask,
+                             boxes=None if boxes is None else boxes[sel.to(dev, non_blocking=True)])
+        prompted = sets.prompted > 0
         parts, chosen, sets = corrective_rounds(
             model, embeddings, sets, sets_truth,
             rounds=prompt_cfg.corrective_rounds if prompted else 0,
             mask_feedback=prompt_cfg.mask_feedback, loss_kw=loss_kw,
             sampler=prompt_cfg.corrective, gen=sets_gens, features=features)
-        groups.append(parts)
-        sizes.append(len(sel))
+        groups += parts
         if example is None and prompted:
             example = picture_example(tiles[0], chosen, sets)
-    return StepOutput(parts=mean_parts(groups, weights=sizes), example=example)
+    return StepOutput(parts=mean_parts([p for p, _ in groups], weights=[n for _, n in groups]),
+                      example=example)
