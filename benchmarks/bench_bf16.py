@@ -11,6 +11,10 @@ Skipped on CPUs without bf16 units. Random seeded weights: speed does not depend
 - ``train_step_cached_vit_b_bf16_vs_fp32``: the default config's step with cached embeddings
   (vit_b at 256 px, batch 4, prompt encoder and mask decoder trainable, default prompts and
   losses, AdamW): the decoder's work alone.
+- ``train_step_cached_vit_b_ours_vs_today``: the same step as it ran when issue 13 was filed
+  (fp32, corrective points at the error region's centre with OpenCV, one decoder call per
+  prompt kind: ``prompt_sets.FAMILIES`` split) against today's (bf16, the SAM paper's uniform
+  corrective points on the device, point and box sets in one call). Goal 1.5x (issue 13).
 """
 
 from __future__ import annotations
@@ -25,20 +29,26 @@ from scrollsam import build_model
 
 
 def _step(model: torch.nn.Module, params: list, embed, label: torch.Tensor, prompts,
-          bf16: bool):
-    """One training step (prompted forward, loss, backward, AdamW) as a callable."""
+          bf16: bool, *, families: tuple | None = None):
+    """One training step (prompted forward, loss, backward, AdamW) as a callable;
+    ``families``: ``prompt_sets.FAMILIES`` for its calls (None: as it is)."""
     from scrollsam.config import LossConfig
+    from scrollsam.train import prompt_sets, step
     from scrollsam.train.loop import make_optimizer
-    from scrollsam.train.step import prompted_forward
 
     opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
     valid = torch.ones_like(label)
 
     def run() -> None:
         g = torch.Generator().manual_seed(1)  # the same prompts every call
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = prompted_forward(model, embed(), label, valid, prompt_cfg=prompts,
-                                   loss_cfg=LossConfig(), gen=g)
+        kept = prompt_sets.FAMILIES
+        prompt_sets.FAMILIES = families or kept
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = step.prompted_forward(model, embed(), label, valid, prompt_cfg=prompts,
+                                            loss_cfg=LossConfig(), gen=g)
+        finally:
+            prompt_sets.FAMILIES = kept
         out.parts["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -121,10 +131,9 @@ def train_step_tiny_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
     return result
 
 
-@register("train_step_cached_vit_b_bf16_vs_fp32", goal=None, needs=_needs_bf16,
-          about="vit_b 256 px step on cached embeddings (decoder trains), batch 4: fp32 vs bf16")
-def train_step_cached_vit_b_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
-    from scrollsam.config import PromptConfig
+def _cached_vit_b() -> tuple[torch.nn.Module, list, torch.Tensor, torch.Tensor]:
+    """The vit_b 256 px model (prompt encoder and decoder trainable), its trainable
+    parameters, cached embeddings [4, 256, g, g] and labels [4, 1, S, S]."""
     from scrollsam.model.trainable import set_trainable
 
     torch.manual_seed(0)
@@ -134,12 +143,45 @@ def train_step_cached_vit_b_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(4, 256, SIZE // 16, SIZE // 16, generator=gen)  # (B, 256, g, g) cached
     label = (torch.rand(4, 1, SIZE, SIZE, generator=gen) > 0.7).float()  # (B, 1, S, S)
+    return model, params, emb, label
+
+
+_CACHED_SETTINGS = {"model": "vit_b", "px": SIZE, "batch": 4,
+                    "trainable": "prompt_encoder, mask_decoder", "embeddings": "cached"}
+
+
+@register("train_step_cached_vit_b_bf16_vs_fp32", goal=None, needs=_needs_bf16,
+          about="vit_b 256 px step on cached embeddings (decoder trains), batch 4: fp32 vs bf16")
+def train_step_cached_vit_b_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
+    from scrollsam.config import PromptConfig
+
+    model, params, emb, label = _cached_vit_b()
 
     def steps(bf16: bool):
         return _step(model, params, lambda: emb, label, PromptConfig(), bf16)
 
     result = compare(steps(False), steps(True), repeats=2 if quick else 7)
-    result["settings"] = {"model": "vit_b", "px": SIZE, "batch": 4,
-                          "trainable": "prompt_encoder, mask_decoder", "embeddings": "cached",
-                          "prompts": "defaults", "baseline": "fp32", "ours": "bf16 autocast"}
+    result["settings"] = {**_CACHED_SETTINGS, "prompts": "defaults", "baseline": "fp32",
+                          "ours": "bf16 autocast"}
+    return result
+
+
+@register("train_step_cached_vit_b_ours_vs_today", goal=1.5, needs=_needs_bf16,
+          about="vit_b 256 px step on cached embeddings, batch 4: as filed (fp32, OpenCV "
+                "corrective points, a decoder call per prompt kind) vs today's")
+def train_step_cached_vit_b_ours_vs_today(quick: bool) -> dict[str, Any]:
+    from scrollsam.config import PromptConfig
+    from scrollsam.train.prompt_sets import PromptKind
+
+    model, params, emb, label = _cached_vit_b()
+    per_kind = tuple((kind,) for kind in PromptKind)
+    today = _step(model, params, lambda: emb, label, PromptConfig(corrective="center"), False,
+                  families=per_kind)
+    ours = _step(model, params, lambda: emb, label, PromptConfig(), True)
+    result = compare(today, ours, repeats=2 if quick else 7)
+    result["settings"] = {**_CACHED_SETTINGS,
+                          "baseline": "fp32, corrective points at the error's centre "
+                                      "(OpenCV), one decoder call per prompt kind",
+                          "ours": "bf16 autocast, uniform corrective points on the device, "
+                                  "point and box sets in one decoder call"}
     return result

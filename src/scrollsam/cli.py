@@ -27,19 +27,14 @@ from scrollsam.cli_data import (
     run_synth,
 )
 from scrollsam.errors import ScrollsamError
+from scrollsam.process import tune_process
 from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger("scrollsam")
 
-# Busy-waiting OpenMP threads make torch several times slower whenever another process wants a
-# core: DataLoader workers, a second job, CI. So threads wait passively, after a short spin
-# (GNU OpenMP's GOMP_SPINCOUNT, which torch's PyPI builds use): the demo's training step on 2
-# idle cores runs at 32.7 tiles/s with 1000 spins against 22.2 with none, and two demo
-# trainings sharing the cores at 14.3 against 17.7 each (unbounded spinning: 7.9;
-# benchmarks/README.md). This runs before torch is imported; a user's settings win
-# (OMP_WAIT_POLICY=ACTIVE for a dedicated CPU).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# OpenMP waiting and glibc's malloc thresholds, before torch is imported (scrollsam.process);
+# a user's own settings win.
+tune_process()
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_PIPE = 128 + 13  # as a shell reports a command ended by SIGPIPE
