@@ -26,7 +26,8 @@ class Case:
     compile: bool = False
     # sam: the default SAM-paper prompting (uniform corrective points, on the device);
     # center: the same with corrective points at the error's centre (CPU distance transforms);
-    # free: prompt-free sets only
+    # perkind: the same with a decoder call per prompt kind and round (7, as before the kinds
+    # shared their calls: 3); free: prompt-free sets only
     prompts: str = "sam"
 
     @property
@@ -42,6 +43,7 @@ GPU_CASES = [
     Case("vit_b", 1024, 4, "official"),
     Case("vit_b", 1024, 4, "fold"),
     Case("vit_b", 1024, 4, "fold", prompts="center"),  # the corrective sampler before
+    Case("vit_b", 1024, 4, "fold", prompts="perkind"),  # the decoder calls before
     Case("vit_b", 1024, 8, "fold"),
     Case("vit_b", 1024, 16, "fold"),
     Case("vit_b", 256, 32, "official"),
@@ -71,6 +73,7 @@ SMOKE_CASES = [
     Case("tiny", 128, 2, "fold"),
     Case("tiny", 128, 2, "bias"),
     Case("tiny", 128, 2, "fold", prompts="center"),
+    Case("tiny", 128, 2, "fold", prompts="perkind"),
     Case("tiny", 128, 2, "fold", window=4, compile=True),
 ]
 
@@ -89,6 +92,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.config import LossConfig, PromptConfig
     from scrollsam.model.attention import fuse_attention
     from scrollsam.precision import autocast_for
+    from scrollsam.train import prompt_sets
     from scrollsam.train.loop import make_optimizer
     from scrollsam.train.step import prompted_forward
 
@@ -116,11 +120,18 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     elif case.prompts == "center":
         prompts = PromptConfig(corrective="center")
     prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
+    families = prompt_sets.FAMILIES
+    if case.prompts == "perkind":
+        families = tuple((kind,) for kind in prompt_sets.PromptKind)
 
     def step() -> float:
-        with autocast_for(device, True):
-            out = prompted_forward(model, model.encode(images), label, valid, prompt_cfg=prompts,
-                                   loss_cfg=losses, gen=prompt_gen)
+        kept, prompt_sets.FAMILIES = prompt_sets.FAMILIES, families
+        try:
+            with autocast_for(device, True):
+                out = prompted_forward(model, model.encode(images), label, valid,
+                                       prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen)
+        finally:
+            prompt_sets.FAMILIES = kept
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
