@@ -29,7 +29,8 @@ from scrollsam.errors import ConfigError
 from scrollsam.train.distributed import World
 from scrollsam.train.loop import setup, train, validate
 from scrollsam.train.order import RankSamples
-from scrollsam.train.step import prompted_forward, tile_seeds
+from scrollsam.train.prompt_sets import tile_seeds
+from scrollsam.train.step import prompted_forward
 
 
 def _args(data: Path, out: Path, batch: int, *extra: str) -> list[str]:

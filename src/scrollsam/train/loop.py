@@ -57,9 +57,10 @@ from scrollsam.train.forward import wrap_for_ranks
 from scrollsam.train.guard import Losses, nan_guard, out_of_memory
 from scrollsam.train.order import RankSamples, global_batch, samples
 from scrollsam.train.progress import Progress
+from scrollsam.train.prompt_sets import tile_seeds
 from scrollsam.train.ranks import Ranks, TrainingError
 from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
-from scrollsam.train.step import prompted_forward, tile_seeds
+from scrollsam.train.step import prompted_forward
 from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals
 from scrollsam.train.tb import TensorBoard, tile_panel
 

@@ -18,8 +18,9 @@ as the mask prompt. :func:`scrollsam.losses.mean_parts` averages the loss over t
 over the sets.
 
 Randomness: each prompt set draws from its own CPU generator, seeded from its tile's seed and
-its place among the tile's sets (:func:`set_generators`). The training loop gives each tile the
-seed of its global sample index (:func:`tile_seeds`), so a tile's prompts are a pure function of
+its place among the tile's sets (:func:`~scrollsam.train.prompt_sets.set_generators`). The
+training loop gives each tile the seed of its global sample index
+(:func:`~scrollsam.train.prompt_sets.tile_seeds`), so a tile's prompts are a pure function of
 (``train.seed``, sample index): the same whichever process draws it and whatever else shares its
 batch (torchrun splits a global batch across processes), and a resumed run needs no generator
 state. Callers without sample indices (the doctor, tests) pass one ``gen`` to draw tile seeds from.
@@ -63,11 +64,7 @@ from scrollsam.train.prompt_sets import (
     assign_kinds,
     first_prompts,
     set_generators,
-    tile_seeds,
 )
-
-__all__ = ["StepOutput", "Truth", "corrective_rounds", "decode", "loss_kwargs",
-           "prompted_forward", "tile_seeds", "tile_truth"]
 
 
 @dataclass
