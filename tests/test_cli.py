@@ -37,6 +37,7 @@ def _glibc() -> bool:
     ({}, True),
     ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False),
     ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, False),
+    ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, True),  # not a malloc setting
 ])
 def test_cli_keeps_freed_memory_for_reuse_unless_the_user_chose(given, expected):
     """The thresholds are set with mallopt (glibc) when the user set none of their own; the

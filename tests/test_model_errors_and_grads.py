@@ -39,7 +39,8 @@ def _pts(p: int = 3, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     (lambda m, e: m.decode(e, points=(_pts()[0] / 64.0, _pts()[1])),
      r"normalised 0\.\.1 coordinates\? multiply by 64"),
     (lambda m, e: m.decode(e, points=(_pts()[0] + 10, _pts()[1])),
-     r"pixels of the 64 x 64 input frame in \[0, 63\], got values in \[10, 73\]"),
+     r"pixels of the 64 x 64 input frame in \[0, 63\] \(box corners: \[0, 64\]\), got "
+     r"values in \[10, 73\]"),
     (lambda m, e: m.decode(e, points=(_pts()[0], _pts()[1] * 4)),
      r"points labels: expected values in \{-1, 0, 1\} \(2 / 3: box corners\), got \[-4, 4\]"),
     (lambda m, e: m.decode(e, points=_pts(p=5)),
@@ -67,6 +68,19 @@ def test_boundary_errors_name_argument_form_and_value(model, emb, call, match):
 def test_pixel_points_at_frame_edges_are_accepted(model, emb):
     logits, _ = model.decode(emb, points=_pts())
     assert logits.shape == (3, 1, 16, 16)
+
+
+def test_box_corners_as_points_reach_the_far_edge_as_boxes_do(model, emb):
+    """check_boxes takes x1 = S; the same box as corner points (labels 2, 3) is accepted too,
+    while an ordinary point at S is outside the frame."""
+    from scrollsam.train.prompt_sets import corner_points
+
+    boxes = torch.tensor([[0.0, 10.0, S, S]] * 3)  # (3, 4) touching the right and bottom edges
+    want, _ = model.decode(emb, boxes=boxes)
+    got, _ = model.decode(emb, points=corner_points(boxes), pad=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match=r"box corners: \[0, 64\]\), got values in \[0, 64\]"):
+        model.decode(emb, points=(boxes.reshape(3, 2, 2), torch.ones(3, 2, dtype=torch.long)))
 
 
 def _loss(model: SamSegmenter) -> torch.Tensor:

@@ -29,10 +29,15 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, label, valid
 
 
-@pytest.mark.parametrize("head", ["sam", "full"])
-def test_point_and_box_sets_decoded_together_equal_separate_calls(head, monkeypatch):
+@pytest.mark.parametrize("head, extra", [
+    ("sam", []),
+    ("full", []),
+    ("sam", ["prompts.multimask=false", "prompts.mask_feedback=false"]),
+    ("sam", ["prompts.corrective=center", "loss.resolution=mask"]),
+], ids=["defaults", "full-head", "single-mask-no-feedback", "center-mask-resolution"])
+def test_every_kind_decoded_together_equals_separate_calls(head, extra, monkeypatch):
     cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}",
-                             f"model.mask_head={head}", "prompts.prompt_free_share=0.3"])
+                             f"model.mask_head={head}", "prompts.prompt_free_share=0.3", *extra])
     torch.manual_seed(0)
     model = model_from_config(cfg.model, in_chans=3)
     images, label, valid = _batch()
@@ -63,10 +68,15 @@ def test_point_and_box_sets_decoded_together_equal_separate_calls(head, monkeypa
     assert n_calls == 1 + rounds
     assert parts.keys() == split_parts.keys()
     for key, value in parts.items():
-        assert value == pytest.approx(split_parts[key], rel=1e-5, abs=1e-6), key
+        # mask_iou counts thresholded pixels: one at the threshold may flip with summation order
+        assert value == pytest.approx(split_parts[key], rel=1e-4, abs=1e-5), key
     assert grads.keys() == split_grads.keys() and len(grads) > 10
     for name, g in grads.items():
-        torch.testing.assert_close(g, split_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # the IoU head's target is the IoU of thresholded masks: a pixel at the threshold may
+        # flip with summation order and move its gradient by ~1e-6 (a wrong row or weight
+        # would move it by its own size)
+        torch.testing.assert_close(g, split_grads[name], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_blocks_give_point_sets_three_masks_and_prompt_free_sets_their_own_loss():
@@ -81,3 +91,15 @@ def test_blocks_give_point_sets_three_masks_and_prompt_free_sets_their_own_loss(
     assert PromptSets(index).blocks(first=True) == [(slice(0, 6), (0, 1))]
     free = PromptSets(index, free_rows=6)
     assert free.blocks(first=True) == [(slice(0, 6), (0, 1))] and free.prompted == 0
+
+
+def test_first_prompts_refuse_rows_out_of_kind_order():
+    """Rows are sliced by kind (points, then boxes, then prompt-free): another order would give
+    box rows point prompts, so it is an error, not a silent mix-up."""
+    from scrollsam.errors import InputError
+
+    kinds = torch.tensor([PromptKind.BOX, PromptKind.POINT])
+    truth = torch.ones(2, 1, S, S, dtype=torch.bool)
+    with pytest.raises(InputError, match="kinds: expected rows in PromptKind order"):
+        prompt_sets.first_prompts(kinds, torch.zeros(2, dtype=torch.long), truth, truth,
+                                  boxes=torch.zeros(2, 4), gen=torch.Generator(), multimask=True)

@@ -13,9 +13,10 @@ both before torch is imported (``scrollsam.cli``), and a user's own settings alw
   few MB thousands of times. glibc's defaults hand large blocks straight back to the kernel
   (``munmap``, or trimming the heap top beyond 128 KB), so every step faults the same pages in
   again. Blocks up to 32 MiB now come from the heap, and up to 256 MiB of free heap is kept:
-  the cached vit_b training step takes 122 ms instead of 151 ms on 2 cores
-  (``benchmarks/README.md``), for about the same peak memory. Set ``MALLOC_MMAP_THRESHOLD_``,
-  ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` to choose otherwise.
+  the cached vit_b training step runs 1.20-1.36x faster on 2 cores (two runs of
+  ``train_step_cached_vit_b_malloc``, ``benchmarks/README.md``), for about the same peak
+  memory. ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``glibc.malloc.*``
+  tunables of your own turn it off.
 
 Python programs that train through the library can call :func:`tune_process` first.
 """
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 MMAP_THRESHOLD = 32 * 2**20  # bytes: larger blocks are mmap'd and unmapped when freed
 TRIM_THRESHOLD = 256 * 2**20  # bytes of free heap top kept before trimming
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
-_USER_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_USER_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def tune_process() -> dict[str, bool]:
@@ -44,9 +45,12 @@ def tune_process() -> dict[str, bool]:
 
 
 def keep_freed_memory(environ: Mapping[str, str]) -> bool:
-    """Raise glibc's mmap and trim thresholds (module docstring) unless ``environ`` sets them
-    or this is not glibc on Linux; True when both were set."""
-    if not sys.platform.startswith("linux") or any(k in environ for k in _USER_KEYS):
+    """Raise glibc's mmap and trim thresholds (module docstring) unless ``environ`` sets malloc
+    settings of its own (``MALLOC_*_``, ``glibc.malloc.*`` in ``GLIBC_TUNABLES``) or this is
+    not glibc on Linux; True when both were set."""
+    chosen = any(k in environ for k in _USER_KEYS) or "glibc.malloc." in environ.get(
+        "GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or chosen:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded

@@ -87,14 +87,17 @@ def check_points(points: object, *, image_size: int, device: torch.device,
         bad = sorted({int(v) for v in labels.unique().tolist()} - {-1, 0, 1, 2, 3})
         raise InputError(f"points labels: expected values in {{-1, 0, 1}} (2 / 3: box "
                          f"corners), got {bad}")
-    real = coords[labels >= 0]  # (K, 2) the non-padding points
+    kept = labels >= 0
+    real = coords[kept]  # (K, 2) the non-padding points
     if real.numel():
         if not bool(torch.isfinite(real).all()):
             raise InputError("points coords: expected finite pixel coordinates, got NaN/inf")
         lo, hi = float(real.amin()), float(real.amax())
-        if lo < 0 or hi > image_size - 1:
-            raise InputError(f"points coords: expected {frame} in [0, {image_size - 1}], "
-                             f"got values in [{lo:g}, {hi:g}]")
+        # box corners may touch the far edge, as check_boxes allows
+        top = (image_size - 1 + (labels[kept] >= 2).float())[:, None]  # (K, 1)
+        if lo < 0 or bool((real > top).any()):
+            raise InputError(f"points coords: expected {frame} in [0, {image_size - 1}] (box "
+                             f"corners: [0, {image_size}]), got values in [{lo:g}, {hi:g}]")
         if hi <= 1.0 and image_size > 2 and bool((real != real.round()).any()):
             raise InputError(f"points coords: expected {frame}, got values in [{lo:g}, "
                              f"{hi:g}]: normalised 0..1 coordinates? multiply by {image_size}")

@@ -1,7 +1,7 @@
 """The data order: which training samples each process takes at each step.
 
 Samples are numbered globally: sample n is item n of the training :class:`TileDataset` (a pure
-function of (seed, epoch, n)) and its prompts come from seed n (:func:`.step.tile_seeds`).
+function of (seed, epoch, n)) and its prompts come from seed n (:func:`.prompt_sets.tile_seeds`).
 With W processes (torchrun's world) of B tiles (``train.batch_size``, per process) and A
 micro-batches per step (``train.accumulate``), micro-batch m of step s covers the global
 samples [(s * A + m) * W * B, + W * B), and rank r takes the B of them from r * B on. So

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from scrollsam.config import PromptConfig
+from scrollsam.errors import InputError
 from scrollsam.prompts import Generators, Points, append_points, first_points, random_numbers
 from scrollsam.prompts import rows_of as generator_rows
 
@@ -40,8 +41,8 @@ class PromptKind(IntEnum):
 
 
 FIRST = {"point": PromptKind.POINT, "box": PromptKind.BOX, "none": PromptKind.NONE}
-# Kinds decoded together, rows in this order. Splitting them ((POINT,), (BOX,), (NONE,)) gives
-# the same loss and gradients with more calls (tests/test_train_families.py).
+# Kinds decoded together (rows in PromptKind order). Splitting them ((POINT,), (BOX,), (NONE,))
+# gives the same loss and gradients with more calls (tests/test_train_families.py).
 FAMILIES: tuple[tuple[PromptKind, ...], ...] = (
     (PromptKind.POINT, PromptKind.BOX, PromptKind.NONE),)
 PROMPT_STREAM = 0x70726F6D  # "prom": tile seeds are a stream of their own beside the data's
@@ -134,12 +135,14 @@ def corner_points(boxes: Tensor) -> Points:
 
 def first_prompts(kinds: Tensor, image_index: Tensor, full_ink: Tensor, full_valid: Tensor, *,
                   boxes: Tensor | None, gen: Generators, multimask: bool) -> PromptSets:
-    """The sets of one family with their first prompt. ``kinds`` long [P] (CPU) ordered as
-    :data:`FAMILIES` orders them, ``image_index`` long [P] (the tile of each set, on the
+    """The sets of one family with their first prompt. ``kinds`` long [P] (CPU) in
+    :class:`PromptKind` order (points, boxes, prompt-free; anything else is an InputError),
+    ``image_index`` long [P] (the tile of each set, on the
     device), the samplers' truth of the P sets (bool [P, 1, S, S]), their generators ``gen``,
     ``boxes`` [P, 4] (used on ``BOX`` rows); ``multimask``: three masks for point sets."""
-    counts = [int((kinds == kind).sum()) for kind in PromptKind]  # points, boxes, free
-    n_point, n_box, n_free = counts
+    if bool((kinds[1:] < kinds[:-1]).any()):
+        raise InputError(f"kinds: expected rows in PromptKind order, got {kinds.tolist()}")
+    n_point, n_box, n_free = (int((kinds == kind).sum()) for kind in PromptKind)
     if n_point + n_box == 0:
         return PromptSets(image_index, free_rows=n_free)
     parts = []  # each ([P_k, 2, 2], [P_k, 2])

@@ -237,9 +237,9 @@ def prompted_forward(
 ) -> StepOutput:
     """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
     ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
-    ``seeds``: the prompt seed of each tile (B ints, :func:`tile_seeds`), or ``gen`` to draw
-    them from. ``features``: the pixel features [B, G, S, S] a full-resolution mask head needs
-    (:meth:`SamSegmenter.encode_with_pixels`); None without one."""
+    ``seeds``: the prompt seed of each tile (B ints, :func:`.prompt_sets.tile_seeds`), or
+    ``gen`` to draw them from. ``features``: the pixel features [B, G, S, S] a full-resolution
+    mask head needs (:meth:`SamSegmenter.encode_with_pixels`); None without one."""
     dev = embeddings.device
     B = embeddings.shape[0]
     if (seeds is None) == (gen is None):
@@ -266,7 +266,8 @@ def prompted_forward(
     groups: list[tuple[dict[str, Tensor], int]] = []
     example = None
     for family in prompt_sets.FAMILIES:  # read here, so tests can split the calls
-        sel = torch.cat([(kinds == kind).nonzero().flatten() for kind in family])  # (Pf,) CPU
+        sel = torch.cat([(kinds == kind).nonzero().flatten()
+                         for kind in sorted(family)])  # (Pf,) CPU, rows in kind order
         if not len(sel):
             continue
         tiles = tile_of_set[sel]  # (Pf,)
