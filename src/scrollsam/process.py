@@ -6,18 +6,16 @@ both before torch is imported (``scrollsam.cli``), and a user's own settings alw
 * **OpenMP waiting.** Busy-waiting OpenMP threads make torch several times slower whenever
   another process wants a core (DataLoader workers, a second job, CI), so threads wait
   passively, after a short spin (GNU OpenMP's ``GOMP_SPINCOUNT``, which torch's PyPI builds
-  use): the demo's training step on 2 idle cores runs at 32.7 tiles/s with 1000 spins against
-  22.2 with none, and two demo trainings sharing the cores at 14.3 against 17.7 each
-  (unbounded spinning: 7.9). ``OMP_WAIT_POLICY=ACTIVE`` suits a dedicated CPU.
+  use); never spinning costs an idle CPU much of its speed. ``OMP_WAIT_POLICY=ACTIVE`` suits
+  a dedicated CPU.
 * **Freed memory kept for reuse (glibc).** A training step allocates and frees tensors of a
   few MB thousands of times. glibc's defaults hand large blocks straight back to the kernel
   (``munmap``, or trimming the heap top beyond 128 KB), so every step faults the same pages in
-  again. Blocks up to 32 MiB now come from the heap, and up to 256 MiB of free heap is kept:
-  the cached vit_b training step runs 1.20-1.36x faster on 2 cores (two runs of
-  ``train_step_cached_vit_b_malloc``, ``benchmarks/README.md``), for about the same peak
-  memory. ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``glibc.malloc.*``
-  tunables of your own turn it off.
+  again. Blocks up to 32 MiB now come from the heap, and up to 256 MiB of free heap is kept,
+  for about the same peak memory. ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
+  ``glibc.malloc.*`` tunables of your own turn it off.
 
+What each is worth, measured: ``benchmarks/README.md`` ("Numbers behind choices in the code").
 Python programs that train through the library can call :func:`tune_process` first.
 """
 

@@ -12,8 +12,8 @@ kind (points, boxes, prompt-free), and share the decoder call of every round:
 * prompt-free sets carry two absent tokens (:meth:`SamSegmenter.decode`'s ``present``), which
   nothing attends to: they decode exactly as with no prompt, in the first round only.
 
-With the default prompts a step so makes 1 + ``corrective_rounds`` decoder calls instead of
-one per kind and round (3 + 2 * 2 = 7).
+With the default prompts a step so makes 1 + ``corrective_rounds`` = 3 decoder calls instead of
+one per kind and round (3 for point sets, 3 for box sets, 1 for prompt-free sets: 7).
 """
 
 from __future__ import annotations
@@ -28,8 +28,14 @@ from torch import Tensor
 
 from scrollsam.config import PromptConfig
 from scrollsam.errors import InputError
-from scrollsam.prompts import Generators, Points, append_points, first_points, random_numbers
-from scrollsam.prompts import rows_of as generator_rows
+from scrollsam.prompts import (
+    Generators,
+    Points,
+    append_points,
+    first_points,
+    random_numbers,
+    rows_of,
+)
 
 
 class PromptKind(IntEnum):
@@ -128,7 +134,8 @@ def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: Generators) -> Te
 
 def corner_points(boxes: Tensor) -> Points:
     """Boxes [P, 4] XYXY -> their corners as points ``([P, 2, 2], [P, 2])``, labelled 2
-    (top-left) and 3 (bottom-right): official SAM's box tokens (:func:`embed_point_tokens`)."""
+    (top-left) and 3 (bottom-right): official SAM's box tokens
+    (:func:`scrollsam.model.segmenter.embed_point_tokens`)."""
     labels = torch.arange(2, 4, device=boxes.device).expand(boxes.shape[0], 2)  # no host copy
     return boxes.reshape(-1, 2, 2), labels
 
@@ -137,9 +144,9 @@ def first_prompts(kinds: Tensor, image_index: Tensor, full_ink: Tensor, full_val
                   boxes: Tensor | None, gen: Generators, multimask: bool) -> PromptSets:
     """The sets of one family with their first prompt. ``kinds`` long [P] (CPU) in
     :class:`PromptKind` order (points, boxes, prompt-free; anything else is an InputError),
-    ``image_index`` long [P] (the tile of each set, on the
-    device), the samplers' truth of the P sets (bool [P, 1, S, S]), their generators ``gen``,
-    ``boxes`` [P, 4] (used on ``BOX`` rows); ``multimask``: three masks for point sets."""
+    ``image_index`` long [P] (the tile of each set, on the device), the samplers' truth of the
+    P sets (bool [P, 1, S, S]), their generators ``gen``, ``boxes`` [P, 4] (used on ``BOX``
+    rows); ``multimask``: three masks for point sets."""
     if bool((kinds[1:] < kinds[:-1]).any()):
         raise InputError(f"kinds: expected rows in PromptKind order, got {kinds.tolist()}")
     n_point, n_box, n_free = (int((kinds == kind).sum()) for kind in PromptKind)
@@ -148,7 +155,7 @@ def first_prompts(kinds: Tensor, image_index: Tensor, full_ink: Tensor, full_val
     parts = []  # each ([P_k, 2, 2], [P_k, 2])
     if n_point:  # the point, and the padding point official SAM adds when there is no box
         point = first_points(full_ink[:n_point], full_valid[:n_point],
-                             generator_rows(gen, range(n_point)))
+                             rows_of(gen, range(n_point)))
         parts.append(append_points(point, _absent(n_point, 1, point[0])))
     if n_box:
         parts.append(corner_points(boxes[n_point:n_point + n_box]))
