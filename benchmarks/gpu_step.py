@@ -104,8 +104,11 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         fuse_attention(model.sam.image_encoder, mode=case.path)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]  # the whole model
-    if case.compile:
+    if case.compile:  # as train.compile does it: the encoder, the decoder, static prompt sets
+        from scrollsam.model.compile import compile_decoder
+
         model.sam.image_encoder.compile(dynamic=False, backend=compile_backend)
+        compile_decoder(model, device=device, backend=compile_backend)
     opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device)
@@ -129,7 +132,8 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         try:
             with autocast_for(device, True):
                 out = prompted_forward(model, model.encode(images), label, valid,
-                                       prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen)
+                                       prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen,
+                                       static=case.compile)
         finally:
             prompt_sets.FAMILIES = kept
         out.parts["loss"].backward()

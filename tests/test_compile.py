@@ -1,5 +1,6 @@
-"""train.compile: the encoder compiles once per mode with static shapes and never again after
-warm-up; where compile cannot run, one warning and an eager model."""
+"""train.compile: the encoder and the decoder compile once per mode (and decoder round) with
+static shapes and never again after warm-up; where compile cannot run, one warning and an
+eager model."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def test_no_recompiles_after_warm_up(fast_backend):
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "encoder+decoder"])
+def test_no_recompiles_after_warm_up(fast_backend, decoder):
     torch.manual_seed(0)
     model = build_model("tiny", image_size=64).train()
     assert compile_mod.compile_encoder(model, device="cpu")
+    if decoder:  # the loop then decodes static prompt sets
+        assert compile_mod.compile_decoder(model, device="cpu")
     opt = make_optimizer(list(model.parameters()), lr=1e-4, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     counts = []
@@ -49,7 +53,7 @@ def test_no_recompiles_after_warm_up(fast_backend):
         with autocast_for("cpu", True):
             out = prompted_forward(model, model.encode(images), label, torch.ones_like(label),
                                    prompt_cfg=PromptConfig(corrective_rounds=1),
-                                   loss_cfg=LossConfig(), gen=gen)
+                                   loss_cfg=LossConfig(), gen=gen, static=decoder)
         out.parts["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -29,13 +29,17 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, label, valid
 
 
-@pytest.mark.parametrize("head, extra", [
-    ("sam", []),
-    ("full", []),
-    ("sam", ["prompts.multimask=false", "prompts.mask_feedback=false"]),
-    ("sam", ["prompts.corrective=center", "loss.resolution=mask"]),
-], ids=["defaults", "full-head", "single-mask-no-feedback", "center-mask-resolution"])
-def test_every_kind_decoded_together_equals_separate_calls(head, extra, monkeypatch):
+@pytest.mark.parametrize("head, extra, static", [
+    ("sam", [], False),
+    ("full", [], False),
+    ("sam", ["prompts.multimask=false", "prompts.mask_feedback=false"], False),
+    ("sam", ["prompts.corrective=center", "loss.resolution=mask"], False),
+    ("full", [], True),
+], ids=["defaults", "full-head", "single-mask-no-feedback", "center-mask-resolution",
+        "static-shapes"])
+def test_every_kind_decoded_together_equals_separate_calls(head, extra, static, monkeypatch):
+    """``static`` (what a compiled decoder gets): prompt-free sets decoded in every round,
+    unscored after the first, and all four masks asked for: the same loss and gradients."""
     cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}",
                              f"model.mask_head={head}", "prompts.prompt_free_share=0.3", *extra])
     torch.manual_seed(0)
@@ -55,17 +59,25 @@ def test_every_kind_decoded_together_equals_separate_calls(head, extra, monkeypa
         calls.clear()
         emb, features = model.encode_with_pixels(images)
         out = step.prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
-                                    loss_cfg=cfg.loss, seeds=SEEDS, features=features)
+                                    loss_cfg=cfg.loss, seeds=SEEDS, features=features,
+                                    static=static)
         out.parts["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return {k: float(v.detach()) for k, v in out.parts.items()}, grads, len(calls)
 
     parts, grads, n_calls = run()
+    shapes = [(tuple(c[0].shape), tuple(c[1].shape)) for c in calls]  # (coords, labels)
+    was_static = static
     monkeypatch.setattr(prompt_sets, "FAMILIES", tuple((k,) for k in PromptKind))
+    static = False  # the reference: a call per kind and round, each with its own sets
     split_parts, split_grads, n_split = run()
     rounds = cfg.prompts.corrective_rounds
     assert n_split == 3 * (1 + rounds) - rounds  # point, box: every round; none: once
     assert n_calls == 1 + rounds
+    # static: every round decodes all P sets, 2 + r tokens each; otherwise the corrective rounds
+    # take the prompted sets only (these seeds draw prompt-free ones)
+    p = B * cfg.prompts.sets_per_tile
+    assert (shapes == [((p, 2 + r, 2), (p, 2 + r)) for r in range(1 + rounds)]) == was_static
     assert parts.keys() == split_parts.keys()
     for key, value in parts.items():
         # mask_iou counts thresholded pixels: one at the threshold may flip with summation order

@@ -1,13 +1,15 @@
-"""``train.compile``: torch.compile of the image encoder, with static shapes, or a warning.
+"""``train.compile``: torch.compile of the image encoder and the mask decoder, with static
+shapes, or a warning.
 
 The encoder is most of a training step's work and sees one shape per run (B tiles of S x S,
 ``drop_last`` batches), so it is compiled in place (``nn.Module.compile``: parameter names and
-checkpoints stay the official ones) with ``dynamic=False``. After warm-up nothing recompiles:
-one graph for training (grad mode), one for validation (no_grad), one more for a last, smaller
-validation batch. ``tests/test_compile.py`` checks it with dynamo's counters.
-
-The prompted decoder is not compiled: the number of prompt sets in each prompt group (point,
-box, prompt-free) is drawn anew every step, so its shapes change from step to step.
+checkpoints stay the official ones) with ``dynamic=False``. The decoder (the segmenter's
+``_predict_masks``: transformer, upscaling, hypernetworks) runs several times a step, a few
+hundred small kernels each time, which is where a small batch's step waits on the host. The
+training loop then decodes with static prompt sets (``prompted_forward(static=True)``): every
+set in every round, so each round has one shape per run. After warm-up nothing recompiles: per
+module one graph for training (grad mode) per round, one for validation (no_grad), one more for
+a last, smaller validation batch. ``tests/test_compile.py`` checks it with dynamo's counters.
 
 Where compile cannot run (a Python torch's dynamo does not support, no C++ compiler for the CPU
 backend, no Triton for CUDA) one warning line says why and the model runs eagerly; a backend
@@ -50,6 +52,23 @@ def compile_unavailable(device: torch.device | str, backend: str | None = None) 
         if not has_triton():
             return "Triton is not installed for the CUDA backend"
     return None
+
+
+def compile_decoder(model: nn.Module, *, device: torch.device | str,
+                    backend: str | None = None) -> bool:
+    """Compile the segmenter's mask decoder pass (``model._predict_masks``) in place, static
+    shapes; True if it was compiled. Parameters and checkpoints are untouched. Where compile is
+    unavailable, logs one warning line and leaves it eager."""
+    reason = compile_unavailable(device, backend)
+    if reason is not None:
+        log.warning("train.compile: %s; running without compile", reason)
+        return False
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a failing backend falls back to eager
+    model._predict_masks = torch.compile(model._predict_masks, dynamic=False,
+                                         backend=backend or BACKEND)
+    return True
 
 
 def compile_encoder(model: nn.Module, *, device: torch.device | str,

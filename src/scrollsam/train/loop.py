@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError
 from scrollsam.losses import scalar_parts
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
-from scrollsam.model.compile import compile_encoder
+from scrollsam.model.compile import compile_decoder, compile_encoder
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import count_parameters, format_counts
 from scrollsam.precision import autocast_for, precision_name
@@ -137,8 +138,8 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         log.info("process %d of %d: global batch %d (%d processes x batch %d x accumulate %d)",
                  world.rank, world.size, global_batch(cfg, world.size), world.size,
                  cfg.train.batch_size, cfg.train.accumulate)
-    if cfg.train.compile:
-        compile_encoder(model, device=device)
+    if cfg.train.compile and compile_encoder(model, device=device):
+        compile_decoder(model, device=device)  # the step then decodes static prompt sets
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
@@ -266,8 +267,9 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
         optimizer.load_state_dict(ckpt["optimizer"])
         state = train_state_of(ckpt)
         log.info("resuming %s at step %d", run, state.step)
+    forward = partial(prompted_forward, static=True) if cfg.train.compile else prompted_forward
     step_module = wrap_for_ranks(s.model, s.cache, world=world, prompt_cfg=cfg.prompts,
-                                 loss_cfg=cfg.loss, device=s.device, forward=prompted_forward)
+                                 loss_cfg=cfg.loss, device=s.device, forward=forward)
     tb = TensorBoard(run, enabled=world.main)
     config_dict = config_to_dict(stored)
 

@@ -67,7 +67,12 @@ class PromptSets:
     points: Points | None = None  # ([P, N, 2] (x, y) pixels, [P, N] labels)
     mask_inputs: Tensor | None = None  # [P, 1, S/4, S/4] logits
     multimask_rows: int = 0  # the first rows (point sets) get three masks in the first round
-    free_rows: int = 0  # the last rows (prompt-free sets): first round only
+    free_rows: int = 0  # the last rows (prompt-free sets): scored in the first round only
+    # One decoder shape per round, what a compiled decoder needs: prompt-free rows stay in
+    # every round (absent, unscored after the first), the first round asks for all four masks
+    # when point sets may have three, and a family of prompt-free sets alone has two tokens too.
+    static: bool = False
+    first_all_masks: bool = False  # the first round asks for all four mask outputs
 
     @property
     def prompted(self) -> int:
@@ -92,10 +97,15 @@ class PromptSets:
                   (self.prompted, self.image_index.shape[0], (0, 1))]
         return [(slice(lo, hi), m) for lo, hi, m in bounds if hi > lo]
 
+    @property
+    def kept(self) -> int:
+        """The rows the corrective rounds decode: the prompted ones, or all when static."""
+        return self.image_index.shape[0] if self.static else self.prompted
+
     def prompted_only(self) -> PromptSets:
-        """The prompted rows, for the corrective rounds."""
+        """The rows the corrective rounds decode (:attr:`kept`)."""
         n = self.prompted
-        if not self.free_rows:
+        if not self.free_rows or self.static:
             return self
         points = None if self.points is None else (self.points[0][:n], self.points[1][:n])
         return PromptSets(self.image_index[:n], points,
@@ -141,31 +151,33 @@ def corner_points(boxes: Tensor) -> Points:
 
 
 def first_prompts(kinds: Tensor, image_index: Tensor, full_ink: Tensor, full_valid: Tensor, *,
-                  boxes: Tensor | None, gen: Generators, multimask: bool) -> PromptSets:
+                  boxes: Tensor | None, gen: Generators, multimask: bool,
+                  static: bool = False) -> PromptSets:
     """The sets of one family with their first prompt. ``kinds`` long [P] (CPU) in
     :class:`PromptKind` order (points, boxes, prompt-free; anything else is an InputError),
     ``image_index`` long [P] (the tile of each set, on the device), the samplers' truth of the
     P sets (bool [P, 1, S, S]), their generators ``gen``, ``boxes`` [P, 4] (used on ``BOX``
-    rows); ``multimask``: three masks for point sets."""
+    rows); ``multimask``: three masks for point sets; ``static``: see :class:`PromptSets`."""
     if bool((kinds[1:] < kinds[:-1]).any()):
         raise InputError(f"kinds: expected rows in PromptKind order, got {kinds.tolist()}")
     n_point, n_box, n_free = (int((kinds == kind).sum()) for kind in PromptKind)
-    if n_point + n_box == 0:
+    if n_point + n_box == 0 and not static:
         return PromptSets(image_index, free_rows=n_free)
     parts = []  # each ([P_k, 2, 2], [P_k, 2])
     if n_point:  # the point, and the padding point official SAM adds when there is no box
         point = first_points(full_ink[:n_point], full_valid[:n_point],
                              rows_of(gen, range(n_point)))
-        parts.append(append_points(point, _absent(n_point, 1, point[0])))
+        parts.append(append_points(point, _absent(n_point, 1, point[0].device)))
     if n_box:
         parts.append(corner_points(boxes[n_point:n_point + n_box]))
     if n_free:
-        parts.append(_absent(n_free, 2, parts[0][0]))
+        parts.append(_absent(n_free, 2, image_index.device))
     points = (torch.cat([c for c, _ in parts]), torch.cat([lab for _, lab in parts]))
     return PromptSets(image_index, points, multimask_rows=n_point if multimask else 0,
-                      free_rows=n_free)
+                      free_rows=n_free, static=static, first_all_masks=static and multimask)
 
 
-def _absent(p: int, n: int, like: Tensor) -> Points:
-    """``p`` sets of ``n`` padding points (coords 0, label -1) on ``like``'s device."""
-    return like.new_zeros(p, n, 2), torch.full((p, n), -1, dtype=torch.long, device=like.device)
+def _absent(p: int, n: int, device: torch.device) -> Points:
+    """``p`` sets of ``n`` padding points (coords 0, label -1) on ``device``."""
+    return (torch.zeros(p, n, 2, device=device),
+            torch.full((p, n), -1, dtype=torch.long, device=device))

@@ -116,23 +116,26 @@ def tile_truth(model: SamSegmenter, label: Tensor, valid: Tensor, *, loss_cfg: L
 
 
 def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, blocks: list[Block],
+           first: bool = False,
            features: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The step's one way to run the decoder: ``sets`` against their own embeddings, in one
     call -> per block of :meth:`PromptSets.blocks` (logits, IoU [P_b, M], the decoder's own logits
     [P_b, M, S/4, S/4]). ``logits`` are the mask head's [P_b, M, S, S] when the model has one
     (``features``: the pixel features of :meth:`SamSegmenter.encode_with_pixels`), else the
-    decoder's. The prompts are on the device already (the samplers make them there), and their
-    values go unchecked (a check would wait for the device)."""
+    decoder's. ``first``: the first round (``sets.first_all_masks`` then asks for all four
+    mask outputs whatever the blocks). The prompts are on the device already (the samplers
+    make them there), and their values go unchecked (a check would wait for the device)."""
     outputs = {m for _, m in blocks}
+    every = len(outputs) > 1 or (first and sets.first_all_masks)
     low, iou = model.decode(embeddings, points=sets.points, mask_inputs=sets.mask_inputs,
-                            multimask=outputs == {(1, 4)}, all_masks=len(outputs) > 1,
+                            multimask=outputs == {(1, 4)}, all_masks=every,
                             image_index=sets.image_index, pad=False, present=sets.present(),
                             check_values=False)
-    if len(blocks) == 1:
+    if len(blocks) == 1 and not every:
         return [(model.refine(low, features, sets.image_index), iou, low)]
     out = []
     for rows, (lo, hi) in blocks:
-        masks = slice(lo, hi) if len(outputs) > 1 else slice(None)
+        masks = slice(lo, hi) if every else slice(None)
         part = low[rows, masks]  # (P_b, M, S/4, S/4)
         out.append((model.refine(part, features, sets.image_index[rows]), iou[rows, masks],
                     part))
@@ -170,9 +173,13 @@ def corrective_rounds(
     per_round, free = [], []
     for r in range(1 + rounds):
         blocks = sets.blocks(first=r == 0)
-        outs = decode(model, embeddings, sets, blocks=blocks, features=features)
+        outs = decode(model, embeddings, sets, blocks=blocks, first=r == 0, features=features)
         parts, sizes, picked, feedback = [], [], [], []
         for (rows, _), (logits, iou, low) in zip(blocks, outs, strict=True):
+            if r > 0 and rows.start >= sets.prompted:  # kept for a static shape: not scored
+                picked.append(logits.detach())  # (P_b, 1, ...)
+                feedback.append(low.detach())
+                continue
             part = truth if len(blocks) == 1 else truth.rows(rows)
             loss = sam_loss(logits, iou, part.ink, part.valid, **loss_kw)
             if rows.start >= sets.prompted:  # the prompt-free sets
@@ -188,7 +195,7 @@ def corrective_rounds(
         per_round.append(parts[0] if len(parts) == 1 else mean_parts(parts, weights=sizes))
         if r == rounds:
             break
-        n = sets.prompted  # the corrective rounds go on with the prompted sets
+        n = sets.kept  # the corrective rounds go on with the prompted sets (all when static)
         sets, truth, chosen = sets.prompted_only(), truth.rows(slice(0, n)), chosen[:n]
         gen = gen if gen is None else rows_of(gen, range(n))
         if sampler == "uniform":  # on the device, no sync
@@ -234,12 +241,15 @@ def prompted_forward(
     seeds: Sequence[int] | None = None,
     gen: torch.Generator | None = None,
     features: Tensor | None = None,
+    static: bool = False,
 ) -> StepOutput:
     """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
     ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
     ``seeds``: the prompt seed of each tile (B ints, :func:`.prompt_sets.tile_seeds`), or
     ``gen`` to draw them from. ``features``: the pixel features [B, G, S, S] a full-resolution
-    mask head needs (:meth:`SamSegmenter.encode_with_pixels`); None without one."""
+    mask head needs (:meth:`SamSegmenter.encode_with_pixels`); None without one. ``static``:
+    one decoder shape per round (:class:`~scrollsam.train.prompt_sets.PromptSets`), for a
+    compiled decoder; the same loss."""
     dev = embeddings.device
     B = embeddings.shape[0]
     if (seeds is None) == (gen is None):
@@ -275,7 +285,7 @@ def prompted_forward(
         sets_truth = truth.select(index)
         sets_gens = rows_of(gens, sel.tolist())
         sets = first_prompts(kinds[sel], index, sets_truth.full_ink, sets_truth.full_valid,
-                             gen=sets_gens, multimask=prompt_cfg.multimask,
+                             gen=sets_gens, multimask=prompt_cfg.multimask, static=static,
                              boxes=None if boxes is None else boxes[sel.to(dev, non_blocking=True)])
         prompted = sets.prompted > 0
         parts, chosen, sets = corrective_rounds(
