@@ -68,6 +68,8 @@ def compile_decoder(model: nn.Module, *, device: torch.device | str,
     torch._dynamo.config.suppress_errors = True  # a failing backend falls back to eager
     model._predict_masks = torch.compile(model._predict_masks, dynamic=False,
                                          backend=backend or BACKEND)
+    log.info("mask decoder compiled (%s, static shapes: every prompt set in every round)",
+             backend or BACKEND)
     return True
 
 
