@@ -159,7 +159,8 @@ def corrective_rounds(
     of the selected mask (SAM paper, Appendix A) to each prompted set, with its logits as the
     next mask prompt when ``mask_feedback``, and decode and score again. The blocks of
     :meth:`PromptSets.blocks` are scored on their own (multimask point sets pick their lowest-
-    loss mask); prompt-free sets (``sets.free_rows``) take part in the first round only.
+    loss mask); prompt-free sets (``sets.free_rows``) are scored in the first round only (and
+    decoded in later ones only with ``sets.static``).
     ``sampler``: :func:`corrective_points`' mode; "uniform" (the SAM paper's) draws from the
     sets' generators ``gen`` on the device, "center" copies each round's masks to the host.
 
