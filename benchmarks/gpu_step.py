@@ -44,6 +44,7 @@ GPU_CASES = [
     Case("vit_b", 1024, 4, "fold"),
     Case("vit_b", 1024, 4, "fold", prompts="center"),  # the corrective sampler before
     Case("vit_b", 1024, 4, "fold", prompts="perkind"),  # the decoder calls before
+    Case("vit_b", 1024, 4, "fold", compile=True),  # encoder + decoder compiled, static sets
     Case("vit_b", 1024, 8, "fold"),
     Case("vit_b", 1024, 16, "fold"),
     Case("vit_b", 256, 32, "official"),
