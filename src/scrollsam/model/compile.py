@@ -59,17 +59,12 @@ def compile_decoder(model: nn.Module, *, device: torch.device | str,
     """Compile the segmenter's mask decoder pass (``model._predict_masks``) in place, static
     shapes; True if it was compiled. Parameters and checkpoints are untouched. Where compile is
     unavailable, logs one warning line and leaves it eager."""
-    reason = compile_unavailable(device, backend)
-    if reason is not None:
-        log.warning("train.compile: %s; running without compile", reason)
+    backend = _backend_ready(device, backend)
+    if backend is None:
         return False
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True  # a failing backend falls back to eager
-    model._predict_masks = torch.compile(model._predict_masks, dynamic=False,
-                                         backend=backend or BACKEND)
+    model._predict_masks = torch.compile(model._predict_masks, dynamic=False, backend=backend)
     log.info("mask decoder compiled (%s, static shapes: every prompt set in every round)",
-             backend or BACKEND)
+             backend)
     return True
 
 
@@ -79,14 +74,23 @@ def compile_encoder(model: nn.Module, *, device: torch.device | str,
 
     Where compile is unavailable, logs one warning line and leaves the encoder eager.
     """
+    backend = _backend_ready(device, backend)
+    if backend is None:
+        return False
+    model.sam.image_encoder.compile(dynamic=False, backend=backend)
+    log.info("image encoder compiled (%s, static shapes): the first step pays the compile",
+             backend)
+    return True
+
+
+def _backend_ready(device: torch.device | str, backend: str | None) -> str | None:
+    """The backend to compile with (``backend`` or :data:`BACKEND`), dynamo set to fall back to
+    eager if it fails; None, after one warning line, where compile cannot run."""
     reason = compile_unavailable(device, backend)
     if reason is not None:
         log.warning("train.compile: %s; running without compile", reason)
-        return False
+        return None
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True  # a failing backend falls back to eager
-    model.sam.image_encoder.compile(dynamic=False, backend=backend or BACKEND)
-    log.info("image encoder compiled (%s, static shapes): the first step pays the compile",
-             backend or BACKEND)
-    return True
+    return backend or BACKEND
