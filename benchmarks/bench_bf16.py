@@ -13,7 +13,7 @@ Skipped on CPUs without bf16 units. Random seeded weights: speed does not depend
   losses, AdamW): the decoder's work alone.
 - ``train_step_cached_vit_b_ours_vs_today``: the same step as it ran when issue 13 was filed
   ("today" in the issue's words: fp32, corrective points at the error region's centre with
-  OpenCV, a decoder call per prompt kind and round, ``prompt_sets.FAMILIES`` split) against
+  OpenCV, a decoder call per prompt kind and round: ``prompt_sets.PER_KIND``) against
   scrollsam's now (bf16, the SAM paper's uniform corrective points on the device, every prompt
   kind in one call per round). Goal 1.5x (issue 13). Both run in this process, with whatever
   malloc settings it has (``bench_process.py`` measures those apart).
@@ -33,24 +33,20 @@ from scrollsam import build_model
 def _step(model: torch.nn.Module, params: list, embed, label: torch.Tensor, prompts,
           bf16: bool, *, families: tuple | None = None):
     """One training step (prompted forward, loss, backward, AdamW) as a callable;
-    ``families``: ``prompt_sets.FAMILIES`` for its calls (None: as it is)."""
+    ``families``: the kinds sharing decoder calls (None: the step's default)."""
     from scrollsam.config import LossConfig
-    from scrollsam.train import prompt_sets, step
     from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.prompt_sets import FAMILIES
+    from scrollsam.train.step import prompted_forward
 
     opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
     valid = torch.ones_like(label)
 
     def run() -> None:
         g = torch.Generator().manual_seed(1)  # the same prompts every call
-        kept = prompt_sets.FAMILIES
-        prompt_sets.FAMILIES = families or kept
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = step.prompted_forward(model, embed(), label, valid, prompt_cfg=prompts,
-                                            loss_cfg=LossConfig(), gen=g)
-        finally:
-            prompt_sets.FAMILIES = kept
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = prompted_forward(model, embed(), label, valid, prompt_cfg=prompts,
+                                   loss_cfg=LossConfig(), gen=g, families=families or FAMILIES)
         out.parts["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -173,12 +169,11 @@ def train_step_cached_vit_b_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
                 "corrective points, a decoder call per prompt kind) vs today's")
 def train_step_cached_vit_b_ours_vs_today(quick: bool) -> dict[str, Any]:
     from scrollsam.config import PromptConfig
-    from scrollsam.train.prompt_sets import PromptKind
+    from scrollsam.train.prompt_sets import PER_KIND
 
     model, params, emb, label = _cached_vit_b()
-    per_kind = tuple((kind,) for kind in PromptKind)
     today = _step(model, params, lambda: emb, label, PromptConfig(corrective="center"), False,
-                  families=per_kind)
+                  families=PER_KIND)
     ours = _step(model, params, lambda: emb, label, PromptConfig(), True)
     result = compare(today, ours, repeats=2 if quick else 7)
     result["settings"] = {**_CACHED_SETTINGS,

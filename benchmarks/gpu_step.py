@@ -124,19 +124,13 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     elif case.prompts == "center":
         prompts = PromptConfig(corrective="center")
     prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
-    families = prompt_sets.FAMILIES
-    if case.prompts == "perkind":
-        families = tuple((kind,) for kind in prompt_sets.PromptKind)
+    families = prompt_sets.PER_KIND if case.prompts == "perkind" else prompt_sets.FAMILIES
 
     def step() -> float:
-        kept, prompt_sets.FAMILIES = prompt_sets.FAMILIES, families
-        try:
-            with autocast_for(device, True):
-                out = prompted_forward(model, model.encode(images), label, valid,
-                                       prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen,
-                                       static=case.compile)
-        finally:
-            prompt_sets.FAMILIES = kept
+        with autocast_for(device, True):
+            out = prompted_forward(model, model.encode(images), label, valid,
+                                   prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen,
+                                   static=case.compile, families=families)
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,6 +1,6 @@
 """Point, box and prompt-free sets share the decoder calls of a training step
-(``prompt_sets.FAMILIES``): the same loss parts and gradients as decoding each kind on its own,
-in 3 calls instead of 7 with the default prompts."""
+(``prompt_sets.FAMILIES``): the same loss parts and gradients as decoding each kind on its own
+(``PER_KIND``), in 3 calls instead of 7 with the default prompts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from scrollsam.config import load_config
 from scrollsam.model.assemble import model_from_config
 from scrollsam.train import prompt_sets, step
-from scrollsam.train.prompt_sets import PromptKind, PromptSets
+from scrollsam.train.prompt_sets import FAMILIES, PER_KIND, PromptKind, PromptSets
 
 S, B = 64, 4
 SEEDS = [11, 12, 13, 14]  # tile seeds whose 8 sets hold every prompt kind
@@ -54,30 +54,28 @@ def test_every_kind_decoded_together_equals_separate_calls(head, extra, static, 
 
     monkeypatch.setattr(model, "decode", spy)
 
-    def run() -> tuple[dict[str, float], dict[str, torch.Tensor], int]:
+    def run(static: bool, families) -> tuple[dict[str, float], dict[str, torch.Tensor], int]:
         model.zero_grad(set_to_none=True)
         calls.clear()
         emb, features = model.encode_with_pixels(images)
         out = step.prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
                                     loss_cfg=cfg.loss, seeds=SEEDS, features=features,
-                                    static=static)
+                                    static=static, families=families)
         out.parts["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return {k: float(v.detach()) for k, v in out.parts.items()}, grads, len(calls)
 
-    parts, grads, n_calls = run()
+    parts, grads, n_calls = run(static, FAMILIES)
     shapes = [(tuple(c[0].shape), tuple(c[1].shape)) for c in calls]  # (coords, labels)
-    was_static = static
-    monkeypatch.setattr(prompt_sets, "FAMILIES", tuple((k,) for k in PromptKind))
-    static = False  # the reference: a call per kind and round, each with its own sets
-    split_parts, split_grads, n_split = run()
+    # the reference: a call per kind and round, each with its own sets
+    split_parts, split_grads, n_split = run(False, PER_KIND)
     rounds = cfg.prompts.corrective_rounds
     assert n_split == 3 * (1 + rounds) - rounds  # point, box: every round; none: once
     assert n_calls == 1 + rounds
     # static: every round decodes all P sets, 2 + r tokens each; otherwise the corrective rounds
     # take the prompted sets only (these seeds draw prompt-free ones)
     p = B * cfg.prompts.sets_per_tile
-    assert (shapes == [((p, 2 + r, 2), (p, 2 + r)) for r in range(1 + rounds)]) == was_static
+    assert (shapes == [((p, 2 + r, 2), (p, 2 + r)) for r in range(1 + rounds)]) == static
     assert parts.keys() == split_parts.keys()
     for key, value in parts.items():
         # mask_iou counts thresholded pixels: one at the threshold may flip with summation order

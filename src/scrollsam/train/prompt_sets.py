@@ -28,14 +28,7 @@ from torch import Tensor
 
 from scrollsam.config import PromptConfig
 from scrollsam.errors import InputError
-from scrollsam.prompts import (
-    Generators,
-    Points,
-    append_points,
-    first_points,
-    random_numbers,
-    rows_of,
-)
+from scrollsam.prompts import Generators, Points, first_points, random_numbers, rows_of
 
 
 class PromptKind(IntEnum):
@@ -47,10 +40,12 @@ class PromptKind(IntEnum):
 
 
 FIRST = {"point": PromptKind.POINT, "box": PromptKind.BOX, "none": PromptKind.NONE}
-# Kinds decoded together (rows in PromptKind order). Splitting them ((POINT,), (BOX,), (NONE,))
-# gives the same loss and gradients with more calls (tests/test_train_families.py).
-FAMILIES: tuple[tuple[PromptKind, ...], ...] = (
-    (PromptKind.POINT, PromptKind.BOX, PromptKind.NONE),)
+Families = tuple[tuple[PromptKind, ...], ...]
+# Kinds decoded together (rows in PromptKind order): all of them, the step's default.
+FAMILIES: Families = ((PromptKind.POINT, PromptKind.BOX, PromptKind.NONE),)
+# A call per kind and round, as before the kinds shared their calls: the same loss and
+# gradients with more calls (tests/test_train_families.py); benchmarks compare the two.
+PER_KIND: Families = tuple((kind,) for kind in PromptKind)
 PROMPT_STREAM = 0x70726F6D  # "prom": tile seeds are a stream of their own beside the data's
 
 Block = tuple[slice, tuple[int, int]]  # rows of the sets, and the decoder mask outputs they take
@@ -70,9 +65,8 @@ class PromptSets:
     free_rows: int = 0  # the last rows (prompt-free sets): scored in the first round only
     # One decoder shape per round, what a compiled decoder needs: prompt-free rows stay in
     # every round (absent, unscored after the first), the first round asks for all four masks
-    # when point sets may have three, and a family of prompt-free sets alone has two tokens too.
+    # (however many point sets it has), and a family of prompt-free sets alone has two tokens.
     static: bool = False
-    first_all_masks: bool = False  # the first round asks for all four mask outputs
 
     @property
     def prompted(self) -> int:
@@ -167,14 +161,15 @@ def first_prompts(kinds: Tensor, image_index: Tensor, full_ink: Tensor, full_val
     if n_point:  # the point, and the padding point official SAM adds when there is no box
         point = first_points(full_ink[:n_point], full_valid[:n_point],
                              rows_of(gen, range(n_point)))
-        parts.append(append_points(point, _absent(n_point, 1, point[0].device)))
+        pad = _absent(n_point, 1, point[0].device)  # last: first_points' sets are compact
+        parts.append((torch.cat([point[0], pad[0]], 1), torch.cat([point[1], pad[1]], 1)))
     if n_box:
         parts.append(corner_points(boxes[n_point:n_point + n_box]))
     if n_free:
         parts.append(_absent(n_free, 2, image_index.device))
     points = (torch.cat([c for c, _ in parts]), torch.cat([lab for _, lab in parts]))
     return PromptSets(image_index, points, multimask_rows=n_point if multimask else 0,
-                      free_rows=n_free, static=static, first_all_masks=static and multimask)
+                      free_rows=n_free, static=static)
 
 
 def _absent(p: int, n: int, device: torch.device) -> Points:

@@ -56,9 +56,10 @@ from scrollsam.prompts import (
     rows_of,
     select_mask,
 )
-from scrollsam.train import prompt_sets
 from scrollsam.train.prompt_sets import (
+    FAMILIES,
     Block,
+    Families,
     PromptKind,
     PromptSets,
     assign_kinds,
@@ -122,11 +123,11 @@ def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, blocks:
     call -> per block of :meth:`PromptSets.blocks` (logits, IoU [P_b, M], the decoder's own logits
     [P_b, M, S/4, S/4]). ``logits`` are the mask head's [P_b, M, S, S] when the model has one
     (``features``: the pixel features of :meth:`SamSegmenter.encode_with_pixels`), else the
-    decoder's. ``first``: the first round (``sets.first_all_masks`` then asks for all four
-    mask outputs whatever the blocks). The prompts are on the device already (the samplers
+    decoder's. ``first``: the first round (static sets then ask for all four mask outputs,
+    whatever the blocks). The prompts are on the device already (the samplers
     make them there), and their values go unchecked (a check would wait for the device)."""
     outputs = {m for _, m in blocks}
-    every = len(outputs) > 1 or (first and sets.first_all_masks)
+    every = len(outputs) > 1 or (first and sets.static)
     low, iou = model.decode(embeddings, points=sets.points, mask_inputs=sets.mask_inputs,
                             multimask=outputs == {(1, 4)}, all_masks=every,
                             image_index=sets.image_index, pad=False, present=sets.present(),
@@ -177,13 +178,14 @@ def corrective_rounds(
         outs = decode(model, embeddings, sets, blocks=blocks, first=r == 0, features=features)
         parts, sizes, picked, feedback = [], [], [], []
         for (rows, _), (logits, iou, low) in zip(blocks, outs, strict=True):
-            if r > 0 and rows.start >= sets.prompted:  # kept for a static shape: not scored
+            prompt_free = rows.start >= sets.prompted
+            if prompt_free and r > 0:  # kept for a static shape: not scored again
                 picked.append(logits.detach())  # (P_b, 1, ...)
                 feedback.append(low.detach())
                 continue
             part = truth if len(blocks) == 1 else truth.rows(rows)
             loss = sam_loss(logits, iou, part.ink, part.valid, **loss_kw)
-            if rows.start >= sets.prompted:  # the prompt-free sets
+            if prompt_free:
                 free.append((loss.parts, logits.shape[0]))
             else:
                 parts.append(loss.parts)
@@ -243,6 +245,7 @@ def prompted_forward(
     gen: torch.Generator | None = None,
     features: Tensor | None = None,
     static: bool = False,
+    families: Families = FAMILIES,
 ) -> StepOutput:
     """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
     ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
@@ -250,7 +253,8 @@ def prompted_forward(
     ``gen`` to draw them from. ``features``: the pixel features [B, G, S, S] a full-resolution
     mask head needs (:meth:`SamSegmenter.encode_with_pixels`); None without one. ``static``:
     one decoder shape per round (:class:`~scrollsam.train.prompt_sets.PromptSets`), for a
-    compiled decoder; the same loss."""
+    compiled decoder; ``families``: the kinds that share decoder calls (``PER_KIND``: a call
+    per kind and round). Either way the same loss."""
     dev = embeddings.device
     B = embeddings.shape[0]
     if (seeds is None) == (gen is None):
@@ -276,7 +280,7 @@ def prompted_forward(
     loss_kw = loss_kwargs(loss_cfg)
     groups: list[tuple[dict[str, Tensor], int]] = []
     example = None
-    for family in prompt_sets.FAMILIES:  # read here, so tests can split the calls
+    for family in families:
         sel = torch.cat([(kinds == kind).nonzero().flatten()
                          for kind in sorted(family)])  # (Pf,) CPU, rows in kind order
         if not len(sel):
