@@ -25,11 +25,12 @@ training loader gives them (speed does not depend on the values). Reported per c
 
 Paths: ``official`` (segment_anything attention), ``fold`` (``FusedAttention`` as its auto
 mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` (the bias as
-SDPA's ``attn_mask``: memory-efficient kernel), ``+w16`` (16 x 16 windows: no padding at 256 px),
-``+compile`` (``nn.Module.compile`` of the encoder, static shapes; ``unique_graphs`` shows it
-compiled once). Prompts: the default (uniform corrective points, on the device), ``+center``
-(corrective points at the error's centre: OpenCV on the host, the sampler before) or ``+free``
-(prompt-free sets only: what the encoder and decoder alone cost).
+SDPA's ``attn_mask``: memory-efficient kernel), ``triton`` (the bias added inside scrollsam's
+own flash kernel, ``scrollsam.model.rel_attention``), ``+w16`` (16 x 16 windows: no padding
+at 256 px), ``+compile`` (``nn.Module.compile`` of the encoder, static shapes;
+``unique_graphs`` shows it compiled once). Prompts: the default (uniform corrective points, on
+the device), ``+center`` (corrective points at the error's centre: OpenCV on the host, the
+sampler before) or ``+free`` (prompt-free sets only: what the encoder and decoder alone cost).
 Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
 gradients are from the official encoder's on the device (``gpu_attention.check_paths``);
 ``--attention`` times one attention block per mode and token grid (``gpu_attention``);
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time one attention block per mode and shape (gpu_attention)")
     parser.add_argument("--attention-modes", default="",
                         help="comma-separated modes for --attention (default: official, plain, "
-                        "fold, bias); MODE/cudnn|efficient|flash too")
+                        "fold, bias, triton); MODE/cudnn|efficient|flash too")
     parser.add_argument("--profile", default="",
                         help="comma-separated case names to profile (tables under --out's "
                         "folder as profile_CASE.txt)")

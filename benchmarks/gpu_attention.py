@@ -8,7 +8,8 @@ Used by ``bench_gpu.py`` (``--attention``). Two parts:
   forward + backward under bf16 autocast, for each mode at the token grids the encoder uses:
   14 x 14 windows and the global grid, at 256 and 1024 px, with as many windows / images as a
   training batch has. ``plain`` is SDPA with no bias at all: the floor a bias can approach;
-  ``MODE/KERNEL``: SDPA held to one kernel (cudnn, efficient, flash).
+  ``MODE/KERNEL``: SDPA held to one kernel (cudnn, efficient, flash); ``triton``: the bias inside
+  scrollsam's own flash kernel (:mod:`scrollsam.model.rel_attention`), no SDPA.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from scrollsam import build_model
 from scrollsam.model.attention import FusedAttention, fuse_attention
 
-FUSED_MODES = ("fold", "bias", "explicit")
+FUSED_MODES = ("fold", "bias", "triton", "explicit")  # explicit last: not timed by default
 # (name, token grid side, blocks of that grid in a batch): vit_b training batches of 4 at
 # 1024 px (64 x 64 tokens; 25 windows of 14 x 14 each, padded to 70 x 70) and 32 at 256 px
 # (16 x 16 tokens, one 16 x 16 window or the global grid).

@@ -21,7 +21,7 @@ class Case:
     model: str
     size: int
     batch: int
-    path: str = "fold"  # official | fold | bias (FusedAttention modes)
+    path: str = "fold"  # official | fold | bias | triton (FusedAttention modes)
     window: int | None = None  # None: the variant's (14)
     compile: bool = False
     # sam: the default SAM-paper prompting (uniform corrective points, on the device);
@@ -42,6 +42,8 @@ class Case:
 GPU_CASES = [
     Case("vit_b", 1024, 4, "official"),
     Case("vit_b", 1024, 4, "fold"),
+    Case("vit_b", 1024, 4, "triton"),  # the bias inside scrollsam's kernel
+    Case("vit_b", 1024, 8, "triton", prompts="free"),  # against vit_b_1024_b8_fold+free
     Case("vit_b", 1024, 4, "fold", prompts="center"),  # the corrective sampler before
     Case("vit_b", 1024, 4, "fold", prompts="perkind"),  # the decoder calls before
     Case("vit_b", 1024, 4, "fold", compile=True),  # encoder + decoder compiled, static sets
@@ -55,7 +57,9 @@ GPU_CASES = [
     Case("vit_b", 1024, 2, "official"),  # the memory goal is at batch 2
     Case("vit_b", 1024, 2, "fold"),
     Case("vit_b", 1024, 16, "fold", compile=True),
+    Case("vit_b", 1024, 16, "triton", compile=True),
     Case("vit_b", 256, 256, "fold", window=16, compile=True),
+    Case("vit_b", 256, 256, "triton", window=16, compile=True),
     Case("vit_h", 256, 8, "official"),
     Case("vit_h", 256, 8, "fold"),
     Case("vit_h", 1024, 1, "official"),

@@ -22,9 +22,13 @@ intermediate for backward. :class:`FusedAttention` computes the same function wi
 
 * ``"explicit"``: the official computation (score matrix, bias added, softmax, product with
   v), with the relative-position lookups prepared at build time.
+* ``"triton"``: :func:`scrollsam.model.rel_attention.rel_attention`, a FlashAttention-2 kernel
+  that adds the bias inside (head dim hd, no [N, N] tensor); CUDA with Triton only.
 
-``"auto"`` picks ``"fold"`` on CUDA (flash kernels; to be confirmed by
-``benchmarks/bench_gpu.py``, which also times ``"bias"``). On a CPU it picks ``"bias"`` for
+``"auto"`` picks ``"fold"`` on CUDA (SDPA's cuDNN kernel: on an H100, forward + backward of a
+1024 px global block took 8.6 ms folded, 18.9 ms with the bias as a mask, 32 ms the official
+way; ``benchmarks/bench_gpu.py --attention`` also times ``"triton"``, which has no GPU
+measurement yet). On a CPU it picks ``"bias"`` for
 inference and ``"explicit"`` when gradients flow: measured on the 2-core EPYC (vit_b encoder,
 256 px, batch 2, one thread, CPU seconds per image), SDPA saves 7 % of an fp32 inference
 (0.77 against 0.83 s) and ties in bf16 (0.32), but its CPU backward (the math fallback when
@@ -45,7 +49,9 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
-MODES = ("auto", "bias", "fold", "explicit")
+from scrollsam.model.rel_attention import rel_attention
+
+MODES = ("auto", "bias", "fold", "explicit", "triton")
 
 
 def relative_index(q_size: int, k_size: int) -> torch.Tensor:
@@ -64,7 +70,8 @@ class FusedAttention(nn.Module):
 
     ``official``: the ``segment_anything`` ``Attention`` whose parameters are taken over.
     ``grid``: (H, W) token grid this block attends over (the window side for windowed blocks).
-    ``mode``: ``"auto"``, ``"bias"``, ``"fold"`` or ``"explicit"`` (see the module docstring).
+    ``mode``: ``"auto"``, ``"bias"``, ``"fold"``, ``"explicit"`` or ``"triton"`` (see the
+    module docstring).
     Input and output ``[B, H, W, dim]`` as in the official block.
     """
 
@@ -123,6 +130,10 @@ class FusedAttention(nn.Module):
                 attn = (attn.view(b, heads, h, w, h, w) + rel_h[..., :, None]
                         + rel_w[..., None, :]).view(b, heads, n, n)  # (B, nh, N, N)
                 out = attn.softmax(dim=-1) @ v  # (B, nh, N, hd)
+            elif mode == "triton":
+                out = rel_attention(q, k, v, rel_h.reshape(b, heads, n, h),
+                                    rel_w.reshape(b, heads, n, w), grid=(h, w),
+                                    scale=self.scale)  # (B, nh, N, hd)
             elif mode == "bias":
                 bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(
                     b, heads, n, n)  # (B, nh, N, H * W)

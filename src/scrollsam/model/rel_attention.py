@@ -1,0 +1,403 @@
+"""Flash attention with SAM's decomposed relative-position bias added inside the kernel (Triton).
+
+The SAM encoder's attention scores are ``scale * q . k + rel_h[q, key row] + rel_w[q, key col]``
+over an H x W token grid (N = H * W tokens, row-major). SDPA has no such bias: ``"fold"`` in
+:mod:`scrollsam.model.attention` widens the head dim from hd to hd + H + W to carry it
+(64 -> 192 in vit_b's global blocks at 1024 px), which measured 2.8x the attention time of no
+bias at all on an H100 (8.6 against 3.1 ms, forward + backward, batch 4). Here the bias never
+leaves the kernel.
+
+Tiles follow the grid's rows. Tokens are walked in a padded grid of H rows of WP = W rounded up
+to a power of two (14 x 14 windows: 14 x 16, 2 of every 16 positions masked; 64 x 64 and
+16 x 16 grids: no padding), and a block of keys is RB = BLOCK_N / WP whole rows. So a score
+tile's bias is ``rel_h[q, rows of the block]`` [BLOCK_M, RB] broadcast over the columns plus
+``rel_w[q, :]`` [BLOCK_M, WP] broadcast over the rows, the latter the same for every key block
+(loaded once per query block):
+
+* forward (one program per block of queries): scores plus bias, then FlashAttention-2's online
+  softmax; each query row's log-sum-exp is kept for backward;
+* backward: one pass per block of keys for dK and dV, one per block of queries for dQ and the
+  bias gradients: ``d rel_w[q, c]`` sums the score gradient dS over the rows of every key block
+  (a register accumulator), ``d rel_h[q, r]`` sums it over the columns of row r, which only one
+  key block holds (stored straight away). Exact float32 sums, no atomics (FlexAttention's
+  captured-buffer gradients, which use atomics, measured 4x slower than fold).
+
+Inputs and outputs: q, k, v [B, nh, N, hd] (any strides with a unit last stride: the encoder's
+views of its qkv projection need no copy), rel_h [B, nh, N, H], rel_w [B, nh, N, W] (the
+``einsum`` of q with the block's relative-position tables, as in the official code; autograd
+carries their gradient on to q and the tables) -> [B, nh, N, hd] in q's dtype. Scores, softmax
+and accumulators are float32; the products take the inputs' dtype (bf16 under autocast, with
+fp32 accumulation) and, for float32 inputs, full-precision ("ieee") products.
+
+The op runs where Triton does: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1`` (how
+``tests/test_rel_attention.py`` checks values and gradients on a CPU). It is a
+``torch.library`` custom op, so ``torch.compile`` treats it as one opaque node.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds (macOS, Windows) ship without Triton
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    """Whether :func:`rel_attention` runs on ``device``: Triton is installed and the device is
+    CUDA, or Triton's interpreter is on (``TRITON_INTERPRET=1``, any device)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    """The smallest power of two >= max(n, least) (tensor-core products want sides >= 16)."""
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _untuned(w: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) where nothing is timed (Triton's interpreter): key blocks of
+    whole padded rows, at least 32 keys."""
+    return 64, max(32, _pow2(w, least=1)), 4
+
+
+# On a GPU each kernel picks its tiles by timing these once per grid, head dim and dtype (each
+# compiles in a second or two, at the first call); the interpreter takes _untuned's one choice.
+# Compiled for sm_90 (ptxas, bf16, head dim 64) these keep their registers; bigger tiles spill.
+_TUNED = triton is not None and os.environ.get("TRITON_INTERPRET") != "1"
+_FORWARD_TILES = ((128, 8, 3), (64, 4, 3))  # (BLOCK_M, warps, stages)
+_FORWARD_KEYS = (64, 128)  # BLOCK_N
+_BACKWARD_TILES = ((64, 8, 2), (32, 4, 2))
+_BACKWARD_KEYS = (32, 64)
+
+
+def _keep_whole_rows(configs: list, named_args: dict, **kwargs: object) -> list:
+    """Autotuner pruning: only tiles whose key blocks are whole padded rows."""
+    pitch = kwargs.get("WP", named_args.get("WP"))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= pitch]
+    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": pitch}, num_warps=4, num_stages=1)]
+
+
+def _tuned(kernel, tiles: tuple[tuple[int, int, int], ...], keys: tuple[int, ...]):
+    """``kernel`` autotuned over (BLOCK_M, warps, stages) ``tiles`` x BLOCK_N ``keys`` on a GPU;
+    as it is under the interpreter."""
+    if not _TUNED:
+        return kernel
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, w, st in tiles for n in keys]
+    return triton.autotune(configs, key=["N", "D", "WP"],
+                           prune_configs_by={"early_config_prune": _keep_whole_rows})(kernel)
+
+
+def _launch(kernel, blocks_along: str, z: int, positions: int, w: int, *args: object,
+            **settings: object) -> None:
+    """Run ``kernel`` over (blocks of the padded grid's ``positions`` along ``blocks_along``,
+    z = B * nh) programs."""
+    if _TUNED:
+        kernel[lambda meta: (triton.cdiv(positions, meta[blocks_along]), z)](*args, **settings)
+        return
+    block_m, block_n, warps = _untuned(w)
+    side = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    kernel[(triton.cdiv(positions, side[blocks_along]), z)](*args, **settings, **side,
+                                                             num_warps=warps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tokens(pos, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+        """Positions in the padded H x WP grid -> (token index row * W + col, real token)."""
+        row, col = pos // WP, pos % WP
+        if W == WP:
+            token = pos
+        else:
+            token = row * W + col
+        return token, (col < W) & (row < H)
+
+    @triton.jit
+    def _row_bias(RH, tok_m, m_ok, start_n, H: tl.constexpr, WP: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+        """rel_h of the queries for the key rows of the block at ``start_n`` -> float32
+        [BLOCK_M, BLOCK_N / WP] ([BLOCK_M, 1] for one row)."""
+        rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
+        bh = tl.load(RH + tok_m[:, None] * H + rows[None, :],
+                     mask=m_ok[:, None] & (rows < H)[None, :], other=0.0)
+        return bh.to(tl.float32)
+
+    @triton.jit
+    def _add_bias(s, bh, bw, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  WP: tl.constexpr):
+        """Scores [BLOCK_M, BLOCK_N] + rel_h [BLOCK_M, RB] over each row's WP columns +
+        rel_w [BLOCK_M, WP] over each of the RB rows."""
+        if BLOCK_N == WP:
+            return s + bh + bw
+        bias = bh[:, :, None] + bw[:, None, :]  # (BLOCK_M, RB, WP)
+        return s + tl.reshape(bias, (BLOCK_M, BLOCK_N))
+
+    @triton.jit
+    def _forward(Q, K, V, RH, RW, O, LSE,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
+                 N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        """One block of queries of one (image, head): O [BLOCK_M, D] and its rows' LSE."""
+        z = tl.program_id(1)
+        b, h = z // heads, z % heads
+        tok_m, m_ok = _tokens(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), H, W, WP)
+        offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
+        d_ok = offs_d < D
+        q = tl.load(Q + b * sqb + h * sqh + tok_m[:, None] * sqn + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        RH += z * N * H
+        RW += z * N * W
+        bw = tl.load(RW + tok_m[:, None] * W + cols[None, :],
+                     mask=m_ok[:, None] & (cols < W)[None, :], other=0.0).to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, H * WP, BLOCK_N):
+            tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
+            k = tl.load(K + b * skb + h * skh + tok_n[None, :] * skn + offs_d[:, None],
+                        mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale
+            bh = _row_bias(RH, tok_m, m_ok, start_n, H, WP, BLOCK_N)
+            s = _add_bias(s, bh, bw, BLOCK_M, BLOCK_N, WP)
+            s = tl.where(n_ok[None, :], s, float("-inf"))  # (BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + h * svh + tok_n[:, None] * svn + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(O + z * N * D + tok_m[:, None] * D + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + z * N + tok_m, m_i + tl.log(l_i), mask=m_ok)
+
+    _forward = _tuned(_forward, _FORWARD_TILES, _FORWARD_KEYS)
+
+    @triton.jit
+    def _backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
+                     N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        """dK, dV of one block of keys of one (image, head), over every block of queries."""
+        z = tl.program_id(1)
+        b, h = z // heads, z % heads
+        start_n = tl.program_id(0) * BLOCK_N
+        tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
+        offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
+        d_ok = offs_d < D
+        nd_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + tok_n[:, None] * skn + offs_d[None, :],
+                    mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + b * svb + h * svh + tok_n[:, None] * svn + offs_d[None, :],
+                    mask=nd_ok, other=0.0)
+        RH += z * N * H
+        RW += z * N * W
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, H * WP, BLOCK_M):
+            tok_m, m_ok = _tokens(start_m + tl.arange(0, BLOCK_M), H, W, WP)
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + tok_m[:, None] * sqn + offs_d[None, :],
+                        mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+            do = tl.load(DO + z * N * D + tok_m[:, None] * D + offs_d[None, :],
+                         mask=md_ok, other=0.0)
+            lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
+            bw = tl.load(RW + tok_m[:, None] * W + cols[None, :],
+                         mask=m_ok[:, None] & (cols < W)[None, :], other=0.0).to(tl.float32)
+            bh = _row_bias(RH, tok_m, m_ok, start_n, H, WP, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = _add_bias(s, bh, bw, BLOCK_M, BLOCK_N, WP)
+            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        out = z * N * D + tok_n[:, None] * D + offs_d[None, :]
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+    _backward_kv = _tuned(_backward_kv, _BACKWARD_TILES, _BACKWARD_KEYS)
+
+    @triton.jit
+    def _backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
+                    N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        """dQ and the bias gradients d rel_h, d rel_w of one block of queries."""
+        z = tl.program_id(1)
+        b, h = z // heads, z % heads
+        tok_m, m_ok = _tokens(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), H, W, WP)
+        offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
+        d_ok = offs_d < D
+        md_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + tok_m[:, None] * sqn + offs_d[None, :],
+                    mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DO + z * N * D + tok_m[:, None] * D + offs_d[None, :], mask=md_ok,
+                     other=0.0)
+        lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
+        RH += z * N * H
+        RW += z * N * W
+        DRH += z * N * H
+        bw_ok = m_ok[:, None] & (cols < W)[None, :]
+        bw = tl.load(RW + tok_m[:, None] * W + cols[None, :], mask=bw_ok,
+                     other=0.0).to(tl.float32)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        drw = tl.zeros([BLOCK_M, WP], tl.float32)
+        for start_n in range(0, H * WP, BLOCK_N):
+            tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
+            nd_ok = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + tok_n[:, None] * skn + offs_d[None, :],
+                        mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + b * svb + h * svh + tok_n[:, None] * svn + offs_d[None, :],
+                        mask=nd_ok, other=0.0)
+            bh = _row_bias(RH, tok_m, m_ok, start_n, H, WP, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = _add_bias(s, bh, bw, BLOCK_M, BLOCK_N, WP)
+            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N), 0 off the grid
+            dq += tl.dot(ds.to(q.dtype), k, input_precision=PRECISION)
+            rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
+            if BLOCK_N == WP:  # one key row: its d rel_h is the row sum
+                drw += ds
+                drh = tl.sum(ds, 1)[:, None]  # (BLOCK_M, 1)
+            else:
+                ds3 = tl.reshape(ds, (BLOCK_M, BLOCK_N // WP, WP))
+                drw += tl.sum(ds3, 1)
+                drh = tl.sum(ds3, 2)  # (BLOCK_M, RB)
+            tl.store(DRH + tok_m[:, None] * H + rows[None, :], drh.to(DRH.dtype.element_ty),
+                     mask=m_ok[:, None] & (rows < H)[None, :])
+        tl.store(DQ + z * N * D + tok_m[:, None] * D + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=md_ok)
+        tl.store(DRW + z * N * W + tok_m[:, None] * W + cols[None, :],
+                 drw.to(DRW.dtype.element_ty), mask=bw_ok)
+
+    _backward_q = _tuned(_backward_q, _BACKWARD_TILES, _BACKWARD_KEYS)
+
+
+def _strides(*tensors: Tensor) -> list[int]:
+    """(batch, head, token) strides of each [B, nh, N, hd] tensor, in order."""
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def _settings(q: Tensor, h: int, w: int) -> dict[str, object]:
+    """The kernels' compile-time settings but the tiles, for q [B, nh, N, hd] on an h x w grid."""
+    return dict(N=h * w, H=h, W=w, WP=_pow2(w, least=1), D=q.shape[-1],
+                BLOCK_D=_pow2(q.shape[-1]),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int,
+           w: int) -> None:
+    """Shapes and layouts the kernels assume; a ValueError names the first mismatch."""
+    b, heads, n, hd = q.shape
+    if n != h * w:
+        raise ValueError(f"rel_attention: q has {n} tokens, the grid {h} x {w} has {h * w}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"rel_attention: q, k, v shapes differ: {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if rel_h.shape != (b, heads, n, h) or rel_w.shape != (b, heads, n, w):
+        raise ValueError(f"rel_attention: rel_h / rel_w: expected {(b, heads, n, h)} / "
+                         f"{(b, heads, n, w)}, got {tuple(rel_h.shape)} / {tuple(rel_w.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"rel_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+@torch.library.custom_op("scrollsam::rel_attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int,
+               scale: float) -> tuple[Tensor, Tensor]:
+    """Forward: (output [B, nh, N, hd], row log-sum-exp float32 [B, nh, N])."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, heads, n, hd = q.shape
+    out = torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, heads, n, dtype=torch.float32, device=q.device)
+    cfg = _settings(q, h, w)
+    _launch(_forward, "BLOCK_M", b * heads, h * cfg["WP"], w, q, k, v, rel_h.contiguous(),
+            rel_w.contiguous(), out, lse, *_strides(q, k, v), heads, scale, **cfg)
+    return out, lse
+
+
+@_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int,
+      scale: float) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("scrollsam::rel_attention_backward", mutates_args=())
+def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor,
+                        rel_w: Tensor, out: Tensor, lse: Tensor, h: int, w: int,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: dq, dk, dv [B, nh, N, hd], d rel_h [B, nh, N, H], d rel_w [B, nh, N, W]."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rel_h, rel_w, grad = rel_h.contiguous(), rel_w.contiguous(), grad.contiguous()
+    b, heads, n, hd = q.shape
+    delta = (grad.float() * out.float()).sum(-1)  # (B, nh, N): rowsum(dO * O)
+    dq, dk, dv = (torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
+                  for _ in range(3))
+    drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
+    cfg = _settings(q, h, w)
+    common = (*_strides(q, k, v), heads, scale)
+    positions = h * cfg["WP"]
+    _launch(_backward_kv, "BLOCK_N", b * heads, positions, w, q, k, v, rel_h, rel_w, grad, lse,
+            delta, dk, dv, *common, **cfg)
+    _launch(_backward_q, "BLOCK_M", b * heads, positions, w, q, k, v, rel_h, rel_w, grad, lse,
+            delta, dq, drh, drw, *common, **cfg)
+    return dq, dk, dv, drh, drw
+
+
+@_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor,
+      lse: Tensor, h: int, w: int, scale: float
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            rel_h.new_empty(rel_h.shape), rel_w.new_empty(rel_w.shape))
+
+
+def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    q, k, v, rel_h, rel_w, h, w, scale = inputs
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, *output)
+    ctx.grid, ctx.scale = (h, w), scale
+
+
+def _grads(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _lse_grad: Tensor | None
+           ) -> tuple[Tensor | None, ...]:
+    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+    grads = _attention_backward(grad, q, k, v, rel_h, rel_w, out, lse, *ctx.grid, ctx.scale)
+    return (*grads, None, None, None)
+
+
+_attention.register_autograd(_grads, setup_context=_setup)
+
+
+def rel_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, *,
+                  grid: tuple[int, int], scale: float) -> Tensor:
+    """softmax(scale * q k^T + rel_h[:, :, :, key row] + rel_w[:, :, :, key col]) v.
+
+    q, k, v [B, nh, N, hd] (one dtype; N = H * W of ``grid``, keys row-major), rel_h
+    [B, nh, N, H], rel_w [B, nh, N, W] -> [B, nh, N, hd]. Differentiable in all five. Needs
+    :func:`available` for the tensors' device."""
+    if not available(q.device):
+        lacks = "this torch build has no Triton" if triton is None else f"q is on {q.device}"
+        raise ValueError(f"rel_attention needs Triton and a CUDA device ({lacks}); "
+                         f"use the attention modes 'fold', 'bias' or 'explicit' elsewhere")
+    h, w = int(grid[0]), int(grid[1])
+    _check(q, k, v, rel_h, rel_w, h, w)
+    return _attention(q, k, v, rel_h, rel_w, h, w, float(scale))[0]
+
+
+__all__ = ["available", "rel_attention"]

@@ -1,0 +1,218 @@
+"""The Triton relative-position attention kernel (``scrollsam.model.rel_attention``) on a CPU.
+
+Triton kernels run on a CPU only under its interpreter, which is chosen when a kernel is
+defined (``TRITON_INTERPRET=1`` before the import). So the checks run in one child process
+with it set (this file as a script) and report each result as a line of JSON; the tests here
+read those results. The interpreter's bf16 products are wrong (a plain bf16 ``tl.dot`` is off by
+1e10 there), so low precision is checked in fp16, which takes the same code path; bf16 on a GPU
+is checked by ``benchmarks/bench_gpu.py``'s exactness section.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="this torch build has no Triton")
+
+
+def _reference(q, k, v, rel_h, rel_w, grid, scale):
+    """The official computation: [B, nh, N, N] scores plus the bias, softmax, product with v."""
+    b, heads, n, _ = q.shape
+    h, w = grid
+    s = scale * q @ k.transpose(-1, -2)  # (B, nh, N, N)
+    s = (s.view(b, heads, n, h, w) + rel_h[..., :, None] + rel_w[..., None, :]).view(
+        b, heads, n, n)
+    return s.softmax(-1) @ v  # (B, nh, N, hd)
+
+
+def _inputs(grid, hd, dtype, seed=0):
+    """q, k, v as the encoder has them (strided views of one qkv tensor) and the bias tables."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = grid
+    b, heads, n = 2, 3, h * w
+    qkv = torch.randn(b, n, 3, heads, hd, generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
+    rel_h = torch.randn(b, heads, n, h, generator=gen).to(dtype)
+    rel_w = torch.randn(b, heads, n, w, generator=gen).to(dtype)
+    return [*qkv.unbind(0), rel_h, rel_w], torch.randn(b, heads, n, hd, generator=gen)
+
+
+def _relative(got, want):
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def _kernel_vs_official(grid, hd):
+    """Largest relative error of the output and the five gradients against float64."""
+    from scrollsam.model.rel_attention import rel_attention
+
+    xs, grad = _inputs(grid, hd, torch.float32)
+    assert not xs[0].is_contiguous()  # the kernel reads the strided views in place
+    xs = [x.requires_grad_() for x in xs]
+    out = rel_attention(*xs, grid=grid, scale=hd ** -0.5)
+    out.backward(grad)
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    ref = _reference(*ref_in, grid, hd ** -0.5)
+    ref.backward(grad.double())
+    grads = [_relative(x.grad, r.grad) for x, r in zip(xs, ref_in, strict=True)]
+    return max([_relative(out, ref), *grads])
+
+
+def _other_tiles(grid, hd, block_m, block_n):
+    """:func:`_kernel_vs_official` with the tiles a GPU's autotuner may pick instead."""
+    from scrollsam.model import rel_attention as ra
+
+    untuned = ra._untuned
+    ra._untuned = lambda w: (block_m, block_n, 4)
+    try:
+        return _kernel_vs_official(grid, hd)
+    finally:
+        ra._untuned = untuned
+
+
+def _fp16_vs_fp32(grid, hd):
+    """Largest relative difference of the fp16 kernel's output and gradients from fp32's."""
+    from scrollsam.model.rel_attention import rel_attention
+
+    runs = []
+    for dtype in (torch.float16, torch.float32):
+        xs, grad = _inputs(grid, hd, dtype)
+        xs = [x.requires_grad_() for x in xs]
+        out = rel_attention(*xs, grid=grid, scale=hd ** -0.5)
+        out.backward(grad.to(dtype))
+        runs.append([out] + [x.grad for x in xs])
+    return max(_relative(a, b) for a, b in zip(*runs, strict=True))
+
+
+def _encoder_vs_official(variant, size):
+    """FusedAttention(mode="triton") in a whole encoder: output and parameter-gradient errors."""
+    from test_attention import VIT_B_SHAPED, _official_encoder
+
+    from scrollsam.model.attention import fuse_attention
+    from scrollsam.model.build import VARIANTS
+
+    official = _official_encoder({"tiny": VARIANTS["tiny"], "vit_b": VIT_B_SHAPED}[variant], size)
+    fused = copy.deepcopy(official)
+    fuse_attention(fused, mode="triton")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, size, size, generator=gen)
+    ref, got = official(x), fused(x)
+    weight = torch.randn(ref.shape, generator=gen)
+    (ref * weight).sum().backward()
+    (got * weight).sum().backward()
+    grads = dict(fused.named_parameters())
+    return {"out": _relative(got, ref),
+            "grads": max(_relative(grads[n].grad, p.grad) for n, p in official.named_parameters())}
+
+
+def _compiles_whole():
+    """torch.compile (fullgraph, aot_eager: the op's fake and autograd registrations) gives the
+    eager values and gradients, with no graph break."""
+    from scrollsam.model.rel_attention import rel_attention
+
+    def f(q, k, v, rel_h, rel_w):
+        return rel_attention(q * 1.5, k, v, rel_h, rel_w, grid=(5, 7), scale=0.25).sin()
+
+    runs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        xs, grad = _inputs((5, 7), 16, torch.float32)
+        xs = [x.requires_grad_() for x in xs]
+        out = fn(*xs)
+        out.backward(grad)
+        runs.append([out] + [x.grad for x in xs])
+    return max(_relative(a, b) for a, b in zip(*runs, strict=True))
+
+
+CHECKS = {
+    "kernel_4x4_hd16": lambda: _kernel_vs_official((4, 4), 16),  # the grid in one tile
+    "kernel_5x7_hd24": lambda: _kernel_vs_official((5, 7), 24),  # H != W; 4 rows a key block
+    "kernel_9x9_hd64": lambda: _kernel_vs_official((9, 9), 64),  # rows padded 9 -> 16
+    "kernel_14x14_hd20": lambda: _kernel_vs_official((14, 14), 20),  # a 14 x 14 window
+    "kernel_3x40_hd16": lambda: _kernel_vs_official((3, 40), 16),  # key blocks of one row
+    "kernel_2x64_hd16": lambda: _kernel_vs_official((2, 64), 16),  # rows of 64, no padding
+    "kernel_14x14_hd20_tiles_32x64": lambda: _other_tiles((14, 14), 20, 32, 64),  # 4 rows
+    "kernel_9x9_hd16_tiles_128x128": lambda: _other_tiles((9, 9), 16, 128, 128),  # 1 block
+    "kernel_3x40_hd16_tiles_16x128": lambda: _other_tiles((3, 40), 16, 16, 128),  # 2 rows
+    "fp16_9x9_hd64": lambda: _fp16_vs_fp32((9, 9), 64),
+    "encoder_tiny_128": lambda: _encoder_vs_official("tiny", 128),
+    "encoder_vit_b_shaped_96": lambda: _encoder_vs_official("vit_b", 96),  # 12 heads, window 14
+    "compile": _compiles_whole,
+}
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, object]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {k: v for line in run.stdout.splitlines() if line.startswith("{")
+            for k, v in json.loads(line).items()}
+
+
+@pytest.mark.parametrize("name", [n for n in CHECKS if n.startswith("kernel")])
+def test_kernel_equals_the_official_attention_values_and_gradients(results, name):
+    assert results[name] < 2e-5, results[name]
+
+
+def test_fp16_kernel_is_close_to_fp32(results):
+    assert results["fp16_9x9_hd64"] < 3e-3, results["fp16_9x9_hd64"]
+
+
+@pytest.mark.parametrize("name", [n for n in CHECKS if n.startswith("encoder")])
+def test_triton_mode_encoder_equals_official(results, name):
+    assert results[name]["out"] < 1e-4 and results[name]["grads"] < 1e-3, results[name]
+
+
+def test_compiled_call_matches_eager_without_graph_break(results):
+    assert results["compile"] < 1e-6, results["compile"]
+
+
+def test_without_a_gpu_or_interpreter_the_error_says_what_to_use(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from scrollsam.model.rel_attention import rel_attention
+
+    xs, _ = _inputs((4, 4), 16, torch.float32)
+    with pytest.raises(ValueError, match="needs Triton and a CUDA device.*'fold'"):
+        rel_attention(*xs, grid=(4, 4), scale=0.25)
+
+
+def test_shapes_that_do_not_fit_the_grid_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check, to the shape check
+    from scrollsam.model.rel_attention import rel_attention
+
+    xs, _ = _inputs((4, 4), 16, torch.float32)
+    with pytest.raises(ValueError, match="16 tokens, the grid 4 x 5 has 20"):
+        rel_attention(*xs, grid=(4, 5), scale=0.25)
+    with pytest.raises(ValueError, match="rel_h / rel_w"):
+        rel_attention(*xs[:3], xs[4], xs[3][..., :3], grid=(4, 4), scale=0.25)
+
+
+@pytest.mark.parametrize("width", [4, 7, 14, 16, 40, 64, 96, 200])
+def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
+    """The kernels need each key block to be whole rows of WP = W rounded up to a power of two;
+    the GPU autotuner keeps only such tiles (the interpreter's one choice too)."""
+    from scrollsam.model import rel_attention as ra
+
+    pitch = ra._pow2(width, least=1)
+    for tiles, keys in ((ra._FORWARD_TILES, ra._FORWARD_KEYS),
+                        (ra._BACKWARD_TILES, ra._BACKWARD_KEYS)):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, w, st in tiles for n in keys]
+        kept = ra._keep_whole_rows(configs, {}, WP=pitch)
+        assert kept and all(c.kwargs["BLOCK_N"] % pitch == 0 for c in kept)
+    assert ra._untuned(width)[1] % pitch == 0
+
+
+if __name__ == "__main__":  # the child: every check, one JSON line each
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    for check_name, check in CHECKS.items():
+        print(json.dumps({check_name: check()}), flush=True)
