@@ -130,6 +130,41 @@ def _compiles_whole():
     return max(_relative(a, b) for a, b in zip(*runs, strict=True))
 
 
+def _encoder_compiled():
+    """A whole encoder in mode "triton" compiled as ``train.compile`` does it (static shapes;
+    aot_eager here): its output and parameter gradients equal the eager encoder's."""
+    from test_attention import VIT_B_SHAPED, _official_encoder
+
+    from scrollsam.model.attention import fuse_attention
+
+    eager = _official_encoder(VIT_B_SHAPED, 96)
+    fuse_attention(eager, mode="triton")
+    compiled = copy.deepcopy(eager)
+    compiled.compile(dynamic=False, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    outs = [enc(x) for enc in (eager, compiled)]
+    for out in outs:
+        out.square().mean().backward()
+    grads = [dict(enc.named_parameters()) for enc in (eager, compiled)]
+    return max([_relative(outs[1], outs[0])]
+               + [_relative(grads[1][n].grad, p.grad) for n, p in grads[0].items()])
+
+
+def _counted_flops():
+    """FlopCounterMode's count of one forward and backward: (counted, SDPA's 7 products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scrollsam.model.rel_attention import rel_attention
+
+    xs, grad = _inputs((5, 7), 16, torch.float32)
+    xs = [x.requires_grad_() for x in xs]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        rel_attention(*xs, grid=(5, 7), scale=0.25).backward(grad)
+    b, heads, n, hd = xs[0].shape
+    return [counter.get_total_flops(), 7 * 2 * b * heads * n * n * hd]
+
+
 CHECKS = {
     "kernel_4x4_hd16": lambda: _kernel_vs_official((4, 4), 16),  # the grid in one tile
     "kernel_5x7_hd24": lambda: _kernel_vs_official((5, 7), 24),  # H != W; 4 rows a key block
@@ -144,6 +179,8 @@ CHECKS = {
     "encoder_tiny_128": lambda: _encoder_vs_official("tiny", 128),
     "encoder_vit_b_shaped_96": lambda: _encoder_vs_official("vit_b", 96),  # 12 heads, window 14
     "compile": _compiles_whole,
+    "compiled_encoder": _encoder_compiled,
+    "flops": _counted_flops,
 }
 
 
@@ -174,6 +211,15 @@ def test_triton_mode_encoder_equals_official(results, name):
 
 def test_compiled_call_matches_eager_without_graph_break(results):
     assert results["compile"] < 1e-6, results["compile"]
+
+
+def test_compiled_encoder_matches_eager(results):
+    assert results["compiled_encoder"] < 1e-5, results["compiled_encoder"]
+
+
+def test_flop_counter_counts_the_kernel_as_sdpa(results):
+    counted, expected = results["flops"]
+    assert counted == expected
 
 
 def test_without_a_gpu_or_interpreter_the_error_says_what_to_use(monkeypatch):
@@ -210,6 +256,39 @@ def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
         kept = ra._keep_whole_rows(configs, {}, WP=pitch)
         assert kept and all(c.kwargs["BLOCK_N"] % pitch == 0 for c in kept)
     assert ra._untuned(width)[1] % pitch == 0
+
+
+@pytest.mark.parametrize("kernel", ["_forward", "_backward_kv", "_backward_q"])
+def test_kernels_compile_for_an_h100_without_one(kernel, monkeypatch):
+    """CI has no GPU: each kernel is compiled here for sm_90 (Triton's own ptxas), bf16, vit_b's
+    1024 px global grid, with the first tile the autotuner would try."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    compiler = pytest.importorskip("triton.compiler")
+    from triton.backends.compiler import GPUTarget
+
+    from scrollsam.model import rel_attention as ra
+
+    tuned = getattr(ra, kernel)
+    if type(tuned).__name__ != "Autotuner":
+        pytest.skip("kernels were defined under the interpreter in this process")
+    jit = tuned.fn
+    config = ra._keep_whole_rows(tuned.configs, {}, WP=64)[0]
+    consts = dict(N=4096, H=64, W=64, WP=64, D=64, BLOCK_D=64, PRECISION="tf32",
+                  **config.kwargs)
+    pointers = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16"
+                for name in jit.arg_names if name.isupper() and name not in consts}
+    signature = {name: "constexpr" if name in consts else pointers.get(name) or (
+        "fp32" if name == "scale" else "i32") for name in jit.arg_names}
+    source = compiler.ASTSource(fn=jit, signature=signature, constexprs={
+        (jit.arg_names.index(name),): value for name, value in consts.items()})
+    try:
+        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
+            "num_warps": config.num_warps, "num_stages": config.num_stages})
+    except RuntimeError as err:
+        if "ptxas" in str(err) and "not found" in str(err).lower():
+            pytest.skip("no ptxas in this Triton install")
+        raise
+    assert binary.asm["cubin"]
 
 
 if __name__ == "__main__":  # the child: every check, one JSON line each

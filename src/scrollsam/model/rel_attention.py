@@ -40,6 +40,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 try:
     import triton
@@ -382,6 +383,25 @@ def _grads(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _lse_grad: Te
 
 
 _attention.register_autograd(_grads, setup_context=_setup)
+
+
+def _products(q_shape: torch.Size, count: int) -> int:
+    """FLOPs of ``count`` [N, N] x [N, hd] products per (image, head) for q [B, nh, N, hd]."""
+    b, heads, n, hd = q_shape
+    return count * 2 * b * heads * n * n * hd
+
+
+@register_flop_formula(torch.ops.scrollsam.rel_attention)
+def _forward_flops(q_shape: torch.Size, *args: object, **kwargs: object) -> int:
+    """As SDPA's forward is counted: the scores and their product with v (the bias adds none)."""
+    return _products(q_shape, 2)
+
+
+@register_flop_formula(torch.ops.scrollsam.rel_attention_backward)
+def _backward_flops(grad_shape: torch.Size, q_shape: torch.Size, *args: object,
+                    **kwargs: object) -> int:
+    """As SDPA's backward is counted: scores recomputed, dP, dV, dQ, dK."""
+    return _products(q_shape, 5)
 
 
 def rel_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, *,
