@@ -133,15 +133,16 @@ def _compiles_whole():
 def _encoder_compiled():
     """A whole encoder in mode "triton" compiled as ``train.compile`` does it (static shapes;
     aot_eager here): its output and parameter gradients equal the eager encoder's."""
-    from test_attention import VIT_B_SHAPED, _official_encoder
+    from test_attention import _official_encoder
 
     from scrollsam.model.attention import fuse_attention
+    from scrollsam.model.build import VARIANTS
 
-    eager = _official_encoder(VIT_B_SHAPED, 96)
+    eager = _official_encoder(VARIANTS["tiny"], 128)
     fuse_attention(eager, mode="triton")
     compiled = copy.deepcopy(eager)
     compiled.compile(dynamic=False, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     outs = [enc(x) for enc in (eager, compiled)]
     for out in outs:
         out.square().mean().backward()
