@@ -36,6 +36,7 @@ The op runs where Triton does: CUDA tensors, or any tensors under ``TRITON_INTER
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,7 +45,6 @@ from torch.utils.flop_counter import register_flop_formula
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # CPU-only torch builds (macOS, Windows) ship without Triton
     triton = None
 
@@ -81,7 +81,7 @@ _BACKWARD_KEYS = (32, 64)
 def _keep_whole_rows(configs: list, named_args: dict, **kwargs: object) -> list:
     """Autotuner pruning: only tiles whose key blocks are whole padded rows."""
     pitch = kwargs.get("WP", named_args.get("WP"))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= pitch]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] % pitch == 0]
     return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": pitch}, num_warps=4, num_stages=1)]
 
 
@@ -98,197 +98,29 @@ def _tuned(kernel, tiles: tuple[tuple[int, int, int], ...], keys: tuple[int, ...
 
 def _launch(kernel, blocks_along: str, z: int, positions: int, w: int, *args: object,
             **settings: object) -> None:
-    """Run ``kernel`` over (blocks of the padded grid's ``positions`` along ``blocks_along``,
-    z = B * nh) programs."""
+    """Run ``kernel`` on one program per (image and head of the z = B * nh, block of the padded
+    grid's ``positions`` along ``blocks_along``), in a 1-D grid (CUDA caps a grid's second
+    axis at 65535: B * 25 windows * heads passes that from batch 219 with vit_b)."""
     if _TUNED:
-        kernel[lambda meta: (triton.cdiv(positions, meta[blocks_along]), z)](*args, **settings)
+        kernel[lambda meta: (z * triton.cdiv(positions, meta[blocks_along]),)](*args, **settings)
         return
     block_m, block_n, warps = _untuned(w)
     side = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    kernel[(triton.cdiv(positions, side[blocks_along]), z)](*args, **settings, **side,
-                                                             num_warps=warps)
+    kernel[(z * triton.cdiv(positions, side[blocks_along]),)](*args, **settings, **side,
+                                                              num_warps=warps)
 
 
 if triton is not None:
+    from scrollsam.model import rel_attention_kernels as _kernels
 
-    @triton.jit
-    def _tokens(pos, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-        """Positions in the padded H x WP grid -> (token index row * W + col, real token)."""
-        row, col = pos // WP, pos % WP
-        if W == WP:
-            token = pos
-        else:
-            token = row * W + col
-        return token, (col < W) & (row < H)
+    _forward = _tuned(_kernels.forward, _FORWARD_TILES, _FORWARD_KEYS)
+    _backward_kv = _tuned(_kernels.backward_kv, _BACKWARD_TILES, _BACKWARD_KEYS)
+    _backward_q = _tuned(_kernels.backward_q, _BACKWARD_TILES, _BACKWARD_KEYS)
 
-    @triton.jit
-    def _row_bias(RH, tok_m, m_ok, start_n, H: tl.constexpr, WP: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-        """rel_h of the queries for the key rows of the block at ``start_n`` -> float32
-        [BLOCK_M, BLOCK_N / WP] ([BLOCK_M, 1] for one row)."""
-        rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
-        bh = tl.load(RH + tok_m[:, None] * H + rows[None, :],
-                     mask=m_ok[:, None] & (rows < H)[None, :], other=0.0)
-        return bh.to(tl.float32)
 
-    @triton.jit
-    def _add_bias(s, bh, bw, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  WP: tl.constexpr):
-        """Scores [BLOCK_M, BLOCK_N] + rel_h [BLOCK_M, RB] over each row's WP columns +
-        rel_w [BLOCK_M, WP] over each of the RB rows."""
-        if BLOCK_N == WP:
-            return s + bh + bw
-        bias = bh[:, :, None] + bw[:, None, :]  # (BLOCK_M, RB, WP)
-        return s + tl.reshape(bias, (BLOCK_M, BLOCK_N))
-
-    @triton.jit
-    def _forward(Q, K, V, RH, RW, O, LSE,
-                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
-                 N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        """One block of queries of one (image, head): O [BLOCK_M, D] and its rows' LSE."""
-        z = tl.program_id(1)
-        b, h = z // heads, z % heads
-        tok_m, m_ok = _tokens(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), H, W, WP)
-        offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
-        d_ok = offs_d < D
-        q = tl.load(Q + b * sqb + h * sqh + tok_m[:, None] * sqn + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        RH += z * N * H
-        RW += z * N * W
-        bw = tl.load(RW + tok_m[:, None] * W + cols[None, :],
-                     mask=m_ok[:, None] & (cols < W)[None, :], other=0.0).to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum
-        l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, H * WP, BLOCK_N):
-            tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-            k = tl.load(K + b * skb + h * skh + tok_n[None, :] * skn + offs_d[:, None],
-                        mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale
-            bh = _row_bias(RH, tok_m, m_ok, start_n, H, WP, BLOCK_N)
-            s = _add_bias(s, bh, bw, BLOCK_M, BLOCK_N, WP)
-            s = tl.where(n_ok[None, :], s, float("-inf"))  # (BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + tok_n[:, None] * svn + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(O + z * N * D + tok_m[:, None] * D + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + z * N + tok_m, m_i + tl.log(l_i), mask=m_ok)
-
-    _forward = _tuned(_forward, _FORWARD_TILES, _FORWARD_KEYS)
-
-    @triton.jit
-    def _backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
-                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
-                     N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        """dK, dV of one block of keys of one (image, head), over every block of queries."""
-        z = tl.program_id(1)
-        b, h = z // heads, z % heads
-        start_n = tl.program_id(0) * BLOCK_N
-        tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-        offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
-        d_ok = offs_d < D
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + tok_n[:, None] * skn + offs_d[None, :],
-                    mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * svb + h * svh + tok_n[:, None] * svn + offs_d[None, :],
-                    mask=nd_ok, other=0.0)
-        RH += z * N * H
-        RW += z * N * W
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start_m in range(0, H * WP, BLOCK_M):
-            tok_m, m_ok = _tokens(start_m + tl.arange(0, BLOCK_M), H, W, WP)
-            md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + tok_m[:, None] * sqn + offs_d[None, :],
-                        mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-            do = tl.load(DO + z * N * D + tok_m[:, None] * D + offs_d[None, :],
-                         mask=md_ok, other=0.0)
-            lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
-            bw = tl.load(RW + tok_m[:, None] * W + cols[None, :],
-                         mask=m_ok[:, None] & (cols < W)[None, :], other=0.0).to(tl.float32)
-            bh = _row_bias(RH, tok_m, m_ok, start_n, H, WP, BLOCK_N)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = _add_bias(s, bh, bw, BLOCK_M, BLOCK_N, WP)
-            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        out = z * N * D + tok_n[:, None] * D + offs_d[None, :]
-        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
-
-    _backward_kv = _tuned(_backward_kv, _BACKWARD_TILES, _BACKWARD_KEYS)
-
-    @triton.jit
-    def _backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
-                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
-                    N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        """dQ and the bias gradients d rel_h, d rel_w of one block of queries."""
-        z = tl.program_id(1)
-        b, h = z // heads, z % heads
-        tok_m, m_ok = _tokens(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), H, W, WP)
-        offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
-        d_ok = offs_d < D
-        md_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + tok_m[:, None] * sqn + offs_d[None, :],
-                    mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DO + z * N * D + tok_m[:, None] * D + offs_d[None, :], mask=md_ok,
-                     other=0.0)
-        lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
-        RH += z * N * H
-        RW += z * N * W
-        DRH += z * N * H
-        bw_ok = m_ok[:, None] & (cols < W)[None, :]
-        bw = tl.load(RW + tok_m[:, None] * W + cols[None, :], mask=bw_ok,
-                     other=0.0).to(tl.float32)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        drw = tl.zeros([BLOCK_M, WP], tl.float32)
-        for start_n in range(0, H * WP, BLOCK_N):
-            tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-            nd_ok = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + tok_n[:, None] * skn + offs_d[None, :],
-                        mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + b * svb + h * svh + tok_n[:, None] * svn + offs_d[None, :],
-                        mask=nd_ok, other=0.0)
-            bh = _row_bias(RH, tok_m, m_ok, start_n, H, WP, BLOCK_N)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = _add_bias(s, bh, bw, BLOCK_M, BLOCK_N, WP)
-            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N), 0 off the grid
-            dq += tl.dot(ds.to(q.dtype), k, input_precision=PRECISION)
-            rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
-            if BLOCK_N == WP:  # one key row: its d rel_h is the row sum
-                drw += ds
-                drh = tl.sum(ds, 1)[:, None]  # (BLOCK_M, 1)
-            else:
-                ds3 = tl.reshape(ds, (BLOCK_M, BLOCK_N // WP, WP))
-                drw += tl.sum(ds3, 1)
-                drh = tl.sum(ds3, 2)  # (BLOCK_M, RB)
-            tl.store(DRH + tok_m[:, None] * H + rows[None, :], drh.to(DRH.dtype.element_ty),
-                     mask=m_ok[:, None] & (rows < H)[None, :])
-        tl.store(DQ + z * N * D + tok_m[:, None] * D + offs_d[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=md_ok)
-        tl.store(DRW + z * N * W + tok_m[:, None] * W + cols[None, :],
-                 drw.to(DRW.dtype.element_ty), mask=bw_ok)
-
-    _backward_q = _tuned(_backward_q, _BACKWARD_TILES, _BACKWARD_KEYS)
+def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (a model on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides(*tensors: Tensor) -> list[int]:
@@ -328,8 +160,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h:
     out = torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, heads, n, dtype=torch.float32, device=q.device)
     cfg = _settings(q, h, w)
-    _launch(_forward, "BLOCK_M", b * heads, h * cfg["WP"], w, q, k, v, rel_h.contiguous(),
-            rel_w.contiguous(), out, lse, *_strides(q, k, v), heads, scale, **cfg)
+    with _device_of(q):
+        _launch(_forward, "BLOCK_M", b * heads, h * cfg["WP"], w, q, k, v, rel_h.contiguous(),
+                rel_w.contiguous(), out, lse, *_strides(q, k, v), heads, scale, **cfg)
     return out, lse
 
 
@@ -346,6 +179,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
     """Backward: dq, dk, dv [B, nh, N, hd], d rel_h [B, nh, N, H], d rel_w [B, nh, N, W]."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rel_h, rel_w, grad = rel_h.contiguous(), rel_w.contiguous(), grad.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
     b, heads, n, hd = q.shape
     delta = (grad.float() * out.float()).sum(-1)  # (B, nh, N): rowsum(dO * O)
     dq, dk, dv = (torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
@@ -354,10 +188,11 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
     cfg = _settings(q, h, w)
     common = (*_strides(q, k, v), heads, scale)
     positions = h * cfg["WP"]
-    _launch(_backward_kv, "BLOCK_N", b * heads, positions, w, q, k, v, rel_h, rel_w, grad, lse,
-            delta, dk, dv, *common, **cfg)
-    _launch(_backward_q, "BLOCK_M", b * heads, positions, w, q, k, v, rel_h, rel_w, grad, lse,
-            delta, dq, drh, drw, *common, **cfg)
+    with _device_of(q):
+        _launch(_backward_kv, "BLOCK_N", b * heads, positions, w, q, k, v, rel_h, rel_w, grad,
+                lse, delta, dk, dv, *common, **cfg)
+        _launch(_backward_q, "BLOCK_M", b * heads, positions, w, q, k, v, rel_h, rel_w, grad,
+                lse, delta, dq, drh, drw, *common, **cfg)
     return dq, dk, dv, drh, drw
 
 
