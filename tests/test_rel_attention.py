@@ -259,6 +259,25 @@ def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
     assert ra._untuned(width)[1] % pitch == 0
 
 
+@pytest.mark.parametrize("tuned", [True, False])
+def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
+    """CUDA caps a grid's second axis at 65535: vit_b's windowed blocks at batch 256 have
+    256 * 25 * 12 = 76800 (image, head) pairs, so they go in one axis with the blocks."""
+    from scrollsam.model import rel_attention as ra
+
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            grids.append(grid({"BLOCK_M": 64, "BLOCK_N": 32}) if callable(grid) else grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(ra, "_TUNED", tuned)
+    z, positions = 256 * 25 * 12, 14 * 16
+    ra._launch(Kernel(), "BLOCK_N", z, positions, 14)
+    assert grids == [(z * (positions // 32),)]
+
+
 @pytest.mark.parametrize("kernel", ["_forward", "_backward_kv", "_backward_q"])
 def test_kernels_compile_for_an_h100_without_one(kernel, monkeypatch):
     """CI has no GPU: each kernel is compiled here for sm_90 (Triton's own ptxas), bf16, vit_b's
