@@ -151,6 +151,34 @@ def _encoder_compiled():
                + [_relative(grads[1][n].grad, p.grad) for n, p in grads[0].items()])
 
 
+def _training_step():
+    """One real training step of the tiny model, whole model trainable, SAM prompts and losses:
+    the loss and every gradient in mode "triton" against mode "explicit" (CPU's training mode)."""
+    from scrollsam import build_model
+    from scrollsam.config import LossConfig, PromptConfig
+    from scrollsam.model.attention import fuse_attention
+    from scrollsam.train.step import prompted_forward
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 128, 128, generator=gen)
+    label = (torch.rand(2, 1, 128, 128, generator=gen) > 0.7).float()
+    runs = []
+    for mode in ("explicit", "triton"):
+        torch.manual_seed(0)
+        model = build_model("tiny", image_size=128).train()
+        fuse_attention(model.sam.image_encoder, mode=mode)
+        out = prompted_forward(model, model.encode(images), label, torch.ones_like(label),
+                               prompt_cfg=PromptConfig(), loss_cfg=LossConfig(),
+                               gen=torch.Generator().manual_seed(1))
+        out.parts["loss"].backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        runs.append((out.parts["loss"].detach(), grads))
+    (loss, grads), (ref_loss, ref_grads) = runs[1], runs[0]
+    assert grads.shape == ref_grads.shape and grads.numel() > 10**6  # the encoder's too
+    return {"loss": _relative(loss, ref_loss),  # gradients: error norm over the whole norm
+            "grads": float((grads - ref_grads).norm() / ref_grads.norm())}
+
+
 def _counted_flops():
     """FlopCounterMode's count of one forward and backward: (counted, SDPA's 7 products)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -182,6 +210,7 @@ CHECKS = {
     "compile": _compiles_whole,
     "compiled_encoder": _encoder_compiled,
     "flops": _counted_flops,
+    "training_step": _training_step,
 }
 
 
@@ -216,6 +245,11 @@ def test_compiled_call_matches_eager_without_graph_break(results):
 
 def test_compiled_encoder_matches_eager(results):
     assert results["compiled_encoder"] < 1e-5, results["compiled_encoder"]
+
+
+def test_training_step_in_triton_mode_equals_explicit(results):
+    assert results["training_step"]["loss"] < 1e-5, results["training_step"]
+    assert results["training_step"]["grads"] < 1e-4, results["training_step"]
 
 
 def test_flop_counter_counts_the_kernel_as_sdpa(results):
