@@ -77,6 +77,7 @@ SMOKE_CASES = [
     Case("tiny", 128, 2, "official"),
     Case("tiny", 128, 2, "fold"),
     Case("tiny", 128, 2, "bias"),
+    Case("tiny", 128, 2, "triton"),  # CPU only under TRITON_INTERPRET=1
     Case("tiny", 128, 2, "fold", prompts="center"),
     Case("tiny", 128, 2, "fold", prompts="perkind"),
     Case("tiny", 128, 2, "fold", window=4, compile=True),
