@@ -112,11 +112,28 @@ def _block(grid: int, mode: str, device: torch.device) -> torch.nn.Module:
     return Only()
 
 
+def _median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median CUDA-event time of ``fn()`` in ms over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
                 modes: tuple[str, ...] = ("official", "plain", *FUSED_MODES[:-1]),
                 ) -> dict[str, dict[str, Any]]:
     """Median ms of forward + backward of one attention block per mode and shape (bf16
-    autocast, input gradient and parameter gradients), with peak memory; errors recorded."""
+    autocast, input gradient and parameter gradients) with its peak memory, and of the forward
+    alone under no_grad (``forward_ms``: inference); errors recorded."""
     results: dict[str, dict[str, Any]] = {}
     for name, grid, count in BLOCK_SHAPES:
         row: dict[str, Any] = {}
@@ -130,21 +147,14 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
                         y = block(x)  # (count, grid, grid, 768)
                     y.float().square().mean().backward()
 
-                for _ in range(warmup):
-                    step()
-                torch.cuda.synchronize(device)
+                def forward(block: torch.nn.Module = block, x: torch.Tensor = x) -> None:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                        block(x)  # inference: what predict runs
+
                 torch.cuda.reset_peak_memory_stats(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                times = []
-                for _ in range(repeats):
-                    start.record()
-                    step()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                row[mode] = {"ms": sorted(times)[len(times) // 2],
-                             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+                row[mode] = {"ms": _median_ms(step, device, repeats, warmup),
+                             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                             "forward_ms": _median_ms(forward, device, repeats, warmup)}
             except Exception as err:  # noqa: BLE001 - recorded, the next mode runs
                 row[mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
             finally:
@@ -155,11 +165,12 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
 
 
 def format_blocks(results: dict[str, dict[str, Any]]) -> str:
-    """A table: one row per shape, ms per mode (fwd + bwd)."""
+    """A table: one row per shape, ms per mode (fwd + bwd / fwd alone)."""
     modes = list(next(iter(results.values())).keys()) if results else []
-    lines = [f"{'attention block fwd+bwd ms':28s} " + " ".join(f"{m:>9s}" for m in modes)]
+    lines = [f"{'block ms: fwd+bwd / fwd':28s} " + " ".join(f"{m:>13s}" for m in modes)]
     for name, row in results.items():
-        cells = [f"{row[m]['ms']:9.2f}" if "ms" in row[m] else f"{'err':>9s}" for m in modes]
+        cells = [f"{row[m]['ms']:6.2f}/{row[m]['forward_ms']:6.2f}" if "ms" in row[m]
+                 else f"{'err':>13s}" for m in modes]
         lines.append(f"{name:28s} " + " ".join(cells))
     errors = [f"  {n}/{m}: {r['error']}" for n, row in results.items() for m, r in row.items()
               if "error" in r]

@@ -138,3 +138,14 @@ def test_gpu_bench_runs_end_to_end_on_a_cpu_in_smoke_mode(tmp_path):
                for r in doc["results"].values())
     assert doc["exactness"]["fold_fp32"] < 1e-4 and doc["exactness"]["fold_fp32_grads"] < 1e-4
     assert "aten::" in (tmp_path / "profile_tiny_128_b2_fold-center.txt").read_text()
+
+
+def test_attention_block_table_shows_both_timings_and_errors():
+    """``--attention``'s table runs only on a GPU: its formatting is checked here."""
+    from gpu_attention import format_blocks
+
+    table = format_blocks({"1024_global": {
+        "fold": {"ms": 8.61, "peak_mb": 10.0, "forward_ms": 2.5},
+        "triton": {"error": "OutOfResources: shared memory"}}})
+    assert "8.61/  2.50" in table and "err" in table
+    assert "1024_global/triton: OutOfResources" in table
