@@ -65,6 +65,8 @@ from common import compare, cuda_sync, machine_info, measure, needs_cuda, regist
 from gpu_attention import check_paths, format_blocks, time_blocks  # noqa: E402
 from gpu_step import GPU_CASES, SMOKE_CASES, Case, count_flops, make_step  # noqa: E402
 
+from scrollsam.model import rel_attention  # noqa: E402
+
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 
 
@@ -77,6 +79,10 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
              compile_backend: str) -> dict[str, Any]:
     """Time ``case``; returns its metrics (or ``error``)."""
     result: dict[str, Any] = {"case": asdict(case)}
+    if case.path == "triton" and not rel_attention.available(device):
+        result["skipped"] = ("no Triton kernel here (CUDA with Triton, or a CPU under "
+                             "TRITON_INTERPRET=1)")
+        return result
     try:
         if case.compile:
             from torch import _dynamo as dynamo  # a plain `import torch._dynamo` here would make

@@ -15,12 +15,14 @@ Used by ``bench_gpu.py`` (``--attention``). Two parts:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scrollsam import build_model
+from scrollsam.model import rel_attention
 from scrollsam.model.attention import FusedAttention, fuse_attention
 
 FUSED_MODES = ("fold", "bias", "triton", "explicit")  # explicit last: not timed by default
@@ -57,6 +59,9 @@ def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256,
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         out["official_bf16"] = float((official(x).float() - ref).norm() / ref.norm())
     for mode in modes:
+        if mode == "triton" and not rel_attention.available(device):
+            out["triton_skipped"] = "no Triton kernel on this device"
+            continue
         try:
             enc = copy.deepcopy(official)
             enc.zero_grad(set_to_none=True)
@@ -112,7 +117,8 @@ def _block(grid: int, mode: str, device: torch.device) -> torch.nn.Module:
     return Only()
 
 
-def _median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
+def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int,
+               warmup: int) -> float:
     """Median CUDA-event time of ``fn()`` in ms over ``repeats`` calls after ``warmup``."""
     for _ in range(warmup):
         fn()
@@ -152,8 +158,9 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
                         block(x)  # inference: what predict runs
 
                 torch.cuda.reset_peak_memory_stats(device)
-                row[mode] = {"ms": _median_ms(step, device, repeats, warmup),
-                             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                ms = _median_ms(step, device, repeats, warmup)
+                peak_mb = torch.cuda.max_memory_allocated(device) / 2**20  # training's
+                row[mode] = {"ms": ms, "peak_mb": peak_mb,
                              "forward_ms": _median_ms(forward, device, repeats, warmup)}
             except Exception as err:  # noqa: BLE001 - recorded, the next mode runs
                 row[mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}

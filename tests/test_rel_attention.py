@@ -19,11 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
-triton = pytest.importorskip("triton", reason="this torch build has no Triton")
+from scrollsam.model import rel_attention as ra
+
+needs_triton = pytest.mark.skipif(ra.triton is None, reason="this torch build has no Triton")
 
 
-def _reference(q, k, v, rel_h, rel_w, grid, scale):
+def _reference(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
+               grid: tuple[int, int], scale: float) -> Tensor:
     """The official computation: [B, nh, N, N] scores plus the bias, softmax, product with v."""
     b, heads, n, _ = q.shape
     h, w = grid
@@ -33,7 +37,8 @@ def _reference(q, k, v, rel_h, rel_w, grid, scale):
     return s.softmax(-1) @ v  # (B, nh, N, hd)
 
 
-def _inputs(grid, hd, dtype, seed=0):
+def _inputs(grid: tuple[int, int], hd: int, dtype: torch.dtype,
+            seed: int = 0) -> tuple[list[Tensor], Tensor]:
     """q, k, v as the encoder has them (strided views of one qkv tensor) and the bias tables."""
     gen = torch.Generator().manual_seed(seed)
     h, w = grid
@@ -44,12 +49,13 @@ def _inputs(grid, hd, dtype, seed=0):
     return [*qkv.unbind(0), rel_h, rel_w], torch.randn(b, heads, n, hd, generator=gen)
 
 
-def _relative(got, want):
+def _relative(got: Tensor, want: Tensor) -> float:
+    """Largest absolute difference over the largest absolute reference value."""
     got, want = got.detach().double(), want.detach().double()
     return float((got - want).abs().max() / want.abs().max())
 
 
-def _kernel_vs_official(grid, hd):
+def _kernel_vs_official(grid: tuple[int, int], hd: int) -> float:
     """Largest relative error of the output and the five gradients against float64."""
     from scrollsam.model.rel_attention import rel_attention
 
@@ -65,7 +71,7 @@ def _kernel_vs_official(grid, hd):
     return max([_relative(out, ref), *grads])
 
 
-def _other_tiles(grid, hd, block_m, block_n):
+def _other_tiles(grid: tuple[int, int], hd: int, block_m: int, block_n: int) -> float:
     """:func:`_kernel_vs_official` with the tiles a GPU's autotuner may pick instead."""
     from scrollsam.model import rel_attention as ra
 
@@ -77,7 +83,7 @@ def _other_tiles(grid, hd, block_m, block_n):
         ra._untuned = untuned
 
 
-def _fp16_vs_fp32(grid, hd):
+def _fp16_vs_fp32(grid: tuple[int, int], hd: int) -> float:
     """Largest relative difference of the fp16 kernel's output and gradients from fp32's."""
     from scrollsam.model.rel_attention import rel_attention
 
@@ -91,7 +97,7 @@ def _fp16_vs_fp32(grid, hd):
     return max(_relative(a, b) for a, b in zip(*runs, strict=True))
 
 
-def _encoder_vs_official(variant, size):
+def _encoder_vs_official(variant: str, size: int) -> dict[str, float]:
     """FusedAttention(mode="triton") in a whole encoder: output and parameter-gradient errors."""
     from test_attention import VIT_B_SHAPED, _official_encoder
 
@@ -112,7 +118,7 @@ def _encoder_vs_official(variant, size):
             "grads": max(_relative(grads[n].grad, p.grad) for n, p in official.named_parameters())}
 
 
-def _compiles_whole():
+def _compiles_whole() -> float:
     """torch.compile (fullgraph, aot_eager: the op's fake and autograd registrations) gives the
     eager values and gradients, with no graph break."""
     from scrollsam.model.rel_attention import rel_attention
@@ -130,7 +136,7 @@ def _compiles_whole():
     return max(_relative(a, b) for a, b in zip(*runs, strict=True))
 
 
-def _encoder_compiled():
+def _encoder_compiled() -> float:
     """A whole encoder in mode "triton" compiled as ``train.compile`` does it (static shapes;
     aot_eager here): its output and parameter gradients equal the eager encoder's."""
     from test_attention import _official_encoder
@@ -151,7 +157,7 @@ def _encoder_compiled():
                + [_relative(grads[1][n].grad, p.grad) for n, p in grads[0].items()])
 
 
-def _training_step():
+def _training_step() -> dict[str, float]:
     """One real training step of the tiny model, whole model trainable, SAM prompts and losses:
     the loss and every gradient in mode "triton" against mode "explicit" (CPU's training mode)."""
     from scrollsam import build_model
@@ -179,7 +185,7 @@ def _training_step():
             "grads": float((grads - ref_grads).norm() / ref_grads.norm())}
 
 
-def _counted_flops():
+def _counted_flops() -> list[int]:
     """FlopCounterMode's count of one forward and backward: (counted, SDPA's 7 products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -216,8 +222,10 @@ CHECKS = {
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, object]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    if ra.triton is None:
+        pytest.skip("this torch build has no Triton")
+    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -258,47 +266,53 @@ def test_flop_counter_counts_the_kernel_as_sdpa(results):
 
 
 def test_without_a_gpu_or_interpreter_the_error_says_what_to_use(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from scrollsam.model.rel_attention import rel_attention
-
+    monkeypatch.setattr(ra, "_INTERPRET", False)  # as on a CPU without TRITON_INTERPRET
     xs, _ = _inputs((4, 4), 16, torch.float32)
-    with pytest.raises(ValueError, match="needs Triton and a CUDA device.*'fold'"):
-        rel_attention(*xs, grid=(4, 4), scale=0.25)
+    if ra.triton is not None:
+        with pytest.raises(ValueError, match="needs Triton and a CUDA device .q is on cpu.*'fold'"):
+            ra.rel_attention(*xs, grid=(4, 4), scale=0.25)
+    monkeypatch.setattr(ra, "triton", None)  # a CPU-only torch build (macOS, Windows)
+    with pytest.raises(ValueError, match="this torch build has no Triton.*'fold'"):
+        ra.rel_attention(*xs, grid=(4, 4), scale=0.25)
 
 
-def test_shapes_that_do_not_fit_the_grid_are_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check, to the shape check
-    from scrollsam.model.rel_attention import rel_attention
-
+def test_inputs_that_do_not_fit_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(ra, "available", lambda device: True)  # on to the input checks
     xs, _ = _inputs((4, 4), 16, torch.float32)
     with pytest.raises(ValueError, match="16 tokens, the grid 4 x 5 has 20"):
-        rel_attention(*xs, grid=(4, 5), scale=0.25)
+        ra.rel_attention(*xs, grid=(4, 5), scale=0.25)
     with pytest.raises(ValueError, match="rel_h / rel_w"):
-        rel_attention(*xs[:3], xs[4], xs[3][..., :3], grid=(4, 4), scale=0.25)
+        ra.rel_attention(*xs[:3], xs[4], xs[3][..., :3], grid=(4, 4), scale=0.25)
+    with pytest.raises(ValueError, match=r"q: expected \[B, heads, N, head dim\]"):
+        ra.rel_attention(xs[0][0], *xs[1:], grid=(4, 4), scale=0.25)
+    with pytest.raises(ValueError, match="different devices"):
+        ra.rel_attention(*xs[:4], xs[4].to("meta"), grid=(4, 4), scale=0.25)
 
 
+def _tuned_kernels() -> list:
+    """The three kernels as a GPU runs them (triton.autotune), or a skip."""
+    kernels = [ra._forward, ra._backward_kv, ra._backward_q]
+    if ra.triton is None or not all(type(k).__name__ == "Autotuner" for k in kernels):
+        pytest.skip("no Triton, or kernels defined under the interpreter in this process")
+    return kernels
+
+
+@needs_triton
 @pytest.mark.parametrize("width", [4, 7, 14, 16, 40, 64, 96, 200])
 def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
     """The kernels need each key block to be whole rows of WP = W rounded up to a power of two;
-    the GPU autotuner keeps only such tiles (the interpreter's one choice too)."""
-    from scrollsam.model import rel_attention as ra
-
+    each kernel's autotuner keeps only such tiles (the interpreter's one choice too)."""
     pitch = ra._pow2(width, least=1)
-    for tiles, keys in ((ra._FORWARD_TILES, ra._FORWARD_KEYS),
-                        (ra._BACKWARD_TILES, ra._BACKWARD_KEYS)):
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                   for m, w, st in tiles for n in keys]
-        kept = ra._keep_whole_rows(configs, {}, WP=pitch)
+    for kernel in _tuned_kernels():
+        kept = kernel.early_config_prune(kernel.configs, {}, WP=pitch)
         assert kept and all(c.kwargs["BLOCK_N"] % pitch == 0 for c in kept)
-    assert ra._untuned(width)[1] % pitch == 0
+    assert ra._untuned(pitch)[1] % pitch == 0
 
 
 @pytest.mark.parametrize("tuned", [True, False])
 def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
     """CUDA caps a grid's second axis at 65535: vit_b's windowed blocks at batch 256 have
     256 * 25 * 12 = 76800 (image, head) pairs, so they go in one axis with the blocks."""
-    from scrollsam.model import rel_attention as ra
-
     grids = []
 
     class Kernel:
@@ -308,29 +322,35 @@ def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
 
     monkeypatch.setattr(ra, "_TUNED", tuned)
     z, positions = 256 * 25 * 12, 14 * 16
-    ra._launch(Kernel(), "BLOCK_N", z, positions, 14)
+    ra._launch(Kernel(), "BLOCK_N", z, positions, WP=16)
     assert grids == [(z * (positions // 32),)]
 
 
-@pytest.mark.parametrize("kernel", ["_forward", "_backward_kv", "_backward_q"])
-def test_kernels_compile_for_an_h100_without_one(kernel, monkeypatch):
-    """CI has no GPU: each kernel is compiled here for sm_90 (Triton's own ptxas), bf16, vit_b's
-    1024 px global grid, with the first tile the autotuner would try and the 16-byte alignment
-    a real launch sees (pointers and the q / k / v strides)."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@needs_triton
+@pytest.mark.parametrize("kernel", [0, 1, 2], ids=["forward", "backward_kv", "backward_q"])
+@pytest.mark.parametrize(("grid", "dtype"), [
+    pytest.param((64, 64), "bf16", id="global-64-one-row-blocks-bf16"),
+    pytest.param((14, 14), "bf16", id="window-14-reshaped-blocks-bf16"),
+    pytest.param((14, 14), "fp32", id="window-14-ieee-fp32"),
+])
+def test_kernels_compile_for_an_h100_without_one(kernel, grid, dtype, monkeypatch, tmp_path):
+    """CI has no GPU: each kernel is compiled here for sm_90 (Triton's own ptxas) with the
+    first tile its autotuner would try, the 16-byte alignment a real launch sees (pointers and
+    the q / k / v strides) and vit_b's head dim: key blocks of one row (64 x 64 grid) and of
+    several (14 x 14 windows: the reshaped bias and bias gradients), bf16 and fp32 products."""
     compiler = pytest.importorskip("triton.compiler")
     from triton.backends.compiler import GPUTarget
 
-    from scrollsam.model import rel_attention as ra
-
-    tuned = getattr(ra, kernel)
-    if type(tuned).__name__ != "Autotuner":
-        pytest.skip("kernels were defined under the interpreter in this process")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, do not reuse
+    tuned = _tuned_kernels()[kernel]
     jit = tuned.fn
-    config = ra._keep_whole_rows(tuned.configs, {}, WP=64)[0]
-    consts = dict(N=4096, H=64, W=64, WP=64, D=64, BLOCK_D=64, PRECISION="tf32",
-                  **config.kwargs)
-    pointers = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16"
+    h, w = grid
+    pitch = ra._pow2(w, least=1)
+    config = tuned.early_config_prune(tuned.configs, {}, WP=pitch)[0]
+    consts = dict(N=h * w, H=h, W=w, WP=pitch, D=64, BLOCK_D=64,
+                  PRECISION="ieee" if dtype == "fp32" else "tf32", **config.kwargs)
+    assert (config.kwargs["BLOCK_N"] == pitch) == (grid == (64, 64))
+    pointers = {name: "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
                 for name in jit.arg_names if name.isupper() and name not in consts}
     signature = {name: "constexpr" if name in consts else pointers.get(name) or (
         "fp32" if name == "scale" else "i32") for name in jit.arg_names}
@@ -340,7 +360,7 @@ def test_kernels_compile_for_an_h100_without_one(kernel, monkeypatch):
         (jit.arg_names.index(name),): value for name, value in consts.items()},
         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     try:
-        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
+        binary = ra.triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
             "num_warps": config.num_warps, "num_stages": config.num_stages})
     except RuntimeError as err:
         if "ptxas" in str(err) and "not found" in str(err).lower():

@@ -1,10 +1,10 @@
-"""Fused attention for the SAM image encoder: the official maths through one SDPA call.
+"""Fused attention for the SAM image encoder: the official maths without its [N, N] tensors.
 
 Official ``segment_anything`` ``Attention`` builds the full score matrix
 ``(q * scale) @ k^T`` [B * heads, N, N] (N = H * W tokens of a window or of the whole grid),
 adds the decomposed relative-position bias (MViTv2) and softmaxes it, keeping every [N, N]
-intermediate for backward. :class:`FusedAttention` computes the same function with
-``torch.nn.functional.scaled_dot_product_attention`` (SDPA), in one of two exact forms:
+intermediate for backward. :class:`FusedAttention` computes the same function in one of four
+exact forms, two through ``torch.nn.functional.scaled_dot_product_attention`` (SDPA):
 
 * ``"bias"``: the bias ``rel_h[q, key row] + rel_w[q, key col]`` [B, heads, N, N] is passed as
   ``attn_mask``. The score matrix is never stored, but the bias is (one [N, N] per head), and
@@ -25,10 +25,9 @@ intermediate for backward. :class:`FusedAttention` computes the same function wi
 * ``"triton"``: :func:`scrollsam.model.rel_attention.rel_attention`, a FlashAttention-2 kernel
   that adds the bias inside (head dim hd, no [N, N] tensor); CUDA with Triton only.
 
-``"auto"`` picks ``"fold"`` on CUDA (SDPA's cuDNN kernel: on an H100, forward + backward of a
-1024 px global block took 8.6 ms folded, 18.9 ms with the bias as a mask, 32 ms the official
-way; ``benchmarks/bench_gpu.py --attention`` also times ``"triton"``, which has no GPU
-measurement yet). On a CPU it picks ``"bias"`` for
+``"auto"`` picks ``"fold"`` on CUDA (SDPA's cuDNN kernel, the fastest SDPA form measured on an
+H100: README, Performance; ``benchmarks/bench_gpu.py --attention`` also times ``"triton"``,
+which has no GPU measurement yet). On a CPU it picks ``"bias"`` for
 inference and ``"explicit"`` when gradients flow: measured on the 2-core EPYC (vit_b encoder,
 256 px, batch 2, one thread, CPU seconds per image), SDPA saves 7 % of an fp32 inference
 (0.77 against 0.83 s) and ties in bf16 (0.32), but its CPU backward (the math fallback when
@@ -66,7 +65,7 @@ def relative_index(q_size: int, k_size: int) -> torch.Tensor:
 
 
 class FusedAttention(nn.Module):
-    """Official SAM encoder attention (same parameters) computed with one SDPA call.
+    """Official SAM encoder attention (same parameters) computed in one fused form.
 
     ``official``: the ``segment_anything`` ``Attention`` whose parameters are taken over.
     ``grid``: (H, W) token grid this block attends over (the window side for windowed blocks).

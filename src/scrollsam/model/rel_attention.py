@@ -19,8 +19,9 @@ tile's bias is ``rel_h[q, rows of the block]`` [BLOCK_M, RB] broadcast over the 
 * backward: one pass per block of keys for dK and dV, one per block of queries for dQ and the
   bias gradients: ``d rel_w[q, c]`` sums the score gradient dS over the rows of every key block
   (a register accumulator), ``d rel_h[q, r]`` sums it over the columns of row r, which only one
-  key block holds (stored straight away). Exact float32 sums, no atomics (FlexAttention's
-  captured-buffer gradients, which use atomics, measured 4x slower than fold).
+  key block holds (stored straight away). Exact float32 sums, no atomics (FlexAttention
+  reaches the bias tables' gradients through atomics: on the H100 an earlier FlexAttention
+  version of this path was slower than fold, issue 13's note).
 
 Inputs and outputs: q, k, v [B, nh, N, hd] (any strides with a unit last stride: the encoder's
 views of its qkv projection need no copy), rel_h [B, nh, N, H], rel_w [B, nh, N, W] (the
@@ -38,10 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+Kernel = Any  # a triton.jit kernel, or one wrapped in triton.autotune
+Config = Any  # triton.Config
 
 try:
     import triton
@@ -49,12 +54,29 @@ except ImportError:  # CPU-only torch builds (macOS, Windows) ship without Trito
     triton = None
 
 
-def available(device: torch.device) -> bool:
-    """Whether :func:`rel_attention` runs on ``device``: Triton is installed and the device is
-    CUDA, or Triton's interpreter is on (``TRITON_INTERPRET=1``, any device)."""
+
+def _interpreting() -> bool:
+    """Whether Triton defines interpreted kernels now (``TRITON_INTERPRET``, read as Triton
+    reads it). It decides when the kernels are defined, at this module's import, so the module
+    reads it then, once, for both :func:`available` and the tuning."""
     if triton is None:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # how older Triton reads it
+
+
+_INTERPRET = _interpreting()
+
+
+def available(device: torch.device) -> bool:
+    """Whether :func:`rel_attention` runs on ``device``: Triton is installed and the device is
+    CUDA, or Triton's interpreter was on when this module was imported (``TRITON_INTERPRET=1``,
+    any device)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or _INTERPRET
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -62,30 +84,32 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _untuned(w: int) -> tuple[int, int, int]:
+def _untuned(pitch: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, warps) where nothing is timed (Triton's interpreter): key blocks of
-    whole padded rows, at least 32 keys."""
-    return 64, max(32, _pow2(w, least=1)), 4
+    whole padded rows of ``pitch`` (WP) positions, at least 32 keys."""
+    return 64, max(32, pitch), 4
 
 
 # On a GPU each kernel picks its tiles by timing these once per grid, head dim and dtype (each
 # compiles in a second or two, at the first call); the interpreter takes _untuned's one choice.
 # Compiled for sm_90 (ptxas, bf16, head dim 64) these keep their registers; bigger tiles spill.
-_TUNED = triton is not None and os.environ.get("TRITON_INTERPRET") != "1"
+_TUNED = triton is not None and not _INTERPRET
 _FORWARD_TILES = ((128, 8, 3), (64, 4, 3))  # (BLOCK_M, warps, stages)
 _FORWARD_KEYS = (64, 128)  # BLOCK_N
 _BACKWARD_TILES = ((64, 8, 2), (32, 4, 2))
 _BACKWARD_KEYS = (32, 64)
 
 
-def _keep_whole_rows(configs: list, named_args: dict, **kwargs: object) -> list:
+def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],
+                     **kwargs: object) -> list[Config]:
     """Autotuner pruning: only tiles whose key blocks are whole padded rows."""
     pitch = kwargs.get("WP", named_args.get("WP"))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] % pitch == 0]
     return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": pitch}, num_warps=4, num_stages=1)]
 
 
-def _tuned(kernel, tiles: tuple[tuple[int, int, int], ...], keys: tuple[int, ...]):
+def _tuned(kernel: Kernel, tiles: tuple[tuple[int, int, int], ...],
+           keys: tuple[int, ...]) -> Kernel:
     """``kernel`` autotuned over (BLOCK_M, warps, stages) ``tiles`` x BLOCK_N ``keys`` on a GPU;
     as it is under the interpreter."""
     if not _TUNED:
@@ -96,7 +120,7 @@ def _tuned(kernel, tiles: tuple[tuple[int, int, int], ...], keys: tuple[int, ...
                            prune_configs_by={"early_config_prune": _keep_whole_rows})(kernel)
 
 
-def _launch(kernel, blocks_along: str, z: int, positions: int, w: int, *args: object,
+def _launch(kernel: Kernel, blocks_along: str, z: int, positions: int, *args: object,
             **settings: object) -> None:
     """Run ``kernel`` on one program per (image and head of the z = B * nh, block of the padded
     grid's ``positions`` along ``blocks_along``), in a 1-D grid (CUDA caps a grid's second
@@ -104,7 +128,7 @@ def _launch(kernel, blocks_along: str, z: int, positions: int, w: int, *args: ob
     if _TUNED:
         kernel[lambda meta: (z * triton.cdiv(positions, meta[blocks_along]),)](*args, **settings)
         return
-    block_m, block_n, warps = _untuned(w)
+    block_m, block_n, warps = _untuned(settings["WP"])
     side = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     kernel[(z * triton.cdiv(positions, side[blocks_along]),)](*args, **settings, **side,
                                                               num_warps=warps)
@@ -138,7 +162,14 @@ def _settings(q: Tensor, h: int, w: int) -> dict[str, object]:
 def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int,
            w: int) -> None:
     """Shapes and layouts the kernels assume; a ValueError names the first mismatch."""
-    b, heads, n, hd = q.shape
+    if q.dim() != 4:
+        raise ValueError(f"rel_attention: q: expected [B, heads, N, head dim], got shape "
+                         f"{tuple(q.shape)}")
+    devices = {t.device for t in (q, k, v, rel_h, rel_w)}
+    if len(devices) > 1:
+        raise ValueError(f"rel_attention: q, k, v, rel_h, rel_w are on different devices: "
+                         f"{sorted(map(str, devices))}")
+    b, heads, n, _ = q.shape
     if n != h * w:
         raise ValueError(f"rel_attention: q has {n} tokens, the grid {h} x {w} has {h * w}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -161,7 +192,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h:
     lse = torch.empty(b, heads, n, dtype=torch.float32, device=q.device)
     cfg = _settings(q, h, w)
     with _device_of(q):
-        _launch(_forward, "BLOCK_M", b * heads, h * cfg["WP"], w, q, k, v, rel_h.contiguous(),
+        _launch(_forward, "BLOCK_M", b * heads, h * cfg["WP"], q, k, v, rel_h.contiguous(),
                 rel_w.contiguous(), out, lse, *_strides(q, k, v), heads, scale, **cfg)
     return out, lse
 
@@ -189,9 +220,9 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
     common = (*_strides(q, k, v), heads, scale)
     positions = h * cfg["WP"]
     with _device_of(q):
-        _launch(_backward_kv, "BLOCK_N", b * heads, positions, w, q, k, v, rel_h, rel_w, grad,
+        _launch(_backward_kv, "BLOCK_N", b * heads, positions, q, k, v, rel_h, rel_w, grad,
                 lse, delta, dk, dv, *common, **cfg)
-        _launch(_backward_q, "BLOCK_M", b * heads, positions, w, q, k, v, rel_h, rel_w, grad,
+        _launch(_backward_q, "BLOCK_M", b * heads, positions, q, k, v, rel_h, rel_w, grad,
                 lse, delta, dq, drh, drw, *common, **cfg)
     return dq, dk, dv, drh, drw
 
