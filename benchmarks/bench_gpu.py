@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
         shown = (f"{r['images_per_s']:.1f} img/s" if "images_per_s" in r else r.get("error"))
         print(f"  {case.name}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+    doc["triton_tiles"] = rel_attention.tuned_tiles()  # what the triton path's timings used
     save()
     wall = doc["wall_s"]
     print()

@@ -327,6 +327,20 @@ def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
 
 
 @needs_triton
+def test_tuned_tiles_lists_each_kernels_choices():
+    kernels = _tuned_kernels()
+    key = (4096, 64, 64, "torch.bfloat16")
+    config = kernels[0].configs[0]
+    kernels[0].cache[key] = config
+    try:
+        tiles = ra.tuned_tiles()
+    finally:
+        del kernels[0].cache[key]
+    assert set(tiles) == {"forward", "backward_kv", "backward_q"}
+    assert tiles["forward"][str(key)] == str(config) and "BLOCK_M" in str(config)
+
+
+@needs_triton
 @pytest.mark.parametrize("kernel", [0, 1, 2], ids=["forward", "backward_kv", "backward_q"])
 @pytest.mark.parametrize(("grid", "dtype"), [
     pytest.param((64, 64), "bf16", id="global-64-one-row-blocks-bf16"),

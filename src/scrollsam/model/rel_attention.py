@@ -142,6 +142,17 @@ if triton is not None:
     _backward_q = _tuned(_kernels.backward_q, _BACKWARD_TILES, _BACKWARD_KEYS)
 
 
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The tiles each kernel's autotuner chose so far on this GPU: kernel -> {tuning key (token
+    count, head dim, row pitch, dtypes): its config}; empty without tuning. For benchmark
+    records, so that a run shows which tiles its timings used."""
+    if not _TUNED:
+        return {}
+    kernels = {"forward": _forward, "backward_kv": _backward_kv, "backward_q": _backward_q}
+    return {name: {str(key): str(config) for key, config in kernel.cache.items()}
+            for name, kernel in kernels.items()}
+
+
 def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it ``t``'s (a model on cuda:1)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -286,4 +297,4 @@ def rel_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
     return _attention(q, k, v, rel_h, rel_w, h, w, float(scale))[0]
 
 
-__all__ = ["available", "rel_attention"]
+__all__ = ["available", "rel_attention", "tuned_tiles"]
