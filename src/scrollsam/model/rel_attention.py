@@ -54,7 +54,6 @@ except ImportError:  # CPU-only torch builds (macOS, Windows) ship without Trito
     triton = None
 
 
-
 def _interpreting() -> bool:
     """Whether Triton defines interpreted kernels now (``TRITON_INTERPRET``, read as Triton
     reads it). It decides when the kernels are defined, at this module's import, so the module
