@@ -16,7 +16,7 @@ import triton.language as tl
 def _program(H: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr):
     """This program's (image and head z as int64, so that offsets past 2**31 elements do not
     wrap; index of its block of BLOCK positions), blocks varying fastest."""
-    blocks: tl.constexpr = (H * WP + BLOCK - 1) // BLOCK
+    blocks = (H * WP + BLOCK - 1) // BLOCK  # constexpr arithmetic: a compile-time number
     pid = tl.program_id(0)
     return (pid // blocks).to(tl.int64), pid % blocks
 
