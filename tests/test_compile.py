@@ -73,6 +73,26 @@ def test_a_run_with_compile_trains(fast_backend, tiny_run_config):
     assert _graphs() >= 1  # the encoder did go through dynamo
 
 
+@pytest.mark.parametrize("available", [True, False])
+def test_static_prompt_sets_only_with_a_compiled_decoder(available, monkeypatch, tmp_path,
+                                                        tiny_run_config):
+    """Static sets decode more (every set in every round): worth it for a compiled decoder's
+    one shape per round, waste for an eager one where compile cannot run."""
+    from scrollsam.train.loop import setup
+
+    dynamo.reset()
+    if available:
+        monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    else:  # inductor without a C++ compiler: one warning, eager
+        monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+        monkeypatch.delenv("CXX", raising=False)
+    try:
+        s = setup(tiny_run_config("train.compile=true"), tmp_path)
+    finally:
+        dynamo.reset()
+    assert s.static_prompts is available
+
+
 def test_unavailable_compile_warns_once_and_stays_eager(monkeypatch, caplog):
     monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)

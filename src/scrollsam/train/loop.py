@@ -95,6 +95,7 @@ class Setup:
     model: SamSegmenter
     cache: EmbeddingCache | None
     ranks: Ranks
+    static_prompts: bool = False  # the decoder is compiled: decode static prompt sets
 
 
 def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
@@ -138,13 +139,14 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         log.info("process %d of %d: global batch %d (%d processes x batch %d x accumulate %d)",
                  world.rank, world.size, global_batch(cfg, world.size), world.size,
                  cfg.train.batch_size, cfg.train.accumulate)
-    if cfg.train.compile and compile_encoder(model, device=device):
-        compile_decoder(model, device=device)  # the step then decodes static prompt sets
+    static = bool(cfg.train.compile and compile_encoder(model, device=device)
+                  and compile_decoder(model, device=device))
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
         log.info("embedding cache on (%s)", "disk" if cache.directory else "memory")
-    return Setup(cfg, run, device, view, train_set, valid_set, model, cache, ranks)
+    return Setup(cfg, run, device, view, train_set, valid_set, model, cache, ranks,
+                 static_prompts=static)
 
 
 def _batches(s: Setup, start_step: int) -> Iterator[dict]:
@@ -267,7 +269,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
         optimizer.load_state_dict(ckpt["optimizer"])
         state = train_state_of(ckpt)
         log.info("resuming %s at step %d", run, state.step)
-    forward = partial(prompted_forward, static=True) if cfg.train.compile else prompted_forward
+    forward = partial(prompted_forward, static=True) if s.static_prompts else prompted_forward
     step_module = wrap_for_ranks(s.model, s.cache, world=world, prompt_cfg=cfg.prompts,
                                  loss_cfg=cfg.loss, device=s.device, forward=forward)
     tb = TensorBoard(run, enabled=world.main)
