@@ -132,8 +132,6 @@ def decode(model: SamSegmenter, embeddings: Tensor, sets: PromptSets, *, blocks:
                             multimask=outputs == {(1, 4)}, all_masks=every,
                             image_index=sets.image_index, pad=False, present=sets.present(),
                             check_values=False)
-    if len(blocks) == 1 and not every:
-        return [(model.refine(low, features, sets.image_index), iou, low)]
     out = []
     for rows, (lo, hi) in blocks:
         masks = slice(lo, hi) if every else slice(None)
@@ -183,7 +181,7 @@ def corrective_rounds(
                 picked.append(logits.detach())  # (P_b, 1, ...)
                 feedback.append(low.detach())
                 continue
-            part = truth if len(blocks) == 1 else truth.rows(rows)
+            part = truth.rows(rows)  # views
             loss = sam_loss(logits, iou, part.ink, part.valid, **loss_kw)
             if prompt_free:
                 free.append((loss.parts, logits.shape[0]))
