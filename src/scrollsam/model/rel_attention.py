@@ -157,6 +157,11 @@ def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _unit_last_stride(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors, copied only where their last stride is not 1 (the kernels' one need)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def _strides(*tensors: Tensor) -> list[int]:
     """(batch, head, token) strides of each [B, nh, N, hd] tensor, in order."""
     return [s for t in tensors for s in t.stride()[:3]]
@@ -196,7 +201,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int
 def _attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int,
                scale: float) -> tuple[Tensor, Tensor]:
     """Forward: (output [B, nh, N, hd], row log-sum-exp float32 [B, nh, N])."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _unit_last_stride(q, k, v)
     b, heads, n, hd = q.shape
     out = torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, heads, n, dtype=torch.float32, device=q.device)
@@ -218,7 +223,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
                         rel_w: Tensor, out: Tensor, lse: Tensor, h: int, w: int,
                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: dq, dk, dv [B, nh, N, hd], d rel_h [B, nh, N, H], d rel_w [B, nh, N, W]."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _unit_last_stride(q, k, v)
     rel_h, rel_w, grad = rel_h.contiguous(), rel_w.contiguous(), grad.contiguous()
     out, lse = out.contiguous(), lse.contiguous()
     b, heads, n, hd = q.shape
