@@ -28,15 +28,15 @@ from bench_attention import SIZE, _encoder, _images, _infer_fn, _needs_bf16
 from common import BENCH_DIR, compare, register
 
 from scrollsam import build_model
+from scrollsam.train.prompt_sets import FAMILIES, Families
 
 
 def _step(model: torch.nn.Module, params: list, embed, label: torch.Tensor, prompts,
-          bf16: bool, *, families: tuple | None = None):
+          bf16: bool, *, families: Families = FAMILIES):
     """One training step (prompted forward, loss, backward, AdamW) as a callable;
-    ``families``: the kinds sharing decoder calls (None: the step's default)."""
+    ``families``: the kinds sharing decoder calls."""
     from scrollsam.config import LossConfig
     from scrollsam.train.loop import make_optimizer
-    from scrollsam.train.prompt_sets import FAMILIES
     from scrollsam.train.step import prompted_forward
 
     opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
@@ -46,7 +46,7 @@ def _step(model: torch.nn.Module, params: list, embed, label: torch.Tensor, prom
         g = torch.Generator().manual_seed(1)  # the same prompts every call
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = prompted_forward(model, embed(), label, valid, prompt_cfg=prompts,
-                                   loss_cfg=LossConfig(), gen=g, families=families or FAMILIES)
+                                   loss_cfg=LossConfig(), gen=g, families=families)
         out.parts["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -5,10 +5,9 @@ the tile size instead (positional embeddings resized by ``build_model``), so a 2
 16x fewer tokens and the global-attention blocks far less than that. The baseline is the seed's
 model, official attention included; scrollsam's default fused attention alone makes the 1024 px
 encoder about 2x faster on this CPU (6.9 s against 13.5 s), which is not what this entry
-measures. Weights are random (seeded): speed
-does not depend on their values. The 1024 px encoder takes about 12-14 s per image on the 2-core
-CPU of ``results.json``, so this entry runs 3 timed repeats after one warm-up (1 repeat, no
-warm-up, with --quick).
+measures. Weights are random (seeded): speed does not depend on their values. The 1024 px
+encoder takes about 12-14 s per image on the 2-core CPU of ``results.json``, so this entry runs
+3 timed repeats after one warm-up (1 repeat, no warm-up, with --quick).
 """
 
 from __future__ import annotations
