@@ -6,10 +6,18 @@ Tensors: q, k, v [B, nh, N, D] with strides (``s?b``, ``s?h``, ``s?n``) and a un
 O, DO, DQ, DK, DV contiguous [B * nh, N, D]; RH, RW, DRH, DRW contiguous [B * nh, N, H or W];
 LSE, DELTA float32 [B * nh, N]. Tiles are float32 except loaded q, k, v, dO (their dtype).
 Only imported where Triton is.
+
+Each softmax term is ``exp2(s * LOG2E - m * LOG2E)``, one fused multiply-add and one exp2 per
+score, with the row's ``m * LOG2E`` computed once (``exp`` would cost a multiply and, compiled
+for sm_90, a denormal check around each exp2 besides). Padded positions need no per-score
+select: their bias is -inf (columns >= W in rel_w, rows >= H in rel_h), so their softmax terms
+are 0, and padded queries load zeros (q, dO), so they add 0 to every gradient.
 """
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -41,12 +49,13 @@ def _rows(PTR, token, ok, stride, offs_d, d_ok):
 
 
 @triton.jit
-def _column_bias(RW, tok_m, m_ok, W: tl.constexpr, WP: tl.constexpr):
-    """rel_w of the queries -> [BLOCK_M, WP] (0 past W): the same for every key block."""
-    cols = tl.arange(0, WP)
-    bw = tl.load(RW + tok_m[:, None] * W + cols[None, :],
-                 mask=m_ok[:, None] & (cols < W)[None, :], other=0.0)
-    return bw.to(tl.float32)
+def _bias(TABLE, tok_m, m_ok, index, size: tl.constexpr):
+    """Columns ``index`` of the queries' rows of a bias table [N, size] -> [BLOCK_M,
+    len(index)] float32: -inf at ``index >= size`` (padding), 0 in padded rows."""
+    real = index < size
+    b = tl.load(TABLE + tok_m[:, None] * size + index[None, :],
+                mask=m_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
+    return tl.where(real[None, :], b, float("-inf"))
 
 
 @triton.jit
@@ -54,12 +63,10 @@ def _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H: tl.constexpr, WP: tl.c
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """scale * q k^T plus the bias of the key block at ``start_n`` -> [BLOCK_M, BLOCK_N]:
     rel_h [BLOCK_M, RB] (RB = BLOCK_N / WP key rows) over each row's WP columns, and rel_w
-    ``bw`` [BLOCK_M, WP] over each of the RB rows."""
+    ``bw`` [BLOCK_M, WP] (from :func:`_bias`) over each of the RB rows."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
-    bh = tl.load(RH + tok_m[:, None] * H + rows[None, :],
-                 mask=m_ok[:, None] & (rows < H)[None, :], other=0.0).to(tl.float32)
-    if BLOCK_N == WP:
+    bh = _bias(RH, tok_m, m_ok, start_n // WP + tl.arange(0, BLOCK_N // WP), H)
+    if BLOCK_N == WP:  # bw, the same for every key block, is converted to s's layout once
         return s + bh + bw
     bias = bh[:, :, None] + bw[:, None, :]  # (BLOCK_M, RB, WP), row-major as the keys
     return s + tl.reshape(bias, (BLOCK_M, BLOCK_N))
@@ -79,7 +86,7 @@ def forward(Q, K, V, RH, RW, O, LSE,
     d_ok = offs_d < D
     q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
     RH += z * N * H
-    bw = _column_bias(RW + z * N * W, tok_m, m_ok, W, WP)
+    bw = _bias(RW + z * N * W, tok_m, m_ok, tl.arange(0, WP), W)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -87,11 +94,10 @@ def forward(Q, K, V, RH, RW, O, LSE,
         tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
         k = _rows(K + b * skb + h * skh, tok_n, n_ok, skn, offs_d, d_ok)  # (BLOCK_N, BLOCK_D)
         s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
-                    PRECISION)
-        s = tl.where(n_ok[None, :], s, float("-inf"))  # (BLOCK_M, BLOCK_N)
+                    PRECISION)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        p = tl.exp2(s * LOG2E - (m_new * LOG2E)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _rows(V + b * svb + h * svh, tok_n, n_ok, svn, offs_d, d_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -125,12 +131,12 @@ def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         tok_m, m_ok = _tokens(start_m + tl.arange(0, BLOCK_M), H, W, WP)
         q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
         do = _rows(DO + z * N * D, tok_m, m_ok, D, offs_d, d_ok)
-        lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0)
+        lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
-        bw = _column_bias(RW, tok_m, m_ok, W, WP)
+        bw = _bias(RW, tok_m, m_ok, tl.arange(0, WP), W)
         s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
                     PRECISION)
-        p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.exp2(s * LOG2E - lse[:, None])  # padded queries: dO = 0, so they add nothing
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N)
@@ -157,11 +163,11 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
     d_ok = offs_d < D
     q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
     do = _rows(DO + z * N * D, tok_m, m_ok, D, offs_d, d_ok)
-    lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
     RH += z * N * H
     DRH += z * N * H
-    bw = _column_bias(RW + z * N * W, tok_m, m_ok, W, WP)
+    bw = _bias(RW + z * N * W, tok_m, m_ok, cols, W)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     drw = tl.zeros([BLOCK_M, WP], tl.float32)
     for start_n in range(0, H * WP, BLOCK_N):
@@ -170,9 +176,10 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
         v = _rows(V + b * svb + h * svh, tok_n, n_ok, svn, offs_d, d_ok)
         s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
                     PRECISION)
-        p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.exp2(s * LOG2E - lse[:, None])  # 0 at padded keys
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N), 0 off the grid
+        ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N), 0 off the grid: p = 0
+        # at padded keys, dP = delta = 0 at padded queries
         dq += tl.dot(ds.to(q.dtype), k, input_precision=PRECISION)
         rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
         if BLOCK_N == WP:  # one key row: its d rel_h is the row sum
