@@ -13,7 +13,8 @@ FSETP``) and everything in the loop (``total``).
     .venv/bin/python benchmarks/kernel_sass.py      # vit_b at 1024 px: 64 x 64, 14 x 14 windows
     .venv/bin/python benchmarks/kernel_sass.py --grids 16x16 --head-dim 80 --dtype fp32
 
-Every tile the autotuner may pick for the grid is compiled (each takes a few seconds).
+Every tile the autotuner may pick for the grid is compiled (each takes a few seconds); float32
+launches one fixed tile, so only that one.
 """
 
 from __future__ import annotations
@@ -77,10 +78,16 @@ def _kernel(name: str) -> Any:
     return tuned
 
 
-def tiles(kernel: str, grid: tuple[int, int]) -> list[Any]:
-    """The configs ``kernel``'s autotuner would time on ``grid`` (after its pruning)."""
+def tiles(kernel: str, grid: tuple[int, int], dtype: str = "bf16") -> list[Any]:
+    """The configs ``kernel``'s autotuner would time on ``grid`` (after its pruning); for
+    float32 the one fixed tile it launches instead (Triton's default 3 stages)."""
     tuned = _kernel(kernel)
-    return tuned.early_config_prune(tuned.configs, {}, WP=ra._pow2(grid[1], least=1))
+    pitch = ra._pow2(grid[1], least=1)
+    if dtype == "fp32":
+        block_m, block_n, warps = ra._untuned(pitch)
+        return [ra.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                                 num_stages=3)]
+    return tuned.early_config_prune(tuned.configs, {}, WP=pitch)
 
 
 def _cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
           + " ".join(f"{k:>5}" for k in FP32_PIPE))
     for grid in map(_grid, args.grids.split(",")):
         for kernel in args.kernels.split(","):
-            for config in tiles(kernel, grid):
+            for config in tiles(kernel, grid, args.dtype):
                 row = measure(kernel, grid, args.dtype, config, args.head_dim)
                 loop = row["loop"]
                 print(f"{kernel:<12} {row['grid']:<6} {row['tile']:<16} {row['registers']:>4} "

@@ -55,11 +55,11 @@ def test_the_final_self_branch_is_no_hot_loop():
 ])
 def test_kernels_compile_for_an_h100_and_keep_their_hot_loops_lean(kernel, grid, dtype,
                                                                    monkeypatch, tmp_path):
-    """The first tile each autotuner tries, vit_b's head dim: key blocks of one row (64 x 64
-    grid) and of several (14 x 14 windows: the reshaped bias and bias gradients), bf16 and fp32
-    products, compiled afresh (no cache)."""
+    """The first tile each autotuner tries (float32: the one tile it runs), vit_b's head dim:
+    key blocks of one row (64 x 64 grid) and of several (14 x 14 windows: the reshaped bias and
+    bias gradients), bf16 and fp32 products, compiled afresh (no cache)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    config = kernel_sass.tiles(kernel, grid)[0]
+    config = kernel_sass.tiles(kernel, grid, dtype)[0]  # float32: its one fixed tile
     assert (config.kwargs["BLOCK_N"] == ra._pow2(grid[1], least=1)) == (grid == (64, 64))
     try:
         row = kernel_sass.measure(kernel, grid, dtype, config)

@@ -309,21 +309,40 @@ def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
     assert ra._untuned(pitch)[1] % pitch == 0
 
 
+class _Kernel:
+    """Stands in for a kernel: records each launch's grid and tile settings."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[tuple[int, ...], dict]] = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((grid({"BLOCK_M": 64, "BLOCK_N": 32}) if callable(grid)
+                                  else grid, kwargs))
+        return run
+
+
 @pytest.mark.parametrize("tuned", [True, False])
 def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
     """CUDA caps a grid's second axis at 65535: vit_b's windowed blocks at batch 256 have
     256 * 25 * 12 = 76800 (image, head) pairs, so they go in one axis with the blocks."""
-    grids = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            grids.append(grid({"BLOCK_M": 64, "BLOCK_N": 32}) if callable(grid) else grid)
-            return lambda *args, **kwargs: None
-
+    kernel = _Kernel()
     monkeypatch.setattr(ra, "_TUNED", tuned)
     z, positions = 256 * 25 * 12, 14 * 16
-    ra._launch(Kernel(), "BLOCK_N", z, positions, WP=16)
-    assert grids == [(z * (positions // 32),)]
+    ra._launch(kernel, "BLOCK_N", z, positions, WP=16, PRECISION="tf32")
+    assert [grid for grid, _ in kernel.launches] == [(z * (positions // 32),)]
+
+
+def test_float32_products_take_one_fixed_tile_not_the_autotuner(monkeypatch):
+    """fp32 ("ieee") kernels spill at every tile and only serve exactness checks: on a GPU they
+    skip the autotuner's 4 compiles and timings per kernel and grid."""
+    tuned, inner = _Kernel(), _Kernel()
+    tuned.fn = inner  # as triton.autotune wraps its kernel
+    monkeypatch.setattr(ra, "_TUNED", True)
+    ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION="ieee")
+    ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION="tf32")
+    assert [kwargs.get("BLOCK_M") for _, kwargs in inner.launches] == [ra._untuned(16)[0]]
+    assert len(tuned.launches) == 1 and "BLOCK_M" not in tuned.launches[0][1]
 
 
 @needs_triton

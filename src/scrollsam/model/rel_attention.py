@@ -84,13 +84,15 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 def _untuned(pitch: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps) where nothing is timed (Triton's interpreter): key blocks of
-    whole padded rows of ``pitch`` (WP) positions, at least 32 keys."""
+    """(BLOCK_M, BLOCK_N, warps) where nothing is timed (Triton's interpreter, float32
+    products): key blocks of whole padded rows of ``pitch`` (WP) positions, at least 32 keys."""
     return 64, max(32, pitch), 4
 
 
 # On a GPU each kernel picks its tiles by timing these once per grid, head dim and dtype (each
-# compiles in a second or two, at the first call); the interpreter takes _untuned's one choice.
+# compiles in a second or two, at the first call); the interpreter takes _untuned's one choice,
+# and so do float32 products: "ieee" products are float32 FMA loops that spill registers at
+# every tile (benchmarks/kernel_sass.py), there for exactness checks, not worth 4 compiles each.
 # Compiled for sm_90 (ptxas, bf16, head dim 64) these keep their registers; bigger tiles spill.
 _TUNED = triton is not None and not _INTERPRET
 _FORWARD_TILES = ((128, 8, 3), (64, 4, 3))  # (BLOCK_M, warps, stages)
@@ -123,14 +125,16 @@ def _launch(kernel: Kernel, blocks_along: str, z: int, positions: int, *args: ob
             **settings: object) -> None:
     """Run ``kernel`` on one program per (image and head of the z = B * nh, block of the padded
     grid's ``positions`` along ``blocks_along``), in a 1-D grid (CUDA caps a grid's second
-    axis at 65535: B * 25 windows * heads passes that from batch 219 with vit_b)."""
-    if _TUNED:
+    axis at 65535: B * 25 windows * heads passes that from batch 219 with vit_b); autotuned
+    tiles on a GPU, :func:`_untuned`'s for float32 products and under the interpreter."""
+    if _TUNED and settings["PRECISION"] != "ieee":
         kernel[lambda meta: (z * triton.cdiv(positions, meta[blocks_along]),)](*args, **settings)
         return
     block_m, block_n, warps = _untuned(settings["WP"])
     side = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    kernel[(z * triton.cdiv(positions, side[blocks_along]),)](*args, **settings, **side,
-                                                              num_warps=warps)
+    jit = kernel.fn if _TUNED else kernel  # the kernel the autotuner wraps
+    jit[(z * triton.cdiv(positions, side[blocks_along]),)](*args, **settings, **side,
+                                                           num_warps=warps)
 
 
 if triton is not None:
