@@ -6,9 +6,12 @@ here. The hot loop (the key-block or query-block loop every program repeats) is 
 kernel spends its time; its instruction counts are a static proxy for the kernel's non-tensor-
 core work (the softmax, the bias, conversions, addresses), for comparing kernel changes between
 GPU sessions. They are not timings: a count says nothing of latency or of how the products and
-the rest overlap. Instruction kinds reported: tensor-core products (``HGMMA`` warpgroup,
-``HMMA`` warp), ``MUFU`` (exp2, reciprocals), the float32 pipe (``FFMA FADD FMUL FMNMX FSEL
-FSETP``) and everything in the loop (``total``).
+the rest overlap. "Per score" divides one pass of the loop by the scores each thread owns in it
+(BLOCK_M x BLOCK_N / threads): MUFU per score near 1 is one exp2 each, 2 means the tile's layout
+has every thread compute its part of the softmax twice (64-row tiles on 8 warps do).
+Instruction kinds reported: tensor-core products (``HGMMA`` warpgroup, ``HMMA`` warp), ``MUFU``
+(exp2, reciprocals), the float32 pipe (``FFMA FADD FMUL FMNMX FSEL FSETP``) and everything in
+the loop (``total``).
 
     .venv/bin/python benchmarks/kernel_sass.py      # vit_b at 1024 px: 64 x 64, 14 x 14 windows
     .venv/bin/python benchmarks/kernel_sass.py --grids 16x16 --head-dim 80 --dtype fp32
@@ -124,13 +127,16 @@ def measure(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
     cubin = compile_sm90(kernel, grid, dtype, config, head_dim).asm["cubin"]
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", _cuobjdump(cubin, "--dump-resource-usage"))
     loop = hot_loop(_cuobjdump(cubin, "-sass"))
+    scores = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] / (32 * config.num_warps)
     return {"kernel": kernel, "grid": f"{grid[0]}x{grid[1]}", "dtype": dtype,
             "head_dim": head_dim, "tile": f"{config.kwargs['BLOCK_M']}x"
             f"{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}",
             "registers": int(usage.group(1)), "stack": int(usage.group(2)),
+            "scores_per_thread": scores,  # of one pass of the loop
             "loop": {"total": sum(loop.values()), "HGMMA": loop["HGMMA"], "HMMA": loop["HMMA"],
                      "MUFU": loop["MUFU"], "fp32": sum(loop[k] for k in FP32_PIPE),
-                     **{k: loop[k] for k in FP32_PIPE}}}
+                     **{k: loop[k] for k in FP32_PIPE}},
+            "per_score": {"total": sum(loop.values()) / scores, "MUFU": loop["MUFU"] / scores}}
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -149,17 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
-    print(f"{'kernel':<12} {'grid':<6} {'tile':<16} {'regs':>4} {'stack':>5} | hot loop: "
-          f"{'total':>5} {'HGMMA':>5} {'HMMA':>4} {'MUFU':>4} {'fp32':>4}  "
-          + " ".join(f"{k:>5}" for k in FP32_PIPE))
+    print(f"{'kernel':<12} {'grid':<6} {'tile':<16} {'regs':>4} {'stack':>5} | per score: "
+          f"{'total':>5} {'MUFU':>4} | hot loop: {'total':>5} {'HGMMA':>5} {'HMMA':>4} "
+          f"{'MUFU':>4} {'fp32':>4}  " + " ".join(f"{k:>5}" for k in FP32_PIPE))
     for grid in map(_grid, args.grids.split(",")):
         for kernel in args.kernels.split(","):
             for config in tiles(kernel, grid, args.dtype):
                 row = measure(kernel, grid, args.dtype, config, args.head_dim)
                 loop = row["loop"]
+                per = row["per_score"]
                 print(f"{kernel:<12} {row['grid']:<6} {row['tile']:<16} {row['registers']:>4} "
-                      f"{row['stack']:>5} |            {loop['total']:>5} {loop['HGMMA']:>5} "
-                      f"{loop['HMMA']:>4} {loop['MUFU']:>4} {loop['fp32']:>4}  "
+                      f"{row['stack']:>5} |            {per['total']:>5.1f} {per['MUFU']:>4.2f} "
+                      f"|            {loop['total']:>5} {loop['HGMMA']:>5} {loop['HMMA']:>4} "
+                      f"{loop['MUFU']:>4} {loop['fp32']:>4}  "
                       + " ".join(f"{loop[k]:>5}" for k in FP32_PIPE), flush=True)
                 rows.append(row)
     if args.json:

@@ -92,13 +92,18 @@ def _untuned(pitch: int) -> tuple[int, int, int]:
 # On a GPU each kernel picks its tiles by timing these once per grid, head dim and dtype (each
 # compiles in a second or two, at the first call); the interpreter takes _untuned's one choice,
 # and so do float32 products: "ieee" products are float32 FMA loops that spill registers at
-# every tile (benchmarks/kernel_sass.py), there for exactness checks, not worth 4 compiles each.
-# Compiled for sm_90 (ptxas, bf16, head dim 64) these keep their registers; bigger tiles spill.
+# every tile (benchmarks/kernel_sass.py), there for exactness checks, not worth the compiles.
+# (BLOCK_M, BLOCK_N, warps, stages): BLOCK_M queries by BLOCK_N keys a score tile. The forward
+# and dQ walk key blocks for a block of queries, dK / dV query blocks for a block of keys.
+# Compiled for sm_90 (bf16, head dim 64, vit_b's grids; benchmarks/kernel_sass.py) none spills
+# and each thread computes its scores' softmax once: 64-row tiles on 8 warps compute it twice
+# (2 exp2 per score, twice the instructions per score of 64 x 64 on 4 warps).
 _TUNED = triton is not None and not _INTERPRET
-_FORWARD_TILES = ((128, 8, 3), (64, 4, 3))  # (BLOCK_M, warps, stages)
-_FORWARD_KEYS = (64, 128)  # BLOCK_N
-_BACKWARD_TILES = ((64, 8, 2), (32, 4, 2))
-_BACKWARD_KEYS = (32, 64)
+_FORWARD_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+_BACKWARD_KV_TILES = ((64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2),
+                      (64, 32, 4, 2))
+_BACKWARD_Q_TILES = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2),
+                     (32, 64, 4, 2))
 
 
 def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],
@@ -109,14 +114,13 @@ def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],
     return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": pitch}, num_warps=4, num_stages=1)]
 
 
-def _tuned(kernel: Kernel, tiles: tuple[tuple[int, int, int], ...],
-           keys: tuple[int, ...]) -> Kernel:
-    """``kernel`` autotuned over (BLOCK_M, warps, stages) ``tiles`` x BLOCK_N ``keys`` on a GPU;
-    as it is under the interpreter."""
+def _tuned(kernel: Kernel, tiles: tuple[tuple[int, int, int, int], ...]) -> Kernel:
+    """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``tiles`` on a GPU; as it is
+    under the interpreter."""
     if not _TUNED:
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-               for m, w, st in tiles for n in keys]
+               for m, n, w, st in tiles]
     return triton.autotune(configs, key=["N", "D", "WP"],
                            prune_configs_by={"early_config_prune": _keep_whole_rows})(kernel)
 
@@ -140,9 +144,9 @@ def _launch(kernel: Kernel, blocks_along: str, z: int, positions: int, *args: ob
 if triton is not None:
     from scrollsam.model import rel_attention_kernels as _kernels
 
-    _forward = _tuned(_kernels.forward, _FORWARD_TILES, _FORWARD_KEYS)
-    _backward_kv = _tuned(_kernels.backward_kv, _BACKWARD_TILES, _BACKWARD_KEYS)
-    _backward_q = _tuned(_kernels.backward_q, _BACKWARD_TILES, _BACKWARD_KEYS)
+    _forward = _tuned(_kernels.forward, _FORWARD_TILES)
+    _backward_kv = _tuned(_kernels.backward_kv, _BACKWARD_KV_TILES)
+    _backward_q = _tuned(_kernels.backward_q, _BACKWARD_Q_TILES)
 
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
