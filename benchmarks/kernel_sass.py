@@ -41,7 +41,9 @@ except ImportError:  # run from a checkout without scrollsam installed
 KERNELS = ("forward", "backward_kv", "backward_q")
 FP32_PIPE = ("FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)")
-_BRANCH_TARGET = re.compile(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)")
+# a branch's target address: BRA[.U|.DIV ...] [!]P0 / UR4, ... 0x1f0 (the last operand)
+_BRANCH_TARGET = re.compile(r"\bBRA(?:\.[A-Z]+)*\s+(?:[^;]*?,\s*)?0x([0-9a-f]+)\s*;")
+_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)", re.MULTILINE)
 
 
 def compile_sm90(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
@@ -68,7 +70,8 @@ def compile_sm90(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
         (jit.arg_names.index(name),): value for name, value in consts.items()},
         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return ra.triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
-        "num_warps": config.num_warps, "num_stages": config.num_stages})
+        "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "enable_fp_fusion": True})  # as rel_attention's launches ask
 
 
 def _kernel(name: str) -> Any:
@@ -83,13 +86,13 @@ def _kernel(name: str) -> Any:
 
 def tiles(kernel: str, grid: tuple[int, int], dtype: str = "bf16") -> list[Any]:
     """The configs ``kernel``'s autotuner would time on ``grid`` (after its pruning); for
-    float32 the one fixed tile it launches instead (Triton's default 3 stages)."""
+    float32 the one fixed tile it launches instead."""
     tuned = _kernel(kernel)
     pitch = ra._pow2(grid[1], least=1)
     if dtype == "fp32":
-        block_m, block_n, warps = ra._untuned(pitch)
+        block_m, block_n, warps, stages = ra._untuned(pitch)
         return [ra.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                                 num_stages=3)]
+                                 num_stages=stages)]
     return tuned.early_config_prune(tuned.configs, {}, WP=pitch)
 
 
@@ -105,20 +108,24 @@ def _cuobjdump(cubin: bytes, *flags: str) -> str:
 
 def hot_loop(sass: str) -> collections.Counter:
     """Instruction kinds (opcode without modifiers: ``MUFU.EX2`` -> ``MUFU``) of the longest
-    loop in ``sass`` (cuobjdump -sass text): the instructions from a backward branch's target
-    to the branch. Empty where there is no loop."""
-    code = [(int(m.group(1), 16), m.group(3), line) for line in sass.splitlines()
-            if (m := _INSTRUCTION.search(line))]
-    best: tuple[int, int] | None = None
-    for end, (address, op, line) in enumerate(code):
-        target = _BRANCH_TARGET.search(line) if op == "BRA" else None
-        if target and int(target.group(1), 16) < address:
-            start = next(i for i, c in enumerate(code) if c[0] >= int(target.group(1), 16))
-            if best is None or end - start > best[1] - best[0]:
-                best = (start, end)
-    if best is None:
-        return collections.Counter()
-    return collections.Counter(op for _, op, _ in code[best[0]:best[1] + 1])
+    loop in ``sass`` (cuobjdump -sass text; each function's addresses start at 0): the
+    instructions from a backward branch's target to the branch. Empty where there is no loop;
+    a ValueError for a branch whose target cannot be read (a cuobjdump this does not know)."""
+    best: list[tuple[int, str, str]] = []
+    for body in _FUNCTION.split(sass)[::2]:  # the text before each header, then each function
+        code = [(int(m.group(1), 16), m.group(3), line) for line in body.splitlines()
+                if (m := _INSTRUCTION.search(line))]
+        for end, (address, op, line) in enumerate(code):
+            if op != "BRA":
+                continue
+            target = _BRANCH_TARGET.search(line)
+            if target is None:
+                raise ValueError(f"kernel_sass: cannot read the branch target of {line.strip()!r}")
+            start = int(target.group(1), 16)
+            if start < address:
+                loop = [c for c in code[:end + 1] if c[0] >= start]
+                best = loop if len(loop) > len(best) else best
+    return collections.Counter(op for _, op, _ in best)
 
 
 def measure(kernel: str, grid: tuple[int, int], dtype: str, config: Any,

@@ -76,7 +76,7 @@ def _other_tiles(grid: tuple[int, int], hd: int, block_m: int, block_n: int) -> 
     from scrollsam.model import rel_attention as ra
 
     untuned = ra._untuned
-    ra._untuned = lambda w: (block_m, block_n, 4)
+    ra._untuned = lambda w: (block_m, block_n, 4, 3)
     try:
         return _kernel_vs_official(grid, hd)
     finally:
@@ -334,15 +334,30 @@ def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
 
 
 def test_float32_products_take_one_fixed_tile_not_the_autotuner(monkeypatch):
-    """fp32 ("ieee") kernels spill at every tile and only serve exactness checks: on a GPU they
-    skip the autotuner's 4 compiles and timings per kernel and grid."""
+    """fp32 ("ieee") kernels mostly spill and only serve exactness checks: on a GPU they skip
+    the autotuner's compiles and timings per kernel and grid."""
     tuned, inner = _Kernel(), _Kernel()
     tuned.fn = inner  # as triton.autotune wraps its kernel
     monkeypatch.setattr(ra, "_TUNED", True)
     ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION="ieee")
     ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION="tf32")
-    assert [kwargs.get("BLOCK_M") for _, kwargs in inner.launches] == [ra._untuned(16)[0]]
+    [(_, fixed)] = inner.launches
+    block_m, block_n, warps, stages = ra._untuned(16)
+    assert (fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"], fixed["num_stages"]) == (
+        block_m, block_n, warps, stages)
     assert len(tuned.launches) == 1 and "BLOCK_M" not in tuned.launches[0][1]
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_launches_ask_for_fused_multiply_adds(precision, monkeypatch):
+    """The softmax terms are one FMA and one exp2 each; Triton 3.10 turns fusion off unless a
+    launch asks for it."""
+    tuned, inner = _Kernel(), _Kernel()
+    tuned.fn = inner
+    monkeypatch.setattr(ra, "_TUNED", True)
+    ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION=precision)
+    [(_, kwargs)] = tuned.launches + inner.launches
+    assert kwargs["enable_fp_fusion"] is True
 
 
 @needs_triton

@@ -83,21 +83,21 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _untuned(pitch: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps) where nothing is timed (Triton's interpreter, float32
+def _untuned(pitch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) where nothing is timed (Triton's interpreter, float32
     products): key blocks of whole padded rows of ``pitch`` (WP) positions, at least 32 keys."""
-    return 64, max(32, pitch), 4
+    return 64, max(32, pitch), 4, 3
 
 
 # On a GPU each kernel picks its tiles by timing these once per grid, head dim and dtype (each
 # compiles in a second or two, at the first call); the interpreter takes _untuned's one choice,
-# and so do float32 products: "ieee" products are float32 FMA loops that spill registers at
-# every tile (benchmarks/kernel_sass.py), there for exactness checks, not worth the compiles.
+# and so do float32 products: "ieee" products are float32 FMA loops, most tiles of which spill
+# registers (benchmarks/kernel_sass.py), there for exactness checks, not worth the compiles.
 # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_M queries by BLOCK_N keys a score tile. The forward
 # and dQ walk key blocks for a block of queries, dK / dV query blocks for a block of keys.
 # Compiled for sm_90 (bf16, head dim 64, vit_b's grids; benchmarks/kernel_sass.py) none spills
-# and each thread computes its scores' softmax once: 64-row tiles on 8 warps compute it twice
-# (2 exp2 per score, twice the instructions per score of 64 x 64 on 4 warps).
+# and each thread computes its scores' softmax once: 64-row tiles on 8 warps compile to 2 exp2
+# per score and twice the instructions per score of 64 x 64 on 4 warps (static counts).
 _TUNED = triton is not None and not _INTERPRET
 _FORWARD_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 _BACKWARD_KV_TILES = ((64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2),
@@ -130,15 +130,18 @@ def _launch(kernel: Kernel, blocks_along: str, z: int, positions: int, *args: ob
     """Run ``kernel`` on one program per (image and head of the z = B * nh, block of the padded
     grid's ``positions`` along ``blocks_along``), in a 1-D grid (CUDA caps a grid's second
     axis at 65535: B * 25 windows * heads passes that from batch 219 with vit_b); autotuned
-    tiles on a GPU, :func:`_untuned`'s for float32 products and under the interpreter."""
+    tiles on a GPU, :func:`_untuned`'s for float32 products and under the interpreter. Fused
+    multiply-adds are asked for, not left to Triton's default (which Triton 3.10 turns off):
+    the softmax terms are one FMA and one exp2 each."""
+    settings = {**settings, "enable_fp_fusion": True}
     if _TUNED and settings["PRECISION"] != "ieee":
         kernel[lambda meta: (z * triton.cdiv(positions, meta[blocks_along]),)](*args, **settings)
         return
-    block_m, block_n, warps = _untuned(settings["WP"])
+    block_m, block_n, warps, stages = _untuned(settings["WP"])
     side = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     jit = kernel.fn if _TUNED else kernel  # the kernel the autotuner wraps
     jit[(z * triton.cdiv(positions, side[blocks_along]),)](*args, **settings, **side,
-                                                           num_warps=warps)
+                                                           num_warps=warps, num_stages=stages)
 
 
 if triton is not None:
@@ -152,7 +155,8 @@ if triton is not None:
 def tuned_tiles() -> dict[str, dict[str, str]]:
     """The tiles each kernel's autotuner chose so far on this GPU: kernel -> {tuning key (token
     count, head dim, row pitch, dtypes): its config}; empty without tuning. For benchmark
-    records, so that a run shows which tiles its timings used."""
+    records, so that a run shows which tiles its timings used (float32 products are not tuned:
+    they run :func:`_untuned`'s tile)."""
     if not _TUNED:
         return {}
     kernels = {"forward": _forward, "backward_kv": _backward_kv, "backward_q": _backward_q}
