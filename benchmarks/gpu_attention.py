@@ -169,12 +169,18 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
 
 
 def format_blocks(results: dict[str, dict[str, Any]]) -> str:
-    """A table: one row per shape, ms per mode (fwd + bwd / fwd alone)."""
+    """A table: one row per shape, ms per mode (fwd + bwd / fwd alone), and where both ran,
+    fold's time over triton's (> 1: the Triton kernel is faster; the choice ``auto`` awaits)."""
     modes = list(next(iter(results.values())).keys()) if results else []
-    lines = [f"{'block ms: fwd+bwd / fwd':28s} " + " ".join(f"{m:>13s}" for m in modes)]
+    lines = [f"{'block ms: fwd+bwd / fwd':28s} " + " ".join(f"{m:>13s}" for m in modes)
+             + f" {'fold/triton':>13s}"]
     for name, row in results.items():
         cells = [f"{row[m]['ms']:6.2f}/{row[m]['forward_ms']:6.2f}" if "ms" in row[m]
                  else f"{'err':>13s}" for m in modes]
+        fold, triton = row.get("fold", {}), row.get("triton", {})
+        if "ms" in fold and "ms" in triton:
+            cells.append(f"{fold['ms'] / triton['ms']:5.2f}x/"
+                         f"{fold['forward_ms'] / triton['forward_ms']:5.2f}x")
         lines.append(f"{name:28s} " + " ".join(cells))
     errors = [f"  {n}/{m}: {r['error']}" for n, row in results.items() for m, r in row.items()
               if "error" in r]

@@ -149,3 +149,7 @@ def test_attention_block_table_shows_both_timings_and_errors():
         "triton": {"error": "OutOfResources: shared memory"}}})
     assert "8.61/  2.50" in table and "err" in table
     assert "1024_global/triton: OutOfResources" in table
+    ran = format_blocks({"1024_global": {
+        "fold": {"ms": 8.6, "peak_mb": 10.0, "forward_ms": 2.4},
+        "triton": {"ms": 4.3, "peak_mb": 8.0, "forward_ms": 1.6}}})
+    assert " 2.00x/ 1.50x" in ran.splitlines()[1]  # fold's time over triton's
