@@ -80,7 +80,7 @@ def _kernel(name: str) -> Any:
               "backward_q": "_backward_q"}[name]
     tuned = getattr(ra, kernel, None)
     if ra.triton is None or type(tuned).__name__ != "Autotuner":
-        raise SystemExit("error: needs Triton, not under its interpreter (unset TRITON_INTERPRET)")
+        raise RuntimeError("needs Triton, not under its interpreter (unset TRITON_INTERPRET)")
     return tuned
 
 
@@ -146,14 +146,20 @@ def measure(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
             "per_score": {"total": sum(loop.values()) / scores, "MUFU": loop["MUFU"] / scores}}
 
 
-def _grid(text: str) -> tuple[int, int]:
-    h, _, w = text.partition("x")
-    return int(h), int(w)
+def _grids(text: str) -> list[tuple[int, int]]:
+    """"64x64,14x14" -> [(64, 64), (14, 14)]; argparse's one-line error otherwise."""
+    grids = []
+    for item in text.split(","):
+        h, _, w = item.strip().partition("x")
+        if not (h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+            raise argparse.ArgumentTypeError(f"expected grids like 64x64,14x14, got {item!r}")
+        grids.append((int(h), int(w)))
+    return grids
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grids", default="64x64,14x14",
+    parser.add_argument("--grids", type=_grids, default="64x64,14x14",
                         help="token grids HxW: 64x64 = vit_b's global blocks at 1024 px, "
                              "14x14 its windows")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -161,12 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    kernels = args.kernels.split(",")
+    if not set(kernels) <= set(KERNELS):
+        parser.error(f"--kernels: expected some of {','.join(KERNELS)}, got {args.kernels!r}")
+    try:
+        tiles(kernels[0], args.grids[0])
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     rows = []
     print(f"{'kernel':<12} {'grid':<6} {'tile':<16} {'regs':>4} {'stack':>5} | per score: "
           f"{'total':>5} {'MUFU':>4} | hot loop: {'total':>5} {'HGMMA':>5} {'HMMA':>4} "
           f"{'MUFU':>4} {'fp32':>4}  " + " ".join(f"{k:>5}" for k in FP32_PIPE))
-    for grid in map(_grid, args.grids.split(",")):
-        for kernel in args.kernels.split(","):
+    for grid in args.grids:
+        for kernel in kernels:
             for config in tiles(kernel, grid, args.dtype):
                 row = measure(kernel, grid, args.dtype, config, args.head_dim)
                 loop = row["loop"]

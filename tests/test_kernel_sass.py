@@ -113,3 +113,12 @@ def test_float32_tile_compiles_for_an_h100(kernel, monkeypatch, tmp_path):
     [config] = kernel_sass.tiles(kernel, (14, 14), "fp32")
     loop = _measure(kernel, (14, 14), "fp32", config)["loop"]
     assert loop["total"] > 0 and loop["FSETP"] == 0
+
+
+@pytest.mark.parametrize("args", [["--grids", "6x"], ["--grids", "64x64,0x4"],
+                                  ["--kernels", "fwd"]])
+def test_bad_arguments_end_in_one_line_and_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        kernel_sass.main(args)
+    assert stop.value.code == 2
+    assert ": error: " in capsys.readouterr().err.strip().splitlines()[-1]  # prog: error: ...
