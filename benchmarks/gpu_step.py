@@ -98,6 +98,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam import build_model
     from scrollsam.config import LossConfig, PromptConfig
     from scrollsam.model.attention import fuse_attention
+    from scrollsam.model.compile import compile_model
     from scrollsam.precision import autocast_for
     from scrollsam.train import prompt_sets
     from scrollsam.train.loop import make_optimizer
@@ -111,11 +112,8 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         fuse_attention(model.sam.image_encoder, mode=case.path)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]  # the whole model
-    if case.compile:  # as train.compile does it: the encoder, the decoder, static prompt sets
-        from scrollsam.model.compile import compile_decoder
-
-        model.sam.image_encoder.compile(dynamic=False, backend=compile_backend)
-        compile_decoder(model, device=device, backend=compile_backend)
+    # as train.compile does it: the encoder, the decoder, then static prompt sets
+    static = case.compile and compile_model(model, device=device, backend=compile_backend)
     opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device)
@@ -136,7 +134,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         with autocast_for(device, True):
             out = prompted_forward(model, model.encode(images), label, valid,
                                    prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen,
-                                   static=case.compile, families=families)
+                                   static=static, families=families)
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -54,6 +54,15 @@ def compile_unavailable(device: torch.device | str, backend: str | None = None) 
     return None
 
 
+def compile_model(model: nn.Module, *, device: torch.device | str,
+                  backend: str | None = None) -> bool:
+    """``train.compile``: the encoder, then the mask decoder, each where compile can run. True
+    when both compiled: only then should the step decode static prompt sets (every set in every
+    round), which buy a compiled decoder one shape per round and an eager one extra work."""
+    return compile_encoder(model, device=device, backend=backend) and compile_decoder(
+        model, device=device, backend=backend)
+
+
 def compile_decoder(model: nn.Module, *, device: torch.device | str,
                     backend: str | None = None) -> bool:
     """Compile the segmenter's mask decoder pass (``model._predict_masks``) in place, static

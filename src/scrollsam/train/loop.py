@@ -39,7 +39,7 @@ from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError
 from scrollsam.losses import scalar_parts
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
-from scrollsam.model.compile import compile_decoder, compile_encoder
+from scrollsam.model.compile import compile_model
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import count_parameters, format_counts
 from scrollsam.precision import autocast_for, precision_name
@@ -139,8 +139,7 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         log.info("process %d of %d: global batch %d (%d processes x batch %d x accumulate %d)",
                  world.rank, world.size, global_batch(cfg, world.size), world.size,
                  cfg.train.batch_size, cfg.train.accumulate)
-    static = bool(cfg.train.compile and compile_encoder(model, device=device)
-                  and compile_decoder(model, device=device))
+    static = bool(cfg.train.compile and compile_model(model, device=device))
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
