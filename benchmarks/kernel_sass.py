@@ -76,9 +76,7 @@ def compile_sm90(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
 
 def _kernel(name: str) -> Any:
     """The autotuned kernel ``name`` (its configs and pruning), or a one-line error."""
-    kernel = {"forward": "_forward", "backward_kv": "_backward_kv",
-              "backward_q": "_backward_q"}[name]
-    tuned = getattr(ra, kernel, None)
+    tuned = getattr(ra, f"_{name}", None)  # rel_attention._forward, ...
     if ra.triton is None or type(tuned).__name__ != "Autotuner":
         raise RuntimeError("needs Triton, not under its interpreter (unset TRITON_INTERPRET)")
     return tuned
