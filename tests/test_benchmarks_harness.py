@@ -153,3 +153,36 @@ def test_attention_block_table_shows_both_timings_and_errors():
         "fold": {"ms": 8.6, "peak_mb": 10.0, "forward_ms": 2.4},
         "triton": {"ms": 4.3, "peak_mb": 8.0, "forward_ms": 1.6}}})
     assert " 2.00x/ 1.50x" in ran.splitlines()[1]  # fold's time over triton's
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_gpu_compile_cases_decode_static_sets_only_with_a_compiled_decoder(available,
+                                                                          monkeypatch):
+    """As the training loop: static prompt sets (every set in every round) only where the
+    decoder did compile; where compile cannot run they would be extra work for nothing."""
+    import torch
+    from gpu_step import Case, make_step
+    from torch import _dynamo as dynamo
+
+    from scrollsam.model import compile as compile_mod
+    from scrollsam.train import step as step_mod
+
+    if not available:  # inductor on a CPU without a C++ compiler: one warning, eager
+        monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+        monkeypatch.delenv("CXX", raising=False)
+    seen = []
+
+    def forward(*args, static: bool = False, **kwargs):
+        seen.append(static)
+        raise StopIteration  # the decision is all this test needs
+
+    monkeypatch.setattr(step_mod, "prompted_forward", forward)
+    dynamo.reset()
+    try:
+        step, _ = make_step(Case("tiny", 64, 1, "fold", compile=True), torch.device("cpu"),
+                            compile_backend="aot_eager" if available else "inductor")
+        with pytest.raises(StopIteration):
+            step()
+    finally:
+        dynamo.reset()
+    assert seen == [available]
