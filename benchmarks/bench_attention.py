@@ -10,6 +10,10 @@ compared side by side in one process (``common.compare``); bf16 entries: ``bench
 - ``encoder_attention_bias_vs_explicit_train_bf16``: why: SDPA's CPU backward against the
   explicit product. ``encoder_attention_fold_vs_bias_infer_fp32``: the folded form (what
   flash kernels take on a GPU) against the bias form on a CPU.
+- ``encoder_windows_real_tokens_vs_padded_{train,infer}_{fp32,bf16}``: the fused encoder with
+  official padded windowed blocks (qkv and proj over the 28 x 28 padded grid of four 14 x 14
+  windows) against :class:`~scrollsam.model.attention.FusedBlock` (qkv and proj over the 16 x 16
+  real tokens, the padding as qkv of a zero token): the default window 14.
 - ``encoder_256_window16_vs_14``: encoder inference with 16 x 16 windows (the 16 x 16 token
   grid in one window, no padding) against 14 x 14 ones (padded to 28 x 28: four windows).
 
@@ -24,7 +28,7 @@ import torch
 from common import compare, register
 
 from scrollsam import build_model
-from scrollsam.model.attention import fuse_attention
+from scrollsam.model.attention import FusedAttention, fuse_attention
 from scrollsam.precision import cpu_has_bf16
 
 SIZE = 256
@@ -90,6 +94,30 @@ for _train in (True, False):
                  about=f"vit_b encoder {'fwd+bwd' if _train else 'inference'} at 256 px, "
                        f"{'bf16' if _bf16 else 'fp32'}: official attention vs fused")(
             lambda quick, t=_train, b=_bf16: _fused_vs_official(t, b, quick))
+
+
+def _padded_windows() -> torch.nn.Module:
+    """The fused encoder as it was before :class:`FusedBlock`: fused attention inside the
+    official blocks, which pad the grid to whole windows before qkv."""
+    enc = _encoder(attention="official")
+    for block in enc.blocks:
+        side = block.window_size or SIZE // 16
+        block.attn = FusedAttention(block.attn, grid=(side, side))
+    return enc
+
+
+for _train in (True, False):
+    for _bf16 in (False, True):
+        _name = (f"encoder_windows_real_tokens_vs_padded_{'train' if _train else 'infer'}_"
+                 f"{'bf16' if _bf16 else 'fp32'}")
+        register(_name, goal=None, needs=_needs_bf16 if _bf16 else None,
+                 about=f"vit_b encoder {'fwd+bwd' if _train else 'inference'} at 256 px, "
+                       f"{'bf16' if _bf16 else 'fp32'}, fused: qkv / proj over padded windows "
+                       "vs real tokens")(
+            lambda quick, t=_train, b=_bf16: _pair(
+                _padded_windows(), _encoder(), train=t, bf16=b, quick=quick,
+                baseline="fused attention in official blocks (padded qkv / proj)",
+                ours="FusedBlock (qkv / proj over real tokens)"))
 
 
 @register("encoder_attention_bias_vs_explicit_train_bf16", goal=None, needs=_needs_bf16,

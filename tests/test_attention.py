@@ -70,6 +70,28 @@ def test_global_and_windowed_blocks_are_both_swapped():
     assert [b.attn.grid for b in enc.blocks] == [(8, 8), (16, 16), (8, 8), (16, 16)]
 
 
+def test_windowed_blocks_run_qkv_and_proj_on_real_tokens_only():
+    """A 6 x 6 grid in 14-wide windows: officially padded to 14 x 14 (196 tokens per image
+    through qkv and proj); fused, the 36 real tokens and one zero token (qkv's padding value)."""
+    enc = _fused(_official_encoder(VIT_B_SHAPED, 96), "auto")
+    seen: dict[str, list[int]] = {"qkv": [], "proj": []}
+    for name in seen:
+        getattr(enc.blocks[0].attn, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen[name].append(args[0][..., 0].numel()))
+    enc(torch.randn(2, 3, 96, 96))  # (B, C, S, S): B = 2
+    assert enc.blocks[0].window_size == 14
+    assert seen == {"qkv": [2 * 36, 1], "proj": [2 * 36]}
+
+
+def test_unpadded_windows_need_no_padding_token():
+    enc = _fused(_official_encoder(VARIANTS["tiny"], 128), "auto")  # 8 x 8 grid, window 8
+    calls = []
+    enc.blocks[0].attn.qkv.register_forward_hook(
+        lambda mod, args, out: calls.append(args[0][..., 0].numel()))
+    enc(torch.randn(1, 3, 128, 128))
+    assert calls == [64]
+
+
 def test_auto_mode_takes_sdpa_for_inference_and_explicit_for_training_on_cpu():
     attn = build_model("tiny", image_size=128).sam.image_encoder.blocks[0].attn
     assert attn.mode == "auto"
