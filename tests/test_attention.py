@@ -12,7 +12,13 @@ from segment_anything.modeling.image_encoder import Attention
 from scrollsam import build_model
 from scrollsam.errors import InputError
 from scrollsam.model.adapt import resize_rel_pos
-from scrollsam.model.attention import FusedAttention, fuse_attention, relative_index
+from scrollsam.model.attention import (
+    FusedAttention,
+    FusedBlock,
+    _spans,
+    fuse_attention,
+    relative_index,
+)
 from scrollsam.model.build import VARIANTS, EncoderSpec, _build_sam
 
 # vit_b's attention shape (768 wide, 12 heads of 64, 14 x 14 windows) in two blocks, one global
@@ -81,6 +87,50 @@ def test_windowed_blocks_run_qkv_and_proj_on_real_tokens_only():
     enc(torch.randn(2, 3, 96, 96))  # (B, C, S, S): B = 2
     assert enc.blocks[0].window_size == 14
     assert seen == {"qkv": [2 * 36, 1], "proj": [2 * 36]}
+
+
+def test_only_real_tokens_ask_in_padded_windows(monkeypatch):
+    """tiny at 240 px: a 15 x 15 grid in 8-wide windows (padded to 16 x 16) is cut into four
+    regions whose windows ask with their real 8 x 8, 8 x 7, 7 x 8 and 7 x 7 tokens."""
+    enc = _fused(_official_encoder(VARIANTS["tiny"], 240), "auto")
+    calls = []
+    original = FusedAttention.attend
+
+    def attend(self, qkv, *, queries=None):
+        if self is enc.blocks[0].attn:
+            calls.append((qkv.shape[0], tuple(qkv.shape[1:3]), queries))
+        return original(self, qkv, queries=queries)
+
+    monkeypatch.setattr(FusedAttention, "attend", attend)
+    enc(torch.randn(2, 3, 240, 240))
+    assert calls == [(2, (8, 8), (8, 8)), (2, (8, 8), (8, 7)), (2, (8, 8), (7, 8)),
+                     (2, (8, 8), (7, 7))]  # (windows, window, real part) per region, B = 2
+
+
+@pytest.mark.parametrize("mode", ["bias", "fold", "explicit"])
+def test_fewer_queries_are_the_full_attention_cropped(mode):
+    torch.manual_seed(0)
+    attn = Attention(96, num_heads=3, use_rel_pos=True, input_size=(6, 6))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    fused = FusedAttention(attn, grid=(6, 6), mode=mode)
+    qkv = torch.randn(4, 6, 6, 3 * 96, requires_grad=True)  # (B, H, W, 3 dim)
+    got = fused.attend(qkv, queries=(4, 5))
+    torch.testing.assert_close(got, fused.attend(qkv)[:, :4, :5], rtol=1e-5, atol=1e-5)
+    assert got.shape == (4, 4, 5, 96)
+    fused.mode = "triton"
+    with pytest.raises(ValueError, match="queries"):
+        fused.attend(qkv, queries=(4, 5))
+
+
+def test_spans_cut_a_padded_axis_into_inner_windows_and_the_edge():
+    assert _spans(64, 14) == [(0, 56, 14), (56, 14, 8)]  # vit_b at 1024 px
+    assert _spans(16, 14) == [(0, 14, 14), (14, 14, 2)]  # vit_b at 256 px
+    assert _spans(6, 14) == [(0, 14, 6)]
+    assert _spans(28, 14) == [(0, 28, 14)]
+    assert all(isinstance(b, FusedBlock) for b in _fused(_official_encoder(
+        VARIANTS["tiny"], 128), "auto").blocks)
 
 
 def test_unpadded_windows_need_no_padding_token():

@@ -118,47 +118,58 @@ class FusedAttention(nn.Module):
         """[B, H, W, dim] -> [B, H, W, dim]: attention over the whole H x W grid of each item."""
         return self.proj(self.attend(self.qkv(x)))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, *, queries: tuple[int, int] | None = None,
+               ) -> torch.Tensor:
         """The attention between the ``qkv`` and ``proj`` products: qkv [B, H, W, 3 * dim]
-        (q, k, v, each heads x hd, along the last axis) -> [B, H, W, dim] (heads x hd)."""
+        (q, k, v, each heads x hd, along the last axis) -> [B, Hq, Wq, dim] (heads x hd).
+
+        ``queries`` (Hq, Wq): only each grid's top-left Hq x Wq tokens ask (a window's real
+        tokens, :class:`FusedBlock`); all H x W tokens are keys. None: every token, (H, W).
+        """
         b, h, w, _ = qkv.shape
-        n, heads = h * w, self.num_heads
+        hq, wq = queries or (h, w)
+        n, nq, heads = h * w, hq * wq, self.num_heads
         qkv = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, N, hd)
         q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
         hd = q.shape[-1]
+        if nq != n:
+            q = q.reshape(b, heads, h, w, hd)[:, :, :hq, :wq].reshape(b, heads, nq, hd)
         if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, nh, N, hd)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, nh, Nq, hd)
         else:
-            rh, rw = self._tables(h, w)  # (H, H, hd), (W, W, hd)
-            r_q = q.reshape(b, heads, h, w, hd)  # (B, nh, H, W, hd)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh.to(q.dtype))  # (B, nh, H, W, H)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw.to(q.dtype))  # (B, nh, H, W, W)
+            rh, rw = self._tables(h, w)  # (H, H, hd), (W, W, hd): query rows / cols first
+            r_q = q.reshape(b, heads, hq, wq, hd)  # (B, nh, Hq, Wq, hd)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh[:hq].to(q.dtype))  # (.., Hq, Wq, H)
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw[:wq].to(q.dtype))  # (.., Hq, Wq, W)
             mode = self.resolved_mode(qkv.device, grad=q.requires_grad)
             if mode == "explicit":
-                attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, N, N)
-                attn = (attn.view(b, heads, h, w, h, w) + rel_h[..., :, None]
-                        + rel_w[..., None, :]).view(b, heads, n, n)  # (B, nh, N, N)
-                out = attn.softmax(dim=-1) @ v  # (B, nh, N, hd)
+                attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, Nq, N)
+                attn = (attn.view(b, heads, hq, wq, h, w) + rel_h[..., :, None]
+                        + rel_w[..., None, :]).view(b, heads, nq, n)  # (B, nh, Nq, N)
+                out = attn.softmax(dim=-1) @ v  # (B, nh, Nq, hd)
             elif mode == "triton":
+                if nq != n:
+                    raise ValueError("attention mode triton: queries must be every key")
                 out = rel_attention(q, k, v, rel_h.reshape(b, heads, n, h),
                                     rel_w.reshape(b, heads, n, w), grid=(h, w),
                                     scale=self.scale)  # (B, nh, N, hd)
             elif mode == "bias":
                 bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(
-                    b, heads, n, n)  # (B, nh, N, H * W)
+                    b, heads, nq, n)  # (B, nh, Nq, H * W)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                     scale=self.scale)  # (B, nh, N, hd)
+                                                     scale=self.scale)  # (B, nh, Nq, hd)
             else:
-                out = _folded(q, k, v, rel_h.reshape(b, heads, n, h),
-                              rel_w.reshape(b, heads, n, w), scale=self.scale, grid=(h, w))
-        return out.transpose(1, 2).reshape(b, h, w, heads * hd)  # (B, H, W, dim)
+                out = _folded(q, k, v, rel_h.reshape(b, heads, nq, h),
+                              rel_w.reshape(b, heads, nq, w), scale=self.scale, grid=(h, w))
+        return out.transpose(1, 2).reshape(b, hq, wq, heads * hd)  # (B, Hq, Wq, dim)
 
 
 def _folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
             rel_w: torch.Tensor, *, scale: float, grid: tuple[int, int]) -> torch.Tensor:
-    """SDPA with the decomposed bias folded into extra dims; q, k, v [B, nh, N, hd],
-    rel_h [B, nh, N, H], rel_w [B, nh, N, W] -> [B, nh, N, hd]."""
-    b, heads, n, hd = q.shape
+    """SDPA with the decomposed bias folded into extra dims; q [B, nh, Nq, hd], k, v
+    [B, nh, N, hd] (N = H * W keys), rel_h [B, nh, Nq, H], rel_w [B, nh, Nq, W] ->
+    [B, nh, Nq, hd]."""
+    b, heads, n, hd = k.shape
     h, w = grid
     extra = h + w
     pad = -(hd + extra) % 8  # flash kernels want a head dim that is a multiple of 8
@@ -166,26 +177,29 @@ def _folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tens
     cols = torch.arange(n, device=q.device) % w  # (N,) key column
     onehot = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(q.dtype)  # (N, H+W)
     onehot = onehot.expand(b, heads, n, extra)  # (B, nh, N, H + W)
-    q2 = torch.cat([q * scale, rel_h, rel_w], dim=-1)  # (B, nh, N, hd + H + W)
+    q2 = torch.cat([q * scale, rel_h, rel_w], dim=-1)  # (B, nh, Nq, hd + H + W)
     k2 = torch.cat([k, onehot], dim=-1)  # (B, nh, N, hd + H + W)
     v2 = F.pad(v, (0, extra + pad))  # (B, nh, N, hd + H + W + pad)
     if pad:
-        q2, k2 = F.pad(q2, (0, pad)), F.pad(k2, (0, pad))  # (B, nh, N, hd + H + W + pad)
-    out = F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)  # (B, nh, N, hd + ...)
-    return out[..., :hd]  # (B, nh, N, hd)
+        q2, k2 = F.pad(q2, (0, pad)), F.pad(k2, (0, pad))  # (B, nh, ., hd + H + W + pad)
+    out = F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)  # (B, nh, Nq, hd + ...)
+    return out[..., :hd]  # (B, nh, Nq, hd)
 
 
 class FusedBlock(Block):
     """An official encoder ``Block`` (same modules, same parameter names) whose attention is a
-    :class:`FusedAttention` and whose windowed attention spends no products on padding.
+    :class:`FusedAttention` and whose windowed attention spends no work on padding tokens.
 
-    Officially a windowed block pads the normed grid [B, H, W, dim] with zero tokens to a
-    multiple of the window, then runs ``qkv`` and ``proj`` over every padded token. A zero
-    token's qkv is the same for all of them, ``qkv(0)`` (the bias), and a padded query's output
-    is cropped away, so here ``qkv`` and ``proj`` see only the H x W real tokens and the padding
-    is ``qkv(0)`` itself (gradients into the bias included, as officially). vit_b at 256 px
-    (16 x 16 tokens, 14-wide windows padded to 28 x 28) runs a third of the tokens through its
-    windowed blocks' ``qkv`` and ``proj``; at 1024 px (64 -> 70) 84 %.
+    Officially a windowed block pads the normed grid [B, H, W, dim] with zero tokens to whole
+    windows, then runs ``qkv``, attention and ``proj`` for every padded token. A zero token's
+    qkv is the same for all of them, ``qkv(0)`` (the bias), and a padded query's output is
+    cropped away. So here ``qkv`` and ``proj`` see only the H x W real tokens, the padding keys
+    and values are ``qkv(0)`` itself (gradients into the bias included, as officially), and
+    only real tokens ask: the grid is cut into up to four regions whose windows have the same
+    real part (inner windows, the right and bottom edges, the corner), one attention call each.
+    vit_b at 256 px (16 x 16 tokens, 14-wide windows padded to 28 x 28) asks and projects for a
+    third of the tokens the official block does; at 1024 px (64 -> 70) for 84 %. The ``triton``
+    kernel wants queries and keys alike, so under it the padded queries are still computed.
     """
 
     def __init__(self, official: Block, *, grid: int, mode: str = "auto") -> None:
@@ -214,15 +228,37 @@ class FusedBlock(Block):
             fill = self.attn.qkv(x.new_zeros(1, dim)).view(1, 1, 1, -1)  # (1, 1, 1, 3 dim)
             qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)  # (B, H, Wp, 3 dim)
             qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)  # (B, Hp, Wp, .)
-        nh, nw = (h + pad_h) // ws, (w + pad_w) // ws
-        windows = qkv.view(b, nh, ws, nw, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(
-            b * nh * nw, ws, ws, -1)  # (B * nh * nw, ws, ws, 3 dim)
-        out = self.attn.attend(windows)  # (B * nh * nw, ws, ws, dim)
-        out = out.view(b, nh, nw, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(
-            b, nh * ws, nw * ws, -1)  # (B, Hp, Wp, dim)
-        if pad_h or pad_w:  # padded queries dropped, then contiguous: a strided input sends
-            out = out[:, :h, :w].contiguous()  # proj down a slow batched matmul (CPU, bf16)
-        return self.attn.proj(out)  # (B, H, W, dim)
+        if self.attn.resolved_mode(x.device, grad=qkv.requires_grad) == "triton":
+            out = self._region(qkv, (0, h + pad_h, ws), (0, w + pad_w, ws))  # (B, Hp, Wp, dim)
+            out = out[:, :h, :w]
+        else:
+            out = torch.cat([torch.cat([self._region(qkv, rows, cols) for cols in _spans(w, ws)],
+                                       dim=2) for rows in _spans(h, ws)], dim=1)  # (B, H, W, .)
+        # contiguous: a strided input sends proj down a slow batched matmul (CPU, bf16)
+        return self.attn.proj(out.contiguous())  # (B, H, W, dim)
+
+    def _region(self, qkv: torch.Tensor, rows: tuple[int, int, int],
+                cols: tuple[int, int, int]) -> torch.Tensor:
+        """Attention in the windows of one region of the padded grid qkv [B, Hp, Wp, 3 dim];
+        ``rows`` / ``cols``: (first token, tokens, real tokens per window) -> the region's
+        real tokens [B, rows' windows x real rows, cols' windows x real cols, dim]."""
+        ws = self.window_size
+        (r0, rn, rq), (c0, cn, cq) = rows, cols
+        b, nh, nw = qkv.shape[0], rn // ws, cn // ws
+        windows = qkv[:, r0:r0 + rn, c0:c0 + cn].reshape(b, nh, ws, nw, ws, -1).permute(
+            0, 1, 3, 2, 4, 5).reshape(b * nh * nw, ws, ws, -1)  # (B * nh * nw, ws, ws, 3 dim)
+        out = self.attn.attend(windows, queries=(rq, cq))  # (B * nh * nw, rq, cq, dim)
+        return out.view(b, nh, nw, rq, cq, -1).permute(0, 1, 3, 2, 4, 5).reshape(
+            b, nh * rq, nw * cq, -1)  # (B, nh rq, nw cq, dim)
+
+
+def _spans(n: int, ws: int) -> list[tuple[int, int, int]]:
+    """Cut n real tokens in windows of ws (the last padded) into spans of windows with the same
+    real part: (first token, tokens, real tokens per window); e.g. 64, 14 -> [(0, 56, 14),
+    (56, 14, 8)], 16, 14 -> [(0, 14, 14), (14, 14, 2)], 6, 14 -> [(0, 14, 6)]."""
+    whole, last = divmod(n, ws)
+    spans = [(0, whole * ws, ws)] if whole else []
+    return spans + [(whole * ws, ws, last)] if last else spans
 
 
 def fuse_attention(encoder: nn.Module, *, mode: str = "auto") -> int:
