@@ -61,6 +61,7 @@ GPU_CASES = [
     Case("vit_b", 1024, 16, "triton", compile=True),
     Case("vit_b", 1024, 32, "triton", compile=True),  # no widened heads: room for batch 32
     Case("vit_b", 256, 256, "fold", window=16, compile=True),
+    Case("vit_b", 256, 256, "fold", compile=True),  # window 14: padded windows, real queries
     Case("vit_b", 256, 256, "triton", window=16, compile=True),
     Case("vit_h", 256, 8, "official"),
     Case("vit_h", 256, 8, "fold"),
