@@ -57,7 +57,7 @@ def compile_sm90(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
 
     jit = _kernel(kernel).fn
     h, w = grid
-    consts = dict(N=h * w, H=h, W=w, WP=ra._pow2(w, least=1), D=head_dim,
+    consts = dict(N=h * w, NQ=h * w, H=h, W=w, WP=ra._pow2(w, least=1), D=head_dim,
                   BLOCK_D=ra._pow2(head_dim), PRECISION="ieee" if dtype == "fp32" else "tf32",
                   **config.kwargs)
     pointers = {name: "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"

@@ -28,25 +28,28 @@ needs_triton = pytest.mark.skipif(ra.triton is None, reason="this torch build ha
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
                grid: tuple[int, int], scale: float) -> Tensor:
-    """The official computation: [B, nh, N, N] scores plus the bias, softmax, product with v."""
-    b, heads, n, _ = q.shape
+    """The official computation: [B, nh, NQ, N] scores plus the bias, softmax, product with v."""
+    b, heads, nq, _ = q.shape
     h, w = grid
-    s = scale * q @ k.transpose(-1, -2)  # (B, nh, N, N)
-    s = (s.view(b, heads, n, h, w) + rel_h[..., :, None] + rel_w[..., None, :]).view(
-        b, heads, n, n)
-    return s.softmax(-1) @ v  # (B, nh, N, hd)
+    s = scale * q @ k.transpose(-1, -2)  # (B, nh, NQ, N)
+    s = (s.view(b, heads, nq, h, w) + rel_h[..., :, None] + rel_w[..., None, :]).view(
+        b, heads, nq, h * w)
+    return s.softmax(-1) @ v  # (B, nh, NQ, hd)
 
 
-def _inputs(grid: tuple[int, int], hd: int, dtype: torch.dtype,
-            seed: int = 0) -> tuple[list[Tensor], Tensor]:
-    """q, k, v as the encoder has them (strided views of one qkv tensor) and the bias tables."""
+def _inputs(grid: tuple[int, int], hd: int, dtype: torch.dtype, seed: int = 0,
+            queries: int | None = None) -> tuple[list[Tensor], Tensor]:
+    """q, k, v as the encoder has them (strided views of one qkv tensor), the first ``queries``
+    tokens asking (None: all), and the bias tables."""
     gen = torch.Generator().manual_seed(seed)
     h, w = grid
     b, heads, n = 2, 3, h * w
+    nq = queries or n
     qkv = torch.randn(b, n, 3, heads, hd, generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
-    rel_h = torch.randn(b, heads, n, h, generator=gen).to(dtype)
-    rel_w = torch.randn(b, heads, n, w, generator=gen).to(dtype)
-    return [*qkv.unbind(0), rel_h, rel_w], torch.randn(b, heads, n, hd, generator=gen)
+    q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
+    rel_h = torch.randn(b, heads, nq, h, generator=gen).to(dtype)
+    rel_w = torch.randn(b, heads, nq, w, generator=gen).to(dtype)
+    return [q[:, :, :nq], k, v, rel_h, rel_w], torch.randn(b, heads, nq, hd, generator=gen)
 
 
 def _relative(got: Tensor, want: Tensor) -> float:
@@ -55,11 +58,11 @@ def _relative(got: Tensor, want: Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-def _kernel_vs_official(grid: tuple[int, int], hd: int) -> float:
+def _kernel_vs_official(grid: tuple[int, int], hd: int, queries: int | None = None) -> float:
     """Largest relative error of the output and the five gradients against float64."""
     from scrollsam.model.rel_attention import rel_attention
 
-    xs, grad = _inputs(grid, hd, torch.float32)
+    xs, grad = _inputs(grid, hd, torch.float32, queries=queries)
     assert not xs[0].is_contiguous()  # the kernel reads the strided views in place
     xs = [x.requires_grad_() for x in xs]
     out = rel_attention(*xs, grid=grid, scale=hd ** -0.5)
@@ -71,14 +74,15 @@ def _kernel_vs_official(grid: tuple[int, int], hd: int) -> float:
     return max([_relative(out, ref), *grads])
 
 
-def _other_tiles(grid: tuple[int, int], hd: int, block_m: int, block_n: int) -> float:
+def _other_tiles(grid: tuple[int, int], hd: int, block_m: int, block_n: int,
+                 queries: int | None = None) -> float:
     """:func:`_kernel_vs_official` with the tiles a GPU's autotuner may pick instead."""
     from scrollsam.model import rel_attention as ra
 
     untuned = ra._untuned
     ra._untuned = lambda w: (block_m, block_n, 4, 3)
     try:
-        return _kernel_vs_official(grid, hd)
+        return _kernel_vs_official(grid, hd, queries)
     finally:
         ra._untuned = untuned
 
@@ -206,18 +210,19 @@ def _training_step() -> dict[str, float]:
 
 
 def _counted_flops() -> list[int]:
-    """FlopCounterMode's count of one forward and backward: (counted, SDPA's 7 products)."""
+    """FlopCounterMode's count of one forward and backward, 20 queries of 35 keys: (counted,
+    SDPA's 7 products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from scrollsam.model.rel_attention import rel_attention
 
-    xs, grad = _inputs((5, 7), 16, torch.float32)
+    xs, grad = _inputs((5, 7), 16, torch.float32, queries=20)
     xs = [x.requires_grad_() for x in xs]
     counter = FlopCounterMode(display=False)
     with counter:
         rel_attention(*xs, grid=(5, 7), scale=0.25).backward(grad)
-    b, heads, n, hd = xs[0].shape
-    return [counter.get_total_flops(), 7 * 2 * b * heads * n * n * hd]
+    b, heads, nq, hd = xs[0].shape  # 20 queries of 35 keys
+    return [counter.get_total_flops(), 7 * 2 * b * heads * nq * 35 * hd]
 
 
 CHECKS = {
@@ -227,6 +232,11 @@ CHECKS = {
     "kernel_14x14_hd20": lambda: _kernel_vs_official((14, 14), 20),  # a 14 x 14 window
     "kernel_3x40_hd16": lambda: _kernel_vs_official((3, 40), 16),  # key blocks of one row
     "kernel_2x64_hd16": lambda: _kernel_vs_official((2, 64), 16),  # rows of 64, no padding
+    "kernel_5x7_hd24_20_queries": lambda: _kernel_vs_official((5, 7), 24, 20),  # NQ < N
+    "kernel_14x14_hd20_112_queries": lambda: _kernel_vs_official((14, 14), 20, 112),  # 8 rows
+    "kernel_9x9_hd16_1_query": lambda: _kernel_vs_official((9, 9), 16, 1),
+    "kernel_14x14_hd64_70_queries_tiles_32x128": lambda: _other_tiles((14, 14), 64, 32, 128,
+                                                                      70),  # 3 query blocks
     "kernel_14x14_hd20_tiles_32x64": lambda: _other_tiles((14, 14), 20, 32, 64),  # 4 rows
     "kernel_9x9_hd16_tiles_128x128": lambda: _other_tiles((9, 9), 16, 128, 128),  # 1 block
     "kernel_3x40_hd16_tiles_16x128": lambda: _other_tiles((3, 40), 16, 16, 128),  # 2 rows
@@ -307,7 +317,7 @@ def test_without_a_gpu_or_interpreter_the_error_says_what_to_use(monkeypatch):
 def test_inputs_that_do_not_fit_are_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(ra, "available", lambda device: True)  # on to the input checks
     xs, _ = _inputs((4, 4), 16, torch.float32)
-    with pytest.raises(ValueError, match="16 tokens, the grid 4 x 5 has 20"):
+    with pytest.raises(ValueError, match=r"k, v: expected \(2, 3, 20, 16\).*4 x 5 keys"):
         ra.rel_attention(*xs, grid=(4, 5), scale=0.25)
     with pytest.raises(ValueError, match="rel_h / rel_w"):
         ra.rel_attention(*xs[:3], xs[4], xs[3][..., :3], grid=(4, 4), scale=0.25)

@@ -33,6 +33,16 @@ def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
     assert ra._untuned(pitch)[1] % pitch == 0
 
 
+@needs_triton
+def test_query_count_is_compiled_in_but_not_tuned_on():
+    """NQ is a compile-time number (unmasked loads on full grids) but no tuning key: the edge
+    windows of a padded grid (fewer queries) reuse the inner windows' tile, one compile each,
+    instead of timing every tile again."""
+    for kernel in _tuned_kernels():
+        assert "NQ" in [p.name for p in kernel.fn.params if p.is_constexpr]
+        assert kernel.keys == ["N", "D", "WP"]
+
+
 class _Kernel:
     """Stands in for a kernel: records each launch's grid and tile settings."""
 

@@ -148,11 +148,9 @@ class FusedAttention(nn.Module):
                         + rel_w[..., None, :]).view(b, heads, nq, n)  # (B, nh, Nq, N)
                 out = attn.softmax(dim=-1) @ v  # (B, nh, Nq, hd)
             elif mode == "triton":
-                if nq != n:
-                    raise ValueError("attention mode triton: queries must be every key")
-                out = rel_attention(q, k, v, rel_h.reshape(b, heads, n, h),
-                                    rel_w.reshape(b, heads, n, w), grid=(h, w),
-                                    scale=self.scale)  # (B, nh, N, hd)
+                out = rel_attention(q, k, v, rel_h.reshape(b, heads, nq, h),
+                                    rel_w.reshape(b, heads, nq, w), grid=(h, w),
+                                    scale=self.scale)  # (B, nh, Nq, hd)
             elif mode == "bias":
                 bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(
                     b, heads, nq, n)  # (B, nh, Nq, H * W)
@@ -198,8 +196,7 @@ class FusedBlock(Block):
     only real tokens ask: the grid is cut into up to four regions whose windows have the same
     real part (inner windows, the right and bottom edges, the corner), one attention call each.
     vit_b at 256 px (16 x 16 tokens, 14-wide windows padded to 28 x 28) asks and projects for a
-    third of the tokens the official block does; at 1024 px (64 -> 70) for 84 %. The ``triton``
-    kernel wants queries and keys alike, so under it the padded queries are still computed.
+    third of the tokens the official block does; at 1024 px (64 -> 70) for 84 %.
     """
 
     def __init__(self, official: Block, *, grid: int, mode: str = "auto") -> None:
@@ -228,14 +225,10 @@ class FusedBlock(Block):
             fill = self.attn.qkv(x.new_zeros(1, dim)).view(1, 1, 1, -1)  # (1, 1, 1, 3 dim)
             qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)  # (B, H, Wp, 3 dim)
             qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)  # (B, Hp, Wp, .)
-        if self.attn.resolved_mode(x.device, grad=qkv.requires_grad) == "triton":
-            out = self._region(qkv, (0, h + pad_h, ws), (0, w + pad_w, ws))  # (B, Hp, Wp, dim)
-            out = out[:, :h, :w]
-        else:
-            out = torch.cat([torch.cat([self._region(qkv, rows, cols) for cols in _spans(w, ws)],
-                                       dim=2) for rows in _spans(h, ws)], dim=1)  # (B, H, W, .)
-        # contiguous: a strided input sends proj down a slow batched matmul (CPU, bf16)
-        return self.attn.proj(out.contiguous())  # (B, H, W, dim)
+        out = torch.cat([torch.cat([self._region(qkv, rows, cols) for cols in _spans(w, ws)],
+                                   dim=2) for rows in _spans(h, ws)], dim=1)  # (B, H, W, dim)
+        # out is contiguous: proj of a strided crop took a slow batched matmul (CPU, bf16)
+        return self.attn.proj(out)  # (B, H, W, dim)
 
     def _region(self, qkv: torch.Tensor, rows: tuple[int, int, int],
                 cols: tuple[int, int, int]) -> torch.Tensor:

@@ -7,12 +7,14 @@ over an H x W token grid (N = H * W tokens, row-major). SDPA has no such bias: `
 bias at all on an H100 (8.6 against 3.1 ms, forward + backward, batch 4). Here the bias never
 leaves the kernel.
 
-Tiles follow the grid's rows. Tokens are walked in a padded grid of H rows of WP = W rounded up
-to a power of two (14 x 14 windows: 14 x 16, 2 of every 16 positions masked; 64 x 64 and
-16 x 16 grids: no padding), and a block of keys is RB = BLOCK_N / WP whole rows. So a score
-tile's bias is ``rel_h[q, rows of the block]`` [BLOCK_M, RB] broadcast over the columns plus
-``rel_w[q, :]`` [BLOCK_M, WP] broadcast over the rows, the latter the same for every key block
-(loaded once per query block):
+Key tiles follow the grid's rows. Keys are walked in a padded grid of H rows of WP = W rounded
+up to a power of two (14 x 14 windows: 14 x 16, 2 of every 16 positions masked; 64 x 64 and
+16 x 16 grids: no padding), and a block of keys is RB = BLOCK_N / WP whole rows. Queries are
+walked in order, and there may be fewer of them than keys (NQ <= N: the real tokens of a
+padded window, :class:`scrollsam.model.attention.FusedBlock`): each carries its own bias rows.
+So a score tile's bias is ``rel_h[q, rows of the block]`` [BLOCK_M, RB] broadcast over the
+columns plus ``rel_w[q, :]`` [BLOCK_M, WP] broadcast over the rows, the latter the same for
+every key block (loaded once per query block):
 
 * forward (one program per block of queries): scores plus bias, then FlashAttention-2's online
   softmax; each query row's log-sum-exp is kept for backward;
@@ -23,10 +25,11 @@ tile's bias is ``rel_h[q, rows of the block]`` [BLOCK_M, RB] broadcast over the 
   reaches the bias tables' gradients through atomics: on the H100 an earlier FlexAttention
   version of this path was slower than fold, issue 13's note).
 
-Inputs and outputs: q, k, v [B, nh, N, hd] (any strides with a unit last stride: the encoder's
-views of its qkv projection need no copy), rel_h [B, nh, N, H], rel_w [B, nh, N, W] (the
-``einsum`` of q with the block's relative-position tables, as in the official code; autograd
-carries their gradient on to q and the tables) -> [B, nh, N, hd] in q's dtype. Scores, softmax
+Inputs and outputs: q [B, nh, NQ, hd], k, v [B, nh, N, hd] (any strides with a unit last
+stride: the encoder's views of its qkv projection need no copy), rel_h [B, nh, NQ, H], rel_w
+[B, nh, NQ, W] (the ``einsum`` of q with the block's relative-position tables, as in the
+official code; autograd carries their gradient on to q and the tables) -> [B, nh, NQ, hd] in
+q's dtype. Scores, softmax
 and accumulators are float32; the products take the inputs' dtype (bf16 under autocast, with
 fp32 accumulation) and, for float32 inputs, full-precision ("ieee") products.
 
@@ -116,7 +119,9 @@ def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],
 
 def _tuned(kernel: Kernel, tiles: tuple[tuple[int, int, int, int], ...]) -> Kernel:
     """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``tiles`` on a GPU; as it is
-    under the interpreter."""
+    under the interpreter. The query count NQ is a compile-time number (a 64 x 64 grid's loads
+    need no masks) but not a tuning key: a padded grid's edge windows (fewer queries) take the
+    tile timed on its inner windows, the first to run, and compile just that one."""
     if not _TUNED:
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
@@ -153,8 +158,8 @@ if triton is not None:
 
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
-    """The tiles each kernel's autotuner chose so far on this GPU: kernel -> {tuning key (token
-    count, head dim, row pitch, dtypes): its config}; empty without tuning. For benchmark
+    """The tiles each kernel's autotuner chose so far on this GPU: kernel -> {tuning key (key
+    and query counts, head dim, row pitch, dtypes): its config}; empty without tuning. For benchmark
     records, so that a run shows which tiles its timings used (float32 products are not tuned:
     they run :func:`_untuned`'s tile)."""
     if not _TUNED:
@@ -180,8 +185,9 @@ def _strides(*tensors: Tensor) -> list[int]:
 
 
 def _settings(q: Tensor, h: int, w: int) -> dict[str, object]:
-    """The kernels' compile-time settings but the tiles, for q [B, nh, N, hd] on an h x w grid."""
-    return dict(N=h * w, H=h, W=w, WP=_pow2(w, least=1), D=q.shape[-1],
+    """The kernels' compile-time settings but the tiles, for q [B, nh, NQ, hd] and keys on an
+    h x w grid."""
+    return dict(N=h * w, NQ=q.shape[2], H=h, W=w, WP=_pow2(w, least=1), D=q.shape[-1],
                 BLOCK_D=_pow2(q.shape[-1]),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -196,15 +202,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int
     if len(devices) > 1:
         raise ValueError(f"rel_attention: q, k, v, rel_h, rel_w are on different devices: "
                          f"{sorted(map(str, devices))}")
-    b, heads, n, _ = q.shape
-    if n != h * w:
-        raise ValueError(f"rel_attention: q has {n} tokens, the grid {h} x {w} has {h * w}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"rel_attention: q, k, v shapes differ: {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if rel_h.shape != (b, heads, n, h) or rel_w.shape != (b, heads, n, w):
-        raise ValueError(f"rel_attention: rel_h / rel_w: expected {(b, heads, n, h)} / "
-                         f"{(b, heads, n, w)}, got {tuple(rel_h.shape)} / {tuple(rel_w.shape)}")
+    b, heads, nq, hd = q.shape
+    if k.shape != (b, heads, h * w, hd) or v.shape != k.shape:
+        raise ValueError(f"rel_attention: k, v: expected {(b, heads, h * w, hd)} (q's batch, "
+                         f"heads and head dim, {h} x {w} keys), got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if rel_h.shape != (b, heads, nq, h) or rel_w.shape != (b, heads, nq, w):
+        raise ValueError(f"rel_attention: rel_h / rel_w: expected {(b, heads, nq, h)} / "
+                         f"{(b, heads, nq, w)}, got {tuple(rel_h.shape)} / {tuple(rel_w.shape)}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"rel_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -212,14 +217,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int
 @torch.library.custom_op("scrollsam::rel_attention", mutates_args=())
 def _attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int,
                scale: float) -> tuple[Tensor, Tensor]:
-    """Forward: (output [B, nh, N, hd], row log-sum-exp float32 [B, nh, N])."""
+    """Forward: (output [B, nh, NQ, hd], row log-sum-exp float32 [B, nh, NQ])."""
     q, k, v = _unit_last_stride(q, k, v)
     b, heads, n, hd = q.shape
     out = torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, heads, n, dtype=torch.float32, device=q.device)
     cfg = _settings(q, h, w)
     with _device_of(q):
-        _launch(_forward, "BLOCK_M", b * heads, h * cfg["WP"], q, k, v, rel_h.contiguous(),
+        _launch(_forward, "BLOCK_M", b * heads, n, q, k, v, rel_h.contiguous(),
                 rel_w.contiguous(), out, lse, *_strides(q, k, v), heads, scale, **cfg)
     return out, lse
 
@@ -234,23 +239,23 @@ def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: 
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor,
                         rel_w: Tensor, out: Tensor, lse: Tensor, h: int, w: int,
                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward: dq, dk, dv [B, nh, N, hd], d rel_h [B, nh, N, H], d rel_w [B, nh, N, W]."""
+    """Backward: dq [B, nh, NQ, hd], dk, dv [B, nh, N, hd], d rel_h [B, nh, NQ, H], d rel_w
+    [B, nh, NQ, W]."""
     q, k, v = _unit_last_stride(q, k, v)
     rel_h, rel_w, grad = rel_h.contiguous(), rel_w.contiguous(), grad.contiguous()
     out, lse = out.contiguous(), lse.contiguous()
     b, heads, n, hd = q.shape
-    delta = (grad.float() * out.float()).sum(-1)  # (B, nh, N): rowsum(dO * O)
-    dq, dk, dv = (torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
-                  for _ in range(3))
+    delta = (grad.float() * out.float()).sum(-1)  # (B, nh, NQ): rowsum(dO * O)
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format)
+                  for t in (q, k, v))  # the kernels write them contiguous
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
     cfg = _settings(q, h, w)
     common = (*_strides(q, k, v), heads, scale)
-    positions = h * cfg["WP"]
     with _device_of(q):
-        _launch(_backward_kv, "BLOCK_N", b * heads, positions, q, k, v, rel_h, rel_w, grad,
+        _launch(_backward_kv, "BLOCK_N", b * heads, h * cfg["WP"], q, k, v, rel_h, rel_w, grad,
                 lse, delta, dk, dv, *common, **cfg)
-        _launch(_backward_q, "BLOCK_M", b * heads, positions, q, k, v, rel_h, rel_w, grad,
-                lse, delta, dq, drh, drw, *common, **cfg)
+        _launch(_backward_q, "BLOCK_M", b * heads, n, q, k, v, rel_h, rel_w, grad, lse, delta,
+                dq, drh, drw, *common, **cfg)
     return dq, dk, dv, drh, drw
 
 
@@ -278,32 +283,35 @@ def _grads(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _lse_grad: Te
 _attention.register_autograd(_grads, setup_context=_setup)
 
 
-def _products(q_shape: torch.Size, count: int) -> int:
-    """FLOPs of ``count`` [N, N] x [N, hd] products per (image, head) for q [B, nh, N, hd]."""
-    b, heads, n, hd = q_shape
-    return count * 2 * b * heads * n * n * hd
+def _products(q_shape: torch.Size, k_shape: torch.Size, count: int) -> int:
+    """FLOPs of ``count`` [NQ, N] x [N, hd] products per (image, head) for q [B, nh, NQ, hd],
+    k [B, nh, N, hd]."""
+    b, heads, nq, hd = q_shape
+    return count * 2 * b * heads * nq * k_shape[2] * hd
 
 
 @register_flop_formula(torch.ops.scrollsam.rel_attention)
-def _forward_flops(q_shape: torch.Size, *args: object, **kwargs: object) -> int:
+def _forward_flops(q_shape: torch.Size, k_shape: torch.Size, *args: object,
+                   **kwargs: object) -> int:
     """As SDPA's forward is counted: the scores and their product with v (the bias adds none)."""
-    return _products(q_shape, 2)
+    return _products(q_shape, k_shape, 2)
 
 
 @register_flop_formula(torch.ops.scrollsam.rel_attention_backward)
-def _backward_flops(grad_shape: torch.Size, q_shape: torch.Size, *args: object,
-                    **kwargs: object) -> int:
+def _backward_flops(grad_shape: torch.Size, q_shape: torch.Size, k_shape: torch.Size,
+                    *args: object, **kwargs: object) -> int:
     """As SDPA's backward is counted: scores recomputed, dP, dV, dQ, dK."""
-    return _products(q_shape, 5)
+    return _products(q_shape, k_shape, 5)
 
 
 def rel_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, *,
                   grid: tuple[int, int], scale: float) -> Tensor:
     """softmax(scale * q k^T + rel_h[:, :, :, key row] + rel_w[:, :, :, key col]) v.
 
-    q, k, v [B, nh, N, hd] (one dtype; N = H * W of ``grid``, keys row-major), rel_h
-    [B, nh, N, H], rel_w [B, nh, N, W] -> [B, nh, N, hd]. Differentiable in all five. Needs
-    :func:`available` for the tensors' device."""
+    q [B, nh, NQ, hd], k, v [B, nh, N, hd] (one dtype; N = H * W of ``grid``, keys row-major;
+    any number of queries, each with its own bias rows), rel_h [B, nh, NQ, H], rel_w
+    [B, nh, NQ, W] -> [B, nh, NQ, hd]. Differentiable in all five. Needs :func:`available` for
+    the tensors' device."""
     if not available(q.device):
         lacks = "this torch build has no Triton" if triton is None else f"q is on {q.device}"
         raise ValueError(f"rel_attention needs Triton and a CUDA device ({lacks}); "

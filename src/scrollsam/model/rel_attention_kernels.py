@@ -1,17 +1,18 @@
 """The Triton kernels of :mod:`scrollsam.model.rel_attention` (see there for the method).
 
-Programs cover one (image, head) ``z`` and one block of positions of the padded grid (H rows of
-WP = W rounded up to a power of two); BLOCK_N is a multiple of WP, so a key block is whole rows.
-Tensors: q, k, v [B, nh, N, D] with strides (``s?b``, ``s?h``, ``s?n``) and a unit last stride;
-O, DO, DQ, DK, DV contiguous [B * nh, N, D]; RH, RW, DRH, DRW contiguous [B * nh, N, H or W];
-LSE, DELTA float32 [B * nh, N]. Tiles are float32 except loaded q, k, v, dO (their dtype).
-Only imported where Triton is.
+Programs cover one (image, head) ``z`` and one block of queries (NQ of them, in order) or of key
+positions of the padded key grid (H rows of WP = W rounded up to a power of two); BLOCK_N is a
+multiple of WP, so a key block is whole rows. Tensors: q [B, nh, NQ, D], k, v [B, nh, N, D]
+(N = H * W) with strides (``s?b``, ``s?h``, ``s?n``) and a unit last stride; O, DO, DQ
+contiguous [B * nh, NQ, D], DK, DV [B * nh, N, D]; RH, RW, DRH, DRW contiguous
+[B * nh, NQ, H or W]; LSE, DELTA float32 [B * nh, NQ]. Tiles are float32 except loaded q, k, v,
+dO (their dtype). Only imported where Triton is.
 
 Each softmax term is ``exp2(s * LOG2E - m * LOG2E)``, one fused multiply-add and one exp2 per
 score, with the row's ``m * LOG2E`` computed once (``exp`` would cost a multiply and, compiled
 for sm_90, a denormal check around each exp2 besides). Padded positions need no per-score
 select: their bias is -inf (columns >= W in rel_w, rows >= H in rel_h), so their softmax terms
-are 0, and padded queries load zeros (q, dO), so they add 0 to every gradient.
+are 0, and queries past NQ load zeros (q, dO), so they add 0 to every gradient.
 """
 
 import triton
@@ -21,12 +22,19 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
-def _program(H: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr):
+def _program(POSITIONS: tl.constexpr, BLOCK: tl.constexpr):
     """This program's (image and head z as int64, so that offsets past 2**31 elements do not
-    wrap; index of its block of BLOCK positions), blocks varying fastest."""
-    blocks = (H * WP + BLOCK - 1) // BLOCK  # constexpr arithmetic: a compile-time number
+    wrap; index of its block of BLOCK of the POSITIONS), blocks varying fastest."""
+    blocks = (POSITIONS + BLOCK - 1) // BLOCK  # constexpr arithmetic: a compile-time number
     pid = tl.program_id(0)
     return (pid // blocks).to(tl.int64), pid % blocks
+
+
+@triton.jit
+def _queries(start, BLOCK_M: tl.constexpr, NQ: tl.constexpr):
+    """Queries start .. start + BLOCK_M - 1 -> (their index, real: index < NQ)."""
+    tok = start + tl.arange(0, BLOCK_M)
+    return tok, tok < NQ
 
 
 @triton.jit
@@ -50,7 +58,7 @@ def _rows(PTR, token, ok, stride, offs_d, d_ok):
 
 @triton.jit
 def _bias(TABLE, tok_m, m_ok, index, size: tl.constexpr):
-    """Columns ``index`` of the queries' rows of a bias table [N, size] -> [BLOCK_M,
+    """Columns ``index`` of the queries' rows of a bias table [NQ, size] -> [BLOCK_M,
     len(index)] float32: -inf at ``index >= size`` (padding), 0 in padded rows."""
     real = index < size
     b = tl.load(TABLE + tok_m[:, None] * size + index[None, :],
@@ -75,18 +83,18 @@ def _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H: tl.constexpr, WP: tl.c
 @triton.jit
 def forward(Q, K, V, RH, RW, O, LSE,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
-            N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+            WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One block of queries of one (image, head): O [BLOCK_M, D] and its rows' LSE."""
-    z, block = _program(H, WP, BLOCK_M)
+    z, block = _program(NQ, BLOCK_M)
     b, h = z // heads, z % heads
-    tok_m, m_ok = _tokens(block * BLOCK_M + tl.arange(0, BLOCK_M), H, W, WP)
+    tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
-    RH += z * N * H
-    bw = _bias(RW + z * N * W, tok_m, m_ok, tl.arange(0, WP), W)
+    RH += z * NQ * H
+    bw = _bias(RW + z * NQ * W, tok_m, m_ok, tl.arange(0, WP), W)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -103,19 +111,19 @@ def forward(Q, K, V, RH, RW, O, LSE,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(O + z * N * D + tok_m[:, None] * D + offs_d[None, :],
+    tl.store(O + z * NQ * D + tok_m[:, None] * D + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + z * N + tok_m, m_i + tl.log(l_i), mask=m_ok)
+    tl.store(LSE + z * NQ + tok_m, m_i + tl.log(l_i), mask=m_ok)
 
 
 @triton.jit
 def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
-                N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one block of keys of one (image, head), over every block of queries."""
-    z, block = _program(H, WP, BLOCK_N)
+    z, block = _program(H * WP, BLOCK_N)
     b, h = z // heads, z % heads
     start_n = block * BLOCK_N
     tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
@@ -123,16 +131,16 @@ def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     d_ok = offs_d < D
     k = _rows(K + b * skb + h * skh, tok_n, n_ok, skn, offs_d, d_ok)  # (BLOCK_N, BLOCK_D)
     v = _rows(V + b * svb + h * svh, tok_n, n_ok, svn, offs_d, d_ok)
-    RH += z * N * H
-    RW += z * N * W
+    RH += z * NQ * H
+    RW += z * NQ * W
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, H * WP, BLOCK_M):
-        tok_m, m_ok = _tokens(start_m + tl.arange(0, BLOCK_M), H, W, WP)
+    for start_m in range(0, NQ, BLOCK_M):
+        tok_m, m_ok = _queries(start_m, BLOCK_M, NQ)
         q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
-        do = _rows(DO + z * N * D, tok_m, m_ok, D, offs_d, d_ok)
-        lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0) * LOG2E
-        delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
+        do = _rows(DO + z * NQ * D, tok_m, m_ok, D, offs_d, d_ok)
+        lse = tl.load(LSE + z * NQ + tok_m, mask=m_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + z * NQ + tok_m, mask=m_ok, other=0.0)
         bw = _bias(RW, tok_m, m_ok, tl.arange(0, WP), W)
         s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
                     PRECISION)
@@ -150,24 +158,24 @@ def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
 @triton.jit
 def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
-               N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dQ and the bias gradients d rel_h, d rel_w of one block of queries: d rel_w sums dS
     over the rows of every key block; d rel_h of a key row, the sum of dS over its columns,
     is complete in the one key block that holds the row, and stored there."""
-    z, block = _program(H, WP, BLOCK_M)
+    z, block = _program(NQ, BLOCK_M)
     b, h = z // heads, z % heads
-    tok_m, m_ok = _tokens(block * BLOCK_M + tl.arange(0, BLOCK_M), H, W, WP)
+    tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
     offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
     d_ok = offs_d < D
     q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
-    do = _rows(DO + z * N * D, tok_m, m_ok, D, offs_d, d_ok)
-    lse = tl.load(LSE + z * N + tok_m, mask=m_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + z * N + tok_m, mask=m_ok, other=0.0)
-    RH += z * N * H
-    DRH += z * N * H
-    bw = _bias(RW + z * N * W, tok_m, m_ok, cols, W)
+    do = _rows(DO + z * NQ * D, tok_m, m_ok, D, offs_d, d_ok)
+    lse = tl.load(LSE + z * NQ + tok_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + z * NQ + tok_m, mask=m_ok, other=0.0)
+    RH += z * NQ * H
+    DRH += z * NQ * H
+    bw = _bias(RW + z * NQ * W, tok_m, m_ok, cols, W)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     drw = tl.zeros([BLOCK_M, WP], tl.float32)
     for start_n in range(0, H * WP, BLOCK_N):
@@ -191,7 +199,7 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
             drh = tl.sum(ds3, 2)  # (BLOCK_M, RB)
         tl.store(DRH + tok_m[:, None] * H + rows[None, :], drh.to(DRH.dtype.element_ty),
                  mask=m_ok[:, None] & (rows < H)[None, :])
-    tl.store(DQ + z * N * D + tok_m[:, None] * D + offs_d[None, :],
+    tl.store(DQ + z * NQ * D + tok_m[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(DRW + z * N * W + tok_m[:, None] * W + cols[None, :],
+    tl.store(DRW + z * NQ * W + tok_m[:, None] * W + cols[None, :],
              drw.to(DRW.dtype.element_ty), mask=m_ok[:, None] & (cols < W)[None, :])
