@@ -117,8 +117,13 @@ def test_fewer_queries_are_the_full_attention_cropped(mode):
     fused = FusedAttention(attn, grid=(6, 6), mode=mode)
     qkv = torch.randn(4, 6, 6, 3 * 96, requires_grad=True)  # (B, H, W, 3 dim)
     got = fused.attend(qkv, queries=(4, 5))
-    torch.testing.assert_close(got, fused.attend(qkv)[:, :4, :5], rtol=1e-5, atol=1e-5)
+    full = fused.attend(qkv)
+    torch.testing.assert_close(got, full[:, :4, :5], rtol=1e-5, atol=1e-5)
     assert got.shape == (4, 4, 5, 96)
+    weight = torch.randn(got.shape)
+    (grad_got,) = torch.autograd.grad((got * weight).sum(), qkv)
+    (grad_full,) = torch.autograd.grad((full[:, :4, :5] * weight).sum(), qkv)
+    torch.testing.assert_close(grad_got, grad_full, rtol=1e-5, atol=1e-5)
 
 
 def test_spans_cut_a_padded_axis_into_inner_windows_and_the_edge():
@@ -128,6 +133,45 @@ def test_spans_cut_a_padded_axis_into_inner_windows_and_the_edge():
     assert _spans(28, 14) == [(0, 28, 14)]
     assert all(isinstance(b, FusedBlock) for b in _fused(_official_encoder(
         VARIANTS["tiny"], 128), "auto").blocks)
+
+
+@pytest.mark.parametrize("mode", ["bias", "fold", "explicit"])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("grid", [(9, 20), (16, 5), (3, 3), (16, 24)])
+def test_fused_block_is_the_official_block(grid, lora, mode):
+    """Block level, where grids need not be square: padded along one axis or both, smaller than
+    the window, whole windows; with a LoRA-wrapped qkv (its padding is qkv of a zero token)."""
+    from segment_anything.modeling.image_encoder import Block
+
+    from scrollsam.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    official = Block(32, 2, use_rel_pos=True, window_size=8, input_size=(8, 8))
+    with torch.no_grad():
+        official.attn.rel_pos_h.normal_()
+        official.attn.rel_pos_w.normal_()
+    if lora:
+        official.attn.qkv = LoRALinear(official.attn.qkv, rank=2, alpha=4.0)
+        with torch.no_grad():
+            official.attn.qkv.lora_b.normal_()  # zero at init: make it count
+    fused = FusedBlock(copy.deepcopy(official), grid=64, mode=mode)
+    x = torch.randn(2, *grid, 32, generator=torch.Generator().manual_seed(1))  # (B, H, W, C)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ref, got = official(xs[0]), fused(xs[1])
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:  # largest error / largest value
+        a, b = a.detach(), b.detach()
+        return float((a - b).abs().max() / b.abs().max())
+
+    assert relative(got, ref) < 1e-6
+    weight = torch.randn(ref.shape)
+    (ref * weight).sum().backward()
+    (got * weight).sum().backward()
+    assert relative(xs[1].grad, xs[0].grad) < 1e-5
+    grads = dict(fused.named_parameters())
+    for name, p in official.named_parameters():
+        if p.grad is not None:
+            assert relative(grads[name].grad, p.grad) < 1e-5, name
 
 
 def test_unpadded_windows_need_no_padding_token():
@@ -158,10 +202,11 @@ def test_auto_mode_takes_sdpa_for_inference_and_explicit_for_training_on_cpu():
 
 
 @pytest.mark.parametrize("mode", ["bias", "fold", "explicit"])
-def test_bf16_autocast_close_to_official(mode):
-    official = _official_encoder(VARIANTS["tiny"], 128)
+@pytest.mark.parametrize("size", [128, 80])  # 80: padded windows (the fill under autocast)
+def test_bf16_autocast_close_to_official(mode, size):
+    official = _official_encoder(VARIANTS["tiny"], size)
     fused = _fused(official, mode)
-    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, got = official(x).float(), fused(x).float()
     assert got.dtype == torch.float32

@@ -34,13 +34,13 @@ def test_gpu_tiles_are_whole_rows_of_the_padded_grid(width):
 
 
 @needs_triton
-def test_query_count_is_compiled_in_but_not_tuned_on():
-    """NQ is a compile-time number (unmasked loads on full grids) but no tuning key: the edge
-    windows of a padded grid (fewer queries) reuse the inner windows' tile, one compile each,
-    instead of timing every tile again."""
+def test_query_count_is_compiled_in_and_tuned_on():
+    """NQ is a compile-time number (unmasked loads on full grids) and a tuning key: backward
+    reaches a padded grid's corner windows (fewest queries) first, and a shared choice would be
+    timed on that smallest launch."""
     for kernel in _tuned_kernels():
         assert "NQ" in [p.name for p in kernel.fn.params if p.is_constexpr]
-        assert kernel.keys == ["N", "D", "WP"]
+        assert kernel.keys == ["N", "NQ", "D", "WP"]
 
 
 class _Kernel:

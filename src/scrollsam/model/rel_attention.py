@@ -26,7 +26,8 @@ every key block (loaded once per query block):
   version of this path was slower than fold, issue 13's note).
 
 Inputs and outputs: q [B, nh, NQ, hd], k, v [B, nh, N, hd] (any strides with a unit last
-stride: the encoder's views of its qkv projection need no copy), rel_h [B, nh, NQ, H], rel_w
+stride: the encoder's views of its qkv projection need no copy, but for the queries of a
+padded window's real tokens, which are a copy), rel_h [B, nh, NQ, H], rel_w
 [B, nh, NQ, W] (the ``einsum`` of q with the block's relative-position tables, as in the
 official code; autograd carries their gradient on to q and the tables) -> [B, nh, NQ, hd] in
 q's dtype. Scores, softmax
@@ -120,20 +121,23 @@ def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],
 def _tuned(kernel: Kernel, tiles: tuple[tuple[int, int, int, int], ...]) -> Kernel:
     """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``tiles`` on a GPU; as it is
     under the interpreter. The query count NQ is a compile-time number (a 64 x 64 grid's loads
-    need no masks) but not a tuning key: a padded grid's edge windows (fewer queries) take the
-    tile timed on its inner windows, the first to run, and compile just that one."""
+    need no masks) and a tuning key: a padded grid's edge and corner windows have fewer
+    queries, and backward reaches the corner first, so one shared choice would be timed on the
+    smallest launch. At 1024 px that is three window shapes (196, 112 and 64 queries) besides
+    the global grid, each tuned once per process."""
     if not _TUNED:
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                for m, n, w, st in tiles]
-    return triton.autotune(configs, key=["N", "D", "WP"],
+    return triton.autotune(configs, key=["N", "NQ", "D", "WP"],
                            prune_configs_by={"early_config_prune": _keep_whole_rows})(kernel)
 
 
 def _launch(kernel: Kernel, blocks_along: str, z: int, positions: int, *args: object,
             **settings: object) -> None:
-    """Run ``kernel`` on one program per (image and head of the z = B * nh, block of the padded
-    grid's ``positions`` along ``blocks_along``), in a 1-D grid (CUDA caps a grid's second
+    """Run ``kernel`` on one program per (image and head of the z = B * nh, block of
+    ``positions`` along ``blocks_along``: the NQ queries, or the padded key grid's H * WP
+    positions), in a 1-D grid (CUDA caps a grid's second
     axis at 65535: B * 25 windows * heads passes that from batch 219 with vit_b); autotuned
     tiles on a GPU, :func:`_untuned`'s for float32 products and under the interpreter. Fused
     multiply-adds are asked for, not left to Triton's default (which Triton 3.10 turns off):
@@ -159,9 +163,9 @@ if triton is not None:
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
     """The tiles each kernel's autotuner chose so far on this GPU: kernel -> {tuning key (key
-    and query counts, head dim, row pitch, dtypes): its config}; empty without tuning. For benchmark
-    records, so that a run shows which tiles its timings used (float32 products are not tuned:
-    they run :func:`_untuned`'s tile)."""
+    and query counts, head dim, row pitch, dtypes): its config}; empty without tuning. For
+    benchmark records, so that a run shows which tiles its timings used (float32 products are
+    not tuned: they run :func:`_untuned`'s tile)."""
     if not _TUNED:
         return {}
     kernels = {"forward": _forward, "backward_kv": _backward_kv, "backward_q": _backward_q}
