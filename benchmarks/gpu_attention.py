@@ -23,16 +23,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scrollsam import build_model
 from scrollsam.model import rel_attention
-from scrollsam.model.attention import FusedAttention, fuse_attention
+from scrollsam.model.attention import FusedAttention, FusedBlock, fuse_attention
 
 FUSED_MODES = ("fold", "bias", "triton", "explicit")  # explicit last: not timed by default
-# (name, token grid side, blocks of that grid in a batch): vit_b training batches of 4 at
-# 1024 px (64 x 64 tokens; 25 windows of 14 x 14 each, padded to 70 x 70) and 32 at 256 px
-# (16 x 16 tokens, one 16 x 16 window or the global grid).
+# (name, token grid side, grids in a batch, window: 0 for attention over the whole grid):
+# vit_b training batches of 4 at 1024 px (64 x 64 tokens; 25 windows of 14 x 14 each, padded
+# to 70 x 70) and 32 at 256 px (16 x 16 tokens, one 16 x 16 window or the global grid). The
+# "windowed" shapes time a windowed block's attention over the whole grid as the encoder runs
+# it: official, padded windows; fused, :class:`FusedBlock`'s regions of real queries.
 BLOCK_SHAPES = (
-    ("1024_global", 64, 4),
-    ("1024_window14", 14, 4 * 25),
-    ("256_global", 16, 32),  # also the 16 x 16 windows of window_size 16
+    ("1024_global", 64, 4, 0),
+    ("1024_window14", 14, 4 * 25, 0),
+    ("1024_windowed_grid", 64, 4, 14),
+    ("256_global", 16, 32, 0),  # also the 16 x 16 windows of window_size 16
+    ("256_windowed_grid", 16, 32, 14),
 )
 
 
@@ -80,23 +84,49 @@ def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256,
     return out
 
 
-def _block(grid: int, mode: str, device: torch.device) -> torch.nn.Module:
+class _Windowed(torch.nn.Module):
+    """A windowed block's attention over a whole [B, H, W, dim] grid: the official padded
+    windows, or :class:`FusedBlock`'s (``fused``)."""
+
+    def __init__(self, block: torch.nn.Module, fused: bool) -> None:
+        super().__init__()
+        self.block, self.fused = block, fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+        if self.fused:
+            return self.block._windowed(x)
+        ws = self.block.window_size
+        windows, padded = window_partition(x, ws)
+        return window_unpartition(self.block.attn(windows), ws, padded, x.shape[1:3])
+
+
+def _block(grid: int, mode: str, device: torch.device, window: int = 0) -> torch.nn.Module:
     """One vit_b attention block over a ``grid`` x ``grid`` token grid in ``mode`` (or the
-    official module for ``official``, or ``plain``: SDPA with no relative-position bias)."""
-    from segment_anything.modeling.image_encoder import Attention
+    official module for ``official``, or ``plain``: SDPA with no relative-position bias); with
+    ``window``, a windowed block's attention over the grid (:class:`_Windowed`)."""
+    from segment_anything.modeling.image_encoder import Block
 
     torch.manual_seed(0)
+    side = window or grid
     with device:
-        attn = Attention(768, num_heads=12, use_rel_pos=mode != "plain",
-                         input_size=(grid, grid))
+        official = Block(768, num_heads=12, use_rel_pos=mode != "plain", window_size=window,
+                         input_size=(side, side))
+        attn = official.attn
         if attn.use_rel_pos:
             with torch.no_grad():
                 attn.rel_pos_h.normal_(std=0.1)
                 attn.rel_pos_w.normal_(std=0.1)
     if mode == "official":
-        return attn
+        return _Windowed(official, fused=False) if window else attn
     base, _, backend = mode.partition("/")
-    block = FusedAttention(attn, grid=(grid, grid), mode="fold" if base == "plain" else base)
+    fused_mode = "fold" if base == "plain" else base
+    if window:
+        block: torch.nn.Module = _Windowed(FusedBlock(official, grid=grid, mode=fused_mode),
+                                           fused=True)
+    else:
+        block = FusedAttention(attn, grid=(grid, grid), mode=fused_mode)
     if not backend:
         return block
     kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -138,12 +168,12 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
     autocast, input gradient and parameter gradients) with its peak memory, and of the forward
     alone under no_grad (``forward_ms``: inference); errors recorded."""
     results: dict[str, dict[str, Any]] = {}
-    for name, grid, count in BLOCK_SHAPES:
+    for name, grid, count, window in BLOCK_SHAPES:
         row: dict[str, Any] = {}
         x = torch.randn(count, grid, grid, 768, device=device, requires_grad=True)
         for mode in modes:
             try:
-                block = _block(grid, mode, device)
+                block = _block(grid, mode, device, window)
 
                 def step(block: torch.nn.Module = block, x: torch.Tensor = x) -> None:
                     with torch.autocast(device.type, dtype=torch.bfloat16):

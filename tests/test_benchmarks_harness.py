@@ -186,3 +186,20 @@ def test_gpu_compile_cases_decode_static_sets_only_with_a_compiled_decoder(avail
     finally:
         dynamo.reset()
     assert seen == [available]
+
+
+@pytest.mark.parametrize("mode", ["fold", "bias", "explicit"])
+def test_gpu_windowed_block_shapes_time_the_official_function(mode):
+    """The ``--attention`` table's windowed-grid rows: FusedBlock's regions against the official
+    padded windows, same values (on a CPU: these build and agree before a GPU times them)."""
+    import torch
+    from gpu_attention import BLOCK_SHAPES, _block
+
+    assert ("256_windowed_grid", 16, 32, 14) in BLOCK_SHAPES
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 16, 16, 768, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _block(16, "official", cpu, window=14)(x)  # (2, 16, 16, 768)
+        got = _block(16, mode, cpu, window=14)(x)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
