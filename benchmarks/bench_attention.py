@@ -22,6 +22,7 @@ Entries comparing bf16 are skipped on CPUs without bf16 units (``scrollsam.preci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,19 +82,16 @@ def _moded(mode: str) -> torch.nn.Module:
     return enc
 
 
-def _fused_vs_official(train: bool, bf16: bool, quick: bool) -> dict[str, Any]:
-    return _pair(_encoder(attention="official"), _encoder(attention="fused"), train=train,
-                 bf16=bf16, quick=quick, baseline="official", ours="fused (auto mode)")
-
-
-for _train in (True, False):
-    for _bf16 in (False, True):
-        _name = (f"encoder_attention_fused_vs_official_{'train' if _train else 'infer'}_"
-                 f"{'bf16' if _bf16 else 'fp32'}")
-        register(_name, goal=None, needs=_needs_bf16 if _bf16 else None,
-                 about=f"vit_b encoder {'fwd+bwd' if _train else 'inference'} at 256 px, "
-                       f"{'bf16' if _bf16 else 'fp32'}: official attention vs fused")(
-            lambda quick, t=_train, b=_bf16: _fused_vs_official(t, b, quick))
+def _register_four(prefix: str, about: str,
+                   pair: Callable[[bool, bool, bool], dict[str, Any]]) -> None:
+    """Register ``PREFIX_{train,infer}_{fp32,bf16}``, each ``pair(train, bf16, quick)``."""
+    for train in (True, False):
+        for bf16 in (False, True):
+            register(f"{prefix}_{'train' if train else 'infer'}_{'bf16' if bf16 else 'fp32'}",
+                     goal=None, needs=_needs_bf16 if bf16 else None,
+                     about=f"vit_b encoder {'fwd+bwd' if train else 'inference'} at 256 px, "
+                           f"{'bf16' if bf16 else 'fp32'}: {about}")(
+                lambda quick, t=train, b=bf16: pair(t, b, quick))
 
 
 def _padded_windows() -> torch.nn.Module:
@@ -106,18 +104,16 @@ def _padded_windows() -> torch.nn.Module:
     return enc
 
 
-for _train in (True, False):
-    for _bf16 in (False, True):
-        _name = (f"encoder_windows_real_tokens_vs_padded_{'train' if _train else 'infer'}_"
-                 f"{'bf16' if _bf16 else 'fp32'}")
-        register(_name, goal=None, needs=_needs_bf16 if _bf16 else None,
-                 about=f"vit_b encoder {'fwd+bwd' if _train else 'inference'} at 256 px, "
-                       f"{'bf16' if _bf16 else 'fp32'}, fused: qkv / proj over padded windows "
-                       "vs real tokens")(
-            lambda quick, t=_train, b=_bf16: _pair(
-                _padded_windows(), _encoder(), train=t, bf16=b, quick=quick,
-                baseline="fused attention in official blocks (padded qkv / proj)",
-                ours="FusedBlock (qkv / proj over real tokens)"))
+_register_four("encoder_attention_fused_vs_official", "official attention vs fused",
+               lambda train, bf16, quick: _pair(
+                   _encoder(attention="official"), _encoder(attention="fused"), train=train,
+                   bf16=bf16, quick=quick, baseline="official", ours="fused (auto mode)"))
+_register_four("encoder_windows_real_tokens_vs_padded",
+               "fused, qkv / proj over padded windows vs real tokens",
+               lambda train, bf16, quick: _pair(
+                   _padded_windows(), _encoder(), train=train, bf16=bf16, quick=quick,
+                   baseline="fused attention in official blocks (padded qkv / proj)",
+                   ours="FusedBlock (qkv / proj over real tokens)"))
 
 
 @register("encoder_attention_bias_vs_explicit_train_bf16", goal=None, needs=_needs_bf16,
