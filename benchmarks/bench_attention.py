@@ -14,6 +14,8 @@ compared side by side in one process (``common.compare``); bf16 entries: ``bench
   official padded windowed blocks (qkv and proj over the 28 x 28 padded grid of four 14 x 14
   windows) against :class:`~scrollsam.model.attention.FusedBlock` (qkv and proj over the 16 x 16
   real tokens, the padding as qkv of a zero token): the default window 14.
+- ``encoder_flops_real_tokens_vs_padded``: the same two layouts' forward FLOPs per image
+  (``torch.utils.flop_counter`` on meta tensors) at 256 and 1024 px.
 - ``encoder_256_window16_vs_14``: encoder inference with 16 x 16 windows (the 16 x 16 token
   grid in one window, no padding) against 14 x 14 ones (padded to 28 x 28: four windows).
 
@@ -39,9 +41,9 @@ def _needs_bf16() -> str | None:
     return None if cpu_has_bf16() else "needs a CPU with bf16 units (AVX512-BF16 / AMX)"
 
 
-def _encoder(*, window: int = 14, attention: str = "fused") -> torch.nn.Module:
+def _encoder(*, window: int = 14, attention: str = "fused", size: int = SIZE) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("vit_b", image_size=SIZE, window_size=window,
+    return build_model("vit_b", image_size=size, window_size=window,
                        attention=attention).sam.image_encoder
 
 
@@ -94,12 +96,12 @@ def _register_four(prefix: str, about: str,
                 lambda quick, t=train, b=bf16: pair(t, b, quick))
 
 
-def _padded_windows() -> torch.nn.Module:
+def _padded_windows(size: int = SIZE) -> torch.nn.Module:
     """The fused encoder as it was before :class:`FusedBlock`: fused attention inside the
     official blocks, which pad the grid to whole windows before qkv."""
-    enc = _encoder(attention="official")
+    enc = _encoder(attention="official", size=size)
     for block in enc.blocks:
-        side = block.window_size or SIZE // 16
+        side = block.window_size or size // 16
         block.attn = FusedAttention(block.attn, grid=(side, side))
     return enc
 
@@ -142,3 +144,22 @@ def encoder_256_window16_vs_14(quick: bool) -> dict[str, Any]:
     result["metrics"] = {"s_per_image_w14": result["baseline_s"] / 4,
                          "s_per_image_w16": result["ours_s"] / 4}
     return result
+
+
+@register("encoder_flops_real_tokens_vs_padded", goal=None,
+          about="vit_b encoder forward GFLOP per image (flop_counter, meta tensors): official "
+                "padded windows vs FusedBlock, 256 and 1024 px, window 14")
+def encoder_flops_real_tokens_vs_padded(quick: bool) -> dict[str, Any]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    metrics = {}
+    for size in (256, 1024):
+        for name, build in (("padded", _padded_windows), ("fused", _encoder)):
+            with torch.device("meta"):
+                enc = build(size=size)
+                x = torch.empty(1, 3, size, size)
+            with FlopCounterMode(display=False) as counter:
+                enc(x)
+            metrics[f"gflop_{size}_{name}"] = counter.get_total_flops() / 1e9
+    return {"settings": {"model": "vit_b", "window": 14, "batch": 1, "pass": "forward"},
+            "metrics": metrics}
