@@ -63,7 +63,7 @@ def test_launch_grid_is_one_dimensional(tuned, monkeypatch):
     kernel = _Kernel()
     monkeypatch.setattr(ra, "_TUNED", tuned)
     z, positions = 256 * 25 * 12, 14 * 16
-    ra._launch(kernel, "BLOCK_N", z, positions, WP=16, PRECISION="tf32")
+    ra._launch(kernel, "BLOCK_N", z, H=14, WP=16, NQ=196, PRECISION="tf32")
     assert [grid for grid, _ in kernel.launches] == [(z * (positions // 32),)]
 
 
@@ -73,8 +73,8 @@ def test_float32_products_take_one_fixed_tile_not_the_autotuner(monkeypatch):
     tuned, inner = _Kernel(), _Kernel()
     tuned.fn = inner  # as triton.autotune wraps its kernel
     monkeypatch.setattr(ra, "_TUNED", True)
-    ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION="ieee")
-    ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION="tf32")
+    ra._launch(tuned, "BLOCK_M", 10, H=14, WP=16, NQ=196, PRECISION="ieee")
+    ra._launch(tuned, "BLOCK_M", 10, H=14, WP=16, NQ=196, PRECISION="tf32")
     [(_, fixed)] = inner.launches
     block_m, block_n, warps, stages = ra._untuned(16)
     assert (fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"], fixed["num_stages"]) == (
@@ -89,7 +89,7 @@ def test_launches_ask_for_fused_multiply_adds(precision, monkeypatch):
     tuned, inner = _Kernel(), _Kernel()
     tuned.fn = inner
     monkeypatch.setattr(ra, "_TUNED", True)
-    ra._launch(tuned, "BLOCK_M", 10, 14 * 16, WP=16, PRECISION=precision)
+    ra._launch(tuned, "BLOCK_M", 10, H=14, WP=16, NQ=196, PRECISION=precision)
     [(_, kwargs)] = tuned.launches + inner.launches
     assert kwargs["enable_fp_fusion"] is True
 

@@ -49,7 +49,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    get_rel_pos,
+    window_partition,
+    window_unpartition,
+)
 from torch import nn
 
 from scrollsam.model.rel_attention import rel_attention
@@ -221,17 +227,17 @@ class FusedBlock(Block):
         ws = self.window_size
         pad_h, pad_w = -h % ws, -w % ws
         if not (pad_h or pad_w):  # whole windows: the official order (partition the narrower x)
-            out = self.attn(_partition(x, ws))  # (B * h / ws * w / ws, ws, ws, dim)
-            return _unpartition(out, b, h // ws, w // ws)
+            windows, _ = window_partition(x, ws)  # (B * h / ws * w / ws, ws, ws, dim)
+            return window_unpartition(self.attn(windows), ws, (h, w), (h, w))
         qkv = self.attn.qkv(x)  # (B, H, W, 3 dim): real tokens only
         fill = self.attn.qkv(x.new_zeros(1, dim)).view(1, 1, 1, -1)  # (1, 1, 1, 3 dim)
         qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)  # (B, H, Wp, 3 dim)
         qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)  # (B, Hp, Wp, 3 dim)
-        rows = [_cat([self._region(qkv, r, c) for c in _spans(w, ws)], dim=2)
-                for r in _spans(h, ws)]
-        # contiguous (a concatenation or a copy): proj of a strided crop took a slow batched
-        # matmul (CPU, bf16)
-        return self.attn.proj(_cat(rows, dim=1))  # (B, H, W, dim)
+        out = torch.cat([torch.cat([self._region(qkv, r, c) for c in _spans(w, ws)], dim=2)
+                         for r in _spans(h, ws)], dim=1)  # (B, H, W, dim)
+        # out is contiguous (concatenated): proj of a strided crop took a slow batched matmul
+        # (CPU, bf16)
+        return self.attn.proj(out)  # (B, H, W, dim)
 
     def _region(self, qkv: torch.Tensor, rows: tuple[int, int, int],
                 cols: tuple[int, int, int]) -> torch.Tensor:
@@ -240,28 +246,17 @@ class FusedBlock(Block):
         real tokens [B, rows' windows x real rows, cols' windows x real cols, dim]."""
         ws = self.window_size
         (r0, rn, rq), (c0, cn, cq) = rows, cols
-        windows = _partition(qkv[:, r0:r0 + rn, c0:c0 + cn], ws)  # (B nh nw, ws, ws, 3 dim)
+        windows, _ = window_partition(qkv[:, r0:r0 + rn, c0:c0 + cn], ws)  # (B nh nw, ws, ws, .)
         out = self.attn.attend(windows, queries=(rq, cq))  # (B nh nw, rq, cq, dim)
         return _unpartition(out, qkv.shape[0], rn // ws, cn // ws)  # (B, nh rq, nw cq, dim)
 
 
-def _partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """[B, nh * ws, nw * ws, C] -> windows [B * nh * nw, ws, ws, C] (row-major)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(
-        -1, ws, ws, c)
-
-
 def _unpartition(windows: torch.Tensor, b: int, nh: int, nw: int) -> torch.Tensor:
-    """Windows [B * nh * nw, h, w, C] -> [B, nh * h, nw * w, C] (a contiguous copy)."""
+    """Windows' real parts [B * nh * nw, h, w, C] (row-major, as ``window_partition`` cut
+    them; h x w need not be square) -> [B, nh * h, nw * w, C] (a contiguous copy)."""
     _, h, w, c = windows.shape
     return windows.reshape(b, nh, nw, h, w, c).permute(0, 1, 3, 2, 4, 5).reshape(
         b, nh * h, nw * w, c)
-
-
-def _cat(parts: list[torch.Tensor], *, dim: int) -> torch.Tensor:
-    """``torch.cat`` without the copy when there is one part."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _spans(n: int, ws: int) -> list[tuple[int, int, int]]:

@@ -30,9 +30,9 @@ stride: the encoder's views of its qkv projection need no copy, but for the quer
 padded window's real tokens, which are a copy), rel_h [B, nh, NQ, H], rel_w
 [B, nh, NQ, W] (the ``einsum`` of q with the block's relative-position tables, as in the
 official code; autograd carries their gradient on to q and the tables) -> [B, nh, NQ, hd] in
-q's dtype. Scores, softmax
-and accumulators are float32; the products take the inputs' dtype (bf16 under autocast, with
-fp32 accumulation) and, for float32 inputs, full-precision ("ieee") products.
+q's dtype. Scores, softmax and accumulators are float32; the products take the inputs' dtype
+(bf16 under autocast, with fp32 accumulation) and, for float32 inputs, full-precision ("ieee")
+products.
 
 The op runs where Triton does: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1`` (how
 ``tests/test_rel_attention.py`` checks values and gradients on a CPU). It is a
@@ -133,15 +133,16 @@ def _tuned(kernel: Kernel, tiles: tuple[tuple[int, int, int, int], ...]) -> Kern
                            prune_configs_by={"early_config_prune": _keep_whole_rows})(kernel)
 
 
-def _launch(kernel: Kernel, blocks_along: str, z: int, positions: int, *args: object,
+def _launch(kernel: Kernel, blocks_along: str, z: int, *args: object,
             **settings: object) -> None:
-    """Run ``kernel`` on one program per (image and head of the z = B * nh, block of
-    ``positions`` along ``blocks_along``: the NQ queries, or the padded key grid's H * WP
-    positions), in a 1-D grid (CUDA caps a grid's second
-    axis at 65535: B * 25 windows * heads passes that from batch 219 with vit_b); autotuned
-    tiles on a GPU, :func:`_untuned`'s for float32 products and under the interpreter. Fused
-    multiply-adds are asked for, not left to Triton's default (which Triton 3.10 turns off):
-    the softmax terms are one FMA and one exp2 each."""
+    """Run ``kernel`` on one program per (image and head of the z = B * nh, block along
+    ``blocks_along``: of the NQ queries for BLOCK_M, of the padded key grid's H * WP positions
+    for BLOCK_N), in a 1-D grid (CUDA caps a grid's second axis at 65535: B * 25 windows *
+    heads passes that from batch 219 with vit_b); autotuned tiles on a GPU, :func:`_untuned`'s
+    for float32 products and under the interpreter. Fused multiply-adds are asked for, not left
+    to Triton's default (which Triton 3.10 turns off): the softmax terms are one FMA and one
+    exp2 each."""
+    positions = settings["NQ"] if blocks_along == "BLOCK_M" else settings["H"] * settings["WP"]
     settings = {**settings, "enable_fp_fusion": True}
     if _TUNED and settings["PRECISION"] != "ieee":
         kernel[lambda meta: (z * triton.cdiv(positions, meta[blocks_along]),)](*args, **settings)
@@ -223,12 +224,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h:
                scale: float) -> tuple[Tensor, Tensor]:
     """Forward: (output [B, nh, NQ, hd], row log-sum-exp float32 [B, nh, NQ])."""
     q, k, v = _unit_last_stride(q, k, v)
-    b, heads, n, hd = q.shape
-    out = torch.empty(b, heads, n, hd, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, heads, n, dtype=torch.float32, device=q.device)
+    b, heads, nq, hd = q.shape
+    out = torch.empty(b, heads, nq, hd, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, heads, nq, dtype=torch.float32, device=q.device)
     cfg = _settings(q, h, w)
     with _device_of(q):
-        _launch(_forward, "BLOCK_M", b * heads, n, q, k, v, rel_h.contiguous(),
+        _launch(_forward, "BLOCK_M", b * heads, q, k, v, rel_h.contiguous(),
                 rel_w.contiguous(), out, lse, *_strides(q, k, v), heads, scale, **cfg)
     return out, lse
 
@@ -248,18 +249,18 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
     q, k, v = _unit_last_stride(q, k, v)
     rel_h, rel_w, grad = rel_h.contiguous(), rel_w.contiguous(), grad.contiguous()
     out, lse = out.contiguous(), lse.contiguous()
-    b, heads, n, hd = q.shape
     delta = (grad.float() * out.float()).sum(-1)  # (B, nh, NQ): rowsum(dO * O)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format)
                   for t in (q, k, v))  # the kernels write them contiguous
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
     cfg = _settings(q, h, w)
+    z, heads = q.shape[0] * q.shape[1], q.shape[1]
     common = (*_strides(q, k, v), heads, scale)
     with _device_of(q):
-        _launch(_backward_kv, "BLOCK_N", b * heads, h * cfg["WP"], q, k, v, rel_h, rel_w, grad,
-                lse, delta, dk, dv, *common, **cfg)
-        _launch(_backward_q, "BLOCK_M", b * heads, n, q, k, v, rel_h, rel_w, grad, lse, delta,
-                dq, drh, drw, *common, **cfg)
+        _launch(_backward_kv, "BLOCK_N", z, q, k, v, rel_h, rel_w, grad, lse, delta, dk, dv,
+                *common, **cfg)
+        _launch(_backward_q, "BLOCK_M", z, q, k, v, rel_h, rel_w, grad, lse, delta, dq, drh,
+                drw, *common, **cfg)
     return dq, dk, dv, drh, drw
 
 
