@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scrollsam.errors import InputError, describe
+from scrollsam.mask_loss import mask_sums
 
 __all__ = [
     "SamLoss",
@@ -223,19 +224,22 @@ def sam_loss(
         raise InputError(f"resolution: expected 'label' or 'mask', got {resolution!r}")
     if resolution == "mask" and target.shape[-2:] != logits.shape[-2:]:
         target, valid = to_mask_resolution(target, valid, tuple(logits.shape[-2:]))
-    up = upsample_logits(logits.float(), tuple(target.shape[-2:]))  # (P, M, H, W)
+    # the per-pixel terms above, summed in one pass that keeps nothing full-size (mask_loss)
+    sums = mask_sums(logits, target, valid, alpha=focal_alpha, gamma=focal_gamma,
+                     bce=bool(bce_weight))
     parts: dict[str, Tensor] = {
-        "focal": focal_loss(up, target, valid, alpha=focal_alpha, gamma=focal_gamma),
-        "dice": soft_dice_loss(up, target, valid, smooth=dice_smooth),
+        "focal": sums.focal,
+        "dice": 1 - (2 * sums.inter + dice_smooth) / (sums.prob + sums.ink + dice_smooth),
     }  # each (P, M)
     if bce_weight:
-        parts["bce"] = bce_loss(up, target, valid)
+        parts["bce"] = sums.bce
     weights = {"focal": focal_weight, "dice": dice_weight, "bce": bce_weight}
     per_mask = sum(weights[k] * v for k, v in parts.items())  # (P, M)
     selected = per_mask.detach().argmin(dim=1)  # (P,) first index on ties
     pick = selected[:, None]  # (P, 1)
     mask_loss = per_mask.gather(1, pick).squeeze(1).mean()
-    actual = mask_iou(up, target, valid)  # (P, M), no grad
+    union = sums.predicted + sums.truth - sums.hit  # (P, M): as mask_iou counts
+    actual = torch.where(union > 0, sums.hit / union.clamp(min=1.0), torch.ones_like(union))
     iou_err = iou_mse_loss(iou_pred, actual)  # (P, M)
     iou_loss = iou_err.mean() if iou_on == "all" else iou_err.gather(1, pick).mean()
     out = {"loss": mask_loss + iou_weight * iou_loss, "mask": mask_loss.detach()}

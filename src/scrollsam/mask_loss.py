@@ -1,0 +1,176 @@
+"""The SAM mask loss's sums over pixels, a few sets at a time, nothing full-size kept for backward.
+
+:func:`scrollsam.losses.sam_loss` compares every (set, mask) with the truth at label resolution:
+the decoder's [P, M, S/4, S/4] logits are upsampled to [P, M, S, S] (16x the pixels), and
+focal, dice, BCE and IoU are per-pixel terms summed over the valid pixels. Written as autograd
+ops (:func:`~scrollsam.losses.focal_loss` and the others) each call kept about ten S x S float32
+tensors per mask for backward: 1.07 GB for 8 sets of 4 masks at 1024 px, 4.3 GB for the first
+round of a vit_b batch of 16.
+
+:func:`mask_sums` computes the same sums in a custom autograd function that works on a few sets
+at a time (``chunk`` pixels): forward upsamples a chunk, reduces it to sums and drops it;
+backward recomputes the chunk's upsampled logits from the low-resolution ones and writes the
+gradient of every sum into one per-pixel gradient, which the upsampling's own backward takes
+back to [c, M, h, w]. Kept for backward: the logits and two planes per set, t w and w. Sums are
+products with those planes (``bmm``), not full-size temporaries. Values and gradients equal
+the per-pixel terms' to float32 rounding (``tests/test_mask_loss.py``).
+
+Per pixel, with x the upsampled logit, p = sigmoid(x), t the target (0 / 1, or an ink fraction
+at ``resolution="mask"``), w the valid mask (0 / 1), ce = BCE(x, t) = log(1 + e^x) - x t and
+m = 1 - p_t = p (1 - 2t) + t, the function sums, per (set, mask):
+
+* f = ce m^gamma against t w and w (a_t w = (2 alpha - 1) t w + (1 - alpha) w, so the focal
+  term with its alpha is a combination of the two);  df/dx = (p - t) m^gamma +
+  gamma ce m^(gamma - 1) p (1 - p)(1 - 2t);
+* ce against w (BCE, when asked);  d/dx = p - t;
+* p against t w and w (dice);  dp/dx = p (1 - p);
+* the thresholded pixels x > 0 against w and (t > 0.5) w (IoU; no gradient).
+
+Every sum weighs its pixels by t w or w, so t enters only as t w: off the valid mask the terms
+are wrong and weigh 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+CHUNK = {"cpu": 1 << 22, "cuda": 1 << 26}  # label-resolution pixels per chunk (P * M * H * W):
+# on a CPU temporaries of 16 MB (larger ones measured slower); on a GPU enough to fill it
+
+
+class MaskSums(NamedTuple):
+    """Per-(set, mask) loss terms [P, M] (float32) and per-set truth [P, 1]."""
+
+    focal: Tensor  # mean focal term over the set's valid pixels (a_t included)
+    bce: Tensor  # mean BCE over them (zeros unless asked for)
+    inter: Tensor  # sum of p t over them: dice's intersection
+    prob: Tensor  # sum of p: dice's prediction sum
+    ink: Tensor  # [P, 1] sum of t: dice's truth sum (no gradient)
+    hit: Tensor  # pixels x > 0 on ink (t > 0.5): IoU's intersection (no gradient)
+    predicted: Tensor  # pixels x > 0 (no gradient)
+    truth: Tensor  # [P, 1] ink pixels (t > 0.5) (no gradient)
+
+
+def mask_sums(logits: Tensor, target: Tensor, valid: Tensor | None = None, *,
+              alpha: float = 0.25, gamma: float = 2.0, bce: bool = False,
+              chunk: int | None = None) -> MaskSums:
+    """The loss terms of logits [P, M, h, w] (any float dtype; upsampled bilinearly to the
+    target's size when smaller, ``align_corners=False``) against target [P, 1, H, W] inside
+    valid [P, 1, H, W] (> 0.5; None: every pixel). ``focal``, ``bce``, ``inter`` and ``prob``
+    are differentiable in ``logits``; ``bce`` is computed only when asked. ``chunk``: pixels
+    per chunk (default :data:`CHUNK` for the device); a chunk holds whole sets."""
+    w = torch.ones_like(target, dtype=torch.float32) if valid is None else (valid > 0.5).float()
+    planes = torch.cat([target.float() * w, w], dim=1)  # (P, 2, H, W): t w, w
+    per_set = logits.shape[1] * planes.shape[-2] * planes.shape[-1]
+    limit = chunk or CHUNK.get(logits.device.type, CHUNK["cuda"])
+    sums = _Sums.apply(logits, planes, gamma, bce, max(1, limit // per_set))  # (P, 7, M)
+    f_tw, f_w, ce_w, p_tw, p_w, on_w, on_ink = sums.unbind(1)  # each (P, M)
+    n = w.sum(dim=(2, 3)).clamp(min=1.0)  # (P, 1) valid pixels
+    focal = ((2 * alpha - 1) * f_tw + (1 - alpha) * f_w) / n if alpha >= 0 else f_w / n
+    tw = planes[:, 0]  # (P, H, W)
+    return MaskSums(focal, ce_w / n, p_tw, p_w, tw.sum(dim=(1, 2))[:, None], on_ink, on_w,
+                    (tw > 0.5).sum(dim=(1, 2))[:, None].float())
+
+
+def _upsampled(low: Tensor, size: tuple[int, int]) -> Tensor:
+    """[c, M, h, w] logits -> float32 [c, M, H, W] (the loss's one upsampling rule)."""
+    x = low.float()
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _power(m: Tensor, gamma: float) -> Tensor:
+    """m ** gamma, by multiplication for the usual 1 and 2."""
+    return m if gamma == 1 else m * m if gamma == 2 else m.pow(gamma)
+
+
+def _ce(x: Tensor, t: Tensor) -> Tensor:
+    """BCE with logits, x [c, M, H, W] against t [c, 1, H, W]: log(1 + e^x) - x t."""
+    return torch.addcmul(F.softplus(x), x, t, value=-1)
+
+
+def chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool) -> Tensor:
+    """Low [c, M, h, w] logits of c whole sets and their planes [c, 2, H, W] (t w, w) ->
+    sums [c, 7, M] float32: f against t w and w, ce against w (0 unless ``bce``), p against
+    t w and w, x > 0 against w and (t > 0.5) w."""
+    c, M = low.shape[:2]
+    x = _upsampled(low, tuple(planes.shape[-2:]))  # (c, M, H, W)
+    tw = planes[:, :1]  # (c, 1, H, W)
+    cols = torch.cat([planes, tw > 0.5], dim=1).flatten(2)  # (c, 3, H * W): t w, w, ink w
+    p = torch.sigmoid(x)
+    ce = _ce(x, tw)
+    f = ce * _power(torch.addcmul(tw, p, 1 - 2 * tw), gamma) if gamma else ce
+    out = [torch.bmm(cols[:, :2], f.flatten(2).transpose(1, 2)),  # (c, 2, M)
+           torch.bmm(cols[:, 1:2], ce.flatten(2).transpose(1, 2)) if bce else x.new_zeros(
+               c, 1, M),
+           torch.bmm(cols[:, :2], p.flatten(2).transpose(1, 2)),
+           torch.bmm(cols[:, 1:], (x > 0).float().flatten(2).transpose(1, 2))]
+    return torch.cat(out, dim=1)  # (c, 7, M)
+
+
+def chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float,
+               bce: bool) -> Tensor:
+    """The gradient of sum(grad * :func:`chunk_sums`) in low [c, M, h, w] (float32), for grad
+    [c, 7, M] (the counts' rows are ignored)."""
+    size = tuple(planes.shape[-2:])
+    x = _upsampled(low, size)  # (c, M, H, W)
+    tw, w = planes[:, :1], planes[:, 1:]  # each (c, 1, H, W)
+    g = grad.transpose(1, 2)[..., None, None]  # (c, M, 7, 1, 1)
+    p = torch.sigmoid(x)
+    slope = torch.addcmul(p, p, p, value=-1)  # dp / dx = p (1 - p)
+    gx = slope * torch.addcmul(g[:, :, 3] * tw, g[:, :, 4], w)  # (c, M, H, W): dice's sums
+    d = p - tw  # d ce / dx
+    if gamma:  # d (ce m^gamma) / dx = d m^gamma + gamma ce m^(gamma - 1) dm / dx
+        s = 1 - 2 * tw
+        m = torch.addcmul(tw, p, s)
+        dm = slope * s  # dm / dx
+        more = None if gamma == 1 else _power(m, gamma - 1)
+        df = torch.addcmul(d * m, _ce(x, tw), dm, value=gamma)
+        df = df if more is None else df * more
+    else:
+        df = d
+    gx.addcmul_(torch.addcmul(g[:, :, 0] * tw, g[:, :, 1], w), df)
+    if bce:
+        gx.addcmul_(g[:, :, 2] * w, d)
+    if size == tuple(low.shape[-2:]):
+        return gx
+    return torch.ops.aten.upsample_bilinear2d_backward(gx, list(size), list(low.shape), False,
+                                                       None, None)  # (c, M, h, w)
+
+
+def _float32(like: Tensor) -> torch.autocast:
+    """Autocast off on ``like``'s device: the sums stay float32 products, as the loss is
+    specified (under an enclosing bf16 autocast the ``bmm`` would round every pixel's term)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
+class _Sums(torch.autograd.Function):
+    """logits [P, M, h, w], planes [P, 2, H, W] -> :func:`chunk_sums` of every set [P, 7, M],
+    chunk by chunk of ``step`` sets; differentiable in its first five rows."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, planes: Tensor, gamma: float, bce: bool,
+                step: int) -> Tensor:
+        settings = dict(gamma=gamma, bce=bce)
+        with _float32(logits):
+            sums = torch.cat([chunk_sums(logits[lo:lo + step], planes[lo:lo + step], **settings)
+                              for lo in range(0, logits.shape[0], step)])
+        ctx.save_for_backward(logits, planes)
+        ctx.settings, ctx.step = settings, step
+        return sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        logits, planes = ctx.saved_tensors
+        step, grad = ctx.step, grad.float()
+        with _float32(logits):
+            parts = [chunk_grad(logits[lo:lo + step], planes[lo:lo + step], grad[lo:lo + step],
+                                **ctx.settings) for lo in range(0, logits.shape[0], step)]
+        return torch.cat(parts).to(logits.dtype), None, None, None, None
