@@ -57,9 +57,10 @@ def compile_sm90(kernel: str, grid: tuple[int, int], dtype: str, config: Any,
 
     jit = _kernel(kernel).fn
     h, w = grid
+    block_d, block_d2 = ra.head_parts(head_dim)
     consts = dict(N=h * w, NQ=h * w, H=h, W=w, WP=ra._pow2(w, least=1), D=head_dim,
-                  BLOCK_D=ra._pow2(head_dim), PRECISION="ieee" if dtype == "fp32" else "tf32",
-                  **config.kwargs)
+                  BLOCK_D=block_d, BLOCK_D2=block_d2,
+                  PRECISION="ieee" if dtype == "fp32" else "tf32", **config.kwargs)
     pointers = {name: "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
                 for name in jit.arg_names if name.isupper() and name not in consts}
     signature = {name: "constexpr" if name in consts else pointers.get(name) or (

@@ -67,10 +67,10 @@ def test_a_branch_it_cannot_read_is_an_error_not_a_lost_loop():
         kernel_sass.hot_loop("        /*0010*/                   BRA `(.L_x_1) ;\n")
 
 
-def _measure(kernel: str, grid: tuple[int, int], dtype: str, config) -> dict:
+def _measure(kernel: str, grid: tuple[int, int], dtype: str, config, head_dim: int = 64) -> dict:
     """kernel_sass.measure, or a skip where this Triton has no ptxas or cuobjdump."""
     try:
-        return kernel_sass.measure(kernel, grid, dtype, config)
+        return kernel_sass.measure(kernel, grid, dtype, config, head_dim)
     except FileNotFoundError:
         pytest.skip("no cuobjdump in this Triton install")
     except RuntimeError as err:
@@ -103,6 +103,18 @@ def test_every_tile_compiles_for_an_h100_with_a_lean_hot_loop(kernel, grid, monk
         assert row["per_score"]["MUFU"] < 1.1, tile  # one exp2 per score, not two (layout)
         if grid == (64, 64):
             assert loop["FSEL"] == 0, tile  # nothing padded: no select per score
+
+
+@needs_tuned_kernels
+@pytest.mark.parametrize("kernel", kernel_sass.KERNELS)
+def test_vit_h_head_dim_compiles_in_two_parts_without_spills(kernel, monkeypatch, tmp_path):
+    """vit_h's head dim 80 as 64 + 16 columns (``head_parts``): the first tile each autotuner
+    tries on the global grid compiles for an H100 without spilling. Padded to 128 columns,
+    the dK / dV kernel's spilled 328 bytes a thread there (kernel_sass.py, Triton 3.9)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    config = kernel_sass.tiles(kernel, (64, 64))[0]
+    row = _measure(kernel, (64, 64), "bf16", config, head_dim=80)
+    assert row["loop"]["HGMMA"] + row["loop"]["HMMA"] > 0 and row["stack"] == 0, row["tile"]
 
 
 @needs_tuned_kernels

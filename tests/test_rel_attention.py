@@ -243,7 +243,12 @@ CHECKS = {
     "kernel_3x40_hd16_tiles_16x128": lambda: _other_tiles((3, 40), 16, 16, 128),  # 2 rows
     "kernel_14x14_hd64_tiles_128x64": lambda: _other_tiles((14, 14), 64, 128, 64),  # 4 rows
     "kernel_14x14_hd64_tiles_32x128": lambda: _other_tiles((14, 14), 64, 32, 128),  # 8 rows
+    # head dims in two parts (rel_attention.head_parts): 80 = 64 + 16 (vit_h), 48 = 32 + 16
+    "kernel_9x9_hd80": lambda: _kernel_vs_official((9, 9), 80),
+    "kernel_14x14_hd48_112_queries": lambda: _kernel_vs_official((14, 14), 48, 112),
+    "kernel_5x7_hd80_tiles_16x32": lambda: _other_tiles((5, 7), 80, 16, 32),
     "fp16_9x9_hd64": lambda: _fp16_vs_fp32((9, 9), 64),
+    "fp16_9x9_hd80": lambda: _fp16_vs_fp32((9, 9), 80),
     "fp16_encoder": _fp16_encoder,
     "encoder_tiny_128": lambda: _encoder_vs_official("tiny", 128),
     "encoder_vit_b_shaped_96": lambda: _encoder_vs_official("vit_b", 96),  # 12 heads, window 14
@@ -273,8 +278,16 @@ def test_kernel_equals_the_official_attention_values_and_gradients(results, name
     assert results[name] < 2e-5, results[name]
 
 
-def test_fp16_kernel_is_close_to_fp32(results):
-    assert results["fp16_9x9_hd64"] < 3e-3, results["fp16_9x9_hd64"]
+@pytest.mark.parametrize("name", ["fp16_9x9_hd64", "fp16_9x9_hd80"])
+def test_fp16_kernel_is_close_to_fp32(results, name):
+    assert results[name] < 3e-3, results[name]
+
+
+@pytest.mark.parametrize(("hd", "parts"), [(16, (16, 0)), (20, (32, 0)), (24, (32, 0)),
+                                           (48, (32, 16)), (64, (64, 0)), (72, (64, 16)),
+                                           (80, (64, 16)), (96, (64, 32)), (128, (128, 0))])
+def test_head_dims_walk_in_the_fewest_padded_columns(hd, parts):
+    assert ra.head_parts(hd) == parts
 
 
 def test_fp16_autocast_encoder_is_as_close_to_official_as_fold(results):

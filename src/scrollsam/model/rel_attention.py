@@ -189,11 +189,24 @@ def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
+def head_parts(hd: int) -> tuple[int, int]:
+    """The head dim as the kernels walk it: (BLOCK_D, BLOCK_D2), two powers of two >= 16 (the
+    second 0: one part) that cover ``hd`` with the fewest padded columns. vit_h's 80 is 64 + 16,
+    not 128 (37.5% of each product zeros); vit_b's 64 is one part."""
+    whole = _pow2(hd)
+    if whole == hd or whole <= 16:
+        return whole, 0
+    first = whole // 2  # the largest power of two below hd
+    second = _pow2(hd - first)
+    return (first, second) if first + second < whole else (whole, 0)
+
+
 def _settings(q: Tensor, h: int, w: int) -> dict[str, object]:
     """The kernels' compile-time settings but the tiles, for q [B, nh, NQ, hd] and keys on an
     h x w grid."""
+    block_d, block_d2 = head_parts(q.shape[-1])
     return dict(N=h * w, NQ=q.shape[2], H=h, W=w, WP=_pow2(w, least=1), D=q.shape[-1],
-                BLOCK_D=_pow2(q.shape[-1]),
+                BLOCK_D=block_d, BLOCK_D2=block_d2,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 

@@ -6,7 +6,10 @@ multiple of WP, so a key block is whole rows. Tensors: q [B, nh, NQ, D], k, v [B
 (N = H * W) with strides (``s?b``, ``s?h``, ``s?n``) and a unit last stride; O, DO, DQ
 contiguous [B * nh, NQ, D], DK, DV [B * nh, N, D]; RH, RW, DRH, DRW contiguous
 [B * nh, NQ, H or W]; LSE, DELTA float32 [B * nh, NQ]. Tiles are float32 except loaded q, k, v,
-dO (their dtype). Only imported where Triton is.
+dO (their dtype). The head dim D is walked in one or two parts, BLOCK_D and BLOCK_D2 columns
+(``rel_attention.head_parts``: vit_h's 80 as 64 + 16, with 0 for no second part, whose code
+the compiler drops), each product over the head dim a sum of the parts' products. Only
+imported where Triton is.
 
 Each softmax term is ``exp2(s * LOG2E - m * LOG2E)``, one fused multiply-add and one exp2 per
 score, with the row's ``m * LOG2E`` computed once (``exp`` would cost a multiply and, compiled
@@ -57,6 +60,24 @@ def _rows(PTR, token, ok, stride, offs_d, d_ok):
 
 
 @triton.jit
+def _part(PTR, token, ok, stride, START: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Head-dim columns START .. START + BLOCK - 1 of rows ``token`` of a [.., N, D] tensor
+    (row stride ``stride``) -> [len(token), BLOCK], 0 where not ``ok`` or past D."""
+    offs = START + tl.arange(0, BLOCK)
+    return _rows(PTR, token, ok, stride, offs, offs < D)
+
+
+@triton.jit
+def _store_part(PTR, value, token, ok, START: tl.constexpr, BLOCK: tl.constexpr,
+                D: tl.constexpr):
+    """Store ``value`` [len(token), BLOCK] as head-dim columns START .. of rows ``token`` of a
+    contiguous [.., D] tensor, where ``ok`` and below D."""
+    offs = START + tl.arange(0, BLOCK)
+    tl.store(PTR + token[:, None] * D + offs[None, :], value.to(PTR.dtype.element_ty),
+             mask=ok[:, None] & (offs < D)[None, :])
+
+
+@triton.jit
 def _bias(TABLE, tok_m, m_ok, index, size: tl.constexpr):
     """Columns ``index`` of the queries' rows of a bias table [NQ, size] -> [BLOCK_M,
     len(index)] float32: -inf at ``index >= size`` (padding), 0 in padded rows."""
@@ -67,12 +88,12 @@ def _bias(TABLE, tok_m, m_ok, index, size: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H: tl.constexpr, WP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """scale * q k^T plus the bias of the key block at ``start_n`` -> [BLOCK_M, BLOCK_N]:
-    rel_h [BLOCK_M, RB] (RB = BLOCK_N / WP key rows) over each row's WP columns, and rel_w
-    ``bw`` [BLOCK_M, WP] (from :func:`_bias`) over each of the RB rows."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+def _scores(qk, scale, RH, bw, tok_m, m_ok, start_n, H: tl.constexpr, WP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """scale * ``qk`` (q k^T) plus the bias of the key block at ``start_n`` -> [BLOCK_M,
+    BLOCK_N]: rel_h [BLOCK_M, RB] (RB = BLOCK_N / WP key rows) over each row's WP columns, and
+    rel_w ``bw`` [BLOCK_M, WP] (from :func:`_bias`) over each of the RB rows."""
+    s = qk * scale
     bh = _bias(RH, tok_m, m_ok, start_n // WP + tl.arange(0, BLOCK_N // WP), H)
     if BLOCK_N == WP:  # bw, the same for every key block, is converted to s's layout once
         return s + bh + bw
@@ -85,14 +106,16 @@ def forward(Q, K, V, RH, RW, O, LSE,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
             NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
             WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     """One block of queries of one (image, head): O [BLOCK_M, D] and its rows' LSE."""
     z, block = _program(NQ, BLOCK_M)
     b, h = z // heads, z % heads
     tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
+    Qz, Kz, Vz = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh
+    q = _part(Qz, tok_m, m_ok, sqn, 0, BLOCK_D, D)  # (BLOCK_M, BLOCK_D)
+    if BLOCK_D2 > 0:  # the head dim's second part (80 = 64 + 16)
+        q2 = _part(Qz, tok_m, m_ok, sqn, BLOCK_D, BLOCK_D2, D)  # (BLOCK_M, BLOCK_D2)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     RH += z * NQ * H
     bw = _bias(RW + z * NQ * W, tok_m, m_ok, tl.arange(0, WP), W)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum
@@ -100,19 +123,26 @@ def forward(Q, K, V, RH, RW, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, H * WP, BLOCK_N):
         tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-        k = _rows(K + b * skb + h * skh, tok_n, n_ok, skn, offs_d, d_ok)  # (BLOCK_N, BLOCK_D)
-        s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
-                    PRECISION)  # (BLOCK_M, BLOCK_N)
+        k = _part(Kz, tok_n, n_ok, skn, 0, BLOCK_D, D)  # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if BLOCK_D2 > 0:
+            k2 = _part(Kz, tok_n, n_ok, skn, BLOCK_D, BLOCK_D2, D)
+            qk += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+        s = _scores(qk, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2((m_i - m_new) * LOG2E)
         p = tl.exp2(s * LOG2E - (m_new * LOG2E)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _rows(V + b * svb + h * svh, tok_n, n_ok, svn, offs_d, d_ok)
+        v = _part(Vz, tok_n, n_ok, svn, 0, BLOCK_D, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            v2 = _part(Vz, tok_n, n_ok, svn, BLOCK_D, BLOCK_D2, D)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2,
+                                                  input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(O + z * NQ * D + tok_m[:, None] * D + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_part(O + z * NQ * D, acc / l_i[:, None], tok_m, m_ok, 0, BLOCK_D, D)
+    if BLOCK_D2 > 0:
+        _store_part(O + z * NQ * D, acc2 / l_i[:, None], tok_m, m_ok, BLOCK_D, BLOCK_D2, D)
     tl.store(LSE + z * NQ + tok_m, m_i + tl.log(l_i), mask=m_ok)
 
 
@@ -121,38 +151,53 @@ def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
                 NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                 WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one block of keys of one (image, head), over every block of queries."""
     z, block = _program(H * WP, BLOCK_N)
     b, h = z // heads, z % heads
     start_n = block * BLOCK_N
     tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    k = _rows(K + b * skb + h * skh, tok_n, n_ok, skn, offs_d, d_ok)  # (BLOCK_N, BLOCK_D)
-    v = _rows(V + b * svb + h * svh, tok_n, n_ok, svn, offs_d, d_ok)
+    Qz, Kz, Vz, DOz = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, \
+        DO + z * NQ * D
+    k = _part(Kz, tok_n, n_ok, skn, 0, BLOCK_D, D)  # (BLOCK_N, BLOCK_D)
+    v = _part(Vz, tok_n, n_ok, svn, 0, BLOCK_D, D)
+    if BLOCK_D2 > 0:  # the head dim's second part
+        k2 = _part(Kz, tok_n, n_ok, skn, BLOCK_D, BLOCK_D2, D)  # (BLOCK_N, BLOCK_D2)
+        v2 = _part(Vz, tok_n, n_ok, svn, BLOCK_D, BLOCK_D2, D)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     RH += z * NQ * H
     RW += z * NQ * W
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
         tok_m, m_ok = _queries(start_m, BLOCK_M, NQ)
-        q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
-        do = _rows(DO + z * NQ * D, tok_m, m_ok, D, offs_d, d_ok)
+        q = _part(Qz, tok_m, m_ok, sqn, 0, BLOCK_D, D)  # (BLOCK_M, BLOCK_D)
+        do = _part(DOz, tok_m, m_ok, D, 0, BLOCK_D, D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if BLOCK_D2 > 0:
+            q2 = _part(Qz, tok_m, m_ok, sqn, BLOCK_D, BLOCK_D2, D)
+            do2 = _part(DOz, tok_m, m_ok, D, BLOCK_D, BLOCK_D2, D)
+            qk += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
         lse = tl.load(LSE + z * NQ + tok_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + z * NQ + tok_m, mask=m_ok, other=0.0)
         bw = _bias(RW, tok_m, m_ok, tl.arange(0, WP), W)
-        s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
-                    PRECISION)
+        s = _scores(qk, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N)
         p = tl.exp2(s * LOG2E - lse[:, None])  # padded queries: dO = 0, so they add nothing
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dv2 += tl.dot(tl.trans(p.to(do2.dtype)), do2, input_precision=PRECISION)
+            dp += tl.dot(do2, tl.trans(v2), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    out = z * N * D + tok_n[:, None] * D + offs_d[None, :]
-    nd_ok = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
+        if BLOCK_D2 > 0:
+            dk2 += tl.dot(tl.trans(ds.to(q2.dtype)), q2, input_precision=PRECISION)
+    _store_part(DK + z * N * D, dk * scale, tok_n, n_ok, 0, BLOCK_D, D)
+    _store_part(DV + z * N * D, dv, tok_n, n_ok, 0, BLOCK_D, D)
+    if BLOCK_D2 > 0:
+        _store_part(DK + z * N * D, dk2 * scale, tok_n, n_ok, BLOCK_D, BLOCK_D2, D)
+        _store_part(DV + z * N * D, dv2, tok_n, n_ok, BLOCK_D, BLOCK_D2, D)
 
 
 @triton.jit
@@ -160,17 +205,22 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
                NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     """dQ and the bias gradients d rel_h, d rel_w of one block of queries: d rel_w sums dS
     over the rows of every key block; d rel_h of a key row, the sum of dS over its columns,
     is complete in the one key block that holds the row, and stored there."""
     z, block = _program(NQ, BLOCK_M)
     b, h = z // heads, z % heads
     tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
-    offs_d, cols = tl.arange(0, BLOCK_D), tl.arange(0, WP)
-    d_ok = offs_d < D
-    q = _rows(Q + b * sqb + h * sqh, tok_m, m_ok, sqn, offs_d, d_ok)  # (BLOCK_M, BLOCK_D)
-    do = _rows(DO + z * NQ * D, tok_m, m_ok, D, offs_d, d_ok)
+    cols = tl.arange(0, WP)
+    Qz, Kz, Vz, DOz = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, \
+        DO + z * NQ * D
+    q = _part(Qz, tok_m, m_ok, sqn, 0, BLOCK_D, D)  # (BLOCK_M, BLOCK_D)
+    do = _part(DOz, tok_m, m_ok, D, 0, BLOCK_D, D)
+    if BLOCK_D2 > 0:  # the head dim's second part
+        q2 = _part(Qz, tok_m, m_ok, sqn, BLOCK_D, BLOCK_D2, D)  # (BLOCK_M, BLOCK_D2)
+        do2 = _part(DOz, tok_m, m_ok, D, BLOCK_D, BLOCK_D2, D)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     lse = tl.load(LSE + z * NQ + tok_m, mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + z * NQ + tok_m, mask=m_ok, other=0.0)
     RH += z * NQ * H
@@ -180,15 +230,23 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
     drw = tl.zeros([BLOCK_M, WP], tl.float32)
     for start_n in range(0, H * WP, BLOCK_N):
         tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-        k = _rows(K + b * skb + h * skh, tok_n, n_ok, skn, offs_d, d_ok)  # (BLOCK_N, BLOCK_D)
-        v = _rows(V + b * svb + h * svh, tok_n, n_ok, svn, offs_d, d_ok)
-        s = _scores(q, k, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N,
-                    PRECISION)
+        k = _part(Kz, tok_n, n_ok, skn, 0, BLOCK_D, D)  # (BLOCK_N, BLOCK_D)
+        v = _part(Vz, tok_n, n_ok, svn, 0, BLOCK_D, D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if BLOCK_D2 > 0:
+            k2 = _part(Kz, tok_n, n_ok, skn, BLOCK_D, BLOCK_D2, D)
+            v2 = _part(Vz, tok_n, n_ok, svn, BLOCK_D, BLOCK_D2, D)
+            qk += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+        s = _scores(qk, scale, RH, bw, tok_m, m_ok, start_n, H, WP, BLOCK_M, BLOCK_N)
         p = tl.exp2(s * LOG2E - lse[:, None])  # 0 at padded keys
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dp += tl.dot(do2, tl.trans(v2), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # dScore (BLOCK_M, BLOCK_N), 0 off the grid: p = 0
         # at padded keys, dP = delta = 0 at padded queries
         dq += tl.dot(ds.to(q.dtype), k, input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dq2 += tl.dot(ds.to(q2.dtype), k2, input_precision=PRECISION)
         rows = start_n // WP + tl.arange(0, BLOCK_N // WP)
         if BLOCK_N == WP:  # one key row: its d rel_h is the row sum
             drw += ds
@@ -199,7 +257,8 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
             drh = tl.sum(ds3, 2)  # (BLOCK_M, RB)
         tl.store(DRH + tok_m[:, None] * H + rows[None, :], drh.to(DRH.dtype.element_ty),
                  mask=m_ok[:, None] & (rows < H)[None, :])
-    tl.store(DQ + z * NQ * D + tok_m[:, None] * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_part(DQ + z * NQ * D, dq * scale, tok_m, m_ok, 0, BLOCK_D, D)
+    if BLOCK_D2 > 0:
+        _store_part(DQ + z * NQ * D, dq2 * scale, tok_m, m_ok, BLOCK_D, BLOCK_D2, D)
     tl.store(DRW + z * NQ * W + tok_m[:, None] * W + cols[None, :],
              drw.to(DRW.dtype.element_ty), mask=m_ok[:, None] & (cols < W)[None, :])
