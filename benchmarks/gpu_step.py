@@ -67,6 +67,8 @@ GPU_CASES = [
     Case("vit_h", 256, 8, "fold"),
     Case("vit_h", 1024, 1, "official"),
     Case("vit_h", 1024, 1, "fold"),
+    Case("vit_h", 1024, 1, "triton"),  # head dim 80 as 64 + 16 columns
+    Case("vit_b", 1024, 16, "fold", compile=True, prompts="free"),  # b16's prompting share
     # prompt-free only: what the encoder and decoder alone cost
     Case("vit_b", 1024, 4, "official", prompts="free"),
     Case("vit_b", 256, 256, "fold", window=16, prompts="free"),
