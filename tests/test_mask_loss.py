@@ -91,8 +91,8 @@ def test_other_inputs_match(kind):
 
 
 def test_sam_loss_keeps_nothing_full_size_for_backward():
-    """The old autograd terms kept about ten [P, M, H, W] float32 tensors per call (1.07 GB for
-    8 sets of 4 masks at 1024 px); now only the low-resolution logits and the truth."""
+    """The old autograd terms kept several [P, M, H, W] float32 tensors per call (736 MiB for
+    8 sets of 3 masks at 1024 px); now only the low-resolution logits and two truth planes."""
     logits, target, valid = _case(P=4, M=3, low=8, up=4)
     iou = torch.zeros(4, 3, requires_grad=True)
     saved: dict[int, int] = {}
@@ -108,3 +108,20 @@ def test_sam_loss_keeps_nothing_full_size_for_backward():
     assert sum(saved.values()) < full
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_under_bf16_autocast_the_sums_stay_float32():
+    """Autocast is off inside: a bf16 ``bmm`` would round every sum (counts past 256 too)."""
+    logits, target, valid = _case(P=3, M=2, low=16, up=4)
+    want = _reference(logits, target, valid, alpha=0.25, gamma=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fused(logits, target, valid, alpha=0.25, gamma=2.0)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_only_the_loss_carries_a_graph():
+    logits, target, valid = _case(P=3, M=3)
+    parts = sam_loss(logits, torch.zeros(3, 3, requires_grad=True), target, valid).parts
+    assert parts["loss"].requires_grad
+    assert not any(v.requires_grad for k, v in parts.items() if k != "loss"), parts

@@ -93,8 +93,8 @@ def to_mask_resolution(target: Tensor, valid: Tensor | None,
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal), with
     ``align_corners=False`` as SAM's own ``postprocess_masks``. The one upsampling rule of
-    decoder logits: the loss, the model's :meth:`~SamSegmenter.upscale` and the corrective
-    point sampler all use it."""
+    decoder logits: the model's :meth:`~SamSegmenter.upscale`, the corrective point sampler
+    and the loss (:mod:`scrollsam.mask_loss`, which repeats it in float32) all follow it."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)

@@ -1,11 +1,11 @@
-"""The SAM mask loss's sums over pixels, a few sets at a time, nothing full-size kept for backward.
+"""The SAM mask loss's sums over pixels, a few sets at a time, no per-mask tensor kept for backward.
 
 :func:`scrollsam.losses.sam_loss` compares every (set, mask) with the truth at label resolution:
 the decoder's [P, M, S/4, S/4] logits are upsampled to [P, M, S, S] (16x the pixels), and
 focal, dice, BCE and IoU are per-pixel terms summed over the valid pixels. Written as autograd
-ops (:func:`~scrollsam.losses.focal_loss` and the others) each call kept about ten S x S float32
-tensors per mask for backward: 1.07 GB for 8 sets of 4 masks at 1024 px, 4.3 GB for the first
-round of a vit_b batch of 16.
+ops (:func:`~scrollsam.losses.focal_loss` and the others) each call kept several S x S float32
+tensors per set and per mask for backward: 736 MiB for 8 sets of 3 masks at 1024 px
+(``benchmarks/bench_loss.py``), in every corrective round until the step's backward.
 
 :func:`mask_sums` computes the same sums in a custom autograd function that works on a few sets
 at a time (``chunk`` pixels): forward upsamples a chunk, reduces it to sums and drops it;
@@ -27,7 +27,7 @@ m = 1 - p_t = p (1 - 2t) + t, the function sums, per (set, mask):
 * the thresholded pixels x > 0 against w and (t > 0.5) w (IoU; no gradient).
 
 Every sum weighs its pixels by t w or w, so t enters only as t w: off the valid mask the terms
-are wrong and weigh 0.
+are wrong and weigh 0 (finite for the focal exponents the config offers, gamma >= 1).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-CHUNK = {"cpu": 1 << 22, "cuda": 1 << 26}  # label-resolution pixels per chunk (P * M * H * W):
-# on a CPU temporaries of 16 MB (larger ones measured slower); on a GPU enough to fill it
+CHUNK = {"cpu": 1 << 22, "cuda": 1 << 25}  # label-resolution pixels per chunk (P * M * H * W):
+# on a CPU temporaries of 16 MB (larger ones measured slower); on a GPU 128 MB ones, so that
+# each kernel fills the device and backward's few temporaries stay near 1 GB (not timed yet)
 
 
 class MaskSums(NamedTuple):
@@ -69,7 +70,8 @@ def mask_sums(logits: Tensor, target: Tensor, valid: Tensor | None = None, *,
     per_set = logits.shape[1] * planes.shape[-2] * planes.shape[-1]
     limit = chunk or CHUNK.get(logits.device.type, CHUNK["cuda"])
     sums = _Sums.apply(logits, planes, gamma, bce, max(1, limit // per_set))  # (P, 7, M)
-    f_tw, f_w, ce_w, p_tw, p_w, on_w, on_ink = sums.unbind(1)  # each (P, M)
+    f_tw, f_w, ce_w, p_tw, p_w = sums[:, :5].unbind(1)  # each (P, M), differentiable
+    on_w, on_ink = sums[:, 5:].detach().unbind(1)  # the IoU counts: no gradient
     n = w.sum(dim=(2, 3)).clamp(min=1.0)  # (P, 1) valid pixels
     focal = ((2 * alpha - 1) * f_tw + (1 - alpha) * f_w) / n if alpha >= 0 else f_w / n
     tw = planes[:, 0]  # (P, H, W)
@@ -78,7 +80,8 @@ def mask_sums(logits: Tensor, target: Tensor, valid: Tensor | None = None, *,
 
 
 def _upsampled(low: Tensor, size: tuple[int, int]) -> Tensor:
-    """[c, M, h, w] logits -> float32 [c, M, H, W] (the loss's one upsampling rule)."""
+    """[c, M, h, w] logits -> float32 [c, M, H, W], as :func:`scrollsam.losses.upsample_logits`
+    (bilinear, ``align_corners=False``; that module imports this one)."""
     x = low.float()
     if tuple(x.shape[-2:]) == size:
         return x
@@ -122,17 +125,21 @@ def chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float,
     x = _upsampled(low, size)  # (c, M, H, W)
     tw, w = planes[:, :1], planes[:, 1:]  # each (c, 1, H, W)
     g = grad.transpose(1, 2)[..., None, None]  # (c, M, 7, 1, 1)
+    # temporaries are reused in place: at most about seven chunk-sized tensors live at once
+    ce = _ce(x, tw) if gamma else None
     p = torch.sigmoid(x)
+    del x
     slope = torch.addcmul(p, p, p, value=-1)  # dp / dx = p (1 - p)
     gx = slope * torch.addcmul(g[:, :, 3] * tw, g[:, :, 4], w)  # (c, M, H, W): dice's sums
-    d = p - tw  # d ce / dx
+    m = torch.addcmul(tw, p, 1 - 2 * tw) if gamma else None  # 1 - p_t
+    d = p.sub_(tw)  # d ce / dx = p - t
     if gamma:  # d (ce m^gamma) / dx = d m^gamma + gamma ce m^(gamma - 1) dm / dx
-        s = 1 - 2 * tw
-        m = torch.addcmul(tw, p, s)
-        dm = slope * s  # dm / dx
-        more = None if gamma == 1 else _power(m, gamma - 1)
-        df = torch.addcmul(d * m, _ce(x, tw), dm, value=gamma)
-        df = df if more is None else df * more
+        dm = slope.mul_(1 - 2 * tw)  # dm / dx = p (1 - p)(1 - 2t)
+        df = ce.mul_(dm).mul_(gamma).addcmul_(d, m)  # m^(gamma - 1) (d m + gamma ce dm)
+        del dm
+        if gamma != 1:
+            df.mul_(_power(m, gamma - 1))
+        del m
     else:
         df = d
     gx.addcmul_(torch.addcmul(g[:, :, 0] * tw, g[:, :, 1], w), df)
