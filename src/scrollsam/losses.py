@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scrollsam.errors import InputError, describe
-from scrollsam.mask_loss import mask_sums
+from scrollsam.mask_loss import mask_sums, upsample_logits
 
 __all__ = [
     "SamLoss",
@@ -90,16 +90,6 @@ def to_mask_resolution(target: Tensor, valid: Tensor | None,
     return target, valid
 
 
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal), with
-    ``align_corners=False`` as SAM's own ``postprocess_masks``. The one upsampling rule of
-    decoder logits: the model's :meth:`~SamSegmenter.upscale`, the corrective point sampler
-    and the loss (:mod:`scrollsam.mask_loss`, which repeats it in float32) all follow it."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def focal_loss(
     logits: Tensor, target: Tensor, valid: Tensor | None = None, *,
     alpha: float = 0.25, gamma: float = 2.0,
@@ -136,8 +126,12 @@ def soft_dice_loss(
     p = torch.sigmoid(logits.float()) * w  # (P, M, H, W)
     t = target.float() * w  # (P, 1, H, W)
     inter = (p * t).sum(dim=(2, 3))  # (P, M)
-    denom = p.sum(dim=(2, 3)) + t.sum(dim=(2, 3))  # (P, M) + (P, 1)
-    return 1 - (2 * inter + smooth) / (denom + smooth)
+    return _dice(inter, p.sum(dim=(2, 3)) + t.sum(dim=(2, 3)), smooth)  # (P, M) + (P, 1)
+
+
+def _dice(inter: Tensor, total: Tensor, smooth: float) -> Tensor:
+    """Soft dice loss [P, M] from sum(p t) and sum(p) + sum(t)."""
+    return 1 - (2 * inter + smooth) / (total + smooth)
 
 
 def bce_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -162,7 +156,11 @@ def mask_iou(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Ten
     pred = (logits > 0) & w  # (P, M, H, W)
     truth = (target > 0.5) & w  # (P, 1, H, W)
     inter = (pred & truth).sum(dim=(2, 3)).float()  # (P, M)
-    union = (pred | truth).sum(dim=(2, 3)).float()  # (P, M)
+    return _iou(inter, (pred | truth).sum(dim=(2, 3)).float())
+
+
+def _iou(inter: Tensor, union: Tensor) -> Tensor:
+    """IoU [P, M] from pixel counts; an empty union is 1.0 (nothing to find, nothing found)."""
     return torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
 
 
@@ -229,7 +227,7 @@ def sam_loss(
                      bce=bool(bce_weight))
     parts: dict[str, Tensor] = {
         "focal": sums.focal,
-        "dice": 1 - (2 * sums.inter + dice_smooth) / (sums.prob + sums.ink + dice_smooth),
+        "dice": _dice(sums.inter, sums.prob + sums.ink, dice_smooth),
     }  # each (P, M)
     if bce_weight:
         parts["bce"] = sums.bce
@@ -238,8 +236,7 @@ def sam_loss(
     selected = per_mask.detach().argmin(dim=1)  # (P,) first index on ties
     pick = selected[:, None]  # (P, 1)
     mask_loss = per_mask.gather(1, pick).squeeze(1).mean()
-    union = sums.predicted + sums.truth - sums.hit  # (P, M): as mask_iou counts
-    actual = torch.where(union > 0, sums.hit / union.clamp(min=1.0), torch.ones_like(union))
+    actual = _iou(sums.hit, sums.predicted + sums.truth - sums.hit)  # (P, M), no grad
     iou_err = iou_mse_loss(iou_pred, actual)  # (P, M)
     iou_loss = iou_err.mean() if iou_on == "all" else iou_err.gather(1, pick).mean()
     out = {"loss": mask_loss + iou_weight * iou_loss, "mask": mask_loss.detach()}

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+__all__ = ["CHUNK", "MaskSums", "mask_sums", "upsample_logits"]
+
 CHUNK = {"cpu": 1 << 22, "cuda": 1 << 25}  # label-resolution pixels per chunk (P * M * H * W):
 # on a CPU temporaries of 16 MB (larger ones measured slower); on a GPU 128 MB ones, so that
 # each kernel fills the device and backward's few temporaries stay near 1 GB (not timed yet)
@@ -79,13 +81,14 @@ def mask_sums(logits: Tensor, target: Tensor, valid: Tensor | None = None, *,
                     (tw > 0.5).sum(dim=(1, 2))[:, None].float())
 
 
-def _upsampled(low: Tensor, size: tuple[int, int]) -> Tensor:
-    """[c, M, h, w] logits -> float32 [c, M, H, W], as :func:`scrollsam.losses.upsample_logits`
-    (bilinear, ``align_corners=False``; that module imports this one)."""
-    x = low.float()
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize ``[P, M, h, w]`` logits to ``[P, M, *size]`` (no-op if equal), with
+    ``align_corners=False`` as SAM's own ``postprocess_masks``. The one upsampling rule of
+    decoder logits: the loss, the model's :meth:`~SamSegmenter.upscale` and the corrective
+    point sampler all use it (through :mod:`scrollsam.losses`, which re-exports it)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _power(m: Tensor, gamma: float) -> Tensor:
@@ -98,12 +101,12 @@ def _ce(x: Tensor, t: Tensor) -> Tensor:
     return torch.addcmul(F.softplus(x), x, t, value=-1)
 
 
-def chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool) -> Tensor:
+def _chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool) -> Tensor:
     """Low [c, M, h, w] logits of c whole sets and their planes [c, 2, H, W] (t w, w) ->
     sums [c, 7, M] float32: f against t w and w, ce against w (0 unless ``bce``), p against
     t w and w, x > 0 against w and (t > 0.5) w."""
     c, M = low.shape[:2]
-    x = _upsampled(low, tuple(planes.shape[-2:]))  # (c, M, H, W)
+    x = upsample_logits(low.float(), tuple(planes.shape[-2:]))  # (c, M, H, W)
     tw = planes[:, :1]  # (c, 1, H, W)
     cols = torch.cat([planes, tw > 0.5], dim=1).flatten(2)  # (c, 3, H * W): t w, w, ink w
     p = torch.sigmoid(x)
@@ -117,12 +120,12 @@ def chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool) -> Tenso
     return torch.cat(out, dim=1)  # (c, 7, M)
 
 
-def chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float,
+def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float,
                bce: bool) -> Tensor:
-    """The gradient of sum(grad * :func:`chunk_sums`) in low [c, M, h, w] (float32), for grad
+    """The gradient of sum(grad * :func:`_chunk_sums`) in low [c, M, h, w] (float32), for grad
     [c, 7, M] (the counts' rows are ignored)."""
     size = tuple(planes.shape[-2:])
-    x = _upsampled(low, size)  # (c, M, H, W)
+    x = upsample_logits(low.float(), size)  # (c, M, H, W)
     tw, w = planes[:, :1], planes[:, 1:]  # each (c, 1, H, W)
     g = grad.transpose(1, 2)[..., None, None]  # (c, M, 7, 1, 1)
     # temporaries are reused in place: at most about seven chunk-sized tensors live at once
@@ -158,7 +161,7 @@ def _float32(like: Tensor) -> torch.autocast:
 
 
 class _Sums(torch.autograd.Function):
-    """logits [P, M, h, w], planes [P, 2, H, W] -> :func:`chunk_sums` of every set [P, 7, M],
+    """logits [P, M, h, w], planes [P, 2, H, W] -> :func:`_chunk_sums` of every set [P, 7, M],
     chunk by chunk of ``step`` sets; differentiable in its first five rows."""
 
     @staticmethod
@@ -166,7 +169,8 @@ class _Sums(torch.autograd.Function):
                 step: int) -> Tensor:
         settings = dict(gamma=gamma, bce=bce)
         with _float32(logits):
-            sums = torch.cat([chunk_sums(logits[lo:lo + step], planes[lo:lo + step], **settings)
+            sums = torch.cat([_chunk_sums(logits[lo:lo + step], planes[lo:lo + step],
+                                          **settings)
                               for lo in range(0, logits.shape[0], step)])
         ctx.save_for_backward(logits, planes)
         ctx.settings, ctx.step = settings, step
@@ -178,6 +182,6 @@ class _Sums(torch.autograd.Function):
         logits, planes = ctx.saved_tensors
         step, grad = ctx.step, grad.float()
         with _float32(logits):
-            parts = [chunk_grad(logits[lo:lo + step], planes[lo:lo + step], grad[lo:lo + step],
+            parts = [_chunk_grad(logits[lo:lo + step], planes[lo:lo + step], grad[lo:lo + step],
                                 **ctx.settings) for lo in range(0, logits.shape[0], step)]
         return torch.cat(parts).to(logits.dtype), None, None, None, None
