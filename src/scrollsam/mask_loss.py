@@ -183,5 +183,5 @@ class _Sums(torch.autograd.Function):
         step, grad = ctx.step, grad.float()
         with _float32(logits):
             parts = [_chunk_grad(logits[lo:lo + step], planes[lo:lo + step], grad[lo:lo + step],
-                                **ctx.settings) for lo in range(0, logits.shape[0], step)]
+                                 **ctx.settings) for lo in range(0, logits.shape[0], step)]
         return torch.cat(parts).to(logits.dtype), None, None, None, None

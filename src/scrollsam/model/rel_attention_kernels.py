@@ -34,6 +34,13 @@ def _program(POSITIONS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _heads(Q, K, V, z, heads, sqb, sqh, skb, skh, svb, svh):
+    """q, k and v of (image and head) ``z``: their base pointers."""
+    b, h = z // heads, z % heads
+    return Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh
+
+
+@triton.jit
 def _queries(start, BLOCK_M: tl.constexpr, NQ: tl.constexpr):
     """Queries start .. start + BLOCK_M - 1 -> (their index, real: index < NQ)."""
     tok = start + tl.arange(0, BLOCK_M)
@@ -52,19 +59,12 @@ def _tokens(pos, H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
 
 
 @triton.jit
-def _rows(PTR, token, ok, stride, offs_d, d_ok):
-    """Rows ``token`` (row stride ``stride``) of a [.., N, D] tensor -> [len(token), BLOCK_D],
-    0 where not ``ok`` or past D."""
-    return tl.load(PTR + token[:, None] * stride + offs_d[None, :],
-                   mask=ok[:, None] & d_ok[None, :], other=0.0)
-
-
-@triton.jit
 def _part(PTR, token, ok, stride, START: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     """Head-dim columns START .. START + BLOCK - 1 of rows ``token`` of a [.., N, D] tensor
     (row stride ``stride``) -> [len(token), BLOCK], 0 where not ``ok`` or past D."""
     offs = START + tl.arange(0, BLOCK)
-    return _rows(PTR, token, ok, stride, offs, offs < D)
+    return tl.load(PTR + token[:, None] * stride + offs[None, :],
+                   mask=ok[:, None] & (offs < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -109,9 +109,8 @@ def forward(Q, K, V, RH, RW, O, LSE,
             BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     """One block of queries of one (image, head): O [BLOCK_M, D] and its rows' LSE."""
     z, block = _program(NQ, BLOCK_M)
-    b, h = z // heads, z % heads
     tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
-    Qz, Kz, Vz = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh
+    Qz, Kz, Vz = _heads(Q, K, V, z, heads, sqb, sqh, skb, skh, svb, svh)
     q = _part(Qz, tok_m, m_ok, sqn, 0, BLOCK_D, D)  # (BLOCK_M, BLOCK_D)
     if BLOCK_D2 > 0:  # the head dim's second part (80 = 64 + 16)
         q2 = _part(Qz, tok_m, m_ok, sqn, BLOCK_D, BLOCK_D2, D)  # (BLOCK_M, BLOCK_D2)
@@ -154,11 +153,10 @@ def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                 BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one block of keys of one (image, head), over every block of queries."""
     z, block = _program(H * WP, BLOCK_N)
-    b, h = z // heads, z % heads
     start_n = block * BLOCK_N
     tok_n, n_ok = _tokens(start_n + tl.arange(0, BLOCK_N), H, W, WP)
-    Qz, Kz, Vz, DOz = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, \
-        DO + z * NQ * D
+    Qz, Kz, Vz = _heads(Q, K, V, z, heads, sqb, sqh, skb, skh, svb, svh)
+    DOz = DO + z * NQ * D
     k = _part(Kz, tok_n, n_ok, skn, 0, BLOCK_D, D)  # (BLOCK_N, BLOCK_D)
     v = _part(Vz, tok_n, n_ok, svn, 0, BLOCK_D, D)
     if BLOCK_D2 > 0:  # the head dim's second part
@@ -210,11 +208,10 @@ def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
     over the rows of every key block; d rel_h of a key row, the sum of dS over its columns,
     is complete in the one key block that holds the row, and stored there."""
     z, block = _program(NQ, BLOCK_M)
-    b, h = z // heads, z % heads
     tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
     cols = tl.arange(0, WP)
-    Qz, Kz, Vz, DOz = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, \
-        DO + z * NQ * D
+    Qz, Kz, Vz = _heads(Q, K, V, z, heads, sqb, sqh, skb, skh, svb, svh)
+    DOz = DO + z * NQ * D
     q = _part(Qz, tok_m, m_ok, sqn, 0, BLOCK_D, D)  # (BLOCK_M, BLOCK_D)
     do = _part(DOz, tok_m, m_ok, D, 0, BLOCK_D, D)
     if BLOCK_D2 > 0:  # the head dim's second part
