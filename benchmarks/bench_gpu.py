@@ -63,7 +63,14 @@ except ImportError:
 
 from common import compare, cuda_sync, machine_info, measure, needs_cuda, register  # noqa: E402
 from gpu_attention import check_paths, format_blocks, time_blocks  # noqa: E402
-from gpu_step import GPU_CASES, SMOKE_CASES, Case, count_flops, make_step  # noqa: E402
+from gpu_step import (  # noqa: E402
+    GPU_CASES,
+    SMOKE_CASES,
+    Case,
+    count_flops,
+    host_side,
+    make_step,
+)
 
 from scrollsam.model import rel_attention  # noqa: E402
 
@@ -103,6 +110,10 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
                       times_s=timed["times_s"])
         if device.type == "cuda":
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            try:  # a diagnosis: its failure costs the case nothing
+                result.update(host_side(step, device))
+            except Exception as err:
+                result["host_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         if case.compile:
             from torch._dynamo.utils import counters
 
@@ -181,7 +192,9 @@ def format_rows(results: dict[str, dict[str, Any]]) -> str:
         peak = r.get("peak_gpu_mb")
         flops = r.get("flops_per_image")
         mfu, mfu_off = r.get("mfu"), r.get("mfu_official")
-        note = f"graphs={r['unique_graphs']}" if "unique_graphs" in r else ""
+        note = f"graphs={r['unique_graphs']} " if "unique_graphs" in r else ""
+        if "host_ms" in r:
+            note += f"host {r['host_ms']:.0f} ms, syncs {r['syncs_per_step']}"
         lines.append(
             f"{name:34s} {c['batch']:>5d} {r['images_per_s']:8.1f} {r['step_s'] * 1e3:8.1f} "
             f"{(f'{peak:.0f}' if peak is not None else '-'):>8s} "

@@ -15,7 +15,8 @@ It then counts, on marked tensors only, so host-side work such as prompt samplin
   tensor to the host (``.to("cpu")`` cannot be told from a move to the device here).
 
 Tensors made from nothing on the device (``torch.zeros(..., device=dev)``) are not marked: a
-read of those alone goes unseen.
+read of those alone goes unseen. For code that runs wholly on the device (the encoder, the
+decoder) ``SyncCounter(everything=True)`` counts every tensor as marked, host-made ones too.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ class SyncCounter(TorchDispatchMode):
     """``with SyncCounter(device_tensors) as c: ...``, then ``c.counts`` ("reads", "copies")
     and ``c.where`` (what each was)."""
 
-    def __init__(self, device_tensors: Iterable[torch.Tensor]) -> None:
+    def __init__(self, device_tensors: Iterable[torch.Tensor] = (), *,
+                 everything: bool = False) -> None:
         super().__init__()
+        self.everything = everything
         self.marked = WeakTensorKeyDictionary()
         for t in device_tensors:
             self.marked[t] = True
@@ -51,6 +54,8 @@ class SyncCounter(TorchDispatchMode):
         self._saved: dict[str, object] = {}
 
     def _is_marked(self, values: object) -> bool:
+        if self.everything:
+            return True
         flat, _ = tree_flatten(values)
         return any(isinstance(v, torch.Tensor) and v in self.marked for v in flat)
 
@@ -94,13 +99,13 @@ class SyncCounter(TorchDispatchMode):
         counter = self
 
         def counted(t: torch.Tensor, *args, **kwargs):
-            if t not in counter.marked:
+            if not counter.everything and t not in counter.marked:
                 return original(t, *args, **kwargs)
             counter._count("copies", f".{name}() of {list(t.shape)}")
             out = original(t, *args, **kwargs)
             if isinstance(out, torch.Tensor):  # on the host now: a fresh, unmarked tensor
                 out = out.clone()
-                del counter.marked[out]
+                counter.marked.pop(out, None)
             return out
 
         return counted

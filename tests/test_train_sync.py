@@ -10,6 +10,7 @@ from sync_detector import SyncCounter
 
 from scrollsam import build_model, prompts
 from scrollsam.config import load_config
+from scrollsam.model.attention import fuse_attention
 from scrollsam.model.trainable import set_trainable
 from scrollsam.train import step
 from scrollsam.train.cache import EmbeddingCache
@@ -66,6 +67,19 @@ def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, ov
     copies = 3 * sum(rounds) if cfg.prompts.corrective == "center" else 0
     assert syncs.counts["copies"] == copies, syncs.where
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("mode", ["fold", "bias", "explicit"])
+def test_encoder_reads_nothing_back_in_any_attention_form(mode):
+    # 6 x 6 tokens in 4-wide windows: padded windows (four regions) and global blocks; every
+    # tensor counts as on the device, made there or not (fold's key one-hot once read its range)
+    torch.manual_seed(0)
+    m = build_model("tiny", image_size=96, window_size=4)
+    fuse_attention(m.sam.image_encoder, mode=mode)
+    images = torch.randn(2, 3, 96, 96)
+    with SyncCounter(everything=True) as syncs:
+        m.encode(images, check_values=False).square().mean().backward()
+    assert sum(syncs.counts.values()) == 0, syncs.where
 
 
 def test_detector_sees_value_checks_boolean_indexing_and_host_copies(model):

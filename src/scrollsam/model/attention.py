@@ -74,6 +74,19 @@ def relative_index(q_size: int, k_size: int) -> torch.Tensor:
     return ((q - k) + (k_size - 1) * max(q_size / k_size, 1.0)).long()  # (q, k)
 
 
+def key_onehot(h: int, w: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Each key's grid row and column, one-hot -> bool [H * W, H + W] (keys row-major; columns:
+    the H rows, then the W columns): the ``"fold"`` form's extra key dimensions.
+
+    Built by comparison, not ``F.one_hot``, which reads its input's range back to the host
+    (on a GPU: two waits for the device in every attention call, 144 a vit_b forward).
+    """
+    key = torch.arange(h * w, device=device)[:, None]  # (N, 1)
+    rows = key // w == torch.arange(h, device=device)  # (N, H)
+    cols = key % w == torch.arange(w, device=device)  # (N, W)
+    return torch.cat([rows, cols], dim=1)  # (N, H + W)
+
+
 class FusedAttention(nn.Module):
     """Official SAM encoder attention (same parameters) computed in one fused form.
 
@@ -101,6 +114,7 @@ class FusedAttention(nn.Module):
             h, w = self.grid
             self.register_buffer("rel_index_h", relative_index(h, h), persistent=False)
             self.register_buffer("rel_index_w", relative_index(w, w), persistent=False)
+            self.register_buffer("key_onehot", key_onehot(h, w), persistent=False)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, grid={self.grid}, mode={self.mode}"
@@ -119,6 +133,11 @@ class FusedAttention(nn.Module):
         if (h, w) == self.grid:
             return self.rel_pos_h[self.rel_index_h], self.rel_pos_w[self.rel_index_w]
         return get_rel_pos(h, h, self.rel_pos_h), get_rel_pos(w, w, self.rel_pos_w)
+
+    def _onehot(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """:func:`key_onehot` of an H x W grid, bool [H * W, H + W] (the buffer on the block's
+        own grid)."""
+        return self.key_onehot if (h, w) == self.grid else key_onehot(h, w, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, W, dim] -> [B, H, W, dim]: attention over the whole H x W grid of each item."""
@@ -164,23 +183,20 @@ class FusedAttention(nn.Module):
                                                      scale=self.scale)  # (B, nh, Nq, hd)
             else:
                 out = _folded(q, k, v, rel_h.reshape(b, heads, nq, h),
-                              rel_w.reshape(b, heads, nq, w), scale=self.scale, grid=(h, w))
+                              rel_w.reshape(b, heads, nq, w), self._onehot(h, w, q.device),
+                              scale=self.scale)
         return out.transpose(1, 2).reshape(b, hq, wq, heads * hd)  # (B, Hq, Wq, dim)
 
 
 def _folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-            rel_w: torch.Tensor, *, scale: float, grid: tuple[int, int]) -> torch.Tensor:
+            rel_w: torch.Tensor, onehot: torch.Tensor, *, scale: float) -> torch.Tensor:
     """SDPA with the decomposed bias folded into extra dims; q [B, nh, Nq, hd], k, v
-    [B, nh, N, hd] (N = H * W keys), rel_h [B, nh, Nq, H], rel_w [B, nh, Nq, W] ->
-    [B, nh, Nq, hd]."""
+    [B, nh, N, hd] (N = H * W keys), rel_h [B, nh, Nq, H], rel_w [B, nh, Nq, W], onehot the
+    keys' :func:`key_onehot` [N, H + W] -> [B, nh, Nq, hd]."""
     b, heads, n, hd = k.shape
-    h, w = grid
-    extra = h + w
+    extra = onehot.shape[1]
     pad = -(hd + extra) % 8  # flash kernels want a head dim that is a multiple of 8
-    rows = torch.arange(n, device=q.device) // w  # (N,) key row
-    cols = torch.arange(n, device=q.device) % w  # (N,) key column
-    onehot = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(q.dtype)  # (N, H+W)
-    onehot = onehot.expand(b, heads, n, extra)  # (B, nh, N, H + W)
+    onehot = onehot.to(q.dtype).expand(b, heads, n, extra)  # (B, nh, N, H + W)
     q2 = torch.cat([q * scale, rel_h, rel_w], dim=-1)  # (B, nh, Nq, hd + H + W)
     k2 = torch.cat([k, onehot], dim=-1)  # (B, nh, N, hd + H + W)
     v2 = F.pad(v, (0, extra + pad))  # (B, nh, N, hd + H + W + pad)
