@@ -166,7 +166,7 @@ def test_progress_in_a_log_file_has_no_carriage_returns(data, tmp_path, capfd, c
     with caplog.at_level(logging.INFO):
         assert main(with_progress) == 0
     assert "\r" not in capfd.readouterr().err
-    assert any(re.fullmatch(r"step 2/2: loss \d+\.\d+, [\d.]+ tiles/s", m)
+    assert any(re.fullmatch(r"step 2/2: loss \d+\.\d+, [\d.]+ tiles/s, data wait \d+%", m)
                for m in caplog.messages)
 
 

@@ -57,7 +57,7 @@ from scrollsam.train.distributed import (
 from scrollsam.train.forward import wrap_for_ranks
 from scrollsam.train.guard import Losses, nan_guard, out_of_memory
 from scrollsam.train.order import RankSamples, global_batch, samples
-from scrollsam.train.progress import Progress
+from scrollsam.train.progress import DataWait, Progress
 from scrollsam.train.prompt_sets import tile_seeds
 from scrollsam.train.ranks import Ranks, TrainingError
 from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
@@ -290,7 +290,8 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
-    batches = _batches(s, state.step)
+    batches = DataWait(_batches(s, state.step), workers=cfg.data.workers,
+                       device=s.device.type)
     bar = Progress(total=cfg.train.steps, initial=state.step,
                    enabled=progress and world.main).start()
     tiles_seen, t0 = 0, time.perf_counter()
@@ -343,6 +344,9 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                 _check_losses(s, unchecked)
             # the step's losses as numbers (averaged over processes) only on log steps: a sync
             scalars = scalar_parts(ranks.mean(logged)) if log_due else None
+            wait = batches.share() if log_due else None
+            if log_due and (hint := batches.hint(state.step)) and world.main:
+                log.warning(hint)
             scores = validate(s) if eval_due else {}
             better = bool(scores) and scores["f0.5"] > state.best_f05
             if better:
@@ -353,10 +357,10 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             failure = None
             try:  # rank 0 writes; a failure there must end every process, not just this one
                 bar.step(state.step, loss=None if scalars is None else scalars["loss"],
-                         tiles_per_s=rate)
+                         tiles_per_s=rate, data_wait=wait)
                 if scalars is not None:
                     tb.scalars(scalars, state.step, prefix="train/")
-                    tb.scalars({"lr": lr, "tiles_per_s": rate,
+                    tb.scalars({"lr": lr, "tiles_per_s": rate, "data_wait": wait,
                                 "prompts_per_s": rate * cfg.prompts.sets_per_tile}, state.step,
                                prefix="train/")
                     if s.cache is not None:

@@ -4,20 +4,31 @@ On a terminal the bar redraws itself with carriage returns, and log records (val
 scores, warnings) are routed through ``tqdm.write`` so each stays on its own line instead of
 being glued to the bar. When stderr is not a terminal (a redirected log, a batch job) there is
 no bar: on each log step (``log.every``) one plain line
-``step 40/300: loss 0.4123, 25.1 tiles/s`` is logged instead, so a log file holds no ``\\r``
-noise.
+``step 40/300: loss 0.4123, 25.1 tiles/s, data wait 12%`` is logged instead, so a log file
+holds no ``\\r`` noise.
+
+"data wait" (:class:`DataWait`) is the share of the time since the last log step that the loop
+spent waiting for its next batch: the loading itself with ``data.workers=0``, or workers that
+fall behind. On a GPU it is time the device may have spent idle, and :meth:`DataWait.hint`
+says so once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("scrollsam.train.loop")
+T = TypeVar("T")
+HINT_SHARE = 0.25  # a data wait above this on a GPU gets the one-time hint
 
 
 class Progress:
@@ -45,16 +56,62 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def step(self, step: int, *, loss: float | None, tiles_per_s: float) -> None:
+    def step(self, step: int, *, loss: float | None, tiles_per_s: float,
+             data_wait: float | None = None) -> None:
         """Report that step ``step`` (1-based) finished with ``loss`` (None: not read on this
-        step, which is not a log step; the bar keeps the last loss shown)."""
+        step, which is not a log step; the bar keeps the last loss shown) and, on log steps,
+        the ``data_wait`` share (:class:`DataWait`)."""
+        wait = "" if data_wait is None else f"{data_wait:.0%}"
         if self.bar is not None:
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tiles_s=f"{tiles_per_s:.1f}",
-                                     refresh=False)
+                                     data_wait=wait, refresh=False)
             self.bar.update(1)
         elif self.lines and loss is not None:
-            log.info("step %d/%d: loss %.4f, %.1f tiles/s", step, self.total, loss, tiles_per_s)
+            log.info("step %d/%d: loss %.4f, %.1f tiles/s%s", step, self.total, loss,
+                     tiles_per_s, f", data wait {wait}" if wait else "")
+
+
+class DataWait(Generic[T]):
+    """``batches`` as an iterator that times its ``next``: :meth:`share` is the part of the
+    wall time since the previous call (or since it was made) spent waiting for a batch;
+    :meth:`hint` the one-time advice for a run on ``device`` with ``workers`` loader processes.
+    """
+
+    def __init__(self, batches: Iterable[T], *, workers: int, device: str) -> None:
+        self._batches = iter(batches)
+        self.workers, self.device = workers, device
+        self._waited, self._last = 0.0, 0.0
+        self._since = time.perf_counter()
+        self._hinted = False
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self._waited += time.perf_counter() - start
+
+    def share(self) -> float:
+        """The share of waiting in [0, 1] since the last call; starts the next interval."""
+        now = time.perf_counter()
+        self._last = min(self._waited / max(now - self._since, 1e-9), 1.0)
+        self._waited, self._since = 0.0, now
+        return self._last
+
+    def hint(self, step: int) -> str | None:
+        """Once per run: advice when, on a GPU, the interval the last :meth:`share` measured
+        waited more than :data:`HINT_SHARE` (not up to step 1, which starts the workers)."""
+        if self._hinted or self.device != "cuda" or step <= 1 or self._last <= HINT_SHARE:
+            return None
+        self._hinted = True
+        return (f"training waited for data {self._last:.0%} of the time since the last log "
+                f"line, with data.workers={self.workers} on {os.cpu_count() or 1} CPU cores: "
+                f"the GPU idles meanwhile; raise data.workers (each worker loads tiles on one "
+                f"core)")
 
 
 def _is_terminal() -> bool:

@@ -1,0 +1,63 @@
+"""DataWait: the share of wall time the loop waited for batches, and the one-time GPU hint."""
+
+from __future__ import annotations
+
+import pytest
+
+from scrollsam.train import progress
+from scrollsam.train.progress import DataWait
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", c)
+    return c
+
+
+def _loader(clock: Clock, load_s: float):
+    """Batches that each take ``load_s`` seconds to arrive."""
+    i = 0
+    while True:
+        clock.now += load_s
+        yield i
+        i += 1
+
+
+def test_share_is_the_waiting_part_of_each_interval(clock):
+    batches = DataWait(_loader(clock, 0.3), workers=0, device="cpu")
+    for _ in range(4):
+        next(batches)
+        clock.now += 0.7  # the step itself
+    assert batches.share() == pytest.approx(0.3)
+    assert [next(batches), next(batches)] == [4, 5]
+    clock.now += 2.4  # a validation, say: time without waiting
+    assert batches.share() == pytest.approx(0.6 / 3.0)
+    assert batches.share() == 0.0  # nothing since
+
+
+def test_hint_once_on_a_gpu_that_waited_and_never_on_a_cpu(clock):
+    gpu = DataWait(_loader(clock, 0.5), workers=2, device="cuda")
+    cpu = DataWait(_loader(clock, 0.5), workers=0, device="cpu")
+    for batches in (gpu, cpu):
+        next(batches)
+        clock.now += 0.5
+        batches.share()
+    assert gpu.hint(1) is None  # step 1 includes starting the workers
+    hint = gpu.hint(2)
+    assert "waited for data 50%" in hint and "data.workers=2" in hint
+    assert gpu.hint(3) is None  # once per run
+    assert cpu.hint(2) is None  # loading in the training process is the CPU's own work
+    quick = DataWait(_loader(clock, 0.1), workers=8, device="cuda")
+    next(quick)
+    clock.now += 0.9
+    quick.share()
+    assert quick.hint(2) is None  # 10%: below HINT_SHARE
