@@ -13,16 +13,7 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 import run  # noqa: E402
-
-
-class FakeClock:
-    """Stands in for time.perf_counter; the timed functions advance it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from fake_clock import FakeClock  # noqa: E402
 
 
 @pytest.fixture

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from fake_clock import FakeClock
 
 from scrollsam.train import progress
 from scrollsam.train.progress import DataWait
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(progress.time, "perf_counter", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(progress.time, "perf_counter", fake)
+    return fake
 
 
-def _loader(clock: Clock, load_s: float):
+def _loader(clock: FakeClock, load_s: float):
     """Batches that each take ``load_s`` seconds to arrive."""
     i = 0
     while True:
