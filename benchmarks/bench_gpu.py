@@ -31,6 +31,9 @@ at 256 px), ``+compile`` (``nn.Module.compile`` of the encoder, static shapes;
 ``unique_graphs`` shows it compiled once). Prompts: the default (uniform corrective points, on
 the device), ``+center`` (corrective points at the error's centre: OpenCV on the host, the
 sampler before) or ``+free`` (prompt-free sets only: what the encoder and decoder alone cost).
+``+xray``: the recommended x-ray model and prompts of ``configs/xray_depth.yaml`` (26 slices
+through the depth encoder, the full-resolution mask head) around the SAM variant, the training
+parts that config sets. The step encodes without a value check of the images, as the loop does.
 Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
 gradients are from the official encoder's on the device (``gpu_attention.check_paths``);
 ``--attention`` times one attention block per mode and token grid (``gpu_attention``);
@@ -159,24 +162,30 @@ def add_mfu(results: dict[str, dict[str, Any]], peak_flops: float) -> None:
     compiled case) x images/s / peak: how busy the card is. ``mfu_official``: the official
     path's FLOPs per image at the same model and size (window 14) x images/s / peak: a
     throughput in units of the official model's work, comparable across paths (padding the
-    official path wastes counts as work there, and the fold path's wider heads do not).
+    official path wastes counts as work there, and the fold path's wider heads do not; for an
+    ``+xray`` case plain SAM's work, so its depth encoder and mask head count as nothing).
     """
     counted = {}
     for r in results.values():
         c = r["case"]
         if "flops_per_image" in r:
-            counted[(c["model"], c["size"], c["path"], c["window"])] = r["flops_per_image"]
+            counted[_work_key(c)] = r["flops_per_image"]
     for r in results.values():
         c = r["case"]
         if "images_per_s" not in r:
             continue
-        own = counted.get((c["model"], c["size"], c["path"], c["window"]))
-        official = counted.get((c["model"], c["size"], "official", None))
+        own = counted.get(_work_key(c))
+        official = counted.get((c["model"], c["size"], "official", None, False))
         if own:
             r["mfu"] = own * r["images_per_s"] / peak_flops
         if official:
             r["official_flops_per_image"] = official
             r["mfu_official"] = official * r["images_per_s"] / peak_flops
+
+
+def _work_key(case: dict[str, Any]) -> tuple:
+    """What fixes a case's FLOPs per image: model, size, attention path, window, x-ray parts."""
+    return case["model"], case["size"], case["path"], case["window"], case.get("xray", False)
 
 
 def format_rows(results: dict[str, dict[str, Any]]) -> str:

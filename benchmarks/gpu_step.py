@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,17 @@ class Case:
     # perkind: the same with a decoder call per prompt kind and round (7, as before the kinds
     # shared their calls: 3); free: prompt-free sets only
     prompts: str = "sam"
+    # the recommended x-ray model (configs/xray_depth.yaml: a band of 26 slices through the
+    # depth encoder, the full-resolution mask head, its prompt settings) around this SAM variant
+    xray: bool = False
 
     @property
     def name(self) -> str:
         w = f"+w{self.window}" if self.window else ""
         c = "+compile" if self.compile else ""
         p = "" if self.prompts == "sam" else f"+{self.prompts}"
-        return f"{self.model}_{self.size}_b{self.batch}_{self.path}{w}{c}{p}"
+        x = "+xray" if self.xray else ""
+        return f"{self.model}_{self.size}_b{self.batch}_{self.path}{w}{c}{p}{x}"
 
 
 # In order of importance: the budget cuts from the end.
@@ -70,6 +75,8 @@ GPU_CASES = [
     Case("vit_h", 1024, 1, "fold"),
     Case("vit_h", 1024, 1, "triton"),  # head dim 80 as 64 + 16 columns
     Case("vit_b", 1024, 16, "fold", compile=True, prompts="free"),  # b16's prompting share
+    Case("vit_b", 256, 16, "fold", xray=True),  # the recommended x-ray setup, as configured
+    Case("vit_b", 256, 64, "fold", compile=True, xray=True),
     # prompt-free only: what the encoder and decoder alone cost
     Case("vit_b", 1024, 4, "official", prompts="free"),
     Case("vit_b", 256, 256, "fold", window=16, prompts="free"),
@@ -86,7 +93,9 @@ SMOKE_CASES = [
     Case("tiny", 128, 2, "fold", prompts="center"),
     Case("tiny", 128, 2, "fold", prompts="perkind"),
     Case("tiny", 128, 2, "fold", window=4, compile=True),
+    Case("tiny", 128, 2, "fold", xray=True),
 ]
+XRAY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xray_depth.yaml"
 
 
 def blob_labels(batch: int, size: int, *, device: torch.device,
@@ -102,7 +111,8 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     read back at the end, as the loop logs it: the step's one wait for the device) and the
     model."""
     from scrollsam import build_model
-    from scrollsam.config import LossConfig, PromptConfig
+    from scrollsam.config import LossConfig, PromptConfig, load_config
+    from scrollsam.model.assemble import model_from_config
     from scrollsam.model.attention import fuse_attention
     from scrollsam.model.compile import compile_model
     from scrollsam.precision import autocast_for
@@ -111,24 +121,34 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)
+    attention = "official" if case.path == "official" else "fused"
+    prompts, losses, chans = PromptConfig(), LossConfig(), 3
     with device:  # parameters initialised on the device: vit_h builds in seconds, not minutes
-        model = build_model(case.model, image_size=case.size, window_size=case.window,
-                            attention="official" if case.path == "official" else "fused")
+        if case.xray:
+            cfg = load_config(XRAY_CONFIG, [
+                f"model.type={case.model}", f"model.image_size={case.size}",
+                "model.checkpoint=null", f"model.window_size={case.window or 'null'}",
+                f"model.attention={attention}"])
+            chans = cfg.data.z_end - cfg.data.z_start  # the band's slices
+            model = model_from_config(cfg.model, in_chans=chans)
+            prompts, losses = cfg.prompts, cfg.loss
+        else:
+            model = build_model(case.model, image_size=case.size, window_size=case.window,
+                                attention=attention)
     if case.path != "official":
         fuse_attention(model.sam.image_encoder, mode=case.path)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]  # the whole model
+    params = [p for p in model.parameters() if p.requires_grad]  # the whole model, or as set
     # as train.compile does it: the encoder, the decoder, then static prompt sets
     static = case.compile and compile_model(model, device=device, backend=compile_backend)
     opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device)
+    images = torch.randn(case.batch, chans, case.size, case.size, generator=gen).to(device)
     # the truth stays on the host, pinned, as the training loader gives it
     label = blob_labels(case.batch, case.size, device=torch.device("cpu"), gen=gen)
     valid = torch.ones_like(label)  # (B, 1, S, S)
     if device.type == "cuda":
         label, valid = label.pin_memory(), valid.pin_memory()
-    prompts, losses = PromptConfig(), LossConfig()
     if case.prompts == "free":
         prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
     elif case.prompts == "center":
@@ -137,10 +157,11 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     families = prompt_sets.PER_KIND if case.prompts == "perkind" else prompt_sets.FAMILIES
 
     def step(read: bool = True) -> float | None:
-        with autocast_for(device, True):
-            out = prompted_forward(model, model.encode(images), label, valid,
-                                   prompt_cfg=prompts, loss_cfg=losses, gen=prompt_gen,
-                                   static=static, families=families)
+        with autocast_for(device, True):  # no value check of the images, as in the loop
+            emb, pixels = model.encode_with_pixels(images, check_values=False)
+            out = prompted_forward(model, emb, label, valid, prompt_cfg=prompts,
+                                   loss_cfg=losses, gen=prompt_gen, static=static,
+                                   families=families, features=pixels)
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

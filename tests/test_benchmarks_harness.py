@@ -120,13 +120,16 @@ def test_gpu_bench_runs_end_to_end_on_a_cpu_in_smoke_mode(tmp_path):
 
     out = tmp_path / "gpu.json"
     code = bench_gpu.main(["--smoke", "--out", str(out), "--steps", "1", "--warmup", "1",
-                           "--cases", "tiny_128_b2_fold,tiny_128_b2_fold+center",
-                           "--profile", "tiny_128_b2_fold+center"])
+                           "--cases", "tiny_128_b2_fold,tiny_128_b2_fold+center,"
+                           "tiny_128_b2_fold+xray", "--profile", "tiny_128_b2_fold+center"])
     assert code == 0
     doc = json.loads(out.read_text())
-    assert set(doc["results"]) == {"tiny_128_b2_fold", "tiny_128_b2_fold+center"}
-    assert all(r["images_per_s"] > 0 and r["flops_per_image"] > 0
-               for r in doc["results"].values())
+    runs = doc["results"]
+    assert set(runs) == {"tiny_128_b2_fold", "tiny_128_b2_fold+center", "tiny_128_b2_fold+xray"}
+    assert all(r["images_per_s"] > 0 and r["flops_per_image"] > 0 for r in runs.values())
+    # 26 slices through the depth encoder and the full-resolution head: more work per image
+    assert runs["tiny_128_b2_fold+xray"]["flops_per_image"] > runs["tiny_128_b2_fold"][
+        "flops_per_image"]
     assert doc["exactness"]["fold_fp32"] < 1e-4 and doc["exactness"]["fold_fp32_grads"] < 1e-4
     assert "aten::" in (tmp_path / "profile_tiny_128_b2_fold-center.txt").read_text()
 
