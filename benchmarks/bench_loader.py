@@ -64,7 +64,7 @@ def _tiles(size: int, count: int, quick: bool) -> dict[str, Any]:
         dataset.augment_sample = fn
         try:
             for i in range(count):
-                train[start[0] + i]  # new tiles each call: the same draws on both sides
+                train[start[0] + i]  # the next tiles of one sequence: fresh pages each call
             start[0] += count
         finally:
             dataset.augment_sample = ours_fn

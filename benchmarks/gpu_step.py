@@ -8,7 +8,6 @@ the runner.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +106,7 @@ def blob_labels(batch: int, size: int, *, device: torch.device,
 
 
 def make_step(case: Case, device: torch.device, *, compile_backend: str = "inductor"):
-    """Build the model and return ``step(read=True)`` (one training step; ``read``: the loss
-    read back at the end, as the loop logs it: the step's one wait for the device) and the
-    model."""
+    """Build the model and return ``step()`` (one training step) and the model."""
     from scrollsam import build_model
     from scrollsam.config import LossConfig, PromptConfig, load_config
     from scrollsam.model.assemble import model_from_config
@@ -156,7 +153,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
     families = prompt_sets.PER_KIND if case.prompts == "perkind" else prompt_sets.FAMILIES
 
-    def step(read: bool = True) -> float | None:
+    def step() -> float:
         with autocast_for(device, True):  # no value check of the images, as in the loop
             emb, pixels = model.encode_with_pixels(images, check_values=False)
             out = prompted_forward(model, emb, label, valid, prompt_cfg=prompts,
@@ -166,23 +163,17 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        # the loop logs it: a sync, as in training
-        return float(out.parts["loss"].detach()) if read else None
+        return float(out.parts["loss"].detach())  # the loop logs it: a sync, as in training
 
     return step, model
 
 
-def host_side(step, device: torch.device, *, sleep_cycles: int = 3_000_000_000,
-              ) -> dict[str, float | int]:
-    """How one ``step`` uses the host, on CUDA: ``syncs_per_step``, the waits for the device
-    ``torch.cuda.set_sync_debug_mode`` reports (1: the loss read); ``host_ms``, the host's time
-    to issue one step with no read, behind a device kept busy by ``torch.cuda._sleep`` (about
-    1.5 s on an H100), so none of it is waiting. ``host_ms`` near the step's time: the step is
-    bound by the host (launches, Python), not by the device. ``host_ms`` above
-    ``sleep_ms`` means the step waited for the device somewhere."""
+def count_syncs(step) -> int:
+    """The waits for the device in one call of ``step`` that
+    ``torch.cuda.set_sync_debug_mode`` reports (expected: 1, the loss the loop reads). CUDA
+    only."""
     import warnings
 
-    torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as seen:
@@ -190,17 +181,7 @@ def host_side(step, device: torch.device, *, sleep_cycles: int = 3_000_000_000,
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in seen)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(sleep_cycles)
-    end.record()
-    t0 = time.perf_counter()
-    step(read=False)
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize(device)
-    return {"syncs_per_step": syncs, "host_ms": round(host * 1e3, 1),
-            "sleep_ms": round(start.elapsed_time(end), 1)}
+    return sum("synchroniz" in str(w.message) for w in seen)
 
 
 def count_flops(step) -> float:

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention
+from segment_anything.modeling.image_encoder import Attention, Block
 
 from scrollsam import build_model
 from scrollsam.errors import InputError
@@ -17,6 +17,7 @@ from scrollsam.model.attention import (
     FusedBlock,
     _spans,
     fuse_attention,
+    key_onehot,
     relative_index,
 )
 from scrollsam.model.build import VARIANTS, EncoderSpec, _build_sam
@@ -273,3 +274,22 @@ def test_window_tables_are_interpolated_from_pretrained_ones(tmp_path):
                                resize_rel_pos(sam.state_dict()[key], 31))
     x = torch.randn(1, 3, 256, 256)
     assert torch.isfinite(model.encode(x)).all()
+
+
+@pytest.mark.parametrize("mode", ["fold", "explicit"])
+def test_buffers_live_beside_the_parameters_of_a_block_already_on_a_device(mode):
+    # The GPU benchmark fuses blocks built on the GPU; "meta" stands in for it here. The
+    # key one-hot buffer was made on the CPU and the fold form's concatenation failed.
+    with torch.device("meta"):
+        official = Block(64, num_heads=2, use_rel_pos=True, window_size=0, input_size=(8, 8))
+    fused = FusedAttention(official.attn, grid=(8, 8), mode=mode)
+    assert {b.device.type for b in fused.buffers()} == {"meta"}
+    out = fused(torch.empty(2, 8, 8, 64, device="meta"))
+    assert out.shape == (2, 8, 8, 64) and out.device.type == "meta"
+
+
+def test_key_onehot_marks_each_keys_row_and_column():
+    onehot = key_onehot(2, 3)  # keys (0, 0) (0, 1) (0, 2) (1, 0) (1, 1) (1, 2)
+    assert onehot.dtype == torch.bool and onehot.shape == (6, 5)
+    assert onehot.int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1],
+                                     [0, 1, 1, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 0, 1]]

@@ -37,20 +37,27 @@ def test_share_is_the_waiting_part_of_each_interval(clock):
     assert batches.share() == 0.0  # nothing since
 
 
+def _interval(batches: DataWait, clock: FakeClock, step_s: float) -> None:
+    """One batch and a step of ``step_s`` seconds, then a log step's share."""
+    next(batches)
+    clock.now += step_s
+    batches.share()
+
+
 def test_hint_once_on_a_gpu_that_waited_and_never_on_a_cpu(clock):
     gpu = DataWait(_loader(clock, 0.5), workers=2, device="cuda")
-    cpu = DataWait(_loader(clock, 0.5), workers=0, device="cpu")
-    for batches in (gpu, cpu):
-        next(batches)
-        clock.now += 0.5
-        batches.share()
-    assert gpu.hint(1) is None  # step 1 includes starting the workers
-    hint = gpu.hint(2)
+    _interval(gpu, clock, 0.5)
+    assert gpu.hint() is None  # the first interval starts the workers (also after a resume)
+    _interval(gpu, clock, 0.5)
+    hint = gpu.hint()
     assert "waited for data 50%" in hint and "data.workers=2" in hint
-    assert gpu.hint(3) is None  # once per run
-    assert cpu.hint(2) is None  # loading in the training process is the CPU's own work
+    _interval(gpu, clock, 0.5)
+    assert gpu.hint() is None  # once per run
+    cpu = DataWait(_loader(clock, 0.5), workers=0, device="cpu")
+    for _ in range(2):
+        _interval(cpu, clock, 0.5)
+    assert cpu.hint() is None  # loading in the training process is the CPU's own work
     quick = DataWait(_loader(clock, 0.1), workers=8, device="cuda")
-    next(quick)
-    clock.now += 0.9
-    quick.share()
-    assert quick.hint(2) is None  # 10%: below HINT_SHARE
+    for _ in range(2):
+        _interval(quick, clock, 0.9)
+    assert quick.hint() is None  # 10%: below HINT_SHARE

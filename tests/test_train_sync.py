@@ -72,7 +72,7 @@ def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, ov
 @pytest.mark.parametrize("mode", ["fold", "bias", "explicit"])
 def test_encoder_reads_nothing_back_in_any_attention_form(mode):
     # 6 x 6 tokens in 4-wide windows: padded windows (four regions) and global blocks; every
-    # tensor counts as on the device, made there or not (fold's key one-hot once read its range)
+    # tensor counts, made on the device or not (fold's F.one_hot read its indices' range)
     torch.manual_seed(0)
     m = build_model("tiny", image_size=96, window_size=4)
     fuse_attention(m.sam.image_encoder, mode=mode)

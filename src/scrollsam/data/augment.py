@@ -51,9 +51,10 @@ def augment_sample(
     the image float32). The inputs are never written to.
 
     The noise is drawn by torch (``torch.randn``, about 2x numpy's float32 normals) from a
-    generator seeded by ``rng``: a sample stays a pure function of ``rng``. A quarter turn is
-    copied in blocks (:func:`contiguous`): the plain copy of a transposed 26 x 1024 x 1024
-    band took 0.1 s a tile."""
+    generator seeded by ``rng``: a sample stays a pure function of ``rng`` on one kind of CPU
+    (torch's vectorised normals differ in the last bits between instruction sets). A quarter
+    turn is copied in blocks (:func:`contiguous`): the plain copy of a transposed
+    26 x 1024 x 1024 band took 0.1 s a tile."""
     if augment.rot90:
         k = int(rng.integers(0, 4))
         image, label, valid = (np.rot90(a, k, axes=(1, 2)) for a in (image, label, valid))
@@ -71,7 +72,7 @@ def augment_sample(
         out += shift
         out *= valid > 0  # (1, S, S): 0 outside the fragment
         image = np.clip(out, -CLIP, CLIP, out=out)
-    return contiguous(image), contiguous(label), contiguous(valid)
+    return contiguous(image).astype(np.float32, copy=False), contiguous(label), contiguous(valid)
 
 
 def contiguous(a: np.ndarray, *, block: int = BLOCK) -> np.ndarray:

@@ -78,8 +78,9 @@ def key_onehot(h: int, w: int, *, device: torch.device | str | None = None) -> t
     """Each key's grid row and column, one-hot -> bool [H * W, H + W] (keys row-major; columns:
     the H rows, then the W columns): the ``"fold"`` form's extra key dimensions.
 
-    Built by comparison, not ``F.one_hot``, which reads its input's range back to the host
-    (on a GPU: two waits for the device in every attention call, 144 a vit_b forward).
+    The module keeps it as a buffer for its own grid, so a forward pays one cast instead of
+    building it (``F.one_hot`` of row and column indices took about eight small kernels a call,
+    and on a CPU read the indices' range back).
     """
     key = torch.arange(h * w, device=device)[:, None]  # (N, 1)
     rows = key // w == torch.arange(h, device=device)  # (N, H)
@@ -112,9 +113,10 @@ class FusedAttention(nn.Module):
             self.rel_pos_h = official.rel_pos_h  # (2H - 1, hd)
             self.rel_pos_w = official.rel_pos_w  # (2W - 1, hd)
             h, w = self.grid
-            self.register_buffer("rel_index_h", relative_index(h, h), persistent=False)
-            self.register_buffer("rel_index_w", relative_index(w, w), persistent=False)
-            self.register_buffer("key_onehot", key_onehot(h, w), persistent=False)
+            dev = official.qkv.weight.device  # the buffers beside the parameters
+            self.register_buffer("rel_index_h", relative_index(h, h).to(dev), persistent=False)
+            self.register_buffer("rel_index_w", relative_index(w, w).to(dev), persistent=False)
+            self.register_buffer("key_onehot", key_onehot(h, w, device=dev), persistent=False)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, grid={self.grid}, mode={self.mode}"
@@ -183,13 +185,13 @@ class FusedAttention(nn.Module):
                                                      scale=self.scale)  # (B, nh, Nq, hd)
             else:
                 out = _folded(q, k, v, rel_h.reshape(b, heads, nq, h),
-                              rel_w.reshape(b, heads, nq, w), self._onehot(h, w, q.device),
-                              scale=self.scale)
+                              rel_w.reshape(b, heads, nq, w),
+                              onehot=self._onehot(h, w, q.device), scale=self.scale)
         return out.transpose(1, 2).reshape(b, hq, wq, heads * hd)  # (B, Hq, Wq, dim)
 
 
 def _folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-            rel_w: torch.Tensor, onehot: torch.Tensor, *, scale: float) -> torch.Tensor:
+            rel_w: torch.Tensor, *, onehot: torch.Tensor, scale: float) -> torch.Tensor:
     """SDPA with the decomposed bias folded into extra dims; q [B, nh, Nq, hd], k, v
     [B, nh, N, hd] (N = H * W keys), rel_h [B, nh, Nq, H], rel_w [B, nh, Nq, W], onehot the
     keys' :func:`key_onehot` [N, H + W] -> [B, nh, Nq, hd]."""

@@ -343,10 +343,11 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             if due:
                 _check_losses(s, unchecked)
             # the step's losses as numbers (averaged over processes) only on log steps: a sync
+            if log_due:  # every process's share, averaged with the losses
+                logged["data_wait"] = logged["loss"].new_tensor(batches.share())
+                if (hint := batches.hint()) and world.main:
+                    log.warning(hint)
             scalars = scalar_parts(ranks.mean(logged)) if log_due else None
-            wait = batches.share() if log_due else None
-            if log_due and (hint := batches.hint(state.step)) and world.main:
-                log.warning(hint)
             scores = validate(s) if eval_due else {}
             better = bool(scores) and scores["f0.5"] > state.best_f05
             if better:
@@ -357,10 +358,11 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             failure = None
             try:  # rank 0 writes; a failure there must end every process, not just this one
                 bar.step(state.step, loss=None if scalars is None else scalars["loss"],
-                         tiles_per_s=rate, data_wait=wait)
+                         tiles_per_s=rate,
+                         data_wait=None if scalars is None else scalars["data_wait"])
                 if scalars is not None:
                     tb.scalars(scalars, state.step, prefix="train/")
-                    tb.scalars({"lr": lr, "tiles_per_s": rate, "data_wait": wait,
+                    tb.scalars({"lr": lr, "tiles_per_s": rate,
                                 "prompts_per_s": rate * cfg.prompts.sets_per_tile}, state.step,
                                prefix="train/")
                     if s.cache is not None:

@@ -8,9 +8,10 @@ no bar: on each log step (``log.every``) one plain line
 holds no ``\\r`` noise.
 
 "data wait" (:class:`DataWait`) is the share of the time since the last log step that the loop
-spent waiting for its next batch: the loading itself with ``data.workers=0``, or workers that
-fall behind. On a GPU it is time the device may have spent idle, and :meth:`DataWait.hint`
-says so once.
+spent waiting for its next batch (averaged over the processes under torchrun): the loading
+itself with ``data.workers=0``, or workers that fall behind. On a GPU the host waits while the
+device may still work through queued kernels, so it bounds the device's idle time from above;
+:meth:`DataWait.hint` suggests more workers once.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class DataWait(Generic[T]):
         self.workers, self.device = workers, device
         self._waited, self._last = 0.0, 0.0
         self._since = time.perf_counter()
-        self._hinted = False
+        self._hinted, self._intervals = False, 0
 
     def __iter__(self) -> Iterator[T]:
         return self
@@ -100,18 +101,29 @@ class DataWait(Generic[T]):
         now = time.perf_counter()
         self._last = min(self._waited / max(now - self._since, 1e-9), 1.0)
         self._waited, self._since = 0.0, now
+        self._intervals += 1
         return self._last
 
-    def hint(self, step: int) -> str | None:
+    def hint(self) -> str | None:
         """Once per run: advice when, on a GPU, the interval the last :meth:`share` measured
-        waited more than :data:`HINT_SHARE` (not up to step 1, which starts the workers)."""
-        if self._hinted or self.device != "cuda" or step <= 1 or self._last <= HINT_SHARE:
+        waited more than :data:`HINT_SHARE`. Not after the first interval, which includes
+        starting the workers (on a resumed run too)."""
+        if (self._hinted or self.device != "cuda" or self._intervals < 2
+                or self._last <= HINT_SHARE):
             return None
         self._hinted = True
         return (f"training waited for data {self._last:.0%} of the time since the last log "
-                f"line, with data.workers={self.workers} on {os.cpu_count() or 1} CPU cores: "
-                f"the GPU idles meanwhile; raise data.workers (each worker loads tiles on one "
+                f"line, with data.workers={self.workers} on {_cores()} CPU cores: the GPU may "
+                f"have idled meanwhile; raise data.workers (each worker loads tiles on one "
                 f"core)")
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _is_terminal() -> bool:
