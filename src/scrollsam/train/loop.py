@@ -342,11 +342,11 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             due = log_due or picture_due or eval_due or save_due
             if due:
                 _check_losses(s, unchecked)
-            # the step's losses as numbers (averaged over processes) only on log steps: a sync
-            if log_due:  # every process's share, averaged with the losses
+            if log_due:  # the share of time spent waiting for batches, a "part" like the losses
                 logged["data_wait"] = logged["loss"].new_tensor(batches.share())
                 if (hint := batches.hint()) and world.main:
                     log.warning(hint)
+            # the step's losses as numbers (averaged over processes) only on log steps: a sync
             scalars = scalar_parts(ranks.mean(logged)) if log_due else None
             scores = validate(s) if eval_due else {}
             better = bool(scores) and scores["f0.5"] > state.best_f05
