@@ -36,7 +36,7 @@ def _step(model: torch.nn.Module, params: list, embed, label: torch.Tensor, prom
     """One training step (prompted forward, loss, backward, AdamW) as a callable;
     ``families``: the kinds sharing decoder calls."""
     from scrollsam.config import LossConfig
-    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.optim import make_optimizer
     from scrollsam.train.step import prompted_forward
 
     opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
@@ -94,7 +94,7 @@ def train_step_tiny_bf16_vs_fp32(quick: bool) -> dict[str, Any]:
     from scrollsam.config import load_config
     from scrollsam.model.assemble import model_from_config
     from scrollsam.train.forward import LossModule
-    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.optim import make_optimizer
 
     cfg = load_config(str(BENCH_DIR.parent / "configs" / "demo.yaml"), [])
     torch.manual_seed(0)

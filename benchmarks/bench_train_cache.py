@@ -58,7 +58,7 @@ def cached_vs_recompute_train(quick: bool) -> dict[str, Any]:
     from scrollsam.config import LossConfig, PromptConfig, TrainConfig
     from scrollsam.model.trainable import set_trainable
     from scrollsam.train.cache import EmbeddingCache
-    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.optim import make_optimizer
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)

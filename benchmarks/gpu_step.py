@@ -114,7 +114,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.model.compile import compile_model
     from scrollsam.precision import autocast_for
     from scrollsam.train import prompt_sets
-    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.optim import make_optimizer
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)

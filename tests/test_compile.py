@@ -13,7 +13,8 @@ from scrollsam import build_model
 from scrollsam.config import LossConfig, PromptConfig
 from scrollsam.model import compile as compile_mod
 from scrollsam.precision import autocast_for
-from scrollsam.train.loop import make_optimizer, train
+from scrollsam.train.loop import train
+from scrollsam.train.optim import make_optimizer
 from scrollsam.train.step import prompted_forward
 
 dynamo = pytest.importorskip("torch._dynamo")

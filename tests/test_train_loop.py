@@ -13,7 +13,8 @@ from scrollsam.cli import main
 from scrollsam.config import load_config
 from scrollsam.doctor import run_doctor
 from scrollsam.errors import ConfigError, FragmentError, RunDirError
-from scrollsam.train.loop import TrainingError, lr_at, make_optimizer, train
+from scrollsam.train.loop import TrainingError, train
+from scrollsam.train.optim import lr_at, make_optimizer
 
 
 def _cfg(data: Path, out: Path, *extra: str):

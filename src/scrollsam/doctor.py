@@ -158,7 +158,7 @@ def _overfit(model, emb: torch.Tensor, pixels: torch.Tensor | None, label: torch
     """Losses of ``OVERFIT_STEPS`` training steps on one batch: the training step's prompted
     forward (the same prompts every step) and the loop's optimizer, training the prompt encoder
     and decoder on the fixed embeddings."""
-    from scrollsam.train.loop import make_optimizer
+    from scrollsam.train.optim import make_optimizer
 
     set_trainable(model, ["prompt_encoder", "mask_decoder"])
     params = [p for p in model.parameters() if p.requires_grad]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from scrollsam.train.distributed import (
 )
 from scrollsam.train.forward import wrap_for_ranks
 from scrollsam.train.guard import Losses, nan_guard, out_of_memory
+from scrollsam.train.optim import lr_at, make_optimizer
 from scrollsam.train.order import RankSamples, global_batch, samples
 from scrollsam.train.progress import DataWait, Progress
 from scrollsam.train.prompt_sets import tile_seeds
@@ -70,16 +70,6 @@ __all__ = ["Setup", "TrainingError", "lr_at", "make_optimizer", "setup", "train"
 log = logging.getLogger(__name__)
 
 DUPLICATE_SIGNAL_S = 5.0  # under torchrun: a Ctrl-C arrives twice (terminal, then torchrun)
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate at ``step``: linear warm-up, then cosine decay to lr * min_lr_ratio."""
-    t = cfg.train
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
-    floor = t.lr * t.min_lr_ratio
-    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -194,14 +184,6 @@ def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step
     panel = tile_panel(batch["image"][i], batch["label"][i], prob, valid=batch["valid"][i],
                        coords=example["coords"], point_labels=example["labels"])
     tb.picture("train/tile_truth_prediction_points", [panel], step)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], *, lr: float,
-                   weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, with the fused kernel where every parameter allows it (float32 on CPU or CUDA;
-    several times faster per step, ``benchmarks/README.md``)."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True,
