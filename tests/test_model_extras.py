@@ -208,4 +208,5 @@ def test_mask_head_set_stage_equals_the_concatenated_convolution():
     for m in range(2):
         cat = torch.cat([stage, up[:, m:m + 1]], dim=1)  # (P, G + 1, S, S)
         want.append(head.set_out(F.gelu(head.set_in(cat)))[:, 0] + up[:, m])
-    torch.testing.assert_close(got, torch.stack(want, dim=1), rtol=1e-5, atol=1e-5)
+    # the head convolves channels-last, the plain computation channels-first: other sums
+    torch.testing.assert_close(got, torch.stack(want, dim=1), rtol=1e-4, atol=1e-4)

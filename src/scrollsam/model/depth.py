@@ -83,7 +83,9 @@ class DepthEncoder(nn.Module):
             raise InputError(f"depth encoder input: expected [B, {self.band}, S, S] "
                              f"(a band of {self.band} slices), got {list(slices.shape)}")
         if self.kind == "mix":
-            feats = self.mix(slices)  # (B, F, S, S)
+            # channels last (the memory order, not the shape): oneDNN's and cuDNN's faster
+            # convolutions; the x-ray demo's bf16 CPU step 153 -> 139 ms (README, benchmarks)
+            feats = self.mix(slices.contiguous(memory_format=torch.channels_last))  # (B, F, S, S)
             return self.to_image(feats), feats
         b, z, h, w = slices.shape
         x = self.slice_conv(slices.reshape(b * z, 1, h, w))  # (B*Z, c0, S, S)

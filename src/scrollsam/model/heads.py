@@ -60,6 +60,7 @@ class MaskHead(nn.Module):
     def image_features(self, features: torch.Tensor) -> torch.Tensor:
         """Per-image stage: [B, F, S, S] (or the model input [B, C, S, S] with a stem) ->
         [B, G, S, S], already through the image side of ``set_in`` (see :meth:`forward`)."""
+        features = features.contiguous(memory_format=torch.channels_last)  # as DepthEncoder
         if self.stem is not None:
             features = self.stem(features)
         g = self.set_in.out_channels
