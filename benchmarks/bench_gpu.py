@@ -33,7 +33,8 @@ the device), ``+center`` (corrective points at the error's centre: OpenCV on the
 sampler before) or ``+free`` (prompt-free sets only: what the encoder and decoder alone cost).
 ``+xray``: the recommended x-ray model and prompts of ``configs/xray_depth.yaml`` (26 slices
 through the depth encoder, the full-resolution mask head) around the SAM variant, the training
-parts that config sets. The step encodes without a value check of the images, as the loop does.
+parts that config sets. The forward is the loop's own ``LossModule`` (encode without a value
+check of the images, then the prompted loss, prompts seeded per tile as in training).
 Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
 gradients are from the official encoder's on the device (``gpu_attention.check_paths``);
 ``--attention`` times one attention block per mode and token grid (``gpu_attention``);

@@ -9,6 +9,7 @@ the runner.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -114,6 +115,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.model.compile import compile_model
     from scrollsam.precision import autocast_for
     from scrollsam.train import prompt_sets
+    from scrollsam.train.forward import LossModule
     from scrollsam.train.optim import make_optimizer
     from scrollsam.train.step import prompted_forward
 
@@ -150,15 +152,17 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
     elif case.prompts == "center":
         prompts = PromptConfig(corrective="center")
-    prompt_gen = torch.Generator().manual_seed(1)  # prompts are drawn on the CPU, as in training
     families = prompt_sets.PER_KIND if case.prompts == "perkind" else prompt_sets.FAMILIES
+    # the loop's own forward module: encode (no value check), then the prompted loss
+    loss_of = LossModule(model, None, prompt_cfg=prompts, loss_cfg=losses, device=device,
+                         forward=partial(prompted_forward, static=static, families=families))
+    drawn = [0]  # samples drawn so far: each step's tiles get new prompt seeds, as in training
 
     def step() -> float:
-        with autocast_for(device, True):  # no value check of the images, as in the loop
-            emb, pixels = model.encode_with_pixels(images, check_values=False)
-            out = prompted_forward(model, emb, label, valid, prompt_cfg=prompts,
-                                   loss_cfg=losses, gen=prompt_gen, static=static,
-                                   families=families, features=pixels)
+        seeds = prompt_sets.tile_seeds(0, range(drawn[0], drawn[0] + case.batch))
+        drawn[0] += case.batch
+        with autocast_for(device, True):
+            out = loss_of(images, label, valid, seeds)
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
