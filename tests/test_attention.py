@@ -293,3 +293,32 @@ def test_key_onehot_marks_each_keys_row_and_column():
     assert onehot.dtype == torch.bool and onehot.shape == (6, 5)
     assert onehot.int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1],
                                      [0, 1, 1, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("grid", [(9, 20), (16, 20)])
+def test_padded_windows_backward_writes_qkv_gradient_once(grid):
+    """A padded windowed block cuts its qkv into regions whose backward joins the parts with one
+    cat per cut, not a zero-filled whole-grid tensor per region and slice that autograd then
+    adds (the slicing form: 8 slice_backward and 3 adds of qkv's size per block at 1024 px)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.widths: list[int] = []  # last dim of every slice_backward's output
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.slice_backward:
+                self.widths.append(out.shape[-1])
+            return out
+
+    torch.manual_seed(0)
+    block = FusedBlock(Block(32, 2, use_rel_pos=True, window_size=8, input_size=(8, 8)),
+                       grid=64, mode="explicit")
+    x = torch.randn(2, *grid, 32, requires_grad=True)  # (B, H, W, C): padded both ways, or W
+    out = block(x)
+    with Ops() as ops:
+        out.square().sum().backward()
+    assert 3 * 32 not in ops.widths  # qkv's width: small slices of q and the tables remain
+    assert ops.widths  # (the counter sees them)

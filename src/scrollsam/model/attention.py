@@ -251,20 +251,34 @@ class FusedBlock(Block):
         fill = self.attn.qkv(x.new_zeros(1, dim)).view(1, 1, 1, -1)  # (1, 1, 1, 3 dim)
         qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)  # (B, H, Wp, 3 dim)
         qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)  # (B, Hp, Wp, 3 dim)
-        out = torch.cat([torch.cat([self._region(qkv, r, c) for c in _spans(w, ws)], dim=2)
-                         for r in _spans(h, ws)], dim=1)  # (B, H, W, dim)
+        # the regions are cut by split, not slicing: backward joins qkv's gradient with one cat
+        # per split, where each slice's backward wrote a zero-filled tensor of the whole grid
+        # and autograd added them up
+        rows, cols = _spans(h, ws), _spans(w, ws)
+        out = torch.cat([self._band(band, r, cols) for r, band in
+                         zip(rows, qkv.split([n for _, n, _ in rows], dim=1), strict=True)],
+                        dim=1)  # (B, H, W, dim)
         # out is contiguous (concatenated): proj of a strided crop took a slow batched matmul
         # (CPU, bf16)
         return self.attn.proj(out)  # (B, H, W, dim)
 
+    def _band(self, qkv: torch.Tensor, rows: tuple[int, int, int],
+              cols: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The regions of one band of window rows, qkv [B, rows' tokens, Wp, 3 dim], ``cols``
+        the column spans -> [B, rows' real tokens, W, dim]."""
+        parts = qkv.split([n for _, n, _ in cols], dim=2)
+        return torch.cat([self._region(part, rows, c) for c, part in
+                          zip(cols, parts, strict=True)], dim=2)
+
     def _region(self, qkv: torch.Tensor, rows: tuple[int, int, int],
                 cols: tuple[int, int, int]) -> torch.Tensor:
-        """Attention in the windows of one region of the padded grid qkv [B, Hp, Wp, 3 dim];
-        ``rows`` / ``cols``: (first token, tokens, real tokens per window) -> the region's
-        real tokens [B, rows' windows x real rows, cols' windows x real cols, dim]."""
+        """Attention in the windows of one region, qkv [B, rows' tokens, cols' tokens, 3 dim]
+        (whole windows of the padded grid); ``rows`` / ``cols``: (first token, tokens, real
+        tokens per window) -> the region's real tokens [B, rows' windows x real rows, cols'
+        windows x real cols, dim]."""
         ws = self.window_size
-        (r0, rn, rq), (c0, cn, cq) = rows, cols
-        windows, _ = window_partition(qkv[:, r0:r0 + rn, c0:c0 + cn], ws)  # (B nh nw, ws, ws, .)
+        (_, rn, rq), (_, cn, cq) = rows, cols
+        windows, _ = window_partition(qkv, ws)  # (B nh nw, ws, ws, 3 dim)
         out = self.attn.attend(windows, queries=(rq, cq))  # (B nh nw, rq, cq, dim)
         return _unpartition(out, qkv.shape[0], rn // ws, cn // ws)  # (B, nh rq, nw cq, dim)
 
