@@ -8,6 +8,9 @@ the runner.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,6 +45,25 @@ class Case:
         p = "" if self.prompts == "sam" else f"+{self.prompts}"
         x = "+xray" if self.xray else ""
         return f"{self.model}_{self.size}_b{self.batch}_{self.path}{w}{c}{p}{x}"
+
+
+def case_named(name: str) -> Case:
+    """The :class:`Case` whose :attr:`Case.name` is ``name``, listed or not (e.g.
+    ``vit_b_1024_b12_triton+w16+free``); ValueError for a name of another form."""
+    base, *flags = name.split("+")
+    found = re.fullmatch(r"(\w+?)_(\d+)_b(\d+)_(official|fold|bias|triton)", base)
+    prompts = [f for f in flags if f in ("center", "perkind", "free")]
+    windows = [int(f[1:]) for f in flags if re.fullmatch(r"w\d+", f)]
+    if not found or len(prompts) > 1 or len(windows) > 1:
+        raise ValueError(f"not a case name: {name!r} (MODEL_SIZE_bBATCH_PATH[+wN][+compile]"
+                         "[+center|+perkind|+free][+xray])")
+    model, size, batch, path = found.groups()
+    case = Case(model, int(size), int(batch), path, window=windows[0] if windows else None,
+                compile="compile" in flags, prompts=prompts[0] if prompts else "sam",
+                xray="xray" in flags)
+    if case.name != name:
+        raise ValueError(f"not a case name: {name!r} (did you mean {case.name!r}?)")
+    return case
 
 
 # In order of importance: the budget cuts from the end.
@@ -106,8 +128,13 @@ def blob_labels(batch: int, size: int, *, device: torch.device,
     return (smooth > 0.6).float().to(device)  # (B, 1, S, S)
 
 
-def make_step(case: Case, device: torch.device, *, compile_backend: str = "inductor"):
-    """Build the model and return ``step()`` (one training step) and the model."""
+def make_step(case: Case, device: torch.device, *, compile_backend: str = "inductor",
+              cast: Callable[[], AbstractContextManager] | None = None,
+              read_loss: bool = True):
+    """Build the model and return ``step()`` (one training step) and the model. ``cast``: the
+    precision context of the forward (default: bf16 autocast on ``device``, as the loop runs);
+    ``read_loss=False``: the step does not read the loss back (a ``meta`` device has no values;
+    ``step()`` then returns nan)."""
     from scrollsam import build_model
     from scrollsam.config import LossConfig, PromptConfig, load_config
     from scrollsam.model.assemble import model_from_config
@@ -161,12 +188,14 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     def step() -> float:
         seeds = prompt_sets.tile_seeds(0, range(drawn[0], drawn[0] + case.batch))
         drawn[0] += case.batch
-        with autocast_for(device, True):
+        with (cast or partial(autocast_for, device, True))():
             out = loss_of(images, label, valid, seeds)
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not read_loss:
+            return float("nan")
         return float(out.parts["loss"].detach())  # the loop logs it: a sync, as in training
 
     return step, model
