@@ -199,11 +199,12 @@ def _folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tens
     extra = onehot.shape[1]
     pad = -(hd + extra) % 8  # flash kernels want a head dim that is a multiple of 8
     onehot = onehot.to(q.dtype).expand(b, heads, n, extra)  # (B, nh, N, H + W)
-    q2 = torch.cat([q * scale, rel_h, rel_w], dim=-1)  # (B, nh, Nq, hd + H + W)
-    k2 = torch.cat([k, onehot], dim=-1)  # (B, nh, N, hd + H + W)
+    # the padding is one more part of each cat, not a padded copy of it (forward and backward)
+    zeros = q.new_zeros(1, 1, 1, pad)
+    q2 = torch.cat([q * scale, rel_h, rel_w, zeros.expand(b, heads, q.shape[2], pad)],
+                   dim=-1)  # (B, nh, Nq, hd + H + W + pad)
+    k2 = torch.cat([k, onehot, zeros.expand(b, heads, n, pad)], dim=-1)  # (B, nh, N, same)
     v2 = F.pad(v, (0, extra + pad))  # (B, nh, N, hd + H + W + pad)
-    if pad:
-        q2, k2 = F.pad(q2, (0, pad)), F.pad(k2, (0, pad))  # (B, nh, ., hd + H + W + pad)
     out = F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)  # (B, nh, Nq, hd + ...)
     return out[..., :hd]  # (B, nh, Nq, hd)
 
