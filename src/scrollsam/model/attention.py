@@ -156,8 +156,11 @@ class FusedAttention(nn.Module):
         b, h, w, _ = qkv.shape
         hq, wq = queries or (h, w)
         n, nq, heads = h * w, hq * wq, self.num_heads
-        qkv = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, N, hd)
-        q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
+        # unbound along the token-major axis, then transposed: backward stacks the three
+        # gradients straight into qkv's layout (unbinding a permuted (3, B, nh, N, hd) view
+        # stacked them in that order, then copied them back)
+        q, k, v = (t.transpose(1, 2) for t in
+                   qkv.reshape(b, n, 3, heads, -1).unbind(2))  # (B, nh, N, hd) each
         hd = q.shape[-1]
         if nq != n:
             q = q.reshape(b, heads, h, w, hd)[:, :, :hq, :wq].reshape(b, heads, nq, hd)
