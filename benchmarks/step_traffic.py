@@ -26,9 +26,10 @@ products and HBM3 copies reach on an H100.
 It is a model, not a timing. It leaves out launch latency and the host's time per operator
 (eager steps at small batches are bound by that: compare the kernel counts), caches (bytes
 read twice count twice) and kernels slower than their roofline (attention, small products).
-On ``meta`` the optimizer is PyTorch's per-parameter form, not CUDA's fused AdamW (a few
-kernels): read ``optim`` as the bytes, not the count. What it is for: to see, without a GPU,
-which part of a step moves the bytes, and what a change does to them.
+``meta`` cannot run CUDA's fused AdamW: its bytes are counted from the parameters
+(:class:`FusedAdamW`); gradient clipping runs per tensor there (the same bytes as CUDA's
+multi-tensor kernels, many more kernels). What it is for: to see, without a GPU, which part of
+a step moves the bytes, and what a change does to them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,9 @@ class Tally:
         self.by_node = by_node
         self.ops: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
 
-    def add(self, op: str, nbytes: int, flops: float) -> None:
+    def add(self, op: str, nbytes: int, flops: float, kernels: int = 1) -> None:
         row = self.ops[(self.phase, op)]
-        row[0] += 1
+        row[0] += kernels
         row[1] += nbytes
         row[2] += flops
 
@@ -276,6 +278,29 @@ def _phase_patches(model: Any, tally: Tally) -> list[tuple[Any, str, Any]]:
             (rel_attention, "available", lambda device: True)]
 
 
+def _adamw(params: list[torch.nn.Parameter], *, tally: Tally, **settings: Any) -> FusedAdamW:
+    return FusedAdamW(params, tally)
+
+
+class FusedAdamW:
+    """Stands in for CUDA's fused AdamW, which ``meta`` cannot run: ``step`` counts what that
+    kernel moves, each float32 parameter, gradient and two moments read and the parameter and
+    moments written (28 bytes an element), in launches of up to 36 tensors (PyTorch's
+    multi-tensor limit for four lists); the update itself is not applied."""
+
+    def __init__(self, params: list[torch.nn.Parameter], tally: Tally) -> None:
+        self.params, self.tally = params, tally
+
+    def step(self) -> None:
+        live = [p for p in self.params if p.grad is not None]
+        self.tally.add("fused AdamW (modelled)", 28 * sum(p.numel() for p in live), 0.0,
+                       kernels=-(-len(live) // 36))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
 def count_step(case: Case, *, by_node: bool = False) -> Tally:
     """One training step of ``case`` (eager) on ``meta``, counted after one uncounted step (the
     optimizer's state is made in the first)."""
@@ -284,7 +309,12 @@ def count_step(case: Case, *, by_node: bool = False) -> Tally:
                          "take the eager case")
     tally = Tally(by_node=by_node)
     autocast = CudaAutocast(tally)
-    step, model = make_step(case, torch.device("meta"), cast=lambda: autocast, read_loss=False)
+    import scrollsam.train.optim as optim
+
+    adamw = partial(_adamw, tally=tally)
+    with _patched([(optim, "make_optimizer", adamw)]):
+        step, model = make_step(case, torch.device("meta"), cast=lambda: autocast,
+                                read_loss=False)
     with _patched(_phase_patches(model, tally)):
         for counted in (False, True):
             tally.ops.clear()
