@@ -322,3 +322,32 @@ def test_padded_windows_backward_writes_qkv_gradient_once(grid):
         out.square().sum().backward()
     assert 3 * 32 not in ops.widths  # qkv's width: small slices of q and the tables remain
     assert ops.widths  # (the counter sees them)
+
+
+def test_padded_windows_copy_qkv_about_once_forward():
+    """Forward copies a padded windowed block's qkv into windows once, padding only the regions
+    with a partial window (padding the whole grid first copied it twice more)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Written(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = 0  # tokens of qkv's width written by copies and cats
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.cat, torch.ops.aten.clone,
+                                       torch.ops.aten.constant_pad_nd) and out.shape[-1] == 96:
+                self.tokens += out.numel() // 96
+            return out
+
+    torch.manual_seed(0)
+    block = FusedBlock(Block(32, 2, use_rel_pos=True, window_size=8, input_size=(8, 8)),
+                       grid=64, mode="explicit")
+    x = torch.randn(1, 9, 20, 32)  # 16 x 24 padded, in regions of 8 x 16, 8 x 8, 8 x 16, 8 x 8
+    with torch.no_grad(), Written() as written:
+        block(x)
+    # the three partial regions padded (8 x 8 + 8 x 16 + 1 x 8 then 8 x 8 tokens), the two
+    # regions two windows wide put in window order (8 x 16 each; one window is in order
+    # already); padding the grid, then copying each region into windows, wrote 984
+    assert written.tokens == 264 + 256

@@ -253,26 +253,25 @@ class FusedBlock(Block):
             return window_unpartition(self.attn(windows), ws, (h, w), (h, w))
         qkv = self.attn.qkv(x)  # (B, H, W, 3 dim): real tokens only
         fill = self.attn.qkv(x.new_zeros(1, dim)).view(1, 1, 1, -1)  # (1, 1, 1, 3 dim)
-        qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)  # (B, H, Wp, 3 dim)
-        qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)  # (B, Hp, Wp, 3 dim)
-        # the regions are cut by split, not slicing: backward joins qkv's gradient with one cat
-        # per split, where each slice's backward wrote a zero-filled tensor of the whole grid
-        # and autograd added them up
+        # the real tokens are cut into regions by split, and only a region with a partial
+        # window is padded, on its own: qkv is copied once forward (the windows), and backward
+        # joins its gradient with one cat per split, contiguous for qkv's own backward
         rows, cols = _spans(h, ws), _spans(w, ws)
-        out = torch.cat([self._band(band, r, cols) for r, band in
-                         zip(rows, qkv.split([n for _, n, _ in rows], dim=1), strict=True)],
-                        dim=1)  # (B, H, W, dim)
+        bands = qkv.split([n // ws * real for _, n, real in rows], dim=1)
+        out = torch.cat([self._band(band, r, cols, fill) for r, band in
+                         zip(rows, bands, strict=True)], dim=1)  # (B, H, W, dim)
         # out is contiguous (concatenated): proj of a strided crop took a slow batched matmul
         # (CPU, bf16)
         return self.attn.proj(out)  # (B, H, W, dim)
 
     def _band(self, qkv: torch.Tensor, rows: tuple[int, int, int],
-              cols: list[tuple[int, int, int]]) -> torch.Tensor:
-        """The regions of one band of window rows, qkv [B, rows' tokens, Wp, 3 dim], ``cols``
-        the column spans -> [B, rows' real tokens, W, dim]."""
-        parts = qkv.split([n for _, n, _ in cols], dim=2)
-        return torch.cat([self._region(part, rows, c) for c, part in
-                          zip(cols, parts, strict=True)], dim=2)
+              cols: list[tuple[int, int, int]], fill: torch.Tensor) -> torch.Tensor:
+        """The regions of one band of window rows: qkv [B, the band's real rows, W, 3 dim],
+        ``cols`` the column spans, ``fill`` the padding token's qkv [1, 1, 1, 3 dim] -> [B,
+        the band's real rows, W, dim]."""
+        parts = qkv.split([n // self.window_size * real for _, n, real in cols], dim=2)
+        return torch.cat([self._region(_padded(part, (rows[1], c[1]), fill), rows, c)
+                          for c, part in zip(cols, parts, strict=True)], dim=2)
 
     def _region(self, qkv: torch.Tensor, rows: tuple[int, int, int],
                 cols: tuple[int, int, int]) -> torch.Tensor:
@@ -285,6 +284,18 @@ class FusedBlock(Block):
         windows, _ = window_partition(qkv, ws)  # (B nh nw, ws, ws, 3 dim)
         out = self.attn.attend(windows, queries=(rq, cq))  # (B nh nw, rq, cq, dim)
         return _unpartition(out, qkv.shape[0], rn // ws, cn // ws)  # (B, nh rq, nw cq, dim)
+
+
+def _padded(part: torch.Tensor, size: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
+    """A region's real tokens [B, h, w, C] padded with ``fill`` [1, 1, 1, C] at the bottom and
+    right to [B, *size, C], where the official block's padding puts it: a region with a partial
+    window holds just that one window along the padded axis (:func:`_spans`)."""
+    b, h, w, _ = part.shape
+    if w < size[1]:
+        part = torch.cat([part, fill.expand(b, h, size[1] - w, -1)], dim=2)
+    if h < size[0]:
+        part = torch.cat([part, fill.expand(b, size[0] - h, size[1], -1)], dim=1)
+    return part
 
 
 def _unpartition(windows: torch.Tensor, b: int, nh: int, nw: int) -> torch.Tensor:
