@@ -92,6 +92,8 @@ def test_static_prompt_sets_only_with_a_compiled_decoder(available, monkeypatch,
     finally:
         dynamo.reset()
     assert s.static_prompts is available
+    # and the loss's per-pixel terms are compiled with the same backend, or not at all
+    assert s.model.compiled_loss == ("aot_eager" if available else None)
 
 
 def test_unavailable_compile_warns_once_and_stays_eager(monkeypatch, caplog):

@@ -125,3 +125,47 @@ def test_only_the_loss_carries_a_graph():
     parts = sam_loss(logits, torch.zeros(3, 3, requires_grad=True), target, valid).parts
     assert parts["loss"].requires_grad
     assert not any(v.requires_grad for k, v in parts.items() if k != "loss"), parts
+
+
+def _sums_and_grad(logits, target, valid, **kw):
+    x = logits.detach().clone().requires_grad_()
+    s = mask_sums(x, target, valid, **kw)
+    (s.focal.sum() + s.bce.sum() + 0.1 * s.inter.sum() + 0.01 * s.prob.sum()).backward()
+    return s, x.grad
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_pixel_terms_give_the_eager_sums_and_gradients(backend):
+    from scrollsam.model.compile import compile_unavailable
+
+    if compile_unavailable("cpu", backend) is not None:
+        pytest.skip(compile_unavailable("cpu", backend))
+    logits, target, valid = _case(P=4, M=3)
+    for chunk in (None, 3 * 24 * 24):  # all sets in one chunk; one set a chunk
+        ref, ref_grad = _sums_and_grad(logits, target, valid, bce=True, chunk=chunk)
+        got, grad = _sums_and_grad(logits, target, valid, bce=True, chunk=chunk,
+                                   compiled=backend)
+        for name, value in ref._asdict().items():
+            assert torch.allclose(getattr(got, name), value, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_compiled_pixel_terms_take_any_number_of_sets_in_four_graphs_at_most():
+    """The sets in a chunk change with each step's prompt kinds: that size is dynamic, and
+    one set, and each mask count, get graphs of their own (2 x 2, for sums and gradients)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from scrollsam.model.compile import compile_unavailable
+
+    if compile_unavailable("cpu", "aot_eager") is not None:
+        pytest.skip(compile_unavailable("cpu", "aot_eager"))
+    dynamo.reset()
+    counters.clear()
+    try:
+        for P, M in [(3, 3), (5, 3), (1, 3), (4, 1), (1, 1), (7, 3), (2, 1), (6, 3), (1, 1)]:
+            logits, target, valid = _case(P=max(P, 3), M=M, seed=P)
+            _sums_and_grad(logits[:P], target[:P], valid[:P], compiled="aot_eager")
+        assert int(counters["stats"]["unique_graphs"]) == 8  # sums and gradient, four each
+    finally:
+        dynamo.reset()

@@ -194,6 +194,7 @@ def sam_loss(
     dice_smooth: float = 1.0,
     iou_on: str = "all",
     resolution: str = "label",
+    compiled: str | None = None,
 ) -> SamLoss:
     """The SAM training loss for one round of prompts.
 
@@ -210,7 +211,8 @@ def sam_loss(
     (the terms of the selected masks; "mask_iou" is their actual IoU), and ``selected``, the
     [P] int64 index of each set's selected mask. Feed :func:`scrollsam.prompts.select_mask`
     ``(logits, selected)`` back as the next mask prompt; :func:`scalar_parts` gives the
-    loggable floats (a host sync: on log steps only).
+    loggable floats (a host sync: on log steps only). ``compiled``: the ``torch.compile``
+    backend for the per-pixel terms (:func:`scrollsam.mask_loss.pixel_terms`), None: eager.
     """
     _check(logits, target, valid)
     if iou_pred.shape != logits.shape[:2]:
@@ -224,7 +226,7 @@ def sam_loss(
         target, valid = to_mask_resolution(target, valid, tuple(logits.shape[-2:]))
     # the per-pixel terms above, summed in one pass that keeps nothing full-size (mask_loss)
     sums = mask_sums(logits, target, valid, alpha=focal_alpha, gamma=focal_gamma,
-                     bce=bool(bce_weight))
+                     bce=bool(bce_weight), compiled=compiled)
     parts: dict[str, Tensor] = {
         "focal": sums.focal,
         "dice": _dice(sums.inter, sums.prob + sums.ink, dice_smooth),

@@ -32,6 +32,7 @@ are wrong and weigh 0 (finite for the focal exponents the config offers, gamma >
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CHUNK", "MaskSums", "mask_sums", "upsample_logits"]
+__all__ = ["CHUNK", "MaskSums", "mask_sums", "pixel_terms", "upsample_logits"]
 
 CHUNK = {"cpu": 1 << 22, "cuda": 1 << 25}  # label-resolution pixels per chunk (P * M * H * W):
 # on a CPU temporaries of 16 MB (larger ones measured slower); on a GPU 128 MB ones, so that
@@ -61,17 +62,20 @@ class MaskSums(NamedTuple):
 
 def mask_sums(logits: Tensor, target: Tensor, valid: Tensor | None = None, *,
               alpha: float = 0.25, gamma: float = 2.0, bce: bool = False,
-              chunk: int | None = None) -> MaskSums:
+              chunk: int | None = None, compiled: str | None = None) -> MaskSums:
     """The loss terms of logits [P, M, h, w] (any float dtype; upsampled bilinearly to the
     target's size when smaller, ``align_corners=False``) against target [P, 1, H, W] inside
     valid [P, 1, H, W] (> 0.5; None: every pixel). ``focal``, ``bce``, ``inter`` and ``prob``
     are differentiable in ``logits``; ``bce`` is computed only when asked. ``chunk``: pixels
-    per chunk (default :data:`CHUNK` for the device); a chunk holds whole sets."""
+    per chunk (default :data:`CHUNK` for the device); a chunk holds whole sets. ``compiled``:
+    the ``torch.compile`` backend that fuses the per-pixel terms (:func:`pixel_terms`;
+    ``train.compile``), None: eager."""
     w = torch.ones_like(target, dtype=torch.float32) if valid is None else (valid > 0.5).float()
     planes = torch.cat([target.float() * w, w], dim=1)  # (P, 2, H, W): t w, w
     per_set = logits.shape[1] * planes.shape[-2] * planes.shape[-1]
     limit = chunk or CHUNK.get(logits.device.type, CHUNK["cuda"])
-    sums = _Sums.apply(logits, planes, gamma, bce, max(1, limit // per_set))  # (P, 7, M)
+    sums = _Sums.apply(logits, planes, gamma, bce, max(1, limit // per_set),
+                       compiled)  # (P, 7, M)
     f_tw, f_w, ce_w, p_tw, p_w = sums[:, :5].unbind(1)  # each (P, M), differentiable
     on_w, on_ink = sums[:, 5:].detach().unbind(1)  # the IoU counts: no gradient
     n = w.sum(dim=(2, 3)).clamp(min=1.0)  # (P, 1) valid pixels
@@ -101,12 +105,55 @@ def _ce(x: Tensor, t: Tensor) -> Tensor:
     return torch.addcmul(F.softplus(x), x, t, value=-1)
 
 
-def _chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool) -> Tensor:
+def pixel_terms(backend: str | None) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The per-pixel parts of forward and backward (:func:`_pixel_sums`, :func:`_pixel_grad`):
+    eager for None, else compiled with ``backend`` (once per process and backend).
+
+    The number of sets in a chunk changes with each step's prompt kinds, so that size is
+    dynamic and every other stays static: each function has a graph per mask count and for
+    one set or several (dynamo specialises a size of 1), four for the default prompts. (All
+    sizes dynamic made more: dynamo adds guards when two sizes happen to be equal.) The
+    upsampling and its backward stay outside: that backward operator does not trace with
+    symbolic sizes (torch 2.11)."""
+    if backend is None:
+        return _pixel_sums, _pixel_grad
+    if backend not in _COMPILED:
+        _COMPILED[backend] = (_sets_dynamic(torch.compile(_pixel_sums, backend=backend)),
+                              _sets_dynamic(torch.compile(_pixel_grad, backend=backend)))
+    return _COMPILED[backend]
+
+
+def _sets_dynamic(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``compiled`` called with its tensors' first size (the sets) dynamic, the rest static."""
+    import torch._dynamo as dynamo
+
+    def call(*args: object) -> Tensor:
+        for t in args:
+            if isinstance(t, Tensor):
+                dynamo.maybe_mark_dynamic(t, 0)
+                for dim in range(1, t.dim()):
+                    dynamo.mark_static(t, dim)
+        return compiled(*args)
+
+    return call
+
+
+_COMPILED: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
+
+
+def _chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool,
+                pixels: Callable[..., Tensor] | None = None) -> Tensor:
     """Low [c, M, h, w] logits of c whole sets and their planes [c, 2, H, W] (t w, w) ->
-    sums [c, 7, M] float32: f against t w and w, ce against w (0 unless ``bce``), p against
-    t w and w, x > 0 against w and (t > 0.5) w."""
-    c, M = low.shape[:2]
+    sums [c, 7, M] float32 (:func:`_pixel_sums` of the upsampled logits, or ``pixels``)."""
     x = upsample_logits(low.float(), tuple(planes.shape[-2:]))  # (c, M, H, W)
+    return (pixels or _pixel_sums)(x, planes, gamma, bce)
+
+
+def _pixel_sums(x: Tensor, planes: Tensor, gamma: float, bce: bool) -> Tensor:
+    """Upsampled logits x [c, M, H, W] and planes [c, 2, H, W] (t w, w) -> sums [c, 7, M]:
+    f against t w and w, ce against w (0 unless ``bce``), p against t w and w, x > 0 against
+    w and (t > 0.5) w."""
+    c, M = x.shape[:2]
     tw = planes[:, :1]  # (c, 1, H, W)
     cols = torch.cat([planes, tw > 0.5], dim=1).flatten(2)  # (c, 3, H * W): t w, w, ink w
     p = torch.sigmoid(x)
@@ -120,12 +167,22 @@ def _chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool) -> Tens
     return torch.cat(out, dim=1)  # (c, 7, M)
 
 
-def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float,
-               bce: bool) -> Tensor:
+def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float, bce: bool,
+                pixels: Callable[..., Tensor] | None = None) -> Tensor:
     """The gradient of sum(grad * :func:`_chunk_sums`) in low [c, M, h, w] (float32), for grad
-    [c, 7, M] (the counts' rows are ignored)."""
+    [c, 7, M] (the counts' rows are ignored): :func:`_pixel_grad` (or ``pixels``) of the
+    upsampled logits, taken back through the upsampling."""
     size = tuple(planes.shape[-2:])
-    x = upsample_logits(low.float(), size)  # (c, M, H, W)
+    gx = (pixels or _pixel_grad)(upsample_logits(low.float(), size), planes, grad, gamma, bce)
+    if size == tuple(low.shape[-2:]):
+        return gx
+    return torch.ops.aten.upsample_bilinear2d_backward(gx, list(size), list(low.shape), False,
+                                                       None, None)  # (c, M, h, w)
+
+
+def _pixel_grad(x: Tensor, planes: Tensor, grad: Tensor, gamma: float, bce: bool) -> Tensor:
+    """The gradient [c, M, H, W] of sum(grad * :func:`_pixel_sums`) in the upsampled logits x
+    [c, M, H, W]; x's storage is reused (the caller's own upsampled copy)."""
     tw, w = planes[:, :1], planes[:, 1:]  # each (c, 1, H, W)
     g = grad.transpose(1, 2)[..., None, None]  # (c, M, 7, 1, 1)
     # temporaries are reused in place: at most about seven chunk-sized tensors live at once
@@ -148,10 +205,7 @@ def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float,
     gx.addcmul_(torch.addcmul(g[:, :, 0] * tw, g[:, :, 1], w), df)
     if bce:
         gx.addcmul_(g[:, :, 2] * w, d)
-    if size == tuple(low.shape[-2:]):
-        return gx
-    return torch.ops.aten.upsample_bilinear2d_backward(gx, list(size), list(low.shape), False,
-                                                       None, None)  # (c, M, h, w)
+    return gx
 
 
 def _float32(like: Tensor) -> torch.autocast:
@@ -166,14 +220,15 @@ class _Sums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, planes: Tensor, gamma: float, bce: bool,
-                step: int) -> Tensor:
+                step: int, compiled: str | None) -> Tensor:
         settings = dict(gamma=gamma, bce=bce)
+        forward, backward = pixel_terms(compiled)
         with _float32(logits):
             sums = torch.cat([_chunk_sums(logits[lo:lo + step], planes[lo:lo + step],
-                                          **settings)
+                                          **settings, pixels=forward)
                               for lo in range(0, logits.shape[0], step)])
         ctx.save_for_backward(logits, planes)
-        ctx.settings, ctx.step = settings, step
+        ctx.settings, ctx.step, ctx.pixels = settings, step, backward
         return sums
 
     @staticmethod
@@ -183,5 +238,6 @@ class _Sums(torch.autograd.Function):
         step, grad = ctx.step, grad.float()
         with _float32(logits):
             parts = [_chunk_grad(logits[lo:lo + step], planes[lo:lo + step], grad[lo:lo + step],
-                                 **ctx.settings) for lo in range(0, logits.shape[0], step)]
-        return torch.cat(parts).to(logits.dtype), None, None, None, None
+                                 **ctx.settings, pixels=ctx.pixels)
+                     for lo in range(0, logits.shape[0], step)]
+        return torch.cat(parts).to(logits.dtype), None, None, None, None, None

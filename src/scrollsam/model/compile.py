@@ -56,11 +56,18 @@ def compile_unavailable(device: torch.device | str, backend: str | None = None) 
 
 def compile_model(model: nn.Module, *, device: torch.device | str,
                   backend: str | None = None) -> bool:
-    """``train.compile``: the encoder, then the mask decoder, each where compile can run. True
-    when both compiled: only then should the step decode static prompt sets (every set in every
+    """``train.compile``: the encoder, then the mask decoder, each where compile can run, then
+    the training loss's per-pixel terms (``model.compiled_loss``: the step's loss passes it on
+    to :func:`scrollsam.mask_loss.pixel_terms`, dynamic shapes). True when the encoder and
+    decoder compiled: only then should the step decode static prompt sets (every set in every
     round), which buy a compiled decoder one shape per round and an eager one extra work."""
-    return compile_encoder(model, device=device, backend=backend) and compile_decoder(
-        model, device=device, backend=backend)
+    if not (compile_encoder(model, device=device, backend=backend)
+            and compile_decoder(model, device=device, backend=backend)):
+        return False
+    model.compiled_loss = backend or BACKEND
+    log.info("training loss's per-pixel terms compiled (%s, dynamic shapes)",
+             model.compiled_loss)
+    return True
 
 
 def compile_decoder(model: nn.Module, *, device: torch.device | str,

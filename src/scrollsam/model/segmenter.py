@@ -102,6 +102,8 @@ class SamSegmenter(nn.Module):
         self.depth_encoder = depth_encoder
         self.mask_head = mask_head
         self._layers_checked = False  # checked again on the first decode (after adapters)
+        # train.compile's backend for the training loss's per-pixel terms (compile_model)
+        self.compiled_loss: str | None = None
 
     # --- geometry ------------------------------------------------------------------------------
 

@@ -275,7 +275,7 @@ def prompted_forward(
         every_set = truth.select(tile_of_set.to(dev, non_blocking=True))
         boxes, _ = box_prompts(every_set.full_ink, every_set.full_valid,
                                generator=gens)  # (P, 4) on the device
-    loss_kw = loss_kwargs(loss_cfg)
+    loss_kw = dict(loss_kwargs(loss_cfg), compiled=model.compiled_loss)
     groups: list[tuple[dict[str, Tensor], int]] = []
     example = None
     for family in families:
