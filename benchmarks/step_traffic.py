@@ -10,18 +10,24 @@ every operator runs for its shapes only, so vit_b at 1024 px and batch 16 takes 
 laptop. CUDA's bf16 autocast is emulated (:class:`CudaAutocast`: matrix products and
 convolutions in bf16, layer norms, powers, exponentials and logarithms in float32, sums and
 softmaxes of bf16 into float32; the weights cast once a step), since autocast does not act on
-``meta`` tensors. SDPA runs as one flash-attention operator (the ``meta`` device would take
-SDPA's unfused math form and count a score matrix no GPU writes); the Triton attention runs
-its registered shapes-only form.
+``meta`` tensors. SDPA without a mask runs as one flash-attention operator (the ``meta``
+device would take SDPA's unfused math form and count a score matrix no GPU writes); SDPA with a
+mask does take that form, so the ``bias`` path is refused (the decoder's small masked token
+attention is counted so). The Triton attention runs its registered shapes-only form: the
+PyTorch work its CUDA wrapper does around the kernel (backward's contiguous gradient and its
+delta sum, about 10 GB of a vit_b 1024 px batch-8 step) is not counted, so compare ``triton``
+with ``fold`` with that in mind.
 
-Every ATen operator that is a kernel (not a view, not an empty allocation) counts once, with
-the bytes of its tensor inputs and outputs and the FLOPs of ``torch.utils.flop_counter``'s
-formulas. Operators are grouped by phase: the module or function that ran them in forward
-(``encoder``, ``depth``, ``decoder``, ``head``, ``loss``, ``sampler``, ...), and ``bwd:`` the
-same phase's backward (``--by-node`` adds the autograd node, e.g.
-``bwd:encoder:SliceBackward0``). ``roof_ms`` is a roofline floor per operator, ``max(FLOPs /
---tflops, bytes / --tbs)``, summed: 600 TFLOP/s and 2.8 TB/s by default, about what dense bf16
-products and HBM3 copies reach on an H100.
+Every ATen operator that is a kernel (not a view, not an allocation, not on an empty tensor)
+counts once, with the bytes of its tensor inputs and outputs (an expanded axis once; what
+``copy_`` overwrites is not read) and the FLOPs of ``torch.utils.flop_counter``'s formulas.
+Host-side operators (random draws, ``nonzero``) count as kernels too. Operators are grouped
+by phase: the module or function that ran them in forward (``encoder``, ``depth``,
+``decoder``, ``head``, ``loss``, ``sampler``, ``optim``; ``other``: the rest, the prompt
+encoder's work included), and ``bwd:`` the same phase's backward (``--by-node`` adds the
+autograd node, e.g. ``bwd:encoder:SliceBackward0``). ``roof_ms`` is a roofline floor per
+operator, ``max(FLOPs / --tflops, bytes / --tbs)``, summed: 600 TFLOP/s and 2.8 TB/s by
+default, about what dense bf16 products and HBM3 copies reach on an H100.
 
 It is a model, not a timing. It leaves out launch latency and the host's time per operator
 (eager steps at small batches are bound by that: compare the kernel counts), caches (bytes
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -60,9 +67,10 @@ LOW = frozenset({  # CUDA autocast's bf16 list, as these functions are called fr
 FP32 = frozenset({  # its float32 list (those the project calls)
     "layer_norm", "group_norm", "pow", "__pow__", "exp", "expm1", "log", "log1p", "log2",
     "log10", "rsqrt", "reciprocal", "softplus", "logsumexp", "binary_cross_entropy_with_logits",
-    "mse_loss", "l1_loss", "cdist"})
+    "mse_loss", "l1_loss", "cdist", "interpolate"})  # interpolate: CUDA's upsample_* entries
 TO_FP32 = frozenset({"sum", "softmax", "log_softmax", "cumsum", "prod", "nansum"})  # dtype=
-FREE = frozenset({"empty", "empty_strided", "empty_like", "_unsafe_view"})  # no kernel
+FREE = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                  "_unsafe_view"})  # no kernel
 FILLS = frozenset({"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "fill_",
                    "zero_", "new_zeros", "new_ones", "new_full"})  # write only
 
@@ -73,6 +81,7 @@ class Tally:
     def __init__(self, *, by_node: bool) -> None:
         self.phase = "other"
         self.by_node = by_node
+        self.tagged: dict[int, Any] = {}  # autograd nodes given a phase, by id
         self.ops: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
 
     def add(self, op: str, nbytes: int, flops: float, kernels: int = 1) -> None:
@@ -86,14 +95,11 @@ class Tally:
         phase = self.phase
         for t in _tensors(out):
             node = t.grad_fn
-            if node is None or getattr(node, "_traffic_tagged", False):
+            if node is None or id(node) in self.tagged:  # the phase that made it keeps it
                 continue
+            self.tagged[id(node)] = node  # held for the step: its id is not reused
             label = f"bwd:{phase}" + (f":{type(node).__name__}" if self.by_node else "")
             node.register_prehook(lambda grads, label=label: setattr(self, "phase", label))
-            try:
-                node._traffic_tagged = True
-            except AttributeError:  # C++ nodes without a __dict__: tagged twice at worst
-                pass
 
 
 def _tensors(x: Any) -> Iterator[torch.Tensor]:
@@ -166,7 +172,7 @@ class CudaAutocast(TorchFunctionMode):
             elif name in FP32:
                 args = self._cast(args, torch.float32)
             elif (name in TO_FP32 and args and isinstance(args[0], torch.Tensor)
-                  and args[0].dtype == torch.bfloat16 and "dtype" not in kwargs):
+                  and args[0].dtype == torch.bfloat16 and kwargs.get("dtype") is None):
                 kwargs = dict(kwargs, dtype=torch.float32)
         out = func(*args, **kwargs)
         self.tally.tag(out)
@@ -215,16 +221,20 @@ class Counter(TorchDispatchMode):
         if name in FREE or (returns and returns[0].alias_info is not None
                             and not returns[0].alias_info.is_write):
             return out  # a view or an allocation: no kernel
-        read = 0 if name in FILLS else sum(_nbytes(t) for t in _tensors((args, kwargs)))
+        sources = (args[1:], kwargs) if name == "copy_" else (args, kwargs)  # copy_: no read
+        read = 0 if name in FILLS else sum(_nbytes(t) for t in _tensors(sources))
         formula = flop_registry.get(func.overloadpacket)
         flops = float(formula(*args, **kwargs, out_val=out)) if formula else 0.0
-        self.tally.add(str(func.overloadpacket), read + sum(_nbytes(t) for t in _tensors(out)),
-                       flops)
+        written = sum(_nbytes(t) for t in _tensors(out))
+        if read + written or flops:  # an empty tensor launches nothing
+            self.tally.add(str(func.overloadpacket), read + written, flops)
         return out
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """The bytes ``t`` covers in memory: an expanded (stride 0) axis counts once."""
+    return math.prod(n for n, st in zip(t.shape, t.stride(), strict=True) if st) \
+        * t.element_size()
 
 
 def _enter(tally: Tally, label: str, fn: Callable) -> Callable:
@@ -259,7 +269,6 @@ def _phase_patches(model: Any, tally: Tally) -> list[tuple[Any, str, Any]]:
     import scrollsam.train.step as step
 
     owners = [(model.sam.image_encoder, "forward", "encoder"),
-              (model.sam.prompt_encoder, "forward", "prompts"),
               (model, "_predict_masks", "decoder"), (model, "refine", "head"),
               (step, "sam_loss", "loss"), (step, "corrective_points", "sampler"),
               (step, "first_prompts", "sampler")]
@@ -301,12 +310,19 @@ class FusedAdamW:
             p.grad = None
 
 
+def _refused(case: Case) -> str:
+    if case.compile:
+        return (f"{case.name}: compiled steps fuse kernels this count cannot see; take the eager "
+                "case")
+    return (f"{case.name}: SDPA with a mask runs its math form on meta (a score matrix no GPU "
+            "writes); count fold or triton")
+
+
 def count_step(case: Case, *, by_node: bool = False) -> Tally:
     """One training step of ``case`` (eager) on ``meta``, counted after one uncounted step (the
     optimizer's state is made in the first)."""
-    if case.compile:
-        raise ValueError(f"{case.name}: compiled steps fuse kernels this count cannot see; "
-                         "take the eager case")
+    if case.compile or case.path == "bias":
+        raise ValueError(_refused(case))
     tally = Tally(by_node=by_node)
     autocast = CudaAutocast(tally)
     import scrollsam.train.optim as optim
@@ -318,6 +334,7 @@ def count_step(case: Case, *, by_node: bool = False) -> Tally:
     with _patched(_phase_patches(model, tally)):
         for counted in (False, True):
             tally.ops.clear()
+            tally.tagged.clear()
             autocast.weights.clear()  # autocast's cache lives for one step's forward
             tally.phase = "other"
             with Counter(tally) if counted else contextlib.nullcontext():
@@ -363,9 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the summary here")
     args = parser.parse_args(argv)
     try:
-        tally = count_step(case_named(args.case), by_node=args.by_node)
+        case = case_named(args.case)
+        if case.compile or case.path == "bias":
+            raise ValueError(_refused(case))
     except ValueError as err:
         parser.error(str(err))
+    tally = count_step(case, by_node=args.by_node)
     result = summary(tally, tflops=args.tflops, tbs=args.tbs)
     print(f"{args.case}: one eager step on a model GPU ({args.tflops:g} TFLOP/s, "
           f"{args.tbs:g} TB/s); roofline floor, not a timing")

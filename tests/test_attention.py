@@ -296,7 +296,7 @@ def test_key_onehot_marks_each_keys_row_and_column():
 
 
 @pytest.mark.parametrize("grid", [(9, 20), (16, 20)])
-def test_padded_windows_backward_writes_qkv_gradient_once(grid):
+def test_padded_windows_backward_writes_no_whole_grid_slices(grid):
     """A padded windowed block cuts its qkv into regions whose backward joins the parts with one
     cat per cut, not a zero-filled whole-grid tensor per region and slice that autograd then
     adds (the slicing form: 8 slice_backward and 3 adds of qkv's size per block at 1024 px)."""

@@ -99,3 +99,28 @@ def test_the_triton_path_counts_its_own_operator_on_meta():
     ops = {(phase, op) for phase, op in tally.ops}
     assert ("encoder", "scrollsam.rel_attention") in ops
     assert ("bwd:encoder", "scrollsam.rel_attention_backward") in ops
+
+
+def test_expanded_axes_count_once_copy_targets_are_not_read_and_empty_ops_launch_nothing():
+    tally = step_traffic.Tally(by_node=False)
+    row = torch.empty(1, 100, device="meta")  # 400 bytes
+    dst = torch.empty(10, 100, device="meta")
+    with step_traffic.Counter(tally):
+        torch.cat([dst, row.expand(10, 100)])  # reads 4000 + 400, writes 8000
+        dst.copy_(row.expand(10, 100))  # reads 400, writes 4000
+        torch.zeros(0, device="meta")
+    rows = {op: row for (_, op), row in tally.ops.items()}
+    assert rows == {"aten.cat": [1, 12400, 0.0], "aten.copy_": [1, 4400, 0.0]}
+
+
+def test_softmax_and_interpolate_follow_cudas_policy_too():
+    tally = step_traffic.Tally(by_node=False)
+    x = torch.empty(2, 3, 4, 4, device="meta", dtype=torch.bfloat16)
+    with step_traffic.CudaAutocast(tally):
+        assert F.softmax(x, dim=-1).dtype == torch.float32
+        assert F.interpolate(x, scale_factor=2.0, mode="bilinear").dtype == torch.float32
+
+
+def test_the_bias_path_is_refused():
+    with pytest.raises(ValueError, match="math form"):
+        step_traffic.count_step(gpu_step.Case("tiny", 64, 2, "bias"))

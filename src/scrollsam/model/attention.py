@@ -156,7 +156,7 @@ class FusedAttention(nn.Module):
         b, h, w, _ = qkv.shape
         hq, wq = queries or (h, w)
         n, nq, heads = h * w, hq * wq, self.num_heads
-        # unbound along the token-major axis, then transposed: backward stacks the three
+        # unbound along qkv's own q / k / v axis, then transposed: backward stacks the three
         # gradients straight into qkv's layout (unbinding a permuted (3, B, nh, N, hd) view
         # stacked them in that order, then copied them back)
         q, k, v = (t.transpose(1, 2) for t in
@@ -257,7 +257,7 @@ class FusedBlock(Block):
         # window is padded, on its own: qkv is copied once forward (the windows), and backward
         # joins its gradient with one cat per split, contiguous for qkv's own backward
         rows, cols = _spans(h, ws), _spans(w, ws)
-        bands = qkv.split([n // ws * real for _, n, real in rows], dim=1)
+        bands = _cut(qkv, [n // ws * real for _, n, real in rows], dim=1)
         out = torch.cat([self._band(band, r, cols, fill) for r, band in
                          zip(rows, bands, strict=True)], dim=1)  # (B, H, W, dim)
         # out is contiguous (concatenated): proj of a strided crop took a slow batched matmul
@@ -269,7 +269,7 @@ class FusedBlock(Block):
         """The regions of one band of window rows: qkv [B, the band's real rows, W, 3 dim],
         ``cols`` the column spans, ``fill`` the padding token's qkv [1, 1, 1, 3 dim] -> [B,
         the band's real rows, W, dim]."""
-        parts = qkv.split([n // self.window_size * real for _, n, real in cols], dim=2)
+        parts = _cut(qkv, [n // self.window_size * real for _, n, real in cols], dim=2)
         return torch.cat([self._region(_padded(part, (rows[1], c[1]), fill), rows, c)
                           for c, part in zip(cols, parts, strict=True)], dim=2)
 
@@ -284,6 +284,12 @@ class FusedBlock(Block):
         windows, _ = window_partition(qkv, ws)  # (B nh nw, ws, ws, 3 dim)
         out = self.attn.attend(windows, queries=(rq, cq))  # (B nh nw, rq, cq, dim)
         return _unpartition(out, qkv.shape[0], rn // ws, cn // ws)  # (B, nh rq, nw cq, dim)
+
+
+def _cut(x: torch.Tensor, sizes: list[int], dim: int) -> tuple[torch.Tensor, ...]:
+    """``x.split(sizes, dim)``, but x itself for one part (a one-part split's backward is a
+    copy)."""
+    return (x,) if len(sizes) == 1 else x.split(sizes, dim=dim)
 
 
 def _padded(part: torch.Tensor, size: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
