@@ -9,7 +9,9 @@
   way keeps for backward, counted with ``saved_tensors_hooks``.
 - ``loss_1024_compiled_vs_eager``: the same call, ``sam_loss`` with its per-pixel terms eager
   against compiled as ``train.compile`` compiles them (:func:`scrollsam.mask_loss.pixel_terms`,
-  inductor; the compile happens in the warm-up). Skipped where compile cannot run.
+  inductor; the compile happens in the warm-up). Skipped where compile cannot run. On a CPU a
+  chunk holds one set at 1024 px (``CHUNK``), so this times the one-set graphs; on a GPU a
+  chunk holds about ten.
 """
 
 from __future__ import annotations

@@ -169,3 +169,35 @@ def test_compiled_pixel_terms_take_any_number_of_sets_in_four_graphs_at_most():
         assert int(counters["stats"]["unique_graphs"]) == 8  # sums and gradient, four each
     finally:
         dynamo.reset()
+
+
+def test_compiled_terms_at_mask_resolution_make_no_extra_graphs():
+    """At mask resolution float32 logits need no upsampling: the terms still get a tensor of
+    their own, not the saved logits (whose strides, view and grad made more graphs)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from scrollsam.model.compile import compile_unavailable
+
+    if compile_unavailable("cpu", "aot_eager") is not None:
+        pytest.skip(compile_unavailable("cpu", "aot_eager"))
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(4, 1, 16, 16, generator=g) > 0.5).float()
+    four = torch.randn(4, 4, 16, 16, generator=g)  # a decoder's four masks; multimask keeps 3
+
+    def call(logits: torch.Tensor) -> None:
+        s = mask_sums(logits, target[:logits.shape[0]], torch.ones_like(target)[:logits.shape[0]],
+                      compiled="aot_eager")
+        if logits.requires_grad:
+            s.focal.sum().backward()
+
+    dynamo.reset()
+    counters.clear()
+    try:
+        call(four[:, 1:].contiguous().requires_grad_())  # contiguous, with grad
+        call(four.clone().requires_grad_()[:, 1:])  # a strided view, as multimask slices are
+        call(four[:, 1:].contiguous())  # no grad
+        call(four[:3, 1:].contiguous().requires_grad_())  # fewer sets: dynamic
+        assert int(counters["stats"]["unique_graphs"]) == 2  # sums and gradient, once each
+    finally:
+        dynamo.reset()

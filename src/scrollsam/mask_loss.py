@@ -145,8 +145,17 @@ def _chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool,
                 pixels: Callable[..., Tensor] | None = None) -> Tensor:
     """Low [c, M, h, w] logits of c whole sets and their planes [c, 2, H, W] (t w, w) ->
     sums [c, 7, M] float32 (:func:`_pixel_sums` of the upsampled logits, or ``pixels``)."""
-    x = upsample_logits(low.float(), tuple(planes.shape[-2:]))  # (c, M, H, W)
+    x = _upsampled(low, tuple(planes.shape[-2:]))  # (c, M, H, W)
     return (pixels or _pixel_sums)(x, planes, gamma, bce)
+
+
+def _upsampled(low: Tensor, size: tuple[int, int]) -> Tensor:
+    """low [c, M, h, w] as float32 logits of ``size``: a tensor of its own (contiguous, no
+    base, no grad), also where no upsampling or cast was needed (label size at
+    ``resolution="mask"``): the compiled terms would otherwise guard on the saved logits'
+    strides and view and compile more graphs."""
+    x = upsample_logits(low.float(), size)
+    return x.detach().contiguous() if x is low or x._base is not None else x
 
 
 def _pixel_sums(x: Tensor, planes: Tensor, gamma: float, bce: bool) -> Tensor:
@@ -173,7 +182,7 @@ def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float, bce:
     [c, 7, M] (the counts' rows are ignored): :func:`_pixel_grad` (or ``pixels``) of the
     upsampled logits, taken back through the upsampling."""
     size = tuple(planes.shape[-2:])
-    gx = (pixels or _pixel_grad)(upsample_logits(low.float(), size), planes, grad, gamma, bce)
+    gx = (pixels or _pixel_grad)(_upsampled(low, size), planes, grad, gamma, bce)
     if size == tuple(low.shape[-2:]):
         return gx
     return torch.ops.aten.upsample_bilinear2d_backward(gx, list(size), list(low.shape), False,
@@ -182,7 +191,8 @@ def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float, bce:
 
 def _pixel_grad(x: Tensor, planes: Tensor, grad: Tensor, gamma: float, bce: bool) -> Tensor:
     """The gradient [c, M, H, W] of sum(grad * :func:`_pixel_sums`) in the upsampled logits x
-    [c, M, H, W]; x's storage is reused (the caller's own upsampled copy)."""
+    [c, M, H, W]. Nothing passed in is written: the in-place steps work on temporaries made
+    here."""
     tw, w = planes[:, :1], planes[:, 1:]  # each (c, 1, H, W)
     g = grad.transpose(1, 2)[..., None, None]  # (c, M, 7, 1, 1)
     # temporaries are reused in place: at most about seven chunk-sized tensors live at once

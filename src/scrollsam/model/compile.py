@@ -1,5 +1,5 @@
 """``train.compile``: torch.compile of the image encoder and the mask decoder, with static
-shapes, or a warning.
+shapes, and of the loss's per-pixel terms, or a warning.
 
 The encoder is most of a training step's work and sees one shape per run (B tiles of S x S,
 ``drop_last`` batches), so it is compiled in place (``nn.Module.compile``: parameter names and
@@ -10,6 +10,11 @@ training loop then decodes with static prompt sets (``prompted_forward(static=Tr
 set in every round, so each round has one shape per run. After warm-up nothing recompiles: per
 module one graph for training (grad mode) per round, one for validation (no_grad), one more for
 a last, smaller validation batch. ``tests/test_compile.py`` checks it with dynamo's counters.
+The loss's per-pixel terms (:func:`scrollsam.mask_loss.pixel_terms`) are compiled with the
+number of sets dynamic: up to four graphs per function with the default prompts, the last of
+them made when a step first has a rare chunk (one set), which can be a few steps in. Each run
+starts dynamo afresh (its limit of 8 graphs per function is then the run's, not shared with a
+sweep's earlier trials).
 
 Where compile cannot run (a Python torch's dynamo does not support, no C++ compiler for the CPU
 backend, no Triton for CUDA) one warning line says why and the model runs eagerly; a backend
@@ -61,6 +66,10 @@ def compile_model(model: nn.Module, *, device: torch.device | str,
     to :func:`scrollsam.mask_loss.pixel_terms`, dynamic shapes). True when the encoder and
     decoder compiled: only then should the step decode static prompt sets (every set in every
     round), which buy a compiled decoder one shape per round and an eager one extra work."""
+    if compile_unavailable(device, backend) is None:  # a new run: dynamo's recompile limit
+        import torch._dynamo  # (8 graphs per function) anew, as in a sweep's next trial
+
+        torch._dynamo.reset()
     if not (compile_encoder(model, device=device, backend=backend)
             and compile_decoder(model, device=device, backend=backend)):
         return False
