@@ -160,7 +160,7 @@ class CudaAutocast(TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if not _AUTOCAST_OFF:
+        if not any(_AUTOCAST_OFF):
             if name in LOW:
                 args = self._cast(args, torch.bfloat16)
                 kwargs = {k: self._cast(v, torch.bfloat16) for k, v in kwargs.items()}
@@ -189,20 +189,17 @@ class CudaAutocast(TorchFunctionMode):
         return _Flash.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
-_AUTOCAST_OFF: list[bool] = []  # a stack: True inside the code's own autocast-off regions
+_AUTOCAST_OFF: list[bool] = []  # a stack, True for the code's own autocast-off regions
 
 
-class _AutocastOff:
-    def __init__(self, *args: Any, enabled: bool = True, **kwargs: Any) -> None:
-        self.enabled = enabled
-
-    def __enter__(self) -> None:
-        if not self.enabled:
-            _AUTOCAST_OFF.append(True)
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.enabled:
-            _AUTOCAST_OFF.pop()
+@contextlib.contextmanager
+def _autocast_off(*args: Any, enabled: bool = True, **kwargs: Any) -> Iterator[None]:
+    """``torch.autocast(..., enabled=False)`` for :class:`CudaAutocast`."""
+    _AUTOCAST_OFF.append(not enabled)
+    try:
+        yield
+    finally:
+        _AUTOCAST_OFF.pop()
 
 
 class Counter(TorchDispatchMode):
@@ -282,7 +279,7 @@ def _phase_patches(model: Any, tally: Tally) -> list[tuple[Any, str, Any]]:
 
     return [*((owner, attr, _enter(tally, label, getattr(owner, attr)))
               for owner, attr, label in owners),
-            (mask_loss, "_float32", lambda like: _AutocastOff(enabled=False)),
+            (mask_loss, "_float32", lambda like: _autocast_off(enabled=False)),
             (torch.nn.utils, "clip_grad_norm_", clip_then_optimizer),
             (rel_attention, "available", lambda device: True)]
 
@@ -310,19 +307,20 @@ class FusedAdamW:
             p.grad = None
 
 
-def _refused(case: Case) -> str:
+def _check(case: Case) -> None:
+    """ValueError for a case this count would misread."""
     if case.compile:
-        return (f"{case.name}: compiled steps fuse kernels this count cannot see; take the eager "
-                "case")
-    return (f"{case.name}: SDPA with a mask runs its math form on meta (a score matrix no GPU "
-            "writes); count fold or triton")
+        raise ValueError(f"{case.name}: compiled steps fuse kernels this count cannot see; "
+                         "take the eager case")
+    if case.path == "bias":
+        raise ValueError(f"{case.name}: SDPA with a mask runs its math form on meta (a score "
+                         "matrix no GPU writes); count fold or triton")
 
 
 def count_step(case: Case, *, by_node: bool = False) -> Tally:
     """One training step of ``case`` (eager) on ``meta``, counted after one uncounted step (the
     optimizer's state is made in the first)."""
-    if case.compile or case.path == "bias":
-        raise ValueError(_refused(case))
+    _check(case)
     tally = Tally(by_node=by_node)
     autocast = CudaAutocast(tally)
     import scrollsam.train.optim as optim
@@ -347,18 +345,14 @@ def summary(tally: Tally, *, tflops: float, tbs: float) -> dict[str, Any]:
     def roof(row: list[float]) -> float:
         return max(row[2] / (tflops * 1e12), row[1] / (tbs * 1e12)) * 1e3
 
-    phases: dict[str, dict[str, float]] = defaultdict(lambda: dict(
-        kernels=0, gb=0.0, tflop=0.0, roof_ms=0.0))
-    ops = []
-    for (phase, op), row in tally.ops.items():
-        p = phases[phase]
-        p["kernels"] += row[0]
-        p["gb"] += row[1] / 1e9
-        p["tflop"] += row[2] / 1e12
-        p["roof_ms"] += roof(row)
-        ops.append(dict(phase=phase, op=op, kernels=row[0], gb=row[1] / 1e9,
-                        tflop=row[2] / 1e12, roof_ms=roof(row)))
-    total = {k: sum(p[k] for p in phases.values()) for k in ("kernels", "gb", "tflop", "roof_ms")}
+    keys = ("kernels", "gb", "tflop", "roof_ms")
+    ops = [dict(phase=phase, op=op, kernels=row[0], gb=row[1] / 1e9, tflop=row[2] / 1e12,
+                roof_ms=roof(row)) for (phase, op), row in tally.ops.items()]
+    phases: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(keys, 0))
+    for o in ops:
+        for k in keys:
+            phases[o["phase"]][k] += o[k]
+    total = {k: sum(p[k] for p in phases.values()) for k in keys}
     return dict(tflops=tflops, tbs=tbs, total=total,
                 phases=dict(sorted(phases.items(), key=lambda kv: -kv[1]["roof_ms"])),
                 ops=sorted(ops, key=lambda o: -o["roof_ms"]))
@@ -381,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         case = case_named(args.case)
-        if case.compile or case.path == "bias":
-            raise ValueError(_refused(case))
+        _check(case)
     except ValueError as err:
         parser.error(str(err))
     tally = count_step(case, by_node=args.by_node)

@@ -36,7 +36,7 @@ def test_autocast_emulation_follows_cudas_policy_on_meta():
         normed = F.layer_norm(y, (16,))
         total = y.sum()
         again = F.linear(x, w)
-        with step_traffic._AutocastOff(enabled=False):  # the loss's own float32 region
+        with step_traffic._autocast_off(enabled=False):  # the loss's own float32 region
             plain = F.linear(x, w)
     assert (y.dtype, normed.dtype, total.dtype) == (torch.bfloat16, torch.float32, torch.float32)
     assert again.dtype == torch.bfloat16 and len(cast.weights) == 1  # the weight cast once
