@@ -124,10 +124,14 @@ def pixel_terms(backend: str | None) -> tuple[Callable[..., Tensor], Callable[..
 
 
 def _sets_dynamic(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``compiled`` called with its tensors' first size (the sets) dynamic, the rest static."""
+    """``compiled`` called with its tensors' first size (the sets) dynamic, the rest static,
+    and each tensor one of its own (detached, contiguous): at mask resolution float32 logits
+    reach the terms as views of the saved logits, whose strides, base and grad dynamo would
+    guard, compiling more graphs."""
     import torch._dynamo as dynamo
 
     def call(*args: object) -> Tensor:
+        args = tuple(a.detach().contiguous() if isinstance(a, Tensor) else a for a in args)
         for t in args:
             if isinstance(t, Tensor):
                 dynamo.maybe_mark_dynamic(t, 0)
@@ -142,20 +146,12 @@ _COMPILED: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
 
 
 def _chunk_sums(low: Tensor, planes: Tensor, *, gamma: float, bce: bool,
-                pixels: Callable[..., Tensor] | None = None) -> Tensor:
+                pixels: Callable[..., Tensor]) -> Tensor:
     """Low [c, M, h, w] logits of c whole sets and their planes [c, 2, H, W] (t w, w) ->
-    sums [c, 7, M] float32 (:func:`_pixel_sums` of the upsampled logits, or ``pixels``)."""
-    x = _upsampled(low, tuple(planes.shape[-2:]))  # (c, M, H, W)
-    return (pixels or _pixel_sums)(x, planes, gamma, bce)
-
-
-def _upsampled(low: Tensor, size: tuple[int, int]) -> Tensor:
-    """low [c, M, h, w] as float32 logits of ``size``: a tensor of its own (contiguous, no
-    base, no grad), also where no upsampling or cast was needed (label size at
-    ``resolution="mask"``): the compiled terms would otherwise guard on the saved logits'
-    strides and view and compile more graphs."""
-    x = upsample_logits(low.float(), size)
-    return x.detach().contiguous() if x is low or x._base is not None else x
+    sums [c, 7, M] float32: ``pixels`` (:func:`_pixel_sums`, or it compiled) of the
+    upsampled logits."""
+    x = upsample_logits(low.float(), tuple(planes.shape[-2:]))  # (c, M, H, W)
+    return pixels(x, planes, gamma, bce)
 
 
 def _pixel_sums(x: Tensor, planes: Tensor, gamma: float, bce: bool) -> Tensor:
@@ -177,12 +173,12 @@ def _pixel_sums(x: Tensor, planes: Tensor, gamma: float, bce: bool) -> Tensor:
 
 
 def _chunk_grad(low: Tensor, planes: Tensor, grad: Tensor, *, gamma: float, bce: bool,
-                pixels: Callable[..., Tensor] | None = None) -> Tensor:
+                pixels: Callable[..., Tensor]) -> Tensor:
     """The gradient of sum(grad * :func:`_chunk_sums`) in low [c, M, h, w] (float32), for grad
-    [c, 7, M] (the counts' rows are ignored): :func:`_pixel_grad` (or ``pixels``) of the
-    upsampled logits, taken back through the upsampling."""
+    [c, 7, M] (the counts' rows are ignored): ``pixels`` (:func:`_pixel_grad`, or it
+    compiled) of the upsampled logits, taken back through the upsampling."""
     size = tuple(planes.shape[-2:])
-    gx = (pixels or _pixel_grad)(_upsampled(low, size), planes, grad, gamma, bce)
+    gx = pixels(upsample_logits(low.float(), size), planes, grad, gamma, bce)
     if size == tuple(low.shape[-2:]):
         return gx
     return torch.ops.aten.upsample_bilinear2d_backward(gx, list(size), list(low.shape), False,
