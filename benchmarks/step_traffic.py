@@ -47,13 +47,14 @@ import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,15 +103,9 @@ class Tally:
             node.register_prehook(lambda grads, label=label: setattr(self, "phase", label))
 
 
-def _tensors(x: Any) -> Iterator[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _tensors(y)
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in a nest of lists, tuples and dicts."""
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
 
 
 class _Flash(torch.autograd.Function):
@@ -246,15 +241,11 @@ def _enter(tally: Tally, label: str, fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def _patched(pairs: list[tuple[Any, str, Any]]) -> Iterator[None]:
-    """Set each ``(owner, attr, value)`` for the block, then put the old values back."""
-    old = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in pairs]
-    try:
+    """Each ``(owner, attr, value)`` set for the block (``unittest.mock.patch.object``)."""
+    with contextlib.ExitStack() as stack:
         for owner, attr, value in pairs:
-            setattr(owner, attr, value)
+            stack.enter_context(mock.patch.object(owner, attr, value))
         yield
-    finally:
-        for owner, attr, value in reversed(old):
-            setattr(owner, attr, value)
 
 
 def _phase_patches(model: Any, tally: Tally) -> list[tuple[Any, str, Any]]:
@@ -282,10 +273,6 @@ def _phase_patches(model: Any, tally: Tally) -> list[tuple[Any, str, Any]]:
             (mask_loss, "_float32", lambda like: _autocast_off(enabled=False)),
             (torch.nn.utils, "clip_grad_norm_", clip_then_optimizer),
             (rel_attention, "available", lambda device: True)]
-
-
-def _adamw(params: list[torch.nn.Parameter], *, tally: Tally, **settings: Any) -> FusedAdamW:
-    return FusedAdamW(params, tally)
 
 
 class FusedAdamW:
@@ -318,14 +305,16 @@ def _check(case: Case) -> None:
 
 
 def count_step(case: Case, *, by_node: bool = False) -> Tally:
-    """One training step of ``case`` (eager) on ``meta``, counted after one uncounted step (the
-    optimizer's state is made in the first)."""
+    """One training step of ``case`` (eager) on ``meta``, counted after one uncounted step
+    (first-call work, such as autotuning tables and lazily built buffers, stays out)."""
     _check(case)
     tally = Tally(by_node=by_node)
     autocast = CudaAutocast(tally)
     import scrollsam.train.optim as optim
 
-    adamw = partial(_adamw, tally=tally)
+    def adamw(params: list[torch.nn.Parameter], **settings: Any) -> FusedAdamW:
+        return FusedAdamW(params, tally)
+
     with _patched([(optim, "make_optimizer", adamw)]):
         step, model = make_step(case, torch.device("meta"), cast=lambda: autocast,
                                 read_loss=False)
