@@ -257,7 +257,7 @@ class FusedBlock(Block):
         # window is padded, on its own: qkv is copied once forward (the windows), and backward
         # joins its gradient with one cat per split, contiguous for qkv's own backward
         rows, cols = _spans(h, ws), _spans(w, ws)
-        bands = _cut(qkv, [n // ws * real for _, n, real in rows], dim=1)
+        bands = _cut(qkv, rows, ws, dim=1)
         out = torch.cat([self._band(band, r, cols, fill) for r, band in
                          zip(rows, bands, strict=True)], dim=1)  # (B, H, W, dim)
         # out is contiguous (concatenated): proj of a strided crop took a slow batched matmul
@@ -269,7 +269,7 @@ class FusedBlock(Block):
         """The regions of one band of window rows: qkv [B, the band's real rows, W, 3 dim],
         ``cols`` the column spans, ``fill`` the padding token's qkv [1, 1, 1, 3 dim] -> [B,
         the band's real rows, W, dim]."""
-        parts = _cut(qkv, [n // self.window_size * real for _, n, real in cols], dim=2)
+        parts = _cut(qkv, cols, self.window_size, dim=2)
         return torch.cat([self._region(_padded(part, (rows[1], c[1]), fill), rows, c)
                           for c, part in zip(cols, parts, strict=True)], dim=2)
 
@@ -286,10 +286,14 @@ class FusedBlock(Block):
         return _unpartition(out, qkv.shape[0], rn // ws, cn // ws)  # (B, nh rq, nw cq, dim)
 
 
-def _cut(x: torch.Tensor, sizes: list[int], dim: int) -> tuple[torch.Tensor, ...]:
-    """``x.split(sizes, dim)``, but x itself for one part (a one-part split's backward is a
-    copy)."""
-    return (x,) if len(sizes) == 1 else x.split(sizes, dim=dim)
+def _cut(x: torch.Tensor, spans: list[tuple[int, int, int]], ws: int,
+         dim: int) -> tuple[torch.Tensor, ...]:
+    """x's real tokens along ``dim`` split into the :func:`_spans` of windows of ``ws`` (each
+    span's windows times its real tokens per window); x itself for one span (a one-part
+    split's backward is a copy)."""
+    if len(spans) == 1:
+        return (x,)
+    return x.split([n // ws * real for _, n, real in spans], dim=dim)
 
 
 def _padded(part: torch.Tensor, size: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
