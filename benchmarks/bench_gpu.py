@@ -138,12 +138,13 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
 
 def profile_case(case: Case, device: torch.device, *, steps: int = 3,
                  rows: int = 25) -> str:
-    """A torch.profiler table of ``steps`` training steps of ``case`` after 2 warm-up steps:
+    """A torch.profiler table of ``steps`` training steps of ``case`` after 3 warm-up steps
+    (as many as a timed case: a compiled case's loss graphs can first appear a few steps in):
     the ops with the most device time, and the host time beside it."""
     from torch.profiler import ProfilerActivity, profile
 
     step, _model = make_step(case, device)
-    for _ in range(2):
+    for _ in range(3):
         step()
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
