@@ -12,7 +12,10 @@ It then counts, on marked tensors only, so host-side work such as prompt samplin
   ``bool()`` (``_local_scalar_dense``, ``is_nonzero``), ``nonzero``, ``masked_select``,
   boolean-mask indexing, ``unique``, ``equal``, ``repeat_interleave`` without ``output_size``;
 * ``copies``: ``.cpu()``, ``.numpy()`` and ``.tolist()``, the code's ways to bring a device
-  tensor to the host (``.to("cpu")`` cannot be told from a move to the device here).
+  tensor to the host (``.to("cpu")`` cannot be told from a move to the device here);
+* ``uploads``: ``torch.tensor`` / ``torch.as_tensor`` of host data (numbers, lists, arrays)
+  with a ``device`` named: on a GPU a copy from pageable host memory that waits for the device
+  (``set_sync_debug_mode`` reports it). Host code names no device, so every such call counts.
 
 Tensors made from nothing on the device (``torch.zeros(..., device=dev)``) are not marked: a
 read of those alone goes unseen. For code that runs wholly on the device (the encoder, the
@@ -36,11 +39,12 @@ READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
             aten._index_put_impl_.default}
 COPIES = ("cpu", "numpy", "tolist")
+FROM_HOST_DATA = ("tensor", "as_tensor")  # torch factories of host data
 
 
 class SyncCounter(TorchDispatchMode):
-    """``with SyncCounter(device_tensors) as c: ...``, then ``c.counts`` ("reads", "copies")
-    and ``c.where`` (what each was)."""
+    """``with SyncCounter(device_tensors) as c: ...``, then ``c.counts`` ("reads", "copies",
+    "uploads") and ``c.where`` (what each was)."""
 
     def __init__(self, device_tensors: Iterable[torch.Tensor] = (), *,
                  everything: bool = False) -> None:
@@ -88,12 +92,17 @@ class SyncCounter(TorchDispatchMode):
             setattr(torch.Tensor, name, self._copy_counter(name, original))
         self._saved["to"] = torch.Tensor.to
         torch.Tensor.to = self._device_mover(torch.Tensor.to)
+        self._factories = {name: getattr(torch, name) for name in FROM_HOST_DATA}
+        for name, original in self._factories.items():
+            setattr(torch, name, self._upload_counter(name, original))
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
+        for name, original in self._factories.items():
+            setattr(torch, name, original)
 
     def _copy_counter(self, name: str, original):
         counter = self
@@ -110,6 +119,18 @@ class SyncCounter(TorchDispatchMode):
 
         return counted
 
+    def _upload_counter(self, name: str, original):
+        counter = self
+
+        def made(data, *args, **kwargs):
+            out = original(data, *args, **kwargs)
+            if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+                counter._count("uploads", f"torch.{name} of host data on the device")
+                counter.marked[out] = True
+            return out
+
+        return made
+
     def _device_mover(self, original):
         counter = self
 
@@ -124,3 +145,4 @@ class SyncCounter(TorchDispatchMode):
             return out
 
         return to
+

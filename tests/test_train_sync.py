@@ -61,6 +61,7 @@ def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, ov
                                     loss_cfg=cfg.loss, gen=torch.Generator().manual_seed(0))
         out.parts["loss"].backward()
     assert syncs.counts["reads"] == 0, syncs.where
+    assert syncs.counts["uploads"] == 0, syncs.where  # e.g. a box's frame limits from a list
     assert sum(rounds) > 0
     # centre: the selected logits and the truth (ink, valid) copied each round, for OpenCV;
     # uniform: nothing
@@ -97,7 +98,9 @@ def test_detector_sees_value_checks_boolean_indexing_and_host_copies(model):
     with SyncCounter([emb]) as one:
         float(emb.sum())
         emb.mean().cpu()
-    assert (one.counts["reads"], one.counts["copies"]) == (1, 1)
+        torch.tensor([1.0, 2.0], device=emb.device)  # host data made on the device: waits
+        torch.tensor([1.0, 2.0])  # host code: free
+    assert (one.counts["reads"], one.counts["copies"], one.counts["uploads"]) == (1, 1, 1)
 
 
 def test_cached_embeddings_of_a_cpu_batch_never_touch_the_device(model):

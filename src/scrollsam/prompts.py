@@ -316,7 +316,10 @@ def box_prompts(target: Tensor, valid: Tensor | None = None, *, generator: Gener
     side = torch.stack([x1 - x0, y1 - y0], dim=1).float().add(1).repeat(1, 2)  # (P, 4) w,h,w,h
     jitter = random_numbers((P, 4), generator, ink.device, normal=True) * noise * side
     boxes = boxes + jitter.clamp(-max_noise, max_noise)
-    limit = torch.tensor([W - 1, H - 1, W - 1, H - 1], dtype=torch.float32, device=ink.device)
+    # the frame's last column / row for x / y, filled on the device: a tensor made there from
+    # a list is a copy from host memory that waits for the device
+    limit = boxes.new_full((4,), W - 1)
+    limit[1::2] = H - 1
     boxes = torch.minimum(boxes.clamp(min=0), limit).round()
     lo = torch.minimum(boxes[:, :2], boxes[:, 2:])  # (P, 2)
     hi = torch.maximum(boxes[:, :2], boxes[:, 2:])  # (P, 2)
