@@ -26,7 +26,9 @@ training loader gives them (speed does not depend on the values). Reported per c
 Paths: ``official`` (segment_anything attention), ``fold`` (``FusedAttention`` as its auto
 mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` (the bias as
 SDPA's ``attn_mask``: memory-efficient kernel), ``triton`` (the bias added inside scrollsam's
-own flash kernel, ``scrollsam.model.rel_attention``), ``+w16`` (16 x 16 windows: no padding
+own flash kernel, ``scrollsam.model.rel_attention``), ``auto`` (``FusedAttention``'s own
+choice on CUDA, what training runs: triton for 16-bit global blocks of 64 x 64 tokens and
+more, fold for the rest), ``+w16`` (16 x 16 windows: no padding
 at 256 px), ``+compile`` (``nn.Module.compile`` of the encoder, static shapes;
 ``unique_graphs`` shows it compiled once). Prompts: the default (uniform corrective points, on
 the device), ``+center`` (corrective points at the error's centre: OpenCV on the host, the

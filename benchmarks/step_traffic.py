@@ -299,6 +299,9 @@ def _check(case: Case) -> None:
     if case.compile:
         raise ValueError(f"{case.name}: compiled steps fuse kernels this count cannot see; "
                          "take the eager case")
+    if case.path == "auto":
+        raise ValueError(f"{case.name}: auto resolves by device, and on meta would take the "
+                         "CPU's choice; count fold or triton")
     if case.path == "bias":
         raise ValueError(f"{case.name}: SDPA with a mask runs its math form on meta (a score "
                          "matrix no GPU writes); count fold or triton")

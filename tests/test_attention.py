@@ -194,12 +194,33 @@ def test_auto_mode_takes_sdpa_for_inference_and_explicit_for_training_on_cpu():
     assert attn.resolved_mode(cuda, grad=False) == "fold"
     seen = []
     original = FusedAttention.resolved_mode
-    attn.resolved_mode = lambda dev, grad: seen.append(grad) or original(attn, dev, grad=grad)
+    attn.resolved_mode = lambda dev, grad, **kw: seen.append(grad) or original(attn, dev,
+                                                                               grad=grad, **kw)
     x = torch.randn(1, 8, 8, 96)
     with torch.no_grad():
         attn(x)
     attn(x)
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("triton_runs", [True, False])
+def test_auto_mode_on_cuda_takes_the_triton_kernel_for_wide_16_bit_attention(triton_runs,
+                                                                            monkeypatch):
+    """H100: the Triton kernel beat fold on the 64 x 64 global grid (6.0 against 8.3 ms a
+    block) and lost on windows and at 256 px; float32 runs its slow exact products."""
+    from scrollsam.model import attention
+
+    monkeypatch.setattr(attention, "triton_available", lambda device: triton_runs)
+    attn = build_model("tiny", image_size=128).sam.image_encoder.blocks[0].attn
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    wide = "triton" if triton_runs else "fold"
+    assert attn.resolved_mode(cuda, grad=True, dtype=bf16, keys=64 * 64) == wide
+    assert attn.resolved_mode(cuda, grad=False, dtype=torch.float16, keys=96 * 96) == wide
+    assert attn.resolved_mode(cuda, grad=True, dtype=bf16, keys=14 * 14) == "fold"
+    assert attn.resolved_mode(cuda, grad=True, dtype=bf16, keys=16 * 16) == "fold"
+    assert attn.resolved_mode(cuda, grad=True, dtype=torch.float32, keys=64 * 64) == "fold"
+    assert attn.resolved_mode(torch.device("cpu"), grad=True, dtype=bf16,
+                              keys=64 * 64) == "explicit"
 
 
 @pytest.mark.parametrize("mode", ["bias", "fold", "explicit"])

@@ -121,6 +121,8 @@ def test_softmax_and_interpolate_follow_cudas_policy_too():
         assert F.interpolate(x, scale_factor=2.0, mode="bilinear").dtype == torch.float32
 
 
-def test_the_bias_path_is_refused():
+def test_the_bias_and_auto_paths_are_refused():
     with pytest.raises(ValueError, match="math form"):
         step_traffic.count_step(gpu_step.Case("tiny", 64, 2, "bias"))
+    with pytest.raises(ValueError, match="resolves by device"):  # meta would take the CPU's
+        step_traffic.count_step(gpu_step.Case("tiny", 64, 2, "auto"))

@@ -25,9 +25,13 @@ exact forms, two through ``torch.nn.functional.scaled_dot_product_attention`` (S
 * ``"triton"``: :func:`scrollsam.model.rel_attention.rel_attention`, a FlashAttention-2 kernel
   that adds the bias inside (head dim hd, no [N, N] tensor); CUDA with Triton only.
 
-``"auto"`` picks ``"fold"`` on CUDA (SDPA's cuDNN kernel, the fastest SDPA form measured on an
-H100: README, Performance; ``benchmarks/bench_gpu.py --attention`` also times ``"triton"``,
-which has no GPU measurement yet). On a CPU it picks ``"bias"`` for
+``"auto"`` picks, on CUDA, ``"triton"`` for 16-bit attention over at least
+:data:`TRITON_FROM_KEYS` keys (vit_b's global blocks at 1024 px) and ``"fold"`` (SDPA's cuDNN
+kernel, the fastest SDPA form) for the rest. Measured on an H100 (``benchmarks/bench_gpu.py
+--attention``, one vit_b block, batch 4, bf16, forward + backward; README, Performance): the
+64 x 64 global grid 6.0 ms triton against 8.3 ms fold; 14 x 14 windows 3.9 against 3.9, but
+a windowed block's regions as the encoder runs them 15.6 against 11.4, and the 16 x 16 grid
+of 256 px 3.9 against 2.7. On a CPU it picks ``"bias"`` for
 inference and ``"explicit"`` when gradients flow: measured on the 2-core EPYC (vit_b encoder,
 256 px, batch 2, one thread, CPU seconds per image), SDPA saves 7 % of an fp32 inference
 (0.77 against 0.83 s) and ties in bf16 (0.32), but its CPU backward (the math fallback when
@@ -58,9 +62,11 @@ from segment_anything.modeling.image_encoder import (
 )
 from torch import nn
 
+from scrollsam.model.rel_attention import available as triton_available
 from scrollsam.model.rel_attention import rel_attention
 
 MODES = ("auto", "bias", "fold", "explicit", "triton")
+TRITON_FROM_KEYS = 64 * 64  # "auto" on CUDA: the Triton kernel from this many keys (16-bit)
 
 
 def relative_index(q_size: int, k_size: int) -> torch.Tensor:
@@ -121,13 +127,17 @@ class FusedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, grid={self.grid}, mode={self.mode}"
 
-    def resolved_mode(self, device: torch.device, *, grad: bool) -> str:
-        """``mode`` with ``"auto"`` resolved: fold on CUDA; on other devices explicit when
-        ``grad`` (a backward will follow), bias otherwise."""
+    def resolved_mode(self, device: torch.device, *, grad: bool,
+                      dtype: torch.dtype = torch.float32, keys: int = 0) -> str:
+        """``mode`` with ``"auto"`` resolved for attention in ``dtype`` over ``keys`` keys. On
+        CUDA: triton for bf16 / fp16 over at least :data:`TRITON_FROM_KEYS` keys where Triton
+        runs, fold otherwise; on other devices explicit when ``grad`` (a backward will
+        follow), bias otherwise."""
         if self.mode != "auto":
             return self.mode
         if device.type == "cuda":
-            return "fold"
+            wide = keys >= TRITON_FROM_KEYS and dtype in (torch.bfloat16, torch.float16)
+            return "triton" if wide and triton_available(device) else "fold"
         return "explicit" if grad else "bias"
 
     def _tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +181,7 @@ class FusedAttention(nn.Module):
             r_q = q.reshape(b, heads, hq, wq, hd)  # (B, nh, Hq, Wq, hd)
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh[:hq].to(q.dtype))  # (.., Hq, Wq, H)
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw[:wq].to(q.dtype))  # (.., Hq, Wq, W)
-            mode = self.resolved_mode(qkv.device, grad=q.requires_grad)
+            mode = self.resolved_mode(qkv.device, grad=q.requires_grad, dtype=q.dtype, keys=n)
             if mode == "explicit":
                 attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, Nq, N)
                 attn = (attn.view(b, heads, hq, wq, h, w) + rel_h[..., :, None]
