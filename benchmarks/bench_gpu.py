@@ -23,8 +23,8 @@ training loader gives them (speed does not depend on the values). Reported per c
   H200 dense bf16); ``mfu_official`` (``MFU/off``): the same with the official path's FLOPs per
   image, a throughput comparable across paths (see :func:`add_mfu`).
 
-Paths: ``official`` (segment_anything attention), ``fold`` (``FusedAttention`` as its auto
-mode runs on CUDA: the bias folded into q / k so flash kernels apply), ``bias`` (the bias as
+Paths: ``official`` (segment_anything attention), ``fold`` (the bias folded into q / k so
+flash kernels apply: what ``auto`` runs on CUDA for windows and at 256 px), ``bias`` (the bias as
 SDPA's ``attn_mask``: memory-efficient kernel), ``triton`` (the bias added inside scrollsam's
 own flash kernel, ``scrollsam.model.rel_attention``), ``auto`` (``FusedAttention``'s own
 choice on CUDA, what training runs: triton for 16-bit global blocks of 64 x 64 tokens and
@@ -287,10 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in filter(None, (n.strip() for n in args.profile.split(","))):
         if name not in every:
             parser.error(f"--profile: unknown case {name!r}")
-        try:  # a diagnosis: its failure costs the timings nothing
+        try:  # a diagnosis: its failure is written down and the timings go on
             table = profile_case(every[name], device)
         except Exception as err:
             table = f"profile failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         (args.out.parent / f"profile_{name.replace('+', '-')}.txt").write_text(table)
         print(f"profile {name}:\n" + "\n".join(table.splitlines()[:16]), flush=True)
     results: dict[str, dict[str, Any]] = {}

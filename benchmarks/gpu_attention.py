@@ -166,11 +166,15 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
                 ) -> dict[str, dict[str, Any]]:
     """Median ms of forward + backward of one attention block per mode and shape (bf16
     autocast, input gradient and parameter gradients) with its peak memory, and of the forward
-    alone under no_grad (``forward_ms``: inference); errors recorded."""
+    alone under no_grad (``forward_ms``: inference); ``rel_diff``: the bf16 forward's relative
+    difference from the official block's in float32 (the same weights; not for ``plain``, which
+    has no bias); errors recorded."""
     results: dict[str, dict[str, Any]] = {}
     for name, grid, count, window in BLOCK_SHAPES:
         row: dict[str, Any] = {}
         x = torch.randn(count, grid, grid, 768, device=device, requires_grad=True)
+        with torch.no_grad():  # each mode's value check, at the shapes it is timed at
+            ref = _block(grid, "official", device, window)(x.detach()).float()
         for mode in modes:
             try:
                 block = _block(grid, mode, device, window)
@@ -189,18 +193,24 @@ def time_blocks(device: torch.device, *, repeats: int = 10, warmup: int = 3,
                 peak_mb = torch.cuda.max_memory_allocated(device) / 2**20  # training's
                 row[mode] = {"ms": ms, "peak_mb": peak_mb,
                              "forward_ms": _median_ms(forward, device, repeats, warmup)}
+                if mode.partition("/")[0] != "plain":
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                        y = block(x.detach()).float()
+                    row[mode]["rel_diff"] = float((y - ref).norm() / ref.norm())
             except Exception as err:  # noqa: BLE001 - recorded, the next mode runs
                 row[mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
             finally:
                 x.grad = None
                 torch.cuda.empty_cache()
         results[name] = row
+        del ref
     return results
 
 
 def format_blocks(results: dict[str, dict[str, Any]]) -> str:
     """A table: one row per shape, ms per mode (fwd + bwd / fwd alone), and where both ran,
-    fold's time over triton's (> 1: the Triton kernel is faster; the choice ``auto`` awaits)."""
+    fold's time over triton's (> 1: the Triton kernel is faster; ``auto`` takes it from
+    :data:`~scrollsam.model.attention.TRITON_FROM_KEYS` keys)."""
     modes = list(next(iter(results.values())).keys()) if results else []
     lines = [f"{'block ms: fwd+bwd / fwd':28s} " + " ".join(f"{m:>13s}" for m in modes)
              + f" {'fold/triton':>13s}"]
@@ -212,9 +222,13 @@ def format_blocks(results: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{fold['ms'] / triton['ms']:5.2f}x/"
                          f"{fold['forward_ms'] / triton['forward_ms']:5.2f}x")
         lines.append(f"{name:28s} " + " ".join(cells))
+    checks = [f"  {n}: " + ", ".join(f"{m} {r['rel_diff']:.1e}" for m, r in row.items()
+                                    if "rel_diff" in r)
+              for n, row in results.items() if any("rel_diff" in r for r in row.values())]
     errors = [f"  {n}/{m}: {r['error']}" for n, row in results.items() for m, r in row.items()
               if "error" in r]
-    return "\n".join(lines + errors)
+    head = ["bf16 forward against the official block in float32, relative:"] if checks else []
+    return "\n".join(lines + head + checks + errors)
 
 
 __all__ = ["BLOCK_SHAPES", "check_paths", "format_blocks", "time_blocks"]

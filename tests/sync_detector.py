@@ -13,9 +13,10 @@ It then counts, on marked tensors only, so host-side work such as prompt samplin
   boolean-mask indexing, ``unique``, ``equal``, ``repeat_interleave`` without ``output_size``;
 * ``copies``: ``.cpu()``, ``.numpy()`` and ``.tolist()``, the code's ways to bring a device
   tensor to the host (``.to("cpu")`` cannot be told from a move to the device here);
-* ``uploads``: ``torch.tensor`` / ``torch.as_tensor`` of host data (numbers, lists, arrays)
-  with a ``device`` named: on a GPU a copy from pageable host memory that waits for the device
-  (``set_sync_debug_mode`` reports it). Host code names no device, so every such call counts.
+* ``uploads``: ``torch.tensor`` / ``torch.as_tensor`` of host data (numbers, lists, arrays,
+  unmarked tensors) with a ``device`` named: on a GPU a copy from pageable host memory that
+  waits for the device (``set_sync_debug_mode`` reports it). Host code names no device, so
+  every such call counts (code that bound ``torch.tensor`` to a name of its own goes unseen).
 
 Tensors made from nothing on the device (``torch.zeros(..., device=dev)``) are not marked: a
 read of those alone goes unseen. For code that runs wholly on the device (the encoder, the
@@ -124,7 +125,8 @@ class SyncCounter(TorchDispatchMode):
 
         def made(data, *args, **kwargs):
             out = original(data, *args, **kwargs)
-            if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+            on_host = not isinstance(data, torch.Tensor) or not counter._is_marked(data)
+            if kwargs.get("device") is not None and on_host:
                 counter._count("uploads", f"torch.{name} of host data on the device")
                 counter.marked[out] = True
             return out
@@ -145,4 +147,3 @@ class SyncCounter(TorchDispatchMode):
             return out
 
         return to
-

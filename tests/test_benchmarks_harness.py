@@ -167,9 +167,10 @@ def test_attention_block_table_shows_both_timings_and_errors():
     assert "8.61/  2.50" in table and "err" in table
     assert "1024_global/triton: OutOfResources" in table
     ran = format_blocks({"1024_global": {
-        "fold": {"ms": 8.6, "peak_mb": 10.0, "forward_ms": 2.4},
-        "triton": {"ms": 4.3, "peak_mb": 8.0, "forward_ms": 1.6}}})
+        "fold": {"ms": 8.6, "peak_mb": 10.0, "forward_ms": 2.4, "rel_diff": 0.0101},
+        "triton": {"ms": 4.3, "peak_mb": 8.0, "forward_ms": 1.6, "rel_diff": 0.0123}}})
     assert " 2.00x/ 1.50x" in ran.splitlines()[1]  # fold's time over triton's
+    assert "1024_global: fold 1.0e-02, triton 1.2e-02" in ran  # the value check
 
 
 @pytest.mark.parametrize("available", [True, False])

@@ -208,6 +208,9 @@ def test_compiled_terms_at_mask_resolution_make_no_extra_graphs():
 def test_sums_as_reductions_give_the_products_sums_and_gradients(backend, monkeypatch):
     """Off the CPU the pixel sums are a product and a sum (cuBLAS ran the thin ``bmm`` far
     below bandwidth on an H100), eager or compiled: the same values and gradients."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
     from scrollsam.model.compile import compile_unavailable
 
     if backend and compile_unavailable("cpu", backend) is not None:
@@ -219,8 +222,15 @@ def test_sums_as_reductions_give_the_products_sums_and_gradients(backend, monkey
     calls = []
     real = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got, grad = _sums_and_grad(logits, target, valid, bce=True, chunk=2 * 3 * 24 * 24,
-                               compiled=backend)
+    dynamo.reset()
+    counters.clear()
+    try:
+        got, grad = _sums_and_grad(logits, target, valid, bce=True, chunk=2 * 3 * 24 * 24,
+                                   compiled=backend)
+        # compiled: one graph each for the sums and their gradient (not a silent eager run)
+        assert int(counters["stats"]["unique_graphs"]) == (2 if backend else 0)
+    finally:
+        dynamo.reset()
     assert not calls  # no matrix product left
     for name, value in ref._asdict().items():
         torch.testing.assert_close(getattr(got, name), value, rtol=1e-5, atol=1e-5, msg=name)

@@ -99,8 +99,10 @@ def test_detector_sees_value_checks_boolean_indexing_and_host_copies(model):
         float(emb.sum())
         emb.mean().cpu()
         torch.tensor([1.0, 2.0], device=emb.device)  # host data made on the device: waits
+        torch.as_tensor(torch.ones(2), device=emb.device)  # a host tensor to the device
+        torch.as_tensor(emb, device=emb.device)  # already there: free
         torch.tensor([1.0, 2.0])  # host code: free
-    assert (one.counts["reads"], one.counts["copies"], one.counts["uploads"]) == (1, 1, 1)
+    assert (one.counts["reads"], one.counts["copies"], one.counts["uploads"]) == (1, 1, 2)
 
 
 def test_cached_embeddings_of_a_cpu_batch_never_touch_the_device(model):

@@ -66,7 +66,12 @@ from scrollsam.model.rel_attention import available as triton_available
 from scrollsam.model.rel_attention import rel_attention
 
 MODES = ("auto", "bias", "fold", "explicit", "triton")
-TRITON_FROM_KEYS = 64 * 64  # "auto" on CUDA: the Triton kernel from this many keys (16-bit)
+# "auto" on CUDA takes the Triton kernel for 16-bit attention over this many keys and more, at
+# the head dims it was timed with (vit_b's and vit_l's 64; vit_h's 80 runs as 64 + 16 columns,
+# untimed), on GPUs whose Triton compiles bf16 (compute capability 8.0 and later)
+TRITON_FROM_KEYS = 64 * 64
+TRITON_HEAD_DIMS = (64,)
+TRITON_CAPABILITY = (8, 0)
 
 
 def relative_index(q_size: int, k_size: int) -> torch.Tensor:
@@ -127,17 +132,19 @@ class FusedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, grid={self.grid}, mode={self.mode}"
 
-    def resolved_mode(self, device: torch.device, *, grad: bool,
-                      dtype: torch.dtype = torch.float32, keys: int = 0) -> str:
-        """``mode`` with ``"auto"`` resolved for attention in ``dtype`` over ``keys`` keys. On
-        CUDA: triton for bf16 / fp16 over at least :data:`TRITON_FROM_KEYS` keys where Triton
-        runs, fold otherwise; on other devices explicit when ``grad`` (a backward will
-        follow), bias otherwise."""
+    def resolved_mode(self, device: torch.device, *, grad: bool, dtype: torch.dtype,
+                      keys: int, head_dim: int) -> str:
+        """``mode`` with ``"auto"`` resolved for attention in ``dtype`` over ``keys`` keys of
+        ``head_dim``. On CUDA: triton for bf16 / fp16 over at least :data:`TRITON_FROM_KEYS`
+        keys of a head dim in :data:`TRITON_HEAD_DIMS` where Triton runs it
+        (:func:`_triton_runs`), fold otherwise; on other devices explicit when ``grad`` (a
+        backward will follow), bias otherwise."""
         if self.mode != "auto":
             return self.mode
         if device.type == "cuda":
-            wide = keys >= TRITON_FROM_KEYS and dtype in (torch.bfloat16, torch.float16)
-            return "triton" if wide and triton_available(device) else "fold"
+            wide = (keys >= TRITON_FROM_KEYS and head_dim in TRITON_HEAD_DIMS
+                    and dtype in (torch.bfloat16, torch.float16))
+            return "triton" if wide and _triton_runs(device) else "fold"
         return "explicit" if grad else "bias"
 
     def _tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +188,8 @@ class FusedAttention(nn.Module):
             r_q = q.reshape(b, heads, hq, wq, hd)  # (B, nh, Hq, Wq, hd)
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh[:hq].to(q.dtype))  # (.., Hq, Wq, H)
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw[:wq].to(q.dtype))  # (.., Hq, Wq, W)
-            mode = self.resolved_mode(qkv.device, grad=q.requires_grad, dtype=q.dtype, keys=n)
+            mode = self.resolved_mode(qkv.device, grad=q.requires_grad, dtype=q.dtype, keys=n,
+                                      head_dim=hd)
             if mode == "explicit":
                 attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, Nq, N)
                 attn = (attn.view(b, heads, hq, wq, h, w) + rel_h[..., :, None]
@@ -201,6 +209,14 @@ class FusedAttention(nn.Module):
                               rel_w.reshape(b, heads, nq, w),
                               onehot=self._onehot(h, w, q.device), scale=self.scale)
         return out.transpose(1, 2).reshape(b, hq, wq, heads * hd)  # (B, Hq, Wq, dim)
+
+
+@torch._dynamo.assume_constant_result  # traced as its value: compiled code takes no branch
+def _triton_runs(device: torch.device) -> bool:
+    """Whether the Triton kernel runs on CUDA ``device`` in 16 bits: Triton is there and the GPU
+    has compute capability :data:`TRITON_CAPABILITY` or later (older ones have no bf16)."""
+    return (triton_available(device)
+            and torch.cuda.get_device_capability(device) >= TRITON_CAPABILITY)
 
 
 def _folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
