@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 try:  # standalone on a machine where scrollsam is not installed: use the checkout's src/
     import scrollsam  # noqa: F401
@@ -97,11 +98,7 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
                              "TRITON_INTERPRET=1)")
         return result
     try:
-        if case.compile:
-            from torch import _dynamo as dynamo  # a plain `import torch._dynamo` here would make
-            from torch._dynamo.utils import counters  # `torch` local to this whole function
-
-            dynamo.reset()
+        if case.compile:  # compile_model (in make_step) starts dynamo afresh; count from here
             counters.clear()
         t0 = time.perf_counter()
         step, model = make_step(case, device, compile_backend=compile_backend)
@@ -121,8 +118,6 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
             except Exception as err:
                 result["syncs_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         if case.compile:
-            from torch._dynamo.utils import counters
-
             result["unique_graphs"] = int(counters["stats"]["unique_graphs"])
         else:
             result["flops_per_image"] = count_flops(step) / case.batch
