@@ -46,6 +46,8 @@ __all__ = ["CHUNK", "MaskSums", "mask_sums", "pixel_terms", "upsample_logits"]
 CHUNK = {"cpu": 1 << 22, "cuda": 1 << 25}  # label-resolution pixels per chunk (P * M * H * W):
 # on a CPU temporaries of 16 MB (larger ones measured slower); on a GPU 128 MB ones, so that
 # each kernel fills the device and backward's few temporaries stay near 1 GB (not timed yet)
+PRODUCT_SUMS_ON = ("cpu",)  # device types whose pixel sums are batched matrix products
+# (:func:`_weighted_sums`); elsewhere a product and a sum
 
 
 class MaskSums(NamedTuple):
@@ -170,9 +172,6 @@ def _pixel_sums(x: Tensor, planes: Tensor, gamma: float, bce: bool) -> Tensor:
            _weighted_sums(cols[:, :2], p.flatten(2)),
            _weighted_sums(cols[:, 1:], (x > 0).float().flatten(2))]
     return torch.cat(out, dim=1)  # (c, 7, M)
-
-
-PRODUCT_SUMS_ON = ("cpu",)  # device types whose pixel sums are batched matrix products
 
 
 def _weighted_sums(weights: Tensor, values: Tensor) -> Tensor:
