@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -135,12 +138,32 @@ def _sums_and_grad(logits, target, valid, **kw):
     return s, x.grad
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_pixel_terms_give_the_eager_sums_and_gradients(backend):
+def _skip_without_compile(backend: str) -> None:
     from scrollsam.model.compile import compile_unavailable
 
-    if compile_unavailable("cpu", backend) is not None:
-        pytest.skip(compile_unavailable("cpu", backend))
+    reason = compile_unavailable("cpu", backend)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@contextmanager
+def _fresh_dynamo() -> Iterator[Callable[[], int]]:
+    """dynamo started afresh; yields a function that counts the graphs compiled since, and
+    starts dynamo afresh again on leaving (other tests' limits of 8 graphs stay untouched)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    counters.clear()
+    try:
+        yield lambda: int(counters["stats"]["unique_graphs"])
+    finally:
+        dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_pixel_terms_give_the_eager_sums_and_gradients(backend):
+    _skip_without_compile(backend)
     logits, target, valid = _case(P=4, M=3)
     for chunk in (None, 3 * 24 * 24):  # all sets in one chunk; one set a chunk
         ref, ref_grad = _sums_and_grad(logits, target, valid, bce=True, chunk=chunk)
@@ -154,34 +177,18 @@ def test_compiled_pixel_terms_give_the_eager_sums_and_gradients(backend):
 def test_compiled_pixel_terms_take_any_number_of_sets_in_four_graphs_at_most():
     """The sets in a chunk change with each step's prompt kinds: that size is dynamic, and
     one set, and each mask count, get graphs of their own (2 x 2, for sums and gradients)."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
-
-    from scrollsam.model.compile import compile_unavailable
-
-    if compile_unavailable("cpu", "aot_eager") is not None:
-        pytest.skip(compile_unavailable("cpu", "aot_eager"))
-    dynamo.reset()
-    counters.clear()
-    try:
+    _skip_without_compile("aot_eager")
+    with _fresh_dynamo() as graphs:
         for P, M in [(3, 3), (5, 3), (1, 3), (4, 1), (1, 1), (7, 3), (2, 1), (6, 3), (1, 1)]:
             logits, target, valid = _case(P=max(P, 3), M=M, seed=P)
             _sums_and_grad(logits[:P], target[:P], valid[:P], compiled="aot_eager")
-        assert int(counters["stats"]["unique_graphs"]) == 8  # sums and gradient, four each
-    finally:
-        dynamo.reset()
+        assert graphs() == 8  # sums and gradient, four each
 
 
 def test_compiled_terms_at_mask_resolution_make_no_extra_graphs():
     """At mask resolution float32 logits need no upsampling: the terms still get a tensor of
     their own, not the saved logits (whose strides, view and grad made more graphs)."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
-
-    from scrollsam.model.compile import compile_unavailable
-
-    if compile_unavailable("cpu", "aot_eager") is not None:
-        pytest.skip(compile_unavailable("cpu", "aot_eager"))
+    _skip_without_compile("aot_eager")
     g = torch.Generator().manual_seed(0)
     target = (torch.rand(4, 1, 16, 16, generator=g) > 0.5).float()
     four = torch.randn(4, 4, 16, 16, generator=g)  # a decoder's four masks; multimask keeps 3
@@ -192,29 +199,20 @@ def test_compiled_terms_at_mask_resolution_make_no_extra_graphs():
         if logits.requires_grad:
             s.focal.sum().backward()
 
-    dynamo.reset()
-    counters.clear()
-    try:
+    with _fresh_dynamo() as graphs:
         call(four[:, 1:].contiguous().requires_grad_())  # contiguous, with grad
         call(four.clone().requires_grad_()[:, 1:])  # a strided view, as multimask slices are
         call(four[:, 1:].contiguous())  # no grad
         call(four[:3, 1:].contiguous().requires_grad_())  # fewer sets: dynamic
-        assert int(counters["stats"]["unique_graphs"]) == 2  # sums and gradient, once each
-    finally:
-        dynamo.reset()
+        assert graphs() == 2  # sums and gradient, once each
 
 
 @pytest.mark.parametrize("backend", [None, "inductor"])
 def test_sums_as_reductions_give_the_products_sums_and_gradients(backend, monkeypatch):
     """Off the CPU the pixel sums are a product and a sum (cuBLAS ran the thin ``bmm`` far
     below bandwidth on an H100), eager or compiled: the same values and gradients."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
-
-    from scrollsam.model.compile import compile_unavailable
-
-    if backend and compile_unavailable("cpu", backend) is not None:
-        pytest.skip(compile_unavailable("cpu", backend))
+    if backend:
+        _skip_without_compile(backend)
     logits, target, valid = _case(P=4, M=3)
     ref, ref_grad = _sums_and_grad(logits, target, valid, bce=True, chunk=2 * 3 * 24 * 24)
     monkeypatch.setattr(mask_loss, "PRODUCT_SUMS_ON", ())
@@ -222,15 +220,11 @@ def test_sums_as_reductions_give_the_products_sums_and_gradients(backend, monkey
     calls = []
     real = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    dynamo.reset()
-    counters.clear()
-    try:
+    with _fresh_dynamo() as graphs:
         got, grad = _sums_and_grad(logits, target, valid, bce=True, chunk=2 * 3 * 24 * 24,
                                    compiled=backend)
         # compiled: one graph each for the sums and their gradient (not a silent eager run)
-        assert int(counters["stats"]["unique_graphs"]) == (2 if backend else 0)
-    finally:
-        dynamo.reset()
+        assert graphs() == (2 if backend else 0)
     assert not calls  # no matrix product left
     for name, value in ref._asdict().items():
         torch.testing.assert_close(getattr(got, name), value, rtol=1e-5, atol=1e-5, msg=name)
