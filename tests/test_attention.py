@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scrollsam import build_model
 from scrollsam.errors import InputError
@@ -325,59 +326,55 @@ def test_key_onehot_marks_each_keys_row_and_column():
                                      [0, 1, 1, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 0, 1]]
 
 
+class _Outputs(TorchDispatchMode):
+    """Every ATen operator run inside, with its output's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[object, torch.Size]] = []  # (operator packet, output shape)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.seen.append((func.overloadpacket, out.shape))
+        return out
+
+
+def _padded_block() -> FusedBlock:
+    """A windowed block (dim 32, 2 heads, 8-wide windows), explicit attention."""
+    torch.manual_seed(0)
+    return FusedBlock(Block(32, 2, use_rel_pos=True, window_size=8, input_size=(8, 8)),
+                      grid=64, mode="explicit")
+
+
 @pytest.mark.parametrize("grid", [(9, 20), (16, 20)])
 def test_padded_windows_backward_writes_no_whole_grid_slices(grid):
     """A padded windowed block cuts its qkv into regions whose backward joins the parts with one
     cat per cut, not a zero-filled whole-grid tensor per region and slice that autograd then
     adds (the slicing form: 8 slice_backward and 3 adds of qkv's size per block at 1024 px)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.widths: list[int] = []  # last dim of every slice_backward's output
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket is torch.ops.aten.slice_backward:
-                self.widths.append(out.shape[-1])
-            return out
-
-    torch.manual_seed(0)
-    block = FusedBlock(Block(32, 2, use_rel_pos=True, window_size=8, input_size=(8, 8)),
-                       grid=64, mode="explicit")
+    block = _padded_block()
     x = torch.randn(2, *grid, 32, requires_grad=True)  # (B, H, W, C): padded both ways, or W
     out = block(x)
-    with Ops() as ops:
+    with _Outputs() as ops:
         out.square().sum().backward()
-    assert 3 * 32 not in ops.widths  # qkv's width: small slices of q and the tables remain
-    assert ops.widths  # (the counter sees them)
+    # last dim of every slice_backward's output
+    widths = [shape[-1] for op, shape in ops.seen if op is torch.ops.aten.slice_backward]
+    assert 3 * 32 not in widths  # qkv's width: small slices of q and the tables remain
+    assert widths  # (the counter sees them)
 
 
 def test_padded_windows_copy_qkv_about_once_forward():
     """Forward copies a padded windowed block's qkv into windows once, padding only the regions
     with a partial window (padding the whole grid first copied it twice more)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Written(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tokens = 0  # tokens of qkv's width written by copies and cats
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.cat, torch.ops.aten.clone,
-                                       torch.ops.aten.constant_pad_nd) and out.shape[-1] == 96:
-                self.tokens += out.numel() // 96
-            return out
-
-    torch.manual_seed(0)
-    block = FusedBlock(Block(32, 2, use_rel_pos=True, window_size=8, input_size=(8, 8)),
-                       grid=64, mode="explicit")
+    block = _padded_block()
     x = torch.randn(1, 9, 20, 32)  # 16 x 24 padded, in regions of 8 x 16, 8 x 8, 8 x 16, 8 x 8
-    with torch.no_grad(), Written() as written:
+    with torch.no_grad(), _Outputs() as ops:
         block(x)
+    copies = (torch.ops.aten.cat, torch.ops.aten.clone, torch.ops.aten.constant_pad_nd)
+    # tokens of qkv's width written by copies and cats
+    tokens = sum(shape.numel() // 96 for op, shape in ops.seen
+                 if op in copies and shape[-1] == 96)
     # the three partial regions padded (8 x 8 + 8 x 16 + 1 x 8 then 8 x 8 tokens), the two
     # regions two windows wide put in window order (8 x 16 each; one window is in order
     # already); padding the grid, then copying each region into windows, wrote 984
-    assert written.tokens == 264 + 256
+    assert tokens == 264 + 256
