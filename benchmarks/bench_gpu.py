@@ -40,10 +40,11 @@ check of the images, then the prompted loss, prompts seeded per tile as in train
 Before timing, ``exactness`` records how far each fused mode's encoder output and parameter
 gradients are from the official encoder's on the device (``gpu_attention.check_paths``);
 ``--attention`` times one attention block per mode and token grid (``gpu_attention``);
-``--profile`` writes a torch.profiler table per named case. Cases run in order of importance
-and stop at ``--budget-s`` (the rest are listed as skipped); a case that runs out of memory is
-recorded as such and the next one runs. The JSON is rewritten after every part, so a run
-stopped at its time limit keeps what it measured.
+``--profile`` profiles 3 more steps of named cases after their timing (``gpu_profile``:
+device busy time and idle gaps, time by kernel class and by kernel, the op table). Cases run
+in order of importance and stop at ``--budget-s`` (the rest are listed as skipped); a case
+that runs out of memory is recorded as such and the next one runs. The JSON is rewritten after
+every part, so a run stopped at its time limit keeps what it measured.
 
 The ``gpu_*`` entries registered below run the same step under ``benchmarks/run.py`` (``make
 bench`` on a CUDA machine) as an official-vs-scrollsam comparison.
@@ -56,6 +57,7 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,10 +72,12 @@ except ImportError:
 
 from common import compare, cuda_sync, machine_info, measure, needs_cuda, register  # noqa: E402
 from gpu_attention import check_paths, format_blocks, time_blocks  # noqa: E402
+from gpu_profile import profile_step  # noqa: E402
 from gpu_step import (  # noqa: E402
     GPU_CASES,
     SMOKE_CASES,
     Case,
+    case_named,
     count_flops,
     count_syncs,
     make_step,
@@ -90,8 +94,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
-             compile_backend: str) -> dict[str, Any]:
-    """Time ``case``; returns its metrics (or ``error``)."""
+             compile_backend: str, profile_to: Path | None = None) -> dict[str, Any]:
+    """Time ``case``; returns its metrics (or ``error``). ``profile_to``: then profile 3 more
+    steps of the same built step (``gpu_profile``) into that file."""
     result: dict[str, Any] = {"case": asdict(case)}
     if case.path == "triton" and not rel_attention.available(device):
         result["skipped"] = ("no Triton kernel here (CUDA with Triton, or a CPU under "
@@ -121,6 +126,8 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
             result["unique_graphs"] = int(counters["stats"]["unique_graphs"])
         else:
             result["flops_per_image"] = count_flops(step) / case.batch
+        if profile_to is not None:
+            _profile(step, device, profile_to)
         del step, model
     except torch.cuda.OutOfMemoryError as err:
         result["error"] = f"out of memory: {str(err).splitlines()[0][:160]}"
@@ -133,25 +140,15 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
     return result
 
 
-def profile_case(case: Case, device: torch.device, *, steps: int = 3,
-                 rows: int = 25) -> str:
-    """A torch.profiler table of ``steps`` training steps of ``case`` after 3 warm-up steps
-    (as many as a timed case: a compiled case's loss graphs can first appear a few steps in):
-    the ops with the most device time, and the host time beside it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step, _model = make_step(case, device)
-    for _ in range(3):
-        step()
-    _sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                           else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+def _profile(step: Callable[[], object], device: torch.device, path: Path) -> None:
+    """Write :func:`gpu_profile.profile_step`'s report of ``step`` to ``path``; a failure is
+    written there instead (a diagnosis: the timings go on)."""
+    try:
+        report = profile_step(step, device)
+    except Exception as err:
+        report = f"profile failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    path.write_text(report + "\n")
+    print(f"profile -> {path.name}:\n" + "\n".join(report.splitlines()[:24]), flush=True)
 
 
 def add_mfu(results: dict[str, dict[str, Any]], peak_flops: float) -> None:
@@ -218,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, 1 step, CPU: checks the script runs (numbers mean "
                         "nothing)")
-    parser.add_argument("--cases", help="comma-separated case names, run in the order named "
-                        "(default: all, in order of importance)")
+    parser.add_argument("--cases", help="comma-separated case names, listed or of their form "
+                        "(gpu_step.case_named), run in the order named (default: all listed, "
+                        "in order of importance)")
     parser.add_argument("--steps", type=int, help="timed steps per case (default 8; 1 smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; 1 smoke)")
     parser.add_argument("--budget-s", type=float, default=270.0,
@@ -230,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated modes for --attention (default: official, plain, "
                         "fold, bias, triton); MODE/cudnn|efficient|flash too")
     parser.add_argument("--profile", default="",
-                        help="comma-separated case names to profile (tables under --out's "
-                        "folder as profile_CASE.txt)")
+                        help="comma-separated names of cases run to profile too, 3 steps after "
+                        "their timing (gpu_profile: reports under --out's folder as "
+                        "profile_CASE.txt)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                         help=f"dense bf16 peak of the card (default {PEAK_TFLOPS:g}: H100/H200)")
     args = parser.parse_args(argv)
@@ -246,11 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         steps, warmup = args.steps or 8, args.warmup or 3
     if args.cases:  # in the order named: the budget cuts from the end
         wanted = list(dict.fromkeys(n.strip() for n in args.cases.split(",") if n.strip()))
-        known = {c.name: c for c in cases}
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            parser.error(f"unknown case(s) {unknown}; known: {', '.join(known)}")
-        cases = [known[n] for n in wanted]
+        try:  # listed or not: any name of the case form
+            cases = [case_named(n) for n in wanted]
+        except ValueError as err:
+            parser.error(f"--cases: {err}")
 
     machine = machine_info()
     print(f"device {machine['device']}, torch {machine['torch']}, {len(cases)} cases, "
@@ -278,27 +276,20 @@ def main(argv: list[str] | None = None) -> int:
         doc["attention_blocks"] = time_blocks(device, **({"modes": modes} if modes else {}))
         save()
         print(format_blocks(doc["attention_blocks"]), flush=True)
-    every = {c.name: c for c in (SMOKE_CASES if args.smoke else GPU_CASES)}
-    for name in filter(None, (n.strip() for n in args.profile.split(","))):
-        if name not in every:
-            parser.error(f"--profile: unknown case {name!r}")
-        try:  # a diagnosis: its failure is written down and the timings go on
-            table = profile_case(every[name], device)
-        except Exception as err:
-            table = f"profile failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-        finally:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        (args.out.parent / f"profile_{name.replace('+', '-')}.txt").write_text(table)
-        print(f"profile {name}:\n" + "\n".join(table.splitlines()[:16]), flush=True)
+    profiled = set(filter(None, (n.strip() for n in args.profile.split(","))))
+    if profiled - {c.name for c in cases}:
+        parser.error(f"--profile: {sorted(profiled - {c.name for c in cases})} not among the "
+                     "cases run (--cases)")
     results: dict[str, dict[str, Any]] = {}
     doc["results"] = results
     for case in cases:
         if time.perf_counter() - start > args.budget_s:
             results[case.name] = {"case": asdict(case), "skipped": "over --budget-s"}
             continue
-        r = run_case(case, device, steps=steps, warmup=warmup, compile_backend=backend)
+        where = (args.out.parent / f"profile_{case.name.replace('+', '-')}.txt"
+                 if case.name in profiled else None)
+        r = run_case(case, device, steps=steps, warmup=warmup, compile_backend=backend,
+                     profile_to=where)
         results[case.name] = r
         add_mfu(results, args.peak_tflops * 1e12)
         save()

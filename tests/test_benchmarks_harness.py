@@ -221,3 +221,27 @@ def test_gpu_windowed_block_shapes_time_the_official_function(mode):
         got = _block(16, mode, cpu, window=14)(x)
     assert got.shape == ref.shape
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_gpu_profile_summary_counts_busy_time_gaps_and_classes_once():
+    """The profile's summary from device kernels (start, end in us, name): overlapping kernels
+    count their union as busy time, the gaps between them are named by their neighbours, and
+    each kernel falls in one class."""
+    from gpu_profile import kernel_class, summarise
+
+    kernels = [(0.0, 1000.0, "nvjet_sm90_tst_192x192"),  # 1 ms product
+               (500.0, 1500.0, "triton_poi_fused_add_0"),  # overlaps it by 0.5 ms
+               (3500.0, 4500.0, "backward_kv"),  # after a 2 ms gap
+               (4500.0, 5000.0, "void at::native::upsample_bilinear2d_out_frame<float>")]
+    report = summarise(kernels, wall_s=0.01, steps=1)
+    assert "device busy 3.0 ms (30%)" in report  # 0 - 1.5 ms and 3.5 - 5 ms, of 10 ms
+    assert "kernel time 3.5 ms in 4 kernels" in report
+    assert "2.00  triton_poi_fused_add_0 -> backward_kv" in report  # the one gap over 20 us
+    assert kernel_class("backward_kv") == "rel_attention triton (scrollsam)"
+    assert kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == \
+        "matrix products"
+    assert kernel_class("triton_red_fused_native_layer_norm_3") == "compiled fused (inductor)"
+    assert kernel_class("void gemmSN_TN_kernel<float, 128, 16>") == "matrix products"
+    assert kernel_class("upsample_bilinear2d_backward_out_frame") == "upsample"
+    assert kernel_class("something_else") == "other"
+    assert "0.00 " not in report.split("longest idle gaps")[1].split("kernels by")[0]
