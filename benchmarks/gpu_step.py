@@ -143,6 +143,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     ``step()`` then returns nan)."""
     from scrollsam import build_model
     from scrollsam.config import LossConfig, PromptConfig, load_config
+    from scrollsam.device import tune_for_fixed_shapes
     from scrollsam.model.assemble import model_from_config
     from scrollsam.model.attention import fuse_attention
     from scrollsam.model.compile import compile_model
@@ -153,6 +154,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)
+    tune_for_fixed_shapes(device)  # as the training loop sets the device up
     attention = "official" if case.path == "official" else "fused"
     prompts, losses, chans = PromptConfig(), LossConfig(), 3
     with device:  # parameters initialised on the device: vit_h builds in seconds, not minutes

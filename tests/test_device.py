@@ -25,3 +25,26 @@ def test_cuda_without_a_gpu_names_the_setting(name):
 def test_unknown_device_names_the_setting():
     with pytest.raises(InputError, match=r"--device: expected auto, cpu or cuda, got 'tpu'"):
         resolve_device("tpu", setting="--device")
+
+
+def test_cudnn_times_its_convolutions_on_cuda_only(monkeypatch):
+    """Fixed tile shapes: on CUDA cuDNN benchmarks each convolution shape once and keeps the
+    fastest algorithm; a CPU run leaves the setting alone. (Setting the flag needs no GPU.)"""
+    from scrollsam.device import tune_for_fixed_shapes
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tune_for_fixed_shapes(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    tune_for_fixed_shapes(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_training_and_prediction_set_up_their_device_for_fixed_shapes():
+    """Both places that choose a device for tiles of one size call it."""
+    import inspect
+
+    from scrollsam.infer.predict import Predictor
+    from scrollsam.train import loop
+
+    assert "tune_for_fixed_shapes(device)" in inspect.getsource(loop.setup)
+    assert "tune_for_fixed_shapes(self.device)" in inspect.getsource(Predictor.__init__)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from scrollsam.config import config_from_dict
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
-from scrollsam.device import resolve_device
+from scrollsam.device import resolve_device, tune_for_fixed_shapes
 from scrollsam.errors import InputError
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.run_files import check_run_folder, resolve_checkpoint, writable
@@ -97,6 +97,7 @@ class Predictor:
     ) -> None:
         self.device = (device if isinstance(device, torch.device)
                        else resolve_device(device, setting="--device"))
+        tune_for_fixed_shapes(self.device)  # batches of tiles of one size
         self.model = model.to(self.device).eval()
         self.view = view
         # how each fragment's threshold is chosen (.threshold); a number: that one, fixed

@@ -18,12 +18,13 @@ every key block (loaded once per query block):
 
 * forward (one program per block of queries): scores plus bias, then FlashAttention-2's online
   softmax; each query row's log-sum-exp is kept for backward;
-* backward: one pass per block of keys for dK and dV, one per block of queries for dQ and the
-  bias gradients: ``d rel_w[q, c]`` sums the score gradient dS over the rows of every key block
-  (a register accumulator), ``d rel_h[q, r]`` sums it over the columns of row r, which only one
-  key block holds (stored straight away). Exact float32 sums, no atomics (FlexAttention
-  reaches the bias tables' gradients through atomics: on the H100 an earlier FlexAttention
-  version of this path was slower than fold, issue 13's note).
+* backward: one pass per block of queries for dQ, the bias gradients and each query's
+  rowsum(dO * O) (FlashAttention-2's delta, there read with dO and O at no extra pass), then one
+  per block of keys for dK and dV: ``d rel_w[q, c]`` sums the score gradient dS over the rows
+  of every key block (a register accumulator), ``d rel_h[q, r]`` sums it over the columns of
+  row r, which only one key block holds (stored straight away). Exact float32 sums, no
+  atomics (FlexAttention reaches the bias tables' gradients through atomics: on the H100 an
+  earlier FlexAttention version of this path was slower than fold, issue 13's note).
 
 Inputs and outputs: q [B, nh, NQ, hd], k, v [B, nh, N, hd] (any strides with a unit last
 stride: the encoder's views of its qkv projection need no copy, but for the queries of a
@@ -105,9 +106,11 @@ def _untuned(pitch: int) -> tuple[int, int, int, int]:
 _TUNED = triton is not None and not _INTERPRET
 _FORWARD_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 _BACKWARD_KV_TILES = ((64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2),
-                      (64, 32, 4, 2))
+                      (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
 _BACKWARD_Q_TILES = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2),
-                     (32, 64, 4, 2))
+                     (32, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
+# The 3-stage tiles were added after the H100's b32 profile: there the backward (dK / dV 51,
+# dQ 32 ms a step) ran 4.2x the forward's 19.6 ms, each on 2-stage 64 x 64 tiles.
 
 
 def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],
@@ -262,7 +265,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
     q, k, v = _unit_last_stride(q, k, v)
     rel_h, rel_w, grad = rel_h.contiguous(), rel_w.contiguous(), grad.contiguous()
     out, lse = out.contiguous(), lse.contiguous()
-    delta = (grad.float() * out.float()).sum(-1)  # (B, nh, NQ): rowsum(dO * O)
+    delta = torch.empty_like(lse)  # (B, nh, NQ): rowsum(dO * O), written by backward_q
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format)
                   for t in (q, k, v))  # the kernels write them contiguous
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
@@ -270,10 +273,10 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Te
     z, heads = q.shape[0] * q.shape[1], q.shape[1]
     common = (*_strides(q, k, v), heads, scale)
     with _device_of(q):
+        _launch(_backward_q, "BLOCK_M", z, q, k, v, rel_h, rel_w, grad, out, lse, delta, dq,
+                drh, drw, *common, **cfg)
         _launch(_backward_kv, "BLOCK_N", z, q, k, v, rel_h, rel_w, grad, lse, delta, dk, dv,
                 *common, **cfg)
-        _launch(_backward_q, "BLOCK_M", z, q, k, v, rel_h, rel_w, grad, lse, delta, dq, drh,
-                drw, *common, **cfg)
     return dq, dk, dv, drh, drw
 
 

@@ -5,7 +5,8 @@ positions of the padded key grid (H rows of WP = W rounded up to a power of two)
 multiple of WP, so a key block is whole rows. Tensors: q [B, nh, NQ, D], k, v [B, nh, N, D]
 (N = H * W) with strides (``s?b``, ``s?h``, ``s?n``) and a unit last stride; O, DO, DQ
 contiguous [B * nh, NQ, D], DK, DV [B * nh, N, D]; RH, RW, DRH, DRW contiguous
-[B * nh, NQ, H or W]; LSE, DELTA float32 [B * nh, NQ]. Tiles are float32 except loaded q, k, v,
+[B * nh, NQ, H or W]; LSE, DELTA float32 [B * nh, NQ] (DELTA written by backward_q, which
+runs first, and read by backward_kv). Tiles are float32 except loaded q, k, v,
 dO (their dtype). The head dim D is walked in one or two parts, BLOCK_D and BLOCK_D2 columns
 (``rel_attention.head_parts``: vit_h's 80 as 64 + 16, with 0 for no second part, whose code
 the compiler drops), each product over the head dim a sum of the parts' products. Only
@@ -199,27 +200,32 @@ def backward_kv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def backward_q(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+def backward_q(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, scale,
                NQ: tl.constexpr, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ and the bias gradients d rel_h, d rel_w of one block of queries: d rel_w sums dS
-    over the rows of every key block; d rel_h of a key row, the sum of dS over its columns,
+    """dQ and the bias gradients d rel_h, d rel_w of one block of queries, and its rows' DELTA
+    (rowsum(dO * O), float32, stored for :func:`backward_kv`, which runs after): d rel_w sums
+    dS over the rows of every key block; d rel_h of a key row, the sum of dS over its columns,
     is complete in the one key block that holds the row, and stored there."""
     z, block = _program(NQ, BLOCK_M)
     tok_m, m_ok = _queries(block * BLOCK_M, BLOCK_M, NQ)
     cols = tl.arange(0, WP)
     Qz, Kz, Vz = _heads(Q, K, V, z, heads, sqb, sqh, skb, skh, svb, svh)
-    DOz = DO + z * NQ * D
+    DOz, Oz = DO + z * NQ * D, O + z * NQ * D
     q = _part(Qz, tok_m, m_ok, sqn, 0, BLOCK_D, D)  # (BLOCK_M, BLOCK_D)
     do = _part(DOz, tok_m, m_ok, D, 0, BLOCK_D, D)
+    delta = tl.sum(do.to(tl.float32) * _part(Oz, tok_m, m_ok, D, 0, BLOCK_D, D).to(tl.float32),
+                   1)  # (BLOCK_M,): 0 at padded queries (dO = 0)
     if BLOCK_D2 > 0:  # the head dim's second part
         q2 = _part(Qz, tok_m, m_ok, sqn, BLOCK_D, BLOCK_D2, D)  # (BLOCK_M, BLOCK_D2)
         do2 = _part(DOz, tok_m, m_ok, D, BLOCK_D, BLOCK_D2, D)
+        delta += tl.sum(do2.to(tl.float32)
+                        * _part(Oz, tok_m, m_ok, D, BLOCK_D, BLOCK_D2, D).to(tl.float32), 1)
         dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    tl.store(DELTA + z * NQ + tok_m, delta, mask=m_ok)
     lse = tl.load(LSE + z * NQ + tok_m, mask=m_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + z * NQ + tok_m, mask=m_ok, other=0.0)
     RH += z * NQ * H
     DRH += z * NQ * H
     bw = _bias(RW + z * NQ * W, tok_m, m_ok, cols, W)

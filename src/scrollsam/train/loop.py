@@ -34,7 +34,7 @@ from scrollsam.data.augment import Augment
 from scrollsam.data.dataset import TileDataset, make_datasets
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
-from scrollsam.device import resolve_device
+from scrollsam.device import resolve_device, tune_for_fixed_shapes
 from scrollsam.errors import ConfigError
 from scrollsam.losses import scalar_parts
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
@@ -108,6 +108,7 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
     ranks = ranks if ranks is not None else Ranks(World())
     world = ranks.world
     device = process_device(resolve_device(cfg.train.device, setting="train.device"), world)
+    tune_for_fixed_shapes(device)  # tiles of one size, the last partial batch dropped
     fragments, valid_ids = open_fragments(cfg)
     view = view_from_config(cfg.data, cache_dir=run if world.main else None)
     size = cfg.model.image_size
