@@ -51,3 +51,33 @@ def encoder_256_vs_upsampled_1024(quick: bool) -> dict[str, Any]:
                           "attention": "fused (the default)", "dtype": "float32",
                           "mode": "inference_mode"}
     return result
+
+
+@register(
+    "patch_embed_product_vs_conv",
+    goal=1.0,
+    about="vit_b patch embedding, 256 px, batch 8, bf16 training step part: the official "
+          "convolution vs one matrix product (model.patch_embed.PatchProduct)",
+)
+def patch_embed_product_vs_conv(quick: bool) -> dict[str, Any]:
+    """Forward and the weight's backward (training: the images need no gradient) under bf16
+    autocast, as the CPU trains; the same weights."""
+    from segment_anything.modeling.image_encoder import PatchEmbed
+
+    from scrollsam.model.patch_embed import PatchProduct
+
+    torch.manual_seed(0)
+    conv = PatchEmbed(kernel_size=(16, 16), stride=(16, 16), in_chans=3, embed_dim=768)
+    product = PatchProduct(conv)
+    images = torch.randn(8, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
+
+    def step(module: torch.nn.Module) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = module(images)  # (8, 16, 16, 768)
+        tokens.float().sum().backward()
+
+    result = compare(lambda: step(conv), lambda: step(product), repeats=3 if quick else 15,
+                     warmup=1 if quick else 2)
+    result["settings"] = {"model": "vit_b", "batch": 8, "tile_px": TILE, "autocast": "bf16",
+                          "mode": "forward + weight backward"}
+    return result

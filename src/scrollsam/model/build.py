@@ -28,6 +28,7 @@ from scrollsam.errors import CheckpointError, InputError
 from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
 from scrollsam.model.attention import fuse_attention
 from scrollsam.model.lora import is_lora_parameter
+from scrollsam.model.patch_embed import fuse_patch_embed
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.torchfile import load_torch
 
@@ -92,6 +93,7 @@ def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int,
     )
     if attention == "fused":
         fuse_attention(encoder)
+        fuse_patch_embed(encoder)  # the patch convolution as one matrix product
     prompt_encoder = PromptEncoder(
         embed_dim=PROMPT_DIM,
         image_embedding_size=(grid, grid),
@@ -128,7 +130,8 @@ def build_model(
     checkpoint the weights are random (official initialisation). ``window_size``: tokens per
     side of the encoder's attention windows (None: the variant's, 14 for the official ones; 16
     or 8 tile the 16 x 16 grid of a 256 px input without padding). ``attention``: ``"fused"``
-    (fused, :mod:`scrollsam.model.attention`) or ``"official"``.
+    (fused, :mod:`scrollsam.model.attention`, and the patch embedding as a matrix product,
+    :mod:`scrollsam.model.patch_embed`) or ``"official"`` (segment_anything's own code).
     """
     if type not in VARIANTS:
         raise InputError(f"model type: expected one of {sorted(VARIANTS)}, got {type!r}")

@@ -1,0 +1,50 @@
+"""The patch embedding as a matrix product: the official convolution's values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import PatchEmbed
+
+from scrollsam import build_model
+from scrollsam.model.patch_embed import PatchProduct, fuse_patch_embed
+
+
+@pytest.mark.parametrize("chans", [3, 26])
+def test_same_tokens_and_gradients_as_the_official_convolution(chans):
+    """Images [B, C, H, W] (H != W) -> tokens [B, H/16, W/16, E] as the official
+    ``PatchEmbed`` gives them, and the same gradients in its weight, bias and the images."""
+    torch.manual_seed(0)
+    official = PatchEmbed(kernel_size=(16, 16), stride=(16, 16), in_chans=chans, embed_dim=32)
+    ours = PatchProduct(official)
+    x = torch.randn(2, chans, 64, 48, requires_grad=True)
+    want = official(x)
+    got = ours(x)
+    assert got.shape == want.shape == (2, 4, 3, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x, official.proj.weight, official.proj.bias], g)
+    got_grads = torch.autograd.grad(got, [x, ours.proj.weight, ours.proj.bias], g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_models_use_it_with_the_official_parameter_names():
+    """``build_model``'s fused encoder embeds patches by the product; checkpoints keep the
+    official keys and shapes (``patch_embed.proj.weight`` [E, C, 16, 16])."""
+    fused = build_model("tiny", image_size=64, attention="fused")
+    official = build_model("tiny", image_size=64, attention="official")
+    assert isinstance(fused.sam.image_encoder.patch_embed, PatchProduct)
+    assert not isinstance(official.sam.image_encoder.patch_embed, PatchProduct)
+    shapes = {k: v.shape for k, v in fused.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in official.state_dict().items()}
+    assert not fuse_patch_embed(fused.sam.image_encoder)  # already one: nothing to do
+
+
+def test_only_convolutions_of_whole_patches_and_images_of_whole_patches():
+    padded = PatchEmbed(kernel_size=(16, 16), stride=(16, 16), padding=(1, 1))
+    with pytest.raises(ValueError, match="kernel is its stride with no padding"):
+        PatchProduct(padded)
+    ours = PatchProduct(PatchEmbed(kernel_size=(16, 16), stride=(16, 16), embed_dim=8))
+    with pytest.raises(ValueError, match="not a whole number of 16 x 16 patches"):
+        ours(torch.zeros(1, 3, 40, 32))
