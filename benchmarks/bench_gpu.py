@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             parser.error(f"--cases: {err}")
 
+    profiled = set(filter(None, (n.strip() for n in args.profile.split(","))))
+    if profiled - {c.name for c in cases}:
+        parser.error(f"--profile: {sorted(profiled - {c.name for c in cases})} not among the "
+                     "cases run (--cases)")
+
     machine = machine_info()
     print(f"device {machine['device']}, torch {machine['torch']}, {len(cases)} cases, "
           f"{steps} timed steps after {warmup} warm-up", flush=True)
@@ -276,10 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         doc["attention_blocks"] = time_blocks(device, **({"modes": modes} if modes else {}))
         save()
         print(format_blocks(doc["attention_blocks"]), flush=True)
-    profiled = set(filter(None, (n.strip() for n in args.profile.split(","))))
-    if profiled - {c.name for c in cases}:
-        parser.error(f"--profile: {sorted(profiled - {c.name for c in cases})} not among the "
-                     "cases run (--cases)")
     results: dict[str, dict[str, Any]] = {}
     doc["results"] = results
     for case in cases:

@@ -7,7 +7,8 @@
   kernels, each named by the kernels on either side (a gap is the device waiting for the host);
 - device time by kernel class (:data:`CLASSES`: the attention kernels, matrix products,
   compiled fused kernels, the upsampling, copies, the optimizer, ...);
-- the kernels with the most device time, by name, and torch.profiler's own op table.
+- the kernels with the most device time, by name, and torch.profiler's own op table, whole
+  and by input shape (which of several convolutions a kernel served, say).
 
 Kernel times are the kernels' own (device events), so nothing is counted twice where an op's
 row also carries its kernels' time.
@@ -25,8 +26,10 @@ import torch
 # (class, pattern on the kernel name), the first match wins
 CLASSES = [
     ("rel_attention triton (scrollsam)", r"^(forward|backward_kv|backward_q)$"),
-    ("SDPA flash / efficient", r"flash|fmha|attention|cutlass.*Attention"),
+    ("SDPA (cuDNN, flash, efficient)", r"flash|fmha|attention|Attention|sdpa|"
+                                       r"compute_dot_do_o|convert_dq"),
     ("upsample", r"upsample"),
+    ("convolutions (cuDNN)", r"convolve|wgrad|dgrad|fprop|nchwToNhwc|nhwcToNchw|conv"),
     ("matrix products", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|ampere_|splitK"),
     ("optimizer", r"multi_tensor|fused_adam|adam"),
     ("compiled fused (inductor)", r"^triton_"),
@@ -45,13 +48,14 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def _kernels(prof) -> list[tuple[float, float, str]]:
-    """The device kernels and copies of a profile: (start us, end us, name), by start."""
+def _kernels(prof: torch.profiler.profile) -> list[tuple[float, float, str]]:
+    """The device kernels and copies of a profile: (start us, end us, name), by start. Device
+    ranges of user annotations (``Optimizer.step#AdamW.step``) are not kernels: left out."""
     from torch.autograd import DeviceType
 
     found = []
     for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             found.append((e.time_range.start, e.time_range.end, e.name))
     return sorted(found)
 
@@ -102,7 +106,7 @@ def profile_step(step: Callable[[], object], device: torch.device, *, steps: int
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -111,10 +115,13 @@ def profile_step(step: Callable[[], object], device: torch.device, *, steps: int
         wall = time.perf_counter() - t0
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+    shaped = prof.key_averages(group_by_input_shape=True).table(  # which call is which: the
+        sort_by=sort, row_limit=rows, max_name_column_width=60,  # convolutions' shapes say
+        max_shapes_column_width=120)
     head = f"{steps} steps, {wall:.2f} s"
     if cuda:
         try:  # the op table is still worth writing if the events' fields differ
             head = summarise(_kernels(prof), wall, steps)
         except Exception as err:
             head += f"; summary failed: {type(err).__name__}: {err}"
-    return head + "\n\n" + table
+    return head + "\n\n" + table + "\n\nby input shape:\n" + shaped

@@ -154,7 +154,6 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)
-    tune_for_fixed_shapes(device)  # as the training loop sets the device up
     attention = "official" if case.path == "official" else "fused"
     prompts, losses, chans = PromptConfig(), LossConfig(), 3
     with device:  # parameters initialised on the device: vit_h builds in seconds, not minutes
@@ -175,6 +174,8 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     params = [p for p in model.parameters() if p.requires_grad]  # the whole model, or as set
     # as train.compile does it: the encoder, the decoder, then static prompt sets
     static = case.compile and compile_model(model, device=device, backend=compile_backend)
+    if static:  # as the training loop does
+        tune_for_fixed_shapes(device)
     opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(case.batch, chans, case.size, case.size, generator=gen).to(device)

@@ -242,6 +242,43 @@ def test_gpu_profile_summary_counts_busy_time_gaps_and_classes_once():
         "matrix products"
     assert kernel_class("triton_red_fused_native_layer_norm_3") == "compiled fused (inductor)"
     assert kernel_class("void gemmSN_TN_kernel<float, 128, 16>") == "matrix products"
+    assert kernel_class("void implicit_convolve_sgemm<__nv_bfloat16, 1024, 5>") == \
+        "convolutions (cuDNN)"  # a convolution, though its name holds "gemm"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == \
+        kernel_class("void cudnn::fusion::compute_dot_do_o<true>") == \
+        "SDPA (cuDNN, flash, efficient)"
     assert kernel_class("upsample_bilinear2d_backward_out_frame") == "upsample"
     assert kernel_class("something_else") == "other"
     assert "0.00 " not in report.split("longest idle gaps")[1].split("kernels by")[0]
+
+
+def test_gpu_profile_leaves_user_annotations_out_of_the_kernels():
+    """An optimizer's step shows as a device range of a user annotation beside its kernels:
+    counting it as a kernel would count the optimizer twice."""
+    from types import SimpleNamespace
+
+    from gpu_profile import _kernels
+    from torch.autograd import DeviceType
+
+    def event(name: str, start: float, end: float, **extra: object) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA,
+                               time_range=SimpleNamespace(start=start, end=end), **extra)
+
+    events = [event("Optimizer.step#AdamW.step", 0.0, 10.0, is_user_annotation=True),
+              event("multi_tensor_apply_kernel", 1.0, 4.0),
+              SimpleNamespace(name="aten::add", device_type=DeviceType.CPU,
+                              time_range=SimpleNamespace(start=0.0, end=1.0))]
+    assert _kernels(SimpleNamespace(events=lambda: events)) == [
+        (1.0, 4.0, "multi_tensor_apply_kernel")]
+
+
+def test_gpu_bench_rejects_a_profile_of_a_case_not_run_before_any_work(tmp_path):
+    """A mistyped --profile name would cost the GPU time spent before it is read: it ends the
+    run at once (argparse's exit 2), nothing measured or written."""
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    with pytest.raises(SystemExit) as stop:
+        bench_gpu.main(["--smoke", "--out", str(out), "--cases", "tiny_128_b2_fold",
+                        "--profile", "tiny_128_b2_bias"])
+    assert stop.value.code == 2 and not out.exists()

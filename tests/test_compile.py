@@ -78,9 +78,14 @@ def test_a_run_with_compile_trains(fast_backend, tiny_run_config):
 def test_static_prompt_sets_only_with_a_compiled_decoder(available, monkeypatch, tmp_path,
                                                         tiny_run_config):
     """Static sets decode more (every set in every round): worth it for a compiled decoder's
-    one shape per round, waste for an eager one where compile cannot run."""
+    one shape per round, waste for an eager one where compile cannot run. Only then are the
+    shapes fixed enough for cuDNN to time each convolution once (eager, the prompt masks'
+    convolutions see a new number of sets most steps)."""
+    from scrollsam.train import loop
     from scrollsam.train.loop import setup
 
+    tuned = []
+    monkeypatch.setattr(loop, "tune_for_fixed_shapes", tuned.append)
     dynamo.reset()
     if available:
         monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
@@ -92,6 +97,7 @@ def test_static_prompt_sets_only_with_a_compiled_decoder(available, monkeypatch,
     finally:
         dynamo.reset()
     assert s.static_prompts is available
+    assert tuned == ([s.device] if available else [])
     # and the loss's per-pixel terms are compiled with the same backend, or not at all
     assert s.model.compiled_loss == ("aot_eager" if available else None)
 

@@ -39,12 +39,13 @@ def test_cudnn_times_its_convolutions_on_cuda_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is True
 
 
-def test_training_and_prediction_set_up_their_device_for_fixed_shapes():
-    """Both places that choose a device for tiles of one size call it."""
-    import inspect
+def test_prediction_sets_its_device_up_for_fixed_shapes(monkeypatch):
+    """The predictor feeds batches of tiles of one size: it asks for the setting on its
+    device (training asks only when compiled: ``test_compile.py``)."""
+    from scrollsam import build_model
+    from scrollsam.infer import predict
 
-    from scrollsam.infer.predict import Predictor
-    from scrollsam.train import loop
-
-    assert "tune_for_fixed_shapes(device)" in inspect.getsource(loop.setup)
-    assert "tune_for_fixed_shapes(self.device)" in inspect.getsource(Predictor.__init__)
+    seen = []
+    monkeypatch.setattr(predict, "tune_for_fixed_shapes", seen.append)
+    predict.Predictor(build_model("tiny", image_size=64), device="cpu", amp="fp32")
+    assert seen == [torch.device("cpu")]

@@ -25,11 +25,10 @@ def resolve_device(name: str = "auto", *, setting: str = "device") -> torch.devi
 
 def tune_for_fixed_shapes(device: torch.device) -> None:
     """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the
-    fastest (``torch.backends.cudnn.benchmark``); elsewhere nothing. Training and prediction
-    feed tiles of one size (training drops the last, smaller batch), so each shape is timed
-    once. Without it, an H100 training step of vit_b at 1024 px, batch 32, spent 8.5 ms in 5
-    calls of cuDNN's ``implicit_convolve_sgemm`` (the encoder's convolutions: patch embedding
-    and neck; ``bench_gpu.py --profile``). With it an H200's step ran one 5.0 ms call of
-    another such kernel instead (not timed on one card side by side)."""
+    fastest (``torch.backends.cudnn.benchmark``); elsewhere nothing. For runs whose shapes are
+    fixed: prediction (batches of tiles of one size) and compiled training (``train.compile``:
+    static prompt sets, the last partial batch dropped). Eager training leaves it off: there the
+    prompt encoder's mask convolutions see a new number of sets most steps, and each new shape
+    would be timed. Measured: ``benchmarks/README.md``."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

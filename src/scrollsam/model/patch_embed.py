@@ -5,16 +5,20 @@ output token is the product of one 16 x 16 patch of every channel with the weigh
 cutting the image into patches ([B, C, H, W] -> [B, H/16, W/16, C * 256], a reshape and one
 copy) and multiplying by the weight as a [E, C * 256] matrix computes the same function, with
 the token-major output the encoder wants ([B, H/16, W/16, E], what the official ``permute``
-gives). On an H200, cuDNN ran this convolution's forward in 5.0 ms at vit_b, 1024 px, batch 32
-(``precomputed_convolve_sgemm``, chosen by its own timing; on an H100 without the timing its
-``implicit_convolve_sgemm`` took 8.5 ms in 5 calls), where its 155 GFLOP take about 0.3 ms as a
-matrix product. :func:`fuse_patch_embed` swaps it in where the fused attention is
+gives). On the CPU the product is several times faster in bf16 training
+(``benchmarks/README.md``, "Numbers behind choices in the code"). On GPUs the profiles show
+cuDNN running the encoder's convolutions in slow generic kernels, but not which convolution
+each served: the product is not timed there yet.
+:func:`fuse_patch_embed` swaps it in where the fused attention is
 (``build_model(attention="fused")``); parameters keep the official ``patch_embed.proj`` names
-and shapes, so checkpoints and :mod:`scrollsam.model.adapt` see no change.
+and shapes, so checkpoints and :mod:`scrollsam.model.adapt` see no change. One difference: an
+image that is not a whole number of patches is an error here, where the convolution drops
+the remainder (the encoder's position embedding fixes the size anyway).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,9 +43,12 @@ class PatchProduct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         ph, pw = self.proj.kernel_size
-        if h % ph or w % pw:  # as the convolution would, rather than a reshape error
+        if h % ph or w % pw:  # the convolution would drop the remainder
             raise ValueError(f"PatchProduct: image {h} x {w} is not a whole number of "
                              f"{ph} x {pw} patches")
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):  # cut the patches from the image autocast
+            x = x.to(torch.get_autocast_dtype(kind))  # would cast: half the bytes copied
         patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(b, h // ph, w // pw, c * ph * pw)  # (B, H/P, W/P, C P P)
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (E, C P P), same order

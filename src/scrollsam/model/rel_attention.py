@@ -109,8 +109,8 @@ _BACKWARD_KV_TILES = ((64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 8, 2), (32, 64,
                       (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
 _BACKWARD_Q_TILES = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2),
                      (32, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
-# The 3-stage tiles were added after the H100's b32 profile: there the backward (dK / dV 51,
-# dQ 32 ms a step) ran 4.2x the forward's 19.6 ms, each on 2-stage 64 x 64 tiles.
+# The 3-stage tiles came after a profile (benchmarks/README.md) where the backward took over
+# four times the forward's time on 2-stage 64 x 64 tiles; an H200's tuner then took 3 stages.
 
 
 def _keep_whole_rows(configs: list[Config], named_args: dict[str, object],

@@ -108,7 +108,6 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
     ranks = ranks if ranks is not None else Ranks(World())
     world = ranks.world
     device = process_device(resolve_device(cfg.train.device, setting="train.device"), world)
-    tune_for_fixed_shapes(device)  # tiles of one size, the last partial batch dropped
     fragments, valid_ids = open_fragments(cfg)
     view = view_from_config(cfg.data, cache_dir=run if world.main else None)
     size = cfg.model.image_size
@@ -131,6 +130,8 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
                  world.rank, world.size, global_batch(cfg, world.size), world.size,
                  cfg.train.batch_size, cfg.train.accumulate)
     static = bool(cfg.train.compile and compile_model(model, device=device))
+    if static:  # one shape per round: cuDNN may time each convolution once
+        tune_for_fixed_shapes(device)
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
