@@ -26,13 +26,14 @@ import torch
 # (class, pattern on the kernel name), the first match wins
 CLASSES = [
     ("rel_attention triton (scrollsam)", r"^(forward|backward_kv|backward_q)$"),
+    ("compiled fused (inductor)", r"^triton_"),  # before the rest: names like
+    # triton_red_fused_convolution_backward_sum are inductor's own kernels, not cuDNN's
     ("SDPA (cuDNN, flash, efficient)", r"flash|fmha|attention|Attention|sdpa|"
                                        r"compute_dot_do_o|convert_dq"),
     ("upsample", r"upsample"),
     ("convolutions (cuDNN)", r"convolve|wgrad|dgrad|fprop|nchwToNhwc|nhwcToNchw|conv"),
     ("matrix products", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|ampere_|splitK"),
     ("optimizer", r"multi_tensor|fused_adam|adam"),
-    ("compiled fused (inductor)", r"^triton_"),
     ("copies / cat", r"copy|Copy|cat_|Cat|memcpy|Memcpy"),
     ("reductions", r"reduce|Reduce"),
     ("elementwise (eager)", r"elementwise|Elementwise"),

@@ -240,7 +240,8 @@ def test_gpu_profile_summary_counts_busy_time_gaps_and_classes_once():
     assert kernel_class("backward_kv") == "rel_attention triton (scrollsam)"
     assert kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == \
         "matrix products"
-    assert kernel_class("triton_red_fused_native_layer_norm_3") == "compiled fused (inductor)"
+    assert kernel_class("triton_red_fused_native_layer_norm_3") == \
+        kernel_class("triton_red_fused_convolution_backward_sum_2") == "compiled fused (inductor)"
     assert kernel_class("void gemmSN_TN_kernel<float, 128, 16>") == "matrix products"
     assert kernel_class("void implicit_convolve_sgemm<__nv_bfloat16, 1024, 5>") == \
         "convolutions (cuDNN)"  # a convolution, though its name holds "gemm"
