@@ -48,3 +48,10 @@ def test_only_convolutions_of_whole_patches_and_images_of_whole_patches():
     ours = PatchProduct(PatchEmbed(kernel_size=(16, 16), stride=(16, 16), embed_dim=8))
     with pytest.raises(ValueError, match="not a whole number of 16 x 16 patches"):
         ours(torch.zeros(1, 3, 40, 32))
+
+
+def test_runs_on_devices_without_autocast():
+    """``meta`` (how benchmarks/step_traffic.py counts a step's bytes) has no autocast to ask
+    about: asking raised there."""
+    ours = PatchProduct(PatchEmbed(kernel_size=(16, 16), stride=(16, 16), embed_dim=8)).to("meta")
+    assert ours(torch.zeros(1, 3, 32, 32, device="meta")).shape == (1, 2, 2, 8)

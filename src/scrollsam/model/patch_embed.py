@@ -46,9 +46,10 @@ class PatchProduct(nn.Module):
         if h % ph or w % pw:  # the convolution would drop the remainder
             raise ValueError(f"PatchProduct: image {h} x {w} is not a whole number of "
                              f"{ph} x {pw} patches")
-        kind = x.device.type
-        if torch.is_autocast_enabled(kind):  # cut the patches from the image autocast
-            x = x.to(torch.get_autocast_dtype(kind))  # would cast: half the bytes copied
+        kind = x.device.type  # (``meta`` has no autocast to ask: benchmarks/step_traffic.py)
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            x = x.to(torch.get_autocast_dtype(kind))  # cut the patches from the image autocast
+            # would cast: half the bytes copied
         patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(b, h // ph, w // pw, c * ph * pw)  # (B, H/P, W/P, C P P)
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (E, C P P), same order
