@@ -69,11 +69,11 @@ def case_named(name: str) -> Case:
 # In order of importance: the budget cuts from the end.
 GPU_CASES = [
     # FusedAttention's own choice (what training runs): triton for the 64 x 64 global blocks,
-    # fold for the windowed ones; chosen from the block timings, the step not yet timed. The
-    # eager cases first: they count the FLOPs the compiled cases' shares of peak need
+    # fold for the windowed ones. The eager cases first: they count the FLOPs the compiled
+    # cases' shares of peak need
     Case("vit_b", 1024, 4, "auto"),
     Case("vit_b", 1024, 4, "official"),
-    Case("vit_b", 1024, 32, "auto", compile=True),  # compiles for minutes (224 s on an H100)
+    Case("vit_b", 1024, 32, "auto", compile=True),  # compiles for minutes (175-200 s)
     Case("vit_b", 1024, 16, "auto", compile=True),
     Case("vit_b", 1024, 4, "fold"),
     Case("vit_b", 1024, 4, "triton"),  # the bias inside scrollsam's kernel
@@ -143,7 +143,6 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     ``step()`` then returns nan)."""
     from scrollsam import build_model
     from scrollsam.config import LossConfig, PromptConfig, load_config
-    from scrollsam.device import tune_for_fixed_shapes
     from scrollsam.model.assemble import model_from_config
     from scrollsam.model.attention import fuse_attention
     from scrollsam.model.compile import compile_model
@@ -174,8 +173,6 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     params = [p for p in model.parameters() if p.requires_grad]  # the whole model, or as set
     # as train.compile does it: the encoder, the decoder, then static prompt sets
     static = case.compile and compile_model(model, device=device, backend=compile_backend)
-    if static:  # as the training loop does
-        tune_for_fixed_shapes(device)
     opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(case.batch, chans, case.size, case.size, generator=gen).to(device)

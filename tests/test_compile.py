@@ -81,11 +81,10 @@ def test_static_prompt_sets_only_with_a_compiled_decoder(available, monkeypatch,
     one shape per round, waste for an eager one where compile cannot run. Only then are the
     shapes fixed enough for cuDNN to time each convolution once (eager, the prompt masks'
     convolutions see a new number of sets most steps)."""
-    from scrollsam.train import loop
     from scrollsam.train.loop import setup
 
     tuned = []
-    monkeypatch.setattr(loop, "tune_for_fixed_shapes", tuned.append)
+    monkeypatch.setattr(compile_mod, "tune_for_fixed_shapes", tuned.append)
     dynamo.reset()
     if available:
         monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")

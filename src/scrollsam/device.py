@@ -26,8 +26,9 @@ def resolve_device(name: str = "auto", *, setting: str = "device") -> torch.devi
 def tune_for_fixed_shapes(device: torch.device) -> None:
     """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the
     fastest (``torch.backends.cudnn.benchmark``); elsewhere nothing. For runs whose shapes are
-    fixed: prediction (batches of tiles of one size) and compiled training (``train.compile``:
-    static prompt sets, the last partial batch dropped). Eager training leaves it off: there the
+    fixed: prediction (batches of tiles of one size) and compiled training
+    (:func:`scrollsam.model.compile.compile_model`: static prompt sets, the last partial batch
+    dropped). Eager training leaves it off: there the
     prompt encoder's mask convolutions see a new number of sets most steps, and each new shape
     would be timed. Measured: ``benchmarks/README.md``."""
     if device.type == "cuda":

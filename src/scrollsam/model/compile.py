@@ -30,6 +30,8 @@ import shutil
 import torch
 from torch import nn
 
+from scrollsam.device import tune_for_fixed_shapes
+
 log = logging.getLogger(__name__)
 
 BACKEND = "inductor"  # tests swap in "aot_eager": the same graphs and guards, no C++ build
@@ -65,7 +67,9 @@ def compile_model(model: nn.Module, *, device: torch.device | str,
     the training loss's per-pixel terms (``model.compiled_loss``: the step's loss passes it on
     to :func:`scrollsam.mask_loss.pixel_terms`, dynamic shapes). True when the encoder and
     decoder compiled: only then should the step decode static prompt sets (every set in every
-    round), which buy a compiled decoder one shape per round and an eager one extra work."""
+    round), which buy a compiled decoder one shape per round and an eager one extra work; then,
+    too, cuDNN times its convolutions once per shape
+    (:func:`scrollsam.device.tune_for_fixed_shapes`)."""
     if compile_unavailable(device, backend) is None:  # a new run: dynamo's recompile limit
         import torch._dynamo  # (8 graphs per function) anew, as in a sweep's next trial
 
@@ -76,7 +80,8 @@ def compile_model(model: nn.Module, *, device: torch.device | str,
     model.compiled_loss = backend or BACKEND
     log.info("training loss's per-pixel terms compiled (%s, dynamic shapes)",
              model.compiled_loss)
-    return True
+    tune_for_fixed_shapes(torch.device(device))  # one shape per round: cuDNN may time each
+    return True  # convolution once (eager steps change the prompt masks' shapes)
 
 
 def compile_decoder(model: nn.Module, *, device: torch.device | str,

@@ -34,7 +34,7 @@ from scrollsam.data.augment import Augment
 from scrollsam.data.dataset import TileDataset, make_datasets
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
-from scrollsam.device import resolve_device, tune_for_fixed_shapes
+from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError
 from scrollsam.losses import scalar_parts
 from scrollsam.model.assemble import model_from_config, uses_embedding_cache
@@ -130,8 +130,6 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
                  world.rank, world.size, global_batch(cfg, world.size), world.size,
                  cfg.train.batch_size, cfg.train.accumulate)
     static = bool(cfg.train.compile and compile_model(model, device=device))
-    if static:  # one shape per round: cuDNN may time each convolution once
-        tune_for_fixed_shapes(device)
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
