@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scrollsam import build_model
 from scrollsam.model import rel_attention
-from scrollsam.model.attention import FusedAttention, FusedBlock, fuse_attention
-from scrollsam.model.patch_embed import fuse_patch_embed
+from scrollsam.model.attention import FusedAttention, FusedBlock
+from scrollsam.model.build import fuse_encoder
 
 FUSED_MODES = ("fold", "bias", "triton", "explicit")  # explicit last: not timed by default
 # (name, token grid side, grids in a batch, window: 0 for attention over the whole grid):
@@ -70,8 +70,7 @@ def check_paths(device: torch.device, *, model: str = "vit_b", size: int = 256,
         try:
             enc = copy.deepcopy(official)
             enc.zero_grad(set_to_none=True)
-            fuse_attention(enc, mode=mode)
-            fuse_patch_embed(enc)  # the encoder training builds (build_model, "fused")
+            fuse_encoder(enc, mode=mode)  # the encoder training builds (build_model)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 out[f"{mode}_bf16"] = float((enc(x).float() - ref).norm() / ref.norm())
             got = enc(x)

@@ -180,8 +180,8 @@ def _weighted_sums(weights: Tensor, values: Tensor) -> Tensor:
     there); elsewhere a product and a sum, which ``torch.compile`` fuses with the terms into
     one pass over the pixels (eager, it makes a [c, a, M, L] temporary: a x the chunk, at most
     256 MiB on CUDA, read once). On an H100 cuBLAS ran a product this thin (a = 2, M = 3, L a
-    million pixels) in a small-N float32 kernel at 4.9 ms a call, 4 calls a step at 1024 px,
-    batch 16 (``bench_gpu.py --profile``), where one pass over its inputs takes under 0.1 ms."""
+    million pixels) in a slow small-N float32 kernel (README, Performance), where one pass over
+    its inputs is all the work there is."""
     if weights.device.type in PRODUCT_SUMS_ON:
         return torch.bmm(weights, values.transpose(1, 2))
     return (weights[:, :, None] * values[:, None]).sum(-1)

@@ -73,6 +73,14 @@ VARIANTS: dict[str, EncoderSpec] = {
 ATTENTION = ("fused", "official")
 
 
+def fuse_encoder(encoder: ImageEncoderViT, *, mode: str = "auto") -> None:
+    """An official ``ImageEncoderViT`` made the one ``attention="fused"`` builds, in place:
+    :class:`~scrollsam.model.attention.FusedAttention` of ``mode`` in every block, and the
+    patch convolution as one matrix product (:mod:`scrollsam.model.patch_embed`)."""
+    fuse_attention(encoder, mode=mode)
+    fuse_patch_embed(encoder)
+
+
 def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int,
                attention: str = "fused") -> Sam:
     grid = image_size // PATCH
@@ -92,8 +100,7 @@ def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int,
         in_chans=in_chans,
     )
     if attention == "fused":
-        fuse_attention(encoder)
-        fuse_patch_embed(encoder)  # the patch convolution as one matrix product
+        fuse_encoder(encoder)
     prompt_encoder = PromptEncoder(
         embed_dim=PROMPT_DIM,
         image_embedding_size=(grid, grid),
