@@ -46,8 +46,8 @@ in order of importance and stop at ``--budget-s`` (the rest are listed as skippe
 that runs out of memory is recorded as such and the next one runs. The JSON is rewritten after
 every part, so a run stopped at its time limit keeps what it measured.
 
-The ``gpu_*`` entries registered below run the same step under ``benchmarks/run.py`` (``make
-bench`` on a CUDA machine) as an official-vs-scrollsam comparison.
+The ``gpu_train_*`` entries of ``make bench`` (``bench_gpu_train.py``) time the same step, the
+official path against scrollsam's, with the speed and memory goals as pass / fail.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ try:  # standalone on a machine where scrollsam is not installed: use the checko
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import compare, cuda_sync, machine_info, measure, needs_cuda, register  # noqa: E402
+from common import machine_info, measure  # noqa: E402
 from gpu_attention import check_paths, format_blocks, time_blocks  # noqa: E402
 from gpu_profile import profile_step  # noqa: E402
 from gpu_step import (  # noqa: E402
@@ -85,7 +85,16 @@ from gpu_step import (  # noqa: E402
 
 from scrollsam.model import rel_attention  # noqa: E402
 
-PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
+PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 (the smoke run's stand-in)
+# Dense bf16 peaks (TFLOP/s, NVIDIA's data sheets) by a part of the CUDA device name, checked in
+# order: the PCIe and NVL H100s run slower clocks than the SXM part the plain name matches.
+CARD_PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+              ("A100", 312.0))
+
+
+def card_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the card called ``device_name``; None for one not listed."""
+    return next((peak for part, peak in CARD_PEAKS if part in device_name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -231,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated names of cases run to profile too, 3 steps after "
                         "their timing (gpu_profile: reports under --out's folder as "
                         "profile_CASE.txt)")
-    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                        help=f"dense bf16 peak of the card (default {PEAK_TFLOPS:g}: H100/H200)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="dense bf16 peak of the card (default: the card's, from "
+                        f"CARD_PEAKS; {PEAK_TFLOPS:g} with --smoke)")
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -256,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                      "cases run (--cases)")
 
     machine = machine_info()
+    peak_tflops = args.peak_tflops or (PEAK_TFLOPS if args.smoke
+                                       else card_peak_tflops(machine["device"]))
+    if peak_tflops is None:
+        parser.error(f"no dense bf16 peak known for {machine['device']!r}: give --peak-tflops")
     print(f"device {machine['device']}, torch {machine['torch']}, {len(cases)} cases, "
           f"{steps} timed steps after {warmup} warm-up", flush=True)
     start = time.perf_counter()
@@ -267,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print("fused vs official, relative difference: " + ", ".join(
         f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in exactness.items()),
         flush=True)
-    doc: dict[str, Any] = {"machine": machine, "peak_tflops": args.peak_tflops,
+    doc: dict[str, Any] = {"machine": machine, "peak_tflops": peak_tflops,
                            "smoke": args.smoke, "exactness": exactness, "steps": steps,
                            "warmup": warmup}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_case(case, device, steps=steps, warmup=warmup, compile_backend=backend,
                      profile_to=where)
         results[case.name] = r
-        add_mfu(results, args.peak_tflops * 1e12)
+        add_mfu(results, peak_tflops * 1e12)
         save()
         shown = (f"{r['images_per_s']:.1f} img/s" if "images_per_s" in r else r.get("error"))
         print(f"  {case.name}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -303,78 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(results))
     print(f"\n{wall:.0f} s; written to {args.out}")
     return 0 if all("error" not in r for r in results.values()) else 1
-
-
-# --- entries for benchmarks/run.py (make bench on a CUDA machine) ------------------------------
-
-
-def _repeats(quick: bool) -> dict[str, int]:
-    return {"repeats": 3, "warmup": 1} if quick else {"repeats": 10, "warmup": 3}
-
-
-def _train_official_vs_ours(size: int, batch: int, quick: bool) -> dict[str, Any]:
-    dev = torch.device("cuda")
-    official, _m1 = make_step(Case("vit_b", size, batch, "official"), dev)
-    ours, _m2 = make_step(Case("vit_b", size, batch, "fold"), dev)
-    result = compare(official, ours, sync=cuda_sync, **_repeats(quick))
-    result["metrics"] = {"images_per_s_official": batch / result["baseline_s"],
-                         "images_per_s_ours": batch / result["ours_s"]}
-    result["settings"] = {"model": "vit_b", "image_size": size, "batch": batch,
-                          "trainable": "all", "autocast": "bf16", "optimizer": "AdamW",
-                          "step": "prompted_forward, default prompts and losses"}
-    return result
-
-
-def _setup_encoder(image_size: int, batch: int) -> tuple[Any, torch.Tensor]:
-    from scrollsam import build_model
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = build_model("vit_b", image_size=image_size)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, device="cuda", generator=gen)
-    torch.cuda.reset_peak_memory_stats()
-    return model, images
-
-
-def _encoder(image_size: int, batch: int, quick: bool) -> dict[str, Any]:
-    model, images = _setup_encoder(image_size, batch)
-    model.eval()
-
-    def encode() -> None:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model.encode(images)
-
-    result = measure(encode, sync=cuda_sync, **_repeats(quick))
-    result["metrics"] = {"images_per_s": batch / result["seconds"],
-                         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
-    result["settings"] = {"model": "vit_b", "image_size": image_size, "batch": batch,
-                          "autocast": "bf16", "mode": "inference_mode"}
-    return result
-
-
-@register("gpu_train_vit_b_1024_bf16", goal=None, needs=needs_cuda,
-          about="vit_b real training step at 1024 px, bf16: official vs fused attention")
-def gpu_train_vit_b_1024_bf16(quick: bool) -> dict[str, Any]:
-    return _train_official_vs_ours(1024, 2, quick)
-
-
-@register("gpu_train_vit_b_256_bf16", goal=None, needs=needs_cuda,
-          about="vit_b real training step at 256 px, bf16: official vs fused attention")
-def gpu_train_vit_b_256_bf16(quick: bool) -> dict[str, Any]:
-    return _train_official_vs_ours(256, 32, quick)
-
-
-@register("gpu_encoder_vit_b_1024_bf16", goal=None, needs=needs_cuda,
-          about="vit_b encoder-only inference at 1024 px, bf16 autocast: images/s")
-def gpu_encoder_vit_b_1024_bf16(quick: bool) -> dict[str, Any]:
-    return _encoder(1024, 8, quick)
-
-
-@register("gpu_encoder_vit_b_256_bf16", goal=None, needs=needs_cuda,
-          about="vit_b encoder-only inference at 256 px, bf16 autocast: images/s")
-def gpu_encoder_vit_b_256_bf16(quick: bool) -> dict[str, Any]:
-    return _encoder(256, 64, quick)
 
 
 if __name__ == "__main__":

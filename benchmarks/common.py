@@ -50,19 +50,43 @@ from typing import Any
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
+try:  # a GPU machine without network has torch but not scrollsam installed: use src/
+    import scrollsam  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(BENCH_DIR.parent / "src"))
 WORK_DIR = BENCH_DIR / "_work"  # git-ignored scratch space for synthetic fragments
 RESULTS = BENCH_DIR / "results.json"
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One registered entry: ``run(quick) -> dict``; ``goal`` is a minimum ``ratio`` (or None)."""
+    """One registered entry: ``run(quick) -> dict``; ``goal`` is a minimum ``ratio`` (or None);
+    ``targets`` bounds on its ``metrics``: ``{"images_per_s": (">=", 60.0)}``."""
 
     name: str
     run: Callable[[bool], dict[str, Any]]
     goal: float | None
     about: str
     needs: Callable[[], str | None] = field(default=lambda: None)
+    targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def goal_text(self) -> str:
+        """``>= 2.5``, ``images_per_s >= 60``, both, or ``-``."""
+        parts = [f">= {self.goal:g}"] if self.goal is not None else []
+        parts += [f"{name} {op} {value:g}" for name, (op, value) in self.targets.items()]
+        return ", ".join(parts) or "-"
+
+    def passed(self, result: dict[str, Any]) -> bool | None:
+        """Whether ``result`` meets the goal and every target (a metric it lacks fails);
+        None for an entry with neither."""
+        if self.goal is None and not self.targets:
+            return None
+        ok = self.goal is None or result.get("ratio", 0.0) >= self.goal
+        metrics = result.get("metrics", {})
+        for name, (op, value) in self.targets.items():
+            got = metrics.get(name)
+            ok = ok and got is not None and (got >= value if op == ">=" else got <= value)
+        return bool(ok)
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -74,17 +98,23 @@ def register(
     goal: float | None,
     about: str,
     needs: Callable[[], str | None] | None = None,
+    targets: dict[str, tuple[str, float]] | None = None,
 ) -> Callable[[Callable[[bool], dict[str, Any]]], Callable[[bool], dict[str, Any]]]:
     """Decorator: add ``fn(quick) -> dict`` to the registry under ``name``.
 
     ``goal``: the minimum ratio that passes (None: a measurement without a goal).
     ``needs``: returns None when the entry can run here, else the reason it is skipped.
+    ``targets``: absolute goals on the result's ``metrics``, ``{name: (">=" | "<=", value)}``
+    (an entry passes when the ratio meets ``goal`` and every target holds).
     """
+    targets = dict(targets or {})
+    if any(op not in (">=", "<=") for op, _ in targets.values()):
+        raise ValueError(f"benchmark {name!r}: a target's test is '>=' or '<=': {targets}")
 
     def add(fn: Callable[[bool], dict[str, Any]]) -> Callable[[bool], dict[str, Any]]:
         if name in REGISTRY:
             raise ValueError(f"benchmark {name!r} registered twice")
-        REGISTRY[name] = Benchmark(name, fn, goal, about, needs or (lambda: None))
+        REGISTRY[name] = Benchmark(name, fn, goal, about, needs or (lambda: None), targets)
         return fn
 
     return add
@@ -317,7 +347,7 @@ def settings_text(settings: dict[str, Any]) -> str:
 
 def table_row(bench: Benchmark, result: dict[str, Any]) -> list[str]:
     """name, baseline, scrollsam, ratio, goal, status, settings (or the skip / error note)."""
-    goal = f">= {bench.goal:g}" if bench.goal is not None else "-"
+    goal = bench.goal_text()
     if "skipped" in result:
         return [bench.name, "-", "-", "-", goal, "skipped", result["skipped"]]
     if "error" in result:
