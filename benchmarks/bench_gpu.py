@@ -11,8 +11,10 @@ configs train it): bf16 autocast, :func:`scrollsam.train.step.prompted_forward` 
 prompts (``PromptConfig()``: 2 sets per tile, mixed point / box first prompts, 2 corrective
 rounds with mask feedback, a quarter prompt-free) and losses (``LossConfig()``: focal + dice +
 IoU), backward, gradient clipping at 1, fused AdamW, and the loss read back (the loop logs it).
-Inputs are random images on the device and blob-shaped ink labels on the host, pinned, as the
-training loader gives them (speed does not depend on the values). Reported per case:
+Inputs are random images and blob-shaped ink labels on the host, pinned, as the training loader
+gives them, and the loop's prefetch moves them (:mod:`scrollsam.train.prefetch`: each batch is
+copied on a side stream while the step before runs); speed does not depend on the values.
+Reported per case:
 
 - ``images_per_s``: batch / the median of ``--steps`` timed steps after ``--warmup`` (the first
   compiles);

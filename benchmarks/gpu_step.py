@@ -8,6 +8,7 @@ the runner.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -150,6 +151,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     from scrollsam.train import prompt_sets
     from scrollsam.train.forward import LossModule
     from scrollsam.train.optim import make_optimizer
+    from scrollsam.train.prefetch import DevicePrefetch
     from scrollsam.train.step import prompted_forward
 
     torch.manual_seed(0)
@@ -175,12 +177,15 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     static = case.compile and compile_model(model, device=device, backend=compile_backend)
     opt = make_optimizer(params, lr=1e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(case.batch, chans, case.size, case.size, generator=gen).to(device)
-    # the truth stays on the host, pinned, as the training loader gives it
+    images = torch.randn(case.batch, chans, case.size, case.size, generator=gen)
     label = blob_labels(case.batch, case.size, device=torch.device("cpu"), gen=gen)
     valid = torch.ones_like(label)  # (B, 1, S, S)
-    if device.type == "cuda":
-        label, valid = label.pin_memory(), valid.pin_memory()
+    if device.type == "cuda":  # the batch comes pinned, through the loop's prefetch (a copy
+        host = {"image": images.pin_memory(), "label": label.pin_memory(),  # on a side stream
+                "valid": valid.pin_memory()}  # while the step before runs)
+        batches = DevicePrefetch(itertools.repeat(host), device)
+    else:  # (the images made on the device, the truth on the host: the step moves it)
+        batches = itertools.repeat({"image": images.to(device), "label": label, "valid": valid})
     if case.prompts == "free":
         prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
     elif case.prompts == "center":
@@ -194,8 +199,9 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     def step() -> float:
         seeds = prompt_sets.tile_seeds(0, range(drawn[0], drawn[0] + case.batch))
         drawn[0] += case.batch
+        batch = next(batches)
         with (cast or partial(autocast_for, device, True))():
-            out = loss_of(images, label, valid, seeds)
+            out = loss_of(batch["image"], batch["label"], batch["valid"], seeds)
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -13,6 +13,7 @@ from scrollsam.cli import main
 from scrollsam.config import load_config
 from scrollsam.doctor import run_doctor
 from scrollsam.errors import ConfigError, FragmentError, RunDirError
+from scrollsam.train import loop
 from scrollsam.train.loop import TrainingError, train
 from scrollsam.train.optim import lr_at, make_optimizer
 
@@ -136,7 +137,16 @@ def test_nan_found_later_names_its_own_step_and_saves_its_own_batch(data, tmp_pa
     assert torch.equal(saved["label"], seen[1])  # the batch of step 1, rebuilt exactly
 
 
-def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tmp_path):
+def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tmp_path,
+                                                                         monkeypatch):
+    kept: list[frozenset] = []  # what the batches' prefetch to a GPU would leave on the host
+
+    class Spy(loop.DevicePrefetch):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            kept.append(self.host)
+
+    monkeypatch.setattr(loop, "DevicePrefetch", Spy)
     with pytest.raises(ConfigError, match="frozen image encoder"):
         train(_cfg(data, tmp_path / "a", "train.cache=memory",
                    "model.trainable=[image_encoder,mask_decoder]"), progress=False)
@@ -144,6 +154,9 @@ def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tm
                      "model.trainable=[mask_decoder]"), progress=False)
     hits = _scalars(run, "train/cache_hits")
     assert max(hits.values()) > 0  # tiles repeat: embeddings were reused
+    # the cache hashes the images on the host: they must not be sent to the device first
+    train(_cfg(data, tmp_path / "c", "train.steps=1"), progress=False)
+    assert kept == [frozenset({"image"}), frozenset()]
 
 
 def test_lr_schedule_warms_up_then_decays():

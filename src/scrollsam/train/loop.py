@@ -1,10 +1,11 @@
 """The training loop, top to bottom: ``scrollsam train`` and :func:`train`.
 
 Per step: learning rate from the schedule (a pure function of the step), ``accumulate`` micro
-batches of B tiles (embeddings from the cache when the encoder is frozen), the prompted forward
-pass of :mod:`.step` under autocast (:mod:`scrollsam.precision`), a NaN/inf guard, gradient
-clipping, the optimizer step; then logging, validation (prompt-free F0.5 and its best threshold,
-keeping ``best.pt``), and ``last.pt``. Data order and prompts are pure functions of (seed,
+batches of B tiles (on a GPU copied there a step ahead, :mod:`.prefetch`; embeddings from the
+cache when the encoder is frozen), the prompted forward pass of :mod:`.step` under autocast
+(:mod:`scrollsam.precision`), a NaN/inf guard, gradient clipping, the optimizer step; then
+logging, validation (prompt-free F0.5 and its best threshold, keeping ``best.pt``), and
+``last.pt``. Data order and prompts are pure functions of (seed,
 sample index) (:mod:`.order`), so a resumed run continues exactly where the killed one stopped.
 The run dir is locked and prepared by :mod:`.rundir`; Ctrl-C and SIGTERM end the run after the
 current step with ``last.pt`` written (:mod:`.stop`).
@@ -57,6 +58,7 @@ from scrollsam.train.forward import wrap_for_ranks
 from scrollsam.train.guard import Losses, nan_guard, out_of_memory
 from scrollsam.train.optim import lr_at, make_optimizer
 from scrollsam.train.order import RankSamples, global_batch, samples
+from scrollsam.train.prefetch import DevicePrefetch
 from scrollsam.train.progress import DataWait, Progress
 from scrollsam.train.prompt_sets import tile_seeds
 from scrollsam.train.ranks import Ranks, TrainingError
@@ -272,8 +274,10 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
-    batches = DataWait(_batches(s, state.step), workers=cfg.data.workers,
-                       device=s.device.type)
+    # on a GPU each batch crosses to it while the step before runs; the cache hashes images
+    batches = DataWait(DevicePrefetch(_batches(s, state.step), s.device,
+                                      host=("image",) if s.cache is not None else ()),
+                       workers=cfg.data.workers, device=s.device.type)
     bar = Progress(total=cfg.train.steps, initial=state.step,
                    enabled=progress and world.main).start()
     tiles_seen, t0 = 0, time.perf_counter()
@@ -295,7 +299,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                 with contextlib.nullcontext() if last else no_sync():
                     failure = None
                     try:
-                        batch = next(batches)  # CPU tensors: the step moves what it needs
+                        batch = next(batches)  # on the device (CUDA) or the host
                         seeds = tile_seeds(cfg.train.seed, samples(step, micro, cfg=cfg,
                                                                         world=s.ranks.world))
                         with _autocast(s):
