@@ -22,11 +22,12 @@ is scrollsam's throughput over the official path's. A compiled case warms up for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from bench_gpu import add_mfu, card_peak_tflops, run_case
-from common import cuda_sync, measure, needs_cuda, register
+from common import compare, cuda_sync, measure, needs_cuda, register
 from gpu_step import Case
 
 
@@ -131,3 +132,49 @@ def gpu_encoder_vit_b_1024_bf16(quick: bool) -> dict[str, Any]:
           about="vit_b encoder-only inference at 256 px, bf16 autocast: images/s")
 def gpu_encoder_vit_b_256_bf16(quick: bool) -> dict[str, Any]:
     return _encoder(256, 64, quick)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def validation_host_vs_device(model_type: str, size: int, batch: int, *, device: torch.device,
+                              quick: bool) -> dict[str, Any]:
+    """Validation's prompt-free pass over 2 batches of random tiles: baseline, the batches as
+    the loader gives them and numpy's histogram on the host; ours, the batches prefetched
+    (pinned, on CUDA) and the histogram counted on the device."""
+    from scrollsam import build_model
+    from scrollsam.precision import autocast_for
+    from scrollsam.train.prefetch import DevicePrefetch
+    from scrollsam.train.validate import _histogram
+
+    torch.manual_seed(0)
+    with device:
+        model = build_model(model_type, image_size=size, attention="fused").eval()
+    gen = torch.Generator().manual_seed(0)
+    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
+    batches = [{"image": pin(torch.randn(batch, 3, size, size, generator=gen)),
+                "label": pin((torch.rand(batch, 1, size, size, generator=gen) > 0.7).float()),
+                "valid": pin(torch.ones(batch, 1, size, size))} for _ in range(2)]
+
+    def score(on_device: bool) -> Callable[[], object]:
+        def run() -> object:
+            given = DevicePrefetch(batches, device) if on_device else batches
+            return _histogram(model, None, given, device=device, on_device=on_device,
+                              autocast=lambda: autocast_for(device, True))
+        return run
+
+    result = compare(score(False), score(True), sync=cuda_sync if device.type == "cuda" else None,
+                     **({"repeats": 2, "warmup": 1} if quick else {"repeats": 5, "warmup": 1}))
+    tiles = 2 * batch
+    result["metrics"] = {"tiles_per_s_host": tiles / result["baseline_s"],
+                         "tiles_per_s_device": tiles / result["ours_s"]}
+    result["settings"] = {"model": model_type, "image_size": size, "tiles": tiles,
+                          "batch": batch, "autocast": "bf16", "attention": "fused"}
+    return result
+
+
+@register("gpu_validate_vit_b_1024", goal=None, needs=needs_cuda,
+          about="validation's prompt-free pass, vit_b at 1024 px, 2 batches of 32 tiles: "
+                "histogram by numpy on the host vs on the GPU, batches prefetched")
+def gpu_validate_vit_b_1024(quick: bool) -> dict[str, Any]:
+    return validation_host_vs_device("vit_b", 1024, 32, device=torch.device("cuda"), quick=quick)

@@ -97,3 +97,12 @@ def test_goal_entry_times_both_cases_per_image_and_shares_the_official_work():
         official_flops * metrics["images_per_s"] / 1e12)
     assert "peak_gb" not in metrics  # no GPU memory on a CPU
     assert result["settings"]["peak_tflops"] == 1.0
+
+
+def test_validation_entry_times_the_host_and_the_device_histogram():
+    import torch
+    from bench_gpu_train import validation_host_vs_device
+
+    result = validation_host_vs_device("tiny", 64, 2, device=torch.device("cpu"), quick=True)
+    assert result["ratio"] > 0 and result["metrics"]["tiles_per_s_device"] > 0
+    assert result["settings"]["tiles"] == 4

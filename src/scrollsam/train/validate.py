@@ -2,16 +2,18 @@
 scores at the best threshold.
 
 Under torchrun the tiles are shared out (tile i to rank i % W), each process counts its
-predictions in a :class:`ProbabilityHistogram`, and the histograms are summed over processes
-(one all-reduce of their integer counts), so every process finds the same best threshold and
-scores, equal to what one process finds over all tiles (up to the float rounding of
-predictions made in other batches).
+predictions in a :class:`ProbabilityHistogram` (on a GPU counted there and copied back once:
+:mod:`.histogram`; the batches cross a step ahead: :mod:`.prefetch`), and the histograms are
+summed over processes (one all-reduce of their integer counts), so every process finds the same
+best threshold and scores, equal to what one process finds over all tiles (up to the float
+rounding of predictions made in other batches).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.distributed import all_reduce_sum
 from scrollsam.train.forward import encode_tiles
+from scrollsam.train.histogram import DeviceHistogram
+from scrollsam.train.prefetch import DevicePrefetch
 from scrollsam.train.ranks import Ranks
 from scrollsam.train.stop import ignore_stop_signals
 
@@ -32,19 +36,25 @@ def my_tiles(count: int, ranks: Ranks) -> range:
 
 
 @torch.no_grad()
-def _histogram(model: SamSegmenter, cache: EmbeddingCache | None, loader: DataLoader, *,
-               device: torch.device,
-               autocast: Callable[[], contextlib.AbstractContextManager]
-               ) -> ProbabilityHistogram:
-    hist = ProbabilityHistogram()
-    for batch in loader:
+def _histogram(model: SamSegmenter, cache: EmbeddingCache | None,
+               batches: Iterable[dict[str, Any]], *, device: torch.device,
+               autocast: Callable[[], contextlib.AbstractContextManager],
+               on_device: bool) -> ProbabilityHistogram:
+    """The histogram of the prompt-free probabilities of ``batches``; ``on_device``: counted
+    where they are predicted (:class:`.histogram.DeviceHistogram`, for a GPU) rather than by
+    numpy on the host (faster on a CPU)."""
+    hist, counts = ProbabilityHistogram(), DeviceHistogram()
+    for batch in batches:
         with autocast():
             emb, pixels = encode_tiles(model, cache, batch["image"], device=device)
             logits = model.refine(model.decode(emb)[0], pixels)  # (B, 1, S/4 or S, ..)
-        prob = torch.sigmoid(model.upscale(logits.float())).cpu()  # (B, 1, S, S)
-        hist.add(prob[:, 0].numpy(), batch["label"][:, 0].numpy() > 0.5,
-                 batch["valid"][:, 0].numpy() > 0.5)
-    return hist
+        prob = torch.sigmoid(model.upscale(logits.float()))  # (B, 1, S, S)
+        ink, valid = batch["label"][:, 0] > 0.5, batch["valid"][:, 0] > 0.5  # (B, S, S)
+        if on_device:
+            counts.add(prob[:, 0], ink.to(device), valid.to(device))
+        else:
+            hist.add(prob[:, 0].cpu().numpy(), ink.cpu().numpy(), valid.cpu().numpy())
+    return counts.histogram() if on_device else hist
 
 
 def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.utils.data.Dataset,
@@ -58,10 +68,15 @@ def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.uti
         return {}
     model.eval()
     loader = DataLoader(Subset(tiles, my_tiles(len(tiles), ranks)), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals)
+                        shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals,
+                        pin_memory=device.type == "cuda")
+    # on a GPU: each batch copied while the one before is scored (the cache hashes images on
+    # the host), the probabilities counted there
+    batches = DevicePrefetch(loader, device, host=("image",) if cache is not None else ())
     hist, failure = ProbabilityHistogram(), None
     try:
-        hist = _histogram(model, cache, loader, device=device, autocast=autocast)
+        hist = _histogram(model, cache, batches, device=device, autocast=autocast,
+                          on_device=device.type == "cuda")
     except Exception as err:  # every process must hear of it before the sum below
         failure = err
     finally:
