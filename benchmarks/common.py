@@ -50,10 +50,13 @@ from typing import Any
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
+SRC_DIR = BENCH_DIR.parent / "src"
 try:  # a GPU machine without network has torch but not scrollsam installed: use src/
     import scrollsam  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(BENCH_DIR.parent / "src"))
+except ModuleNotFoundError as err:  # (an installed scrollsam missing a dependency says so)
+    if err.name != "scrollsam":
+        raise
+    sys.path.insert(0, str(SRC_DIR))
 WORK_DIR = BENCH_DIR / "_work"  # git-ignored scratch space for synthetic fragments
 RESULTS = BENCH_DIR / "results.json"
 
@@ -264,18 +267,27 @@ def in_fresh_process(module: str, func: str, quick: bool) -> dict[str, Any]:
 
     For memory entries: the peak resident memory of a fresh process is not inflated by what
     earlier entries left in this one's heap. The child imports scrollsam before torch, as the
-    CLI does, and inherits this process's environment.
+    CLI does (from ``src/`` where it is not installed, as here), and inherits this process's
+    environment.
     """
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import importlib, json, sys; sys.path.insert(0, sys.argv[1]); import scrollsam; "
-        "r = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(sys.argv[4] == '1'); "
-        "open(sys.argv[5], 'w').write(json.dumps(r))"
-    )
+    code = "\n".join([
+        "import importlib, json, sys",
+        "sys.path.insert(0, sys.argv[1])",
+        "try:",
+        "    import scrollsam",
+        "except ModuleNotFoundError as err:",
+        "    if err.name != 'scrollsam':",
+        "        raise",
+        "    sys.path.insert(0, sys.argv[6])",
+        "    import scrollsam",
+        "r = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(sys.argv[4] == '1')",
+        "open(sys.argv[5], 'w').write(json.dumps(r))",
+    ])
     with tempfile.TemporaryDirectory(dir=WORK_DIR) as tmp:
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), module, func,
-                        "1" if quick else "0", str(out)], check=True)
+                        "1" if quick else "0", str(out), str(SRC_DIR)], check=True)
         return json.loads(out.read_text())
 
 
@@ -359,8 +371,11 @@ def table_row(bench: Benchmark, result: dict[str, Any]) -> list[str]:
         base = "-"
         ours = " ".join(f"{k}={v:.4g}" for k, v in result.get("metrics", {}).items()) or "-"
     status = {True: "pass", False: "FAIL", None: "-"}[result.get("passed")]
+    metrics = result.get("metrics", {})  # what the targets judged, first: a FAIL says why
+    judged = [f"{k}={metrics[k]:.4g}" if k in metrics else f"{k} not measured"
+              for k in bench.targets] if "baseline_s" in result else []
     return [bench.name, base, ours, f"{ratio:.2f}x" if ratio is not None else "-", goal, status,
-            settings_text(result.get("settings", {}))]
+            " ".join([*judged, settings_text(result.get("settings", {}))])]
 
 
 def format_table(rows: list[list[str]]) -> str:

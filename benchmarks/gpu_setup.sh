@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a GPU machine that has torch but no network for benchmarks/bench_gpu.py: install the
 # segment-anything wheel from wheels/ (git-ignored; carry it with the working tree). scrollsam
-# itself is not installed: bench_gpu.py puts src/ on its path when scrollsam is not importable.
+# itself is not installed: bench_gpu.py and run.py (through common.py) put src/ on their path
+# when scrollsam is not importable.
 #
 # Get the wheel once, on a machine with network, from the repository root:
 #   .venv/bin/pip download --no-deps -d wheels segment-anything==1.0

@@ -180,12 +180,14 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     images = torch.randn(case.batch, chans, case.size, case.size, generator=gen)
     label = blob_labels(case.batch, case.size, device=torch.device("cpu"), gen=gen)
     valid = torch.ones_like(label)  # (B, 1, S, S)
+    has_ink = ((label > 0.5) & (valid > 0.5)).flatten(1).any(1)  # (B,) the dataset's flags
     if device.type == "cuda":  # the batch comes pinned, through the loop's prefetch (a copy
         host = {"image": images.pin_memory(), "label": label.pin_memory(),  # on a side stream
-                "valid": valid.pin_memory()}  # while the step before runs)
+                "valid": valid.pin_memory(), "has_ink": has_ink}  # while the step before runs)
         batches = DevicePrefetch(itertools.repeat(host), device)
     else:  # (the images made on the device, the truth on the host: the step moves it)
-        batches = itertools.repeat({"image": images.to(device), "label": label, "valid": valid})
+        batches = itertools.repeat({"image": images.to(device), "label": label, "valid": valid,
+                                    "has_ink": has_ink})
     if case.prompts == "free":
         prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
     elif case.prompts == "center":
@@ -201,7 +203,8 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
         drawn[0] += case.batch
         batch = next(batches)
         with (cast or partial(autocast_for, device, True))():
-            out = loss_of(batch["image"], batch["label"], batch["valid"], seeds)
+            out = loss_of(batch["image"], batch["label"], batch["valid"], seeds,
+                          has_ink=batch["has_ink"])
         out.parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

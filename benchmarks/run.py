@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in entries.values():
             goal = "no goal" if b.goal_text() == "-" else f"goal {b.goal_text()}"
             note = b.needs()
-            print(f"{b.name:34s} {goal:12s} {b.about}" + (f"  [skipped: {note}]" if note else ""))
+            print(f"{b.name:34s} {goal}: {b.about}" + (f"  [skipped: {note}]" if note else ""))
         return 0
     # entries that cannot run here (no CUDA) go last, so the measured rows lead the table
     names = sorted(entries, key=lambda n: entries[n].needs() is not None)

@@ -106,3 +106,27 @@ def test_validation_entry_times_the_host_and_the_device_histogram():
     result = validation_host_vs_device("tiny", 64, 2, device=torch.device("cpu"), quick=True)
     assert result["ratio"] > 0 and result["metrics"]["tiles_per_s_device"] > 0
     assert result["settings"]["tiles"] == 4
+
+
+def test_goal_entry_judges_its_own_case_when_the_official_one_fails():
+    """An official baseline out of memory must not cost the memory goal, which needs only
+    scrollsam's numbers (here the baseline is a Triton case a CPU skips)."""
+    import torch
+    from bench_gpu_train import train_goal
+    from gpu_step import Case
+
+    result = train_goal(Case("tiny", 128, 2, "triton"), Case("tiny", 128, 2, "fold"),
+                        device=torch.device("cpu"), quick=True, peak_tflops=1.0)
+    assert "Triton" in result["baseline_error"] and "ratio" not in result
+    assert result["metrics"]["images_per_s"] > 0
+    assert "share_of_peak" not in result["metrics"]  # no official FLOPs: that goal fails
+    entry = _entry(images_per_s=(">=", 0.0), share_of_peak=(">=", 0.0))
+    assert entry.passed(result) is False
+
+
+def test_the_table_shows_what_the_targets_judged():
+    entry = _entry(images_per_s=(">=", 60.0), peak_gb=("<=", 8.0))
+    row = common.table_row(entry, {"baseline_s": 0.1, "ours_s": 0.01, "ratio": 10.0,
+                                   "metrics": {"images_per_s": 84.5}, "passed": False,
+                                   "settings": {"ours": "x"}})
+    assert row[6] == "images_per_s=84.5 peak_gb not measured ours=x"

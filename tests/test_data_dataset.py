@@ -98,7 +98,7 @@ def test_items_are_cpu_tensors_of_documented_shapes(synth):
     train, valid = make_datasets(synth, view, size=S, samples_per_epoch=10, seed=0)
     for ds in (train, valid):
         item = ds[0]
-        assert set(item) == {"image", "label", "valid", "fragment", "y0", "x0"}
+        assert set(item) == {"image", "label", "valid", "has_ink", "fragment", "y0", "x0"}
         assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
         assert item["label"].shape == (1, S, S) and item["label"].dtype == torch.float32
         assert item["valid"].shape == (1, S, S) and item["valid"].dtype == torch.float32
@@ -107,8 +107,14 @@ def test_items_are_cpu_tensors_of_documented_shapes(synth):
         assert set(torch.unique(item["label"]).tolist()) <= {0.0, 1.0}
         assert set(torch.unique(item["valid"]).tolist()) <= {0.0, 1.0}
         assert isinstance(item["fragment"], str) and isinstance(item["y0"], int)
+    for ds in (train, valid):  # the flag the step picks prompt kinds by, without the truth
+        for i in range(min(len(ds), 10)):
+            item = ds[i]
+            inked = bool(((item["label"] > 0.5) & (item["valid"] > 0.5)).any())
+            assert item["has_ink"] is inked
     batch = next(iter(DataLoader(train, batch_size=4, pin_memory=False)))
     assert batch["image"].shape == (4, 3, S, S) and batch["image"].device.type == "cpu"
+    assert batch["has_ink"].shape == (4,) and batch["has_ink"].dtype == torch.bool
     assert isinstance(batch["fragment"], list) and batch["y0"].dtype == torch.int64
     if torch.cuda.is_available():
         assert batch["image"].pin_memory().is_pinned()

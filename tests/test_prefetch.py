@@ -72,7 +72,7 @@ def test_on_cuda_the_next_copy_is_queued_on_the_side_stream_before_a_batch_is_us
             pulled.append(i)
             yield b
 
-    batches = DevicePrefetch(loader(), torch.device("cuda"), host=("label",))
+    batches = DevicePrefetch(loader(), torch.device("cuda"), move=("image",))
     assert pulled == [] and rec.log == []  # nothing is read before the first batch is asked
     first = next(batches)
     assert rec.log == [

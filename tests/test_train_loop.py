@@ -139,12 +139,12 @@ def test_nan_found_later_names_its_own_step_and_saves_its_own_batch(data, tmp_pa
 
 def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tmp_path,
                                                                          monkeypatch):
-    kept: list[frozenset] = []  # what the batches' prefetch to a GPU would leave on the host
+    moved: list[frozenset] = []  # what the batches' prefetch would move to a GPU
 
     class Spy(loop.DevicePrefetch):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            kept.append(self.host)
+            moved.append(self.move)
 
     monkeypatch.setattr(loop, "DevicePrefetch", Spy)
     with pytest.raises(ConfigError, match="frozen image encoder"):
@@ -156,7 +156,7 @@ def test_cache_is_used_with_a_frozen_encoder_and_refused_when_it_trains(data, tm
     assert max(hits.values()) > 0  # tiles repeat: embeddings were reused
     # the cache hashes the images on the host: they must not be sent to the device first
     train(_cfg(data, tmp_path / "c", "train.steps=1"), progress=False)
-    assert kept == [frozenset({"image"}), frozenset()]
+    assert moved == [frozenset({"label", "valid"}), frozenset({"image", "label", "valid"})]
 
 
 def test_lr_schedule_warms_up_then_decays():

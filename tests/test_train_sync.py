@@ -10,6 +10,7 @@ from sync_detector import SyncCounter
 
 from scrollsam import build_model, prompts
 from scrollsam.config import load_config
+from scrollsam.errors import InputError
 from scrollsam.model.attention import fuse_attention
 from scrollsam.model.trainable import set_trainable
 from scrollsam.train import step
@@ -68,6 +69,39 @@ def test_training_step_reads_nothing_back_from_the_device(model, monkeypatch, ov
     copies = 3 * sum(rounds) if cfg.prompts.corrective == "center" else 0
     assert syncs.counts["copies"] == copies, syncs.where
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("first", ["mixed", "box"])
+def test_truth_prefetched_to_the_device_is_not_read_back_given_the_ink_flags(model, monkeypatch,
+                                                                              first):
+    """On a GPU the loop hands the step its truth already there: the prompt kinds come from
+    the dataset's host flags, not from copying the truth back (which waited for the encoder)."""
+    cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}", f"prompts.first={first}"])
+    images, label, valid = _batch()
+    has_ink = ((label > 0.5) & (valid > 0.5)).flatten(1).any(1)  # (B,) on the host
+    monkeypatch.setattr(prompts, "CPU_SHORTCUT", False)
+    counts = []
+    for flags in (has_ink, None):
+        with SyncCounter([*model.parameters(), *model.buffers(), images, label, valid]) as syncs:
+            emb = model.encode(images, check_values=False)
+            out = step.prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
+                                        loss_cfg=cfg.loss, gen=torch.Generator().manual_seed(0),
+                                        has_ink=flags)
+            out.parts["loss"].backward()
+        counts.append(dict(syncs.counts))
+        model.zero_grad(set_to_none=True)
+    assert sum(counts[0].values()) == 0, counts[0]
+    assert counts[1]["copies"] == 2  # without the flags: label and valid copied back
+
+
+def test_ink_flags_must_be_one_per_tile_on_the_host(model):
+    cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}"])
+    images, label, valid = _batch()
+    emb = model.encode(images, check_values=False)
+    with pytest.raises(InputError, match="has_ink"):
+        step.prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
+                              loss_cfg=cfg.loss, gen=torch.Generator().manual_seed(0),
+                              has_ink=torch.ones(B + 1, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("mode", ["fold", "bias", "explicit"])

@@ -5,6 +5,8 @@ Each item is a dict::
     image     float32 [C, S, S]   the view's normalised input (see :mod:`.views`)
     label     float32 [1, S, S]   1 = ink, 0 = not ink
     valid     float32 [1, S, S]   1 inside mask.png (0 outside it and outside the image)
+    has_ink   bool                any ink inside valid (the step picks prompt kinds on the host
+                                  from it, with the truth already on a GPU)
     fragment  str                 fragment id
     y0, x0    int                 top-left corner of the tile in the fragment (image pixels)
 
@@ -114,6 +116,7 @@ class TileDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
             "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+            "has_ink": bool(((label > 0.5) & (valid > 0.5)).any()),
             "fragment": tile.fragment,
             "y0": int(y0),
             "x0": int(x0),

@@ -36,8 +36,8 @@ ALWAYS_RUN = ("sam.image_encoder.", "depth_encoder.")  # run on every step when 
 
 def encode_tiles(model: SamSegmenter, cache: EmbeddingCache | None, images: Tensor, *,
                  device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """Embeddings [B, 256, g, g] on ``device`` of CPU images [B, C, S, S], from the cache
-    (which hashes them on the CPU, before any copy) or the encoder, and the pixel features
+    """Embeddings [B, 256, g, g] on ``device`` of images [B, C, S, S], from the cache (which
+    hashes them on the host: give them there) or the encoder, and the pixel features
     [B, G, S, S] of a full-resolution mask head (None without one). No value check: the views
     normalise, and a check would make the device wait."""
     if cache is None:
@@ -49,10 +49,11 @@ def encode_tiles(model: SamSegmenter, cache: EmbeddingCache | None, images: Tens
 
 
 class LossModule(nn.Module):
-    """``forward(images, label, valid, seeds)`` -> the :class:`StepOutput` of one micro-batch:
-    images [B, C, S, S], label / valid [B, 1, S, S] on the CPU (the loader's batch), ``seeds``
-    the B tiles' prompt seeds. ``tied``: parameters added to the loss as ``0 * sum(p)`` (see
-    the module docstring); empty alone. ``forward``: the prompted loss
+    """``forward(images, label, valid, seeds, has_ink=None)`` -> the :class:`StepOutput` of one
+    micro-batch: images [B, C, S, S], label / valid [B, 1, S, S] (the loader's batch, on the host or
+    prefetched to the device), ``seeds`` the B tiles' prompt seeds, ``has_ink`` their (B,) ink flags
+    on the host (:func:`.step.prompted_forward`). ``tied``: parameters added to the loss as ``0 *
+    sum(p)`` (see the module docstring); empty alone. ``forward``: the prompted loss
     (:func:`.step.prompted_forward`; tests pass a wrapped one)."""
 
     def __init__(self, model: SamSegmenter, cache: EmbeddingCache | None, *,
@@ -66,11 +67,12 @@ class LossModule(nn.Module):
         self.tied = list(tied)
         self.prompted_forward = forward
 
-    def forward(self, images: Tensor, label: Tensor, valid: Tensor,
-                seeds: Sequence[int]) -> StepOutput:
+    def forward(self, images: Tensor, label: Tensor, valid: Tensor, seeds: Sequence[int],
+                has_ink: Tensor | None = None) -> StepOutput:
         emb, pixels = encode_tiles(self.model, self.cache, images, device=self.device)
         out = self.prompted_forward(self.model, emb, label, valid, prompt_cfg=self.prompt_cfg,
-                                    loss_cfg=self.loss_cfg, seeds=seeds, features=pixels)
+                                    loss_cfg=self.loss_cfg, seeds=seeds, features=pixels,
+                                    has_ink=has_ink)
         if self.tied:  # every trainable parameter takes part (gradient 0 where unused)
             zero = torch.stack([p.sum() for p in self.tied]).sum() * 0.0
             out.parts["loss"] = out.parts["loss"] + zero.to(out.parts["loss"].dtype)
@@ -95,8 +97,8 @@ def wrap_for_ranks(model: SamSegmenter, cache: EmbeddingCache | None, *, world: 
                       tied=tied, forward=forward)
     if not world.distributed:
         return step
-    # device_ids=None: DDP does not move the CPU batch to the GPU (the prompt samplers and
-    # the cache's hashing read it there). Buffers are constants (pixel mean, positional
+    # device_ids=None: DDP leaves the batch where the loop put it (the cache hashes images on
+    # the host; the ink flags stay there). Buffers are constants (pixel mean, positional
     # encoding): synchronised once when wrapping, not broadcast before every step.
     return nn.parallel.DistributedDataParallel(step, device_ids=None, forward_sync_buffers=False,
                                                gradient_as_bucket_view=True)

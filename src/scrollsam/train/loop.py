@@ -274,9 +274,10 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
-    # on a GPU each batch crosses to it while the step before runs; the cache hashes images
-    batches = DataWait(DevicePrefetch(_batches(s, state.step), s.device,
-                                      host=("image",) if s.cache is not None else ()),
+    # on a GPU each batch crosses to it while the step before runs (the cache hashes images
+    # on the host, and the ink flags stay there)
+    moved = ("label", "valid") if s.cache is not None else ("image", "label", "valid")
+    batches = DataWait(DevicePrefetch(_batches(s, state.step), s.device, move=moved),
                        workers=cfg.data.workers, device=s.device.type)
     bar = Progress(total=cfg.train.steps, initial=state.step,
                    enabled=progress and world.main).start()
@@ -304,7 +305,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                                                                         world=s.ranks.world))
                         with _autocast(s):
                             out = step_module(batch["image"], batch["label"], batch["valid"],
-                                              seeds)
+                                              seeds, has_ink=batch["has_ink"])
                     except Exception as err:
                         failure = out_of_memory(err)
                     ranks.agree(failure)  # before backward, which waits for every process

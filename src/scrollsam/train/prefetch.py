@@ -8,9 +8,9 @@ much again; the x-ray views' 26 slices far more. :class:`DevicePrefetch` starts 
 batch n + 1 on its own CUDA stream when it hands out batch n, so the copy engine works while
 step n computes; the compute stream waits for that copy before it touches the batch.
 
-Only tensors move; other values (fragment ids, tile corners) pass through, and so do the
-tensors named to stay on the host (the images when the embedding cache hashes them there). On a
-device that is not CUDA the batches pass through unchanged (the step moves what it needs).
+Only the tensors named move; the rest pass through (fragment ids, tile corners, the ink flags
+the step reads on the host, the images when the embedding cache hashes them there). On a device
+that is not CUDA the batches pass through unchanged (the step moves what it needs).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 class DevicePrefetch:
     """``batches`` (dicts of CPU tensors and other values) as an iterator of the same dicts with
-    every tensor on ``device`` but those named in ``host``, each copied while the step before
-    it runs (CUDA only).
+    the tensors named in ``move`` on ``device``, each copied while the step before it runs
+    (CUDA only).
 
     The copies go to a side stream; the batch handed out is made safe for the current stream:
     the current stream waits for the copy (``wait_stream``) and each tensor is marked as used
@@ -33,10 +33,10 @@ class DevicePrefetch:
     the loader is asked for one batch more than the loop takes (or runs out quietly)."""
 
     def __init__(self, batches: Iterable[dict[str, Any]], device: torch.device | str, *,
-                 host: Collection[str] = ()) -> None:
+                 move: Collection[str] = ("image", "label", "valid")) -> None:
         self._batches = iter(batches)
         self.device = torch.device(device)
-        self.host = frozenset(host)
+        self.move = frozenset(move)
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._ahead: dict[str, Any] | None = None
@@ -56,9 +56,8 @@ class DevicePrefetch:
             raise StopIteration
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self._stream)
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and key not in self.host:
-                value.record_stream(current)
+        for key in self.move & batch.keys():
+            batch[key].record_stream(current)
         self._ahead = self._copy_next()  # the next copy runs while this batch's step does
         return batch
 
@@ -70,6 +69,5 @@ class DevicePrefetch:
         except StopIteration:
             return None
         with torch.cuda.stream(self._stream):
-            return {k: v.to(self.device, non_blocking=True)
-                    if isinstance(v, torch.Tensor) and k not in self.host else v
+            return {k: v.to(self.device, non_blocking=True) if k in self.move else v
                     for k, v in batch.items()}

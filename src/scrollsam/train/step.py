@@ -25,14 +25,14 @@ training loop gives each tile the seed of its global sample index
 batch (torchrun splits a global batch across processes), and a resumed run needs no generator
 state. Callers without sample indices (the doctor, tests) pass one ``gen`` to draw tile seeds from.
 
-Host and device: the truth arrives on the CPU (the batch as the dataset gives it) and is
-copied to the device once, without waiting; the host keeps only which tiles have ink, to
-choose prompt kinds. Every prompt (first points, boxes, corrective points with
-``prompt_cfg.corrective: uniform``, the SAM paper's sampler), decoding and the loss run on the
-embeddings' device, drawing their few random numbers from the sets' CPU generators: nothing
+Host and device: the truth arrives on the device (on a GPU the loop copies each batch a step ahead)
+or on the host (then copied once, without waiting); the host keeps only which tiles have ink (the
+dataset's ``has_ink`` flags), to choose prompt kinds. Every prompt (first points, boxes, corrective
+points with ``prompt_cfg.corrective: uniform``, the SAM paper's sampler), decoding and the loss run
+on the embeddings' device, drawing their few random numbers from the sets' CPU generators: nothing
 reads a device value back (``tests/test_train_sync.py``). The one exception is
-``prompt_cfg.corrective: center``: each round copies the selected logits and the truth to the
-host for OpenCV's distance transforms.
+``prompt_cfg.corrective: center``: each round copies the selected logits and the truth to the host
+for OpenCV's distance transforms.
 """
 
 from __future__ import annotations
@@ -244,15 +244,19 @@ def prompted_forward(
     features: Tensor | None = None,
     static: bool = False,
     families: Families = FAMILIES,
+    has_ink: Tensor | None = None,
 ) -> StepOutput:
     """Loss for a batch: embeddings [B, 256, g, g] on the device; label / valid [B, 1, S, S]
-    ink and fragment mask on the CPU (device tensors work too, at the cost of a copy back).
-    ``seeds``: the prompt seed of each tile (B ints, :func:`.prompt_sets.tile_seeds`), or
-    ``gen`` to draw them from. ``features``: the pixel features [B, G, S, S] a full-resolution
-    mask head needs (:meth:`SamSegmenter.encode_with_pixels`); None without one. ``static``:
-    one decoder shape per round (:class:`~scrollsam.train.prompt_sets.PromptSets`), for a
-    compiled decoder; ``families``: the kinds that share decoder calls (``PER_KIND``: a call
-    per kind and round). Either way the same loss."""
+    ink and fragment mask, on the host or the device (the loop prefetches them to a GPU);
+    ``has_ink`` (B,) bool on the host, which tiles have ink inside ``valid`` (the dataset's flags),
+    to choose prompt kinds without waiting for the device; None: read from the truth (on a device, a
+    wait and a copy back). ``seeds``: the prompt seed of each tile (B ints,
+    :func:`.prompt_sets.tile_seeds`), or ``gen`` to draw them from. ``features``: the pixel features
+    [B, G, S, S] a full-resolution mask head needs (:meth:`SamSegmenter.encode_with_pixels`); None
+    without one. ``static``: one decoder shape per round
+    (:class:`~scrollsam.train.prompt_sets.PromptSets`), for a compiled decoder; ``families``: the
+    kinds that share decoder calls (``PER_KIND``: a call per kind and round). Either way the same
+    loss."""
     dev = embeddings.device
     B = embeddings.shape[0]
     if (seeds is None) == (gen is None):
@@ -268,8 +272,14 @@ def prompted_forward(
     kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gens)  # (P,) CPU
     boxes = None
     if prompt_cfg.first in ("box", "mixed"):  # a set whose tile has no ink gets a point
-        # decided on the host, from the batch as the loader gave it (no copy from a CPU batch)
-        has_ink = ((label.detach().cpu() > 0.5) & (valid.detach().cpu() > 0.5)).flatten(1).any(1)
+        # decided on the host: the loader's flags, else the truth (a wait if on a device)
+        if has_ink is None:
+            has_ink = ((label.detach().cpu() > 0.5)
+                       & (valid.detach().cpu() > 0.5)).flatten(1).any(1)  # (B,)
+        elif has_ink.shape != (B,) or has_ink.device.type != "cpu":
+            raise InputError(f"has_ink: expected a host tensor of {B} flags, got "
+                             f"{tuple(has_ink.shape)} on {has_ink.device}")
+        has_ink = has_ink.bool()
         kinds = torch.where((kinds == PromptKind.BOX) & ~has_ink[tile_of_set], PromptKind.POINT,
                             kinds)
         every_set = truth.select(tile_of_set.to(dev, non_blocking=True))

@@ -72,7 +72,8 @@ def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.uti
                         pin_memory=device.type == "cuda")
     # on a GPU: each batch copied while the one before is scored (the cache hashes images on
     # the host), the probabilities counted there
-    batches = DevicePrefetch(loader, device, host=("image",) if cache is not None else ())
+    moved = ("label", "valid") if cache is not None else ("image", "label", "valid")
+    batches = DevicePrefetch(loader, device, move=moved)
     hist, failure = ProbabilityHistogram(), None
     try:
         hist = _histogram(model, cache, batches, device=device, autocast=autocast,
