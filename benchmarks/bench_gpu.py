@@ -131,6 +131,7 @@ def run_case(case: Case, device: torch.device, *, steps: int, warmup: int,
                       times_s=timed["times_s"])
         if device.type == "cuda":
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            result["reserved_gpu_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
             try:  # a diagnosis: its failure costs the case nothing
                 result["syncs_per_step"] = count_syncs(step)
             except Exception as err:
