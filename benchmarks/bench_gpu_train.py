@@ -8,7 +8,7 @@ scrollsam's case meets its targets. On the card a run reports (``machine.device`
 - ``gpu_train_vit_b_1024_b2``: batch 2 at 1024 px, both eager; target: scrollsam's peak memory
   ``peak_gb`` <= 8 (10^9 bytes of tensors at the peak, ``max_memory_allocated``: vit_b
   fine-tuning fits a 12 GB card; ``reserved_gb``, what PyTorch's allocator held, is reported
-  beside it, and the CUDA context adds about 0.5 GB more).
+  beside it; the CUDA context comes on top of both).
 - ``gpu_train_vit_b_1024_b32_compiled``: scrollsam at batch 32, ``auto`` attention, compiled
   (``train.compile``), against the official path at batch 4 (batch 32 does not fit it);
   targets: ``images_per_s`` >= 60 and ``share_of_peak`` >= 0.25.
