@@ -1,9 +1,9 @@
 """Validation's probability histogram counted on the GPU, where the probabilities are.
 
 :class:`~scrollsam.metrics.ProbabilityHistogram` counts on the host with numpy: each batch's
-probabilities are copied back and binned on one core, 0.61 s for a batch of 32 tiles of 1024 x
-1024 on this 2-core Xeon (18 ns a pixel), while the GPU, whose prompt-free forward of that batch
-is far shorter, waits. On CUDA,
+probabilities are copied back and binned on one core while the GPU, whose prompt-free forward
+of the batch is far shorter, waits (``make bench`` entry ``validation_histogram_1024``; the
+numbers are in ``benchmarks/README.md``). On CUDA,
 :class:`DeviceHistogram` bins each batch where it was predicted (``torch.bincount``; one small
 wait for the device a batch, as the copy back was) and hands the counts to the host once, at the
 end. Its levels are numpy's exactly: probabilities clamped to [0, 1], times 65535 in float32,
