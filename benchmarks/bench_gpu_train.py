@@ -153,7 +153,7 @@ def validation_host_vs_device(model_type: str, size: int, batch: int, *, device:
     from scrollsam import build_model
     from scrollsam.precision import autocast_for
     from scrollsam.train.prefetch import DevicePrefetch
-    from scrollsam.train.validate import _histogram
+    from scrollsam.train.validate import prediction_histogram
 
     torch.manual_seed(0)
     with device:
@@ -167,7 +167,7 @@ def validation_host_vs_device(model_type: str, size: int, batch: int, *, device:
     def score(on_device: bool) -> Callable[[], object]:
         def run() -> object:
             given = DevicePrefetch(batches, device) if on_device else batches
-            return _histogram(model, None, given, device=device, on_device=on_device,
+            return prediction_histogram(model, None, given, device=device, on_device=on_device,
                               autocast=lambda: autocast_for(device, True))
         return run
 

@@ -10,7 +10,7 @@ from scrollsam import build_model
 from scrollsam.errors import InputError
 from scrollsam.metrics import LEVELS, ProbabilityHistogram
 from scrollsam.train.histogram import DeviceHistogram
-from scrollsam.train.validate import _histogram
+from scrollsam.train.validate import prediction_histogram
 
 
 def _probabilities(gen: torch.Generator) -> torch.Tensor:
@@ -60,7 +60,7 @@ def test_validation_counts_the_same_on_the_device_as_on_the_host():
                 "label": (torch.rand(2, 1, 64, 64, generator=gen) > 0.5).float(),
                 "valid": (torch.rand(2, 1, 64, 64, generator=gen) > 0.1).float()}
                for _ in range(2)]
-    hists = [_histogram(model, None, batches, device=torch.device("cpu"),
+    hists = [prediction_histogram(model, None, batches, device=torch.device("cpu"),
                         autocast=torch.no_grad, on_device=on_device)
              for on_device in (False, True)]
     assert hists[0].ink.sum() + hists[0].background.sum() > 0

@@ -5,10 +5,10 @@ batches of B tiles (on a GPU copied there a step ahead, :mod:`.prefetch`; embedd
 cache when the encoder is frozen), the prompted forward pass of :mod:`.step` under autocast
 (:mod:`scrollsam.precision`), a NaN/inf guard, gradient clipping, the optimizer step; then
 logging, validation (prompt-free F0.5 and its best threshold, keeping ``best.pt``), and
-``last.pt``. Data order and prompts are pure functions of (seed,
-sample index) (:mod:`.order`), so a resumed run continues exactly where the killed one stopped.
-The run dir is locked and prepared by :mod:`.rundir`; Ctrl-C and SIGTERM end the run after the
-current step with ``last.pt`` written (:mod:`.stop`).
+``last.pt``. Data order and prompts are pure functions of (seed, sample index) (:mod:`.order`),
+so a resumed run continues exactly where the killed one stopped. The run dir is locked and
+prepared by :mod:`.rundir`; Ctrl-C and SIGTERM end the run after the current step with
+``last.pt`` written (:mod:`.stop`).
 
 Under torchrun (``torchrun --nproc-per-node N -m scrollsam train ...``) every process runs this
 loop on its share of each global batch, DDP averages the gradients (:mod:`.forward`), rank 0

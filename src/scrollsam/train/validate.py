@@ -36,7 +36,7 @@ def my_tiles(count: int, ranks: Ranks) -> range:
 
 
 @torch.no_grad()
-def _histogram(model: SamSegmenter, cache: EmbeddingCache | None,
+def prediction_histogram(model: SamSegmenter, cache: EmbeddingCache | None,
                batches: Iterable[dict[str, Any]], *, device: torch.device,
                autocast: Callable[[], contextlib.AbstractContextManager],
                on_device: bool) -> ProbabilityHistogram:
@@ -76,7 +76,7 @@ def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.uti
     batches = DevicePrefetch(loader, device, move=moved)
     hist, failure = ProbabilityHistogram(), None
     try:
-        hist = _histogram(model, cache, batches, device=device, autocast=autocast,
+        hist = prediction_histogram(model, cache, batches, device=device, autocast=autocast,
                           on_device=device.type == "cuda")
     except Exception as err:  # every process must hear of it before the sum below
         failure = err
