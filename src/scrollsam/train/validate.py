@@ -37,9 +37,9 @@ def my_tiles(count: int, ranks: Ranks) -> range:
 
 @torch.no_grad()
 def prediction_histogram(model: SamSegmenter, cache: EmbeddingCache | None,
-               batches: Iterable[dict[str, Any]], *, device: torch.device,
-               autocast: Callable[[], contextlib.AbstractContextManager],
-               on_device: bool) -> ProbabilityHistogram:
+                         batches: Iterable[dict[str, Any]], *, device: torch.device,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         on_device: bool) -> ProbabilityHistogram:
     """The histogram of the prompt-free probabilities of ``batches``; ``on_device``: counted
     where they are predicted (:class:`.histogram.DeviceHistogram`, for a GPU) rather than by
     numpy on the host (faster on a CPU)."""
