@@ -23,7 +23,7 @@ Reported per case:
   (forward and backward; the fold path's wider heads count as more work);
 - ``mfu``: the FLOPs the path does per image x images/s / the card's dense bf16 peak
   (``--peak-tflops``, default :data:`CARD_PEAKS`' entry for the card: 989 TFLOP/s for the H100
-  SXM and the H200; none for a card not listed); ``mfu_official`` (``MFU/off``): the same
+  and H200 SXM; none for a card not listed); ``mfu_official`` (``MFU/off``): the same
   with the official path's FLOPs per image, a throughput comparable across paths (see
   :func:`add_mfu`).
 

@@ -168,7 +168,7 @@ def validation_host_vs_device(model_type: str, size: int, batch: int, *, device:
         def run() -> object:
             given = DevicePrefetch(batches, device) if on_device else batches
             return prediction_histogram(model, None, given, device=device, on_device=on_device,
-                              autocast=lambda: autocast_for(device, True))
+                                        autocast=lambda: autocast_for(device, True))
         return run
 
     result = compare(score(False), score(True), sync=cuda_sync if device.type == "cuda" else None,

@@ -373,9 +373,12 @@ def table_row(bench: Benchmark, result: dict[str, Any]) -> list[str]:
     status = {True: "pass", False: "FAIL", None: "-"}[result.get("passed")]
     metrics = result.get("metrics", {})  # what the targets judged, first: a FAIL says why
     judged = [f"{k}={metrics[k]:.4g}" if k in metrics else f"{k} not measured"
-              for k in bench.targets] if "baseline_s" in result else []
+              for k in bench.targets]
+    if "baseline_error" in result:
+        judged.append(f"baseline failed: {result['baseline_error']};")
+    notes = [*judged, settings_text(result.get("settings", {}))]
     return [bench.name, base, ours, f"{ratio:.2f}x" if ratio is not None else "-", goal, status,
-            " ".join([*judged, settings_text(result.get("settings", {}))])]
+            " ".join(n for n in notes if n)]
 
 
 def format_table(rows: list[list[str]]) -> str:

@@ -108,20 +108,31 @@ def test_validation_entry_times_the_host_and_the_device_histogram():
     assert result["settings"]["tiles"] == 4
 
 
-def test_goal_entry_judges_its_own_case_when_the_official_one_fails():
+def test_goal_entry_judges_its_own_case_when_the_official_one_fails(monkeypatch):
     """An official baseline out of memory must not cost the memory goal, which needs only
-    scrollsam's numbers (here the baseline is a Triton case a CPU skips)."""
+    scrollsam's numbers; the table row says why the other goal failed."""
+    import bench_gpu_train
     import torch
-    from bench_gpu_train import train_goal
     from gpu_step import Case
 
-    result = train_goal(Case("tiny", 128, 2, "triton"), Case("tiny", 128, 2, "fold"),
-                        device=torch.device("cpu"), quick=True, peak_tflops=1.0)
-    assert "Triton" in result["baseline_error"] and "ratio" not in result
+    base, ours = Case("tiny", 128, 2, "official"), Case("tiny", 128, 2, "fold")
+    real = bench_gpu_train.run_case
+
+    def run_case(case, *args, **kwargs):
+        if case == base:
+            return {"case": {}, "error": "out of memory: tried to allocate 9 GiB"}
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench_gpu_train, "run_case", run_case)
+    result = bench_gpu_train.train_goal(base, ours, device=torch.device("cpu"), quick=True,
+                                        peak_tflops=1.0)
+    assert "out of memory" in result["baseline_error"] and "ratio" not in result
     assert result["metrics"]["images_per_s"] > 0
     assert "share_of_peak" not in result["metrics"]  # no official FLOPs: that goal fails
     entry = _entry(images_per_s=(">=", 0.0), share_of_peak=(">=", 0.0))
     assert entry.passed(result) is False
+    row = common.table_row(entry, {**result, "passed": False})
+    assert "share_of_peak not measured" in row[6] and "baseline failed: out of memory" in row[6]
 
 
 def test_the_table_shows_what_the_targets_judged():

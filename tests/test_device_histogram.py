@@ -61,7 +61,7 @@ def test_validation_counts_the_same_on_the_device_as_on_the_host():
                 "valid": (torch.rand(2, 1, 64, 64, generator=gen) > 0.1).float()}
                for _ in range(2)]
     hists = [prediction_histogram(model, None, batches, device=torch.device("cpu"),
-                        autocast=torch.no_grad, on_device=on_device)
+                                  autocast=torch.no_grad, on_device=on_device)
              for on_device in (False, True)]
     assert hists[0].ink.sum() + hists[0].background.sum() > 0
     np.testing.assert_array_equal(hists[0].ink, hists[1].ink)

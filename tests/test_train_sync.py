@@ -94,8 +94,9 @@ def test_truth_prefetched_to_the_device_is_not_read_back_given_the_ink_flags(mod
     assert counts[1]["copies"] == 2  # without the flags: label and valid copied back
 
 
-def test_ink_flags_must_be_one_per_tile_on_the_host(model):
-    cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}"])
+@pytest.mark.parametrize("first", ["mixed", "point"])
+def test_ink_flags_must_be_one_per_tile_on_the_host(model, first):
+    cfg = load_config(None, ["model.type=tiny", f"model.image_size={S}", f"prompts.first={first}"])
     images, label, valid = _batch()
     emb = model.encode(images, check_values=False)
     with pytest.raises(InputError, match="has_ink"):

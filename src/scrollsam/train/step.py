@@ -271,14 +271,14 @@ def prompted_forward(
     truth = tile_truth(model, label, valid, loss_cfg=loss_cfg, device=dev)
     kinds = assign_kinds(tile_of_set.shape[0], prompt_cfg, gens)  # (P,) CPU
     boxes = None
+    if has_ink is not None and (has_ink.shape != (B,) or has_ink.device.type != "cpu"):
+        raise InputError(f"has_ink: expected a host tensor of {B} flags, got "
+                         f"{tuple(has_ink.shape)} on {has_ink.device}")
     if prompt_cfg.first in ("box", "mixed"):  # a set whose tile has no ink gets a point
         # decided on the host: the loader's flags, else the truth (a wait if on a device)
         if has_ink is None:
             has_ink = ((label.detach().cpu() > 0.5)
                        & (valid.detach().cpu() > 0.5)).flatten(1).any(1)  # (B,)
-        elif has_ink.shape != (B,) or has_ink.device.type != "cpu":
-            raise InputError(f"has_ink: expected a host tensor of {B} flags, got "
-                             f"{tuple(has_ink.shape)} on {has_ink.device}")
         has_ink = has_ink.bool()
         kinds = torch.where((kinds == PromptKind.BOX) & ~has_ink[tile_of_set], PromptKind.POINT,
                             kinds)

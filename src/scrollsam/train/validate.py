@@ -77,7 +77,7 @@ def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.uti
     hist, failure = ProbabilityHistogram(), None
     try:
         hist = prediction_histogram(model, cache, batches, device=device, autocast=autocast,
-                          on_device=device.type == "cuda")
+                                    on_device=device.type == "cuda")
     except Exception as err:  # every process must hear of it before the sum below
         failure = err
     finally:
