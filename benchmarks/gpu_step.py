@@ -144,6 +144,7 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     ``step()`` then returns nan)."""
     from scrollsam import build_model
     from scrollsam.config import LossConfig, PromptConfig, load_config
+    from scrollsam.data.dataset import ink_flags
     from scrollsam.model.assemble import model_from_config
     from scrollsam.model.attention import fuse_attention
     from scrollsam.model.compile import compile_model
@@ -180,14 +181,13 @@ def make_step(case: Case, device: torch.device, *, compile_backend: str = "induc
     images = torch.randn(case.batch, chans, case.size, case.size, generator=gen)
     label = blob_labels(case.batch, case.size, device=torch.device("cpu"), gen=gen)
     valid = torch.ones_like(label)  # (B, 1, S, S)
-    has_ink = ((label > 0.5) & (valid > 0.5)).flatten(1).any(1)  # (B,) the dataset's flags
-    if device.type == "cuda":  # the batch comes pinned, through the loop's prefetch (a copy
-        host = {"image": images.pin_memory(), "label": label.pin_memory(),  # on a side stream
-                "valid": valid.pin_memory(), "has_ink": has_ink}  # while the step before runs)
-        batches = DevicePrefetch(itertools.repeat(host), device)
-    else:  # (the images made on the device, the truth on the host: the step moves it)
-        batches = itertools.repeat({"image": images.to(device), "label": label, "valid": valid,
-                                    "has_ink": has_ink})
+    batch = {"image": images, "label": label, "valid": valid,
+             "has_ink": ink_flags(label, valid)}  # (B,) the dataset's flags
+    if device.type == "cuda":  # pinned, as the loader gives it; the loop's prefetch copies it
+        batch.update({k: batch[k].pin_memory() for k in ("image", "label", "valid")})
+    else:  # (images made on the device, the truth on the host: the step moves it)
+        batch["image"] = images.to(device)
+    batches = DevicePrefetch(itertools.repeat(batch), device)  # a side stream on CUDA
     if case.prompts == "free":
         prompts = PromptConfig(prompt_free_share=1.0, corrective_rounds=0)
     elif case.prompts == "center":

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 DEFAULT_AUGMENT = Augment()
 
 
+def ink_flags(label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Whether each tile has ink inside its valid mask: label / valid [..., 1, S, S] -> bool
+    [...] (a tile's item: a 0-d flag; a batch [B, 1, S, S]: (B,))."""
+    return ((label > 0.5) & (valid > 0.5)).flatten(-3).any(-1)
+
+
 class TileDataset(Dataset):
     """Tiles of fragments seen through a view.
 
@@ -112,11 +118,13 @@ class TileDataset(Dataset):
         valid = frag.mask_window(y0, y0 + s, x0, x0 + s)[None].astype(np.float32)  # [1, S, S]
         if rng is not None and self.augment is not None:
             image, label, valid = augment_sample(image, label, valid, rng=rng, augment=self.augment)
+        label_t = torch.from_numpy(np.ascontiguousarray(label))
+        valid_t = torch.from_numpy(np.ascontiguousarray(valid))
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "label": torch.from_numpy(np.ascontiguousarray(label)),
-            "valid": torch.from_numpy(np.ascontiguousarray(valid)),
-            "has_ink": bool(((label > 0.5) & (valid > 0.5)).any()),
+            "label": label_t,
+            "valid": valid_t,
+            "has_ink": bool(ink_flags(label_t, valid_t)),
             "fragment": tile.fragment,
             "y0": int(y0),
             "x0": int(x0),

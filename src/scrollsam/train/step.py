@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from scrollsam.config import LossConfig, PromptConfig
+from scrollsam.data.dataset import ink_flags
 from scrollsam.errors import InputError
 from scrollsam.losses import mean_parts, sam_loss, to_mask_resolution
 from scrollsam.model.segmenter import SamSegmenter
@@ -277,8 +278,7 @@ def prompted_forward(
     if prompt_cfg.first in ("box", "mixed"):  # a set whose tile has no ink gets a point
         # decided on the host: the loader's flags, else the truth (a wait if on a device)
         if has_ink is None:
-            has_ink = ((label.detach().cpu() > 0.5)
-                       & (valid.detach().cpu() > 0.5)).flatten(1).any(1)  # (B,)
+            has_ink = ink_flags(label.detach().cpu(), valid.detach().cpu())  # (B,)
         has_ink = has_ink.bool()
         kinds = torch.where((kinds == PromptKind.BOX) & ~has_ink[tile_of_set], PromptKind.POINT,
                             kinds)
