@@ -48,6 +48,12 @@ def encode_tiles(model: SamSegmenter, cache: EmbeddingCache | None, images: Tens
     return emb, model.pixel_features(images.to(device, non_blocking=True), check_values=False)
 
 
+def device_keys(cache: EmbeddingCache | None) -> tuple[str, ...]:
+    """The batch's tensors to copy to the device ahead of a step (:mod:`.prefetch`): image,
+    label and valid, but not the images the cache hashes on the host (:func:`encode_tiles`)."""
+    return ("label", "valid") if cache is not None else ("image", "label", "valid")
+
+
 class LossModule(nn.Module):
     """``forward(images, label, valid, seeds, has_ink=None)`` -> the :class:`StepOutput` of one
     micro-batch: images [B, C, S, S], label / valid [B, 1, S, S] (the loader's batch, on the host or

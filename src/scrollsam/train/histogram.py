@@ -29,10 +29,12 @@ class DeviceHistogram:
 
     def add(self, prob: torch.Tensor, ink: torch.Tensor, valid: torch.Tensor) -> None:
         """Count ``prob`` (float in [0, 1]) against ``ink`` and ``valid`` (bool), all of one
-        shape and device, any rank; pixels outside ``valid`` are skipped."""
+        shape, any rank, on the device of ``prob`` (moved there if not); pixels outside
+        ``valid`` are skipped. The same call as :meth:`ProbabilityHistogram.add`."""
         if not (prob.shape == ink.shape == valid.shape):
             raise InputError(f"prob, ink and valid: expected one shape, got {tuple(prob.shape)}, "
                              f"{tuple(ink.shape)} and {tuple(valid.shape)}")
+        ink, valid = ink.to(prob.device), valid.to(prob.device)
         p = prob.detach().float().reshape(-1)  # (n,)
         if torch.isnan(p).any():  # as the host's histogram refuses it
             raise InputError("prob: expected probabilities in [0, 1], got NaN")

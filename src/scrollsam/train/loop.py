@@ -54,7 +54,7 @@ from scrollsam.train.distributed import (
     shutdown_distributed,
     world_from_env,
 )
-from scrollsam.train.forward import wrap_for_ranks
+from scrollsam.train.forward import device_keys, wrap_for_ranks
 from scrollsam.train.guard import Losses, nan_guard, out_of_memory
 from scrollsam.train.optim import lr_at, make_optimizer
 from scrollsam.train.order import RankSamples, global_batch, samples
@@ -274,10 +274,9 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
-    # on a GPU each batch crosses to it while the step before runs (the cache hashes images
-    # on the host, and the ink flags stay there)
-    moved = ("label", "valid") if s.cache is not None else ("image", "label", "valid")
-    batches = DataWait(DevicePrefetch(_batches(s, state.step), s.device, move=moved),
+    # on a GPU each batch crosses to it while the step before runs
+    batches = DataWait(DevicePrefetch(_batches(s, state.step), s.device,
+                                      move=device_keys(s.cache)),
                        workers=cfg.data.workers, device=s.device.type)
     bar = Progress(total=cfg.train.steps, initial=state.step,
                    enabled=progress and world.main).start()

@@ -23,7 +23,7 @@ from scrollsam.metrics import ProbabilityHistogram, expected_threshold, search_t
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.distributed import all_reduce_sum
-from scrollsam.train.forward import encode_tiles
+from scrollsam.train.forward import device_keys, encode_tiles
 from scrollsam.train.histogram import DeviceHistogram
 from scrollsam.train.prefetch import DevicePrefetch
 from scrollsam.train.ranks import Ranks
@@ -43,18 +43,14 @@ def prediction_histogram(model: SamSegmenter, cache: EmbeddingCache | None,
     """The histogram of the prompt-free probabilities of ``batches``; ``on_device``: counted
     where they are predicted (:class:`.histogram.DeviceHistogram`, for a GPU) rather than by
     numpy on the host (faster on a CPU)."""
-    hist, counts = ProbabilityHistogram(), DeviceHistogram()
+    counts = DeviceHistogram() if on_device else ProbabilityHistogram()
     for batch in batches:
         with autocast():
             emb, pixels = encode_tiles(model, cache, batch["image"], device=device)
             logits = model.refine(model.decode(emb)[0], pixels)  # (B, 1, S/4 or S, ..)
         prob = torch.sigmoid(model.upscale(logits.float()))  # (B, 1, S, S)
-        ink, valid = batch["label"][:, 0] > 0.5, batch["valid"][:, 0] > 0.5  # (B, S, S)
-        if on_device:
-            counts.add(prob[:, 0], ink.to(device), valid.to(device))
-        else:
-            hist.add(prob[:, 0].cpu().numpy(), ink.cpu().numpy(), valid.cpu().numpy())
-    return counts.histogram() if on_device else hist
+        counts.add(prob[:, 0], batch["label"][:, 0] > 0.5, batch["valid"][:, 0] > 0.5)
+    return counts.histogram() if on_device else counts
 
 
 def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.utils.data.Dataset,
@@ -72,8 +68,7 @@ def validate(model: SamSegmenter, cache: EmbeddingCache | None, tiles: torch.uti
                         pin_memory=device.type == "cuda")
     # on a GPU: each batch copied while the one before is scored (the cache hashes images on
     # the host), the probabilities counted there
-    moved = ("label", "valid") if cache is not None else ("image", "label", "valid")
-    batches = DevicePrefetch(loader, device, move=moved)
+    batches = DevicePrefetch(loader, device, move=device_keys(cache))
     hist, failure = ProbabilityHistogram(), None
     try:
         hist = prediction_histogram(model, cache, batches, device=device, autocast=autocast,
