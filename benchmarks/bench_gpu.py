@@ -67,17 +67,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch._dynamo.utils import counters
-
-try:  # standalone on a machine where scrollsam is not installed: use the checkout's src/
-    import scrollsam  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from common import machine_info, measure  # noqa: E402
-from gpu_attention import check_paths, format_blocks, time_blocks  # noqa: E402
-from gpu_profile import profile_step  # noqa: E402
-from gpu_step import (  # noqa: E402
+from common import machine_info, measure  # first: it finds scrollsam (src/ if not installed)
+from gpu_attention import check_paths, format_blocks, time_blocks
+from gpu_profile import profile_step
+from gpu_step import (
     GPU_CASES,
     SMOKE_CASES,
     Case,
@@ -86,8 +79,9 @@ from gpu_step import (  # noqa: E402
     count_syncs,
     make_step,
 )
+from torch._dynamo.utils import counters
 
-from scrollsam.model import rel_attention  # noqa: E402
+from scrollsam.model import rel_attention
 
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 (the smoke run's stand-in)
 # Dense bf16 peaks (TFLOP/s, NVIDIA's data sheets) by a part of the CUDA device name, checked in

@@ -50,13 +50,12 @@ from typing import Any
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-SRC_DIR = BENCH_DIR.parent / "src"
 try:  # a GPU machine without network has torch but not scrollsam installed: use src/
     import scrollsam  # noqa: F401
 except ModuleNotFoundError as err:  # (an installed scrollsam missing a dependency says so)
     if err.name != "scrollsam":
         raise
-    sys.path.insert(0, str(SRC_DIR))
+    sys.path.insert(0, str(BENCH_DIR.parent / "src"))
 WORK_DIR = BENCH_DIR / "_work"  # git-ignored scratch space for synthetic fragments
 RESULTS = BENCH_DIR / "results.json"
 
@@ -266,28 +265,19 @@ def in_fresh_process(module: str, func: str, quick: bool) -> dict[str, Any]:
     """Run ``module.func(quick)`` (a ``bench_*`` module) in a new Python process; return its dict.
 
     For memory entries: the peak resident memory of a fresh process is not inflated by what
-    earlier entries left in this one's heap. The child imports scrollsam before torch, as the
-    CLI does (from ``src/`` where it is not installed, as here), and inherits this process's
-    environment.
+    earlier entries left in this one's heap. The child imports this harness first (which finds
+    scrollsam: ``src/`` where it is not installed) and inherits this process's environment.
     """
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    code = "\n".join([
-        "import importlib, json, sys",
-        "sys.path.insert(0, sys.argv[1])",
-        "try:",
-        "    import scrollsam",
-        "except ModuleNotFoundError as err:",
-        "    if err.name != 'scrollsam':",
-        "        raise",
-        "    sys.path.insert(0, sys.argv[6])",
-        "    import scrollsam",
-        "r = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(sys.argv[4] == '1')",
-        "open(sys.argv[5], 'w').write(json.dumps(r))",
-    ])
+    code = (
+        "import importlib, json, sys; sys.path.insert(0, sys.argv[1]); import common; "
+        "r = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(sys.argv[4] == '1'); "
+        "open(sys.argv[5], 'w').write(json.dumps(r))"
+    )
     with tempfile.TemporaryDirectory(dir=WORK_DIR) as tmp:
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), module, func,
-                        "1" if quick else "0", str(out), str(SRC_DIR)], check=True)
+                        "1" if quick else "0", str(out)], check=True)
         return json.loads(out.read_text())
 
 
