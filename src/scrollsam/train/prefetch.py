@@ -34,40 +34,37 @@ class DevicePrefetch:
 
     def __init__(self, batches: Iterable[dict[str, Any]], device: torch.device | str, *,
                  move: Collection[str] = ("image", "label", "valid")) -> None:
-        self._batches = iter(batches)
         self.device = torch.device(device)
         self.move = frozenset(move)
-        self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._ahead: dict[str, Any] | None = None
-        self._started = False
+        self._batches = (self._ahead(iter(batches)) if self.device.type == "cuda"
+                         else iter(batches))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if not self._cuda:
-            return next(self._batches)
-        if not self._started:
-            self._started = True
-            self._ahead = self._copy_next()
-        batch = self._ahead
-        if batch is None:
-            raise StopIteration
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self._stream)
-        for key in self.move & batch.keys():
-            batch[key].record_stream(current)
-        self._ahead = self._copy_next()  # the next copy runs while this batch's step does
-        return batch
+        return next(self._batches)
 
-    def _copy_next(self) -> dict[str, Any] | None:
-        """The loader's next batch with its copy to the device queued on the side stream
-        (None when the loader is done)."""
-        try:
-            batch = next(self._batches)
-        except StopIteration:
+    def _ahead(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The batches on the device, each one's copy queued before the one before is handed
+        out (lazy: nothing is read before the first batch is asked for)."""
+        stream = torch.cuda.Stream(self.device)
+        following = self._copy(next(batches, None), stream)
+        while following is not None:
+            batch = following
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            for key in self.move & batch.keys():
+                batch[key].record_stream(current)
+            following = self._copy(next(batches, None), stream)  # runs while this one's step does
+            yield batch
+
+    def _copy(self, batch: dict[str, Any] | None,
+              stream: torch.cuda.Stream) -> dict[str, Any] | None:
+        """``batch`` with its copy to the device queued on ``stream`` (None: the loader is
+        done)."""
+        if batch is None:
             return None
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             return {k: v.to(self.device, non_blocking=True) if k in self.move else v
                     for k, v in batch.items()}
