@@ -11,9 +11,10 @@ Entries live one file each in ``benchmarks/bench_*.py`` and register themselves 
 (see ``common.py``). On a CUDA machine the GPU entries (``bench_gpu.py``) run too; on a CPU-only
 machine they are listed as skipped.
 
-Results are merged into the JSON file: entries this run measured replace their old values, the
-others (a subset run with ``--only``, GPU entries skipped on a CPU machine) are kept, each with
-the ``measured_on`` stamp of the run that produced it. ``--quick`` numbers are not publishable,
+Results are merged into the JSON file as each entry ends, so a run killed part-way keeps what it
+measured: entries this run measured replace their old values, the others (a subset run with
+``--only``, GPU entries skipped on a CPU machine) are kept, each with the ``measured_on`` stamp
+of the run that produced it. ``--quick`` numbers are not publishable,
 so a quick run writes ``benchmarks/_work/results-quick.json`` unless ``--out`` says otherwise.
 
 Exit status: 0 when every entry that ran met its goal, 1 when one failed its goal or raised.
@@ -86,6 +87,15 @@ def select(entries: dict[str, common.Benchmark], only: str) -> tuple[list[str], 
     return names, unknown
 
 
+def save(out: Path, machine: dict[str, Any], results: dict[str, dict[str, Any]], *,
+         quick: bool, wall: float) -> None:
+    """Merge the entries measured so far into ``out``; the machine block names them and the
+    wall time so far."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {**machine, "quick": quick, "wall_s": round(wall, 1), "entries_run": sorted(results)}
+    common.merge_results(out, machine, results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated entry names or patterns to run, e.g. "
@@ -129,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         if "skipped" not in result and "error" not in result:
             results[name] = {**result, "quick": args.quick}
+            # written as each entry ends, so a run killed later (a lent GPU's time limit)
+            # keeps what it measured
+            save(out, machine, results, quick=args.quick, wall=time.perf_counter() - start)
     wall = time.perf_counter() - start
-
-    machine.update(quick=args.quick, wall_s=round(wall, 1), entries_run=sorted(results))
-    out.parent.mkdir(parents=True, exist_ok=True)
     if results:
-        common.merge_results(out, machine, results)
+        save(out, machine, results, quick=args.quick, wall=wall)
     print()
     print(common.format_table(rows))
     print(f"\ntotal wall time {wall / 60:.1f} min; results merged into {out}")

@@ -3,6 +3,7 @@ measurement (run on a CPU with the tiny model: what a lent GPU runs must not bre
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,18 @@ def test_the_table_shows_what_the_targets_judged():
                                    "metrics": {"images_per_s": 84.5}, "passed": False,
                                    "settings": {"ours": "x"}})
     assert row[6] == "images_per_s=84.5 peak_gb not measured ours=x"
+
+
+def test_a_run_killed_part_way_keeps_the_entries_it_finished(tmp_path, monkeypatch):
+    def killed(quick: bool) -> dict:
+        raise KeyboardInterrupt  # what a time limit's signal does to the run, part-way
+
+    entries = {"_done": common.Benchmark("_done", lambda quick: {"ratio": 2.0}, None, "a"),
+               "_killed": common.Benchmark("_killed", killed, None, "b")}
+    monkeypatch.setattr(run, "load_entries", lambda: entries)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--only", "_done,_killed", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["results"]["_done"]["ratio"] == 2.0 and "_killed" not in doc["results"]
+    assert doc["machine"]["entries_run"] == ["_done"]
