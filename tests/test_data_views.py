@@ -150,7 +150,7 @@ def test_8_and_16_bit_slices_give_the_same_inputs(tmp_path):
     (("ir", None), {"z0": 3}, "z0"),
     (("slices", "triplet"), {"sigma": 2}, "sigma"),
     (("slices", "range"), {"z0": 10, "z1": 5}, "z1"),
-    (("slices", "range"), {"z1": 70}, "z1"),
+    (("slices", "range"), {"depth": 65, "z1": 70}, "z1"),
     (("slices", "range"), {"z0": -1}, "z0"),
     (("slices", "triplet"), {"z0": 4, "z1": 6}, "z1"),
     (("slices", "triplet"), {"std": -1.0}, "std"),
@@ -180,6 +180,16 @@ def test_missing_ir_and_too_few_slices_are_fragment_errors(tmp_path):
         make_view("slices", "triplet").eval_window(frag, 0, 0, 32)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert "set data.z_start / data.z_end" in str(err.value)  # was "z0 / z1 or depth"
+
+
+def test_a_band_past_slice_65_is_checked_against_each_fragments_depth(tmp_path):
+    deep = Fragment(write_fragment(tmp_path / "deep", height=32, width=32, depth=100))
+    view = make_view("slices", "range", z0=55, z1=75)  # was refused: "z1 <= depth (65)"
+    assert view.eval_window(deep, 0, 0, 32).shape == (20, 32, 32)
+    kaggle = Fragment(write_fragment(tmp_path / "kaggle", height=32, width=32, depth=65))
+    with pytest.raises(FragmentError, match="kaggle has 65 slices, view slices/range needs "
+                                            "slices 55..74"):
+        view.eval_window(kaggle, 0, 0, 32)
 
 
 def test_band_errors_from_a_config_name_its_keys():

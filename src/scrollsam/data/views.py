@@ -156,7 +156,8 @@ class SlicesView(View):
         if z1 - z0 < self.min_band:
             raise InputError(f"z1: expected z1 >= z0 + {self.min_band} for view {self.name}, "
                              f"got z0={z0}, z1={z1}")
-        if z1 > self.depth:
+        if "depth" in params and z1 > self.depth:  # an explicit band is checked against
+            # each fragment's own depth (check), not the default layout's 65
             raise InputError(f"z1: expected z1 <= depth ({self.depth}), got {z1}")
         self.z0, self.z1 = z0, z1
         self.norm = p["norm"]
@@ -168,7 +169,8 @@ class SlicesView(View):
         if fragment.depth < self.z1:
             raise FragmentError(
                 f"fragment {fragment.id} has {fragment.depth} slices, view {self.name} needs "
-                f"slices {self.z0}..{self.z1 - 1} (set data.z_start / data.z_end) ({fragment.path})"
+                f"slices {self.z0}..{self.z1 - 1} (training: set data.z_start / data.z_end; a "
+                f"trained model's band is fixed) ({fragment.path})"
             )
 
     def _normalised(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
