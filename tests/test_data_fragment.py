@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.synthetic import write_fragment
@@ -236,6 +237,19 @@ def test_compressed_slices_read_only_needed_segments(tmp_path, layout):
         expected += sum(counts[i] for i in needed)
     assert frag.bytes_read == expected
     assert expected < 0.2 * sum(p.stat().st_size for p in frag.slice_paths)
+
+
+def test_lzw_slices_as_pillow_and_imagej_write_them_read_as_the_originals(tmp_path):
+    """LZW, the most common TIFF compression, needs imagecodecs (a dependency): without it
+    tifffile refused the slices."""
+    path = small(tmp_path, height=64, width=48, depth=3)
+    full = []
+    for p in sorted((path / "surface_volume").iterdir()):
+        full.append(tifffile.imread(p))
+        Image.fromarray(full[-1]).save(p, compression="tiff_lzw")
+    frag = Fragment(path)
+    assert tifffile.TiffFile(frag.slice_paths[0]).pages.first.compression == 5  # LZW
+    np.testing.assert_array_equal(frag.read(0, 3, 10, 40, 5, 30), np.stack(full)[:, 10:40, 5:30])
 
 
 def _sparse_png_header(path: Path, height: int, width: int) -> None:
