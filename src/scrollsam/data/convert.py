@@ -20,14 +20,22 @@ Memory stays flat: the volume is copied block by block, each block a run of whol
 chunk deep and high, as wide as fits in ``block_bytes``), read from the source with
 :meth:`Fragment.read` and written as whole chunks. Each pyramid level is made the same way
 from the level above it. Peak memory is a few blocks (zarr's encode buffers included), whatever
-the volume's size. The output is written under a temporary name and renamed, so a killed
-copy leaves nothing half-written.
+the volume's size.
+
+Nothing is lost on the way: :func:`check_out` refuses, before any work, an OUT whose writing
+could delete data (the fragment folder, a folder holding it or inside it, a file, and with
+``overwrite`` a folder that is not an earlier copy). The copy is written into a hidden
+``.OUT.tmp-*`` folder next to OUT and renamed to OUT once complete; an old OUT is renamed aside
+first and deleted only once the new copy is in place. A failure removes the temporary folder
+(and any folders made for it) and leaves the old OUT whole; a killed process may leave its
+temporary folder, never a half-written OUT.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,7 +45,8 @@ import numpy as np
 
 from scrollsam import ngff
 from scrollsam.data.fragment import ZARR_STORES, Fragment
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, ScrollsamError, WriteError
+from scrollsam.io import write_failure
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +79,119 @@ def convert_fragment(
                                (format == "zarr" and levels != 1)):
         raise InputError(f"levels: expected a count >= 1 (only 1 for format zarr), got {levels}")
     out = Path(out)
-    if out.resolve() == frag.path.resolve():
-        raise InputError(f"out: must differ from the fragment folder ({out})")
-    if out.exists() and not overwrite:
-        raise InputError(f"out: folder already exists; --overwrite replaces it ({out})")
+    check_out(out, frag.path, overwrite=overwrite)
     n_levels = levels if levels is not None else (
         1 if format == "zarr" else auto_levels(frag.shape, chunks))
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    target = out.resolve()
+    made = _missing_folders(target.parent)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         store = tmp / ZARR_STORES[frag.layout]
         if format == "zarr":
             _write_array(store, frag.shape, chunks, frag.dtype, zarr_format, frag.read,
                          block_bytes=block_bytes)
         else:
             _write_ome(store, frag, chunks, zarr_format, n_levels, block_bytes=block_bytes)
-        _copy_images(frag, tmp, new_id=out.name)
-    except BaseException:
+        _copy_images(frag, tmp, new_id=target.name)
+        check_out(out, frag.path, overwrite=overwrite)  # OUT may have changed while we wrote
+        _move_into_place(tmp, target)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        for folder in made:  # deepest first; one that now holds anything stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        cause = None if isinstance(err, ScrollsamError) else write_failure(err, target.parent)
+        if cause is None:
+            raise
+        raise WriteError(f"{cause} while writing the copy ({out})") from err
     log.debug("wrote %s (%s, %s levels, chunks %s)", out, format, n_levels, chunks)
     return out
+
+
+def check_out(out: Path, fragment: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` folder whose writing or replacing could lose data, before any work.
+
+    Refused: a link, a file (or a folder path that runs through one), the fragment folder
+    itself, a folder that holds it or lies inside it, an existing folder without
+    ``overwrite``, and, with it, a folder that holds anything convert does not write: one Zarr
+    store (``surface_volume.zarr`` / ``layers.zarr``) and the PNGs (``mask.png``,
+    ``inklabels.png``, ``ir.png``, ``<name>_mask.png``, ``<name>_inklabels.png``). So
+    ``overwrite`` replaces an empty folder or an earlier copy, never source data (TIFF
+    slices), other fragments or files of the user's.
+    """
+    if out.is_symlink():
+        raise InputError(f"out: is a symbolic link; name the folder itself ({out})")
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f", so {out} cannot be made in it"
+                raise InputError(f"out: is a file, not a folder{where} ({path})")
+            break
+    real, src = out.resolve(), fragment.resolve()
+    if real == src:
+        raise InputError(f"out: must differ from the fragment folder ({out})")
+    if src.is_relative_to(real):
+        raise InputError(f"out: holds the fragment folder being converted ({out})")
+    if real.is_relative_to(src):
+        raise InputError(f"out: is inside the fragment folder being converted ({out})")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise InputError(f"out: folder already exists; --overwrite replaces it ({out})")
+    strays = _not_written_by_convert(out, real.name)
+    if strays:
+        more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
+        raise InputError(f"out: not a folder that convert wrote (it holds {strays[0]}{more}); "
+                         f"--overwrite replaces only an earlier copy or an empty folder ({out})")
+
+
+def _not_written_by_convert(folder: Path, name: str) -> list[str]:
+    """Names of the entries of ``folder`` (named ``name``) that convert does not write."""
+    pngs = {"mask.png", "inklabels.png", "ir.png", f"{name}_mask.png", f"{name}_inklabels.png"}
+    strays = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            strays.append(entry.name)
+        elif entry.name in ZARR_STORES.values() and entry.is_dir():
+            if not any((entry / meta).is_file() for meta in (".zgroup", ".zarray", "zarr.json")):
+                strays.append(entry.name)
+        elif not (entry.name in pngs and entry.is_file()):
+            strays.append(entry.name)
+    return strays
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished copy ``tmp`` to ``target``. An old ``target`` is first renamed aside
+    and deleted only once the new copy is in place; if that fails it is renamed back."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as err:
+        log.warning("could not delete the replaced copy %s (%s); delete it by hand", old, err)
 
 
 def auto_levels(shape: Sequence[int], chunks: Sequence[int]) -> int:
