@@ -233,6 +233,19 @@ def test_stats_are_sampled_and_bounded(frag):
                                full.mean(axis=1), rtol=0.05)
 
 
+def test_stats_count_each_pixel_once_however_the_windows_overlap(tmp_path):
+    from scrollsam.data.stats import slice_contrast
+
+    frag = Fragment(write_fragment(tmp_path / "small", height=40, width=50, depth=4))
+    inside = int(frag.mask().sum())
+    st = compute_stats(frag, rng=np.random.default_rng(0))  # 32 windows of 64 px, overlapping
+    assert st.pixels == inside  # every window covers the whole fragment: each pixel once
+    full = frag.read(0, 4, 0, 40, 0, 50)[:, frag.mask()].astype(float)
+    np.testing.assert_allclose(st.slice_mean, full.mean(axis=1), rtol=1e-9)
+    contrast = slice_contrast(frag, rng=np.random.default_rng(0))
+    assert contrast.ink_pixels + contrast.background_pixels == inside
+
+
 def test_every_view_parameter_is_set_through_the_one_config_key():
     from scrollsam.config import load_config
     from scrollsam.data.views import view_from_config

@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 SAMPLE_WINDOWS = 32  # windows per statistic
 SAMPLE_SIZE = 64  # window side, pixels: at most 32 * 64 * 64 = 131072 pixels per slice
 MAD_TO_STD = 1.4826  # MAD * this = std for normally distributed values
-_VERSION = 2  # bump when the way statistics are computed changes (invalidates caches)
+# bump when the statistics' fields change (invalidates caches); a change in how pixels are
+# sampled keeps it, so a trained run's cached statistics (RUN/stats/, which predict reads) stay
+# the ones its model trained with
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def sample_windows(
     count: int = SAMPLE_WINDOWS, size: int = SAMPLE_SIZE,
 ) -> list[tuple[int, int]]:
     """Top-left corners (y0, x0) of up to ``count`` windows of ``size`` centred on random True
-    pixels of ``where`` (bool [H, W]), kept inside the image where it is large enough."""
+    pixels of ``where`` (bool [H, W]), kept inside the image where it is large enough. Windows
+    may overlap: :class:`_Fresh` keeps each pixel to one of them."""
     centres = _random_pixels(where, count, rng)
     h, w = where.shape
     out = []
@@ -103,6 +107,25 @@ def sample_windows(
         x0 = int(np.clip(cx - size // 2, 0, max(0, w - size)))
         out.append((y0, x0))
     return out
+
+
+class _Fresh:
+    """The pixels of sampled windows not sampled before, so that each pixel counts once in a
+    statistic however the windows overlap (pixels in the middle of a small fragment would
+    otherwise weigh several times, and the sample's size be overstated)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.seen = np.zeros(shape, dtype=bool)  # [H, W]
+
+    def take(self, inside: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        """``inside`` (bool [S, S], the window at (y0, x0), y0, x0 >= 0; it may reach past the
+        image) less the pixels taken before; they are taken now."""
+        s = inside.shape[0]
+        seen = self.seen[y0:y0 + s, x0:x0 + s]  # clipped at the image's far edges
+        out = inside.copy()
+        out[:seen.shape[0], :seen.shape[1]] &= ~seen
+        seen[...] = True
+        return out
 
 
 def compute_stats(
@@ -116,8 +139,9 @@ def compute_stats(
         raise FragmentError(f"mask is empty: no pixel inside the fragment ({fragment.mask_path})")
     picks = sample_windows(fragment, mask, rng=rng, count=windows, size=size)
     values, ir_values = [], []
+    fresh = _Fresh(mask.shape)
     for y0, x0 in picks:
-        inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
+        inside = fresh.take(fragment.mask_window(y0, y0 + size, x0, x0 + size), y0, x0)
         vol = fragment.read(0, fragment.depth, y0, y0 + size, x0, x0 + size)  # [D, S, S]
         values.append(vol[:, inside])  # [D, n]
         ir = fragment.ir_window(y0, y0 + size, x0, x0 + size)
@@ -161,8 +185,9 @@ def slice_contrast(
     picks = sample_windows(fragment, ink_map, rng=rng, count=(windows + 1) // 2, size=size)
     picks += sample_windows(fragment, mask, rng=rng, count=windows // 2, size=size)
     ink_vals, bg_vals = [], []
+    fresh = _Fresh(mask.shape)
     for y0, x0 in picks:
-        inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)  # [S, S]
+        inside = fresh.take(fragment.mask_window(y0, y0 + size, x0, x0 + size), y0, x0)
         ink = fragment.labels_window(y0, y0 + size, x0, x0 + size)
         vol = fragment.read(0, fragment.depth, y0, y0 + size, x0, x0 + size)  # [D, S, S]
         ink_vals.append(vol[:, inside & ink])  # [D, n_ink]
