@@ -94,7 +94,11 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=int, metavar="N",
                    help="ome-zarr pyramid levels, 1 = full resolution only (default: halve y "
                    "and x while a level spans a chunk, at most 5)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT that an earlier convert wrote (only a Zarr "
+                   "store and the PNGs) or that is empty; any other folder is refused, as is "
+                   "one that holds or is inside the fragment folder; the old OUT is deleted "
+                   "only once the new copy is complete")
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -68,7 +68,8 @@ def convert_fragment(
     block_bytes: int = BLOCK_BYTES,
 ) -> Path:
     """Write a copy of fragment ``src`` into folder ``out`` with its volume as a Zarr store and
-    return ``out``. ``chunks`` is (z, y, x), clipped to the volume's shape."""
+    return ``out``. ``chunks`` is (z, y, x), clipped to the volume's shape. ``overwrite``
+    replaces an ``out`` that an earlier copy wrote or that is empty (see :func:`check_out`)."""
     frag = src if isinstance(src, Fragment) else Fragment(src)
     if format not in FORMATS:
         raise InputError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
