@@ -143,6 +143,20 @@ def test_8_and_16_bit_slices_give_the_same_inputs(tmp_path):
     assert np.abs(xa - xb).mean() < 0.05
 
 
+def test_a_12_bit_ir_png_keeps_its_levels(tmp_path):
+    import cv2
+
+    a = write_fragment(tmp_path / "a", height=96, width=96, depth=4, seed=2)
+    b = write_fragment(tmp_path / "b", height=96, width=96, depth=4, seed=2)
+    ir8 = cv2.imread(str(a / "ir.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(b / "ir.png"), ir8.astype(np.uint16) * 16)  # 12-bit levels in 16 bits
+    fa, fb = Fragment(a), Fragment(b)
+    np.testing.assert_array_equal(fb.ir(), ir8.astype(np.uint16) * 16)  # was >> 8: 16 levels
+    view = make_view("ir")
+    np.testing.assert_allclose(view.eval_window(fa, 0, 0, 96), view.eval_window(fb, 0, 0, 96),
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("args, params, match", [
     (("rgb", None), {}, "input"),
     (("slices", "random"), {}, "strategy"),

@@ -239,14 +239,14 @@ class Fragment:
         return self._labels
 
     def ir(self) -> np.ndarray | None:
-        """Infrared image: uint8 [H, W] (16-bit PNGs are scaled down); None when absent."""
+        """Infrared image: uint8 or uint16 [H, W] as stored (views standardise it by its own
+        mean and std, so a 12-bit image in a 16-bit PNG keeps its 4096 levels); None when
+        absent."""
         if self.ir_path is None:
             return None
         if self._ir is None:
             img = read_png(self.ir_path, gray="luma")
             self._check_decoded_size(img, self.ir_path)
-            if img.dtype == np.uint16:
-                img = (img >> 8).astype(np.uint8)
             self._ir = img
         return self._ir
 
@@ -260,7 +260,7 @@ class Fragment:
         return None if labels is None else _window(labels, y0, y1, x0, x1)
 
     def ir_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray | None:
-        """``ir()[y0:y1, x0:x1]`` as uint8, 0 outside the image; None without ir.png."""
+        """``ir()[y0:y1, x0:x1]`` in its dtype, 0 outside the image; None without ir.png."""
         ir = self.ir()
         return None if ir is None else _window(ir, y0, y1, x0, x1)
 

@@ -130,8 +130,10 @@ class IrView(View):
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
         self.check(fragment)
         st = self.stats.get(fragment)
-        ir = fragment.ir_window(y0, y0 + size, x0, x0 + size).astype(np.float32)  # [S, S]
-        std = max(float(st.ir_std or 0.0), 0.255)  # floor: 1e-3 of the 8-bit range
+        ir = fragment.ir_window(y0, y0 + size, x0, x0 + size)  # [S, S] uint8 or uint16
+        std = max(float(st.ir_std or 0.0), 1e-3 * np.iinfo(ir.dtype).max)  # floor: 1e-3 of
+        # the range
+        ir = ir.astype(np.float32)
         x = (ir - np.float32(st.ir_mean)) / np.float32(std)
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)
         x = np.clip(x, -CLIP, CLIP) * inside  # [S, S]
