@@ -1,0 +1,129 @@
+"""`scrollsam predict` never writes into, or over, the fragments it reads.
+
+Each refusal comes before any work (no model loaded, nothing written), exit code 2, one line;
+every file of every input fragment is unchanged afterwards. Tiny model, small fragments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from infer_helpers import make_run
+
+from scrollsam.cli import main
+from scrollsam.data.synthetic import write_fragment
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    write_fragment(root / "src" / "a", height=40, width=36, depth=6, seed=11)
+    write_fragment(root / "src" / "b", height=36, width=40, depth=6, seed=12)
+    make_run(root / "run", "data.input=ir", best=0.4, image_size=32)
+    return root
+
+
+@pytest.fixture
+def vic(data, tmp_path):
+    """Fresh copies of fragments a and b in ``tmp_path/vic``."""
+    for name in ("a", "b"):
+        shutil.copytree(data / "src" / name, tmp_path / "vic" / name, symlinks=True)
+    return tmp_path / "vic"
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (links followed) and its MD5."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def predict(data: Path, *args: str) -> int:
+    return main(["predict", "--run", str(data / "run"), "--device", "cpu", *args])
+
+
+def refused(capsys, code: int, *words: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err
+    return err[0]
+
+
+@pytest.mark.parametrize("fmt", ["png", "zarr"])
+@pytest.mark.parametrize("case, out, words", [
+    # before: mask.png of both fragments became the prediction
+    ("parent_of_several", "vic", ["must differ from the fragment folder", "a's outputs",
+                                   "into its own folder"]),
+    ("the_fragment", "vic/a", ["must differ from the fragment folder", "into its own folder"]),
+    ("inside_the_fragment", "vic/a/pred", ["must lie outside", "inside its own folder"]),
+    ("several_into_one_fragment", "vic/a", ["must lie outside", "inside its own folder"]),
+    ("inside_the_other_fragment", "vic/b/pred", ["must lie outside",
+                                                 "inside fragment b's folder"]),
+])
+def test_out_in_a_fragment_folder_is_refused_before_any_work(data, vic, capsys, fmt, case, out,
+                                                             words):
+    frags = ["vic/a", "vic/b"] if case in ("parent_of_several", "several_into_one_fragment",
+                                           "inside_the_other_fragment") else ["vic/a"]
+    before = {f: digest(vic.parent / f) for f in ("vic/a", "vic/b")}
+    root = vic.parent
+    args = [x for f in frags for x in ("--fragment", str(root / f))]
+    code = predict(data, *args, "--out", str(root / out), "--format", fmt)
+    refused(capsys, code, "--out:", *words)
+    assert {f: digest(root / f) for f in before} == before
+    assert not (root / "vic/a/pred").exists() and not (root / "vic/b/pred").exists()
+
+
+def test_symlinks_are_followed_to_the_fragment(data, vic, tmp_path, capsys):
+    before = digest(vic / "a")
+    (tmp_path / "link").symlink_to(vic / "a", target_is_directory=True)
+    code = predict(data, "--fragment", str(vic / "a"), "--out", str(tmp_path / "link"))
+    refused(capsys, code, "--out: must differ from the fragment folder")
+    # the fragment given through the link, the output as the real folder
+    code = predict(data, "--fragment", str(tmp_path / "link"), "--out", str(vic / "a" / "x"))
+    refused(capsys, code, "--out: must lie outside")
+    assert digest(vic / "a") == before
+
+
+def test_out_inside_a_volume_folder_kept_elsewhere_is_refused(data, vic, tmp_path, capsys):
+    volume = tmp_path / "volumes" / "a"
+    shutil.move(vic / "a" / "surface_volume", volume)
+    (vic / "a" / "surface_volume").symlink_to(volume, target_is_directory=True)
+    before = digest(volume)
+    code = predict(data, "--fragment", str(vic / "a"), "--out", str(volume))
+    refused(capsys, code, "--out: must lie outside", "inside its own volume")
+    assert digest(volume) == before and not (volume / "prob.tif").exists()
+
+
+def test_out_that_holds_a_fragment_file_through_a_link_is_refused(data, vic, tmp_path, capsys):
+    out = tmp_path / "pred"
+    out.mkdir()
+    shutil.move(vic / "a" / "mask.png", out / "mask.png")  # the fragment's mask lives in out
+    (vic / "a" / "mask.png").symlink_to(out / "mask.png")
+    before = digest(vic / "a")
+    code = predict(data, "--fragment", str(vic / "a"), "--out", str(out))
+    refused(capsys, code, "--out: must not hold", "its own mask.png", str(out / "mask.png"))
+    assert digest(vic / "a") == before
+
+
+def test_submission_inside_a_fragment_or_on_its_file_is_refused(data, vic, tmp_path, capsys):
+    before = digest(vic / "a")
+    out = str(tmp_path / "pred")
+    code = predict(data, "--fragment", str(vic / "a"), "--out", out, "--submission",
+                   str(vic / "a" / "submission.csv"))
+    refused(capsys, code, "--submission: must lie outside", "fragment a's folder")
+    elsewhere = tmp_path / "labels.png"
+    shutil.move(vic / "a" / "inklabels.png", elsewhere)
+    (vic / "a" / "inklabels.png").symlink_to(elsewhere)
+    code = predict(data, "--fragment", str(vic / "a"), "--out", out, "--submission",
+                   str(elsewhere), "--force")
+    refused(capsys, code, "--submission: would overwrite", "a's inklabels.png")
+    assert digest(vic / "a") == before and not (tmp_path / "pred").exists()
+
+
+def test_out_beside_one_fragment_still_works_and_leaves_it_whole(data, vic, capsys):
+    before = digest(vic / "a")
+    assert predict(data, "--fragment", str(vic / "a"), "--out", str(vic)) == 0
+    assert digest(vic / "a") == before
+    assert (vic / "mask.png").is_file() and (vic / "prob.png").is_file()
