@@ -56,6 +56,8 @@ from scrollsam.train.distributed import (
 
 log = logging.getLogger(__name__)
 
+MIN_TILE = 16  # the smallest --tile (the Predictor's limit)
+
 
 @dataclass
 class FragmentResult:
@@ -117,7 +119,7 @@ def predict_to_folder(
     if not fragments:
         raise InputError("--fragment: expected at least one fragment folder, got none")
     threshold = threshold_choice(threshold)
-    for flag, value, least in (("--tile", tile, 16), ("--stride", stride, 1),
+    for flag, value, least in (("--tile", tile, MIN_TILE), ("--stride", stride, 1),
                                ("--batch-size", batch_size, 1)):
         if value is not None and value < least:
             raise InputError(f"{flag}: expected an integer >= {least} (leave it out for the "
@@ -251,12 +253,20 @@ def _settings(predictor: Predictor, frag: Fragment, **extra: Any) -> dict[str, A
 
 
 def _warn_if_larger(frag: Fragment, tile: int) -> None:
-    """Warn when a window is larger than the fragment (an empty mask fails in ``open``)."""
-    if tile > min(frag.height, frag.width):
-        log.warning("%s: the window (--tile, default the model input size) of %d px is larger "
-                    "than the fragment (%d x %d px): most of each window is padding the model "
-                    "never saw, so expect poor results; use --tile %d or less",
-                    frag.id, tile, frag.height, frag.width, min(frag.height, frag.width))
+    """Warn when a window is larger than the fragment (an empty mask fails in ``open``). The
+    grid then has one window along that axis, at 0, zero-padded past the fragment's border; the
+    advice names only tiles ``predict`` accepts (at least MIN_TILE)."""
+    side = min(frag.height, frag.width)
+    if tile <= side:
+        return
+    if side >= MIN_TILE:
+        advice = f"; use --tile {side} or less"
+    else:
+        advice = (f"; the fragment is smaller than the smallest window (--tile {MIN_TILE})"
+                  + (f", and --tile {MIN_TILE} pads it least" if tile > MIN_TILE else ""))
+    log.warning("%s: the window (--tile, default the model input size) of %d px is larger than "
+                "the fragment (%d x %d px): most of each window is zero padding the model never "
+                "saw, so expect poor results%s", frag.id, tile, frag.height, frag.width, advice)
 
 
 def output_folders(frags: Sequence[Fragment], out: Path) -> list[Path]:
