@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from scrollsam.cli import main
@@ -170,3 +171,55 @@ def test_evaluate_with_an_all_zero_mask_is_an_error_naming_it(files, tmp_path, c
                  "--mask", zero]) == 2
     err = capsys.readouterr().err
     assert err == f"error: no valid pixels to score: the mask is all zero ({zero})\n"
+
+
+def _bad(tmp_path, kind):
+    """A label / mask file that is not binary, as QA found them."""
+    if kind == "254":  # labels saved as 0/254
+        return _png(tmp_path / "l254.png", np.where(TRUTH > 0, 254, 0).astype(np.uint8))
+    if kind == "xray":  # an x-ray slice (uint16 TIFF) given as labels or mask
+        path = tmp_path / "00.tif"
+        tifffile.imwrite(path, np.arange(8, dtype=np.uint16).reshape(2, 4) * 4000 + 100)
+        return str(path)
+    if kind == "photo":  # a grey photo (ir.png) given as labels or mask
+        return _png(tmp_path / "ir.png", np.array([[0, 12, 200, 90], [255, 7, 33, 1]], np.uint8))
+    if kind == "float":
+        path = tmp_path / "half.tif"
+        tifffile.imwrite(path, np.full((2, 4), 0.5, np.float32))
+        return str(path)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("flag", ["--labels", "--mask"])
+@pytest.mark.parametrize("kind", ["254", "xray", "photo", "float"])
+def test_evaluate_refuses_labels_and_masks_that_are_not_binary(files, tmp_path, capsys, flag,
+                                                               kind):
+    # Before: scored as "nonzero = ink / valid", while inspect, train and predict refuse labels
+    # that are not binary.
+    bad = _bad(tmp_path, kind)
+    args = {"--pred": files["prob"], "--labels": files["labels"], "--mask": files["mask"],
+            flag: bad}
+    assert main(["evaluate", *[x for kv in args.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {flag}: must be binary"), err
+    assert err.rstrip().endswith(f"({bad})"), err
+
+
+@pytest.mark.parametrize("encoding", ["0/1", "0/65535", "rgb", "1-bit"])
+def test_evaluate_takes_the_binary_encodings_the_fragment_reader_takes(files, tmp_path, capsys,
+                                                                      encoding):
+    def encode(name, image):
+        on = image > 0
+        if encoding == "0/1":
+            return _png(tmp_path / name, on.astype(np.uint8))
+        if encoding == "0/65535":
+            return _png(tmp_path / name, on.astype(np.uint16) * 65535)
+        if encoding == "rgb":
+            return _png(tmp_path / name, np.repeat(image[..., None], 3, axis=2))
+        return _png(tmp_path / name, on)  # mode "1"
+
+    labels, mask = encode("l.png", TRUTH), encode("m.png", np.array(Image.open(files["mask"])))
+    assert main(["evaluate", "--pred", files["pred"], "--labels", labels, "--mask", mask,
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (2, 1, 1, 2)  # as test_evaluate_json

@@ -1,21 +1,25 @@
 """Scoring whole files, as ``scrollsam evaluate`` and ``scrollsam predict`` do.
 
 A predicted image (a binary mask, or probabilities as 8-bit /255, 16-bit /65535 or float in
-[0, 1]) is compared with an ink label image (nonzero = ink) inside an optional fragment mask
-(nonzero = valid); all are ``[H, W]`` of one size. The pixel rules are those of
-:mod:`scrollsam.metrics`.
+[0, 1]) is compared with an ink label image inside an optional fragment mask; all are ``[H, W]``
+of one size. Labels and mask must be binary, encoded as the fragment reader takes them (0/1,
+0/255 or 0/65535, grey or RGB with equal channels; :func:`~scrollsam.data.fragment.binary_image`):
+a grey photo or an x-ray slice given by mistake is an error, not a score. The pixel rules are
+those of :mod:`scrollsam.metrics`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from scrollsam.errors import InputError
+from scrollsam.data.fragment import binary_image
+from scrollsam.errors import FragmentError, InputError
 from scrollsam.io import read_image
-from scrollsam.metrics import Counts, as_bool, binarize_prediction, check_threshold, confusion
+from scrollsam.metrics import Counts, binarize_prediction, check_threshold, confusion
 
 __all__ = ["Evaluation", "evaluate_files", "read_prediction"]
 
@@ -52,19 +56,18 @@ def evaluate_files(
     beta: float = 0.5,
 ) -> Evaluation:
     """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
-    against an ink label image (nonzero = ink), inside ``mask`` (nonzero = valid; default all
-    pixels).
-    All images are ``[H, W]`` of one size; a mismatch, or a mask without a nonzero pixel,
-    raises InputError naming the file."""
+    against a binary ink label image, inside the binary ``mask`` (default all pixels).
+    All images are ``[H, W]`` of one size; a mismatch, labels or a mask that are not binary,
+    or a mask without a valid pixel, raise InputError naming the file."""
     check_threshold(threshold)
-    truth = as_bool(read_image(labels))
+    truth = _read_binary(labels, "--labels")
     binary, was_binary = read_prediction(pred, threshold=threshold)
     if binary.shape != truth.shape:
         raise InputError(f"{pred}: expected {_hw(truth.shape)} pixels (height x width of "
                          f"{labels}), got {_hw(binary.shape)}")
     valid = None
     if mask is not None:
-        valid = as_bool(read_image(mask))
+        valid = _read_binary(mask, "--mask")
         if valid.shape != truth.shape:
             raise InputError(f"{mask}: expected {_hw(truth.shape)} pixels (height x width "
                              f"of {labels}), got {_hw(valid.shape)}")
@@ -83,6 +86,14 @@ def read_prediction(
         return binarize_prediction(image, threshold=threshold)
     except InputError as err:
         raise InputError(f"{path}: {str(err).removeprefix('pred: ')}") from None
+
+
+def _read_binary(path: str | os.PathLike[str], flag: str) -> np.ndarray:
+    """A label or mask image as bool ``[H, W]``, by the fragment reader's rule."""
+    try:
+        return binary_image(read_image(path), Path(path), what=f"{flag}:")
+    except FragmentError as err:
+        raise InputError(str(err)) from None
 
 
 def _hw(shape: tuple[int, ...]) -> str:

@@ -98,7 +98,8 @@ class Fragment:
         self._ir: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         if self.labels_path is not None:
-            self._labels = _binary(read_png(self.labels_path, gray="equal"), self.labels_path)
+            self._labels = binary_image(read_png(self.labels_path, gray="equal"),
+                                        self.labels_path)
             self._check_decoded_size(self._labels, self.labels_path)
         log.debug("opened %s: %s layout, %s %s", self.path, self.layout, self.shape, self.dtype)
 
@@ -326,16 +327,20 @@ def _slice_files(folder: Path) -> list[Path]:
     return [numbered[z] for z in range(len(numbered))]
 
 
-def _binary(img: np.ndarray, path: Path) -> np.ndarray:
-    """bool [H, W] from a 0/1, 0/255 (or 0/65535) label image; FragmentError otherwise."""
-    present = np.flatnonzero(np.bincount(img.ravel(), minlength=2))
-    values = set(present.tolist())
+def binary_image(img: np.ndarray, path: Path, *, what: str = "labels") -> np.ndarray:
+    """bool [H, W] from a 0/1, 0/255 or 0/65535 image (ink labels, masks: the values of the
+    whole image are checked); FragmentError naming ``path`` otherwise. ``what`` starts the
+    message (``labels``; ``evaluate`` passes its flag)."""
+    if img.dtype.kind in "bu" and img.dtype.itemsize <= 2:  # fast on a whole segment's labels
+        values = set(np.flatnonzero(np.bincount(img.ravel(), minlength=2)).tolist())
+    else:  # other integers and floats (evaluate reads TIFFs too)
+        values = set(np.unique(img).tolist())
     for on in (1, 255, 65535):
         if values <= {0, on}:
             return img == on
-    shown = ", ".join(str(v) for v in sorted(values)[:6])
+    shown = ", ".join(f"{v:g}" for v in sorted(values)[:6])
     raise FragmentError(
-        f"labels must be binary (0/255 or 0/1), found values {shown}"
+        f"{what} must be binary (0/1, 0/255 or 0/65535), found values {shown}"
         f"{' ...' if len(values) > 6 else ''} ({path})"
     )
 
