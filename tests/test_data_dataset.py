@@ -184,6 +184,24 @@ def test_a_validation_fragment_without_tiles_is_an_error_at_start(tmp_path):
         make_datasets(frags[:1], make_view("ir"), size=S, valid_band=(1.0, 1.0))
 
 
+def test_validation_without_labelled_ink_is_an_error_at_start(tmp_path):
+    # Before: validation scored F0.5 1.0 for predicting no ink, and best.pt was chosen on it.
+    frags = [Fragment(write_fragment(tmp_path / str(i), height=96, width=96, depth=2, seed=i))
+             for i in (1, 2)]
+    cv2.imwrite(str(frags[1].labels_path), np.zeros((96, 96), np.uint8))
+    frags[1] = Fragment(frags[1].path)
+    with pytest.raises(InputError, match=r"^the validation fragments 2 hold no labelled ink "
+                                         r"inside the masks"):
+        make_datasets(frags, make_view("ir"), size=S, valid_fragments=["2"])
+    band = Fragment(write_fragment(tmp_path / "3", height=96, width=96, depth=2, seed=1))
+    labels = cv2.imread(str(band.labels_path), cv2.IMREAD_UNCHANGED)
+    labels[48:] = 0  # no ink in the held-out half
+    cv2.imwrite(str(band.labels_path), labels)
+    with pytest.raises(InputError, match=r"^the held-out band of the training fragments "
+                                         r"holds no labelled ink"):
+        make_datasets([Fragment(band.path)], make_view("ir"), size=S, valid_band=(0.5, 1.0))
+
+
 def test_no_training_tile_names_real_config_keys(tmp_path):
     frag = Fragment(write_fragment(tmp_path / "1", height=64, width=64, depth=2, seed=1))
     with pytest.raises(InputError, match=r"no 128 px training tile .*lower model\.image_size"):

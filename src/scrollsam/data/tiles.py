@@ -144,9 +144,10 @@ def make_tiles(
             by_id[region.fragment], region, size=size, stride=stride, min_valid=min_valid
         )
         if not found:
-            log.warning("no %d px tile fits rows %d..%d, columns %d..%d of fragment %s",
-                        size, region.y0, region.y1 - 1, region.x0, region.x1 - 1,
-                        region.fragment)
+            log.warning("no %d px tile of rows %d..%d, columns %d..%d of fragment %s has "
+                        "%.0f%% of its pixels inside the mask", size, region.y0,
+                        region.y1 - 1, region.x0, region.x1 - 1, region.fragment,
+                        100 * min_valid)
         tiles.extend(found)
     return tiles
 
