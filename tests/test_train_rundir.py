@@ -57,6 +57,16 @@ def test_resume_of_a_moved_run_writes_only_into_the_folder_named(data, tmp_path,
     assert torch.load(moved / "last.pt", weights_only=True)["config"]["out"] == "."
 
 
+def test_a_run_dir_inside_a_fragment_folder_is_refused_naming_out(data, tmp_path, capsys):
+    # Before: "cache_dir: must not be inside the fragment folder", after the run dir was made.
+    for out in (data / "train" / "1" / "run", data / "train" / "2"):
+        before = sorted(p.name for p in out.parent.iterdir())
+        assert main(_args(data, f"out={out}")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: out: the run dir must not be inside fragment folder")
+        assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing made
+
+
 def test_overrides_anywhere_and_resume_extends_train_steps(data, tmp_path, caplog):
     run = tmp_path / "run"
     # Before: "unrecognized arguments" for key=value after a flag.

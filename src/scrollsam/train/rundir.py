@@ -169,6 +169,7 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
             raise
     if run.exists() and not run.is_dir():
         raise RunDirError(f"out: expected a folder for the run, got a file ({run})")
+    _check_outside_fragments(cfg, run)
     try:
         run.mkdir(parents=True)
         created = True
@@ -185,6 +186,17 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
         raise RunDirError(f"run dir exists and is not empty ({run}); pass --resume to continue "
                           f"it or choose another out=")
     return RunDir(run, absolute_paths(cfg), None, new=True, created=created, lock=lock)
+
+
+def _check_outside_fragments(cfg: Config, run: Path) -> None:
+    """RunDirError when ``run`` is a fragment folder of ``data.train`` / ``data.valid`` or
+    lies inside one: a run never writes into its data."""
+    inside = run.resolve()
+    for name in [*cfg.data.train, *cfg.data.valid]:
+        frag = (Path(cfg.data.root) / name).resolve()
+        if inside == frag or frag in inside.parents:
+            raise RunDirError(f"out: the run dir must not be inside fragment folder {name} "
+                              f"(data.train / data.valid) ({run})")
 
 
 def follow_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
