@@ -51,6 +51,17 @@ def test_segment_layout(tmp_path):
     assert frag.read(0, 6, 0, 48, 0, 64).shape == (6, 48, 64)
 
 
+def test_labels_under_another_name_are_named_in_a_warning(tmp_path, caplog):
+    src = small(tmp_path, "20230505")
+    (src / "surface_volume").rename(src / "layers")
+    (src / "mask.png").rename(src / "20230505_mask.png")  # labels keep Kaggle's name
+    with caplog.at_level("WARNING"):
+        assert Fragment(src).labels() is None
+    assert caplog.messages == ["fragment 20230505: no 20230505_inklabels.png, so no ink labels; "
+                               "inklabels.png not read (rename it to 20230505_inklabels.png to "
+                               "use it)"]
+
+
 def test_optional_files_absent(tmp_path):
     path = small(tmp_path)
     (path / "inklabels.png").unlink()

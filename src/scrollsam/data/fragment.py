@@ -51,6 +51,16 @@ _LARGE_SEGMENT = 4 * 1024 * 1024  # pixels; bigger compressed strips make window
 _SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 
 
+def _warn_of_other_labels(folder: Path, expected: str) -> None:
+    """A warning when ``folder`` holds no ``expected`` labels but PNGs named like ink labels
+    (a segment folder renamed after its ``<id>_inklabels.png``, Kaggle's name in a segment):
+    they are not read, and the fragment counts as unlabelled."""
+    others = sorted(p.name for p in folder.glob("*inklabels*.png"))
+    if others:
+        log.warning("fragment %s: no %s, so no ink labels; %s not read (rename it to %s to use "
+                    "it)", folder.name, expected, ", ".join(others), expected)
+
+
 class Fragment:
     """A validated fragment folder.
 
@@ -88,6 +98,8 @@ class Fragment:
         self._check_png_size(self.mask_path)
         labels = self.path / f"{prefix}inklabels.png"
         self.labels_path: Path | None = labels if labels.is_file() else None
+        if self.labels_path is None:
+            _warn_of_other_labels(self.path, labels.name)
         ir = self.path / "ir.png"
         self.ir_path: Path | None = ir if ir.is_file() else None
         for p in (self.labels_path, self.ir_path):
