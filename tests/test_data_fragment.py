@@ -62,6 +62,23 @@ def test_labels_under_another_name_are_named_in_a_warning(tmp_path, caplog):
                                "use it)"]
 
 
+def test_corrupt_png_pixel_data_is_one_error_line_with_libpngs_cause(tmp_path, capfd):
+    # Before: libpng printed "libpng error: IDAT: ..." to stderr ahead of the error line.
+    from scrollsam.cli import main
+
+    path = small(tmp_path)
+    png = bytearray((path / "inklabels.png").read_bytes())
+    at = png.find(b"IDAT") + 8
+    png[at:at + 24] = bytes(b ^ 0x5A for b in png[at:at + 24])
+    (path / "inklabels.png").write_bytes(bytes(png))
+    with pytest.raises(FragmentError, match=r"^corrupt PNG: cannot decode pixel data: IDAT: "):
+        Fragment(path)
+    assert capfd.readouterr().err == ""
+    assert main(["inspect", str(path)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: corrupt PNG") and "inklabels.png" in err[0]
+
+
 def test_optional_files_absent(tmp_path):
     path = small(tmp_path)
     (path / "inklabels.png").unlink()

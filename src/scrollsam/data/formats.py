@@ -19,6 +19,9 @@ import logging
 import mmap
 import os
 import struct
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +231,26 @@ def probe_png(path: Path) -> PngInfo:
     return PngInfo(Path(path), int(height), int(width), int(bit_depth), int(color_type))
 
 
+def _quiet(decode: Callable[[], Any]) -> tuple[Any, str]:
+    """``decode()``'s result and what it printed to the process's stderr (file descriptor 2),
+    held back: libpng prints its errors there itself ("libpng error: IDAT: invalid code
+    lengths set"), which would come before the one-line error that names the file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                result = decode()
+            finally:
+                os.dup2(saved, 2)
+            caught.seek(0)
+            said = caught.read().decode(errors="replace")
+    finally:
+        os.close(saved)
+    return result, " ".join(said.replace("libpng error: ", "").split())
+
+
 def read_png(path: Path, *, gray: str) -> np.ndarray:
     """Decode a PNG to one channel [H, W] uint8 or uint16.
 
@@ -241,9 +264,12 @@ def read_png(path: Path, *, gray: str) -> np.ndarray:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise FragmentError(f"cannot read PNG: {err} ({path})") from err
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    img, said = _quiet(lambda: cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
+    if said:
+        log.debug("decoding %s: %s", path, said)
     if img is None:
-        raise FragmentError(f"corrupt PNG: cannot decode pixel data ({path})")
+        cause = f": {said}" if said else ""
+        raise FragmentError(f"corrupt PNG: cannot decode pixel data{cause} ({path})")
     if img.ndim == 3:
         color = img[..., :3]  # BGR(A) -> BGR
         if gray == "luma":
