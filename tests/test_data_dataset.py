@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from scrollsam.data.augment import NO_AUGMENT, Augment
-from scrollsam.data.dataset import TileDataset, make_datasets
+from scrollsam.data.dataset import TileDataset, make_datasets, require_validation_ink
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.data.tiles import Region, tile_windows
@@ -192,14 +192,16 @@ def test_validation_without_labelled_ink_is_an_error_at_start(tmp_path):
     frags[1] = Fragment(frags[1].path)
     with pytest.raises(InputError, match=r"^the validation fragments 2 hold no labelled ink "
                                          r"inside the masks"):
-        make_datasets(frags, make_view("ir"), size=S, valid_fragments=["2"])
+        require_validation_ink(make_datasets(frags, make_view("ir"), size=S,
+                                             valid_fragments=["2"])[1], ["2"])
     band = Fragment(write_fragment(tmp_path / "3", height=96, width=96, depth=2, seed=1))
     labels = cv2.imread(str(band.labels_path), cv2.IMREAD_UNCHANGED)
     labels[48:] = 0  # no ink in the held-out half
     cv2.imwrite(str(band.labels_path), labels)
     with pytest.raises(InputError, match=r"^the held-out band of the training fragments "
                                          r"holds no labelled ink"):
-        make_datasets([Fragment(band.path)], make_view("ir"), size=S, valid_band=(0.5, 1.0))
+        require_validation_ink(make_datasets([Fragment(band.path)], make_view("ir"), size=S,
+                                             valid_band=(0.5, 1.0))[1], [])
 
 
 def test_no_training_tile_names_real_config_keys(tmp_path):

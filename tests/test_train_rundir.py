@@ -67,6 +67,20 @@ def test_a_run_dir_inside_a_fragment_folder_is_refused_naming_out(data, tmp_path
         assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing made
 
 
+def test_training_refuses_validation_without_labelled_ink(data, tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    inkless = tmp_path / "inkless"
+    shutil.copytree(data / "train" / "2", inkless)
+    labels = cv2.imread(str(inkless / "inklabels.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(inkless / "inklabels.png"), np.zeros_like(labels))
+    assert main(_args(data, f"data.valid=[{inkless}]", f"out={tmp_path / 'run'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the validation fragments inkless hold no labelled ink")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_overrides_anywhere_and_resume_extends_train_steps(data, tmp_path, caplog):
     run = tmp_path / "run"
     # Before: "unrecognized arguments" for key=value after a flag.

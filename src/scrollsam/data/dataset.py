@@ -186,8 +186,7 @@ def _check_validation(
     valid_band: tuple[float, float] | None, tiles: Sequence[Tile],
 ) -> None:
     """InputError naming the validation fragment (and its mask.png) or the band that yields no
-    tile, or when no validation tile holds ink: validation must never turn itself off or score
-    a model that finds nothing as perfect."""
+    tile: validation must never turn itself off."""
     have = {t.fragment for t in tiles}
     by_id = {f.id: f for f in fragments}
     for fid in valid_fragments:
@@ -200,9 +199,15 @@ def _check_validation(
         raise InputError(f"the held-out band of the training fragments{share} has no pixel "
                          f"inside their masks; raise data.valid_band or name validation "
                          f"fragments in data.valid")
-    if not any(t.ink > 0 for t in tiles):  # F0.5 would be 1 for predicting no ink at all
-        held = (f"the validation fragments {', '.join(valid_fragments)} hold" if valid_fragments
-                else "the held-out band of the training fragments holds")
-        raise InputError(f"{held} no labelled ink inside the masks, so F0.5 cannot rank "
-                         f"checkpoints; name fragments with ink in data.valid (or move "
-                         f"data.valid_band)")
+
+
+def require_validation_ink(valid: TileDataset, valid_fragments: Sequence[str]) -> None:
+    """InputError when no validation tile holds labelled ink: training ranks checkpoints by
+    their validation F0.5, which is 1 for a model that predicts no ink at all there."""
+    if any(t.ink > 0 for t in valid.tiles):
+        return
+    held = (f"the validation fragments {', '.join(valid_fragments)} hold" if valid_fragments
+            else "the held-out band of the training fragments holds")
+    raise InputError(f"{held} no labelled ink inside the masks, so F0.5 cannot rank "
+                     f"checkpoints; name fragments with ink in data.valid (or move "
+                     f"data.valid_band)")

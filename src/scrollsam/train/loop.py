@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from scrollsam.config import Config, config_to_dict, save_config
 from scrollsam.data.augment import Augment
-from scrollsam.data.dataset import TileDataset, make_datasets
+from scrollsam.data.dataset import TileDataset, make_datasets, require_validation_ink
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
@@ -123,6 +123,7 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         valid_band=None if valid_ids else (1.0 - cfg.data.valid_band, 1.0),
         samples_per_epoch=cfg.train.steps * global_batch(cfg, world.size),
         ink_share=cfg.data.ink_share, augment=augment, seed=cfg.train.seed)
+    require_validation_ink(valid_set, valid_ids)
     model = model_from_config(cfg.model, in_chans=view.channels, weights=weights,
                               source=f"{run} (its newest checkpoint)").to(device)
     log.info("trainable parameters:\n%s", format_counts(count_parameters(model)))
