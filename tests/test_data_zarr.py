@@ -276,6 +276,24 @@ def test_corrupt_chunk_is_an_error_at_read(tiffs, tmp_path):
         frag.read(0, 2, 20, 24, 20, 24)
 
 
+def test_a_corrupt_chunk_leaves_no_read_running_behind_its_error(tiffs, tmp_path):
+    # Before: the window's other chunk reads were left running on zarr's event loop; a CLI that
+    # exited on the error then printed asyncio's "Task was destroyed but it is pending!".
+    import asyncio
+
+    from zarr.core import sync
+
+    frag = Fragment(zarr_copy(tiffs["kaggle"], tmp_path, "zarr", 2))
+    (frag.volume_path / "0.0.0").write_bytes(b"not a blosc frame")
+    with pytest.raises(FragmentError, match=r"corrupt or unreadable Zarr chunk"):
+        frag.read(0, D, 0, H, 0, W)  # every chunk: the first fails, the others still run
+
+    async def running() -> int:
+        return len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
+
+    assert asyncio.run_coroutine_threadsafe(running(), sync.loop[0]).result(5) == 0
+
+
 def test_too_few_slices_for_the_view(tiffs, tmp_path):
     frag = Fragment(zarr_copy(tiffs["kaggle"], tmp_path, "ome-zarr", 2))
     with pytest.raises(FragmentError, match=r"has 6 slices, view .* needs"):
