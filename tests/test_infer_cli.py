@@ -202,3 +202,24 @@ def test_a_checkpoint_file_alone_predicts_like_its_run(tmp_path, data):
     assert (out / "prob.png").is_file()
     assert main(["predict", "--checkpoint", "best", "--fragment", str(data / "a"),
                  "--out", str(tmp_path / "p2")]) == 2  # best / last need a run
+
+
+def test_metrics_name_the_checkpoint_loaded_and_its_run_only(data, tmp_path):
+    """QA: `--checkpoint PATH` alone recorded "run": "None" (a string), and `--run A
+    --checkpoint B/best.pt` recorded run A for B's weights."""
+    ir, slices = data / "run_ir", data / "run_slices"
+
+    def recorded(*args: str) -> tuple[object, object]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert predict(*args, "--fragment", str(data / "a"), "--out", str(out),
+                       "--device", "cpu") == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        return metrics["run"], metrics["checkpoint"]
+
+    assert recorded("--run", str(ir)) == (str(ir), str(ir / "best.pt"))
+    assert recorded("--run", str(ir), "--checkpoint", "last") == (str(ir), str(ir / "last.pt"))
+    assert recorded("--run", str(ir), "--checkpoint", str(ir / "last.pt")) == (
+        str(ir), str(ir / "last.pt"))  # a path inside the run is the run's
+    assert recorded("--checkpoint", str(ir / "best.pt")) == (None, str(ir / "best.pt"))
+    assert recorded("--run", str(ir), "--checkpoint", str(slices / "best.pt")) == (
+        None, str(slices / "best.pt"))  # another run's weights: not run_ir's prediction

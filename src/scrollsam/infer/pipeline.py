@@ -185,7 +185,8 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
     results = []
     for frag, dest in zip(frags, output_folders(frags, out), strict=True):
         info: dict[str, Any] = {
-            "fragment": frag.id, "run": str(run), "checkpoint": checkpoint,
+            "fragment": frag.id, "run": _run_of(run, predictor.source),
+            "checkpoint": None if predictor.source is None else str(predictor.source),
             "tile": predictor.tile, "stride": predictor.stride, "tta": predictor.tta,
             "mode": "prompt-free" if clicks is None else "points",
             "compute_dtype": "bf16" if predictor.amp else "fp32",
@@ -222,6 +223,14 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
                 log.info("wrote %s (%d fragments)", submission, count)
         settle(write, world)
     return results
+
+
+def _run_of(run: str | os.PathLike[str] | None, source: Path | None) -> str | None:
+    """The run folder metrics.json names: ``run`` when the checkpoint file loaded (``source``)
+    lies in it, else None (``--checkpoint PATH`` alone, or another run's checkpoint file)."""
+    if run is None or source is None or source.resolve().parent != Path(run).resolve():
+        return None
+    return str(run)
 
 
 def _predict_clicks(predictor: Predictor, frag: Fragment, clicks: dict[str, Any], dest: Path,
