@@ -5,6 +5,7 @@ and OME-Zarr outputs alike; ``--threshold saved`` and a number keep a fixed one.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -137,3 +138,20 @@ def test_zarr_prediction_adapts_its_mask_like_png(data, tmp_path):
     labels = read_image(data / "frag" / "inklabels.png") > 0
     tp = int((masks[0].astype(bool) & labels & mask).sum())
     assert zr.metrics["tp"] == tp
+
+
+def test_clicks_use_the_saved_threshold_and_the_log_says_so(data, tmp_path, caplog):
+    """QA: `predict --points` logged "threshold 0.500 (the checkpoint's, adapted to each
+    fragment)" and then used the saved threshold as it is (metrics: threshold_rule fixed)."""
+    clicks = tmp_path / "clicks.json"
+    clicks.write_text(json.dumps([{"x": 60, "y": 70}]))
+    with caplog.at_level(logging.INFO, logger="scrollsam"):
+        assert main(["predict", "--run", str(data / "adaptive"), "--fragment",
+                     str(data / "frag"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                     "--points", str(clicks)]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.5 and metrics["threshold_rule"] == "fixed"
+    said = [m for m in caplog.messages if "threshold" in m]
+    assert said and not any("adapted" in m for m in said), said
+    loaded = [m for m in said if m.startswith("loaded")]
+    assert len(loaded) == 1 and "threshold 0.500 (the checkpoint's, as saved)" in loaded[0]

@@ -90,7 +90,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    "a checkpoint file, used alone (its own config)")
     p.add_argument("--threshold", default="auto", metavar="auto|saved|T",
                    help="ink where probability >= T; auto (default): the run's validation "
-                   "threshold, moved with each fragment's probabilities; saved: the run's as it is")
+                   "threshold, moved with each fragment's probabilities (with --points: as "
+                   "saved); saved: the run's as it is")
     p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 (default: "
                    "the model input size; other sizes are resized to it)")
     p.add_argument("--stride", type=int, help="window step in pixels, >= 1 (default: the run's "
@@ -215,7 +216,8 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
                    help="config keys to search: `train.lr: {low: 1.0e-5, high: 1.0e-3, log: "
                    "true}` (float or int range) or `data.z_start: [16, 20, 24]` (choices)")
     p.add_argument("--trials", type=int, required=True, metavar="N",
-                   help="run until the study holds N complete or pruned trials (the same "
+                   help="run until the study holds N complete or pruned trials (failed ones "
+                   "do not count, but a call stops once N of its trials failed; the same "
                    "command continues a killed sweep; workers share the target)")
     p.add_argument("--out", default="runs/sweep", metavar="DIR",
                    help="trial run dirs DIR/trial_0000/..., study.db, best_config.yaml "

@@ -107,7 +107,8 @@ def predict_to_folder(
 
     threshold: None / ``auto`` = the one saved with the checkpoint, adapted to each fragment
     (:mod:`.threshold`); ``saved`` = that one as it is; a number. submission: Kaggle CSV path; an
-    existing file is replaced only with ``force``. points: clicks file (see :mod:`.points`).
+    existing file is replaced only with ``force``. points: clicks file (see :mod:`.points`);
+    around clicks None / ``auto`` is ``saved`` (a few prompted tiles have nothing to adapt to).
     precision: ``auto`` (the run's ``train.amp``), ``bf16`` or ``fp32``.
     fmt: ``png``, ``zarr`` (OME-Zarr, :mod:`.zarr_out`) or ``auto`` (zarr above
     :data:`.segment.AUTO_ZARR_PIXELS`); dtype: the OME-Zarr values, uint8 or float16.
@@ -163,13 +164,15 @@ def predict_to_folder(
 
 
 def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out: Path, *,
-                 world: World, device: Any, checkpoint: str, threshold: float | None,
+                 world: World, device: Any, checkpoint: str, threshold: float | str | None,
                  tile: int | None, stride: int | None, batch_size: int | None, tta: bool,
                  submission: str | os.PathLike[str] | None, force: bool,
                  points: str | os.PathLike[str] | None, save_tif: bool, progress: bool,
                  precision: str, fmt: str, dtype: str, chunk: int, band_rows: int | None,
                  restart: bool) -> list[FragmentResult]:
     ids = [f.id for f in frags]
+    if points is not None and threshold in (None, "auto"):
+        threshold = "saved"  # a few prompted tiles are no fragment's probabilities to adapt to
     predictor = Predictor.from_run(run, checkpoint=checkpoint, device=device,
                                    threshold=threshold, tile=tile, stride=stride,
                                    batch_size=batch_size, tta=tta, stats_dir=out,
@@ -192,7 +195,7 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
             "compute_dtype": "bf16" if predictor.amp else "fp32",
         }
         if clicks is not None:  # prompted maps cover a few tiles: the run's threshold as is
-            info["threshold_rule"] = "fixed"
+            info.update(predictor.rule.describe())
             results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
                                            points=points, save_tif=save_tif))
             frag.close()

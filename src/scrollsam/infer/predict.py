@@ -178,9 +178,12 @@ class Predictor:
                                   source=str(path))
         rule = ThresholdRule.choose(threshold, saved=float(ckpt.get("best_threshold", 0.5)),
                                     reference=expected_of(ckpt))
-        log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f%s", path,
+        whose = ("the checkpoint's, adapted to each fragment" if rule.adaptive else
+                 "the checkpoint's, as saved" if threshold in (None, "auto", "saved") else
+                 "given")
+        log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f (%s)", path,
                  ckpt.get("step"), cfg.model.type, cfg.model.image_size, view.name, rule.value,
-                 " (the checkpoint's, adapted to each fragment)" if rule.adaptive else "")
+                 whose)
         tile = tile or cfg.model.image_size
         stride = stride or cfg.data.stride or None
         pred = cls(model, view, threshold=rule,
