@@ -15,8 +15,10 @@ import yaml
 from optuna.trial import TrialState
 
 import scrollsam
+import scrollsam.sweep.study as study_mod
 from scrollsam.cli import main
 from scrollsam.config import load_config
+from scrollsam.errors import ConfigError
 from scrollsam.sweep import load_space, run_sweep
 from scrollsam.train.loop import train
 
@@ -219,12 +221,15 @@ def test_a_trial_whose_values_fail_is_marked_failed_and_the_sweep_goes_on(data, 
     # embedding cache when training starts: a ConfigError of these values, not of the sweep
     sampler = optuna.samplers.PartialFixedSampler({"model.lora_rank": 2},
                                                   optuna.samplers.RandomSampler(seed=0))
+    # (every later trial fails, so the call stops after 2 failures, short of its target of 2)
     result = run_sweep(base, space, trials=2, out=out, sampler=sampler)
-    ok, failed = _study(out).get_trials()
+    ok, *failed = _study(out).get_trials()
     assert (ok.params, ok.state) == ({"model.lora_rank": 0}, TrialState.COMPLETE)
-    assert (failed.params, failed.state) == ({"model.lora_rank": 2}, TrialState.FAIL)
-    assert "cache" in failed.user_attrs["error"]
-    assert result.counts == {"COMPLETE": 1, "FAIL": 1} and result.best_config is not None
+    assert len(failed) == 2
+    for t in failed:
+        assert (t.params, t.state) == ({"model.lora_rank": 2}, TrialState.FAIL)
+        assert "cache" in t.user_attrs["error"]
+    assert result.counts == {"COMPLETE": 1, "FAIL": 2} and result.best_config is not None
 
 
 @pytest.mark.parametrize("text, message", [
@@ -277,3 +282,45 @@ def test_the_sweep_demo_preset_is_valid():
     assert space.base_params(base) is not None  # trial 0 is the demo's own values
     demo = load_config(CONFIGS / "demo.yaml")
     assert (base.data, base.model) == (demo.data, demo.model)  # the demo's problem, shorter
+
+
+def _fake_train(fails: set[int] | None = None):
+    """A stand-in for training: trial ``n`` (read from its run dir) raises a ConfigError of its
+    values when ``n`` is in ``fails`` (None: every trial), else reports F0.5 0.5 at step 1."""
+
+    def fake(cfg, *, progress, on_eval):
+        number = int(Path(cfg.out).name.removeprefix("trial_"))
+        if fails is None or number in fails:
+            raise ConfigError(f"trial {number} cannot train")
+        on_eval(1, {"f0.5": 0.5})
+
+    return fake
+
+
+def test_failed_trials_do_not_count_against_the_target_of_one_call(tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr(study_mod, "train", _fake_train(fails={1, 3}))
+    out = tmp_path / "sweep"
+    args = ["sweep", "--space", str(_space(tmp_path)), "--trials", "3", "--out", str(out),
+            "--pruner", "none"]
+    assert main(args) == 0
+    states = [t.state for t in _study(out).get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                      TrialState.FAIL, TrialState.COMPLETE]
+    assert "5 trials (3 complete, 2 fail)" in capsys.readouterr().out
+    assert main(args) == 0  # the target is met: nothing more runs
+    assert len(_study(out).get_trials()) == 5
+
+
+def test_a_sweep_whose_every_trial_fails_stops_after_as_many_failures_as_its_target(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(study_mod, "train", _fake_train())
+    out = tmp_path / "sweep"
+    args = ["sweep", "--space", str(_space(tmp_path)), "--trials", "3", "--out", str(out)]
+    assert main(args) == 1  # no trial completed
+    assert [t.state for t in _study(out).get_trials()] == [TrialState.FAIL] * 3
+    (stop,) = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert "\n" not in stop
+    assert "3 trials failed in this call" in stop and "--trials 3" in stop, stop
+    assert main(args) == 1  # the same command again tries as many more, then stops again
+    assert len(_study(out).get_trials()) == 6

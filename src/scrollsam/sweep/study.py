@@ -10,7 +10,8 @@ The study lives in an RDB storage: ``sqlite:///OUT/study.db`` by default, or any
 (PostgreSQL, MySQL) so workers on many machines join one study by running the same command
 with the same ``--study`` and ``--storage``. ``trials`` is a target for the whole study (trials
 that completed or were pruned), so running the same command again continues a killed sweep and
-does nothing more once the target is met.
+does nothing more once the target is met. Failed trials do not count, but one call stops once
+``trials`` of its own trials failed, so a sweep whose every trial fails ends.
 
 A trial whose process died is marked failed, and its run dir is left as it was: at once when
 the sweep that continues runs on the same host (the dead process id is recorded with the trial),
@@ -135,7 +136,9 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
               sampler: optuna.samplers.BaseSampler | None = None,
               baseline: bool = True, progress: bool = False) -> SweepResult:
     """Run (or continue) the study until it holds ``trials`` finished trials; see the module
-    docstring. Returns the summary, after writing ``OUT/best_config.yaml``.
+    docstring. Failed trials do not count towards that target, but a call stops (with a
+    warning) once ``trials`` of the trials it ran failed. Returns the summary, after writing
+    ``OUT/best_config.yaml``.
 
     study_name: default the name of ``out``. storage: default ``sqlite:///OUT/study.db``.
     pruner: default :func:`make_pruner` (median). sampler: default TPE.
@@ -165,11 +168,37 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
         if done < trials:
             log.info("study %s (%s): %d of %d trials finished; running the rest", name,
                      safe_url(url), done, trials)
+            failures = _FailureLimit(trials)
             study.optimize(
                 lambda trial: _objective(trial, base, space, out, progress=progress),
-                n_trials=trials - done, gc_after_trial=True,
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED)])
+                gc_after_trial=True,
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), failures])
+            if failures.reached:
+                log.warning("sweep stopped: %d trials failed in this call, as many as --trials "
+                            "%d; see their errors above, fix the base config or the space and "
+                            "run the same command again", failures.failed, trials)
         return summarise(study, base, space, out=out, storage=safe_url(url))
+
+
+class _FailureLimit:
+    """Optuna callback: stops the call's optimize loop once ``limit`` of the trials it ran
+    failed, so a sweep whose every trial fails ends (failed trials do not count towards the
+    target, hence would otherwise run forever)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.failed = 0
+
+    @property
+    def reached(self) -> bool:
+        """Whether this call stopped because too many of its trials failed."""
+        return self.failed >= self.limit
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            self.failed += 1
+            if self.reached:
+                study.stop()
 
 
 def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
