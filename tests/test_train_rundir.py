@@ -159,6 +159,38 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(data, tmp_
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
 
 
+def test_config_yaml_is_written_before_setup_fills_the_run_dir(data, tmp_path, monkeypatch):
+    # Before: setup cached statistics in the run dir (seconds to minutes on large fragments)
+    # before config.yaml was written; a run killed then (SIGKILL) held only stats/, and both
+    # --resume ("no last.pt") and a fresh start ("not empty") were refused.
+    run, seen = tmp_path / "run", []
+    real = loop.setup
+
+    def spy(cfg, where, **kwargs):
+        seen.append(sorted(p.name for p in where.iterdir()))
+        return real(cfg, where, **kwargs)
+
+    monkeypatch.setattr(loop, "setup", spy)
+    assert main(_args(data, f"out={run}")) == 0
+    assert seen == [[".lock", "config.yaml"]]
+
+
+def test_steps_trained_again_after_a_kill_appear_once_in_tensorboard(data, tmp_path):
+    # Before: a run killed after logging steps past its last checkpoint logged them again on
+    # resume, so each of those steps had two points and the curves doubled back.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(_args(data, f"out={run}", "train.eval_every=100", "log.every=1")) == 0  # 1, 2
+    at_2 = (run / "last.pt").read_bytes()
+    assert main(["train", f"out={run}", "--resume", "train.steps=4", "--no-progress"]) == 0
+    (run / "last.pt").write_bytes(at_2)  # as if killed after logging 3, 4, before saving them
+    assert main(["train", f"out={run}", "--resume", "train.steps=4", "--no-progress"]) == 0
+    assert _step(run) == 4
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
 def test_signal_before_the_first_step_saves_a_resumable_step_0(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real = loop.setup

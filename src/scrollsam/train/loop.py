@@ -235,9 +235,14 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     """The loop of :func:`train` in the open run dir ``rd`` (locked by rank 0)."""
     cfg, ckpt, run, world = rd.cfg, rd.checkpoint, rd.path, ranks.world
     torch.manual_seed(cfg.train.seed)  # random initial weights where no checkpoint gives them
-    try:  # bad fragments, views or checkpoints fail here, before the run dir holds anything
+    stored = stored_config(cfg)
+    try:  # bad fragments, views or checkpoints fail here, and a new run dir is removed
         failure = None
         try:
+            # config.yaml first: a run killed from here on (setup caches statistics in the
+            # run dir, for seconds to minutes) resumes from step 0 with --resume
+            if world.main:
+                save_config(stored, run / "config.yaml")
             s = setup(cfg, run, weights=ckpt, ranks=ranks)
         except Exception as err:
             failure = err
@@ -245,7 +250,6 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     except BaseException:
         rd.undo_new()
         raise
-    stored = stored_config(cfg)
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
@@ -256,7 +260,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     forward = partial(prompted_forward, static=True) if s.static_prompts else prompted_forward
     step_module = wrap_for_ranks(s.model, s.cache, world=world, prompt_cfg=cfg.prompts,
                                  loss_cfg=cfg.loss, device=s.device, forward=forward)
-    tb = TensorBoard(run, enabled=world.main)
+    tb = TensorBoard(run, enabled=world.main, purge_step=None if rd.new else state.step + 1)
     config_dict = config_to_dict(stored)
 
     def save(name: str) -> None:  # rank 0; the model unwrapped (official key names)
@@ -271,8 +275,6 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
         except Exception as err:
             failure = err
         ranks.agree(failure)
-
-    writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
 
     s.model.train()
     # on a GPU each batch crosses to it while the step before runs

@@ -72,14 +72,19 @@ def tile_panel(
 
 
 class TensorBoard:
-    """Thin wrapper over ``SummaryWriter`` writing into ``run_dir/tb``; no-op when disabled."""
+    """Thin wrapper over ``SummaryWriter`` writing into ``run_dir/tb``; no-op when disabled.
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True) -> None:
+    ``purge_step``: a resumed run's first step; TensorBoard hides the events an earlier
+    process logged at that step and later (a run killed after its last checkpoint had logged
+    steps it now trains again), so each step's curve point appears once."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True,
+                 purge_step: int | None = None) -> None:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
 
     def scalars(self, values: Mapping[str, float], step: int, *, prefix: str = "") -> None:
         if self.writer is None:
