@@ -19,6 +19,7 @@ from scrollsam.errors import CheckpointError, InputError, RunDirError
 from scrollsam.infer.points import Click, click_tiles, load_clicks, predict_clicks
 from scrollsam.infer.predict import (
     DIHEDRAL,
+    MIN_TILE,
     Predictor,
     dihedral,
     predict_fragment,
@@ -182,7 +183,7 @@ def test_streaming_reads_only_the_windows_and_never_holds_the_volume(tmp_path, d
     assert result.stats["tiles"] == len(run_windows) < len(grid)
     expected = sum((min(y + 64, 400) - y) * (min(x + 64, 300) - x) for y, x in run_windows)
     expected *= 3 * 2  # three uint16 slices per window
-    probe = 16 * 16 * 3 * 2  # one 16 x 16 read to learn K
+    probe = MIN_TILE * MIN_TILE * 3 * 2  # one MIN_TILE x MIN_TILE read to learn K
     assert expected <= frag.bytes_read - before <= expected + probe
 
 
@@ -261,3 +262,21 @@ def test_progress_bar_ends_exactly_at_the_fragment_area(tmp_path):
     frag = write_fragment(tmp_path / "frag", height=120, width=110, depth=4, seed=3)  # 0.0132 MP
     pred = Predictor.from_run(run, device="cpu").predict_fragment(frag, progress=True)
     assert pred.prob.shape == (120, 110)
+
+
+def test_the_smallest_tile_is_one_constant(monkeypatch, capsys):
+    """QA: the Predictor refused tiles below a hard-coded 16 beside pipeline's MIN_TILE."""
+    import scrollsam.infer.pipeline as pipeline
+    import scrollsam.infer.predict as predict
+    from scrollsam.cli import build_parser
+
+    assert pipeline.MIN_TILE is predict.MIN_TILE
+    model = build_model("tiny", image_size=64)
+    assert Predictor(model, device="cpu", tile=predict.MIN_TILE).tile == predict.MIN_TILE
+    monkeypatch.setattr(predict, "MIN_TILE", 32)
+    with pytest.raises(InputError, match="expected tile >= 32"):
+        Predictor(model, device="cpu", tile=24)
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "--help"])
+    assert f"window side in fragment pixels, >= {pipeline.MIN_TILE} " in capsys.readouterr().out

@@ -32,7 +32,7 @@ from scrollsam.errors import InputError
 from scrollsam.infer.band_state import STATE_NAME, check_band_rows, default_band_rows
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
-from scrollsam.infer.predict import Predictor
+from scrollsam.infer.predict import MIN_TILE, Predictor
 from scrollsam.infer.segment import (
     FORMATS,
     BandJob,
@@ -55,9 +55,6 @@ from scrollsam.train.distributed import (
 )
 
 log = logging.getLogger(__name__)
-
-MIN_TILE = 16  # the smallest --tile (the Predictor's limit)
-
 
 @dataclass
 class FragmentResult:

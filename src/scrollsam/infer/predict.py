@@ -53,6 +53,9 @@ from scrollsam.train.checkpoint import expected_of, load_checkpoint
 
 log = logging.getLogger(__name__)
 
+MIN_TILE = 16  # the smallest window side (--tile) in fragment pixels
+
+
 @dataclass
 class Prediction:
     """Probability map of one fragment: ``prob`` float32 [H, W] in [0, 1], 0 outside the mask.
@@ -105,9 +108,10 @@ class Predictor:
                      else ThresholdRule(float(threshold)))
         self.tile = int(tile or model.image_size)
         self.stride = int(stride or self.tile // 2)
-        if self.tile < 16 or not 1 <= self.stride <= self.tile:
+        if self.tile < MIN_TILE or not 1 <= self.stride <= self.tile:
             raise InputError(f"tile / stride (--tile / --stride, data.stride): expected tile >= "
-                             f"16 and 1 <= stride <= tile, got {self.tile} / {self.stride}")
+                             f"{MIN_TILE} and 1 <= stride <= tile, got {self.tile} / "
+                             f"{self.stride}")
         if batch_size < 1:
             raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -351,7 +355,7 @@ class Predictor:
             raise InputError("view: this Predictor was built without a view; use "
                              "Predictor.from_run or pass view= to predict fragments")
         tile = self.tile
-        k = view.infer_windows(frag, 0, 0, 16).shape[0]  # inputs per window (K)
+        k = view.infer_windows(frag, 0, 0, MIN_TILE).shape[0]  # inputs per window (K)
         prob = sliding_window_inference(
             lambda a, b: view.infer_windows(frag, a, b, tile), self._count(meter),
             shape=(frag.height, frag.width), tile=tile, stride=self.stride,
