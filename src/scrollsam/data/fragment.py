@@ -15,9 +15,9 @@ Opening a folder validates it before any work: slice files numbered contiguously
 single-channel uint8 / uint16 TIFF of the same height x width and pixel type, none truncated
 (file size against what the header promises), or a Zarr store whose metadata promises a (z, y,
 x) uint8 / uint16 volume; mask / labels / ir PNGs intact and the same size as the volume's
-(y, x); labels binary (0/255 or 0/1). Only headers and metadata are read, except
-``inklabels.png``, whose values are checked (and kept) at open. Every problem raises
-:class:`~scrollsam.errors.FragmentError` naming the file.
+(y, x); labels binary (0/1, 0/255 or 0/65535: :func:`binary_image`). Only headers and
+metadata are read, except ``inklabels.png``, whose values are checked (and kept) at open.
+Every problem raises :class:`~scrollsam.errors.FragmentError` naming the file.
 
 Volumes use axis order ``(z, y, x)``; z indexes the slice files. Nothing reads a whole slice
 stack: :meth:`Fragment.read` touches only the requested window (see :mod:`.formats`).
