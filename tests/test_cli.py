@@ -59,3 +59,33 @@ def test_cli_keeps_freed_memory_for_reuse_unless_the_user_chose(given, expected)
     out = subprocess.run([sys.executable, "-c", code], env={**env, **given}, check=True,
                          capture_output=True, text=True).stdout.split()
     assert out == [str(expected), str(expected)]
+
+
+def test_demo_help_names_what_each_input_trains_with(tmp_path, monkeypatch, capsys):
+    """QA: `scrollsam demo --help` said "slices: x-ray slice triplets" and "default: the demo's
+    300" steps; the slices demo trains a range band through the depth encoder for 700 steps.
+    The expected words come from the demo's own config."""
+    from scrollsam.cli import build_parser
+    from scrollsam.demo import demo_config
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    ir, xray = demo_config(tmp_path, "ir"), demo_config(tmp_path, "slices")
+    assert ir.data.input == "ir" and not ir.model.depth_encoder
+    assert xray.data.z_start is not None and xray.data.z_end is not None
+    band = f"{xray.data.z_end - xray.data.z_start}-slice {xray.data.strategy} band"
+    assert f"slices: the x-ray volume, a {band}" in text, text
+    assert ("through the learned depth encoder" in text) == xray.model.depth_encoder
+    assert "triplet" not in text
+    assert (f"(default: the demo's {ir.train.steps} for ir, {xray.train.steps} for slices)"
+            in text), text
+
+
+def test_building_the_parser_does_not_load_torch():
+    """Every `scrollsam` call builds the whole parser (the demo's help included) first."""
+    code = "import sys, scrollsam.cli; scrollsam.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert out == ["False"]

@@ -186,10 +186,14 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
+    from scrollsam.demo import demo_settings, describe_input
+
+    inputs = ("ir", "slices")
     p.add_argument("--out", default="demo", help="folder for data, run, predictions")
-    p.add_argument("--input", choices=("ir", "slices"), default="ir",
-                   help="ir: the infrared toy problem; slices: x-ray slice triplets")
-    p.add_argument("--steps", type=int, help="training steps (default: the demo's 300)")
+    p.add_argument("--input", choices=inputs, default="ir",
+                   help="; ".join(f"{i}: {describe_input(i)}" for i in inputs))
+    p.add_argument("--steps", type=int, help="training steps (default: the demo's " + ", ".join(
+        f"{demo_settings(i)['train.steps']} for {i}" for i in inputs) + ")")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

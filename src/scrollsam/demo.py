@@ -17,12 +17,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scrollsam.config import Config, load_config
 from scrollsam.errors import RunDirError
-from scrollsam.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from scrollsam.config import Config
 
 log = logging.getLogger(__name__)
+
+# (imports stay light: the CLI reads demo_settings for `scrollsam demo --help` on every call)
 
 # the x-ray demo's band view: centred on each fragment's papyrus sheet, jittered by up to 3
 # slices in training, each pixel's band standardised along its own depth (profile)
@@ -80,7 +84,27 @@ def demo_overrides(out: Path, input: str, *, depth: bool = True) -> list[str]:
 
 def demo_config(out: Path, input: str) -> Config:
     """The demo's training config (also shipped as configs/demo.yaml / configs/demo_xray.yaml)."""
+    from scrollsam.config import load_config
+
     return load_config(None, demo_overrides(out, input))
+
+
+def demo_settings(input: str) -> dict[str, str]:
+    """The demo's config values for ``input`` as text, key -> value (a later override of a key
+    wins), read from :func:`demo_overrides` without building the config (no torch import)."""
+    return dict(o.split("=", 1) for o in demo_overrides(Path("demo"), input))
+
+
+def describe_input(input: str) -> str:
+    """What the demo's model sees for ``input``, in words (``scrollsam demo --help``)."""
+    s = demo_settings(input)
+    if s["data.input"] != "slices":
+        return "the infrared image (ir.png)"
+    strategy, z0, z1 = s.get("data.strategy", "triplet"), s.get("data.z_start"), s.get("data.z_end")
+    what = (f"a {int(z1) - int(z0)}-slice {strategy} band" if z0 and z1 else
+            f"the {strategy} view")
+    via = " through the learned depth encoder" if s.get("model.depth_encoder") == "true" else ""
+    return f"the x-ray volume, {what}{via}"
 
 
 def synth_demo_data(root: Path) -> list[Path]:
@@ -110,6 +134,7 @@ def run_demo(out: str | Path = "demo", *, input: str = "ir", steps: int | None =
              progress: bool = True) -> DemoResult:
     """Synthesise, train, predict and evaluate; see the module docstring."""
     from scrollsam.infer.pipeline import predict_to_folder
+    from scrollsam.io import atomic_write_text
     from scrollsam.train.loop import train
 
     start = time.perf_counter()
