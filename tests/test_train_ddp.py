@@ -170,6 +170,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(data, tmp_pat
     run = tmp_path / "run"
     results = run_ranks(train_worker, 2, _args(data, run, 2, "train.steps=4"), False, None, 1)
     assert [(r.get("error"), r.get("step")) for r in results] == [("TrainingStopped", 2)] * 2
+    assert [r["main"] for r in results] == [True, False]  # the CLI's line: rank 0 only
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
 
 

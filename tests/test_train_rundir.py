@@ -208,6 +208,22 @@ def test_signal_before_the_first_step_saves_a_resumable_step_0(data, tmp_path, m
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+@pytest.mark.parametrize("main_process", [True, False])
+def test_the_stop_line_is_printed_by_the_main_process_only(monkeypatch, capsys, main_process):
+    # Before: under torchrun every process printed "stopped by SIGINT ...".
+    from scrollsam import cli
+
+    def stopped(args):
+        raise TrainingStopped(signal.SIGINT, step=3, run=Path("runs/x"), main=main_process)
+
+    help_, example, add, _ = cli.COMMANDS["train"]
+    monkeypatch.setitem(cli.COMMANDS, "train", (help_, example, add, stopped))
+    assert main(["train", "out=runs/x"]) == 130
+    err = capsys.readouterr().err
+    assert (err == "stopped by SIGINT after step 3; last.pt saved; continue with: scrollsam "
+                   "train out=runs/x --resume\n") if main_process else err == ""
+
+
 def test_run_lock_names_the_holder_and_is_dropped_on_release(tmp_path):
     first = RunLock.acquire(tmp_path)
     with pytest.raises(RunDirError, match=re.escape(f"in use by pid {os.getpid()} ({tmp_path})")):

@@ -343,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as stop:  # Ctrl-C / SIGTERM, last.pt written: say how to go on
-        print(stop, file=sys.stderr)
+        if stop.main:  # once for a torchrun run, not once per process
+            print(stop, file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -290,7 +290,8 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             if ranks.stop_requested is not None:  # Ctrl-C / SIGTERM: keep every finished step
                 _check_losses(s, unchecked)  # never save NaN weights
                 writes(lambda: save("last.pt"))  # the others wait for it before they exit
-                raise TrainingStopped(ranks.stop_requested, step=state.step, run=run)
+                raise TrainingStopped(ranks.stop_requested, step=state.step, run=run,
+                                      main=world.main)
             step = state.step
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:

@@ -34,12 +34,15 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingStopped(Exception):
-    """Training stopped on a signal after writing ``last.pt``; ``str()`` says how to resume."""
+    """Training stopped on a signal after writing ``last.pt``; ``str()`` says how to resume.
+    ``main``: raised in the process that speaks for the run (torchrun's rank 0, or alone);
+    the CLI prints the line there only, not once per process."""
 
-    def __init__(self, signum: int, *, step: int, run: Path) -> None:
+    def __init__(self, signum: int, *, step: int, run: Path, main: bool = True) -> None:
         self.signum = signum
         self.step = step
         self.run = run
+        self.main = main
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} after step {step}; last.pt saved; continue with: "
