@@ -246,6 +246,9 @@ def test_a_trial_whose_values_fail_is_marked_failed_and_the_sweep_goes_on(data, 
     ("data.input: [ir, xray]\n", "data.input: expected one of ir, slices, got 'xray'"),
     ("out: [a, b]\n", "out: the sweep sets each trial's run dir"),
     ("[1, 2]\n", "expected a mapping of config keys"),
+    ("train.lr: [1.0e-4\n", "not valid YAML: expected ',' or ']', but got '<stream end>' at "
+                           "line 2, column 1; while parsing a flow sequence at line 1"),
+    ("train.lr: [1.0e-4]\n\x01\n", "not valid YAML: unacceptable character #x0001"),
 ])
 def test_a_bad_space_file_is_one_clear_error_with_exit_2(tmp_path, capsys, text, message):
     space = _space(tmp_path, text)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,28 +22,9 @@ from typing import Any
 
 import yaml
 
+from scrollsam.config_yaml import load_yaml_file, parse_yaml, yaml_error_text
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with 1.2 scalars: only true / false are booleans (1.1 also reads yes, no, on, off:
-    ``train.cache=off`` became False) and ``1e-4`` is a number (1.1 wants ``1.0e-4``)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -320,9 +300,10 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
     try:
-        value = _yaml(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot parse value {raw!r} ({err.problem})") from err
+        raise ConfigError(f"{key}: value {raw!r} is not valid YAML: "
+                          f"{yaml_error_text(err, raw)}") from err
     node: dict[str, Any] = {}
     cur = node
     parts = key.split(".")
@@ -339,10 +320,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found ({path})")
-        try:
-            loaded = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse YAML ({path}): {err}") from err
+        loaded = load_yaml_file(path) or {}
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"expected a mapping of config keys ({path})")
         _from_dict(Config, loaded, "")  # unknown keys reported by their own name

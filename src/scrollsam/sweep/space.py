@@ -35,7 +35,7 @@ import optuna
 import yaml
 
 from scrollsam.config import Config, config_from_dict, config_to_dict
-from scrollsam.config import _yaml as parse_yaml  # the config files' YAML 1.2: 1e-5 is a number
+from scrollsam.config_yaml import load_yaml_file, parse_yaml  # the configs' YAML: 1e-5 a number
 from scrollsam.errors import ConfigError
 
 RANGE_KEYS = ("low", "high", "log", "step")
@@ -152,10 +152,7 @@ def load_space(path: str | Path, base: Config) -> Space:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"space file not found ({path})")
-    try:
-        data = parse_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse YAML ({path}): {err}") from err
+    data = load_yaml_file(path)
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(f"expected a mapping of config keys to ranges or choices, got "
                           f"{data!r} ({path})")

@@ -1,0 +1,77 @@
+"""The YAML of config files, ``key=value`` overrides and sweep spaces, and its errors on one line.
+
+YAML 1.2 scalars: only true / false are booleans and ``1e-4`` is a number. PyYAML's own error
+messages span several lines and draw a caret; :func:`yaml_error_text` puts one on a line, for
+the ``error: ...`` line the CLI prints.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scrollsam.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 scalars: only true / false are booleans (1.1 also reads yes, no, on, off:
+    ``train.cache=off`` became False) and ``1e-4`` is a number (1.1 wants ``1.0e-4``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML with 1.2 scalars (config files, overrides, sweep spaces); raises
+    ``yaml.YAMLError`` (see :func:`yaml_error_text`)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def yaml_error_text(err: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error on one line, places 1-based: ``<problem> at line L, column C`` and, where
+    PyYAML names one, ``; while parsing a flow sequence at line L, column C`` (its own message
+    spans lines and draws a caret). ``text`` is what was parsed."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        what = err.problem or err.context or type(err).__name__
+        line = _at(what, err.problem_mark or err.context_mark)
+        if err.problem and err.context:
+            line += "; " + _at(err.context, err.context_mark)
+    elif isinstance(err, yaml.reader.ReaderError):
+        char = err.character if isinstance(err.character, int) else ord(err.character)
+        before = text[:err.position]
+        line = (f"unacceptable character #x{char:04x}: {err.reason} at line "
+                f"{before.count(chr(10)) + 1}, column {len(before) - before.rfind(chr(10))}")
+    else:
+        line = str(err)
+    return " ".join(line.split())
+
+
+def _at(what: str, mark: yaml.Mark | None) -> str:
+    return what if mark is None else f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def load_yaml_file(path: Path) -> Any:
+    """The YAML file at ``path`` (see :func:`parse_yaml`); a file that cannot be read or is not
+    valid YAML is a one-line :class:`ConfigError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not valid YAML: not UTF-8 text at byte offset {err.start} "
+                          f"({path})") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read the file: {err.strerror or err} ({path})") from err
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {yaml_error_text(err, text)} ({path})") from err
