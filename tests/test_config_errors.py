@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from scrollsam.cli import main
+from scrollsam.config import load_config
+from scrollsam.errors import ConfigError
 
 BROKEN_YAML = [  # (file text, what the line says)
     ("train:\n  steps: [3\n",
@@ -55,3 +57,20 @@ def test_an_override_that_is_not_valid_yaml_is_one_line_naming_its_key(tmp_path,
     assert main(["train", override, f"out={tmp_path / 'run'}"]) == 2
     line = _one_error_line(capsys)
     assert line.startswith(f"error: {message}"), line
+
+
+@pytest.mark.parametrize("band", ["0", "0.0", "1"])
+def test_a_held_out_band_of_nothing_or_everything_is_refused_naming_the_value(tmp_path, capsys,
+                                                                              band):
+    assert main(["train", "data.train=[a]", "data.valid=[]", f"data.valid_band={band}",
+                 f"out={tmp_path / 'run'}"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: data.valid_band: ") and "data.valid" in line, line
+    assert line.endswith(f"got {float(band):g}"), line
+    assert "(1.0, 1.0)" not in line and not (tmp_path / "run").exists()
+
+
+def test_the_held_out_band_may_be_0_when_validation_fragments_are_named():
+    assert load_config(None, ["data.valid=[b]", "data.valid_band=0"]).data.valid_band == 0.0
+    with pytest.raises(ConfigError, match=r"data.valid_band: expected a share in \[0, 1\]"):
+        load_config(None, ["data.valid=[b]", "data.valid_band=1.5"])

@@ -161,6 +161,10 @@ class Config:
                            ("data.valid_band", self.data.valid_band)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}: expected a share in [0, 1], got {value}")
+        if not self.data.valid and not 0.0 < self.data.valid_band < 1.0:
+            raise ConfigError(f"data.valid_band: expected a share of each training fragment to "
+                              f"hold out for validation, > 0 and < 1, when data.valid names no "
+                              f"fragment, got {self.data.valid_band:g}")
         z0, z1 = self.data.z_start, self.data.z_end
         if (z0 is not None and z0 < 0) or (z0 is not None and z1 is not None and z1 <= z0):
             raise ConfigError(f"data.z_start / data.z_end: expected 0 <= z_start < z_end, got "
