@@ -157,6 +157,27 @@ def test_a_12_bit_ir_png_keeps_its_levels(tmp_path):
                                atol=1e-5)
 
 
+def test_statistics_cached_before_16_bit_ir_are_computed_again(tmp_path, monkeypatch):
+    # Review: a run trained when ir was shifted to 8 bits kept 8-bit ir_mean / ir_std in its
+    # cache; read with 16-bit ir every pixel standardised to +5 (a constant image).
+    import cv2
+
+    frag = Fragment(write_fragment(tmp_path / "f", height=96, width=96, depth=4, seed=2))
+    ir8 = cv2.imread(str(frag.ir_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(frag.ir_path), ir8.astype(np.uint16) * 257)
+    frag = Fragment(frag.path)
+    monkeypatch.setattr(stats_module, "_VERSION", 2)  # the cache as the older code wrote it
+    old = compute_stats(frag, rng=np.random.default_rng(0))
+    old = stats_module.FragmentStats.from_dict({**old.to_dict(), "ir_mean": float(ir8.mean()),
+                                                "ir_std": float(ir8.std())})
+    stats_module.StatsCache(tmp_path / "run")._save(
+        frag, stats_module._cache_key(frag, 0), old)
+    monkeypatch.undo()
+    x = make_view("ir", stats=StatsCache(tmp_path / "run")).eval_window(frag, 0, 0, 96)
+    inside = frag.mask_window(0, 96, 0, 96)
+    assert abs(x[0][inside].mean()) < 0.5 and 0.5 < x[0][inside].std() < 2.0
+
+
 @pytest.mark.parametrize("args, params, match", [
     (("rgb", None), {}, "input"),
     (("slices", "random"), {}, "strategy"),

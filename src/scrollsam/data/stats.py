@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 SAMPLE_WINDOWS = 32  # windows per statistic
 SAMPLE_SIZE = 64  # window side, pixels: at most 32 * 64 * 64 = 131072 pixels per slice
 MAD_TO_STD = 1.4826  # MAD * this = std for normally distributed values
-# bump when the statistics' fields change (invalidates caches); a change in how pixels are
-# sampled keeps it, so a trained run's cached statistics (RUN/stats/, which predict reads) stay
-# the ones its model trained with
-_VERSION = 2
+# bump when the way statistics are computed changes (invalidates caches): 3 counts each sampled
+# pixel once and reads a 16-bit ir.png at 16 bits. Every process of a run then computes the same
+# numbers (torchrun's other ranks never read the cache), and a run from before a change gets its
+# statistics recomputed the new way, in the units its inputs now come in
+_VERSION = 3
 
 
 @dataclass(frozen=True)

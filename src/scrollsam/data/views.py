@@ -131,10 +131,8 @@ class IrView(View):
         self.check(fragment)
         st = self.stats.get(fragment)
         ir = fragment.ir_window(y0, y0 + size, x0, x0 + size)  # [S, S] uint8 or uint16
-        std = max(float(st.ir_std or 0.0), 1e-3 * np.iinfo(ir.dtype).max)  # floor: 1e-3 of
-        # the range
-        ir = ir.astype(np.float32)
-        x = (ir - np.float32(st.ir_mean)) / np.float32(std)
+        std = max(float(st.ir_std or 0.0), 1e-3 * np.iinfo(ir.dtype).max)  # 1e-3 of the range
+        x = (ir.astype(np.float32) - np.float32(st.ir_mean)) / np.float32(std)
         inside = fragment.mask_window(y0, y0 + size, x0, x0 + size)
         x = np.clip(x, -CLIP, CLIP) * inside  # [S, S]
         return np.repeat(x[None], 3, axis=0).astype(np.float32)  # [3, S, S]
@@ -158,8 +156,7 @@ class SlicesView(View):
         if z1 - z0 < self.min_band:
             raise InputError(f"z1: expected z1 >= z0 + {self.min_band} for view {self.name}, "
                              f"got z0={z0}, z1={z1}")
-        if "depth" in params and z1 > self.depth:  # an explicit band is checked against
-            # each fragment's own depth (check), not the default layout's 65
+        if "depth" in params and z1 > self.depth:  # else each fragment's depth (check)
             raise InputError(f"z1: expected z1 <= depth ({self.depth}), got {z1}")
         self.z0, self.z1 = z0, z1
         self.norm = p["norm"]
