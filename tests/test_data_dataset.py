@@ -18,7 +18,7 @@ from scrollsam.data.fragment import Fragment
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.data.tiles import Region, tile_windows
 from scrollsam.data.views import make_view
-from scrollsam.errors import FragmentError, InputError
+from scrollsam.errors import ConfigError, FragmentError, InputError
 
 H = W = 96
 S = 64
@@ -184,13 +184,13 @@ def test_a_validation_fragment_without_tiles_is_an_error_at_start(tmp_path):
         make_datasets(frags[:1], make_view("ir"), size=S, valid_band=(1.0, 1.0))
 
 
-def test_validation_without_labelled_ink_is_an_error_at_start(tmp_path):
+def test_validation_without_labelled_ink_is_an_error_at_start(tmp_path, caplog):
     # Before: validation scored F0.5 1.0 for predicting no ink, and best.pt was chosen on it.
     frags = [Fragment(write_fragment(tmp_path / str(i), height=96, width=96, depth=2, seed=i))
              for i in (1, 2)]
     cv2.imwrite(str(frags[1].labels_path), np.zeros((96, 96), np.uint8))
     frags[1] = Fragment(frags[1].path)
-    with pytest.raises(InputError, match=r"^the validation fragments 2 hold no labelled ink "
+    with pytest.raises(ConfigError, match=r"^the validation fragments 2 hold no labelled ink "
                                          r"inside the masks"):
         require_validation_ink(make_datasets(frags, make_view("ir"), size=S,
                                              valid_fragments=["2"])[1], ["2"])
@@ -198,10 +198,16 @@ def test_validation_without_labelled_ink_is_an_error_at_start(tmp_path):
     labels = cv2.imread(str(band.labels_path), cv2.IMREAD_UNCHANGED)
     labels[48:] = 0  # no ink in the held-out half
     cv2.imwrite(str(band.labels_path), labels)
-    with pytest.raises(InputError, match=r"^the held-out band of the training fragments "
+    with pytest.raises(ConfigError, match=r"^the held-out band of the training fragments "
                                          r"holds no labelled ink"):
         require_validation_ink(make_datasets([Fragment(band.path)], make_view("ir"), size=S,
                                              valid_band=(0.5, 1.0))[1], [])
+    # a ConfigError: a sweep marks such values' trial failed and goes on (review)
+    # a resumed run keeps its data.valid, so it is warned, not stopped (review)
+    with caplog.at_level("WARNING"):
+        require_validation_ink(make_datasets(frags, make_view("ir"), size=S,
+                                             valid_fragments=["2"])[1], ["2"], resumed=True)
+    assert "cannot rank checkpoints; a new run with other data.valid fixes it" in caplog.text
 
 
 def test_no_training_tile_names_real_config_keys(tmp_path):

@@ -31,7 +31,7 @@ from scrollsam.data.augment import Augment, augment_sample
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.tiles import BalancedTiles, Tile, make_tiles, split_regions
 from scrollsam.data.views import View
-from scrollsam.errors import FragmentError, InputError
+from scrollsam.errors import ConfigError, FragmentError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,20 @@ def _check_validation(
                          f"fragments in data.valid")
 
 
-def require_validation_ink(valid: TileDataset, valid_fragments: Sequence[str]) -> None:
-    """InputError when no validation tile holds labelled ink: training ranks checkpoints by
-    their validation F0.5, which is 1 for a model that predicts no ink at all there."""
+def require_validation_ink(valid: TileDataset, valid_fragments: Sequence[str], *,
+                           resumed: bool = False) -> None:
+    """ConfigError when no validation tile holds labelled ink: training ranks checkpoints by
+    their validation F0.5, which is 1 for a model that predicts no ink at all there. A resumed
+    run (which keeps its data.valid) gets a warning instead: it was started before this check."""
     if any(t.ink > 0 for t in valid.tiles):
         return
     held = (f"the validation fragments {', '.join(valid_fragments)} hold" if valid_fragments
             else "the held-out band of the training fragments holds")
-    raise InputError(f"{held} no labelled ink inside the masks, so F0.5 cannot rank "
-                     f"checkpoints; name fragments with ink in data.valid (or move "
-                     f"data.valid_band)")
+    if resumed:
+        log.warning("%s no labelled ink inside the masks: valid F0.5 is 1 for predicting no ink "
+                    "and cannot rank checkpoints; a new run with other data.valid fixes it",
+                    held)
+        return
+    raise ConfigError(f"{held} no labelled ink inside the masks, so F0.5 cannot rank "
+                      f"checkpoints; name fragments with ink in data.valid (or move "
+                      f"data.valid_band)")

@@ -123,7 +123,7 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         valid_band=None if valid_ids else (1.0 - cfg.data.valid_band, 1.0),
         samples_per_epoch=cfg.train.steps * global_batch(cfg, world.size),
         ink_share=cfg.data.ink_share, augment=augment, seed=cfg.train.seed)
-    require_validation_ink(valid_set, valid_ids)
+    require_validation_ink(valid_set, valid_ids, resumed=weights is not None)
     model = model_from_config(cfg.model, in_chans=view.channels, weights=weights,
                               source=f"{run} (its newest checkpoint)").to(device)
     log.info("trainable parameters:\n%s", format_counts(count_parameters(model)))
