@@ -190,19 +190,28 @@ def _bad(tmp_path, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("flag", ["--labels", "--mask"])
 @pytest.mark.parametrize("kind", ["254", "xray", "photo", "float"])
-def test_evaluate_refuses_labels_and_masks_that_are_not_binary(files, tmp_path, capsys, flag,
-                                                               kind):
-    # Before: scored as "nonzero = ink / valid", while inspect, train and predict refuse labels
-    # that are not binary.
-    bad = _bad(tmp_path, kind)
-    args = {"--pred": files["prob"], "--labels": files["labels"], "--mask": files["mask"],
-            flag: bad}
+def test_evaluate_refuses_labels_that_are_not_binary(files, tmp_path, capsys, kind):
+    # Before: scored as "nonzero = ink", while inspect, train and predict refuse labels that
+    # are not binary. Masks stay "nonzero = inside", as the fragment reader takes mask.png.
+    flag, bad = "--labels", _bad(tmp_path, kind)
+    args = {"--pred": files["prob"], "--labels": bad, "--mask": files["mask"]}
     assert main(["evaluate", *[x for kv in args.items() for x in kv]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {flag}: must be binary"), err
     assert err.rstrip().endswith(f"({bad})"), err
+
+
+def test_evaluate_takes_a_mask_as_the_fragment_reader_does_nonzero_inside(files, tmp_path,
+                                                                         capsys):
+    # Review: a soft-edged mask.png (0 / 128 / 255) that train and predict take was refused.
+    soft = np.array(Image.open(files["mask"])).astype(np.uint8)
+    soft[soft > 0] = 128
+    mask = _png(tmp_path / "soft.png", soft)
+    assert main(["evaluate", "--pred", files["pred"], "--labels", files["labels"], "--mask",
+                 mask, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (2, 1, 1, 2)  # as test_evaluate_json
 
 
 @pytest.mark.parametrize("encoding", ["0/1", "0/65535", "rgb", "1-bit"])

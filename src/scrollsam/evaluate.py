@@ -56,9 +56,10 @@ def evaluate_files(
     beta: float = 0.5,
 ) -> Evaluation:
     """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
-    against a binary ink label image, inside the binary ``mask`` (default all pixels).
-    All images are ``[H, W]`` of one size; a mismatch, labels or a mask that are not binary,
-    or a mask without a valid pixel, raise InputError naming the file."""
+    against a binary ink label image, inside ``mask`` (nonzero pixels, as training and predict
+    read mask.png; default all pixels). All images are ``[H, W]`` of one size; a mismatch,
+    labels that are not binary, or a mask without a valid pixel, raise InputError naming the
+    file."""
     check_threshold(threshold)
     truth = _read_binary(labels, "--labels")
     binary, was_binary = read_prediction(pred, threshold=threshold)
@@ -67,7 +68,7 @@ def evaluate_files(
                          f"{labels}), got {_hw(binary.shape)}")
     valid = None
     if mask is not None:
-        valid = _read_binary(mask, "--mask")
+        valid = read_image(mask) != 0  # as the fragment reader takes mask.png: nonzero inside
         if valid.shape != truth.shape:
             raise InputError(f"{mask}: expected {_hw(truth.shape)} pixels (height x width "
                              f"of {labels}), got {_hw(valid.shape)}")
@@ -89,7 +90,7 @@ def read_prediction(
 
 
 def _read_binary(path: str | os.PathLike[str], flag: str) -> np.ndarray:
-    """A label or mask image as bool ``[H, W]``, by the fragment reader's rule."""
+    """A label image as bool ``[H, W]``, by the fragment reader's rule."""
     try:
         return binary_image(read_image(path), Path(path), what=f"{flag}:")
     except FragmentError as err:
