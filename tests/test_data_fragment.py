@@ -79,6 +79,34 @@ def test_corrupt_png_pixel_data_is_one_error_line_with_libpngs_cause(tmp_path, c
     assert len(err) == 1 and err[0].startswith("error: corrupt PNG") and "inklabels.png" in err[0]
 
 
+def test_holding_back_libpngs_stderr_is_one_swap_at_a_time_and_stderr_comes_back():
+    # Review: two overlapping swaps (a PNG read in a worker thread) left fd 2 on a deleted
+    # temp file, and every later error line was lost.
+    import os
+    import threading
+    import time
+
+    from scrollsam.data.formats import _quiet
+
+    before = os.fstat(2)
+    worker = threading.Thread(target=lambda: (time.sleep(0.05), _quiet(lambda: time.sleep(0.2))))
+    worker.start()
+    _quiet(lambda: time.sleep(0.1))  # started first, ends first
+    worker.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_a_closed_stderr_does_not_break_reading_pngs(tmp_path):
+    # Review: with 2>&- (sys.stderr None) every PNG read raised AttributeError.
+    path = small(tmp_path)
+    code = ("import sys; from pathlib import Path; from scrollsam.data.fragment import Fragment; "
+            f"Fragment(Path({str(path)!r})).mask(); print('ok')")
+    out = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{code}" 2>&-'],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out
+
+
 def test_optional_files_absent(tmp_path):
     path = small(tmp_path)
     (path / "inklabels.png").unlink()

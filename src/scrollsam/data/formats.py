@@ -21,6 +21,7 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,23 +232,32 @@ def probe_png(path: Path) -> PngInfo:
     return PngInfo(Path(path), int(height), int(width), int(bit_depth), int(color_type))
 
 
+_STDERR_LOCK = threading.Lock()  # file descriptor 2 is the process's: one swap at a time
+
+
 def _quiet(decode: Callable[[], Any]) -> tuple[Any, str]:
     """``decode()``'s result and what it printed to the process's stderr (file descriptor 2),
     held back: libpng prints its errors there itself ("libpng error: IDAT: invalid code
-    lengths set"), which would come before the one-line error that names the file."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as caught:
-            os.dup2(caught.fileno(), 2)
-            try:
-                result = decode()
-            finally:
-                os.dup2(saved, 2)
-            caught.seek(0)
-            said = caught.read().decode(errors="replace")
-    finally:
-        os.close(saved)
+    lengths set"), which would come before the one-line error that names the file. One thread
+    at a time swaps the descriptor; with no descriptor 2 (``2>&-``) nothing is caught."""
+    with _STDERR_LOCK:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # stderr closed
+            return decode(), ""
+        try:
+            with tempfile.TemporaryFile() as caught:
+                os.dup2(caught.fileno(), 2)
+                try:
+                    result = decode()
+                finally:
+                    os.dup2(saved, 2)
+                caught.seek(0)
+                said = caught.read().decode(errors="replace")
+        finally:
+            os.close(saved)
     return result, " ".join(said.replace("libpng error: ", "").split())
 
 
