@@ -11,6 +11,9 @@ contents, and the error becomes one :class:`~scrollsam.errors.WriteError` line:
 
 Reading: :func:`read_image` returns a 2-D array (rows, columns) = (y, x) from a PNG/TIFF/... file
 and turns every failure into an :class:`~scrollsam.errors.InputError` that names the file.
+
+Paths: :func:`within` is the one test of "this path is that folder or lies inside it", used
+wherever an output must stay clear of input folders.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from PIL import Image
 from scrollsam.errors import InputError, WriteError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_image",
-           "write_failure"]
+           "within", "write_failure"]
 
 # Pillow modes whose pixel array is already grey (or grey + alpha, or plain colour).
 _DIRECT_MODES = frozenset(
@@ -75,6 +78,13 @@ def write_failure(err: BaseException, folder: str | os.PathLike[str] | None = No
         except OSError:
             return None
     return None
+
+
+def within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies below it, compared component by component as given: pass
+    resolved paths (:meth:`Path.resolve`) so that links and ``..`` cannot hide one in the
+    other. Touches no file system; ``/a/bc`` is not within ``/a/b``."""
+    return path.is_relative_to(folder)
 
 
 def _temp_sibling(path: Path) -> Path:

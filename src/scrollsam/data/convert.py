@@ -46,7 +46,7 @@ import numpy as np
 from scrollsam import ngff
 from scrollsam.data.fragment import ZARR_STORES, Fragment
 from scrollsam.errors import InputError, ScrollsamError, WriteError
-from scrollsam.io import write_failure
+from scrollsam.io import within, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,9 @@ def check_out(out: Path, fragment: Path, *, overwrite: bool) -> None:
     real, src = out.resolve(), fragment.resolve()
     if real == src:
         raise InputError(f"out: must differ from the fragment folder ({out})")
-    if src.is_relative_to(real):
+    if within(src, real):
         raise InputError(f"out: holds the fragment folder being converted ({out})")
-    if real.is_relative_to(src):
+    if within(real, src):
         raise InputError(f"out: is inside the fragment folder being converted ({out})")
     if not out.exists():
         return

@@ -42,7 +42,7 @@ from typing import Any
 
 from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
 from scrollsam.errors import ConfigError, RunDirError, WriteError
-from scrollsam.io import write_failure
+from scrollsam.io import within, write_failure
 from scrollsam.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _check_outside_fragments(cfg: Config, run: Path) -> None:
     inside = run.resolve()
     for name in [*cfg.data.train, *cfg.data.valid]:
         frag = (Path(cfg.data.root) / name).resolve()
-        if inside == frag or frag in inside.parents:
+        if within(inside, frag):
             raise RunDirError(f"out: the run dir must not be inside fragment folder {name} "
                               f"(data.train / data.valid) ({run})")
 
