@@ -175,6 +175,19 @@ def test_config_yaml_is_written_before_setup_fills_the_run_dir(data, tmp_path, m
     assert seen == [[".lock", "config.yaml"]]
 
 
+def test_a_resume_that_fails_in_setup_leaves_config_yaml_as_it_was(data, tmp_path):
+    # Review: config.yaml was rewritten before setup on resume too, so a resume that failed
+    # (a wrong data.root) left its override in the file the next --resume reads.
+    run = tmp_path / "run"
+    assert main(_args(data, f"out={run}")) == 0
+    for name in ("last.pt", "best.pt"):  # as if stopped before its first save
+        (run / name).unlink()
+    before = (run / "config.yaml").read_text()
+    assert main(["train", f"out={run}", "--resume", f"data.root={tmp_path / 'nope'}",
+                 "--no-progress"]) == 2
+    assert (run / "config.yaml").read_text() == before
+
+
 def test_steps_trained_again_after_a_kill_appear_once_in_tensorboard(data, tmp_path):
     # Before: a run killed after logging steps past its last checkpoint logged them again on
     # resume, so each of those steps had two points and the curves doubled back.

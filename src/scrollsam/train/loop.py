@@ -239,9 +239,10 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     try:  # bad fragments, views or checkpoints fail here, and a new run dir is removed
         failure = None
         try:
-            # config.yaml first: a run killed from here on (setup caches statistics in the
-            # run dir, for seconds to minutes) resumes from step 0 with --resume
-            if world.main:
+            # a new run's config.yaml first: killed from here on (setup caches statistics in
+            # the run dir, for seconds to minutes), it resumes from step 0 with --resume; a
+            # resumed run's config is written once setup has taken it (below)
+            if world.main and rd.new:
                 save_config(stored, run / "config.yaml")
             s = setup(cfg, run, weights=ckpt, ranks=ranks)
         except Exception as err:
@@ -276,6 +277,8 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             failure = err
         ranks.agree(failure)
 
+    if not rd.new:
+        writes(lambda: save_config(stored, run / "config.yaml") if world.main else None)
     s.model.train()
     # on a GPU each batch crosses to it while the step before runs
     batches = DataWait(DevicePrefetch(_batches(s, state.step), s.device,
