@@ -2,8 +2,9 @@
 
 :func:`predict_to_folder` checks everything it can before the first tile is predicted (the run
 folder, the checkpoint, every fragment against the run's input view, the clicks file, an
-existing submission file), so a mistake costs seconds, not an hour of inference. Then, per
-fragment, it predicts (prompt-free, or around clicks), writes the files of :mod:`.outputs` into
+existing submission file, outputs that would land in or on a fragment: :mod:`.out_safety`),
+so a mistake costs seconds, not an hour of inference. Then, per fragment, it predicts
+(prompt-free, or around clicks), writes the files of :mod:`.outputs` into
 ``OUT`` (``OUT/<id>/`` when several fragments are given) and, at the end, the Kaggle CSV with
 the fragments' folder names as ids, decoded from the written ``mask.png`` files (or streamed
 from the OME-Zarr masks, band by band).
@@ -29,7 +30,8 @@ import torch.distributed as dist
 from scrollsam.data.fragment import Fragment
 from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
-from scrollsam.infer.band_state import STATE_NAME, check_band_rows, default_band_rows
+from scrollsam.infer.band_state import check_band_rows, default_band_rows
+from scrollsam.infer.out_safety import check_clear_of_inputs, output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
 from scrollsam.infer.predict import MIN_TILE, Predictor
@@ -42,7 +44,7 @@ from scrollsam.infer.segment import (
     settle,
 )
 from scrollsam.infer.threshold import threshold_choice
-from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZARR_NAME, ZarrOutput
+from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
 from scrollsam.io import read_image
 from scrollsam.precision import PRECISIONS
 from scrollsam.rle import write_submission
@@ -142,7 +144,7 @@ def predict_to_folder(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")
-    _check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
+    check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
     if submission is not None:
         _check_submission(Path(submission), force=force)
     dev = process_device(resolve_device(device, setting="--device"), world)
@@ -276,74 +278,6 @@ def _warn_if_larger(frag: Fragment, tile: int) -> None:
     log.warning("%s: the window (--tile, default the model input size) of %d px is larger than "
                 "the fragment (%d x %d px): most of each window is zero padding the model never "
                 "saw, so expect poor results%s", frag.id, tile, frag.height, frag.width, advice)
-
-
-def output_folders(frags: Sequence[Fragment], out: Path) -> list[Path]:
-    """Where each fragment's outputs go: ``out`` for one fragment, ``out/<id>`` for several."""
-    return [out] if len(frags) == 1 else [out / f.id for f in frags]
-
-
-def _check_clear_of_inputs(frags: Sequence[Fragment], out: Path, submission: Path | None) -> None:
-    """InputError, before any work, when an output would land in or on what the fragments read:
-    an output folder that is a fragment's folder or volume, or lies inside one; an input file
-    (a link followed) loose in an output folder or inside its OME-Zarr store or state folder,
-    where outputs and their temp files are written; a submission inside a fragment's folder or
-    on one of its files. Paths are compared with symlinks resolved."""
-    inputs = [(g, *_owned(g)) for g in frags]
-    for frag, dest in zip(frags, output_folders(frags, out), strict=True):
-        real = dest.resolve()
-        stores = [real / ZARR_NAME, real / STATE_NAME]  # emptied by --restart
-        for g, folders, files in inputs:
-            whose = "its own" if g is frag else f"fragment {g.id}'s"
-            if real == folders[0]:
-                raise InputError(f"--out: must differ from the fragment folder: fragment "
-                                 f"{frag.id}'s outputs would be written into {whose} folder "
-                                 f"({dest})")
-            for what, folder in zip(("folder", "volume"), folders, strict=True):
-                if _within(real, folder):
-                    raise InputError(f"--out: must lie outside the fragment folders: fragment "
-                                     f"{frag.id}'s outputs would be written inside {whose} "
-                                     f"{what} ({dest})")
-            clash = [p for p in files if p.parent == real]
-            clash += [p for p in (*files, *folders) if any(_within(p, s) for s in stores)]
-            if clash:
-                raise InputError(f"--out: must not hold the fragments' own files: fragment "
-                                 f"{frag.id}'s outputs would be written beside {whose} "
-                                 f"{_name(g, clash[0])} ({clash[0]})")
-    if submission is None:
-        return
-    real = submission.resolve()
-    for g, folders, files in inputs:
-        for what, folder in zip(("folder", "volume"), folders, strict=True):
-            if _within(real, folder):
-                raise InputError(f"--submission: must lie outside the fragment folders: it "
-                                 f"would be written inside fragment {g.id}'s {what} "
-                                 f"({submission})")
-        if real in files:
-            raise InputError(f"--submission: would overwrite fragment {g.id}'s "
-                             f"{_name(g, real)} ({submission})")
-
-
-def _within(path: Path, folder: Path) -> bool:
-    """``path`` is ``folder`` or lies below it (both resolved)."""
-    return path == folder or folder in path.parents
-
-
-def _owned(frag: Fragment) -> tuple[tuple[Path, Path], list[Path]]:
-    """((folder, volume), files) of a fragment, symlinks resolved: its folder, its slice folder
-    or Zarr store, and the files it reads outside a Zarr store (slices, mask, labels, ir)."""
-    files = [*frag.slice_paths, frag.mask_path, frag.labels_path, frag.ir_path]
-    return ((frag.path.resolve(), frag.volume_path.resolve()),
-            [p.resolve() for p in files if p is not None])
-
-
-def _name(frag: Fragment, real: Path) -> str:
-    """How a resolved file or folder of ``frag`` is named inside the fragment folder."""
-    for p in (*frag.slice_paths, frag.mask_path, frag.labels_path, frag.ir_path,
-              frag.volume_path, frag.path):
-        if p is not None and p.resolve() == real:
-            return "fragment folder" if p == frag.path else str(p.relative_to(frag.path))
-    return real.name
 
 
 def _check_submission(path: Path, *, force: bool) -> None:
