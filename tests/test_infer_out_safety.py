@@ -16,6 +16,8 @@ import pytest
 from infer_helpers import make_run
 
 from scrollsam.cli import main
+from scrollsam.data.convert import convert_fragment
+from scrollsam.data.fragment import Fragment
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.errors import InputError
 from scrollsam.infer.out_safety import check_clear_of_inputs
@@ -131,6 +133,65 @@ def test_out_beside_one_fragment_still_works_and_leaves_it_whole(data, vic, caps
     assert predict(data, "--fragment", str(vic / "a"), "--out", str(vic)) == 0
     assert digest(vic / "a") == before
     assert (vic / "mask.png").is_file() and (vic / "prob.png").is_file()
+
+
+def relayout(folder: Path, layout: str) -> None:
+    """Turn the Kaggle fragment ``folder`` (TIFF slices) into ``layout``: ``kaggle`` or
+    ``segment`` names, ``tiff`` or ``zarr`` volume, e.g. ``segment-zarr``."""
+    names, volume = layout.split("-")
+    if volume == "zarr":
+        copy = folder.with_name(folder.name + ".zarr-copy")
+        convert_fragment(folder, copy)
+        shutil.rmtree(folder)
+        copy.rename(folder)
+    if names == "segment":
+        for stem in ("mask", "inklabels"):
+            (folder / f"{stem}.png").rename(folder / f"{folder.name}_{stem}.png")
+        old = "surface_volume.zarr" if volume == "zarr" else "surface_volume"
+        (folder / old).rename(folder / old.replace("surface_volume", "layers"))
+    Fragment(folder).close()  # still a fragment folder
+
+
+@pytest.mark.parametrize("layout", ["kaggle-tiff", "segment-tiff", "kaggle-zarr",
+                                    "segment-zarr"])
+def test_out_in_a_fragment_folder_not_predicted_is_refused(data, vic, tmp_path, capsys,
+                                                            layout):
+    # Before: a copy of a (convert keeps folder names) predicted into vic, or into vic/a,
+    # replaced the original a's mask.png with the prediction's; only inputs were compared.
+    relayout(vic / "a", layout)
+    relayout(vic / "b", layout)
+    for name in ("a", "b"):
+        shutil.copytree(data / "src" / name, tmp_path / "copy" / name)
+    before = {name: digest(vic / name) for name in ("a", "b")}
+    copies = [x for name in ("a", "b") for x in ("--fragment", str(tmp_path / "copy" / name))]
+    volume = "layers" if layout.startswith("segment") else "surface_volume"
+    volume += ".zarr" if layout.endswith("zarr") else "/"
+    for args, out, where, host in [
+            (copies[:2], vic / "a", "into", "a"),  # OUT is the original's folder
+            (copies, vic, "into", "a"),  # OUT/a is
+            (copies[:2], vic / "b" / "pred", "inside", "b"),
+            (copies, vic / "b" / "pred", "inside", "b")]:
+        code = predict(data, *args, "--out", str(out))
+        refused(capsys, code, "--out: must lie outside every fragment folder, predicted or not",
+                f"would be written {where} fragment folder {vic / host}, which holds {volume}",
+                f"({out if args == copies[:2] else out / 'a'})")
+    assert {name: digest(vic / name) for name in ("a", "b")} == before
+    assert not (vic / "b" / "pred").exists()
+
+
+@pytest.mark.parametrize("layout", ["kaggle-tiff", "segment-zarr"])
+def test_submission_in_a_fragment_folder_not_predicted_is_refused(data, vic, tmp_path, capsys,
+                                                                  layout):
+    # Before: --submission OTHER/mask.png --force replaced fragment OTHER's mask with a CSV.
+    relayout(vic / "b", layout)
+    before = digest(vic / "b")
+    mask = vic / "b" / ("mask.png" if layout.startswith("kaggle") else "b_mask.png")
+    volume = "surface_volume/" if layout.startswith("kaggle") else "layers.zarr"
+    code = predict(data, "--fragment", str(vic / "a"), "--out", str(tmp_path / "pred"),
+                   "--submission", str(mask), "--force")
+    refused(capsys, code, "--submission: must lie outside every fragment folder",
+            f"inside fragment folder {vic / 'b'}, which holds {volume} ({mask})")
+    assert digest(vic / "b") == before and not (tmp_path / "pred").exists()
 
 
 def fake_fragment(folder: Path) -> SimpleNamespace:

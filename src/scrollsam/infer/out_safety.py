@@ -1,15 +1,22 @@
-"""Where `scrollsam predict` may write: never into, over or beside what a fragment reads.
+"""Where `scrollsam predict` may write: never into, over or beside what a fragment holds.
 
 :func:`check_clear_of_inputs` runs before any work. An output folder (``OUT``, or ``OUT/<id>``
-for several fragments: :func:`output_folders`) is refused when it is, or lies inside, the
-folder or volume of a fragment being predicted, and when a fragment's input file lies loose in
-it (where outputs are written) or an input file or folder lies in its OME-Zarr store or state
-folder (emptied by ``--restart``). A submission is refused inside a fragment's folder or volume
-and on an input file. Paths are compared with links resolved.
+for several fragments: :func:`output_folders`) is refused when it is, or lies inside,
+
+- the folder or volume of a fragment being predicted;
+- any other fragment folder, recognised by its volume as
+  :class:`~scrollsam.data.fragment.Fragment` recognises it (a slice folder or a Zarr store of
+  either layout): ``convert`` keeps folder names, so a copy's ``OUT/<id>`` may be the
+  original's folder, whose ``mask.png`` the prediction's would replace;
+
+and when a fragment's input file lies loose in it (where outputs are written) or an input file
+or folder lies in its OME-Zarr store or state folder (emptied by ``--restart``). A submission
+is refused inside any fragment folder or volume and on an input file. Paths are compared with
+links resolved.
 
 The work grows about linearly with the fragments and their files: the inputs' resolved paths
 are gathered once into dicts and a set, and each output folder looks up itself and its
-ancestors there.
+ancestors there (and asks each ancestor once, a few ``stat`` calls, whether it holds a volume).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from scrollsam.data.fragment import Fragment
+from scrollsam.data.fragment import _SLICE_DIRS, ZARR_STORES, Fragment
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import STATE_NAME
 from scrollsam.infer.zarr_out import ZARR_NAME
@@ -32,9 +39,10 @@ def output_folders(frags: Sequence[Fragment], out: Path) -> list[Path]:
 
 
 def check_clear_of_inputs(frags: Sequence[Fragment], out: Path, submission: Path | None) -> None:
-    """InputError, before any work, when an output would land in or on what a fragment reads
+    """InputError, before any work, when an output would land in or on what a fragment holds
     (see the module's docstring). ``out`` and ``submission`` as the user gave them."""
     inputs = _Inputs(frags)
+    hosts = _VolumeHosts()
     for index, (frag, dest) in enumerate(zip(frags, output_folders(frags, out), strict=True)):
         real = dest.resolve()
         hit = inputs.place_of(real)
@@ -54,12 +62,19 @@ def check_clear_of_inputs(frags: Sequence[Fragment], out: Path, submission: Path
             raise InputError(f"--out: must not hold the fragments' own files: fragment "
                              f"{frag.id}'s outputs would be written beside "
                              f"{_whose(frags, i, index)} {_name(frags[i], path)} ({path})")
+        host = hosts.host(real)
+        if host is not None:
+            folder, volume = host
+            where = "into" if folder == real else "inside"
+            raise InputError(f"--out: must lie outside every fragment folder, predicted or not: "
+                             f"fragment {frag.id}'s outputs would be written {where} fragment "
+                             f"folder {folder}, which holds {volume} ({dest})")
     if submission is not None:
-        _check_submission_place(frags, submission, inputs)
+        _check_submission_place(frags, submission, inputs, hosts)
 
 
-def _check_submission_place(frags: Sequence[Fragment], submission: Path,
-                            inputs: _Inputs) -> None:
+def _check_submission_place(frags: Sequence[Fragment], submission: Path, inputs: _Inputs,
+                            hosts: _VolumeHosts) -> None:
     """InputError when the submission file would lie inside a fragment folder or volume, or
     replace an input file."""
     real = submission.resolve()
@@ -72,6 +87,12 @@ def _check_submission_place(frags: Sequence[Fragment], submission: Path,
         g = frags[inputs.files[real]]
         raise InputError(f"--submission: would overwrite fragment {g.id}'s {_name(g, real)} "
                          f"({submission})")
+    host = hosts.host(real.parent)
+    if host is not None:
+        folder, volume = host
+        raise InputError(f"--submission: must lie outside every fragment folder, predicted or "
+                         f"not: it would be written inside fragment folder {folder}, which "
+                         f"holds {volume} ({submission})")
 
 
 class _Inputs:
@@ -140,6 +161,31 @@ class _Resolver:
     def file(self, path: Path) -> Path:
         """``path``, a file in a folder, resolved."""
         return path.resolve() if path.is_symlink() else self.folder(path.parent) / path.name
+
+
+class _VolumeHosts:
+    """Which folders hold a fragment volume, each folder asked once."""
+
+    def __init__(self) -> None:
+        self._volume: dict[Path, str | None] = {}
+
+    def volume(self, folder: Path) -> str | None:
+        """The name of the fragment volume in ``folder`` (``layers/``, ``surface_volume.zarr``,
+        ...), tested as :class:`~scrollsam.data.fragment.Fragment` finds it; None without one."""
+        if folder not in self._volume:
+            found = [f"{name}/" for name in _SLICE_DIRS.values() if (folder / name).is_dir()]
+            found += [name for name in ZARR_STORES.values() if (folder / name).exists()]
+            self._volume[folder] = found[0] if found else None
+        return self._volume[folder]
+
+    def host(self, real: Path) -> tuple[Path, str] | None:
+        """(folder, its volume's name) of the nearest fragment folder that is the resolved
+        folder ``real`` or holds it; None when there is none."""
+        for folder in (real, *real.parents):
+            volume = self.volume(folder)
+            if volume is not None:
+                return folder, volume
+        return None
 
 
 def _with_ancestors(paths: Iterable[Path]) -> set[Path]:
