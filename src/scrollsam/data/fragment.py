@@ -45,7 +45,7 @@ from scrollsam.errors import FragmentError, InputError
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("kaggle", "segment")
-_SLICE_DIRS = {"kaggle": "surface_volume", "segment": "layers"}
+SLICE_DIRS = {"kaggle": "surface_volume", "segment": "layers"}
 ZARR_STORES = {"kaggle": "surface_volume.zarr", "segment": "layers.zarr"}
 _LARGE_SEGMENT = 4 * 1024 * 1024  # pixels; bigger compressed strips make window reads slow
 _SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
@@ -298,7 +298,7 @@ class Fragment:
 def _detect_layout(path: Path) -> tuple[str, Path]:
     """(layout, volume path): the one slice folder or ``.zarr`` store in ``path``; none or more
     than one is a FragmentError."""
-    found = [(layout, path / sub) for layout, sub in _SLICE_DIRS.items() if (path / sub).is_dir()]
+    found = [(layout, path / sub) for layout, sub in SLICE_DIRS.items() if (path / sub).is_dir()]
     found += [(layout, path / name) for layout, name in ZARR_STORES.items()
               if (path / name).exists()]
     if not found:

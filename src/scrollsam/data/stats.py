@@ -24,6 +24,7 @@ import numpy as np
 
 from scrollsam.data.fragment import Fragment
 from scrollsam.errors import FragmentError, InputError
+from scrollsam.io import within
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class StatsCache:
         if self.cache_dir is None:
             return None
         folder = self.cache_dir.resolve()
-        if folder == fragment.path.resolve() or fragment.path.resolve() in folder.parents:
+        if within(folder, fragment.path.resolve()):
             raise InputError(
                 f"cache_dir: must not be inside the fragment folder, got {self.cache_dir}"
             )

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from scrollsam.data.fragment import _SLICE_DIRS, ZARR_STORES, Fragment
+from scrollsam.data.fragment import SLICE_DIRS, ZARR_STORES, Fragment
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import STATE_NAME
 from scrollsam.infer.zarr_out import ZARR_NAME
@@ -173,7 +173,7 @@ class _VolumeHosts:
         """The name of the fragment volume in ``folder`` (``layers/``, ``surface_volume.zarr``,
         ...), tested as :class:`~scrollsam.data.fragment.Fragment` finds it; None without one."""
         if folder not in self._volume:
-            found = [f"{name}/" for name in _SLICE_DIRS.values() if (folder / name).is_dir()]
+            found = [f"{name}/" for name in SLICE_DIRS.values() if (folder / name).is_dir()]
             found += [name for name in ZARR_STORES.values() if (folder / name).exists()]
             self._volume[folder] = found[0] if found else None
         return self._volume[folder]
