@@ -46,6 +46,19 @@ def test_scrollsam_training_checkpoint_loads(tiny_1024_ckpt, tmp_path):
                        state["mask_decoder.iou_token.weight"])
 
 
+def test_a_trained_checkpoints_own_parts_are_named_as_left_out(tiny_1024_ckpt, tmp_path,
+                                                                caplog):
+    # QA: build_model(checkpoint=a run's best.pt) dropped its depth encoder and mask head
+    # silently; the model it returned was not the trained one.
+    state = torch.load(tiny_1024_ckpt, weights_only=True)
+    path = tmp_path / "best.pt"
+    torch.save({"model": state, "extras": {"mask_head": {}, "depth_encoder": {}}}, path)
+    with caplog.at_level("WARNING"):
+        build_model("tiny", checkpoint=path, image_size=1024)
+    assert "its depth_encoder and mask_head not loaded here" in caplog.text
+    assert "Predictor.from_checkpoint" in caplog.text
+
+
 def test_256px_8ch_from_1024px_3ch_weights(tiny_1024_ckpt):
     model = build_model("tiny", checkpoint=tiny_1024_ckpt, image_size=256, in_chans=8)
     state = torch.load(tiny_1024_ckpt, weights_only=True)

@@ -169,13 +169,18 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read the SAM weights (official parameter names) from an official or scrollsam file.
 
     Loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code. A scrollsam
-    training checkpoint keeps the weights under its ``"model"`` key.
+    training checkpoint keeps the weights under its ``"model"`` key; its depth encoder and mask
+    head (``"extras"``) are not SAM's, and a warning names them as left out.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
     obj: Any = load_torch(path)  # one-line errors for empty, corrupt and unsafe files
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if extras := sorted(obj.get("extras") or {}):  # a trained model with scrollsam parts
+            log.warning("%s: SAM's weights only; its %s not loaded here (the whole trained "
+                        "model: Predictor.from_checkpoint, or model_from_config with the "
+                        "checkpoint as weights)", path, " and ".join(extras))
         obj = obj["model"]
     if not isinstance(obj, dict) or PATCH_WEIGHT not in obj:
         raise CheckpointError(
