@@ -177,6 +177,31 @@ def test_doctor_is_healthy_on_the_builtin_case(capsys):
     assert "doctor: healthy" in out
 
 
+@pytest.mark.parametrize("amp", [True, False])
+def test_doctor_checks_in_the_precision_training_uses(monkeypatch, capsys, tmp_path, amp):
+    # QA: doctor said "precision bf16" and then traced and overfit in float32 only.
+    import contextlib
+
+    from scrollsam import doctor
+    from scrollsam.precision import autocast_for
+
+    entered = []
+
+    def spy(device, on):
+        entered.append(on)
+        return autocast_for(device, on)
+
+    monkeypatch.setattr(doctor, "autocast_for", spy)
+    cfg = doctor.default_config(tmp_path)
+    cfg.train.amp = amp
+    assert run_doctor(cfg) == 0
+    assert entered and set(entered) == {amp}  # the trace and every overfitting step
+    dtype = "bfloat16" if amp and not isinstance(autocast_for(torch.device("cpu"), True),
+                                                 contextlib.nullcontext) else "float32"
+    line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("mask logits"))
+    assert dtype in line
+
+
 def test_doctor_runs_a_config_with_the_full_resolution_head(capsys, tmp_path):
     """It failed with 'the model has a mask head, which needs the pixel features'."""
     from scrollsam.doctor import default_config

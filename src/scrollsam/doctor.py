@@ -11,9 +11,11 @@ loop's optimizer) and fails (exit 1) unless the loss falls by half.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from scrollsam import prompts
 from scrollsam.config import Config, load_config
 from scrollsam.losses import sam_loss
 from scrollsam.model.trainable import set_trainable
+from scrollsam.precision import autocast_for
 from scrollsam.train.step import loss_kwargs, prompted_forward
 
 BATCH = 3
@@ -117,7 +120,8 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
     model, size = s.model, s.model.image_size
     coords, labels = prompts.random_points(label, valid, generator=gen, positives=2, negatives=2)
     rows = [_row("input image", images), _row("label (ink)", label), _row("valid (mask)", valid)]
-    with torch.no_grad():
+    autocast = partial(autocast_for, s.device, cfg.train.amp)  # training's precision
+    with torch.no_grad(), autocast():
         emb, pixels = model.encode_with_pixels(images)  # pixels: a mask head's, else None
         sparse, dense = model.embed_prompts((coords, labels))
         logits, iou = model.decode(emb, points=(coords, labels))
@@ -141,7 +145,7 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
               f"embeddings {list(emb.shape)}, logits {list(logits.shape)}"),
         *point_checks(coords, labels, label, size),
     ]
-    losses = _overfit(model, emb, pixels, label, valid, cfg)
+    losses = _overfit(model, emb, pixels, label, valid, cfg, autocast)
     checks.append(Check("loss falls by half when overfitting one batch",
                         losses[-1] <= 0.5 * losses[0],
                         f"{losses[0]:.4g} -> {losses[-1]:.4g} in {OVERFIT_STEPS} steps"))
@@ -154,10 +158,11 @@ def _diagnose(s, cfg: Config, out: Callable[[str], None]) -> int:
 
 
 def _overfit(model, emb: torch.Tensor, pixels: torch.Tensor | None, label: torch.Tensor,
-             valid: torch.Tensor, cfg: Config) -> list[float]:
+             valid: torch.Tensor, cfg: Config,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> list[float]:
     """Losses of ``OVERFIT_STEPS`` training steps on one batch: the training step's prompted
-    forward (the same prompts every step) and the loop's optimizer, training the prompt encoder
-    and decoder on the fixed embeddings."""
+    forward (the same prompts every step) under training's ``autocast`` and the loop's
+    optimizer, training the prompt encoder and decoder on the fixed embeddings."""
     from scrollsam.train.optim import make_optimizer
 
     set_trainable(model, ["prompt_encoder", "mask_decoder"])
@@ -166,8 +171,9 @@ def _overfit(model, emb: torch.Tensor, pixels: torch.Tensor | None, label: torch
     losses = []
     for _ in range(OVERFIT_STEPS):
         gen = torch.Generator().manual_seed(cfg.train.seed)  # the same first prompts each step
-        out = prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
-                               loss_cfg=cfg.loss, gen=gen, features=pixels)
+        with autocast():
+            out = prompted_forward(model, emb, label, valid, prompt_cfg=cfg.prompts,
+                                   loss_cfg=cfg.loss, gen=gen, features=pixels)
         opt.zero_grad(set_to_none=True)
         out.parts["loss"].backward()
         opt.step()
