@@ -1,7 +1,8 @@
 """What `scrollsam predict` writes for one fragment, every file atomically (temp file + rename).
 
 - ``prob.png``: 8-bit ink probability, ``round(255 * p)``;
-- ``mask.png``: 0/255, ink where ``p >= threshold`` (the rule of :mod:`scrollsam.metrics`);
+- ``mask.png``: 0/255, ink where ``p >= threshold`` (the rule of :mod:`scrollsam.metrics`) inside
+  the fragment mask, whatever the threshold (0 included);
 - ``overlay.png``: the infrared image (or a slice) with predicted ink tinted red and the ground
   truth outlined in cyan when labels exist, block-averaged so the long side is at most
   :data:`OVERLAY_MAX_SIDE` pixels;
@@ -63,8 +64,9 @@ def write_outputs(
 ) -> Written:
     """Write prob.png, mask.png, overlay.png (+ prob.tif, metrics.json) into ``out_dir``.
 
-    prob: float32 [H, W] in [0, 1]. valid: bool [H, W] fragment mask (scores count only inside
-    it). labels: bool [H, W] ink truth. background: rows of the picture under the overlay (any
+    prob: float32 [H, W] in [0, 1], read as probabilities even where it holds only 0 and 1.
+    valid: bool [H, W] fragment mask: ink is only ever marked, and scores only counted, inside
+    it. labels: bool [H, W] ink truth. background: rows of the picture under the overlay (any
     numeric type; contrast-stretched); None for a black one. info: extra keys for metrics.json.
     """
     if prob.ndim != 2 or prob.dtype != np.float32:
@@ -84,10 +86,12 @@ def write_outputs(
         rows = slice(y0, y0 + step)
         band = np.clip(prob[rows], 0.0, 1.0)  # blending may round 1 to 1 + 1e-7
         prob8[rows] = np.rint(band * 255.0)
-        binary, _ = binarize_prediction(band, threshold=threshold)
+        binary, _ = binarize_prediction(band, threshold=threshold, binary=False)
+        v = None if valid is None else valid[rows]
+        if v is not None:
+            binary &= v.astype(bool, copy=False)  # ink only inside the fragment
         mask8[rows] = binary.astype(np.uint8) * 255
         if labels is not None:
-            v = None if valid is None else valid[rows]
             score = score + BandScore.of(band, binary, labels[rows], v)
 
     written = Written()

@@ -127,12 +127,15 @@ class BandJob:
         return meter.finish(time.perf_counter() - t0, self.predictor.device)
 
     def score(self, y0: int, y1: int, prob: np.ndarray) -> tuple[np.ndarray, BandScore | None]:
-        """(predicted ink bool [b, W], the band's scores or None without labels)."""
+        """(predicted ink bool [b, W], inside the fragment mask whatever the threshold; the
+        band's scores or None without labels)."""
+        valid = self.frag.mask()[y0:y1] > 0  # (b, W)
         ink, _ = binarize_prediction(prob, threshold=self.predictor.threshold, binary=False)
+        ink &= valid
         labels = self.frag.labels()
         if labels is None:
             return ink, None
-        return ink, BandScore.of(prob, ink, labels[y0:y1], self.frag.mask()[y0:y1])
+        return ink, BandScore.of(prob, ink, labels[y0:y1], valid)
 
 
 def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, Any],
