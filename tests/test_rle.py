@@ -12,7 +12,13 @@ from hypothesis.extra.numpy import arrays
 
 from scrollsam.errors import InputError
 from scrollsam.io import atomic_path, atomic_write_text
-from scrollsam.rle import parse_pred_specs, rle_decode, rle_encode, write_submission
+from scrollsam.rle import (
+    is_submission_id,
+    parse_pred_specs,
+    rle_decode,
+    rle_encode,
+    write_submission,
+)
 
 
 def test_encode_hand_checked_row_major_one_indexed():
@@ -143,6 +149,31 @@ def test_write_submission_failure_leaves_nothing(tmp_path):
     with pytest.raises(InputError, match="unique"):
         write_submission(out, [("a", np.ones((1, 1))), ("a", np.ones((1, 1)))])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_submission_refuses_a_folder_before_reading_a_row(tmp_path):
+    # QA: with overwrite, os.replace failed "Is a directory" (a traceback, exit 1); without,
+    # the message said "got an existing file".
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+
+    def rows():
+        raise AssertionError("a row was read")
+        yield  # a generator
+
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=r"^--out: expected a CSV file path, got a folder "
+                                             r"\(.*outdir\)$"):
+            write_submission(folder, rows(), overwrite=overwrite)
+    with pytest.raises(InputError, match="^--submission: expected a CSV file path"):
+        write_submission(folder, rows(), flag="--submission")
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_submission_ids():
+    assert is_submission_id("20231012184423") and is_submission_id("a-1_b.2")
+    for bad in ("", "a b", "a,b", 'a"b', "a'b", "a\tb"):
+        assert not is_submission_id(bad), bad
 
 
 def test_atomic_helpers(tmp_path):

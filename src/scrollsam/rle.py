@@ -23,6 +23,7 @@ from scrollsam.io import atomic_path
 
 __all__ = [
     "SUBMISSION_HEADER",
+    "is_submission_id",
     "parse_pred_specs",
     "rle_decode",
     "rle_encode",
@@ -128,6 +129,12 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     return mask.reshape(height, width)
 
 
+def is_submission_id(ident: str) -> bool:
+    """Whether ``ident`` can be an Id of the submission CSV: not empty, and no comma, quote or
+    whitespace (they would break the CSV line)."""
+    return bool(ident) and not _BAD_ID.search(ident)
+
+
 def parse_pred_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
     """Parse ``ID=PATH`` strings into (id, path) pairs, in order.
 
@@ -156,6 +163,7 @@ def write_submission(
     rows: Iterable[tuple[str, np.ndarray | Iterable[np.ndarray]]],
     *,
     overwrite: bool = False,
+    flag: str = "--out",
 ) -> int:
     """Write the Kaggle CSV (``Id,Predicted`` + one ``id,rle`` line per row, in order) atomically.
 
@@ -164,16 +172,21 @@ def write_submission(
         consumed one at a time, so a generator that loads each mask lazily keeps only one
         fragment (or one band) in memory.
     overwrite: an existing ``path`` is replaced only when True; otherwise InputError, raised
-        before any row is read.
+        before any row is read. A folder at ``path`` is never replaced (InputError, also
+        before any row is read).
+    flag: the option that named ``path``, which error messages name (``--out`` of
+        ``scrollsam submit``, ``--submission`` of ``predict``).
     Returns the number of rows written. On any error nothing is written.
     """
     target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag}: expected a CSV file path, got a folder ({target})")
     if target.exists() and not overwrite:
-        raise InputError(
-            f"{target}: expected a new file (--force to overwrite), got an existing file"
-        )
+        raise InputError(f"{flag}: expected a new file (--force to overwrite), got an existing "
+                         f"file ({target})")
     if not target.parent.is_dir():
-        raise InputError(f"{target}: expected an existing folder to write into, got none")
+        raise InputError(f"{flag}: expected a file in an existing folder, got none "
+                         f"({target.parent})")
     count = 0
     seen: set[str] = set()
     try:
@@ -182,7 +195,7 @@ def write_submission(
         ) as f:
             f.write(SUBMISSION_HEADER + "\n")
             for ident, mask in rows:
-                if not ident or _BAD_ID.search(ident) or ident in seen:
+                if not is_submission_id(ident) or ident in seen:
                     raise InputError(
                         "id: expected a unique, non-empty id without commas, quotes or spaces, "
                         f"got {ident!r}"
@@ -194,7 +207,6 @@ def write_submission(
                 f.write("\n")
                 count += 1
     except FileExistsError:
-        raise InputError(
-            f"{target}: expected a new file (--force to overwrite), got an existing file"
-        ) from None
+        raise InputError(f"{flag}: expected a new file (--force to overwrite), got an existing "
+                         f"file ({target})") from None
     return count
