@@ -141,3 +141,33 @@ def test_bad_arguments_name_themselves():
         sliding_window_array(img, identity, tile=8, stride=4, mask=np.ones((20, 20)))
     with pytest.raises(InputError, match="blend"):
         sliding_window_array(img, identity, tile=8, stride=4, blend="max")
+
+
+
+def test_a_large_window_costs_no_float64_weight():
+    """QA: --tile 100000 failed allocating the float64 outer product of the blending weight
+    (74.5 GiB) before its float32 copy, and each window's weighted prediction was made whole
+    before the part inside the image was taken (3 windows' memory; now 2)."""
+    import tracemalloc
+
+    tile = 2048  # one window over a 16 x 16 image: the weight is most of the memory
+    one = np.broadcast_to(np.float32(0.5), (1, tile, tile))  # no memory of its own
+    tracemalloc.start()
+    try:
+        out = sliding_window_inference(lambda y0, x0: one[0], lambda w: one, shape=(16, 16),
+                                       tile=tile, stride=tile, batch_size=1, prefetch=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(out, 0.5, rtol=1e-6)
+    window = tile * tile * 4  # bytes of one float32 [tile, tile]
+    assert peak < 2.5 * window, peak / window  # the weight, the stacked window, a little more
+
+
+@pytest.mark.parametrize("tile, blend", [(16, "hann"), (300, "gaussian"), (1000, "hann"),
+                                         (64, "constant")])
+def test_the_2d_weight_is_the_outer_product_to_the_bit(tile, blend):
+    from scrollsam.infer.sliding_window import weight_2d
+
+    g = blend_weight(tile, blend=blend)
+    np.testing.assert_array_equal(weight_2d(g), np.outer(g, g).astype(np.float32))

@@ -122,6 +122,16 @@ def blend_weight(tile: int, *, blend: str = "hann", sigma_scale: float = 0.125,
     return np.maximum(g / g.max(), min_weight)
 
 
+def weight_2d(g: np.ndarray, *, rows: int = 256) -> np.ndarray:
+    """The 2-D window weight float32 [T, T] = ``outer(g, g)`` of a 1-D weight ``g`` [T]: the
+    float64 product rounded to float32, built ``rows`` rows at a time, so no float64 [T, T]
+    temporary is made (values equal ``np.outer(g, g).astype(np.float32)``)."""
+    weight = np.empty((len(g), len(g)), dtype=np.float32)  # (T, T)
+    for y0 in range(0, len(g), rows):
+        weight[y0:y0 + rows] = np.outer(g[y0:y0 + rows], g)  # (rows, T) float64 -> float32
+    return weight
+
+
 def sliding_window_inference(
     read: Reader,
     predictor: Predictor,
@@ -162,7 +172,7 @@ def sliding_window_inference(
     if batch_size < 1:
         raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
     g = blend_weight(grid.tile, blend=blend, sigma_scale=sigma_scale)
-    weight = np.outer(g, g).astype(np.float32)  # (tile, tile)
+    weight = weight_2d(g)  # (tile, tile)
     out = np.zeros((r1 - r0, w), dtype=np.float32)  # (rows, W) sum of weight * prediction
     cell_rows = dict(zip(grid.ys, _cell_bounds(grid.ys, h), strict=True))
 
@@ -250,7 +260,7 @@ def blend_windows(
     clicks); pixels no window covers, and pixels outside ``mask``, are 0."""
     h, w = shape
     g = blend_weight(tile, blend=blend, sigma_scale=sigma_scale)
-    weight = np.outer(g, g).astype(np.float32)  # (tile, tile)
+    weight = weight_2d(g)  # (tile, tile)
     out = np.zeros((h, w), np.float32)
     total = np.zeros((h, w), np.float32)
     for y0, x0, pred in predictions:
@@ -259,7 +269,7 @@ def blend_windows(
             raise InputError(f"prediction: expected [{tile}, {tile}], got {list(pred.shape)}")
         ys, xs = slice(max(y0, 0), min(y0 + tile, h)), slice(max(x0, 0), min(x0 + tile, w))
         part = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-        out[ys, xs] += (weight * pred)[part]
+        out[ys, xs] += weight[part] * pred[part]  # only the part inside the image
         total[ys, xs] += weight[part]
     covered = total > 0
     np.divide(out, total, out=out, where=covered)
@@ -296,7 +306,8 @@ def _accumulate(out: np.ndarray, predictor: Predictor, windows: np.ndarray | Non
     for p, (y0, x0) in zip(pred, corners, strict=True):
         a, b = max(y0, r0), min(y0 + tile, r0 + h)  # image rows of the window inside out
         x1 = min(x0 + tile, w)
-        out[a - r0:b - r0, x0:x1] += (weight * p)[a - y0:b - y0, :x1 - x0]
+        part = (slice(a - y0, b - y0), slice(0, x1 - x0))  # the window inside out
+        out[a - r0:b - r0, x0:x1] += weight[part] * p[part]
 
 
 def _checked_window(win: np.ndarray, tile: int) -> np.ndarray:
