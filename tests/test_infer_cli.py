@@ -223,3 +223,36 @@ def test_metrics_name_the_checkpoint_loaded_and_its_run_only(data, tmp_path):
     assert recorded("--checkpoint", str(ir / "best.pt")) == (None, str(ir / "best.pt"))
     assert recorded("--run", str(ir), "--checkpoint", str(slices / "best.pt")) == (
         None, str(slices / "best.pt"))  # another run's weights: not run_ir's prediction
+
+
+@pytest.mark.parametrize("case, match", [
+    ("tile_huge", "--tile: expected an integer <= 4096"),  # was: a 74.5 GiB allocation
+    ("band_rows_0", "--band-rows: expected a positive multiple"),  # was: the default
+    ("id_with_space", "--submission: expected fragment folder names usable as Ids"),  # was:
+    # refused after predicting every fragment, naming neither --submission nor the folder
+])
+def test_bad_settings_are_refused_before_the_model_loads(data, tmp_path, capsys, monkeypatch,
+                                                         case, match):
+    from scrollsam.infer.predict import Predictor
+
+    def no_model_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(Predictor, "from_run", no_model_work)
+    frag, extra = data / "a", []
+    if case == "tile_huge":
+        extra = ["--tile", "100000"]
+    elif case == "band_rows_0":
+        extra = ["--format", "zarr", "--band-rows", "0"]
+    else:
+        frag = write_fragment(tmp_path / "a b", height=40, width=40, depth=65, seed=5)
+        extra = ["--submission", str(tmp_path / "sub.csv")]
+    out = tmp_path / "out"
+    code = predict("--run", str(data / "run_ir"), "--fragment", str(frag), "--out", str(out),
+                   *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    if case == "id_with_space":
+        assert err[0].endswith(f"got 'a b' ({frag})")
+    assert not out.exists() and not (tmp_path / "sub.csv").exists()

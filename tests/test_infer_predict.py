@@ -19,6 +19,7 @@ from scrollsam.errors import CheckpointError, InputError, RunDirError
 from scrollsam.infer.points import Click, click_tiles, load_clicks, predict_clicks
 from scrollsam.infer.predict import (
     DIHEDRAL,
+    MAX_TILE,
     MIN_TILE,
     Predictor,
     dihedral,
@@ -274,9 +275,20 @@ def test_the_smallest_tile_is_one_constant(monkeypatch, capsys):
     model = build_model("tiny", image_size=64)
     assert Predictor(model, device="cpu", tile=predict.MIN_TILE).tile == predict.MIN_TILE
     monkeypatch.setattr(predict, "MIN_TILE", 32)
-    with pytest.raises(InputError, match="expected tile >= 32"):
+    with pytest.raises(InputError, match="expected 32 <= tile"):
         Predictor(model, device="cpu", tile=24)
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
     with pytest.raises(SystemExit):
         build_parser().parse_args(["predict", "--help"])
-    assert f"window side in fragment pixels, >= {pipeline.MIN_TILE} " in capsys.readouterr().out
+    assert (f"window side in fragment pixels, >= {pipeline.MIN_TILE} and <= {MAX_TILE} "
+            in capsys.readouterr().out)
+
+
+def test_a_tile_above_the_largest_is_refused_unless_it_is_the_model_input():
+    """QA: --tile 100000 ended in a 74.5 GiB allocation; windows are read whole."""
+    model = build_model("tiny", image_size=64)
+    assert Predictor(model, device="cpu", tile=MAX_TILE).tile == MAX_TILE
+    with pytest.raises(InputError, match=f"16 <= tile <= {MAX_TILE} .* got 100000"):
+        Predictor(model, device="cpu", tile=100000)
+    big = build_model("tiny", image_size=MAX_TILE + 16)  # a model input above it is its own
+    assert Predictor(big, device="cpu").tile == MAX_TILE + 16

@@ -92,8 +92,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="ink where probability >= T; auto (default): the run's validation "
                    "threshold, moved with each fragment's probabilities (with --points: as "
                    "saved); saved: the run's as it is")
-    p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 (default: "
-                   "the model input size; other sizes are resized to it)")
+    p.add_argument("--tile", type=int, help="window side in fragment pixels, >= 16 and <= 4096 "
+                   "(default: the model input size; other sizes are resized to it)")
     p.add_argument("--stride", type=int, help="window step in pixels, >= 1 (default: the run's "
                    "data.stride, else tile/2)")
     p.add_argument("--batch-size", type=int, help="model inputs per call, >= 1 (default: the "

@@ -2,12 +2,12 @@
 
 :func:`predict_to_folder` checks everything it can before the first tile is predicted (the run
 folder, the checkpoint, every fragment against the run's input view, the clicks file, an
-existing submission file, outputs that would land in or on a fragment: :mod:`.out_safety`),
-so a mistake costs seconds, not an hour of inference. Then, per fragment, it predicts
-(prompt-free, or around clicks), writes the files of :mod:`.outputs` into
-``OUT`` (``OUT/<id>/`` when several fragments are given) and, at the end, the Kaggle CSV with
-the fragments' folder names as ids, decoded from the written ``mask.png`` files (or streamed
-from the OME-Zarr masks, band by band).
+existing submission file and folder names it cannot hold as Ids, outputs that would land in or
+on a fragment: :mod:`.out_safety`), so a mistake costs seconds, not an hour of inference.
+Then, per fragment, it predicts (prompt-free, or around clicks), writes the files of
+:mod:`.outputs` into ``OUT`` (``OUT/<id>/`` when several fragments are given) and, at the end,
+the Kaggle CSV with the fragments' folder names as ids, decoded from the written ``mask.png``
+files (or streamed from the OME-Zarr masks, band by band).
 
 Each fragment is predicted band by band (:mod:`.segment`), into PNG files or, for large
 fragments, an OME-Zarr map (``fmt``). Under torchrun (``WORLD_SIZE`` set) the process group is
@@ -34,7 +34,7 @@ from scrollsam.infer.band_state import check_band_rows, default_band_rows
 from scrollsam.infer.out_safety import check_clear_of_inputs, output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
-from scrollsam.infer.predict import MIN_TILE, Predictor
+from scrollsam.infer.predict import MAX_TILE, MIN_TILE, Predictor
 from scrollsam.infer.segment import (
     FORMATS,
     BandJob,
@@ -47,7 +47,7 @@ from scrollsam.infer.threshold import threshold_choice
 from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
 from scrollsam.io import read_image
 from scrollsam.precision import PRECISIONS
-from scrollsam.rle import write_submission
+from scrollsam.rle import is_submission_id, write_submission
 from scrollsam.train.distributed import (
     World,
     join_process_group,
@@ -124,11 +124,14 @@ def predict_to_folder(
         if value is not None and value < least:
             raise InputError(f"{flag}: expected an integer >= {least} (leave it out for the "
                              f"default), got {value}")
+    if tile is not None and tile > MAX_TILE:
+        raise InputError(f"--tile: expected an integer <= {MAX_TILE} (a window is read whole "
+                         f"and resized to the model input), got {tile}")
     for flag, value, allowed in (("--format", fmt, FORMATS), ("--dtype", dtype, VALUE_TYPES),
                                  ("--precision", precision, PRECISIONS)):
         if value not in allowed:
             raise InputError(f"{flag}: expected one of {', '.join(allowed)}, got {value!r}")
-    check_band_rows(band_rows or chunk, chunk)
+    check_band_rows(chunk if band_rows is None else band_rows, chunk)
     if not timeout_min > 0:
         raise InputError(f"--timeout: expected a positive number of minutes, got {timeout_min}")
     world = world_from_env()
@@ -147,6 +150,7 @@ def predict_to_folder(
     check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
     if submission is not None:
         _check_submission(Path(submission), force=force)
+        _check_submission_ids(frags)
     dev = process_device(resolve_device(device, setting="--device"), world)
     joined = world.distributed and not (dist.is_available() and dist.is_initialized())
     world = join_process_group(timeout=datetime.timedelta(minutes=timeout_min))
@@ -182,7 +186,7 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
     clicks = load_clicks(points, ids) if points is not None else None
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
-    rows = band_rows or default_band_rows(predictor.tile, chunk)  # valid by construction
+    rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
 
     results = []
     for frag, dest in zip(frags, output_folders(frags, out), strict=True):
@@ -221,7 +225,8 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
         def write() -> None:
             if world.main:
                 count = write_submission(submission, ((r.fragment, r.mask_rows())
-                                                      for r in results), overwrite=force)
+                                                      for r in results), overwrite=force,
+                                         flag="--submission")
                 log.info("wrote %s (%d fragments)", submission, count)
         settle(write, world)
     return results
@@ -287,6 +292,15 @@ def _check_submission(path: Path, *, force: bool) -> None:
         raise InputError(f"--submission: expected a CSV file path, got a folder ({path})")
     if not path.parent.is_dir():
         raise InputError(f"--submission: folder {path.parent} does not exist")
+
+
+def _check_submission_ids(frags: Sequence[Fragment]) -> None:
+    """The fragments' folder names are the submission's Ids: refuse one the CSV cannot hold
+    before any prediction work."""
+    for frag in frags:
+        if not is_submission_id(frag.id):
+            raise InputError(f"--submission: expected fragment folder names usable as Ids "
+                             f"(no commas, quotes or spaces), got {frag.id!r} ({frag.path})")
 
 
 def background_rows(frag: Fragment, predictor: Predictor) -> Rows:

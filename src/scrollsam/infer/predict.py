@@ -54,6 +54,7 @@ from scrollsam.train.checkpoint import expected_of, load_checkpoint
 log = logging.getLogger(__name__)
 
 MIN_TILE = 16  # the smallest window side (--tile) in fragment pixels
+MAX_TILE = 4096  # the largest --tile (or S, if larger): a window is read whole, C x T x T
 
 
 @dataclass
@@ -108,9 +109,10 @@ class Predictor:
                      else ThresholdRule(float(threshold)))
         self.tile = int(tile or model.image_size)
         self.stride = int(stride or self.tile // 2)
-        if self.tile < MIN_TILE or not 1 <= self.stride <= self.tile:
-            raise InputError(f"tile / stride (--tile / --stride, data.stride): expected tile >= "
-                             f"{MIN_TILE} and 1 <= stride <= tile, got {self.tile} / "
+        top = max(MAX_TILE, model.image_size)
+        if not MIN_TILE <= self.tile <= top or not 1 <= self.stride <= self.tile:
+            raise InputError(f"tile / stride (--tile / --stride, data.stride): expected {MIN_TILE}"
+                             f" <= tile <= {top} and 1 <= stride <= tile, got {self.tile} / "
                              f"{self.stride}")
         if batch_size < 1:
             raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
