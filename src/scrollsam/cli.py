@@ -353,29 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_PIPE
     except OSError as err:  # a refused write outside scrollsam's own writers (mkdir, ...)
-        line = _refused_write(err, getattr(args, "out", None))
+        from scrollsam.io import refused_write
+
+        line = refused_write(err, getattr(args, "out", None))
         if line is None or args.debug:
             raise
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _refused_write(err: OSError, out: str | None) -> str | None:
-    """``no space left on device while writing NAME (FOLDER)`` for a refused write, else None."""
-    from pathlib import Path
-
-    from scrollsam.io import write_failure
-
-    name = Path(os.fsdecode(err.filename)) if err.filename else None
-    folder = name.parent if name is not None else (Path(out) if out else None)
-    while folder is not None and not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # disk_usage needs a folder that exists
-    cause = write_failure(err, folder)
-    if cause is None:
-        return None
-    if name is not None:
-        return f"{cause} while writing {name.name} ({name.parent})"
-    return f"{cause} while writing output ({out})" if out else cause
 
 
 def _silence_stdout() -> None:

@@ -34,7 +34,7 @@ from PIL import Image
 from scrollsam.errors import InputError, WriteError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_image",
-           "within", "write_failure"]
+           "refused_write", "within", "write_failure"]
 
 # Pillow modes whose pixel array is already grey (or grey + alpha, or plain colour).
 _DIRECT_MODES = frozenset(
@@ -78,6 +78,22 @@ def write_failure(err: BaseException, folder: str | os.PathLike[str] | None = No
         except OSError:
             return None
     return None
+
+
+def refused_write(err: OSError, out: str | os.PathLike[str] | None = None) -> str | None:
+    """``no space left on device while writing NAME (FOLDER)`` for a refused write outside
+    scrollsam's own writers (a mkdir, ...), else None; ``out``: the output named when ``err``
+    names no file."""
+    name = Path(os.fsdecode(err.filename)) if err.filename else None
+    folder = name.parent if name is not None else (Path(out) if out else None)
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # disk_usage needs a folder that exists
+    cause = write_failure(err, folder)
+    if cause is None:
+        return None
+    if name is not None:
+        return f"{cause} while writing {name.name} ({name.parent})"
+    return f"{cause} while writing output ({out})" if out else cause
 
 
 def within(path: Path, folder: Path) -> bool:
