@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from scrollsam.cli_data import (
     add_convert,
@@ -26,7 +27,7 @@ from scrollsam.cli_data import (
     run_submit,
     run_synth,
 )
-from scrollsam.errors import ScrollsamError
+from scrollsam.errors import InputError, ScrollsamError
 from scrollsam.process import tune_process
 from scrollsam.train.stop import TrainingStopped
 
@@ -171,15 +172,24 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _add_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML (default: built-in synthetic + tiny model)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of --config, or of the built-in case without it")
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    from scrollsam.config import load_config
-    from scrollsam.doctor import run_doctor
+    import tempfile
+    from pathlib import Path
 
-    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
-    return run_doctor(cfg)
+    from scrollsam.config import load_config, save_config
+    from scrollsam.doctor import default_config, run_doctor
+
+    if args.config or not args.overrides:
+        return run_doctor(load_config(args.config, args.overrides) if args.config else None)
+    with tempfile.TemporaryDirectory(prefix="scrollsam-doctor-") as tmp:
+        base = Path(tmp) / "doctor.yaml"  # the built-in case, which key=value alone change
+        save_config(default_config(Path(tmp)), base)  # (its fragment lives in tmp too)
+        print(f"doctor: built-in synthetic fragment, tiny model, CPU; {' '.join(args.overrides)}")
+        return run_doctor(load_config(base, args.overrides))
 
 
 # --- demo --------------------------------------------------------------------------------------
@@ -261,6 +271,18 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK if result.best or args.trials == 0 else EXIT_FAIL  # no trial completed
 
 
+# --- evaluate, submit (their arguments: cli_data.py) -------------------------------------------
+
+
+def _threshold_first(args: argparse.Namespace, *, run: Callable[[argparse.Namespace], int]
+                     ) -> int:
+    """``run(args)`` once ``--threshold`` is a probability: a bad one is named as the flag
+    before any file is read, not as an error of the first image it would threshold."""
+    if not 0.0 <= args.threshold <= 1.0:  # NaN too
+        raise InputError(f"--threshold: expected a number in [0, 1], got {args.threshold:g}")
+    return run(args)
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 # name -> (one-line help, example, add-arguments, run)
@@ -283,10 +305,10 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "evaluate": ("score a predicted mask against ink labels (F0.5 ...)",
                  "scrollsam evaluate --pred pred/3/mask.png --labels data/train/3/inklabels.png "
                  "--mask data/train/3/mask.png --json",
-                 add_evaluate, run_evaluate),
+                 add_evaluate, partial(_threshold_first, run=run_evaluate)),
     "submit": ("write a Kaggle submission CSV from predicted masks",
                "scrollsam submit --pred a=pred/a/mask.png --out submission.csv",
-               add_submit, run_submit),
+               add_submit, partial(_threshold_first, run=run_submit)),
     "doctor": ("trace one batch through every stage and check that loss falls",
                "scrollsam doctor --config configs/demo.yaml",
                _add_doctor, _run_doctor),
