@@ -39,9 +39,10 @@ from scrollsam.infer.band_state import BandScore, BandState
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.outputs import Rows, Written, write_outputs
 from scrollsam.infer.predict import Predictor
+from scrollsam.infer.threshold import candidate_index
 from scrollsam.infer.zarr_out import ZarrOutput
 from scrollsam.io import atomic_write_text
-from scrollsam.metrics import Counts, ProbabilityHistogram, binarize_prediction, confusion
+from scrollsam.metrics import Counts, binarize_prediction, confusion
 from scrollsam.train.distributed import World, exchange_errors, gather_objects, row_bands
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,19 @@ class BandJob:
 
     def score(self, y0: int, y1: int, prob: np.ndarray) -> tuple[np.ndarray, BandScore | None]:
         """(predicted ink bool [b, W], inside the fragment mask whatever the threshold; the
-        band's scores or None without labels)."""
+        band's scores: confusion counts with labels, and the probability histogram inside the
+        mask with labels or an adapted threshold; None when neither)."""
         valid = self.frag.mask()[y0:y1] > 0  # (b, W)
         ink, _ = binarize_prediction(prob, threshold=self.predictor.threshold, binary=False)
         ink &= valid
         labels = self.frag.labels()
-        if labels is None:
+        if labels is not None:
+            return ink, BandScore.of(prob, ink, labels[y0:y1], valid)
+        if not self.predictor.rule.adaptive:
             return ink, None
-        return ink, BandScore.of(prob, ink, labels[y0:y1], valid)
+        score = BandScore()
+        score.hist.add(prob, None, valid)  # for the fragment's threshold (adapt_mask)
+        return ink, score
 
 
 def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, Any],
@@ -143,17 +149,21 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
     """Predict ``job`` into ``DEST/prob.ome.zarr``, skipping bands a killed run finished."""
     out, state, world, frag = ZarrOutput(job.dest), BandState(job.dest), job.world, job.frag
 
+    adaptive = job.predictor.rule.adaptive
+
     def start() -> None:  # rank 0: settings checked, store created (or kept to resume)
         if not world.main:
             return
         job.dest.mkdir(parents=True, exist_ok=True)
         resume = state.start(settings, restart=restart)
-        if resume and not out.exists:  # markers of a store that is gone: start over
+        if resume and (not out.exists or adaptive and not out.has_rounding):
+            # markers of a store that is gone, or of a version that kept no rounding (and
+            # no histograms without labels) for the adapted mask: start over
             resume = state.start(settings, restart=True)
         if not resume:
             out.remove()
             out.create(shape=(frag.height, frag.width), chunk=chunk, dtype=dtype, name=frag.id,
-                       threshold=job.predictor.threshold)
+                       threshold=job.predictor.threshold, rounding=adaptive)
 
     settle(start, world)
     todo = [b for b in job.mine if not state.done(*b)]
@@ -173,9 +183,9 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
 
     def adapt() -> None:  # rank 0: the whole fragment's threshold, then the mask rewritten
         if world.main:
-            adapted.update(adapt_mask(job, out))
+            adapted.update(adapt_mask(job, out, state))
 
-    if job.predictor.rule.adaptive:
+    if adaptive:
         settle(adapt, world)
     for level in range(1, out.levels()):
         settle(lambda lv=level: out.build_level(lv, world), world)
@@ -189,7 +199,7 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
         result.files.update(out.write_previews(job.dest))
         if frag.labels() is not None:
             total = state.total(job.bands)
-            if adapted:
+            if adapted.get("counts") is not None:  # the mask was rewritten
                 total = BandScore(adapted["counts"], total.hist)
             threshold = adapted.get("threshold", job.predictor.threshold)
             result.metrics = total.metrics(threshold, {**job.info, **job.predictor.rule.describe()})
@@ -210,26 +220,29 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
     return result
 
 
-def adapt_mask(job: BandJob, out: ZarrOutput) -> dict[str, Any]:
-    """The adaptive threshold (:mod:`.threshold`) of a fragment streamed into ``out``: the
-    probabilities are read back band by band for it, then the level-0 mask is rewritten at it.
-    Returns ``threshold`` and ``counts`` (the rewritten mask's confusion counts; None without
-    labels). The bands were written with the run's threshold: a killed rewrite is redone
-    whole by the next run."""
-    frag, prob = job.frag, out.prob(0)
-    mask, labels = frag.mask() > 0, frag.labels()
-    hist = ProbabilityHistogram()
-    for y0, y1 in job.bands:
-        rows = prob[y0:y1]  # (b, W) uint8 or float16, as stored
-        hist.add(rows, None, mask[y0:y1])
-    threshold = job.predictor.rule.for_histogram(hist)
+def adapt_mask(job: BandJob, out: ZarrOutput, state: BandState) -> dict[str, Any]:
+    """The adaptive threshold (:mod:`.threshold`) of a fragment streamed into ``out``, from the
+    histograms of its exact probabilities in the band markers (the threshold PNG mode
+    computes); when it is not the run's threshold, which the bands' mask was written at, the
+    level-0 mask is rewritten at it from the exact ranks (:meth:`ZarrOutput.ranks`): the mask
+    PNG mode writes. Returns ``threshold`` and ``counts`` (the rewritten mask's confusion
+    counts; None without labels or without a rewrite). A killed rewrite is redone whole by the
+    next run."""
+    frag = job.frag
+    threshold = job.predictor.rule.for_histogram(state.total(job.bands).hist)
+    if threshold == job.predictor.threshold:
+        log.info("%s: threshold %.2f (the run's, also adapted to the fragment)", frag.id,
+                 threshold)
+        return {"threshold": threshold, "counts": None}
+    k = candidate_index(threshold)  # an adapted threshold is a candidate
+    mask, labels = frag.mask(), frag.labels()
     counts = None if labels is None else Counts()
     for y0, y1 in job.bands:
-        ink, _ = binarize_prediction(prob[y0:y1], threshold=threshold, binary=False)
-        ink &= mask[y0:y1]
+        valid = mask[y0:y1] > 0  # (b, W)
+        ink = (out.ranks(y0, y1) >= k) & valid  # p >= threshold inside the fragment
         out.mask(0)[y0:y1] = ink.astype(np.uint8)
         if labels is not None:
-            counts = counts + confusion(ink, labels[y0:y1], mask[y0:y1])
+            counts = counts + confusion(ink, labels[y0:y1], valid)
     attrs = dict(out.root.attrs["scrollsam"])
     out.root.attrs["scrollsam"] = {**attrs, "threshold": float(threshold)}
     log.info("%s: threshold %.2f (the run's %.2f, adapted to the fragment)", frag.id,

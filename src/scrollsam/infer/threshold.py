@@ -24,19 +24,34 @@ trained ones 0.539 +- 0.018 (0.481 +- 0.025 at the validation threshold,
 ``benchmarks/learn.py --seeds 0,1,2,3,4``). A fragment with no probability above 0 keeps
 ``value``. Checkpoints written before the reference existed, a given number
 (``--threshold 0.4``) and ``--threshold saved`` use a fixed threshold.
+
+An adapted threshold is one of :data:`CANDIDATES`, so a mask at it can be made later from
+:func:`candidate_ranks` of the probabilities (how many candidates each one reaches, exactly as
+:func:`~scrollsam.metrics.binarize_prediction` decides), one byte a pixel: the OME-Zarr output
+keeps what rounding the stored values loses of it, and rewrites its mask at the fragment's
+threshold with no difference from PNG mode (:mod:`.segment`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
 
 from scrollsam.errors import InputError
-from scrollsam.metrics import ProbabilityHistogram, check_threshold, expected_threshold
+from scrollsam.metrics import (
+    DEFAULT_THRESHOLDS,
+    LEVELS,
+    ProbabilityHistogram,
+    binarize_prediction,
+    check_threshold,
+    expected_threshold,
+)
 
 LOWEST, HIGHEST = 0.01, 0.99  # the adapted threshold stays inside the candidates' range
+CANDIDATES = DEFAULT_THRESHOLDS  # 0.01 ... 0.99: every threshold an adapted rule can give
 CHOICES = ("auto", "saved")  # besides a number: see ThresholdRule.choose
 
 
@@ -107,3 +122,40 @@ class ThresholdRule:
             return {"threshold_rule": "fixed"}
         return {"threshold_rule": "adapted", "validation_threshold": self.value,
                 "validation_expected_threshold": self.reference}
+
+
+@cache
+def _rank_of_level() -> np.ndarray:
+    """uint8 [LEVELS]: how many of :data:`CANDIDATES` each 16-bit level reaches, by
+    :func:`~scrollsam.metrics.binarize_prediction` itself (levels are what it compares)."""
+    levels = np.arange(LEVELS, dtype=np.uint16)  # (LEVELS,)
+    ranks = np.zeros(LEVELS, np.uint8)
+    for t in CANDIDATES:
+        ranks += binarize_prediction(levels, threshold=float(t), binary=False)[0]
+    return ranks
+
+
+def candidate_ranks(values: np.ndarray) -> np.ndarray:
+    """uint8 [..] (the shape of ``values``): how many of :data:`CANDIDATES` each value reaches
+    (``p >= t``, the rule of :mod:`scrollsam.metrics`, 16-bit levels). values: probabilities
+    (float in [0, 1]) or 8-bit levels (uint8, p = value / 255). ``p >= CANDIDATES[k - 1]``
+    exactly where the rank is at least k (:func:`candidate_index`)."""
+    if values.dtype == np.uint8:
+        levels = values.astype(np.uint16) * np.uint16(257)  # 255 * 257 = 65535
+    elif values.dtype.kind == "f":
+        scaled = np.clip(values.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(LEVELS - 1)
+        levels = np.rint(scaled).astype(np.uint16)
+    else:
+        raise InputError(f"values: expected float probabilities or uint8, got {values.dtype}")
+    return _rank_of_level()[levels]
+
+
+def candidate_index(threshold: float) -> int:
+    """k such that ``p >= threshold`` exactly where :func:`candidate_ranks` of p is at least k;
+    ValueError when ``threshold`` is none of :data:`CANDIDATES`."""
+    levels = np.arange(LEVELS, dtype=np.uint16)  # (LEVELS,)
+    ink = binarize_prediction(levels, threshold=threshold, binary=False)[0]  # (LEVELS,)
+    k = int(_rank_of_level()[int(np.argmax(ink))]) if ink.any() else len(CANDIDATES) + 1
+    if not 1 <= k <= len(CANDIDATES) or not np.array_equal(ink, _rank_of_level() >= k):
+        raise ValueError(f"threshold {threshold} is not one of the candidates 0.01 ... 0.99")
+    return k

@@ -14,6 +14,16 @@ plugin and the Vesuvius tools open it)::
 Levels are added until the longest side fits one chunk. Pixels outside the fragment mask are 0,
 and chunks that are all 0 are not stored (Zarr's default), so a sparse segment stays small.
 
+With a threshold adapted to the fragment, the mask is written at the run's threshold and later
+rewritten at the fragment's (:func:`scrollsam.infer.segment.adapt_mask`), which is one of the
+candidates 0.01 ... 0.99 (:mod:`.threshold`). The stored values cannot tell every pixel's side
+of it (a uint8 value spans 1/255, float16 a little less), so ``OUT/.predict/rounding.zarr``
+keeps, per pixel, what the rounding lost: int8 = the
+:func:`~scrollsam.infer.threshold.candidate_ranks` of the probability minus those of its
+stored value, mostly 0 (chunks of 0 are not stored). The stored values plus it give the exact
+ranks (:meth:`ZarrOutput.ranks`), so the rewritten mask is the one the probabilities
+themselves give, as in PNG mode.
+
 Level 0 is written band by band (:meth:`ZarrOutput.write_band`): a band is a run of whole chunk
 rows, so two processes never write the same chunk. The pyramid is built afterwards from level 0,
 one chunk row at a time per process (:meth:`ZarrOutput.build_level`). Memory is a band of rows,
@@ -37,10 +47,13 @@ with warnings.catch_warnings():  # ome_zarr 0.18 warns about its own Scaler at i
 
 from scrollsam import ngff
 from scrollsam.errors import InputError
+from scrollsam.infer.band_state import STATE_NAME
 from scrollsam.infer.outputs import block_mean, overlay_factor, write_png
+from scrollsam.infer.threshold import candidate_ranks
 from scrollsam.train.distributed import World, row_bands
 
 ZARR_NAME = "prob.ome.zarr"
+ROUNDING_NAME = "rounding.zarr"  # in OUT/.predict/: what rounding the stored values lost
 LABEL_NAME = "ink"
 VALUE_TYPES = ("uint8", "float16")
 DEFAULT_CHUNK = 1024
@@ -79,7 +92,9 @@ class ZarrOutput:
 
     def __init__(self, out_dir: str | Path) -> None:
         self.path = Path(out_dir) / ZARR_NAME
+        self.rounding_path = Path(out_dir) / STATE_NAME / ROUNDING_NAME
         self._root: zarr.Group | None = None
+        self._rounding: zarr.Array | None = None
 
     @property
     def exists(self) -> bool:
@@ -91,8 +106,9 @@ class ZarrOutput:
             shutil.rmtree(self.path)
 
     def create(self, *, shape: tuple[int, int], chunk: int, dtype: str, name: str,
-               threshold: float) -> None:
-        """Write the empty arrays of every level and their OME-NGFF 0.4 metadata."""
+               threshold: float, rounding: bool = False) -> None:
+        """Write the empty arrays of every level and their OME-NGFF 0.4 metadata; with
+        ``rounding``, also the empty ``OUT/.predict/rounding.zarr`` (its folder must exist)."""
         if dtype not in VALUE_TYPES:
             raise InputError(f"--dtype: expected one of {', '.join(VALUE_TYPES)}, got {dtype!r}")
         root = zarr.open_group(self.path, mode="w", zarr_format=2)
@@ -111,7 +127,11 @@ class ZarrOutput:
         scale = "p = value / 255" if dtype == "uint8" else "p = value"
         root.attrs["scrollsam"] = {"values": scale, "threshold": float(threshold),
                                    "mask": f"labels/{LABEL_NAME}: 1 where p >= threshold"}
-        self._root = None
+        if rounding:
+            zarr.create_array(self.rounding_path, shape=shape, chunks=(chunk, chunk),
+                              dtype="int8", fill_value=0, zarr_format=2,
+                              chunk_key_encoding=_KEYS, overwrite=True)
+        self._root = self._rounding = None
 
     # --- reading and writing ---------------------------------------------------------------
 
@@ -136,16 +156,42 @@ class ZarrOutput:
     def chunk(self) -> int:
         return int(self.prob(0).chunks[0])
 
+    @property
+    def has_rounding(self) -> bool:
+        """Whether ``OUT/.predict/rounding.zarr`` exists (:meth:`create` with ``rounding``)."""
+        return (self.rounding_path / ".zarray").is_file()
+
+    @property
+    def rounding(self) -> zarr.Array:
+        """``OUT/.predict/rounding.zarr`` [H, W] int8: exact candidate ranks minus those of the
+        stored values."""
+        if self._rounding is None:
+            self._rounding = zarr.open_array(self.rounding_path, mode="r+", zarr_format=2)
+        return self._rounding
+
     def write_band(self, y0: int, prob: np.ndarray, ink: np.ndarray) -> None:
         """Level-0 rows [y0, y0 + len(prob)): probabilities float32 [b, W] and the mask bool
-        [b, W]. The rows must be whole chunk rows (the last may end at the border)."""
+        [b, W] (and what rounding lost, when the store keeps it). The rows must be whole chunk
+        rows (the last may end at the border)."""
         arr = self.prob(0)
         h, c = arr.shape[0], self.chunk
         y1 = y0 + prob.shape[0]
         if y0 % c or (y1 % c and y1 != h):
             raise InputError(f"band rows {y0}:{y1}: expected whole chunk rows of {c}")
-        arr[y0:y1] = encode(prob, str(arr.dtype))
+        stored = encode(prob, str(arr.dtype))  # (b, W)
+        arr[y0:y1] = stored
         self.mask(0)[y0:y1] = ink.astype(np.uint8)
+        if self.has_rounding:
+            for a in range(0, y1 - y0, c):  # a chunk row at a time: small temporaries
+                lost = (candidate_ranks(prob[a:a + c]).astype(np.int16)
+                        - candidate_ranks(stored[a:a + c]))  # (c, W) mostly 0
+                self.rounding[y0 + a:y0 + a + c] = lost.astype(np.int8)
+
+    def ranks(self, y0: int, y1: int) -> np.ndarray:
+        """uint8 [y1 - y0, W]: the exact :func:`~scrollsam.infer.threshold.candidate_ranks` of
+        the probabilities of level-0 rows [y0, y1), from the stored values and the rounding."""
+        ranks = candidate_ranks(self.prob(0)[y0:y1]).astype(np.int16)  # (b, W)
+        return (ranks + self.rounding[y0:y1]).astype(np.uint8)
 
     def build_level(self, level: int, world: World) -> None:
         """Level ``level`` (>= 1) from the one below: this process's chunk rows (dealt
