@@ -184,8 +184,9 @@ def _threshold_level(threshold: float) -> int:
     return int(math.ceil(threshold * (LEVELS - 1) - 1e-6))
 
 
-def _levels(prob: np.ndarray) -> np.ndarray:
-    """Probabilities (float in [0, 1], uint8 /255, or uint16 /65535) as uint16 levels."""
+def levels(prob: np.ndarray) -> np.ndarray:
+    """Probabilities (float in [0, 1], uint8 /255, or uint16 /65535) as the uint16 levels every
+    threshold here compares (also infer.threshold's candidate ranks)."""
     if prob.dtype == np.uint8:
         return prob.astype(np.uint16) * np.uint16(257)  # 255 * 257 = 65535, exact
     if prob.dtype == np.uint16:
@@ -226,7 +227,7 @@ def binarize_prediction(
             return img != 0, True
         if img.dtype != np.uint8:
             img = img.astype(np.uint16)
-        return _levels(img) >= _threshold_level(threshold), False
+        return levels(img) >= _threshold_level(threshold), False
     if img.dtype.kind == "f":
         nan = bool(np.isnan(img).any())
         lo, hi = float(np.nanmin(img, initial=0.0)), float(np.nanmax(img, initial=0.0))
@@ -237,7 +238,7 @@ def binarize_prediction(
             binary = bool(np.all((img == 0) | (img == 1)))
         if binary:
             return img != 0, True
-        return _levels(img) >= _threshold_level(threshold), False
+        return levels(img) >= _threshold_level(threshold), False
     raise InputError(f"pred: expected a bool, integer or float image, got dtype {img.dtype}")
 
 
@@ -270,7 +271,7 @@ class ProbabilityHistogram:
             stop = start + _CHUNK
             if p.dtype.kind == "f" and np.isnan(p[start:stop]).any():
                 raise InputError("prob: expected probabilities in [0, 1], got NaN")
-            index = _levels(p[start:stop]).astype(np.int64) * 2  # 2 * level + ink
+            index = levels(p[start:stop]).astype(np.int64) * 2  # 2 * level + ink
             if t is not None:
                 index += t[start:stop]
             if v is not None:

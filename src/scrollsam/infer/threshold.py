@@ -48,6 +48,7 @@ from scrollsam.metrics import (
     binarize_prediction,
     check_threshold,
     expected_threshold,
+    levels,
 )
 
 LOWEST, HIGHEST = 0.01, 0.99  # the adapted threshold stays inside the candidates' range
@@ -128,10 +129,10 @@ class ThresholdRule:
 def _rank_of_level() -> np.ndarray:
     """uint8 [LEVELS]: how many of :data:`CANDIDATES` each 16-bit level reaches, by
     :func:`~scrollsam.metrics.binarize_prediction` itself (levels are what it compares)."""
-    levels = np.arange(LEVELS, dtype=np.uint16)  # (LEVELS,)
+    every = np.arange(LEVELS, dtype=np.uint16)  # (LEVELS,): every 16-bit level
     ranks = np.zeros(LEVELS, np.uint8)
     for t in CANDIDATES:
-        ranks += binarize_prediction(levels, threshold=float(t), binary=False)[0]
+        ranks += binarize_prediction(every, threshold=float(t), binary=False)[0]
     return ranks
 
 
@@ -140,21 +141,16 @@ def candidate_ranks(values: np.ndarray) -> np.ndarray:
     (``p >= t``, the rule of :mod:`scrollsam.metrics`, 16-bit levels). values: probabilities
     (float in [0, 1]) or 8-bit levels (uint8, p = value / 255). ``p >= CANDIDATES[k - 1]``
     exactly where the rank is at least k (:func:`candidate_index`)."""
-    if values.dtype == np.uint8:
-        levels = values.astype(np.uint16) * np.uint16(257)  # 255 * 257 = 65535
-    elif values.dtype.kind == "f":
-        scaled = np.clip(values.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(LEVELS - 1)
-        levels = np.rint(scaled).astype(np.uint16)
-    else:
+    if values.dtype != np.uint8 and values.dtype.kind != "f":
         raise InputError(f"values: expected float probabilities or uint8, got {values.dtype}")
-    return _rank_of_level()[levels]
+    return _rank_of_level()[levels(values)]  # metrics' own 16-bit levels
 
 
 def candidate_index(threshold: float) -> int:
     """k such that ``p >= threshold`` exactly where :func:`candidate_ranks` of p is at least k;
     ValueError when ``threshold`` is none of :data:`CANDIDATES`."""
-    levels = np.arange(LEVELS, dtype=np.uint16)  # (LEVELS,)
-    ink = binarize_prediction(levels, threshold=threshold, binary=False)[0]  # (LEVELS,)
+    every = np.arange(LEVELS, dtype=np.uint16)  # (LEVELS,): every 16-bit level
+    ink = binarize_prediction(every, threshold=threshold, binary=False)[0]  # (LEVELS,)
     k = int(_rank_of_level()[int(np.argmax(ink))]) if ink.any() else len(CANDIDATES) + 1
     if not 1 <= k <= len(CANDIDATES) or not np.array_equal(ink, _rank_of_level() >= k):
         raise ValueError(f"threshold {threshold} is not one of the candidates 0.01 ... 0.99")
