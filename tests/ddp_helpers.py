@@ -43,19 +43,20 @@ def run_ranks(fn: Callable, size: int, *args: Any, timeout: float = 150.0) -> li
     """``fn(rank, *args)`` in ``size`` spawned processes of one group -> per rank
     ``{"result": ...}`` or ``{"error": name, "message": str, "step": ...}``. Fails (after
     killing them) when they do not all end within ``timeout`` seconds: a hang is a failure."""
-    folder = tempfile.mkdtemp(prefix="scrollsam-ranks-")
-    ctx = mp.start_processes(_entry, args=(fn, size, free_port(), folder, args), nprocs=size,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise AssertionError(f"the {size} processes did not end within {timeout} s (hang)")
-    out = []
-    for rank in range(size):
-        with open(Path(folder) / f"{rank}.pkl", "rb") as f:
-            out.append(pickle.load(f))
+    with tempfile.TemporaryDirectory(prefix="scrollsam-ranks-") as folder:  # removed after
+        ctx = mp.start_processes(_entry, args=(fn, size, free_port(), folder, args),
+                                 nprocs=size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise AssertionError(f"the {size} processes did not end within {timeout} s "
+                                     f"(hang)")
+        out = []
+        for rank in range(size):
+            with open(Path(folder) / f"{rank}.pkl", "rb") as f:
+                out.append(pickle.load(f))
     return out
 
 
