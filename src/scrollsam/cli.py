@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from functools import partial
 
 from scrollsam.cli_data import (
     add_convert,
@@ -27,7 +26,7 @@ from scrollsam.cli_data import (
     run_submit,
     run_synth,
 )
-from scrollsam.errors import InputError, ScrollsamError
+from scrollsam.errors import ScrollsamError
 from scrollsam.process import tune_process
 from scrollsam.train.stop import TrainingStopped
 
@@ -274,15 +273,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
 # --- evaluate, submit (their arguments: cli_data.py) -------------------------------------------
 
 
-def _threshold_first(args: argparse.Namespace, *, run: Callable[[argparse.Namespace], int]
-                     ) -> int:
-    """``run(args)`` once ``--threshold`` is a probability: a bad one is named as the flag
-    before any file is read, not as an error of the first image it would threshold."""
-    if not 0.0 <= args.threshold <= 1.0:  # NaN too
-        raise InputError(f"--threshold: expected a number in [0, 1], got {args.threshold:g}")
-    return run(args)
-
-
 # --- entry point -------------------------------------------------------------------------------
 
 # name -> (one-line help, example, add-arguments, run)
@@ -305,10 +295,10 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "evaluate": ("score a predicted mask against ink labels (F0.5 ...)",
                  "scrollsam evaluate --pred pred/3/mask.png --labels data/train/3/inklabels.png "
                  "--mask data/train/3/mask.png --json",
-                 add_evaluate, partial(_threshold_first, run=run_evaluate)),
+                 add_evaluate, run_evaluate),
     "submit": ("write a Kaggle submission CSV from predicted masks",
                "scrollsam submit --pred a=pred/a/mask.png --out submission.csv",
-               add_submit, partial(_threshold_first, run=run_submit)),
+               add_submit, run_submit),
     "doctor": ("trace one batch through every stage and check that loss falls",
                "scrollsam doctor --config configs/demo.yaml",
                _add_doctor, _run_doctor),

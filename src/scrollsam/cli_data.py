@@ -131,7 +131,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from scrollsam.evaluate import evaluate_files
+    from scrollsam.metrics import check_threshold
 
+    check_threshold(args.threshold, name="--threshold")  # the flag, before any image is read
     result = evaluate_files(args.pred, args.labels, args.mask, threshold=args.threshold)
     print(json.dumps(result.to_dict()) if args.json else result.report())
     return EXIT_OK
@@ -151,8 +153,10 @@ def add_submit(p: argparse.ArgumentParser) -> None:
 
 def run_submit(args: argparse.Namespace) -> int:
     from scrollsam.evaluate import read_prediction
+    from scrollsam.metrics import check_threshold
     from scrollsam.rle import parse_pred_specs, write_submission
 
+    check_threshold(args.threshold, name="--threshold")  # the flag, before any image is read
     specs = parse_pred_specs(args.pred)
     rows = ((i, read_prediction(path, threshold=args.threshold)[0])
             for i, path in specs)  # lazily: one mask in memory at a time

@@ -173,10 +173,13 @@ def score(
 # --- probabilities, thresholds ------------------------------------------------------------------
 
 
-def check_threshold(threshold: float) -> None:
+def check_threshold(threshold: float, *, name: str = "threshold") -> None:
+    """InputError naming ``name`` (the caller's key or flag) unless ``threshold`` is a number
+    in [0, 1]."""
     ok = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, bool)
     if not (ok and 0.0 <= float(threshold) <= 1.0):  # also rejects NaN
-        raise InputError(f"threshold: expected a number in [0, 1], got {threshold!r}")
+        shown = f"{float(threshold):g}" if ok else repr(threshold)
+        raise InputError(f"{name}: expected a number in [0, 1], got {shown}")
 
 
 def _threshold_level(threshold: float) -> int:
