@@ -44,25 +44,26 @@ def test_a_threshold_outside_0_1_names_the_flag_not_the_file(pred, tmp_path, cap
     assert not (tmp_path / "s.csv").exists()
 
 
-def test_doctor_overrides_change_the_builtin_case(monkeypatch, capsys):
+def test_doctor_overrides_change_the_builtin_case(monkeypatch, capsys, tmp_path):
     # QA: `scrollsam doctor train.amp=false` lost the built-in fragment ("data.train: expected
     # at least one fragment folder, got none"); overrides now apply on top of it.
     import scrollsam.doctor
 
     seen = {}
 
-    def spy(cfg=None, **kwargs: object) -> int:
+    def spy(s, cfg, out) -> int:  # the checks, given the config the doctor built
         seen["cfg"] = cfg
-        seen["fragment"] = cfg is not None and (Path(cfg.data.root) / "doctor").is_dir()
+        seen["fragment"] = (Path(cfg.data.root) / "doctor").is_dir()
         return 0
 
-    monkeypatch.setattr(scrollsam.doctor, "run_doctor", spy)
+    monkeypatch.setattr(scrollsam.doctor, "_diagnose", spy)
     assert main(["doctor", "train.amp=false", "model.image_size=128"]) == 0
     cfg = seen["cfg"]
     assert cfg.train.amp is False and cfg.model.image_size == 128  # the overrides
     assert cfg.data.train == ["doctor"] and cfg.model.type == "tiny"  # the built-in case
     assert seen["fragment"]  # its synthetic fragment exists while the doctor runs
     assert "built-in synthetic fragment" in capsys.readouterr().out
-    assert main(["doctor"]) == 0 and seen["cfg"] is None  # no overrides: the doctor's own
+    own = scrollsam.doctor.default_config(tmp_path)  # no overrides
+    assert main(["doctor"]) == 0 and seen["cfg"].model == own.model  # the doctor's own
     assert main(["doctor", "train.nope=1"]) == 2  # an unknown key is still one line
     assert "train.nope" in capsys.readouterr().err

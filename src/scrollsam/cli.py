@@ -176,19 +176,12 @@ def _add_doctor(p: argparse.ArgumentParser) -> None:
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
+    from scrollsam.config import load_config
+    from scrollsam.doctor import run_doctor
 
-    from scrollsam.config import load_config, save_config
-    from scrollsam.doctor import default_config, run_doctor
-
-    if args.config or not args.overrides:
-        return run_doctor(load_config(args.config, args.overrides) if args.config else None)
-    with tempfile.TemporaryDirectory(prefix="scrollsam-doctor-") as tmp:
-        base = Path(tmp) / "doctor.yaml"  # the built-in case, which key=value alone change
-        save_config(default_config(Path(tmp)), base)  # (its fragment lives in tmp too)
-        print(f"doctor: built-in synthetic fragment, tiny model, CPU; {' '.join(args.overrides)}")
-        return run_doctor(load_config(base, args.overrides))
+    if args.config:
+        return run_doctor(load_config(args.config, args.overrides))
+    return run_doctor(overrides=args.overrides)  # on top of the built-in case
 
 
 # --- demo --------------------------------------------------------------------------------------

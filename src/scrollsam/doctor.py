@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -55,15 +55,16 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(fmt.format(*r) for r in [head, *rows])
 
 
-def default_config(workdir: Path) -> Config:
-    """A small built-in synthetic fragment and the tiny model (no data or weights needed)."""
+def default_config(workdir: Path, overrides: Sequence[str] = ()) -> Config:
+    """A small built-in synthetic fragment and the tiny model (no data or weights needed),
+    with ``key=value`` ``overrides`` on top."""
     from scrollsam.data.synthetic import write_fragment
 
     write_fragment(workdir / "data" / "doctor", height=192, width=192, depth=16, seed=0)
     return load_config(None, [f"out={workdir / 'run'}", f"data.root={workdir / 'data'}",
                               "data.train=[doctor]", "model.type=tiny", "model.image_size=64",
                               "data.pixel_augment=false", "train.device=cpu",
-                              f"train.batch_size={BATCH}"])
+                              f"train.batch_size={BATCH}", *overrides])
 
 
 def point_checks(coords: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
@@ -95,15 +96,18 @@ def point_checks(coords: torch.Tensor, labels: torch.Tensor, target: torch.Tenso
     return checks
 
 
-def run_doctor(cfg: Config | None = None, *, out: Callable[[str], None] = print) -> int:
-    """Trace, check and overfit one batch; print a report with ``out``; 0 healthy, 1 not."""
+def run_doctor(cfg: Config | None = None, *, overrides: Sequence[str] = (),
+               out: Callable[[str], None] = print) -> int:
+    """Trace, check and overfit one batch; print a report with ``out``; 0 healthy, 1 not.
+    Without ``cfg``: the built-in case, with ``overrides`` on top."""
     from scrollsam.train.loop import setup
 
     with tempfile.TemporaryDirectory(prefix="scrollsam-doctor-") as tmp:
         tmp_path = Path(tmp)
         if cfg is None:
-            cfg = default_config(tmp_path)
-            out("doctor: built-in synthetic fragment, tiny model, CPU")
+            cfg = default_config(tmp_path, overrides)
+            out("doctor: built-in synthetic fragment, tiny model, CPU"
+                + "".join(f"; {o}" for o in overrides))
         cfg.train.device = "cpu"
         cfg.train.batch_size = BATCH
         torch.manual_seed(cfg.train.seed)  # the same verdict every time for the same config
