@@ -11,6 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from infer_helpers import make_run
@@ -18,6 +20,7 @@ from infer_helpers import make_run
 from scrollsam.cli import main
 from scrollsam.data.synthetic import write_fragment
 from scrollsam.errors import CheckpointError
+from scrollsam.io import write_png
 from scrollsam.train.checkpoint import load_checkpoint
 
 
@@ -160,3 +163,31 @@ def test_checkpoint_with_python_objects_is_refused_without_unsafe_advice(tmp_pat
         load_checkpoint(path)
     msg = str(err.value)
     assert "beyond tensors" in msg and "weights_only" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("size", ["16k", "64k"])
+def test_full_disk_for_predict_for_real_on_a_small_tmpfs(tmp_path, tmpfs, capfd, size):
+    # Before: OpenCV's imwrite wrote a 0-byte mask.png and returned True (16k), and libpng
+    # printed "libpng error: Write Error" on stderr beside the error line.
+    point, mount = tmpfs
+    frag = write_fragment(tmp_path / "frag", height=256, width=256, depth=4, seed=3)
+    run = make_run(tmp_path / "run", "data.input=ir")
+    mount(f"size={size}")  # room for some of the outputs, not for overlay.png
+    out = point / "pred"
+    capfd.readouterr()
+    assert main(["predict", "--run", str(run), "--fragment", str(frag), "--out",
+                 str(out)]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("error: no space left on device while writing ")
+    assert err[0].endswith(f".png ({out})")
+    left = list(out.iterdir())
+    assert not [p for p in left if ".tmp-" in p.name]
+    for png in left:  # what was written is whole
+        assert cv2.imread(str(png), cv2.IMREAD_UNCHANGED) is not None, png
+
+
+def test_write_png_refuses_what_opencv_cannot_encode(tmp_path):
+    with pytest.raises(ValueError, match="cannot encode"):
+        write_png(tmp_path / "x.png", np.zeros((4, 4, 7), np.uint8))
+    assert list(tmp_path.iterdir()) == []

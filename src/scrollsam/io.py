@@ -28,13 +28,14 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from scrollsam.errors import InputError, WriteError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_image",
-           "refused_write", "within", "write_failure"]
+           "refused_write", "within", "write_failure", "write_png"]
 
 # Pillow modes whose pixel array is already grey (or grey + alpha, or plain colour).
 _DIRECT_MODES = frozenset(
@@ -172,6 +173,23 @@ def atomic_write_text(
 ) -> None:
     """Write ``text`` to ``path`` atomically. Newlines are written as given (no translation)."""
     atomic_write_bytes(path, text.encode(encoding), overwrite=overwrite)
+
+
+def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """Write a uint8 / uint16 grey [H, W] or BGR [H, W, 3] image as PNG, atomically.
+
+    The PNG is encoded in memory and written by Python, so a full disk or a read-only folder
+    raises :class:`WriteError` naming the file; ``cv2.imwrite`` reports any failure only as
+    False, and once its partial file is gone the folder may no longer look full."""
+    path = Path(path)
+    try:
+        ok, encoded = cv2.imencode(".png", image)
+    except cv2.error:
+        ok = False
+    if not ok:  # not the disk: OpenCV cannot encode this array
+        raise ValueError(f"cannot encode a {image.dtype} {image.shape} array as PNG ({path})")
+    atomic_write_bytes(path, encoded.tobytes())
+    return path
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:

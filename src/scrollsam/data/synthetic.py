@@ -33,6 +33,7 @@ import tifffile
 
 from scrollsam.data.synth_settings import SynthSettings, draw_settings
 from scrollsam.errors import InputError
+from scrollsam.io import write_png
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,11 @@ def _write_contents(
     recto = _fibres(rng, height, width, along="x")  # float32 [H, W], unit std
     verso = _fibres(rng, height, width, along="y")
     _write_volume(folder / "surface_volume", rng, mask, ink, recto, verso, settings)
-    cv2.imwrite(str(folder / "mask.png"), mask.astype(np.uint8) * 255)
+    write_png(folder / "mask.png", mask.astype(np.uint8) * 255)
     if labels:
-        cv2.imwrite(str(folder / "inklabels.png"), ink.astype(np.uint8) * 255)
+        write_png(folder / "inklabels.png", ink.astype(np.uint8) * 255)
     if ir:
-        cv2.imwrite(str(folder / "ir.png"), _infrared(rng, mask, ink, recto))
+        write_png(folder / "ir.png", _infrared(rng, mask, ink, recto))
 
 
 def _write_volume(

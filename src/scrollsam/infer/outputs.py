@@ -30,7 +30,7 @@ import tifffile
 
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import BandScore
-from scrollsam.io import atomic_path, atomic_write_text
+from scrollsam.io import atomic_path, atomic_write_text, write_png
 from scrollsam.metrics import (
     binarize_prediction,
 )
@@ -108,15 +108,6 @@ def write_outputs(
         atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
         written.files["metrics"] = path
     return written
-
-
-def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
-    """Write a uint8 grey [H, W] or BGR [H, W, 3] image as PNG, atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), image):
-            raise OSError(f"cannot write PNG ({path})")
-    return path
 
 
 def write_tif(path: str | os.PathLike[str], image: np.ndarray) -> Path:

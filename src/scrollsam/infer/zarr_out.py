@@ -48,8 +48,9 @@ with warnings.catch_warnings():  # ome_zarr 0.18 warns about its own Scaler at i
 from scrollsam import ngff
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import STATE_NAME
-from scrollsam.infer.outputs import block_mean, overlay_factor, write_png
+from scrollsam.infer.outputs import block_mean, overlay_factor
 from scrollsam.infer.threshold import candidate_ranks
+from scrollsam.io import write_png
 from scrollsam.train.distributed import World, row_bands
 
 ZARR_NAME = "prob.ome.zarr"
