@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from scrollsam import zarr_tasks
 from scrollsam.cli_data import (
     add_convert,
     add_evaluate,
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScrollsamError as err:
         if args.debug:
             raise
+        zarr_tasks.settle()  # a failed zarr read or write leaves tasks behind: end them quietly
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as stop:  # Ctrl-C / SIGTERM, last.pt written: say how to go on
@@ -363,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = refused_write(err, getattr(args, "out", None))
         if line is None or args.debug:
             raise
+        zarr_tasks.settle()
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
 

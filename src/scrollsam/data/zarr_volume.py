@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from scrollsam import ngff
+from scrollsam import ngff, zarr_tasks
 from scrollsam.errors import FragmentError
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class ZarrReader:
         except FragmentError:
             raise
         except Exception as err:  # codecs raise many types (RuntimeError, ValueError, ...)
-            _settle_pending_reads()
+            zarr_tasks.settle()
             raise FragmentError(
                 f"corrupt or unreadable Zarr chunk in window z {z0}:{z1}, y {y0}:{y1}, "
                 f"x {x0}:{x1}: {err} ({self.info.path})"
@@ -190,30 +190,6 @@ class _Counter:
 
     def __init__(self) -> None:
         self.bytes = 0
-
-
-def _settle_pending_reads(timeout: float = 10.0) -> None:
-    """Let the chunk reads still running on zarr's event loop end, their errors collected.
-
-    zarr reads a window's chunks as concurrent tasks (``asyncio.gather``): when one chunk
-    fails, the error comes back at once and the other tasks are left running. A CLI that then
-    exits with its one error line had asyncio print "Task was destroyed but it is pending!" or
-    "Task exception was never retrieved" after it, now and then. Best effort: zarr's loop is
-    a private detail (``zarr.core.sync``), so anything unexpected here is ignored."""
-    import asyncio
-
-    async def settle() -> None:
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), timeout)
-
-    try:
-        from zarr.core import sync
-
-        loop = sync.loop[0] if sync.loop and sync.loop[0] is not None else None
-        if loop is not None and loop.is_running():
-            asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 1)
-    except Exception:  # noqa: BLE001 - the read's own error is what the caller reports
-        log.debug("could not settle zarr's pending reads", exc_info=True)
 
 
 def _open(path: Path, *, counter: _Counter | None) -> Any:
