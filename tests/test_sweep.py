@@ -18,7 +18,7 @@ import scrollsam
 import scrollsam.sweep.study as study_mod
 from scrollsam.cli import main
 from scrollsam.config import load_config
-from scrollsam.errors import ConfigError
+from scrollsam.errors import ConfigError, WriteError
 from scrollsam.sweep import load_space, run_sweep
 from scrollsam.train.loop import train
 
@@ -327,3 +327,30 @@ def test_a_sweep_whose_every_trial_fails_stops_after_as_many_failures_as_its_tar
     assert "3 trials failed in this call" in stop and "--trials 3" in stop, stop
     assert main(args) == 1  # the same command again tries as many more, then stops again
     assert len(_study(out).get_trials()) == 6
+
+
+def test_a_baseline_stopped_by_a_full_disk_runs_again_when_the_sweep_continues(
+        tmp_path, monkeypatch, capsys):
+    # Before: the baseline was queued only in a new study, so a baseline trial that a full disk
+    # (or a kill, or Ctrl-C) stopped was never run again and the table lost its comparison.
+    calls = []
+
+    def full_disk_once(cfg, *, progress, on_eval):
+        calls.append(cfg.train.lr)
+        if len(calls) == 1:
+            raise WriteError(f"no space left on device while writing best.pt ({cfg.out})")
+        on_eval(1, {"f0.5": 0.5})
+
+    monkeypatch.setattr(study_mod, "train", full_disk_once)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--space", str(_space(tmp_path, "train.lr: {low: 1.0e-5, high: 1.0e-2}\n")),
+            "--trials", "2", "--out", str(out), "--pruner", "none"]
+    assert main(args) == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert main(args) == 0
+    first, again, other = _study(out).get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["baseline"]
+    assert again.state == TrialState.COMPLETE and again.user_attrs["baseline"]
+    assert again.params == first.params and other.params != first.params
+    assert calls[0] == calls[1]  # the base config's own learning rate, twice
+    assert main(args) == 0 and len(_study(out).get_trials()) == 3  # not queued a third time

@@ -162,7 +162,7 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
                              f"({safe_url(url)})")
         _check_space(study, space)
         fail_orphaned_trials(study)
-        if baseline and not study.get_trials(deepcopy=False):
+        if baseline:
             _enqueue_baseline(study, base, space)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         if done < trials:
@@ -251,11 +251,23 @@ def _check_space(study: optuna.Study, space: Space) -> None:
 
 
 def _enqueue_baseline(study: optuna.Study, base: Config, space: Space) -> None:
+    """Queue the base config's own values as a trial in a new study, and again in a study
+    whose baseline trials all failed for a reason other than their values (a full disk, a
+    kill, Ctrl-C: no ``error`` recorded), so the comparison is never lost to an accident."""
+    trials = study.get_trials(deepcopy=False)
+    runs = [t for t in trials if t.user_attrs.get("baseline")]
+    if trials and not (runs and all(t.state == TrialState.FAIL and "error" not in t.user_attrs
+                                    for t in runs)):
+        return
     params = space.base_params(base)
     if params is None:
-        log.info("no baseline trial: a base config value lies outside the space")
+        if not trials:
+            log.info("no baseline trial: a base config value lies outside the space")
         return
-    study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
+    if runs:
+        log.info("trial %d, the baseline, stopped before it finished: queued again",
+                 runs[-1].number)
+    study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=not runs)
 
 
 @contextmanager
