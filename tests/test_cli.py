@@ -89,3 +89,28 @@ def test_building_the_parser_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout.split()
     assert out == ["False"]
+
+
+@pytest.mark.parametrize("argv", [["--debug", "inspect"], ["inspect", "--debug"],
+                                  ["-v", "inspect", "--debug"], ["--debug", "-v", "inspect"]])
+def test_debug_before_or_after_the_command_shows_the_traceback(tmp_path, argv):
+    # Before: --debug (and -v) before the command were reset by the command's own defaults.
+    from scrollsam.cli import build_parser, main
+    from scrollsam.errors import FragmentError
+
+    with pytest.raises(FragmentError, match="fragment folder not found"):
+        main([*argv, str(tmp_path / "missing")])
+    args = build_parser().parse_args(["-v", "inspect", "x"])
+    assert (args.verbose, args.debug) == (True, False)
+
+
+def test_an_unknown_flag_shows_the_commands_usage(tmp_path, capsys):
+    # Before: the top-level usage ("usage: scrollsam [-h] [--debug] [-v] COMMAND ...").
+    from scrollsam.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--config", "configs/demo.yaml", f"out={tmp_path / 'r'}", "--bogus"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: scrollsam train ")
+    assert err.strip().endswith("scrollsam train: error: unrecognized arguments: --bogus")

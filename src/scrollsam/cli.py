@@ -287,8 +287,8 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
                 "scrollsam predict --run runs/demo --fragment data/test/a --out pred",
                 _add_predict, _run_predict),
     "evaluate": ("score a predicted mask against ink labels (F0.5 ...)",
-                 "scrollsam evaluate --pred pred/3/mask.png --labels data/train/3/inklabels.png "
-                 "--mask data/train/3/mask.png --json",
+                 "scrollsam evaluate --pred pred/9/mask.png --labels data/train/9/inklabels.png "
+                 "--mask data/train/9/mask.png --json",
                  add_evaluate, run_evaluate),
     "submit": ("write a Kaggle submission CSV from predicted masks",
                "scrollsam submit --pred a=pred/a/mask.png --out submission.csv",
@@ -308,23 +308,34 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; each subcommand has --help with an example."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    common.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     parser = argparse.ArgumentParser(
         prog="scrollsam",
         description="Fine-tune Segment Anything to find ink in scans of the Herculaneum scrolls.",
-        parents=[common],
+        parents=[_common(argparse.SUPPRESS)],
     )
+    parser.set_defaults(debug=False, verbose=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common(argparse.SUPPRESS)  # given before or after COMMAND: the same
     for name, (help_line, example, add, _) in COMMANDS.items():
         p = sub.add_parser(
             name, help=help_line, description=help_line, parents=[common],
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        p.set_defaults(command_parser=p)  # errors in its arguments show its usage
         add(p)
     return parser
+
+
+def _common(default: object) -> argparse.ArgumentParser:
+    """--debug and -v, accepted before and after the command; ``default`` SUPPRESS keeps a
+    subcommand's parser from resetting what was given before the command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=default,
+                        help="show tracebacks for errors")
+    common.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log more detail")
+    return common
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # key=value overrides may come after flags: train out=runs/x --resume a.b=1
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e
                                                  for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
