@@ -354,3 +354,15 @@ def test_a_baseline_stopped_by_a_full_disk_runs_again_when_the_sweep_continues(
     assert again.params == first.params and other.params != first.params
     assert calls[0] == calls[1]  # the base config's own learning rate, twice
     assert main(args) == 0 and len(_study(out).get_trials()) == 3  # not queued a third time
+
+
+def test_the_table_shows_every_f05_to_four_decimals(tmp_path):
+    # Before: 4 significant digits with trailing zeros cut, so 0.491 sat beside 0.4893.
+    from scrollsam.sweep.report import SweepResult, TrialRow, format_report
+
+    rows = [TrialRow(n, "COMPLETE", f, 2, 1.0, {"train.lr": 1e-3}, None)
+            for n, f in ((0, 0.4934), (1, 0.491), (2, 0.5))]
+    text = format_report(SweepResult("s", "sqlite://", tmp_path, {"COMPLETE": 3}, rows,
+                                     tmp_path / "best_config.yaml"))
+    table = [line.split()[:2] for line in text.splitlines() if line.startswith("  ")][1:4]
+    assert table == [["0", "0.4934"], ["1", "0.4910"], ["2", "0.5000"]]

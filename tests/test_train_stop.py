@@ -151,3 +151,20 @@ def test_second_process_on_a_locked_run_dir_exits_2_and_the_first_is_unharmed(da
     assert rc == 0, err
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
     assert (run / "config.yaml").read_text() == config_before
+
+
+@pytest.mark.parametrize(("sig", "again"), [(signal.SIGINT, "Ctrl-C again"),
+                                            (signal.SIGTERM, "SIGTERM again")])
+def test_the_first_signal_says_how_to_stop_at_once_with_that_signal(sig, again, caplog):
+    # Before: a SIGTERM from a job scheduler was told "Ctrl-C again to stop at once".
+    from scrollsam.train.stop import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), sig)
+        deadline = time.monotonic() + 5
+        while stop.requested is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert stop.requested == sig
+    (line,) = [r.getMessage() for r in caplog.records if "stopping after this step" in
+               r.getMessage()]
+    assert f"({again} to stop at once)" in line

@@ -17,6 +17,7 @@ contrast, noise, stroke width, ...) are the defaults of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,12 +124,16 @@ def write_fragment(
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    made = [p for p in (tmp.parent, *tmp.parent.parents) if not p.exists()]  # deepest first
     (tmp / "surface_volume").mkdir(parents=True)
     try:
         _write_contents(tmp, rng, height, width, chosen, labels=labels, ir=ir)
         (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(chosen), indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # the folders made for it, if nothing else went into them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     if path.exists():
         shutil.rmtree(path)

@@ -227,7 +227,8 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
                 count = write_submission(submission, ((r.fragment, r.mask_rows())
                                                       for r in results), overwrite=force,
                                          flag="--submission")
-                log.info("wrote %s (%d fragments)", submission, count)
+                log.info("wrote %s (%d %s)", submission, count,
+                         "fragment" if count == 1 else "fragments")
         settle(write, world)
     return results
 

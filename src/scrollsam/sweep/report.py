@@ -123,7 +123,8 @@ def format_report(result: SweepResult) -> str:
     if result.best:
         keys = list(dict.fromkeys(k for r in result.best for k in r.params))
         header = ["trial", "F0.5", "steps", "time", *keys]
-        rows = [[f"{r.number}{' (base)' if r.baseline else ''}", format_value(r.f05),
+        rows = [[f"{r.number}{' (base)' if r.baseline else ''}",
+                 "-" if r.f05 is None else f"{r.f05:.4f}",
                  "-" if r.steps is None else str(r.steps), _duration(r.seconds),
                  *(format_value(r.params.get(k)) for k in keys)] for r in result.best]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

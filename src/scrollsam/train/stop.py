@@ -85,8 +85,9 @@ class StopSignals:
             raise SystemExit(128 + signum)
         self.requested = signum
         self._first_at = time.monotonic()
-        log.warning("%s: stopping after this step and saving last.pt (Ctrl-C again to stop at "
-                    "once)", signal.Signals(signum).name)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "SIGTERM again"
+        log.warning("%s: stopping after this step and saving last.pt (%s to stop at once)",
+                    signal.Signals(signum).name, again)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
