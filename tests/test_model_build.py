@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,41 @@ def test_corrupt_and_unsafe_checkpoints_refused(tmp_path):
     torch.save({"weight": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="not a SAM checkpoint"):
         load_sam_state_dict(other)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {f"module.{k}": v for k, v in sd.items()},  # saved from a DDP-wrapped model
+    lambda sd: {"state_dict": sd},  # Lightning and many training scripts
+    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+], ids=["ddp", "state_dict", "both"])
+def test_ddp_prefixed_and_state_dict_wrapped_files_load(tiny_1024_ckpt, tmp_path, wrap):
+    # QA: both were "not a SAM checkpoint (no 'image_encoder.patch_embed.proj.weight' ...)"
+    state = torch.load(tiny_1024_ckpt, weights_only=True)
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(state), path)
+    assert set(load_sam_state_dict(path)) == set(state)
+    model = build_model("tiny", checkpoint=path, image_size=1024)
+    assert torch.equal(model.sam.mask_decoder.iou_token.weight,
+                       state["mask_decoder.iou_token.weight"])
+
+
+@pytest.mark.parametrize("wrap, hint", [
+    (lambda sd: {f"sam.{k}": v for k, v in sd.items()},  # SamSegmenter.state_dict()
+     r"its names carry the prefix 'sam\.' \('sam\.image_encoder\.patch_embed\.proj\.weight'\)"),
+    (lambda sd: {"ema": sd, "optimizer": {}}, r"a dict of dicts \('ema', 'optimizer'\)"),
+    (lambda sd: {("module." if i else "") + k: v for i, (k, v) in enumerate(sd.items())},
+     r"prefix 'module\.'"),  # on all keys but the first (pos_embed): not a DDP model's
+], ids=["sam_prefix", "other_wrapper", "partial_prefix"])
+def test_other_wrappers_and_prefixes_are_refused_with_a_hint(tiny_1024_ckpt, tmp_path, wrap,
+                                                             hint):
+    state = torch.load(tiny_1024_ckpt, weights_only=True)
+    path = tmp_path / "other.pth"
+    torch.save(wrap(state), path)
+    with pytest.raises(CheckpointError, match="not a SAM checkpoint") as err:
+        load_sam_state_dict(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    assert re.search(hint, msg), msg
 
 
 @pytest.mark.parametrize("kwargs, match", [

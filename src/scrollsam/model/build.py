@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from segment_anything.modeling import (
@@ -29,22 +28,13 @@ from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
 from scrollsam.model.attention import fuse_attention
 from scrollsam.model.lora import is_lora_parameter
 from scrollsam.model.patch_embed import fuse_patch_embed
+from scrollsam.model.sam_file import load_sam_state_dict
 from scrollsam.model.segmenter import SamSegmenter
-from scrollsam.torchfile import load_torch
 
 log = logging.getLogger(__name__)
 
 PROMPT_DIM = 256  # embedding channels of every variant: the decoder contract
 PATCH = 16  # ViT patch size: S / 16 embedding tokens per side
-OFFICIAL_FILES = {
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_h": "sam_vit_h_4b8939.pth",
-}
-WHERE_TO_GET = (
-    "official SAM checkpoints ({}) are listed under 'Model Checkpoints' in the README of "
-    "github.com/facebookresearch/segment-anything; download one and pass its local path"
-).format(", ".join(OFFICIAL_FILES.values()))
 
 
 @dataclass(frozen=True)
@@ -163,30 +153,6 @@ def build_model(
         load_into(sam, state, model_type=type, source=str(checkpoint))
         log.info("loaded %s weights from %s", type, checkpoint)
     return SamSegmenter(sam, model_type=type)
-
-
-def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read the SAM weights (official parameter names) from an official or scrollsam file.
-
-    Loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code. A scrollsam
-    training checkpoint keeps the weights under its ``"model"`` key; its depth encoder and mask
-    head (``"extras"``) are not SAM's, and a warning names them as left out.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
-    obj: Any = load_torch(path)  # one-line errors for empty, corrupt and unsafe files
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        if extras := sorted(obj.get("extras") or {}):  # a trained model with scrollsam parts
-            log.warning("%s: SAM's weights only; its %s not loaded here (the whole trained "
-                        "model: Predictor.from_checkpoint, or model_from_config with the "
-                        "checkpoint as weights)", path, " and ".join(extras))
-        obj = obj["model"]
-    if not isinstance(obj, dict) or PATCH_WEIGHT not in obj:
-        raise CheckpointError(
-            f"{path} is not a SAM checkpoint (no '{PATCH_WEIGHT}' among its tensors)"
-        )
-    return obj
 
 
 def detect_variant(state: dict[str, torch.Tensor]) -> str:
