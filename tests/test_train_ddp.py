@@ -222,3 +222,41 @@ def test_torchrun_command_line_trains_two_processes(data, tmp_path):
     assert done.stdout.count("run: ") == 1  # rank 0 alone reports
     assert {"config.yaml", "last.pt", "best.pt", "tb"} <= {p.name for p in run.iterdir()}
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
+
+
+@pytest.mark.parametrize("overrides", [[], ["data.input=slices", "data.strategy=range",
+                                            "model.depth_encoder=true", "model.mask_head=full"]],
+                         ids=["sam", "depth+head"])
+def test_only_size_one_dims_of_a_gradient_differ_in_strides_from_its_parameter(overrides):
+    """What lets wrap_for_ranks silence DDP's "Grad strides do not match bucket view strides":
+    a gradient whose strides differ from its parameter's (SAM's 1 x 1 neck convolution, when
+    autograd hands its gradient over as it is) differs only on size-1 dimensions, the same
+    memory order; any other would be a real copy per step and must show. Both ways a gradient
+    can arrive: the encoder's output alone, and a whole prompted step."""
+    from scrollsam.model.assemble import model_from_config
+
+    cfg = load_config(None, ["model.type=tiny", "model.image_size=64",
+                             "model.trainable=[image_encoder,prompt_encoder,mask_decoder]",
+                             *overrides])
+    chans = 26 if cfg.model.depth_encoder else 3
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, chans, 64, 64, generator=gen)
+    label = (torch.rand(2, 1, 64, 64, generator=gen) > 0.6).float()
+    differ: dict[str, list] = {}
+    for whole_step in (False, True):
+        model = model_from_config(cfg.model, in_chans=chans).train()
+        emb, pixels = model.encode_with_pixels(images)
+        if whole_step:
+            loss = prompted_forward(model, emb, label, torch.ones_like(label),
+                                    prompt_cfg=cfg.prompts, loss_cfg=cfg.loss, gen=gen,
+                                    features=pixels).parts["loss"]
+        else:
+            loss = emb.square().mean()
+        loss.backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None and p.grad.stride() != p.stride():
+                differ[name] = [(a, b) for a, b, n in
+                                zip(p.grad.stride(), p.stride(), p.shape, strict=True)
+                                if n > 1 and a != b]
+    assert "sam.image_encoder.neck.0.weight" in differ  # the case the filter is for
+    assert all(not real for real in differ.values()), differ

@@ -19,6 +19,7 @@ instead of DDP's per-step search of the autograd graph. Alone nothing is added.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -103,6 +104,11 @@ def wrap_for_ranks(model: SamSegmenter, cache: EmbeddingCache | None, *, world: 
                       tied=tied, forward=forward)
     if not world.distributed:
         return step
+    # SAM's neck is a 1 x 1 convolution of the encoder's channels-last output: autograd gives
+    # its [256, C, 1, 1] weight a gradient with other strides on the two size-1 dimensions,
+    # the same memory order, which DDP reported once per process as "Grad strides do not
+    # match bucket view strides" (tests/test_train_ddp.py checks that no other parameter's do)
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # device_ids=None: DDP leaves the batch where the loop put it (the cache hashes images on
     # the host; the ink flags stay there). Buffers are constants (pixel mean, positional
     # encoding): synchronised once when wrapping, not broadcast before every step.
