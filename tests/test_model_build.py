@@ -184,6 +184,37 @@ def test_other_wrappers_and_prefixes_are_refused_with_a_hint(tiny_1024_ckpt, tmp
     assert re.search(hint, msg), msg
 
 
+def test_a_folder_as_checkpoint_is_named_a_folder_in_train_and_predict(tiny_1024_ckpt, tmp_path,
+                                                                       data, capsys):
+    # QA: model.checkpoint=DIR and predict --checkpoint DIR said "checkpoint not found"
+    from scrollsam.cli import main
+    from scrollsam.infer.predict import Predictor
+    from scrollsam.infer.run_files import resolve_checkpoint
+
+    one, run = tmp_path / "one", tmp_path / "run"
+    one.mkdir()
+    run.mkdir()
+    (one / "sam_tiny.pth").write_bytes(tiny_1024_ckpt.read_bytes())
+    (one / "notes.txt").write_text("")
+    for name in ("best.pt", "last.pt"):
+        (run / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint is a folder, not a file: did you mean {one / 'sam_tiny.pth'}? ({one})")):
+        build_model("tiny", checkpoint=one, image_size=1024)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"is a folder, not a file: give one of its files (best.pt, last.pt) ({run})")):
+        build_model("tiny", checkpoint=run, image_size=1024)
+    with pytest.raises(CheckpointError, match="is a folder, not a file: did you mean"):
+        resolve_checkpoint(run, str(one))  # predict --run RUN --checkpoint DIR
+    with pytest.raises(CheckpointError, match=r"is a folder, not a file: give one of its"):
+        Predictor.from_run(None, checkpoint=str(run))  # predict --checkpoint DIR
+    assert main(["predict", "--checkpoint", str(one), "--fragment", str(data / "train" / "1"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: checkpoint is a folder, not a file: did you mean "
+                   f"{one / 'sam_tiny.pth'}? ({one})"], err
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(type="vit_q"), "model type"),
     (dict(type="tiny", image_size=250), "image_size"),

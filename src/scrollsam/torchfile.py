@@ -21,7 +21,9 @@ import torch
 
 from scrollsam.errors import CheckpointError
 
-__all__ = ["load_torch", "save_torch"]
+__all__ = ["load_torch", "not_a_file", "save_torch"]
+
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
 def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -59,7 +61,7 @@ def load_torch(path: str | os.PathLike[str], *, what: str = "checkpoint") -> Any
     ``path`` if it cannot be read. ``what`` names the file in messages ("checkpoint")."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} not found ({path})")
+        raise not_a_file(path, what)
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -79,6 +81,25 @@ def load_torch(path: str | os.PathLike[str], *, what: str = "checkpoint") -> Any
         else:
             reason = "not a PyTorch file, or a truncated or corrupt one"
         raise CheckpointError(f"cannot read {what}: {reason} ({path})") from None
+
+
+def not_a_file(path: Path, what: str = "checkpoint") -> CheckpointError:
+    """The error for a ``path`` that is no file: ``<what> not found``, or, for a folder, that it
+    is one, naming the .pt / .pth file inside it when it holds exactly one."""
+    if not path.is_dir():
+        return CheckpointError(f"{what} not found ({path})")
+    try:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
+    except OSError:  # unreadable: say what it is all the same
+        found = []
+    if len(found) == 1:
+        tail = f": did you mean {path / found[0]}?"
+    elif found:
+        tail = (f": give one of its files ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''})")
+    else:
+        tail = ", and it holds no .pt or .pth file"
+    return CheckpointError(f"{what} is a folder, not a file{tail} ({path})")
 
 
 def _why(err: OSError) -> str:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from scrollsam.errors import CheckpointError, RunDirError
+from scrollsam.torchfile import not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def resolve_checkpoint(run: str | os.PathLike[str], which: str = "best") -> Path
                               f"({run})")
     path = run / "last.pt" if which == "last" else Path(which)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found ({path})")
+        raise not_a_file(path)
     return path
 
 

@@ -18,7 +18,7 @@ import torch
 
 from scrollsam.errors import CheckpointError
 from scrollsam.model.adapt import PATCH_WEIGHT
-from scrollsam.torchfile import load_torch
+from scrollsam.torchfile import load_torch, not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     head (``"extras"``) are not SAM's, and a warning names them as left out.
     """
     path = Path(path)
+    if path.is_dir():
+        raise not_a_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
     obj: Any = load_torch(path)  # one-line errors for empty, corrupt and unsafe files
