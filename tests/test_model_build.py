@@ -215,6 +215,43 @@ def test_a_folder_as_checkpoint_is_named_a_folder_in_train_and_predict(tiny_1024
                    f"{one / 'sam_tiny.pth'}? ({one})"], err
 
 
+def test_nan_or_inf_weights_are_refused_naming_the_file_and_the_first_bad_tensor(
+        tmp_path, data, capsys):
+    # QA: such a file loaded, and training then said "loss is nan at step 0 ...; try a lower
+    # train.lr"
+    from scrollsam.cli import main
+    from scrollsam.model.assemble import extras_state, load_weights
+    from scrollsam.model.heads import MaskHead
+
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=64)
+    state = {k: v.clone() for k, v in model.sam.state_dict().items()}
+    state["image_encoder.patch_embed.proj.weight"] = torch.full_like(
+        state["image_encoder.patch_embed.proj.weight"], float("nan"))
+    state["mask_decoder.iou_token.weight"][0, 3] = float("inf")  # a later one: not named
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    n = state["image_encoder.patch_embed.proj.weight"].numel()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{path} holds NaN/inf weights: {n} of the {n} values of "
+            f"image_encoder.patch_embed.proj.weight (the first such tensor")):
+        build_model("tiny", checkpoint=path, image_size=64)
+    assert main(["train", f"out={tmp_path / 'run'}", f"data.root={data}",
+                 "data.train=[train/1]", "data.valid=[train/2]", "model.type=tiny",
+                 "model.image_size=64", "train.device=cpu", "train.steps=2", "log.images=false",
+                 f"model.checkpoint={path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path} holds NaN/inf weights"), err
+    # a scrollsam checkpoint's own parts (resume, predict): the mask head's weights
+    model.mask_head = MaskHead(8, stem_from=3)
+    extras = extras_state(model)
+    next(iter(extras["mask_head"].values())).view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"run/last.pt \(mask_head\) holds NaN/inf "
+                                              r"weights: 1 of the"):
+        load_weights(model, {"model": model.sam.state_dict(), "extras": extras},
+                     model_type="tiny", source="run/last.pt")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(type="vit_q"), "model type"),
     (dict(type="tiny", image_size=250), "image_size"),

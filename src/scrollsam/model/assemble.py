@@ -23,6 +23,7 @@ from scrollsam.model.build import build_model, load_into
 from scrollsam.model.depth import DepthEncoder
 from scrollsam.model.heads import MaskHead
 from scrollsam.model.lora import add_lora
+from scrollsam.model.sam_file import check_finite
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import EXTRA_PARTS, set_trainable
 
@@ -87,6 +88,7 @@ def load_weights(model: SamSegmenter, weights: dict[str, Any], *, model_type: st
                 f"{'has one' if part is not None else 'has none'}: build the model from the "
                 f"checkpoint's own config")
         if part is not None:
+            check_finite(extras[name], source=f"{source} ({name})")
             try:
                 part.load_state_dict(extras[name])
             except RuntimeError as err:

@@ -28,7 +28,7 @@ from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
 from scrollsam.model.attention import fuse_attention
 from scrollsam.model.lora import is_lora_parameter
 from scrollsam.model.patch_embed import fuse_patch_embed
-from scrollsam.model.sam_file import load_sam_state_dict
+from scrollsam.model.sam_file import check_finite, load_sam_state_dict
 from scrollsam.model.segmenter import SamSegmenter
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,10 @@ def check_variant(state: dict[str, torch.Tensor], *, model_type: str, source: st
 
 
 def load_into(sam: Sam, state: dict[str, torch.Tensor], *, model_type: str, source: str) -> None:
-    """Load ``state`` into ``sam`` after adapting resolution and channels; refuse other variants."""
+    """Load ``state`` into ``sam`` after adapting resolution and channels; refuse other variants
+    and NaN / inf weights."""
     check_variant(state, model_type=model_type, source=source)
+    check_finite(state, source=source)
     target = sam.state_dict()
     state = adapt_state_dict(state, target)
     missing = sorted(set(target) - set(state))
