@@ -74,3 +74,85 @@ def test_the_held_out_band_may_be_0_when_validation_fragments_are_named():
     assert load_config(None, ["data.valid=[b]", "data.valid_band=0"]).data.valid_band == 0.0
     with pytest.raises(ConfigError, match=r"data.valid_band: expected a share in \[0, 1\]"):
         load_config(None, ["data.valid=[b]", "data.valid_band=1.5"])
+
+
+OUT_OF_RANGE = [  # (override, the line after "error: ")
+    ("prompts.corrective_rounds=-1", "prompts.corrective_rounds: expected an integer >= 0, got -1"),
+    ("data.workers=-1", "data.workers: expected an integer >= 0, got -1"),
+    ("train.weight_decay=-1", "train.weight_decay: expected a number >= 0, got -1.0"),
+    ("train.min_lr_ratio=-2", "train.min_lr_ratio: expected a ratio in [0, 1], got -2.0"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio: expected a ratio in [0, 1], got 1.5"),
+    ("train.warmup=-5", "train.warmup: expected an integer >= 0, got -5"),
+    ("loss.mask_weight=-1", "loss.mask_weight: expected a number >= 0, got -1.0"),
+    ("loss.dice_weight=-1", "loss.dice_weight: expected a number >= 0, got -1.0"),
+    ("loss.iou_weight=-1", "loss.iou_weight: expected a number >= 0, got -1.0"),
+    ("train.clip=-1", "train.clip: expected 0 (off) or a positive number, got -1.0"),
+    ("train.clip=.inf", "train.clip: expected 0 (off) or a positive number, got inf"),
+    ("train.lr=.nan", "train.lr: expected a positive number, got nan"),
+    ("model.lora_alpha=.nan", "model.lora_alpha: expected a positive number, got nan"),
+    ("train.seed=-1", "train.seed: expected an integer in [0, 2**64 - 1], got -1"),
+    ("train.seed=18446744073709551616",
+     "train.seed: expected an integer in [0, 2**64 - 1], got 18446744073709551616"),
+    ("data.stride=-8", "data.stride: expected 0 (half the tile) or a positive integer, got -8"),
+    ("data.z_end=0", "data.z_end: expected null (the view's default) or an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("command", ["train", "doctor"])
+@pytest.mark.parametrize("override, message", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_a_value_out_of_range_is_one_line_naming_key_and_range(tmp_path, capsys, command,
+                                                               override, message):
+    # Before: a negative corrective_rounds ended in an UnboundLocalError from the step, a
+    # negative data.workers or weight decay in torch's ValueError (both after the run dir was
+    # made), data.stride=-8 named "stride"; the rest trained on silently (a negative learning
+    # rate late in the run, loss weights that make it ascend, a seed numpy refuses).
+    out = [f"out={tmp_path / 'run'}"] if command == "train" else []
+    assert main([command, override, *out]) == 2
+    assert _one_error_line(capsys) == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_key_has_a_range():
+    import dataclasses
+    import typing
+
+    from scrollsam.config import Config
+    from scrollsam.config_checks import RANGES
+
+    numeric = set()
+    for section, cls in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(cls):
+            for name, hint in typing.get_type_hints(cls).items():
+                if {int, float} & {hint, *typing.get_args(hint)}:
+                    numeric.add(f"{section}.{name}")
+    assert numeric and numeric == set(RANGES)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.clip=0"], ["train.warmup=0"], ["train.min_lr_ratio=0"], ["train.min_lr_ratio=1"],
+    ["train.weight_decay=0"], ["prompts.corrective_rounds=0"], ["data.workers=0"],
+    ["data.stride=0"], ["data.stride=500"], ["train.seed=0"], ["train.seed=18446744073709551615"],
+    ["loss.mask_weight=0", "loss.dice_weight=0"], ["loss.iou_weight=0"], ["data.z_end=1"],
+    ["train.warmup=5000", "train.steps=3"], ["data.valid=[b]", "data.valid_band=0"],
+])
+def test_the_edges_of_each_range_stay_valid(overrides):
+    load_config(None, overrides)
+
+
+def test_all_loss_weights_at_0_are_refused():
+    # Before: accepted, and the run trained nothing for its whole length.
+    with pytest.raises(ConfigError, match=r"^loss.mask_weight / loss.dice_weight / "
+                                          r"loss.iou_weight: expected at least one > 0"):
+        load_config(None, ["loss.mask_weight=0", "loss.dice_weight=0", "loss.iou_weight=0"])
+
+
+def test_a_negative_clip_saved_by_a_run_reads_as_off():
+    # An older scrollsam took train.clip < 0 for off: a checkpoint or config.yaml holding one
+    # still resumes and predicts; a user's negative value is an error.
+    from scrollsam.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(load_config(None, ["model.type=tiny"]))
+    saved["train"]["clip"] = -1.0
+    assert config_from_dict(saved, stored=True).train.clip == 0.0
+    with pytest.raises(ConfigError, match=r"^train.clip: expected 0 \(off\)"):
+        config_from_dict(saved)

@@ -5,8 +5,8 @@ its folder alone.
 
 Keys are dotted paths (``train.lr``, ``data.train``). Values of overrides are YAML
 (``data.train=[train/1,train/2]``, ``model.checkpoint=null``, ``log.images=false``). An unknown
-key, a value of the wrong type, or a value outside a key's allowed set is a :class:`ConfigError`
-naming the key.
+key, a value of the wrong type, or a value outside a key's allowed set or range
+(:mod:`scrollsam.config_checks`) is a :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from scrollsam.config_checks import check_config
 from scrollsam.config_yaml import load_yaml_file, parse_yaml, yaml_error_text
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
@@ -110,7 +111,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 100  # linear warm-up steps, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.05
-    clip: float = 1.0  # gradient-norm clip (0: off)
+    clip: float = 1.0  # gradient-norm clip (0: off; negative values are errors)
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with bf16 units; fp32 elsewhere
     compile: bool = False  # torch.compile the encoder (static shapes; falls back if unavailable)
@@ -142,72 +143,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> Config:
-        """Cross-key checks; returns self."""
-        if self.model.image_size % 16 or self.model.image_size < 16:
-            raise ConfigError(f"model.image_size: expected a multiple of 16, got "
-                              f"{self.model.image_size}")
-        for key, value in (("train.steps", self.train.steps),
-                           ("train.batch_size", self.train.batch_size),
-                           ("train.accumulate", self.train.accumulate),
-                           ("prompts.sets_per_tile", self.prompts.sets_per_tile),
-                           ("train.eval_every", self.train.eval_every),
-                           ("train.save_every", self.train.save_every),
-                           ("log.every", self.log.every),
-                           ("log.image_every", self.log.image_every)):
-            if value < 1:
-                raise ConfigError(f"{key}: expected a positive integer, got {value}")
-        for key, value in (("prompts.prompt_free_share", self.prompts.prompt_free_share),
-                           ("data.ink_share", self.data.ink_share),
-                           ("data.valid_band", self.data.valid_band)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{key}: expected a share in [0, 1], got {value}")
-        if not self.data.valid and not 0.0 < self.data.valid_band < 1.0:
-            raise ConfigError(f"data.valid_band: expected a share of each training fragment to "
-                              f"hold out for validation, > 0 and < 1, when data.valid names no "
-                              f"fragment, got {self.data.valid_band:g}")
-        z0, z1 = self.data.z_start, self.data.z_end
-        if (z0 is not None and z0 < 0) or (z0 is not None and z1 is not None and z1 <= z0):
-            raise ConfigError(f"data.z_start / data.z_end: expected 0 <= z_start < z_end, got "
-                              f"{self.data.z_start}, {self.data.z_end}")
-        from scrollsam.data.views import view_from_config
-
-        view_from_config(self.data, cache_dir=None)  # data.view checked by the view itself
-        if self.train.lr <= 0:
-            raise ConfigError(f"train.lr: expected a positive number, got {self.train.lr}")
-        from scrollsam.model.trainable import PARTS
-
-        bad = sorted(set(self.model.trainable) - set(PARTS))
-        if bad or not self.model.trainable:
-            raise ConfigError(f"model.trainable: expected a non-empty subset of {list(PARTS)}, "
-                              f"got {self.model.trainable}")
-        if self.model.lora_rank < 0:
-            raise ConfigError(f"model.lora_rank: expected 0 (off) or a positive rank, got "
-                              f"{self.model.lora_rank}")
-        if self.model.lora_rank and "image_encoder" in self.model.trainable:
-            raise ConfigError("model.lora_rank: LoRA adapts a frozen image encoder, but "
-                              "model.trainable includes image_encoder; drop it from "
-                              "model.trainable or set model.lora_rank=0")
-        if self.model.depth_encoder and self.data.input != "slices":
-            raise ConfigError("model.depth_encoder: the depth encoder takes a band of x-ray "
-                              "slices; set data.input=slices with data.strategy=range")
-        if self.model.depth_encoder and self.data.strategy != "range":
-            raise ConfigError(f"model.depth_encoder: expected data.strategy=range (a band of "
-                              f"slices), got {self.data.strategy}")
-        for key, value in (("model.depth_features", self.model.depth_features),
-                           ("model.depth_out_chans", self.model.depth_out_chans)):
-            if value < 1:
-                raise ConfigError(f"{key}: expected a positive integer, got {value}")
-        if self.model.mask_head == "full" and self.loss.resolution != "label":
-            raise ConfigError("loss.resolution: model.mask_head=full predicts at the label "
-                              "resolution; set loss.resolution=label")
-        if not self.model.head_sam_logits and self.model.mask_head != "full":
-            raise ConfigError("model.head_sam_logits=false needs model.mask_head=full")
-        if self.model.window_size is not None and self.model.window_size < 1:
-            raise ConfigError(f"model.window_size: expected null (the variant's) or a positive "
-                              f"integer, got {self.model.window_size}")
-        if self.model.lora_alpha <= 0:
-            raise ConfigError(f"model.lora_alpha: expected a positive number, got "
-                              f"{self.model.lora_alpha}")
+        """Every numeric key's range and the rules between keys
+        (:mod:`scrollsam.config_checks`); returns self."""
+        check_config(self)
         return self
 
 
@@ -280,9 +218,16 @@ def _from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Build a validated :class:`Config` from a nested dict (unknown keys are errors)."""
-    return _from_dict(Config, data, "").validate()
+def config_from_dict(data: Mapping[str, Any], *, stored: bool = False) -> Config:
+    """Build a validated :class:`Config` from a nested dict (unknown keys are errors).
+
+    stored: ``data`` is a config a run saved (a checkpoint's, a run's ``config.yaml``), maybe by
+    an older scrollsam, which took a negative ``train.clip`` for off: it reads as 0 (off), so
+    that run still resumes and predicts; a user's negative value is an error."""
+    cfg = _from_dict(Config, data, "")
+    if stored and cfg.train.clip < 0:
+        cfg.train.clip = 0.0
+    return cfg.validate()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -317,8 +262,10 @@ def parse_override(text: str) -> dict[str, Any]:
     return node
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML at ``path`` (only what changes), then ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                stored: bool = False) -> Config:
+    """Defaults, then the YAML at ``path`` (only what changes), then ``key=value`` overrides.
+    ``stored``: ``path`` is a run's ``config.yaml`` (see :func:`config_from_dict`)."""
     merged = config_to_dict(Config())
     if path is not None:
         path = Path(path)
@@ -333,7 +280,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         update = parse_override(text)
         _from_dict(Config, update, "")
         merged = _merge(merged, update)
-    return config_from_dict(merged)
+    return config_from_dict(merged, stored=stored)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -176,7 +176,7 @@ class Predictor:
         ``train.amp``), ``bf16`` or ``fp32``."""
         path = Path(path)
         ckpt = load_checkpoint(path)
-        cfg = config_from_dict(ckpt["config"])
+        cfg = config_from_dict(ckpt["config"], stored=True)
         if stats_dir is None and writable(path.parent):
             stats_dir = path.parent
         view = view_from_config(cfg.data, cache_dir=stats_dir)  # the training normalisation

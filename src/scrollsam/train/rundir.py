@@ -270,11 +270,11 @@ def _saved_state(run: Path) -> tuple[Config, dict[str, Any] | None]:
                         int(other["step"]))
             ckpt = other
     if ckpt is not None:
-        return config_from_dict(ckpt["config"]), ckpt
+        return config_from_dict(ckpt["config"], stored=True), ckpt
     if (run / "config.yaml").is_file():
         log.warning("no checkpoint in %s yet (stopped before its first save): starting its "
                     "saved config from step 0", run)
-        return load_config(run / "config.yaml"), None
+        return load_config(run / "config.yaml", stored=True), None
     raise RunDirError(f"nothing to resume: no last.pt in the run dir ({run})")
 
 
