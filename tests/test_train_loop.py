@@ -243,6 +243,52 @@ def test_a_run_that_fails_before_training_leaves_no_run_dir(data, tmp_path):
     assert train(_cfg(data, run, "train.steps=1"), progress=False) == run  # the retry works
 
 
+@pytest.mark.parametrize("where", ["make_optimizer", "prompted_forward"])
+def test_any_error_before_the_first_step_leaves_no_run_dir(data, tmp_path, monkeypatch, where):
+    # Before: only errors in setup removed the new folder; one raised by the optimizer or in
+    # the first step (torch's ValueError for a negative weight decay, a crash in the step)
+    # left .lock, config.yaml, stats/ and tb/, and the corrected command met "run dir exists".
+    def broken(*args, **kwargs):
+        raise RuntimeError("not a ScrollsamError")
+
+    monkeypatch.setattr(loop, where, broken)
+    run, empty = tmp_path / "run", tmp_path / "empty"
+    with pytest.raises(RuntimeError, match="not a ScrollsamError"):
+        train(_cfg(data, run), progress=False)
+    assert not run.exists()
+    empty.mkdir()  # an existing empty dir is the user's: it stays, still empty
+    with pytest.raises(RuntimeError):
+        train(_cfg(data, empty), progress=False)
+    assert empty.is_dir() and not any(empty.iterdir())
+    monkeypatch.undo()
+    assert train(_cfg(data, run, "train.steps=1"), progress=False) == run  # the retry works
+
+
+def test_an_error_after_the_first_step_or_on_resume_keeps_the_run_dir(data, tmp_path,
+                                                                      monkeypatch):
+    real, calls = loop.prompted_forward, []
+
+    def broken_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("step 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "prompted_forward", broken_in_step_2)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="step 2"):
+        train(_cfg(data, run, "train.save_every=1"), progress=False)
+    assert (run / "last.pt").is_file() and (run / "config.yaml").is_file()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("first step of the resume")
+
+    monkeypatch.setattr(loop, "prompted_forward", broken)
+    with pytest.raises(RuntimeError, match="first step of the resume"):
+        train(_cfg(data, run), resume=True, progress=False)
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 1  # the user's, kept
+
+
 def test_optimizer_is_fused_where_every_parameter_allows():
     plain = [torch.nn.Parameter(torch.zeros(3))]
     assert make_optimizer(plain, lr=1e-3, weight_decay=0.0).defaults["fused"] is True

@@ -221,6 +221,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
         except BaseException as err:
             if world.distributed:  # DDP in its frames would keep the group (and its threads)
                 release_frames(err)
+            if rd is not None and not isinstance(err, TrainingStopped):
+                rd.undo_new()  # a new run that failed before its first step: remove its folder
             raise
         finally:
             if rd is not None and rd.lock is not None:
@@ -236,21 +238,17 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
     cfg, ckpt, run, world = rd.cfg, rd.checkpoint, rd.path, ranks.world
     torch.manual_seed(cfg.train.seed)  # random initial weights where no checkpoint gives them
     stored = stored_config(cfg)
-    try:  # bad fragments, views or checkpoints fail here, and a new run dir is removed
-        failure = None
-        try:
-            # a new run's config.yaml first: killed from here on (setup caches statistics in
-            # the run dir, for seconds to minutes), it resumes from step 0 with --resume; a
-            # resumed run's config is written once setup has taken it (below)
-            if world.main and rd.new:
-                save_config(stored, run / "config.yaml")
-            s = setup(cfg, run, weights=ckpt, ranks=ranks)
-        except Exception as err:
-            failure = err
-        ranks.agree(failure)  # (the same error on every process: a bad config fails them all)
-    except BaseException:
-        rd.undo_new()
-        raise
+    failure = None
+    try:  # bad fragments, views or checkpoints fail here (a new run dir is removed: train)
+        # a new run's config.yaml first: killed from here on (setup caches statistics in the
+        # run dir, for seconds to minutes), it resumes from step 0 with --resume; a resumed
+        # run's config is written once setup has taken it (below)
+        if world.main and rd.new:
+            save_config(stored, run / "config.yaml")
+        s = setup(cfg, run, weights=ckpt, ranks=ranks)
+    except Exception as err:
+        failure = err
+    ranks.agree(failure)  # (the same error on every process: a bad config fails them all)
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = TrainState()
@@ -325,6 +323,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            rd.stepped = True  # from here on a failure keeps the run dir
             rate = tiles_seen / max(time.perf_counter() - t0, 1e-9)  # all processes' tiles
             done = state.step == cfg.train.steps
             log_due = state.step % cfg.log.every == 0 or state.step == 1 or done

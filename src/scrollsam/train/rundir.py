@@ -122,6 +122,7 @@ class RunDir:
     new: bool  # a new run (not a resume)
     created: bool  # the folder did not exist before this run
     lock: RunLock | None  # None: a process that only reads the folder (follow_run)
+    stepped: bool = False  # a training step finished: from then on the folder holds a run
 
     def __enter__(self) -> RunDir:
         return self
@@ -132,10 +133,11 @@ class RunDir:
             self.lock.release()
 
     def undo_new(self) -> None:
-        """After a new run failed before its first step: remove what it wrote, so the corrected
-        command can use the folder (a folder that existed, empty, stays). A resumed run keeps
-        everything. Only the lock's holder removes anything."""
-        if not self.new or self.lock is None:
+        """After a new run failed before its first step finished, whatever the error: remove
+        what it wrote, so the corrected command can use the folder (a folder that existed,
+        empty, stays). Does nothing once a step finished (:attr:`stepped`); a resumed run keeps
+        everything (its checkpoints). Only the lock's holder removes anything."""
+        if not self.new or self.lock is None or self.stepped:
             return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
