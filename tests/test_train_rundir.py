@@ -19,10 +19,10 @@ import yaml
 
 from scrollsam.cli import main
 from scrollsam.config import load_config
-from scrollsam.errors import RunDirError
+from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.train import loop
 from scrollsam.train.progress import Progress
-from scrollsam.train.rundir import RunLock, remove_stale_temps
+from scrollsam.train.rundir import RunLock, check_global_batch, remove_stale_temps
 from scrollsam.train.stop import TrainingStopped
 
 
@@ -235,6 +235,21 @@ def test_the_stop_line_is_printed_by_the_main_process_only(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert (err == "stopped by SIGINT after step 3; last.pt saved; continue with: scrollsam "
                    "train out=runs/x --resume\n") if main_process else err == ""
+
+
+@pytest.mark.parametrize("saved_world, world, says", [
+    (2, 1, ["(2 processes x train.batch_size 4", "to keep it on 1 process,"]),
+    (1, 2, ["(1 process x train.batch_size 4", "to keep it on 2 processes,"]),
+])
+def test_the_global_batch_error_counts_processes_in_words(saved_world, world, says):
+    # Before: "... to keep it on 1 processes" (and "(1 processes x ...").
+    saved = load_config(None, ["train.batch_size=4"])
+    asked = load_config(None, ["train.batch_size=1"])
+    with pytest.raises(ConfigError) as err:
+        check_global_batch(asked, world_size=world, saved=saved, saved_world_size=saved_world,
+                           run=Path("runs/x"))
+    assert all(part in str(err.value) for part in says), str(err.value)
+    assert "1 processes" not in str(err.value)
 
 
 def test_run_lock_names_the_holder_and_is_dropped_on_release(tmp_path):

@@ -242,22 +242,27 @@ def check_global_batch(cfg: Config, *, world_size: int, saved: Config, saved_wor
     g_old, g_new = old[0] * old[1] * old[2], new[0] * new[1] * new[2]
     if g_old == g_new:
         if old != new:
-            log.info("--resume: %d processes x batch %d x accumulate %d (was %d x %d x %d), "
-                     "the same global batch of %d", *new, *old, g_new)
+            log.info("--resume: %s x batch %d x accumulate %d (was %d x %d x %d), the same "
+                     "global batch of %d", _processes(new[0]), *new[1:], *old, g_new)
         return
     if g_old % world_size == 0:
         per = g_old // world_size  # tiles per process and step
         keep = (f"train.batch_size={per // cfg.train.accumulate}"
                 if per % cfg.train.accumulate == 0 else f"train.batch_size={per} "
                 f"train.accumulate=1")
-        fix = f"pass {keep} to keep it on {world_size} processes"
+        fix = f"pass {keep} to keep it on {_processes(world_size)}"
     else:
         fix = f"use a number of processes that divides {g_old}"
     raise ConfigError(
-        f"--resume: the run trained with a global batch of {g_old} tiles ({old[0]} processes x "
+        f"--resume: the run trained with a global batch of {g_old} tiles ({_processes(old[0])} x "
         f"train.batch_size {old[1]} x train.accumulate {old[2]}) and would go on with {g_new} "
         f"({new[0]} x {new[1]} x {new[2]}); {fix}, or start a new run with another out= "
         f"({run})")
+
+
+def _processes(n: int) -> str:
+    """``1 process``, ``2 processes``."""
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def _saved_state(run: Path) -> tuple[Config, dict[str, Any] | None]:
