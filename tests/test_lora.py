@@ -112,3 +112,66 @@ def test_a_lora_checkpoint_into_a_plain_model_says_how_to_load_it(tmp_path):
     add_lora(adapted, rank=2, alpha=4.0)
     with pytest.raises(CheckpointError, match=r"LoRA adapters \(rank 2\).*model.lora_rank=2"):
         load_into(_model().sam, adapted.sam.state_dict(), model_type="tiny", source="run/last.pt")
+
+
+def _adapted_checkpoint(path: Path, *, alpha: float) -> torch.nn.Module:
+    """A LoRA-adapted model (rank 2, adapters away from their zero start), saved into ``path``
+    as a training run saves it (SAM's weights under "model", the run's config beside them)."""
+    adapted = _model()
+    add_lora(adapted, rank=2, alpha=alpha)
+    with torch.no_grad():
+        for name, p in adapted.sam.image_encoder.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    torch.save({"model": adapted.sam.state_dict(),
+                "config": {"model": {"lora_rank": 2, "lora_alpha": alpha}}}, path)
+    return adapted
+
+
+def test_a_lora_runs_checkpoint_starts_a_new_run_with_its_adapters(data, tmp_path):
+    # QA: model.checkpoint=<a LoRA run's best.pt> with the same model.lora_rank was refused
+    # ("holds LoRA adapters (rank 4) that the model lacks"), whatever the rank.
+    from scrollsam.model.assemble import model_from_config
+
+    path = tmp_path / "best.pt"
+    adapted = _adapted_checkpoint(path, alpha=4.0)
+    images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = adapted.encode(images)
+        for alpha in (4.0, 8.0):  # another alpha: the adapters are rescaled to compute the same
+            model = build_model("tiny", checkpoint=path, image_size=S, lora_rank=2,
+                                lora_alpha=alpha)
+            assert has_lora(model)
+            torch.testing.assert_close(model.encode(images), want)
+    cfg = _cfg(data, tmp_path / "run", f"model.checkpoint={path}", "model.trainable=[mask_decoder]")
+    model = model_from_config(cfg.model, in_chans=3)  # what train builds
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(images), want)
+    assert all(p.requires_grad == is_lora_parameter(n)
+               for n, p in model.sam.image_encoder.named_parameters())
+    run = train(cfg, progress=False)
+    assert (run / "last.pt").is_file()
+
+
+def test_a_lora_checkpoint_of_another_rank_says_what_to_do_and_merge_lora_does_it(tmp_path):
+    from scrollsam.errors import CheckpointError
+    from scrollsam.model.lora import merge_lora
+
+    path = tmp_path / "best.pt"
+    adapted = _adapted_checkpoint(path, alpha=4.0)
+    with pytest.raises(CheckpointError, match=r"best.pt holds LoRA adapters \(rank 2\) but the "
+                       r"model's are rank 3 \(model.lora_rank\): set model.lora_rank=2 .*"
+                       r"merge_lora .*with new rank-3 ones"):
+        build_model("tiny", checkpoint=path, image_size=S, lora_rank=3)
+    with pytest.raises(CheckpointError, match=r"that the model lacks: set model.lora_rank=2 .*"
+                       r"merge_lora .*without adapters"):
+        build_model("tiny", checkpoint=path, image_size=S)
+    merged = tmp_path / "merged.pth"
+    torch.save(merge_lora(adapted.sam.state_dict(), alpha=4.0), merged)
+    images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = adapted.encode(images)
+        for rank in (0, 3):  # no adapters, or fresh ones of another rank on top
+            model = build_model("tiny", checkpoint=merged, image_size=S, lora_rank=rank)
+            assert has_lora(model) == bool(rank)
+            torch.testing.assert_close(model.encode(images), want, atol=1e-5, rtol=1e-4)

@@ -2,8 +2,8 @@
 
 Training, prediction, doctor and sweeps all call :func:`model_from_config`; a new model option
 touches this function and nothing else. In order it builds the official SAM variant at the
-configured size (with an official checkpoint's weights when training starts), adds LoRA
-adapters, the learned depth encoder and the full-resolution mask head, loads a scrollsam
+configured size with its LoRA adapters (and ``model.checkpoint``'s weights when training
+starts), adds the learned depth encoder and the full-resolution mask head, loads a scrollsam
 checkpoint's weights when it is given one (resume, predict), and sets which parts train.
 
 :func:`uses_embedding_cache` is the one place that decides whether training may cache image
@@ -22,7 +22,6 @@ from scrollsam.errors import CheckpointError, ConfigError
 from scrollsam.model.build import build_model, load_into
 from scrollsam.model.depth import DepthEncoder
 from scrollsam.model.heads import MaskHead
-from scrollsam.model.lora import add_lora
 from scrollsam.model.sam_file import check_finite
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import EXTRA_PARTS, set_trainable
@@ -50,9 +49,8 @@ def model_from_config(
     official = None if weights is not None else model_cfg.checkpoint
     model = build_model(model_cfg.type, checkpoint=official, image_size=model_cfg.image_size,
                         in_chans=sam_chans, window_size=model_cfg.window_size,
-                        attention=model_cfg.attention)
-    if model_cfg.lora_rank:
-        add_lora(model, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha)
+                        attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
+                        lora_alpha=model_cfg.lora_alpha)
     if model_cfg.depth_encoder:
         model.depth_encoder = DepthEncoder(in_chans, out_chans=model_cfg.depth_out_chans,
                                            features=model_cfg.depth_features,

@@ -26,7 +26,7 @@ from segment_anything.modeling import (
 from scrollsam.errors import CheckpointError, InputError
 from scrollsam.model.adapt import PATCH_WEIGHT, adapt_state_dict
 from scrollsam.model.attention import fuse_attention
-from scrollsam.model.lora import is_lora_parameter
+from scrollsam.model.lora import add_lora, check_lora_rank, is_lora_parameter, lora_rank_of
 from scrollsam.model.patch_embed import fuse_patch_embed
 from scrollsam.model.sam_file import check_finite, load_sam_state_dict
 from scrollsam.model.segmenter import SamSegmenter
@@ -118,6 +118,8 @@ def build_model(
     in_chans: int = 3,
     window_size: int | None = None,
     attention: str = "fused",
+    lora_rank: int = 0,
+    lora_alpha: float = 8.0,
 ) -> SamSegmenter:
     """Build a :class:`SamSegmenter` of variant ``type``: ``vit_b``, ``vit_l``, ``vit_h``, ``tiny``.
 
@@ -129,6 +131,10 @@ def build_model(
     or 8 tile the 16 x 16 grid of a 256 px input without padding). ``attention``: ``"fused"``
     (fused, :mod:`scrollsam.model.attention`, and the patch embedding as a matrix product,
     :mod:`scrollsam.model.patch_embed`) or ``"official"`` (segment_anything's own code).
+    ``lora_rank`` > 0 puts LoRA adapters on the encoder (:func:`scrollsam.model.lora.add_lora`)
+    before the checkpoint loads: a LoRA run's checkpoint of that rank brings its adapters, and
+    a scrollsam checkpoint's, made with another ``lora_alpha``, are rescaled to compute what
+    they did; another rank is an error that says what to do.
     """
     if type not in VARIANTS:
         raise InputError(f"model type: expected one of {sorted(VARIANTS)}, got {type!r}")
@@ -142,17 +148,23 @@ def build_model(
         raise InputError(f"window_size: expected a positive int or None, got {window_size!r}")
     if attention not in ATTENTION:
         raise InputError(f"attention: expected one of {ATTENTION}, got {attention!r}")
+    if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
+        raise InputError(f"lora_rank: expected 0 (none) or a positive int, got {lora_rank!r}")
     spec = VARIANTS[type] if window_size is None else replace(VARIANTS[type],
                                                               window_size=window_size)
     state = None
     if checkpoint is not None:  # read and check the variant before paying for the build
-        state = load_sam_state_dict(checkpoint)
+        state = load_sam_state_dict(checkpoint, lora_alpha=lora_alpha if lora_rank else None)
         check_variant(state, model_type=type, source=str(checkpoint))
+        check_lora_rank(state, rank=lora_rank, source=str(checkpoint))
     sam = _build_sam(spec, image_size=image_size, in_chans=in_chans, attention=attention)
+    model = SamSegmenter(sam, model_type=type)
+    if lora_rank:
+        add_lora(model, rank=lora_rank, alpha=lora_alpha)
     if state is not None:
         load_into(sam, state, model_type=type, source=str(checkpoint))
         log.info("loaded %s weights from %s", type, checkpoint)
-    return SamSegmenter(sam, model_type=type)
+    return model
 
 
 def detect_variant(state: dict[str, torch.Tensor]) -> str:
@@ -181,21 +193,19 @@ def check_variant(state: dict[str, torch.Tensor], *, model_type: str, source: st
 
 
 def load_into(sam: Sam, state: dict[str, torch.Tensor], *, model_type: str, source: str) -> None:
-    """Load ``state`` into ``sam`` after adapting resolution and channels; refuse other variants
-    and NaN / inf weights."""
+    """Load ``state`` into ``sam`` after adapting resolution and channels; refuse other variants,
+    NaN / inf weights and LoRA adapters of another rank (weights without adapters leave the
+    model's own, fresh ones in place)."""
     check_variant(state, model_type=model_type, source=source)
     check_finite(state, source=source)
     target = sam.state_dict()
+    check_lora_rank(state, rank=lora_rank_of(target), source=source)
+    if not lora_rank_of(state):  # official weights into an adapted model: fresh adapters
+        state = {**{k: v for k, v in target.items() if is_lora_parameter(k)}, **state}
     state = adapt_state_dict(state, target)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     wrong = sorted(k for k in target.keys() & state.keys() if target[k].shape != state[k].shape)
-    if unexpected and all(is_lora_parameter(k) for k in unexpected):
-        rank = state[next(k for k in unexpected if k.endswith("lora_a"))].shape[0]
-        raise CheckpointError(
-            f"{source} holds LoRA adapters (rank {rank}) that the model lacks: train and "
-            f"predict add them from the run's model.lora_rank={rank}; in Python call "
-            f"scrollsam.model.lora.add_lora(model, rank={rank}, alpha=...) before loading")
     if missing or unexpected or wrong:
         parts = []
         if missing:

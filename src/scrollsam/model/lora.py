@@ -12,17 +12,19 @@ rank-4 adapter adds 4 * (C + 3C) = 12 288 parameters per vit_b block (147 456 in
 The adapted layer keeps the official parameter names (``...attn.qkv.weight`` / ``.bias``) and adds
 ``...attn.qkv.lora_a`` / ``.lora_b``, so checkpoints stay readable by official-name tools and a
 LoRA run's checkpoint loads into a model adapted the same way (the run's ``model.lora_rank``).
+For another rank, or none, :func:`merge_lora` folds the adapters into the official weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scrollsam.errors import InputError
+from scrollsam.errors import CheckpointError, InputError
 
 LORA_SUFFIXES = ("lora_a", "lora_b")
 
@@ -76,3 +78,42 @@ def is_lora_parameter(name: str) -> bool:
 def has_lora(model: nn.Module) -> bool:
     """Whether ``model.sam``'s image encoder carries LoRA adapters."""
     return any(isinstance(m, LoRALinear) for m in model.sam.image_encoder.modules())
+
+
+def lora_rank_of(state: Mapping[str, torch.Tensor]) -> int:
+    """The rank of the adapters in a state dict (the rows of its first ``lora_a``), 0 without."""
+    first = next((t for k, t in state.items() if k.endswith(".lora_a")), None)
+    return 0 if first is None else int(first.shape[0])
+
+
+def check_lora_rank(state: Mapping[str, torch.Tensor], *, rank: int, source: str) -> None:
+    """CheckpointError, saying what to do, when ``state`` holds adapters of a rank other than
+    the model's ``rank`` (0: the model has none). Weights without adapters fit any rank: the
+    model keeps its fresh adapters, which change nothing until trained."""
+    found = lora_rank_of(state)
+    if not found or found == rank:
+        return
+    what = ("that the model lacks" if not rank else
+            f"but the model's are rank {rank} (model.lora_rank)")
+    raise CheckpointError(
+        f"{source} holds LoRA adapters (rank {found}) {what}: set model.lora_rank={found} "
+        f"(build_model(..., lora_rank={found})) to start from them, or fold them into the "
+        f"encoder's weights first with scrollsam.model.lora.merge_lora ('LoRA checkpoints' in "
+        f"the README) to go "
+        f"on {'without adapters' if not rank else f'with new rank-{rank} ones'}")
+
+
+def merge_lora(state: Mapping[str, torch.Tensor], *, alpha: float) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with every adapter folded into its layer's weight,
+    ``W + (alpha / r) * B A``, and the ``lora_a`` / ``lora_b`` tensors left out: official SAM
+    weights that compute what the adapted encoder did (``alpha``: the run's
+    ``model.lora_alpha``). A state dict without adapters comes back unchanged."""
+    out = {k: v for k, v in state.items() if not is_lora_parameter(k)}
+    for key, a in state.items():
+        if not key.endswith(".lora_a"):
+            continue
+        layer = key[: -len("lora_a")]  # "image_encoder.blocks.0.attn.qkv."
+        b, weight = state[layer + "lora_b"], state[layer + "weight"]
+        update = (alpha / a.shape[0]) * (b.float() @ a.float())  # (out, r) @ (r, in)
+        out[layer + "weight"] = (weight.float() + update).to(weight.dtype)  # (out, in)
+    return out

@@ -22,6 +22,7 @@ import torch
 
 from scrollsam.errors import CheckpointError
 from scrollsam.model.adapt import PATCH_WEIGHT
+from scrollsam.model.lora import lora_rank_of
 from scrollsam.torchfile import load_torch, not_a_file
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,17 @@ WHERE_TO_GET = (
 ).format(", ".join(OFFICIAL_FILES.values()))
 
 
-def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_sam_state_dict(path: str | Path, *,
+                        lora_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """Read the SAM weights (official parameter names) from an official or scrollsam file, or
     a state dict under ``"state_dict"`` or with DDP's ``module.`` prefix (module docstring).
 
     Loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code. A scrollsam
     training checkpoint keeps the weights under its ``"model"`` key; its depth encoder and mask
-    head (``"extras"``) are not SAM's, and a warning names them as left out.
+    head (``"extras"``) are not SAM's, and a warning names them as left out. ``lora_alpha``: the
+    alpha of the model the weights go into; the LoRA adapters of a scrollsam checkpoint made
+    with another ``model.lora_alpha`` are rescaled (``lora_b`` x old / new alpha) so that they
+    compute what they did.
     """
     path = Path(path)
     if path.is_dir():
@@ -62,7 +67,21 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or PATCH_WEIGHT not in state:
         raise CheckpointError(f"{path} is not a SAM checkpoint (no '{PATCH_WEIGHT}' among its "
                               f"tensors{_hint(state)})")
+    saved = _run_lora_alpha(obj)
+    if lora_alpha is not None and saved not in (None, lora_alpha) and lora_rank_of(state):
+        log.info("%s: LoRA adapters rescaled from its run's lora_alpha %g to %g", path, saved,
+                 lora_alpha)
+        state = {k: v * (saved / lora_alpha) if k.endswith(".lora_b") else v
+                 for k, v in state.items()}
     return state
+
+
+def _run_lora_alpha(obj: Any) -> float | None:
+    """``model.lora_alpha`` of a scrollsam checkpoint's config, None for any other file."""
+    try:
+        return float(obj["config"]["model"]["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def unwrap_state_dict(obj: Any) -> Any:
