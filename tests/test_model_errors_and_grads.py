@@ -185,3 +185,37 @@ def test_point_tokens_equal_the_official_prompt_encoder(model, dtype, pad):
         official = pe._embed_points(coords, labels, pad=pad)
     assert ours.dtype == official.dtype and ours.shape == official.shape
     torch.testing.assert_close(ours, official, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_images_and_mask_prompts_of_another_float_dtype_are_refused_naming_it(model, emb, dtype):
+    # QA: these failed deep in torch ("mat1 and mat2 must have the same dtype")
+    images = torch.randn(2, 3, S, S).to(dtype)
+    with pytest.raises(InputError, match=rf"images: expected torch.float32, the model's dtype "
+                       rf"\(16-bit only under torch.autocast\), got {dtype} \[2, 3, 64, 64\] "
+                       r"on cpu \(convert with \.to\(torch.float32\)\)"):
+        model.encode(images, check_values=False)  # a form check: on without value checks too
+    with pytest.raises(InputError, match=rf"mask_inputs: expected torch.float32.*got {dtype}"):
+        model.decode(emb, mask_inputs=torch.zeros(3, 1, S // 4, S // 4, dtype=dtype))
+
+
+def test_float64_embeddings_are_refused_and_16_bit_ones_decode_as_float32(model, emb):
+    with pytest.raises(InputError, match=r"embeddings: expected torch.float32, the model's dtype "
+                       r"\(or 16-bit\), got torch.float64 \[3, 256, 4, 4\]"):
+        model.decode(emb.double())
+    with torch.no_grad():
+        for dtype in (torch.float16, torch.bfloat16):  # e.g. the training cache's float16 ones
+            low = emb.to(dtype)
+            torch.testing.assert_close(model.decode(low), model.decode(low.float()))
+
+
+def test_under_autocast_float32_and_16_bit_inputs_work_and_float64_is_refused(model):
+    images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(2, 1, S // 4, S // 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            logits, _ = model.decode(model.encode(images.to(dtype)), mask_inputs=mask.to(dtype))
+            assert logits.shape == (2, 1, S // 4, S // 4) and bool(logits.isfinite().all())
+        with pytest.raises(InputError, match=r"images: expected torch.float32, the model's "
+                           r"dtype \(or 16-bit under torch.autocast\), got torch.float64"):
+            model.encode(images.double())

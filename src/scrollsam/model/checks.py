@@ -4,6 +4,12 @@ These catch the seed's mistakes where they are made, instead of as a shape misma
 deep: points given as [B, 2], labels as floats, coordinates in 0..1 instead of pixels, raw 0..255
 pixels instead of normalised images, or P prompt sets that do not say which image they are for.
 
+Floating dtypes: the model's own (float32: scrollsam keeps fp32 weights) for images and mask
+prompts, or a 16-bit float under ``torch.autocast`` on the model's device, which casts them for
+every layer; embeddings may be 16-bit anywhere (the decoder adds them to its float32 prompt
+embeddings, which promotes them). float64, or 16-bit images outside autocast, would fail deep
+in torch ("mat1 and mat2 must have the same dtype").
+
 Two kinds of check: form (type, rank, shape, dtype, device), always run, free; and values
 (ranges, NaN, the label set), run with ``values=True``, the default. Reading values makes a GPU
 wait for the host (``.item()``, ``.all()``, boolean indexing), so the training step, whose
@@ -19,6 +25,7 @@ from scrollsam.errors import InputError, describe
 
 # Normalised inputs are roughly zero-mean / unit-std; anything this large is raw pixel values.
 MAX_NORMALISED = 100.0
+HALF = (torch.float16, torch.bfloat16)  # what autocast computes in
 
 
 def _tensor(name: str, t: object, *, ndim: int, form: str, device: torch.device) -> torch.Tensor:
@@ -32,13 +39,34 @@ def _tensor(name: str, t: object, *, ndim: int, form: str, device: torch.device)
     return t
 
 
+def _autocast_on(device: torch.device) -> bool:
+    """Whether ``torch.autocast`` is on for ``device``'s type here."""
+    kind = device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
+def _check_dtype(name: str, t: torch.Tensor, *, dtype: torch.dtype, half: str) -> None:
+    """InputError unless floating ``t`` has the model's ``dtype``, or is 16-bit where ``half``
+    allows it: ``"always"`` or ``"autocast"`` (only under torch.autocast on its device)."""
+    if t.dtype == dtype or (t.dtype in HALF and (
+            half == "always" or (half == "autocast" and _autocast_on(t.device)))):
+        return
+    also = ("or 16-bit" if half == "always" else
+            "or 16-bit under torch.autocast" if _autocast_on(t.device) else
+            "16-bit only under torch.autocast")
+    raise InputError(f"{name}: expected {dtype}, the model's dtype ({also}), got {describe(t)} "
+                     f"(convert with .to({dtype}))")
+
+
 def check_images(images: object, *, in_chans: int, image_size: int, device: torch.device,
-                 values: bool = True) -> torch.Tensor:
-    """Images: float [B, C, S, S], normalised (roughly mean 0, std 1 per channel)."""
+                 dtype: torch.dtype = torch.float32, values: bool = True) -> torch.Tensor:
+    """Images: float [B, C, S, S] of the model's ``dtype`` (16-bit under autocast),
+    normalised (roughly mean 0, std 1 per channel)."""
     form = f"float [B, {in_chans}, {image_size}, {image_size}] normalised images"
     t = _tensor("images", images, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (in_chans, image_size, image_size):
         raise InputError(f"images: expected {form}, got {describe(t)}")
+    _check_dtype("images", t, dtype=dtype, half="autocast")
     if not values:
         return t
     peak = float(t.detach().abs().amax()) if t.numel() else 0.0
@@ -50,12 +78,15 @@ def check_images(images: object, *, in_chans: int, image_size: int, device: torc
     return t
 
 
-def check_embeddings(embeddings: object, *, grid: int, device: torch.device) -> torch.Tensor:
-    """Image embeddings: float [B, 256, S/16, S/16] from :meth:`SamSegmenter.encode`."""
+def check_embeddings(embeddings: object, *, grid: int, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Image embeddings: float [B, 256, S/16, S/16] from :meth:`SamSegmenter.encode`, of the
+    model's ``dtype`` or 16-bit."""
     form = f"float [B, 256, {grid}, {grid}] image embeddings"
     t = _tensor("embeddings", embeddings, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (256, grid, grid):
         raise InputError(f"embeddings: expected {form}, got {describe(t)}")
+    _check_dtype("embeddings", t, dtype=dtype, half="always")
     return t
 
 
@@ -122,14 +153,16 @@ def check_boxes(boxes: object, *, image_size: int, device: torch.device,
     return t.float()
 
 
-def check_mask_inputs(mask_inputs: object, *, image_size: int,
-                      device: torch.device) -> torch.Tensor:
-    """Mask prompts: float logits [P, 1, S/4, S/4] (e.g. the previous round's low-res logits)."""
+def check_mask_inputs(mask_inputs: object, *, image_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mask prompts: float logits [P, 1, S/4, S/4] (e.g. the previous round's low-res logits)
+    of the model's ``dtype`` (16-bit under autocast)."""
     m = image_size // 4
     form = f"float logits [P, 1, {m}, {m}]"
     t = _tensor("mask_inputs", mask_inputs, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (1, m, m):
         raise InputError(f"mask_inputs: expected {form}, got {describe(t)}")
+    _check_dtype("mask_inputs", t, dtype=dtype, half="autocast")
     return t
 
 

@@ -32,7 +32,7 @@ Arguments are checked at this boundary (:mod:`.checks`): their form always, thei
 (coordinate ranges, label set, image scale) unless ``check_values=False``. Reading values makes
 a GPU wait for the host, so the training step, whose prompts scrollsam's samplers make, turns
 them off; prompts are embedded without the official prompt encoder's boolean indexing for the
-same reason (:func:`embed_point_tokens`).
+same reason (:func:`.prompt_tokens.embed_point_tokens`).
 
 The module never disables gradients: callers that only predict wrap it in ``torch.no_grad()``.
 """
@@ -40,7 +40,7 @@ The module never disables gradients: callers that only predict wrap it in ``torc
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling import PromptEncoder, Sam
+from segment_anything.modeling import Sam
 from torch import nn
 
 from scrollsam.errors import InputError, describe
@@ -59,35 +59,12 @@ from scrollsam.model.decoder_ops import (
     transformer_tokens,
     upscale_tokens,
 )
+from scrollsam.model.prompt_tokens import embed_point_tokens
 
 Points = tuple[torch.Tensor, torch.Tensor]
 
 # Image tokens (prompt sets x (S/16)**2) per decoder pass on CPU: see SamSegmenter.decode_chunk.
 CPU_DECODE_TOKENS = 8192
-
-
-def embed_point_tokens(pe: PromptEncoder, coords: torch.Tensor, labels: torch.Tensor, *,
-                       pad: bool) -> torch.Tensor:
-    """Official ``PromptEncoder._embed_points`` with a gather on the labels in place of its
-    four boolean-mask updates (each a host sync on a GPU): the same values and gradients.
-
-    coords [P, N, 2] (x, y) pixels, labels [P, N] -> tokens [P, N, 256], or [P, N + 1, 256]
-    with ``pad`` (the official padding point (0, 0), label -1, added when no box is given).
-    Labels 2 and 3 are a box's top-left and bottom-right corners (SAM 2 writes boxes so): they
-    get the official ``_embed_boxes`` corner tokens, so a box can travel as two points.
-    """
-    coords = coords + 0.5  # pixel centres, as official SAM
-    if pad:
-        coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)  # (P, N+1, 2)
-        labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)  # (P, N+1)
-    tokens = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)  # (P, N', 256)
-    # Official: padding tokens become not_a_point_embed; labels 0 / 1 (points) and 2 / 3 (box
-    # corners) add point_embeddings[label]. The sum is formed in float32 and rounded once to
-    # the tokens' dtype (bf16 under autocast), as the official in-place additions do.
-    table = torch.stack([e.weight[0] for e in pe.point_embeddings])  # (4, 256)
-    out = tokens + table[labels.clamp(0, len(table) - 1)]  # (P, N', 256)
-    return torch.where(labels[..., None] == -1, pe.not_a_point_embed.weight, out).to(
-        tokens.dtype)
 
 
 class SamSegmenter(nn.Module):
@@ -134,6 +111,12 @@ class SamSegmenter(nn.Module):
     def device(self) -> torch.device:
         return self.sam.prompt_encoder.point_embeddings[0].weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (float32; autocast computes in 16 bits): images, embeddings and
+        mask prompts are checked against it (:mod:`.checks`)."""
+        return self.sam.prompt_encoder.point_embeddings[0].weight.dtype
+
     # --- encoder -------------------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
@@ -147,7 +130,7 @@ class SamSegmenter(nn.Module):
         [B, G, S, S] for :meth:`refine`, None without a mask head or with ``pixels=False``).
         The depth encoder, if any, runs once for both."""
         images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
-                              device=self.device, values=check_values)
+                              device=self.device, dtype=self.dtype, values=check_values)
         features = images
         if self.depth_encoder is not None:
             images, features = self.depth_encoder(images)  # (B, 3, S, S), (B, F, S, S)
@@ -163,7 +146,7 @@ class SamSegmenter(nn.Module):
         if self.mask_head is None:
             return None
         images = check_images(images, in_chans=self.in_chans, image_size=self.image_size,
-                              device=self.device, values=check_values)
+                              device=self.device, dtype=self.dtype, values=check_values)
         features = images if self.depth_encoder is None else self.depth_encoder(images)[1]
         return self.mask_head.image_features(features)
 
@@ -214,7 +197,8 @@ class SamSegmenter(nn.Module):
         if boxes is not None:
             boxes = check_boxes(boxes, image_size=size, device=dev, values=values)
         if mask_inputs is not None:
-            mask_inputs = check_mask_inputs(mask_inputs, image_size=size, device=dev)
+            mask_inputs = check_mask_inputs(mask_inputs, image_size=size, device=dev,
+                                            dtype=self.dtype)
         counts = {name: t.shape[0] for name, t in (
             ("points", points[0] if points is not None else None),
             ("boxes", boxes), ("mask_inputs", mask_inputs)) if t is not None}
@@ -283,7 +267,8 @@ class SamSegmenter(nn.Module):
         if not self._layers_checked:
             check_plain_layers(self.sam.mask_decoder)
             self._layers_checked = True
-        embeddings = check_embeddings(embeddings, grid=self.embed_grid, device=self.device)
+        embeddings = check_embeddings(embeddings, grid=self.embed_grid, device=self.device,
+                                      dtype=self.dtype)
         num_images = embeddings.shape[0]
         # Prompt-free: one set per image, or one per entry of image_index.
         free_sets = (image_index.shape[0] if isinstance(image_index, torch.Tensor)
