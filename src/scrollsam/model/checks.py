@@ -40,9 +40,10 @@ def _tensor(name: str, t: object, *, ndim: int, form: str, device: torch.device)
 
 
 def _autocast_on(device: torch.device) -> bool:
-    """Whether ``torch.autocast`` is on for ``device``'s type here."""
+    """Whether ``torch.autocast`` is on for ``device``'s type here; True on a device with no
+    autocast to ask (``meta``, where benchmarks/step_traffic.py emulates CUDA's)."""
     kind = device.type
-    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return not torch.amp.is_autocast_available(kind) or torch.is_autocast_enabled(kind)
 
 
 def _check_dtype(name: str, t: torch.Tensor, *, dtype: torch.dtype, half: str) -> None:
