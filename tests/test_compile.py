@@ -110,3 +110,23 @@ def test_unavailable_compile_warns_once_and_stays_eager(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "no C++ compiler" in lines[0]
     assert model.sam.image_encoder._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_on_a_cpu_under_bf16_inductor_leaves_the_decoder_eager(monkeypatch, caplog, bf16):
+    # Before: the decoder compiled with inductor under bf16 autocast on a CPU gave non-finite
+    # gradients from the first step (tiny, 128 px), then "loss is nan at step 1".
+    if compile_mod.compile_unavailable("cpu", "inductor") is not None:
+        pytest.skip("inductor cannot run here")
+    monkeypatch.setattr(compile_mod, "BACKEND", "inductor")
+    dynamo.reset()
+    model = build_model("tiny", image_size=64)
+    eager = model._predict_masks
+    with caplog.at_level(logging.WARNING):
+        static = compile_mod.compile_model(model, device="cpu", bf16=bf16)  # compiles lazily
+    assert static is not bf16
+    assert (model._predict_masks == eager) is bf16  # a bound method: compare, not identity
+    assert model.compiled_loss == "inductor"  # the encoder and the loss compile either way
+    warned = [r.getMessage() for r in caplog.records if "stays eager" in r.getMessage()]
+    assert len(warned) == int(bf16)
+    dynamo.reset()

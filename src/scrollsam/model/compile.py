@@ -62,26 +62,40 @@ def compile_unavailable(device: torch.device | str, backend: str | None = None) 
 
 
 def compile_model(model: nn.Module, *, device: torch.device | str,
-                  backend: str | None = None) -> bool:
+                  backend: str | None = None, bf16: bool = False) -> bool:
     """``train.compile``: the encoder, then the mask decoder, each where compile can run, then
     the training loss's per-pixel terms (``model.compiled_loss``: the step's loss passes it on
     to :func:`scrollsam.mask_loss.pixel_terms`, dynamic shapes). True when the encoder and
     decoder compiled: only then should the step decode static prompt sets (every set in every
     round), which buy a compiled decoder one shape per round and an eager one extra work; then,
     too, cuDNN times its convolutions once per shape
-    (:func:`scrollsam.device.tune_for_fixed_shapes`)."""
+    (:func:`scrollsam.device.tune_for_fixed_shapes`).
+
+    ``bf16``: the step runs under bf16 autocast. On a CPU the decoder then stays eager (one
+    warning line): inductor's CPU code gave the compiled decoder non-finite gradients from the
+    first step (tiny model, 128 px, torch 2.15; 64 px and float32 were right), a NaN loss at
+    step 1."""
     if compile_unavailable(device, backend) is None:  # a new run: dynamo's recompile limit
         import torch._dynamo  # (8 graphs per function) anew, as in a sweep's next trial
 
         torch._dynamo.reset()
-    if not (compile_encoder(model, device=device, backend=backend)
-            and compile_decoder(model, device=device, backend=backend)):
+    if not compile_encoder(model, device=device, backend=backend):
         return False
+    if bf16 and torch.device(device).type == "cpu" and (backend or BACKEND) == "inductor":
+        log.warning("train.compile: the mask decoder stays eager on a CPU under bf16 autocast "
+                    "(compiled, its gradients were not finite); the encoder and the loss are "
+                    "compiled")
+        decoder = False
+    elif not compile_decoder(model, device=device, backend=backend):
+        return False
+    else:
+        decoder = True
     model.compiled_loss = backend or BACKEND
     log.info("training loss's per-pixel terms compiled (%s, dynamic shapes)",
              model.compiled_loss)
-    tune_for_fixed_shapes(torch.device(device))  # one shape per round: cuDNN may time each
-    return True  # convolution once (eager steps change the prompt masks' shapes)
+    if decoder:  # one shape per round: cuDNN may time each convolution once (eager steps
+        tune_for_fixed_shapes(torch.device(device))  # change the prompt masks' shapes)
+    return decoder
 
 
 def compile_decoder(model: nn.Module, *, device: torch.device | str,

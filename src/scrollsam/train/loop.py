@@ -42,7 +42,7 @@ from scrollsam.model.assemble import model_from_config, uses_embedding_cache
 from scrollsam.model.compile import compile_model
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.model.trainable import count_parameters, format_counts
-from scrollsam.precision import autocast_for, precision_name
+from scrollsam.precision import autocast_for, precision_name, use_bf16
 from scrollsam.train import validate as validation
 from scrollsam.train.cache import EmbeddingCache
 from scrollsam.train.checkpoint import TrainState, save_checkpoint, train_state_of
@@ -132,7 +132,8 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         log.info("process %d of %d: global batch %d (%d processes x batch %d x accumulate %d)",
                  world.rank, world.size, global_batch(cfg, world.size), world.size,
                  cfg.train.batch_size, cfg.train.accumulate)
-    static = bool(cfg.train.compile and compile_model(model, device=device))
+    static = bool(cfg.train.compile and compile_model(
+        model, device=device, bf16=use_bf16(device, cfg.train.amp)))
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
         cache = EmbeddingCache(directory=run / "embeddings" if cfg.train.cache == "disk" else None)
