@@ -284,3 +284,16 @@ def test_log_lines_are_not_glued_to_the_bar_on_a_terminal(monkeypatch, capsys):
         logging.getLogger().removeHandler(handler)
     err = capsys.readouterr().err
     assert re.search(r"(^|[\r\n])step 1: valid F0.5 0.5000\n", err), repr(err)
+
+
+def test_a_run_dir_inside_any_fragment_folder_is_refused(data, tmp_path, capsys):
+    # Before: only the run's own fragments were checked; out= inside another fragment (a test
+    # fragment, a copy) trained and wrote its run there.
+    other = tmp_path / "other"
+    shutil.copytree(data / "train" / "2", other)
+    for out in (other / "run", other / "surface_volume" / "run"):
+        assert main(_args(data, f"out={out}")) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (f"error: out: the run dir must not be inside a fragment folder: {other} "
+                       f"holds surface_volume/ ({out})")
+        assert not out.exists()

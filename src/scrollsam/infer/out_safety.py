@@ -21,6 +21,7 @@ ancestors there (and asks each ancestor once, a few ``stat`` calls, whether it h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -186,6 +187,13 @@ class _VolumeHosts:
             if volume is not None:
                 return folder, volume
         return None
+
+
+def fragment_holding(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """(folder, its volume's name) of the nearest fragment folder that is ``path`` (resolved;
+    it need not exist) or holds it, by the volume :class:`Fragment` would read; None when no
+    folder on the way up holds a volume."""
+    return _VolumeHosts().host(Path(path).resolve())
 
 
 def _with_ancestors(paths: Iterable[Path]) -> set[Path]:

@@ -191,14 +191,20 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
 
 
 def _check_outside_fragments(cfg: Config, run: Path) -> None:
-    """RunDirError when ``run`` is a fragment folder of ``data.train`` / ``data.valid`` or
-    lies inside one: a run never writes into its data."""
+    """RunDirError when ``run`` is a fragment folder of ``data.train`` / ``data.valid``, or any
+    other fragment folder, or lies inside one: a run never writes into data."""
     inside = run.resolve()
     for name in [*cfg.data.train, *cfg.data.valid]:
         frag = (Path(cfg.data.root) / name).resolve()
         if within(inside, frag):
             raise RunDirError(f"out: the run dir must not be inside fragment folder {name} "
                               f"(data.train / data.valid) ({run})")
+    from scrollsam.infer.out_safety import fragment_holding
+
+    host = fragment_holding(run)  # any other fragment's folder: its data is not the run's
+    if host is not None:
+        raise RunDirError(f"out: the run dir must not be inside a fragment folder: {host[0]} "
+                          f"holds {host[1]} ({run})")
 
 
 def follow_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
