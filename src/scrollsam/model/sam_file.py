@@ -68,7 +68,8 @@ def load_sam_state_dict(path: str | Path, *,
         raise CheckpointError(f"{path} is not a SAM checkpoint (no '{PATCH_WEIGHT}' among its "
                               f"tensors{_hint(state)})")
     saved = _run_lora_alpha(obj)
-    if lora_alpha is not None and saved not in (None, lora_alpha) and lora_rank_of(state):
+    if (lora_alpha is not None and saved is not None and saved != lora_alpha
+            and lora_rank_of(state)):
         log.info("%s: LoRA adapters rescaled from its run's lora_alpha %g to %g", path, saved,
                  lora_alpha)
         state = {k: v * (saved / lora_alpha) if k.endswith(".lora_b") else v
