@@ -206,6 +206,9 @@ def _from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if name not in fields:
             close = [f"{prefix}{n}" for n in difflib.get_close_matches(str(name), fields, n=3)]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            while isinstance(value, Mapping) and len(value) == 1:  # bogus.key=1: name it whole
+                inner, value = next(iter(value.items()))
+                key = f"{key}.{inner}"
             raise ConfigError(f"unknown config key {key}{hint}")
         hint_t = hints[name]
         if dataclasses.is_dataclass(hint_t):
