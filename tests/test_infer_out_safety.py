@@ -221,3 +221,23 @@ def test_the_out_check_of_many_fragments_takes_well_under_a_second_each(tmp_path
         signal.signal(signal.SIGALRM, previous)
     with pytest.raises(InputError, match="inside fragment 2023000299's folder"):
         check_clear_of_inputs(frags, frags[-1].path / "pred", None)  # still checked
+
+
+def test_a_folder_counts_as_a_fragment_only_with_a_real_volume(tmp_path):
+    # Before: any layers/ or surface_volume/ folder, or anything named like a store, made its
+    # parent a fragment: a Python project with a layers/ package refused every run dir in it.
+    from scrollsam.infer.out_safety import fragment_holding
+
+    project = tmp_path / "project"
+    (project / "layers").mkdir(parents=True)
+    (project / "layers" / "__init__.py").write_text("")
+    (project / "surface_volume.zarr").write_text("not a store")
+    assert fragment_holding(project / "runs" / "x") is None
+    (project / "layers" / "00.tif").write_bytes(b"")
+    assert fragment_holding(project / "runs" / "x") == (project.resolve(), "layers/")
+    store = tmp_path / "frag" / "layers.zarr"
+    store.mkdir(parents=True)
+    assert fragment_holding(tmp_path / "frag" / "out") is None
+    (store / "zarr.json").write_text("{}")
+    assert fragment_holding(tmp_path / "frag" / "out") == ((tmp_path / "frag").resolve(),
+                                                           "layers.zarr")

@@ -174,8 +174,8 @@ class _VolumeHosts:
         """The name of the fragment volume in ``folder`` (``layers/``, ``surface_volume.zarr``,
         ...), tested as :class:`~scrollsam.data.fragment.Fragment` finds it; None without one."""
         if folder not in self._volume:
-            found = [f"{name}/" for name in SLICE_DIRS.values() if (folder / name).is_dir()]
-            found += [name for name in ZARR_STORES.values() if (folder / name).exists()]
+            found = [f"{name}/" for name in SLICE_DIRS.values() if _holds_tiffs(folder / name)]
+            found += [name for name in ZARR_STORES.values() if _is_store(folder / name)]
             self._volume[folder] = found[0] if found else None
         return self._volume[folder]
 
@@ -187,6 +187,22 @@ class _VolumeHosts:
             if volume is not None:
                 return folder, volume
         return None
+
+
+def _holds_tiffs(folder: Path) -> bool:
+    """``folder`` is a folder with a TIFF in it: a slice folder, not a ``layers/`` package of
+    some Python project (stops at the first TIFF)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith((".tif", ".tiff")) for e in entries)
+    except OSError:  # not a folder, or not readable
+        return False
+
+
+def _is_store(path: Path) -> bool:
+    """``path`` is a Zarr store: a folder with v2 (``.zarray`` / ``.zgroup``) or v3
+    (``zarr.json``) metadata at its root."""
+    return any((path / name).is_file() for name in (".zarray", ".zgroup", "zarr.json"))
 
 
 def fragment_holding(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
