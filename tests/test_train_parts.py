@@ -47,7 +47,8 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("train.lrr=1", r"unknown config key train\.lrr \(did you mean train\.lr\?\)"),
-    ("optim.lr=1", r"unknown config key optim\.lr$"),  # before: "optim", not what was typed
+    ("optim.lr=1", r"unknown config key optim \(in optim\.lr\)$"),  # before: "optim" alone
+    ("trian.steps=1", r"unknown config key trian \(in trian\.steps; did you mean train\?\)$"),
     ("train.steps=many", r"train\.steps: expected an integer, got 'many'"),
     ("train.steps=0", r"train\.steps: expected a positive integer, got 0"),
     ("data.input=xray", r"data\.input: expected one of ir, slices, got 'xray'"),

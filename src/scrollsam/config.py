@@ -205,11 +205,14 @@ def _from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         key = f"{prefix}{name}"
         if name not in fields:
             close = [f"{prefix}{n}" for n in difflib.get_close_matches(str(name), fields, n=3)]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            while isinstance(value, Mapping) and len(value) == 1:  # bogus.key=1: name it whole
+            typed = key  # bogus.key=1 or a section bogus: {key: 1}: name what was written
+            while isinstance(value, Mapping) and len(value) == 1:
                 inner, value = next(iter(value.items()))
-                key = f"{key}.{inner}"
-            raise ConfigError(f"unknown config key {key}{hint}")
+                typed = f"{typed}.{inner}"
+            notes = ([f"in {typed}"] if typed != key else []) + (
+                [f"did you mean {', '.join(close)}?"] if close else [])
+            raise ConfigError(f"unknown config key {key}"
+                              + (f" ({'; '.join(notes)})" if notes else ""))
         hint_t = hints[name]
         if dataclasses.is_dataclass(hint_t):
             kwargs[name] = _from_dict(hint_t, value or {}, f"{key}.")
