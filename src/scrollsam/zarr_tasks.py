@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,10 @@ __all__ = ["settle"]
 
 
 def settle(timeout: float = 10.0) -> None:
-    """Let the tasks still running on zarr's event loop end, and log (debug) instead of print
-    asyncio's reports of errors no one retrieved. Call it after a zarr read or write failed;
+    """Let the tasks still running on zarr's event loop end (every task on that loop: zarr's
+    own I/O; ones still running after ``timeout`` are cancelled), and log (debug) instead of
+    print asyncio's reports of errors no one retrieved, from then on (a handler set before is
+    kept for every other report). Call it after a zarr read or write failed;
     does nothing when zarr was never imported or its loop never started. Best effort: zarr's
     loop is a private detail, so anything unexpected here is ignored."""
     if "zarr" not in sys.modules:
@@ -40,17 +43,26 @@ def settle(timeout: float = 10.0) -> None:
         loop = sync.loop[0] if sync.loop else None
         if loop is None or loop.is_closed():
             return
-        loop.set_exception_handler(_quiet_unretrieved)
+        previous = loop.get_exception_handler()
+        if not isinstance(previous, _QuietUnretrieved):
+            loop.set_exception_handler(_QuietUnretrieved(previous))
         if loop.is_running():
             asyncio.run_coroutine_threadsafe(wait_others(), loop).result(timeout + 1)
     except Exception:  # noqa: BLE001 - the caller's own error is what gets reported
         log.debug("could not settle zarr's pending tasks", exc_info=True)
 
 
-def _quiet_unretrieved(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+class _QuietUnretrieved:
     """asyncio exception handler: "... exception was never retrieved" goes to the debug log,
-    anything else to asyncio's default handler."""
-    if "never retrieved" in str(context.get("message", "")):
-        log.debug("zarr task: %s: %r", context.get("message"), context.get("exception"))
-        return
-    loop.default_exception_handler(context)
+    anything else to the handler that was there before (asyncio's default if none)."""
+
+    def __init__(self, previous: Callable[..., object] | None) -> None:
+        self.previous = previous
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "never retrieved" in str(context.get("message", "")):
+            log.debug("zarr task: %s: %r", context.get("message"), context.get("exception"))
+        elif self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
