@@ -153,7 +153,8 @@ def test_corrupt_and_unsafe_checkpoints_refused(tmp_path):
     lambda sd: {f"module.{k}": v for k, v in sd.items()},  # saved from a DDP-wrapped model
     lambda sd: {"state_dict": sd},  # Lightning and many training scripts
     lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
-], ids=["ddp", "state_dict", "both"])
+    lambda sd: {"model": {"name": "sam_vit_b"}, "state_dict": sd},  # "model": not the weights
+], ids=["ddp", "state_dict", "both", "model_is_metadata"])
 def test_ddp_prefixed_and_state_dict_wrapped_files_load(tiny_1024_ckpt, tmp_path, wrap):
     # QA: both were "not a SAM checkpoint (no 'image_encoder.patch_embed.proj.weight' ...)"
     state = torch.load(tiny_1024_ckpt, weights_only=True)
@@ -233,21 +234,23 @@ def test_nan_or_inf_weights_are_refused_naming_the_file_and_the_first_bad_tensor
     torch.save(state, path)
     n = state["image_encoder.patch_embed.proj.weight"].numel()
     with pytest.raises(CheckpointError, match=re.escape(
-            f"{path} holds NaN/inf weights: {n} of the {n} values of "
-            f"image_encoder.patch_embed.proj.weight (the first such tensor")):
+            f"NaN/inf weights: {n} of the {n} values of image_encoder.patch_embed.proj.weight, "
+            f"the first such tensor;")) as refused:
         build_model("tiny", checkpoint=path, image_size=64)
+    assert str(refused.value).endswith(f"({path})")  # error: <what> (<file>)
     assert main(["train", f"out={tmp_path / 'run'}", f"data.root={data}",
                  "data.train=[train/1]", "data.valid=[train/2]", "model.type=tiny",
                  "model.image_size=64", "train.device=cpu", "train.steps=2", "log.images=false",
                  f"model.checkpoint={path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {path} holds NaN/inf weights"), err
+    assert len(err) == 1 and err[0].startswith("error: NaN/inf weights: "), err
+    assert err[0].endswith(f"({path})"), err
     # a scrollsam checkpoint's own parts (resume, predict): the mask head's weights
     model.mask_head = MaskHead(8, stem_from=3)
     extras = extras_state(model)
     next(iter(extras["mask_head"].values())).view(-1)[0] = float("inf")
-    with pytest.raises(CheckpointError, match=r"run/last.pt \(mask_head\) holds NaN/inf "
-                                              r"weights: 1 of the"):
+    with pytest.raises(CheckpointError, match=r"NaN/inf weights: 1 of the \d+ values of "
+                                              r"mask_head\.\S+, .*\(run/last.pt\)$"):
         load_weights(model, {"model": model.sam.state_dict(), "extras": extras},
                      model_type="tiny", source="run/last.pt")
 

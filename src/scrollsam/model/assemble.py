@@ -86,7 +86,7 @@ def load_weights(model: SamSegmenter, weights: dict[str, Any], *, model_type: st
                 f"{'has one' if part is not None else 'has none'}: build the model from the "
                 f"checkpoint's own config")
         if part is not None:
-            check_finite(extras[name], source=f"{source} ({name})")
+            check_finite(extras[name], source=source, part=name)
             try:
                 part.load_state_dict(extras[name])
             except RuntimeError as err:

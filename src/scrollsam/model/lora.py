@@ -96,11 +96,11 @@ def check_lora_rank(state: Mapping[str, torch.Tensor], *, rank: int, source: str
     what = ("that the model lacks" if not rank else
             f"but the model's are rank {rank} (model.lora_rank)")
     raise CheckpointError(
-        f"{source} holds LoRA adapters (rank {found}) {what}: set model.lora_rank={found} "
-        f"(build_model(..., lora_rank={found})) to start from them, or fold them into the "
-        f"encoder's weights first with scrollsam.model.lora.merge_lora ('LoRA checkpoints' in "
-        f"the README) to go "
-        f"on {'without adapters' if not rank else f'with new rank-{rank} ones'}")
+        f"the checkpoint holds LoRA adapters (rank {found}) {what}: set "
+        f"model.lora_rank={found} (build_model(..., lora_rank={found})) to start from them, or "
+        f"fold them into the encoder's weights first with scrollsam.model.lora.merge_lora "
+        f"('LoRA checkpoints' in the README) to go on "
+        f"{'without adapters' if not rank else f'with new rank-{rank} ones'} ({source})")
 
 
 def merge_lora(state: Mapping[str, torch.Tensor], *, alpha: float) -> dict[str, torch.Tensor]:

@@ -86,13 +86,15 @@ def _run_lora_alpha(obj: Any) -> float | None:
 
 
 def unwrap_state_dict(obj: Any) -> Any:
-    """The state dict inside ``obj``: under ``"model"`` or ``"state_dict"`` (the first that is
-    a dict), then without a ``module.`` prefix that every key carries; else ``obj`` itself."""
+    """The state dict inside ``obj``: under ``"model"`` or ``"state_dict"`` (the first that
+    holds SAM's patch embedding weight, with or without a ``module.`` prefix, else the first
+    that is a dict), then without a ``module.`` prefix that every key carries; else ``obj``."""
     if isinstance(obj, dict):
-        for key in WRAPPERS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
+        inner = [obj[key] for key in WRAPPERS if isinstance(obj.get(key), dict)]
+        weights = [d for d in inner
+                   if PATCH_WEIGHT in d or DDP_PREFIX + PATCH_WEIGHT in d]
+        if weights or inner:
+            obj = (weights or inner)[0]
         if obj and all(isinstance(k, str) and k.startswith(DDP_PREFIX) for k in obj):
             obj = {k[len(DDP_PREFIX):]: v for k, v in obj.items()}  # a DDP model's names
     return obj
@@ -118,21 +120,24 @@ def _hint(obj: Any) -> str:
     return f"; first of its {len(obj)} keys: {next(iter(obj))!r}"
 
 
-def check_finite(state: Mapping[str, Any], *, source: str) -> None:
+def check_finite(state: Mapping[str, Any], *, source: str, part: str = "") -> None:
     """CheckpointError naming ``source`` and the first tensor of ``state`` that holds NaN or
-    inf. One reduction per tensor and no copy of it: a sum is finite unless a value is NaN or
-    inf or the sum overflowed, and only then are the values counted (a vit_h file, 641 M
-    values, takes about a second on two CPU cores)."""
+    inf (``part``: the model part ``state`` belongs to, e.g. ``mask_head``, named with it).
+    One reduction per tensor and no copy of it: a sum is finite unless a value is NaN or inf
+    or the sum overflowed, and only then are the values counted (a vit_h file, 641 M values,
+    takes about a second on two CPU cores)."""
     for name, t in state.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
             continue
-        # (a 16-bit tensor sums in float32, where its finite values cannot overflow)
+        # (a 16-bit tensor sums in float32: fp16 cannot overflow it; bf16 can, and then its
+        # values are counted below, so a finite tensor still passes)
         total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
         if bool(torch.isfinite(total)):
             continue
         bad = t.numel() - int(torch.isfinite(t).sum())  # only for a tensor that failed
         if bad:
             raise CheckpointError(
-                f"{source} holds NaN/inf weights: {bad} of the {t.numel()} values of {name} "
-                f"(the first such tensor; a run that diverged? an earlier checkpoint of it, "
-                f"or the original file, may be whole)")
+                f"NaN/inf weights: {bad} of the {t.numel()} values of "
+                f"{part + '.' if part else ''}{name}, the first such tensor; a run that "
+                f"diverged? an earlier checkpoint of it, or the original file, may be whole "
+                f"({source})")
