@@ -156,3 +156,28 @@ def test_a_negative_clip_saved_by_a_run_reads_as_off():
     assert config_from_dict(saved, stored=True).train.clip == 0.0
     with pytest.raises(ConfigError, match=r"^train.clip: expected 0 \(off\)"):
         config_from_dict(saved)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train", {"warmup": -5}),
+                                            ("train", {"min_lr_ratio": 1.5}),
+                                            ("loss", {"iou_weight": -1.0}),
+                                            ("loss", {"mask_weight": 0.0, "dice_weight": 0.0,
+                                                      "iou_weight": 0.0})])
+def test_training_values_an_older_run_saved_are_kept_with_a_warning(key, value, caplog):
+    # Before: a run trained with train.warmup=-5 (accepted then) could no longer resume or
+    # predict: its saved config was refused. Data and model values stay errors.
+    from scrollsam.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(load_config(None, ["model.type=tiny"]))
+    saved[key].update(value)
+    with caplog.at_level("WARNING"):
+        cfg = config_from_dict(saved, stored=True)
+    assert getattr(cfg, key).__dict__.items() >= value.items()
+    assert any("the run's saved config: " in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError):
+        config_from_dict(saved)  # a user's value: refused
+    saved[key].update({k: v for k, v in config_to_dict(load_config(None, [])).get(key).items()
+                       if k in value})
+    saved["model"]["image_size"] = 250
+    with pytest.raises(ConfigError, match="model.image_size"):
+        config_from_dict(saved, stored=True)

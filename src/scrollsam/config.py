@@ -142,10 +142,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def validate(self) -> Config:
+    def validate(self, *, stored: bool = False) -> Config:
         """Every numeric key's range and the rules between keys
-        (:mod:`scrollsam.config_checks`); returns self."""
-        check_config(self)
+        (:mod:`scrollsam.config_checks`; ``stored``: a config a run saved); returns self."""
+        check_config(self, stored=stored)
         return self
 
 
@@ -229,11 +229,13 @@ def config_from_dict(data: Mapping[str, Any], *, stored: bool = False) -> Config
 
     stored: ``data`` is a config a run saved (a checkpoint's, a run's ``config.yaml``), maybe by
     an older scrollsam, which took a negative ``train.clip`` for off: it reads as 0 (off), so
-    that run still resumes and predicts; a user's negative value is an error."""
+    that run still resumes and predicts; a user's negative value is an error. Other
+    training-only values that scrollsam now refuses (``train.warmup=-5``, a negative loss
+    weight) are kept there, with a warning (:data:`scrollsam.config_checks.TRAINING_ONLY`)."""
     cfg = _from_dict(Config, data, "")
     if stored and cfg.train.clip < 0:
         cfg.train.clip = 0.0
-    return cfg.validate()
+    return cfg.validate(stored=stored)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -10,6 +10,7 @@ NaN and infinity are outside every range.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from scrollsam.errors import ConfigError
 
 if TYPE_CHECKING:
     from scrollsam.config import Config
+
+log = logging.getLogger(__name__)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.manual_seed takes
 
@@ -93,23 +96,38 @@ def value_of(cfg: Config, key: str) -> object:
     return node
 
 
-def check_ranges(cfg: Config) -> None:
-    """ConfigError for the first key of :data:`RANGES` whose value is outside its range."""
+# Keys that only steer training: a run an older scrollsam trained with a value now refused
+# (train.warmup=-5, a negative loss weight) still resumes and predicts, with a warning.
+TRAINING_ONLY = ("train.", "loss.", "log.", "prompts.")
+
+
+def _refuse(key: str, message: str, *, stored: bool) -> None:
+    """ConfigError(message); a warning instead for a training-only ``key`` of a stored config."""
+    if stored and key.startswith(TRAINING_ONLY):
+        log.warning("the run's saved config: %s; kept as saved", message)
+        return
+    raise ConfigError(message)
+
+
+def check_ranges(cfg: Config, *, stored: bool = False) -> None:
+    """ConfigError for the first key of :data:`RANGES` whose value is outside its range
+    (``stored``: a config a run saved: see :data:`TRAINING_ONLY`)."""
     for key, allowed in RANGES.items():
         value = value_of(cfg, key)
         if value is not None and not allowed.accepts(value):
-            raise ConfigError(f"{key}: expected {allowed.words}, got {value}")
+            _refuse(key, f"{key}: expected {allowed.words}, got {value}", stored=stored)
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, *, stored: bool = False) -> None:
     """Every key's range (:func:`check_ranges`), then the rules between keys; ConfigError
-    naming the key(s) for the first that fails."""
-    check_ranges(cfg)
+    naming the key(s) for the first that fails. ``stored``: ``cfg`` is a config a run saved,
+    whose training-only values (:data:`TRAINING_ONLY`) are only warned about."""
+    check_ranges(cfg, stored=stored)
     weights = (cfg.loss.mask_weight, cfg.loss.dice_weight, cfg.loss.iou_weight)
     if not any(weights):
-        raise ConfigError(f"loss.mask_weight / loss.dice_weight / loss.iou_weight: expected at "
-                          f"least one > 0 (with all at 0 nothing trains), got "
-                          f"{', '.join(f'{w:g}' for w in weights)}")
+        _refuse("loss.", f"loss.mask_weight / loss.dice_weight / loss.iou_weight: expected at "
+                         f"least one > 0 (with all at 0 nothing trains), got "
+                         f"{', '.join(f'{w:g}' for w in weights)}", stored=stored)
     if not cfg.data.valid and not 0.0 < cfg.data.valid_band < 1.0:
         raise ConfigError(f"data.valid_band: expected a share of each training fragment to "
                           f"hold out for validation, > 0 and < 1, when data.valid names no "
