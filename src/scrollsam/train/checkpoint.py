@@ -1,7 +1,7 @@
 """Self-describing training checkpoints, written atomically and read without running code.
 
 A checkpoint holds everything resume and predict need: the SAM weights under ``"model"`` with
-official parameter names (so :func:`scrollsam.model.build.load_sam_state_dict` reads it like an
+official parameter names (so :func:`scrollsam.model.sam_file.load_sam_state_dict` reads it like an
 official file), scrollsam's own parts (depth encoder, mask head) under ``"extras"``, the
 optimizer state, the step, the merged config, the best validation F0.5 and its threshold (with
 the threshold the validation probabilities expect, ``best_expected_threshold``, by which

@@ -139,7 +139,7 @@ def assign_kinds(num_sets: int, prompt_cfg: PromptConfig, gen: Generators) -> Te
 def corner_points(boxes: Tensor) -> Points:
     """Boxes [P, 4] XYXY -> their corners as points ``([P, 2, 2], [P, 2])``, labelled 2
     (top-left) and 3 (bottom-right): official SAM's box tokens
-    (:func:`scrollsam.model.segmenter.embed_point_tokens`)."""
+    (:func:`scrollsam.model.prompt_tokens.embed_point_tokens`)."""
     labels = torch.arange(2, 4, device=boxes.device).expand(boxes.shape[0], 2)  # no host copy
     return boxes.reshape(-1, 2, 2), labels
 
