@@ -226,7 +226,7 @@ def test_the_out_check_of_many_fragments_takes_well_under_a_second_each(tmp_path
 def test_a_folder_counts_as_a_fragment_only_with_a_real_volume(tmp_path):
     # Before: any layers/ or surface_volume/ folder, or anything named like a store, made its
     # parent a fragment: a Python project with a layers/ package refused every run dir in it.
-    from scrollsam.infer.out_safety import fragment_holding
+    from scrollsam.data.fragment_hosts import fragment_holding
 
     project = tmp_path / "project"
     (project / "layers").mkdir(parents=True)

@@ -21,11 +21,11 @@ ancestors there (and asks each ancestor once, a few ``stat`` calls, whether it h
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from scrollsam.data.fragment import SLICE_DIRS, ZARR_STORES, Fragment
+from scrollsam.data.fragment import Fragment
+from scrollsam.data.fragment_hosts import VolumeHosts
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import STATE_NAME
 from scrollsam.infer.zarr_out import ZARR_NAME
@@ -43,7 +43,7 @@ def check_clear_of_inputs(frags: Sequence[Fragment], out: Path, submission: Path
     """InputError, before any work, when an output would land in or on what a fragment holds
     (see the module's docstring). ``out`` and ``submission`` as the user gave them."""
     inputs = _Inputs(frags)
-    hosts = _VolumeHosts()
+    hosts = VolumeHosts()
     for index, (frag, dest) in enumerate(zip(frags, output_folders(frags, out), strict=True)):
         real = dest.resolve()
         hit = inputs.place_of(real)
@@ -75,7 +75,7 @@ def check_clear_of_inputs(frags: Sequence[Fragment], out: Path, submission: Path
 
 
 def _check_submission_place(frags: Sequence[Fragment], submission: Path, inputs: _Inputs,
-                            hosts: _VolumeHosts) -> None:
+                            hosts: VolumeHosts) -> None:
     """InputError when the submission file would lie inside a fragment folder or volume, or
     replace an input file."""
     real = submission.resolve()
@@ -162,54 +162,6 @@ class _Resolver:
     def file(self, path: Path) -> Path:
         """``path``, a file in a folder, resolved."""
         return path.resolve() if path.is_symlink() else self.folder(path.parent) / path.name
-
-
-class _VolumeHosts:
-    """Which folders hold a fragment volume, each folder asked once."""
-
-    def __init__(self) -> None:
-        self._volume: dict[Path, str | None] = {}
-
-    def volume(self, folder: Path) -> str | None:
-        """The name of the fragment volume in ``folder`` (``layers/``, ``surface_volume.zarr``,
-        ...), tested as :class:`~scrollsam.data.fragment.Fragment` finds it; None without one."""
-        if folder not in self._volume:
-            found = [f"{name}/" for name in SLICE_DIRS.values() if _holds_tiffs(folder / name)]
-            found += [name for name in ZARR_STORES.values() if _is_store(folder / name)]
-            self._volume[folder] = found[0] if found else None
-        return self._volume[folder]
-
-    def host(self, real: Path) -> tuple[Path, str] | None:
-        """(folder, its volume's name) of the nearest fragment folder that is the resolved
-        folder ``real`` or holds it; None when there is none."""
-        for folder in (real, *real.parents):
-            volume = self.volume(folder)
-            if volume is not None:
-                return folder, volume
-        return None
-
-
-def _holds_tiffs(folder: Path) -> bool:
-    """``folder`` is a folder with a TIFF in it: a slice folder, not a ``layers/`` package of
-    some Python project (stops at the first TIFF)."""
-    try:
-        with os.scandir(folder) as entries:
-            return any(e.name.lower().endswith((".tif", ".tiff")) for e in entries)
-    except OSError:  # not a folder, or not readable
-        return False
-
-
-def _is_store(path: Path) -> bool:
-    """``path`` is a Zarr store: a folder with v2 (``.zarray`` / ``.zgroup``) or v3
-    (``zarr.json``) metadata at its root."""
-    return any((path / name).is_file() for name in (".zarray", ".zgroup", "zarr.json"))
-
-
-def fragment_holding(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
-    """(folder, its volume's name) of the nearest fragment folder that is ``path`` (resolved;
-    it need not exist) or holds it, by the volume :class:`Fragment` would read; None when no
-    folder on the way up holds a volume."""
-    return _VolumeHosts().host(Path(path).resolve())
 
 
 def _with_ancestors(paths: Iterable[Path]) -> set[Path]:

@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
+from scrollsam.data.fragment_hosts import fragment_holding
 from scrollsam.errors import ConfigError, RunDirError, WriteError
 from scrollsam.io import within, write_failure
 from scrollsam.train.checkpoint import load_checkpoint
@@ -199,8 +200,6 @@ def _check_outside_fragments(cfg: Config, run: Path) -> None:
         if within(inside, frag):
             raise RunDirError(f"out: the run dir must not be inside fragment folder {name} "
                               f"(data.train / data.valid) ({run})")
-    from scrollsam.infer.out_safety import fragment_holding
-
     host = fragment_holding(run)  # any other fragment's folder: its data is not the run's
     if host is not None:
         raise RunDirError(f"out: the run dir must not be inside a fragment folder: {host[0]} "
