@@ -34,7 +34,8 @@ def _entry(rank: int, fn: Callable, size: int, port: int, folder: str, args: tup
         out: dict[str, Any] = {"result": fn(rank, *args)}
     except BaseException as err:  # noqa: BLE001 (reported to the test, whatever it is)
         out = {"error": type(err).__name__, "message": str(err),
-               "step": getattr(err, "step", None), "main": getattr(err, "main", None)}
+               "step": getattr(err, "step", None), "main": getattr(err, "main", None),
+               "echo": getattr(err, "echo", None)}
     with open(Path(folder) / f"{rank}.pkl", "wb") as f:
         pickle.dump(out, f)
 

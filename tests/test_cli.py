@@ -114,3 +114,19 @@ def test_an_unknown_flag_shows_the_commands_usage(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: scrollsam train ")
     assert err.strip().endswith("scrollsam train: error: unrecognized arguments: --bogus")
+
+
+def test_an_error_another_process_reports_is_not_printed_again(monkeypatch, capsys):
+    # Before: under torchrun every process printed the same error line (and "rank 1: ..." too).
+    from scrollsam import cli
+    from scrollsam.errors import ConfigError
+    from scrollsam.train.distributed import mark_echo
+
+    for echo, printed in ((True, ""), (False, "error: bad value (train.lr)\n")):
+        def fail(args, echo=echo):
+            raise mark_echo(ConfigError("bad value (train.lr)"), echo)
+
+        name, example, add, _ = cli.COMMANDS["inspect"]
+        monkeypatch.setitem(cli.COMMANDS, "inspect", (name, example, add, fail))
+        assert cli.main(["inspect", "x"]) == 2
+        assert capsys.readouterr().err == printed

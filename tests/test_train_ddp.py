@@ -151,6 +151,8 @@ def test_a_failing_rank_ends_every_rank_with_its_message(data, tmp_path):
     for r in results:
         assert r.get("error") == "TrainingError", r
         assert r["message"] == "rank 1: RuntimeError: boom in step 2"
+    # the CLI prints the line where it happened only (rank 0 echoes it); before, each rank did
+    assert [r["echo"] for r in results] == [True, False]
     assert not (run / "last.pt").exists()  # it failed before step 3's save
 
 

@@ -358,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         zarr_tasks.settle()  # a failed zarr read or write leaves tasks behind: end them quietly
-        print(f"error: {err}", file=sys.stderr)
+        if not getattr(err, "echo", False):  # torchrun: the first failed process reports it
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as stop:  # Ctrl-C / SIGTERM, last.pt written: say how to go on
         if stop.main:  # once for a torchrun run, not once per process

@@ -43,7 +43,13 @@ from scrollsam.infer.threshold import candidate_index
 from scrollsam.infer.zarr_out import ZarrOutput
 from scrollsam.io import atomic_write_text
 from scrollsam.metrics import Counts, binarize_prediction, confusion
-from scrollsam.train.distributed import World, exchange_errors, gather_objects, row_bands
+from scrollsam.train.distributed import (
+    World,
+    exchange_errors,
+    gather_objects,
+    mark_echo,
+    row_bands,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,9 @@ def settle(step: Callable[[], T], world: World) -> T:
         failed = exchange_errors(error, typed=True)
         if error is None and failed:
             rank, what = failed[0]
-            raise RankError(f"rank {rank} of {world.size} failed: {what}")
+            raise mark_echo(RankError(f"rank {rank} of {world.size} failed: {what}"), True)
+        if error is not None:
+            mark_echo(error, failed[0][0] != world.rank)  # the first failed rank reports it
     if error is not None:
         raise error
     return result  # type: ignore[return-value]

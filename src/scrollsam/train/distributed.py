@@ -15,11 +15,14 @@ import datetime
 import os
 import traceback
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from scrollsam.errors import InputError, ScrollsamError
+
+E = TypeVar("E", bound=BaseException)
 
 # A collective that waits longer than this ends the job instead of hanging it (a rank that died
 # outside the loop's error exchange, a lost node). Training steps are far shorter.
@@ -145,6 +148,14 @@ def exchange_errors(error: BaseException | None, *,
     :func:`error_line`. Alone: this process's error, if any."""
     line = None if error is None else error_line(error, typed=typed)
     return [(rank, m) for rank, m in enumerate(gather_objects(line)) if m is not None]
+
+
+def mark_echo(error: E, echo: bool) -> E:
+    """``error`` with ``error.echo = echo``: True where it repeats what another process (the
+    first that failed) reports itself, so the CLI prints one error line for a torchrun run, not
+    one per process."""
+    error.echo = echo  # type: ignore[attr-defined]
+    return error
 
 
 def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, int]]:

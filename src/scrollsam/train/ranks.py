@@ -19,7 +19,7 @@ import signal
 import torch
 
 from scrollsam.errors import ScrollsamError
-from scrollsam.train.distributed import World, all_reduce_sum, exchange_errors
+from scrollsam.train.distributed import World, all_reduce_sum, exchange_errors, mark_echo
 from scrollsam.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class Ranks:
         rank, first = failed[0]
         if failure is not None and len(failed) == self.world.size and all(
                 m == first for _, m in failed):
-            raise failure  # every process failed the same way: its own error, unprefixed
-        raise TrainingError(f"rank {rank}: {first}") from failure
+            raise mark_echo(failure, self.world.rank != rank)  # every process alike: its own
+        raise mark_echo(TrainingError(f"rank {rank}: {first}"),
+                        self.world.rank != rank) from failure
 
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """0-dim tensors averaged over the processes (one all-reduce; a host sync under
