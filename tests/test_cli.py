@@ -130,3 +130,19 @@ def test_an_error_another_process_reports_is_not_printed_again(monkeypatch, caps
         monkeypatch.setitem(cli.COMMANDS, "inspect", (name, example, add, fail))
         assert cli.main(["inspect", "x"]) == 2
         assert capsys.readouterr().err == printed
+
+
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_demo_refuses_steps_below_1_before_touching_its_folder(tmp_path, capsys, steps):
+    # Before: --steps -1 deleted the previous demo (run/, pred/, metrics.json), synthesised the
+    # data, then failed with "length: expected a non-negative integer, got -8"; --steps 0
+    # reported an untrained model's F0.5 as the demo's.
+    from scrollsam.cli import main
+
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")  # an earlier demo's
+    assert main(["demo", "--out", str(out), "--steps", steps]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --steps: expected a positive integer, got {steps}"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "run"]

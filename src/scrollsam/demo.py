@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scrollsam.errors import RunDirError
+from scrollsam.errors import InputError, RunDirError
 
 if TYPE_CHECKING:
     from scrollsam.config import Config
@@ -137,6 +137,8 @@ def run_demo(out: str | Path = "demo", *, input: str = "ir", steps: int | None =
     from scrollsam.io import atomic_write_text
     from scrollsam.train.loop import train
 
+    if steps is not None and (isinstance(steps, bool) or steps < 1):  # before anything goes
+        raise InputError(f"--steps: expected a positive integer, got {steps}")
     start = time.perf_counter()
     out = Path(out)
     _prepare(out)
