@@ -74,3 +74,41 @@ def test_profile_is_deterministic_and_checked(frag):
     for bad in ("yes", 1, None):
         with pytest.raises(InputError, match="profile"):
             make_view("slices", "range", profile=bad, **BAND)
+
+
+def _with_slice(src, dst, z: int, value: int):
+    """A copy of fragment ``src`` whose slice ``z`` holds ``value`` everywhere (a dead slice)."""
+    shutil.copytree(src, dst)
+    path = sorted((dst / "surface_volume").iterdir())[z]
+    tifffile.imwrite(path, np.full_like(tifffile.imread(path), value))
+    return Fragment(dst)
+
+
+def test_a_dead_slice_in_the_band_is_left_out_of_each_pixels_profile(frag, tmp_path):
+    # Before: a blank slice 8 in the band took part in each pixel's depth std, which grew by
+    # the papyrus-to-zero jump and squashed the live slices (QA: F0.5 0.567 -> 0.000).
+    dead = _with_slice(frag.path, tmp_path / "dead", 8, 0)
+    view = make_view("slices", "range", profile=True, **BAND)
+    inside = frag.mask_window(40, 40 + S, 50, 50 + S)
+    clean, got = view.eval_window(frag, 40, 50, S), view.eval_window(dead, 40, 50, S)
+    assert not got[8 - BAND["z0"]].any()  # the dead slice says nothing
+    live = [c for c in range(got.shape[0]) if c != 8 - BAND["z0"]]
+    ratio = got[live][:, inside].std() / clean[live][:, inside].std()
+    assert 0.95 < ratio < 1.25, ratio  # before: about 0.3
+
+
+@pytest.mark.parametrize("value", [0, 65535], ids=["blank", "saturated"])
+def test_a_dead_last_slice_does_not_move_the_sheet_aligned_band(frag, tmp_path, value):
+    # Before: a blank (or saturated) last slice made the emptiest slice 0 (or raised the
+    # baseline), so the density centroid slid towards the dead end: band 0..25 -> 9..34.
+    from scrollsam.data.stats import sheet_centre
+
+    dead = _with_slice(frag.path, tmp_path / "dead", 15, value)
+    view = make_view("slices", "range", align="sheet", **{**BAND, "z0": 2, "z1": 8})
+    assert view.band(dead) == view.band(frag)
+    # the centroid itself, on a profile where it matters: air at 100, the sheet at slices 5-10
+    mean, std = [100.0] * 40, [10.0] * 40
+    mean[5:11] = [1100.0] * 6
+    mean[-1], std[-1] = float(value), 0.0
+    assert sheet_centre(mean, std) == pytest.approx(7.5)
+    assert abs(sheet_centre(mean) - 7.5) > 3  # what leaving the slices' std out gives

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -303,13 +304,36 @@ def _random_pixels(
     return found + [(int(i // w), int(i % w)) for i in picks]
 
 
-def sheet_centre(slice_mean: tuple[float, ...] | list[float]) -> float:
+def dead_slices(slice_std: Sequence[float]) -> np.ndarray:
+    """bool [depth]: the slices that hold one value inside the mask (std about 0: a blank,
+    missing or saturated slice a scanner or a conversion left). They carry no signal and would
+    outweigh every real slice in a depth profile or a density centroid."""
+    std = np.asarray(slice_std, np.float64)  # [depth]
+    return std <= 1e-6 * max(float(std.max(initial=0.0)), 1e-12)
+
+
+def profile_moments(vol: np.ndarray, slice_std: Sequence[float]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pixel's mean and std along depth over the live slices of ``vol`` float32
+    [n, S, S] (``slice_std``: the n slices' std in the fragment, :func:`dead_slices`):
+    (mean [1, S, S], std [1, S, S], dead bool [n]). All dead: over every slice."""
+    dead = dead_slices(slice_std)
+    live = vol[~dead] if (~dead).any() else vol
+    return live.mean(axis=0, keepdims=True), live.std(axis=0, keepdims=True), dead
+
+
+def sheet_centre(slice_mean: Sequence[float], slice_std: Sequence[float] | None = None
+                 ) -> float:
     """Depth (slice index, fractional) of the papyrus sheet: the centroid of the slices' mean
     density above the emptiest slice. Density is what the sheet adds to empty space, so the
     centroid follows the sheet wherever the scan put it; ``(depth - 1) / 2`` when the profile
-    is flat."""
+    is flat. With ``slice_std``, dead slices (:func:`dead_slices`: a blank or saturated one)
+    take no part: a blank last slice had made every air slice count as sheet."""
     m = np.asarray(slice_mean, np.float64)  # [depth]
-    w = m - m.min()
+    live = np.ones(len(m), bool) if slice_std is None else ~dead_slices(slice_std)
+    if not live.any():
+        return (len(m) - 1) / 2
+    w = np.where(live, m - m[live].min(), 0.0)
     if w.sum() <= 0:
         return (len(m) - 1) / 2
     return float((w * np.arange(len(m))).sum() / w.sum())

@@ -39,13 +39,12 @@ sheet's density centroid, :func:`.stats.sheet_centre`; ``none`` keeps z0 / z1),
 Normalisation: slices are converted exactly to float32 (8-bit and 16-bit alike) and standardised
 per slice, ``(v - mean[z]) / std[z]``, or with ``norm: median_mad`` ``(v - median[z]) /
 (1.4826 MAD[z])``, which cracks, air pockets and bright inclusions barely move; with
-``profile: true`` each pixel's column of band slices instead by its own depth mean and std,
-``(v[:, y, x] - mean_z) / std_z``, so brightness or texture that scales or offsets a pixel's whole
-column cancels and only the shape of its depth profile is left; ir with its own
-mean / std; projections are standardised per channel once more. Statistics are per fragment,
-inside ``mask.png`` (:mod:`.stats`). So inside the mask each channel is roughly zero mean / unit
-std; values are clipped to [-CLIP, CLIP] and pixels outside the mask (or outside the image) are
-exactly 0.
+``profile: true`` each pixel's column of band slices instead by its own depth mean and std over
+the live slices (a dead one, blank or saturated, :func:`.stats.dead_slices`, is left out and
+set to 0), so brightness or texture that scales or offsets a pixel's whole column cancels; ir
+with its own mean / std; projections per channel once more. Statistics are per fragment, inside
+``mask.png`` (:mod:`.stats`): inside the mask each channel is roughly zero mean / unit std;
+values are clipped to [-CLIP, CLIP], and pixels outside the mask (or the image) are exactly 0.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ import numpy as np
 
 from scrollsam.config import DataConfig
 from scrollsam.data.fragment import Fragment
-from scrollsam.data.stats import StatsCache, sheet_centre
+from scrollsam.data.stats import StatsCache, profile_moments, sheet_centre
 from scrollsam.errors import ConfigError, FragmentError, InputError
 
 log = logging.getLogger(__name__)
@@ -99,8 +98,7 @@ class View:
 
     def train_window(self, fragment: Fragment, y0: int, x0: int, size: int, *,
                      rng: np.random.Generator) -> np.ndarray:
-        """Training input for the window at (y0, x0): float32 [C, size, size]; random draws
-        (depth choices) come from ``rng``."""
+        """Training input for the window at (y0, x0): float32 [C, size, size]; draws: ``rng``."""
         return self.eval_window(fragment, y0, x0, size)
 
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
@@ -179,8 +177,9 @@ class SlicesView(View):
         self.check(fragment)
         floor = np.float32(1e-3 * np.iinfo(fragment.dtype).max)
         vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)  # [n,S,S]
-        if profile:  # each pixel's own depth mean / std: [1, S, S]
-            mean, std = vol.mean(axis=0, keepdims=True), vol.std(axis=0, keepdims=True)
+        dead = np.zeros(z1 - z0, bool)  # [n]: profile's dead slices, set to 0 below
+        if profile:  # each pixel's own depth mean / std over the live slices: [1, S, S]
+            mean, std, dead = profile_moments(vol, self.stats.get(fragment).slice_std[z0:z1])
         else:  # the fragment's per-slice statistics: [n, 1, 1]
             st = self.stats.get(fragment)
             centre, spread = ((st.slice_mean, st.slice_std) if self.norm == "mean_std"
@@ -192,12 +191,12 @@ class SlicesView(View):
         vol /= np.maximum(std, floor)
         np.clip(vol, -CLIP, CLIP, out=vol)
         vol *= inside
+        vol[dead] = 0  # a dead slice (blank, saturated) says nothing
         return vol
 
     def _shifted_band(self, fragment: Fragment, rng: np.random.Generator, shift: int, *,
                       band: tuple[int, int]) -> tuple[int, int]:
-        """``band`` (z0, z1) moved by a uniform draw in [-shift, shift], kept inside the
-        volume."""
+        """``band`` (z0, z1) moved by a uniform draw in [-shift, shift], inside the volume."""
         z0, z1 = band
         lo, hi = max(-shift, -z0), min(shift, fragment.depth - z1)
         d = int(rng.integers(lo, hi + 1)) if hi >= lo else 0
@@ -279,7 +278,8 @@ class _BandView(SlicesView):
         (kept inside the volume)."""
         if self.align == "none":
             return self.z0, self.z1
-        centre = sheet_centre(self.stats.get(fragment).slice_mean)
+        st = self.stats.get(fragment)
+        centre = sheet_centre(st.slice_mean, st.slice_std)
         move = round(centre - (self.z0 + self.z1 - 1) / 2)
         move = int(np.clip(move, -self.z0, fragment.depth - self.z1))
         return self.z0 + move, self.z1 + move
