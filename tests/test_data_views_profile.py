@@ -112,3 +112,20 @@ def test_a_dead_last_slice_does_not_move_the_sheet_aligned_band(frag, tmp_path, 
     mean[-1], std[-1] = float(value), 0.0
     assert sheet_centre(mean, std) == pytest.approx(7.5)
     assert abs(sheet_centre(mean) - 7.5) > 3  # what leaving the slices' std out gives
+
+
+def test_an_aligned_band_fits_a_volume_shallower_than_its_configured_end(tmp_path):
+    # Before: align: sheet still asked for slices z0..z1-1, so a model trained on 20..45 of 65
+    # refused every volume of 26 to 45 slices, though its band moves into each volume.
+    from scrollsam.errors import FragmentError
+
+    shallow = Fragment(write_fragment(tmp_path / "1", height=96, width=96, depth=12, seed=2))
+    view = make_view("slices", "range", align="sheet", depth=16, z0=6, z1=14)
+    z0, z1 = view.band(shallow)
+    assert z1 - z0 == 8 and 0 <= z0 and z1 <= 12
+    assert view.eval_window(shallow, 0, 0, 32).shape == (8, 32, 32)
+    with pytest.raises(FragmentError, match="has 12 slices, view slices/range needs slices 6..13"):
+        make_view("slices", "range", depth=16, z0=6, z1=14).eval_window(shallow, 0, 0, 32)
+    narrow = make_view("slices", "range", align="sheet", depth=16, z0=0, z1=13)
+    with pytest.raises(FragmentError, match="with align: sheet needs 13 "):
+        narrow.eval_window(shallow, 0, 0, 32)

@@ -1,5 +1,6 @@
-"""The band views that reduce or rearrange the slices: ``slices/project`` and ``slices/mosaic``
-(see :mod:`.views` for all views, their parameters and the normalisation)."""
+"""The band views: ``slices/range`` (the slices as channels), and those that reduce or rearrange
+them, ``slices/project`` and ``slices/mosaic`` (see :mod:`.views` for all views, their
+parameters and the normalisation)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ from scrollsam.data.fragment import Fragment
 from scrollsam.data.stats import StatsCache, sample_windows
 from scrollsam.data.views import CLIP, REDUCTIONS, _BandView, _int
 from scrollsam.errors import InputError
+
+
+class RangeView(_BandView):
+    """Slices z0..z1-1 as C = z1 - z0 channels."""
+
+    name = "slices/range"
+
+    def __init__(self, stats: StatsCache, **params: Any) -> None:
+        super().__init__(stats, **params)
+        self.channels = self.z1 - self.z0
+
+    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
+                 size: int, *, scale: float = 1.0) -> np.ndarray:
+        return self._band_slices(fragment, z0, z1, y0, x0, size, scale)  # [C, S, S]
 
 
 class ProjectView(_BandView):

@@ -273,6 +273,16 @@ class _BandView(SlicesView):
             raise InputError(f"profile: expected true or false, got {self.profile!r}")
         self.profile = bool(self.profile)
 
+    def check(self, fragment: Fragment) -> None:
+        """With ``align=sheet`` the band moves into each volume: it needs z1 - z0 slices, not
+        slices z0..z1-1 (a 30-slice volume takes the 26 slices of 20..45)."""
+        if self.align == "none":
+            super().check(fragment)
+        elif fragment.depth < self.z1 - self.z0:
+            raise FragmentError(
+                f"fragment {fragment.id} has {fragment.depth} slices, view {self.name} with "
+                f"align: sheet needs {self.z1 - self.z0} (the band's width) ({fragment.path})")
+
     def band(self, fragment: Fragment) -> tuple[int, int]:
         """The fragment's band (z0, z1): as set, or centred on its sheet with ``align=sheet``
         (kept inside the volume)."""
@@ -321,22 +331,12 @@ class _BandView(SlicesView):
         return (vol[i0] * (1 - w) + vol[i1] * w).astype(np.float32)  # [n, S, S]
 
 
-class RangeView(_BandView):
-    """Slices z0..z1-1 as C = z1 - z0 channels."""
-
-    name = "slices/range"
-
-    def __init__(self, stats: StatsCache, **params: Any) -> None:
-        super().__init__(stats, **params)
-        self.channels = self.z1 - self.z0
-
-    def _compose(self, fragment: Fragment, z0: int, z1: int, y0: int, x0: int,
-                 size: int, *, scale: float = 1.0) -> np.ndarray:
-        return self._band_slices(fragment, z0, z1, y0, x0, size, scale)  # [C, S, S]
-
-
 def _views() -> dict[str, type[View]]:
-    from scrollsam.data.band_views import MosaicView, ProjectView  # they build on _BandView
+    from scrollsam.data.band_views import (  # they build on _BandView
+        MosaicView,
+        ProjectView,
+        RangeView,
+    )
 
     return {"ir": IrView, "slices/triplet": TripletView, "slices/every": EveryView,
             "slices/range": RangeView, "slices/project": ProjectView, "slices/mosaic": MosaicView}
