@@ -129,3 +129,18 @@ def test_an_aligned_band_fits_a_volume_shallower_than_its_configured_end(tmp_pat
     narrow = make_view("slices", "range", align="sheet", depth=16, z0=0, z1=13)
     with pytest.raises(FragmentError, match="with align: sheet needs 13 "):
         narrow.eval_window(shallow, 0, 0, 32)
+
+
+def test_the_log_names_the_slices_an_aligned_band_reads(frag, caplog):
+    # Before: nothing said which slices align: sheet picked, in training or prediction.
+    from scrollsam.data.band_views import aligned_band
+    from scrollsam.data.dataset import make_datasets
+
+    aligned = make_view("slices", "range", align="sheet", **{**BAND, "z0": 2, "z1": 8})
+    z0, z1 = aligned.band(frag)
+    assert aligned_band(aligned, frag) == f"slices {z0}..{z1 - 1} (aligned on its sheet)"
+    assert aligned_band(make_view("slices", "range", **BAND), frag) is None
+    assert aligned_band(make_view("ir"), frag) is None
+    with caplog.at_level("INFO"):
+        make_datasets([frag], aligned, size=S, valid_band=(0.8, 1.0))
+    assert f"{frag.id}: slices {z0}..{z1 - 1} (aligned on its sheet)" in caplog.messages

@@ -15,6 +15,15 @@ from scrollsam.data.views import CLIP, REDUCTIONS, _BandView, _int
 from scrollsam.errors import InputError
 
 
+def aligned_band(view: object, fragment: Fragment) -> str | None:
+    """``"slices 20..45 (aligned on its sheet)"``: the band ``view`` reads from ``fragment``
+    when it moves per fragment (``align: sheet``), for the log; None for any other view."""
+    if not isinstance(view, _BandView) or view.align != "sheet":
+        return None
+    z0, z1 = view.band(fragment)
+    return f"slices {z0}..{z1 - 1} (aligned on its sheet)"
+
+
 class RangeView(_BandView):
     """Slices z0..z1-1 as C = z1 - z0 channels."""
 

@@ -175,6 +175,11 @@ def make_datasets(
         )
     _check_validation(fragments, valid_fragments, valid_band, valid_tiles)
     log.info("%d training tiles, %d validation tiles", len(train_tiles), len(valid_tiles))
+    from scrollsam.data.band_views import aligned_band
+
+    for frag in fragments:  # which slices each fragment gives, where the band moves
+        if (band := aligned_band(view, frag)) is not None:
+            log.info("%s: %s", frag.id, band)
     train = TileDataset(fragments, train_tiles, view, train=True, augment=augment, seed=seed,
                         length=samples_per_epoch, ink_share=ink_share)
     valid = TileDataset(fragments, valid_tiles, view, train=False, seed=seed)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
+from scrollsam.data.band_views import aligned_band
 from scrollsam.data.fragment import Fragment
 from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
@@ -218,7 +219,9 @@ def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out:
         results.append(FragmentResult(frag.id, dest, done.files, done.metrics, done.stats,
                                       kind))
         if world.main:
-            log.info("%s: wrote %s", frag.id, ", ".join(p.name for p in done.files.values()))
+            band = aligned_band(predictor.view, frag)
+            log.info("%s: wrote %s%s", frag.id, ", ".join(p.name for p in done.files.values()),
+                     f"; {band}" if band else "")
         frag.close()
 
     if submission is not None:
