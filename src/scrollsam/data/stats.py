@@ -312,6 +312,14 @@ def dead_slices(slice_std: Sequence[float]) -> np.ndarray:
     return std <= 1e-6 * max(float(std.max(initial=0.0)), 1e-12)
 
 
+def std_floor(slice_std: Sequence[float]) -> float:
+    """The smallest std a view divides by: 1e-3 of the fragment's median slice std, so that
+    flat columns are not blown up. Relative to the data, not to its dtype: a uint16 volume
+    holding 8-bit values (std about 20) was divided by at least 65.5 (1e-3 of 65535), which
+    squashed its input to a third."""
+    return max(1e-3 * float(np.median(np.asarray(slice_std, np.float64))), 1e-6)
+
+
 def profile_moments(vol: np.ndarray, slice_std: Sequence[float]
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each pixel's mean and std along depth over the live slices of ``vol`` float32

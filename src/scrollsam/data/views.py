@@ -58,7 +58,7 @@ import numpy as np
 
 from scrollsam.config import DataConfig
 from scrollsam.data.fragment import Fragment
-from scrollsam.data.stats import StatsCache, profile_moments, sheet_centre
+from scrollsam.data.stats import StatsCache, profile_moments, sheet_centre, std_floor
 from scrollsam.errors import ConfigError, FragmentError, InputError
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class SlicesView(View):
         """Slices z0..z1-1 of the window, standardised (per slice, or per pixel along depth
         with ``profile``) and clipped, 0 outside the mask: float32 [z1-z0, S, S]."""
         self.check(fragment)
-        floor = np.float32(1e-3 * np.iinfo(fragment.dtype).max)
+        floor = np.float32(std_floor(self.stats.get(fragment).slice_std))
         vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)  # [n,S,S]
         dead = np.zeros(z1 - z0, bool)  # [n]: profile's dead slices, set to 0 below
         if profile:  # each pixel's own depth mean / std over the live slices: [1, S, S]
