@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 
 from scrollsam.data.fragment import Fragment
-from scrollsam.data.stats import compute_stats, slice_contrast
+from scrollsam.data.stats import compute_stats, dead_slices, slice_contrast
 
 
 def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
     """Summary of ``fragment`` as a JSON-serialisable dict (keys as in the `inspect --json`
     output: path, id, layout, store, volume, height, width, depth, dtype, compression,
     memory_mapped, chunks, bytes_on_disk, mask_coverage, has_labels, has_ir, ink_fraction, ir,
-    sampled_pixels, slices [{z, file, mean, std, contrast}], ink_band).
+    sampled_pixels, slices [{z, file, mean, std, contrast}], ink_band, dead_slices: the
+    slices holding one value inside the mask, :func:`.stats.dead_slices`).
 
     ``store`` is "tiff", "zarr" or "ome-zarr"; ``volume`` names the slice folder or store and,
     for Zarr, what it is (``surface_volume.zarr: Zarr v2 array``); ``chunks`` is the Zarr chunk
@@ -72,6 +73,7 @@ def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
         "sampled_pixels": stats.pixels,
         "slices": slices,
         "ink_band": _ink_band(contrast.contrast) if contrast is not None else None,
+        "dead_slices": [int(z) for z in np.flatnonzero(dead_slices(stats.slice_std))],
     }
 
 
@@ -114,6 +116,10 @@ def format_description(d: dict[str, Any]) -> str:
             bar = "#" * round(20 * abs(s["contrast"]) / peak) if peak > 0 else ""
             row += f"  {s['contrast']:+8.3f} {bar}"
         lines.append(row)
+    if d["dead_slices"]:
+        lines.append(f"  dead slices {', '.join(map(str, d['dead_slices']))}: one value inside "
+                     f"the mask (blank, missing or saturated); profile views and align: sheet "
+                     f"leave them out, other views read them as they are")
     if d["ink_band"] is not None:
         z0, z1 = d["ink_band"]
         lines.append(f"  ink signal  strongest in slices {z0}..{z1} "
