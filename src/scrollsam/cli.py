@@ -311,11 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scrollsam",
         description="Fine-tune Segment Anything to find ink in scans of the Herculaneum scrolls.",
-        parents=[_common(argparse.SUPPRESS)],
+        parents=[_common()],
     )
     parser.set_defaults(debug=False, verbose=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = _common(argparse.SUPPRESS)  # given before or after COMMAND: the same
+    common = _common()  # given before or after COMMAND: the same
     for name, (help_line, example, add, _) in COMMANDS.items():
         p = sub.add_parser(
             name, help=help_line, description=help_line, parents=[common],
@@ -327,13 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(default: object) -> argparse.ArgumentParser:
-    """--debug and -v, accepted before and after the command; ``default`` SUPPRESS keeps a
-    subcommand's parser from resetting what was given before the command."""
+def _common() -> argparse.ArgumentParser:
+    """--debug and -v, accepted before and after the command; no default of their own (SUPPRESS),
+    so a subcommand's parser does not reset what was given before the command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=default,
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks for errors")
-    common.add_argument("-v", "--verbose", action="store_true", default=default,
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log more detail")
     return common
 

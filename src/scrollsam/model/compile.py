@@ -81,15 +81,14 @@ def compile_model(model: nn.Module, *, device: torch.device | str,
         torch._dynamo.reset()
     if not compile_encoder(model, device=device, backend=backend):
         return False
-    if bf16 and torch.device(device).type == "cpu" and (backend or BACKEND) == "inductor":
+    decoder = not (bf16 and torch.device(device).type == "cpu"
+                   and (backend or BACKEND) == "inductor")
+    if not decoder:
         log.warning("train.compile: the mask decoder stays eager on a CPU under bf16 autocast "
                     "(compiled, its gradients were not finite); the encoder and the loss are "
                     "compiled")
-        decoder = False
     elif not compile_decoder(model, device=device, backend=backend):
         return False
-    else:
-        decoder = True
     model.compiled_loss = backend or BACKEND
     log.info("training loss's per-pixel terms compiled (%s, dynamic shapes)",
              model.compiled_loss)
