@@ -72,7 +72,7 @@ def test_three_trial_sweep_writes_the_best_config(data, tmp_path, capsys):
     assert cfg.train.lr == best.params["train.lr"]
     assert cfg.model.trainable == yaml.safe_load(best.params["model.trainable"])
     assert cfg.out == str(out / "best") and cfg.train.steps == 2
-    assert "best trials:" in report and f"{best.value:.4g}" in report
+    assert "best trials:" in report and f"{best.value:.4f}" in report
     assert "parameter importances" in report and "optuna-dashboard sqlite:///" in report
     # the same command again: the target is met, nothing more runs
     assert main(args) == 0
