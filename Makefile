@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) --editable .
 	touch $@
 
-# Developer install: the same plus pytest, hypothesis and ruff.
+# Developer install: the same plus pytest, pytest-xdist, hypothesis and ruff.
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) --editable ".[dev]"
 	touch $(VENV)/.installed $@
@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/run.py
