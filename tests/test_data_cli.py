@@ -84,3 +84,23 @@ def test_inspect_names_dead_slices(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["dead_slices"] == [3, 7]
     assert main(["inspect", str(frag)]) == 0
     assert "  dead slices 3, 7: one value inside the mask" in capsys.readouterr().out
+
+
+def test_inspect_names_no_ink_band_where_moved_labels_contrast_as_much(tmp_path, capsys):
+    """A volume without ink but with labels: fibres and the drifting sheet still give each
+    slice some |contrast| (0.06-0.15 pooled std); so do the labels moved elsewhere, and no
+    ink band is named. The same fragment with ink names its band, well above chance."""
+    for name, contrast in (("ink", "0.1"), ("none", "0")):
+        main(["synth", str(tmp_path / name), "--fragments", "1", "--height", "256", "--width",
+              "256", "--ink-contrast", contrast, "--seed", "2"])
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "none" / "train" / "1"), "--json"]) == 0
+    none = json.loads(capsys.readouterr().out)
+    peak = max(abs(s["contrast"]) for s in none["slices"])
+    assert none["ink_band"] is None and 0 < peak < 2 * none["chance_contrast"]
+    assert main(["inspect", str(tmp_path / "none" / "train" / "1")]) == 0
+    assert "ink signal  none that stands out" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "ink" / "train" / "1"), "--json"]) == 0
+    ink = json.loads(capsys.readouterr().out)
+    peak = max(abs(s["contrast"]) for s in ink["slices"])
+    assert ink["ink_band"] is not None and peak > 3 * ink["chance_contrast"]

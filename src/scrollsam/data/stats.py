@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from scrollsam.data.chance import unrelated_shifts
 from scrollsam.data.fragment import Fragment
 from scrollsam.errors import FragmentError, InputError
 from scrollsam.io import within
@@ -85,7 +86,10 @@ class SliceContrast:
     """Per-slice ink-versus-background statistics inside the mask, lists of length depth.
 
     ``contrast[z]`` = (ink mean - background mean) / pooled std: a standardised difference
-    (Cohen's d); slices whose |contrast| stands out carry the ink signal.
+    (Cohen's d); slices whose |contrast| stands out carry the ink signal. ``chance`` is what
+    the same pixels give with the labels moved just past their own pattern's reach (the median,
+    over :func:`.chance.unrelated_shifts`, of each shift's largest |contrast| over the slices):
+    texture, drift and sampling alone reach it, so a peak near it shows no ink signal.
     """
 
     ink_mean: tuple[float, ...]
@@ -93,6 +97,7 @@ class SliceContrast:
     contrast: tuple[float, ...]
     ink_pixels: int
     background_pixels: int
+    chance: float
 
 
 def sample_windows(
@@ -187,26 +192,42 @@ def slice_contrast(
         return None
     picks = sample_windows(fragment, ink_map, rng=rng, count=(windows + 1) // 2, size=size)
     picks += sample_windows(fragment, mask, rng=rng, count=windows // 2, size=size)
-    ink_vals, bg_vals = [], []
+    h, w = mask.shape
+    shifts = unrelated_shifts(labels, mask)
+    values, truth, moved = [], [], [[] for _ in shifts]
     fresh = _Fresh(mask.shape)
     for y0, x0 in picks:
         inside = fresh.take(fragment.mask_window(y0, y0 + size, x0, x0 + size), y0, x0)
         ink = fragment.labels_window(y0, y0 + size, x0, x0 + size)
         vol = fragment.read(0, fragment.depth, y0, y0 + size, x0, x0 + size)  # [D, S, S]
-        ink_vals.append(vol[:, inside & ink])  # [D, n_ink]
-        bg_vals.append(vol[:, inside & ~ink])  # [D, n_bg]
-    ink_all = np.concatenate(ink_vals, axis=1).astype(np.float64)  # [D, N_ink]
-    bg_all = np.concatenate(bg_vals, axis=1).astype(np.float64)  # [D, N_bg]
-    if bg_all.shape[1] == 0:
+        values.append(vol[:, inside])  # [D, n]
+        truth.append(ink[inside])  # [n]
+        rows, cols = np.arange(y0, y0 + size), np.arange(x0, x0 + size)
+        for out, (dy, dx) in zip(moved, shifts, strict=True):
+            out.append(labels[np.ix_((rows + dy) % h, (cols + dx) % w)][inside])
+    sample = np.concatenate(values, axis=1).astype(np.float64)  # [D, N]
+    ink = np.concatenate(truth)  # [N]
+    if ink.all():
         return None
-    ink_mean, bg_mean = ink_all.mean(axis=1), bg_all.mean(axis=1)  # [D]
-    pooled = np.sqrt((ink_all.var(axis=1) + bg_all.var(axis=1)) / 2)  # [D]
-    contrast = (ink_mean - bg_mean) / np.maximum(pooled, 1e-9)
+    ink_mean, bg_mean, contrast = _contrast(sample, ink)
+    chances = [np.abs(_contrast(sample, np.concatenate(m))[2]).max() for m in moved]
     return SliceContrast(
         ink_mean=tuple(ink_mean.tolist()), background_mean=tuple(bg_mean.tolist()),
-        contrast=tuple(contrast.tolist()), ink_pixels=int(ink_all.shape[1]),
-        background_pixels=int(bg_all.shape[1]),
+        contrast=tuple(contrast.tolist()), ink_pixels=int(ink.sum()),
+        background_pixels=int((~ink).sum()), chance=float(np.median(chances)),
     )
+
+
+def _contrast(sample: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Ink mean, background mean and their difference in pooled std, per slice ([D] each), of
+    ``sample`` (float64 [D, N]) split by ``ink`` (bool [N]); 0 where either side is empty."""
+    if ink.all() or not ink.any():
+        zero = np.zeros(sample.shape[0])
+        return zero, zero, zero
+    a, b = sample[:, ink], sample[:, ~ink]
+    ink_mean, bg_mean = a.mean(axis=1), b.mean(axis=1)  # [D]
+    pooled = np.sqrt((a.var(axis=1) + b.var(axis=1)) / 2)  # [D]
+    return ink_mean, bg_mean, (ink_mean - bg_mean) / np.maximum(pooled, 1e-9)
 
 
 class StatsCache:

@@ -15,13 +15,20 @@ import numpy as np
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.stats import compute_stats, dead_slices, slice_contrast
 
+# How many times the contrast of labels moved elsewhere a slice's |contrast| must reach for
+# inspect to name an ink band: twice what texture and sampling alone give.
+SIGNAL_OVER_CHANCE = 2.0
+
 
 def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
     """Summary of ``fragment`` as a JSON-serialisable dict (keys as in the `inspect --json`
     output: path, id, layout, store, volume, height, width, depth, dtype, compression,
     memory_mapped, chunks, bytes_on_disk, mask_coverage, has_labels, has_ir, ink_fraction, ir,
-    sampled_pixels, slices [{z, file, mean, std, contrast}], ink_band, dead_slices: the
-    slices holding one value inside the mask, :func:`.stats.dead_slices`).
+    sampled_pixels, slices [{z, file, mean, std, contrast}], chance_contrast (the largest
+    |contrast| the labels give when moved elsewhere, :class:`.stats.SliceContrast`), ink_band
+    ([first, last] slice of the ink signal; None when no slice's |contrast| reaches
+    :data:`SIGNAL_OVER_CHANCE` times chance), dead_slices: the slices holding one value inside
+    the mask, :func:`.stats.dead_slices`).
 
     ``store`` is "tiff", "zarr" or "ome-zarr"; ``volume`` names the slice folder or store and,
     for Zarr, what it is (``surface_volume.zarr: Zarr v2 array``); ``chunks`` is the Zarr chunk
@@ -72,7 +79,8 @@ def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
         "ir": None if stats.ir_mean is None else {"mean": stats.ir_mean, "std": stats.ir_std},
         "sampled_pixels": stats.pixels,
         "slices": slices,
-        "ink_band": _ink_band(contrast.contrast) if contrast is not None else None,
+        "chance_contrast": None if contrast is None else round(contrast.chance, 4),
+        "ink_band": _ink_band(contrast.contrast, contrast.chance) if contrast is not None else None,
         "dead_slices": [int(z) for z in np.flatnonzero(dead_slices(stats.slice_std))],
     }
 
@@ -120,17 +128,26 @@ def format_description(d: dict[str, Any]) -> str:
         lines.append(f"  dead slices {', '.join(map(str, d['dead_slices']))}: one value inside "
                      f"the mask (blank, missing or saturated); profile views and align: sheet "
                      f"leave them out, other views read them as they are")
+    chance = d["chance_contrast"]
     if d["ink_band"] is not None:
         z0, z1 = d["ink_band"]
-        lines.append(f"  ink signal  strongest in slices {z0}..{z1} "
-                     "(|contrast| at least half its peak)")
+        lines.append(f"  ink signal  strongest in slices {z0}..{z1} (|contrast| at least half "
+                     f"its peak, {peak:.3f}; the labels moved elsewhere on the fragment give "
+                     f"{chance:.3f})")
+    elif has_contrast and chance is not None:
+        lines.append(f"  ink signal  none that stands out: the largest |contrast|, {peak:.3f}, is "
+                     f"not {SIGNAL_OVER_CHANCE:g} times what the labels moved elsewhere on the "
+                     f"fragment give ({chance:.3f}); fibres, drift or noise alone reach it")
     return "\n".join(lines)
 
 
-def _ink_band(contrast: tuple[float, ...]) -> list[int] | None:
-    """[first, last] slice whose |contrast| is at least half the peak (the ink-carrying band)."""
+def _ink_band(contrast: tuple[float, ...], chance: float) -> list[int] | None:
+    """[first, last] slice whose |contrast| is at least half the peak (the ink-carrying band);
+    None unless the peak is at least SIGNAL_OVER_CHANCE times ``chance``."""
     c = np.abs(np.asarray(contrast))
     if c.size == 0 or not np.isfinite(c).all() or c.max() <= 0:
+        return None
+    if c.max() < SIGNAL_OVER_CHANCE * chance:
         return None
     strong = np.flatnonzero(c >= c.max() / 2)
     return [int(strong[0]), int(strong[-1])]
