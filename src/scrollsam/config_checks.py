@@ -125,7 +125,7 @@ def check_config(cfg: Config, *, stored: bool = False) -> None:
     check_ranges(cfg, stored=stored)
     weights = (cfg.loss.mask_weight, cfg.loss.dice_weight, cfg.loss.iou_weight)
     if not any(weights):
-        _refuse("loss.", f"loss.mask_weight / loss.dice_weight / loss.iou_weight: expected at "
+        _refuse("loss.mask_weight", f"loss.mask_weight / loss.dice_weight / loss.iou_weight: expected at "
                          f"least one > 0 (with all at 0 nothing trains), got "
                          f"{', '.join(f'{w:g}' for w in weights)}", stored=stored)
     if not cfg.data.valid and not 0.0 < cfg.data.valid_band < 1.0:
