@@ -130,3 +130,16 @@ def test_on_a_cpu_under_bf16_inductor_leaves_the_decoder_eager(monkeypatch, capl
     warned = [r.getMessage() for r in caplog.records if "stays eager" in r.getMessage()]
     assert len(warned) == int(bf16)
     dynamo.reset()
+
+
+def test_compiling_for_a_cpu_drops_torchs_no_cuda_runtime_notice(caplog, monkeypatch):
+    """Before: every CPU run with train.compile printed torch's "No CUDA runtime is found,
+    using CUDA_HOME=..." (inductor's C++ toolchain, a machine with a CUDA toolkit, no GPU)."""
+    ext = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(ext, "filters", list(ext.filters))  # restored after the test
+    monkeypatch.setattr(compile_mod, "compile_encoder", lambda *a, **k: False)
+    compile_mod.compile_model(build_model("tiny", image_size=64), device="cpu")
+    with caplog.at_level(logging.WARNING):
+        ext.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        ext.warning("another notice")
+    assert [r.getMessage() for r in caplog.records] == ["another notice"]

@@ -125,9 +125,10 @@ def check_config(cfg: Config, *, stored: bool = False) -> None:
     check_ranges(cfg, stored=stored)
     weights = (cfg.loss.mask_weight, cfg.loss.dice_weight, cfg.loss.iou_weight)
     if not any(weights):
-        _refuse("loss.mask_weight", f"loss.mask_weight / loss.dice_weight / loss.iou_weight: expected at "
-                         f"least one > 0 (with all at 0 nothing trains), got "
-                         f"{', '.join(f'{w:g}' for w in weights)}", stored=stored)
+        _refuse("loss.mask_weight",
+                f"loss.mask_weight / loss.dice_weight / loss.iou_weight: expected at least one "
+                f"> 0 (with all at 0 nothing trains), got "
+                f"{', '.join(f'{w:g}' for w in weights)}", stored=stored)
     if not cfg.data.valid and not 0.0 < cfg.data.valid_band < 1.0:
         raise ConfigError(f"data.valid_band: expected a share of each training fragment to "
                           f"hold out for validation, > 0 and < 1, when data.valid names no "

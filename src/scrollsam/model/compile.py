@@ -75,10 +75,13 @@ def compile_model(model: nn.Module, *, device: torch.device | str,
     warning line): inductor's CPU code gave the compiled decoder non-finite gradients from the
     first step (tiny model, 128 px, torch 2.15; 64 px and float32 were right), a NaN loss at
     step 1."""
-    if compile_unavailable(device, backend) is None:  # a new run: dynamo's recompile limit
-        import torch._dynamo  # (8 graphs per function) anew, as in a sweep's next trial
+    if torch.device(device).type == "cpu":
+        quiet_cuda_home_notice()
+    if compile_unavailable(device, backend) is None:
+        import torch._dynamo as dynamo
 
-        torch._dynamo.reset()
+        dynamo.reset()  # a new run: dynamo's recompile limit (8 graphs per function) anew,
+        # as in a sweep's next trial
     if not compile_encoder(model, device=device, backend=backend):
         return False
     decoder = not (bf16 and torch.device(device).type == "cpu"
@@ -95,6 +98,17 @@ def compile_model(model: nn.Module, *, device: torch.device | str,
     if decoder:  # one shape per round: cuDNN may time each convolution once (eager steps
         tune_for_fixed_shapes(torch.device(device))  # change the prompt masks' shapes)
     return decoder
+
+
+def _not_cuda_home_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_cuda_home_notice() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." log line, which inductor's
+    C++ toolchain prints when it compiles for a CPU on a machine with a CUDA toolkit but no
+    GPU: nothing is wrong, and nothing in a CPU run uses CUDA. Other lines pass."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_not_cuda_home_notice)
 
 
 def compile_decoder(model: nn.Module, *, device: torch.device | str,
