@@ -378,3 +378,26 @@ def test_decoding_the_mask_holds_one_copy_of_it(tmp_path):
         tracemalloc.stop()
     assert mask.dtype == np.bool_ and int(mask.sum()) == 1300 * 1400
     assert peak < 1.3 * h * w, peak / (h * w)
+
+
+def test_links_to_folders_of_one_name_clash_naming_the_links(tmp_path, capsys):
+    """Before: "got 1 twice" (predict) or "got ['1', '1']" (train) for two links named a and b
+    that lead to folders both named 1; the message now names what the user wrote."""
+    from scrollsam.cli import main
+
+    for side in ("x", "y"):
+        write_fragment(tmp_path / side / "1", height=48, width=48, depth=4, seed=1)
+    (tmp_path / "a").symlink_to(tmp_path / "x" / "1")
+    (tmp_path / "b").symlink_to(tmp_path / "y" / "1")
+    assert main(["predict", "--checkpoint", str(tmp_path / "none.pt"), "--fragment",
+                 str(tmp_path / "a"), "--fragment", str(tmp_path / "b"), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fragment: expected fragment folders with distinct names")
+    assert f"{tmp_path / 'a'} and {tmp_path / 'b'} are both 1" in err
+    assert main(["train", "--config", "configs/demo.yaml", f"out={tmp_path / 'run'}",
+                 f"data.root={tmp_path}", "data.train=[a]", "data.valid=[b]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train / data.valid: expected fragment folders" in err
+    assert "a and b are both 1" in err
+    assert not (tmp_path / "run").exists()

@@ -373,3 +373,19 @@ def _window(img: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     if iy0 < iy1 and ix0 < ix1:
         out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = img[iy0:iy1, ix0:ix1]
     return out
+
+
+def check_distinct_ids(fragments: list[Fragment], given: list[str], *, setting: str,
+                       why: str) -> None:
+    """InputError naming the folders ``given`` (as the user wrote them, one per fragment) that
+    share an id: a fragment's id is its folder's name after links are resolved, so two links
+    to two folders named ``1`` clash though the links' names differ. ``why`` says what the ids
+    name (output folders, tiles, ...)."""
+    by_id: dict[str, list[str]] = {}
+    for frag, name in zip(fragments, given, strict=True):
+        by_id.setdefault(frag.id, []).append(name)
+    clashes = [f"{' and '.join(names)} are both {i}" for i, names in by_id.items()
+               if len(names) > 1]
+    if clashes:
+        raise InputError(f"{setting}: expected fragment folders with distinct names ({why}; "
+                         f"links count by the folder they lead to), got {'; '.join(clashes)}")

@@ -28,7 +28,7 @@ import numpy as np
 import torch.distributed as dist
 
 from scrollsam.data.band_views import aligned_band
-from scrollsam.data.fragment import Fragment
+from scrollsam.data.fragment import Fragment, check_distinct_ids
 from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import check_band_rows, default_band_rows
@@ -140,11 +140,8 @@ def predict_to_folder(
         raise InputError("--points: prediction around clicks writes PNG files in one process "
                          "(not with --format zarr, not under torchrun)")
     frags = [Fragment(p) for p in fragments]
-    ids = [f.id for f in frags]
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise InputError(f"--fragment: expected distinct folder names (they are the output "
-                         f"folders and submission ids), got {', '.join(twice)} twice")
+    check_distinct_ids(frags, [str(p) for p in fragments], setting="--fragment",
+                       why="they name the output folders and submission ids")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")

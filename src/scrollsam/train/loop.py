@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, default_collate
 from scrollsam.config import Config, config_to_dict, save_config
 from scrollsam.data.augment import Augment
 from scrollsam.data.dataset import TileDataset, make_datasets, require_validation_ink
-from scrollsam.data.fragment import Fragment
+from scrollsam.data.fragment import Fragment, check_distinct_ids
 from scrollsam.data.views import View, view_from_config
 from scrollsam.device import resolve_device
 from scrollsam.errors import ConfigError
@@ -95,11 +95,11 @@ def open_fragments(cfg: Config) -> tuple[list[Fragment], list[str]]:
     root = Path(cfg.data.root)
     if not cfg.data.train:
         raise ConfigError("data.train: expected at least one fragment folder, got none")
-    frags = [Fragment(root / p) for p in [*cfg.data.train, *cfg.data.valid]]
-    ids = [f.id for f in frags]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"data.train / data.valid: fragment folder names must differ, got {ids}")
-    return frags, ids[len(cfg.data.train):]
+    given = [*cfg.data.train, *cfg.data.valid]
+    frags = [Fragment(root / p) for p in given]
+    check_distinct_ids(frags, [str(p) for p in given], setting="data.train / data.valid",
+                       why="a fragment's id names its tiles and statistics")
+    return frags, [f.id for f in frags[len(cfg.data.train):]]
 
 
 def setup(cfg: Config, run: Path, *, weights: dict | None = None,
