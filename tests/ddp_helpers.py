@@ -171,3 +171,37 @@ def threads_after_failure_worker(rank: int, overrides: list[str],
     except Exception as err:  # noqa: BLE001 (the test checks which)
         return {"before": before, "after": threads(), "error": type(err).__name__}
     return {"before": before, "after": threads(), "error": None}
+
+
+def killed_at_eval_worker(rank: int, overrides: list[str]) -> None:
+    """Train; rank 1 kills itself outright (SIGKILL) at the first validation, as a batch
+    system or the OOM killer would."""
+    import signal
+
+    from scrollsam.config import load_config
+    from scrollsam.train.loop import train
+
+    def on_eval(step: int, scores: dict) -> None:
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(load_config(None, overrides), progress=False, on_eval=on_eval)
+
+
+def run_ranks_one_killed(fn: Callable, size: int, *args: Any,
+                         timeout: float = 150.0) -> tuple[list[int | None], dict]:
+    """Like :func:`run_ranks` where some rank is expected to die by a signal: the ranks' exit
+    codes (negative: the signal) and rank 0's outcome."""
+    with tempfile.TemporaryDirectory(prefix="scrollsam-ranks-") as folder:
+        ctx = mp.start_processes(_entry, args=(fn, size, free_port(), folder, args),
+                                 nprocs=size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        for p in ctx.processes:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        codes = [p.exitcode for p in ctx.processes]
+        for p in ctx.processes:
+            if p.exitcode is None:
+                p.kill()
+        assert None not in codes, f"the {size} processes did not end within {timeout} s (hang)"
+        with open(Path(folder) / "0.pkl", "rb") as f:
+            return codes, pickle.load(f)

@@ -15,7 +15,9 @@ import pytest
 import torch
 from ddp_helpers import (
     free_port,
+    killed_at_eval_worker,
     run_ranks,
+    run_ranks_one_killed,
     settings_worker,
     threads_after_failure_worker,
     train_worker,
@@ -262,3 +264,31 @@ def test_only_size_one_dims_of_a_gradient_differ_in_strides_from_its_parameter(o
                                 if n > 1 and a != b]
     assert "sam.image_encoder.neck.0.weight" in differ  # the case the filter is for
     assert all(not real for real in differ.values()), differ
+
+
+def test_a_rank_killed_outright_ends_the_others_with_one_line_and_the_run_resumes(data, tmp_path):
+    """Before: rank 0 printed gloo's traceback ("Connection closed by peer ... GLHF!") when rank
+    1 was SIGKILLed. Now a PeerLost: one line saying how to continue, exit code 1."""
+    from scrollsam.errors import PeerLost
+    from scrollsam.train.distributed import peer_lost
+
+    run = tmp_path / "run"
+    codes, rank0 = run_ranks_one_killed(killed_at_eval_worker, 2, _args(
+        data, run, 2, "train.steps=6", "train.eval_every=2", "train.save_every=2"))
+    assert codes[1] == -9 and rank0["error"] == "PeerLost", rank0
+    assert rank0["message"].startswith("another process of this torchrun run stopped (")
+    assert rank0["message"].endswith(f"continue with `scrollsam train out={run} --resume`")
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2  # whole, resumable
+    gloo = RuntimeError("[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:43952. This is typically caused by a remote worker crashing.")
+    lost = peer_lost(gloo, tmp_path / "gone")
+    assert isinstance(lost, PeerLost) and lost.exit_code == 1
+    assert "(Connection closed by peer [127.0.0.1]:43952)" in str(lost)
+    assert str(lost).endswith("the run had not started: start it again")
+    reset = RuntimeError("[/x/pair.cc:545] Read error [127.0.0.1]:5: Connection reset by peer. "
+                         "This is typically caused by a remote worker hanging or bugs in the "
+                         "application. Check the logs of the remote worker before reporting")
+    assert "(Read error [127.0.0.1]:5: Connection reset by peer); torchrun's" in str(
+        peer_lost(reset, run))  # the other way gloo says it, depending on timing
+    assert peer_lost(RuntimeError("CUDA out of memory"), run) is None
+    assert peer_lost(ValueError("Connection closed by peer"), run) is None

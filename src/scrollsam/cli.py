@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         zarr_tasks.settle()  # a failed zarr read or write leaves tasks behind: end them quietly
         if not getattr(err, "echo", False):  # torchrun: the first failed process reports it
             print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(err, "exit_code", EXIT_USAGE)
     except TrainingStopped as stop:  # Ctrl-C / SIGTERM, last.pt written: say how to go on
         if stop.main:  # once for a torchrun run, not once per process
             print(stop, file=sys.stderr)

@@ -41,6 +41,13 @@ class WriteError(ScrollsamError, OSError):
     why and names the file and its folder; what was there before is left intact."""
 
 
+class PeerLost(ScrollsamError):
+    """Another process of a torchrun run stopped (killed, crashed, its machine lost), so a
+    collective this one waited in failed. Not the user's input: the CLI exits 1, not 2."""
+
+    exit_code = 1
+
+
 def describe(value: object) -> str:
     """A value as error messages show it: ``torch.float32 [3, 2] on cpu`` for a tensor (or an
     array), else its type name. Duck-typed, so this module does not import torch."""

@@ -15,12 +15,13 @@ import datetime
 import os
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from scrollsam.errors import InputError, ScrollsamError
+from scrollsam.errors import InputError, PeerLost, ScrollsamError
 
 E = TypeVar("E", bound=BaseException)
 
@@ -156,6 +157,32 @@ def mark_echo(error: E, echo: bool) -> E:
     one per process."""
     error.echo = echo  # type: ignore[attr-defined]
     return error
+
+
+# The start of what gloo says (after its source location) when a collective's peer is gone; a
+# process killed outright closes its sockets, and every process still waiting fails this way
+# ("Read error [127.0.0.1]:43952: Connection reset by peer" or "Connection closed by peer ...",
+# which of them depends on timing).
+PEER_GONE = ("Connection closed by peer", "Read error", "Socket closed",
+             "Socket unexpectedly closed")
+
+
+def peer_lost(err: BaseException, run: Path) -> PeerLost | None:
+    """A one-line PeerLost for ``err`` when it is a collective failing because another process
+    of the group stopped (gloo's RuntimeError, :data:`PEER_GONE`), saying how to continue the
+    run in ``run`` (or, where a new run's folder was removed, to start again); None for any
+    other error."""
+    if not isinstance(err, RuntimeError) or not str(err):
+        return None
+    cause = str(err).splitlines()[0]
+    cause = cause.split("] ", 1)[1] if cause.startswith("[") and "] " in cause else cause
+    if not cause.startswith(PEER_GONE):
+        return None
+    cause = cause.split(". This is typically")[0].split(". Check the logs")[0]
+    then = (f"checkpoints are written whole: continue with `scrollsam train out={run} --resume`"
+            if (run / "config.yaml").is_file() else "the run had not started: start it again")
+    return PeerLost(f"another process of this torchrun run stopped ({cause}); torchrun's summary "
+                    f"names it; {then}")
 
 
 def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, int]]:

@@ -49,6 +49,7 @@ from scrollsam.train.checkpoint import TrainState, save_checkpoint, train_state_
 from scrollsam.train.distributed import (
     World,
     join_process_group,
+    peer_lost,
     process_device,
     release_frames,
     shutdown_distributed,
@@ -224,6 +225,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
                 release_frames(err)
             if rd is not None and not isinstance(err, TrainingStopped):
                 rd.undo_new()  # a new run that failed before its first step: remove its folder
+            lost = peer_lost(err, rd.path) if world.distributed and rd is not None else None
+            if lost is not None:  # gloo's traceback, in each process still running, before
+                raise lost from err
             raise
         finally:
             if rd is not None and rd.lock is not None:
