@@ -205,3 +205,16 @@ def run_ranks_one_killed(fn: Callable, size: int, *args: Any,
         assert None not in codes, f"the {size} processes did not end within {timeout} s (hang)"
         with open(Path(folder) / "0.pkl", "rb") as f:
             return codes, pickle.load(f)
+
+
+def cli_worker(rank: int, argv: list[str]) -> tuple[int, str]:
+    """``scrollsam ARGV`` in this process: its exit code and what it printed to stderr."""
+    import contextlib
+    import io
+
+    from scrollsam.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_helpers import (
+    cli_worker,
     free_port,
     killed_at_eval_worker,
     run_ranks,
@@ -292,3 +293,15 @@ def test_a_rank_killed_outright_ends_the_others_with_one_line_and_the_run_resume
         peer_lost(reset, run))  # the other way gloo says it, depending on timing
     assert peer_lost(RuntimeError("CUDA out of memory"), run) is None
     assert peer_lost(ValueError("Connection closed by peer"), run) is None
+
+
+def test_a_bad_override_under_torchrun_is_printed_once(data, tmp_path):
+    """Before: each process printed "error: unknown config key ..." (errors found before the
+    processes met in training's first agreement)."""
+    argv = ["train", "--no-progress", *_args(data, tmp_path / "run", 2), "train.stpes=3"]
+    out = run_ranks(cli_worker, 2, argv)
+    codes = [o["result"][0] for o in out]
+    printed = "".join(o["result"][1] for o in out)
+    assert codes == [2, 2], out
+    assert printed.count("error: unknown config key train.stpes") == 1, printed
+    assert not (tmp_path / "run").exists()

@@ -60,11 +60,15 @@ def _run_train(args: argparse.Namespace) -> int:
     from scrollsam.config import given_keys, load_config
     from scrollsam.train.distributed import world_from_env
     from scrollsam.train.loop import train
+    from scrollsam.train.ranks import agree_before_start
 
     world = world_from_env()  # under torchrun: rank 0 speaks, the others only warn
     if not world.main:
         log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ScrollsamError as err:  # under torchrun: printed once, not once per process
+        raise agree_before_start(err) from None
     if args.resume and args.config:
         log.info("--resume continues the run's saved config; %s is not used (key=value "
                  "overrides may change out, data.root, train.steps, ...)", args.config)

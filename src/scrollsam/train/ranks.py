@@ -19,7 +19,15 @@ import signal
 import torch
 
 from scrollsam.errors import ScrollsamError
-from scrollsam.train.distributed import World, all_reduce_sum, exchange_errors, mark_echo
+from scrollsam.train.distributed import (
+    World,
+    all_reduce_sum,
+    exchange_errors,
+    join_process_group,
+    mark_echo,
+    shutdown_distributed,
+    world_from_env,
+)
 from scrollsam.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
@@ -84,3 +92,26 @@ class Ranks:
         stacked = torch.stack([values[k].detach().float() for k in keys])  # (K,)
         all_reduce_sum(stacked)
         return {k: v / self.world.size for k, v in zip(keys, stacked.unbind(0), strict=True)}
+
+
+def agree_before_start(failure: ScrollsamError) -> ScrollsamError:
+    """The error to raise for ``failure``, found before training began (a bad override, a
+    config file that is not there). Under torchrun every process joins the group and agrees,
+    as training would have at its start: the first process that failed prints it, the others'
+    copies are marked echo; a process where nothing failed (a file missing on one machine
+    only) gets ``rank R: <message>`` from :meth:`Ranks.agree` in :func:`.loop.train`. Alone:
+    ``failure`` as it is."""
+    world = world_from_env()
+    if not world.distributed:
+        return failure
+    joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    if joined:
+        join_process_group()
+    try:
+        Ranks(world).agree(failure)
+    except ScrollsamError as agreed:
+        return agreed
+    finally:
+        if joined:
+            shutdown_distributed()
+    return failure  # not reached: agree raises for a failure
