@@ -107,8 +107,8 @@ class Predictor:
         # how each fragment's threshold is chosen (.threshold); a number: that one, fixed
         self.rule = (threshold if isinstance(threshold, ThresholdRule)
                      else ThresholdRule(float(threshold)))
-        self.tile = int(tile or model.image_size)
-        self.stride = int(stride or self.tile // 2)
+        self.tile = int(model.image_size if tile is None else tile)  # 0 is refused below
+        self.stride = int(self.tile // 2 if stride is None else stride)
         top = max(MAX_TILE, model.image_size)
         if not MIN_TILE <= self.tile <= top or not 1 <= self.stride <= self.tile:
             raise InputError(f"tile / stride (--tile / --stride, data.stride): expected {MIN_TILE}"
@@ -190,11 +190,10 @@ class Predictor:
         log.info("loaded %s (step %s, %s %d px, view %s); threshold %.3f (%s)", path,
                  ckpt.get("step"), cfg.model.type, cfg.model.image_size, view.name, rule.value,
                  whose)
-        tile = tile or cfg.model.image_size
-        stride = stride or cfg.data.stride or None
-        pred = cls(model, view, threshold=rule,
-                   device=device, tile=tile, stride=stride,
-                   batch_size=batch_size or cfg.train.batch_size, tta=tta,
+        pred = cls(model, view, threshold=rule, device=device,  # None: the run's; 0: refused
+                   tile=cfg.model.image_size if tile is None else tile,
+                   stride=(cfg.data.stride or None) if stride is None else stride,
+                   batch_size=cfg.train.batch_size if batch_size is None else batch_size, tta=tta,
                    amp=cfg.train.amp if precision == "auto" else precision)
         pred.source = path
         return pred
@@ -236,6 +235,8 @@ class Predictor:
             raise InputError(f"images: expected [B, C, T, T] or [B, K, C, T, T], got "
                              f"{list(x.shape)}")
         b, k = x.shape[0], x.shape[1] if x.ndim == 5 else 1
+        if b == 0:  # no window, no probabilities
+            return np.zeros((0, *x.shape[-2:]), np.float32)
         flat = x.reshape(b * k, *x.shape[-3:])  # (B * K, C, T, T)
         with torch.no_grad():
             parts = [self._probs(flat[i:i + self.batch_size])

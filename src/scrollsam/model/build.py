@@ -10,6 +10,7 @@ for tests and CPU demos with the same 256-channel embedding and the full officia
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -110,6 +111,14 @@ def _build_sam(spec: EncoderSpec, *, image_size: int, in_chans: int,
                pixel_mean=[0.0, 0.0, 0.0], pixel_std=[1.0, 1.0, 1.0])
 
 
+def _whole(name: str, value: object) -> int:
+    """``value`` as a Python int when it is a whole number (int or numpy integer, not a bool);
+    InputError naming ``name`` otherwise."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise InputError(f"{name}: expected an int, got {value!r}")
+
+
 def build_model(
     type: str,
     *,
@@ -138,14 +147,18 @@ def build_model(
     """
     if type not in VARIANTS:
         raise InputError(f"model type: expected one of {sorted(VARIANTS)}, got {type!r}")
-    if not isinstance(image_size, int) or image_size < PATCH or image_size % PATCH:
-        raise InputError(
-            f"image_size: expected a positive multiple of {PATCH}, got {image_size!r}"
-        )
-    if not isinstance(in_chans, int) or in_chans < 1:
-        raise InputError(f"in_chans: expected a positive int, got {in_chans!r}")
-    if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
-        raise InputError(f"window_size: expected a positive int or None, got {window_size!r}")
+    image_size = _whole("image_size", image_size)  # numpy integers too, never a bool
+    if image_size < PATCH or image_size % PATCH:
+        raise InputError(f"image_size: expected a positive multiple of {PATCH}, got "
+                         f"{image_size}")
+    in_chans = _whole("in_chans", in_chans)
+    if in_chans < 1:
+        raise InputError(f"in_chans: expected a positive int, got {in_chans}")
+    if window_size is not None:
+        window_size = _whole("window_size", window_size)
+        if window_size < 1:
+            raise InputError(f"window_size: expected a positive int or None, got "
+                             f"{window_size}")
     if attention not in ATTENTION:
         raise InputError(f"attention: expected one of {ATTENTION}, got {attention!r}")
     if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:

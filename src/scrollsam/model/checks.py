@@ -67,6 +67,8 @@ def check_images(images: object, *, in_chans: int, image_size: int, device: torc
     t = _tensor("images", images, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (in_chans, image_size, image_size):
         raise InputError(f"images: expected {form}, got {describe(t)}")
+    if t.shape[0] == 0:
+        raise InputError(f"images: expected {form} with B >= 1, got {describe(t)}")
     _check_dtype("images", t, dtype=dtype, half="autocast")
     if not values:
         return t
@@ -93,8 +95,10 @@ def check_embeddings(embeddings: object, *, grid: int, device: torch.device,
 
 def check_points(points: object, *, image_size: int, device: torch.device,
                  values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points: coords float [P, N, 2] as (x, y) pixels in [0, S); labels int [P, N]: 1 ink,
-    0 background, -1 padding, 2 / 3 a box's top-left / bottom-right corner."""
+    """Points: coords float [P, N, 2] as (x, y) pixels in [0, S) (pixel i spans [i, i + 1),
+    as SAM reads them: it adds 0.5; box corners in [0, S]); labels int [P, N] of any integer
+    dtype, returned as long: 1 ink, 0 background, -1 padding, 2 / 3 a box's top-left /
+    bottom-right corner."""
     if not isinstance(points, (tuple, list)) or len(points) != 2:
         raise InputError(f"points: expected a (coords, labels) pair, got {describe(points)}")
     frame = f"(x, y) pixels of the {image_size} x {image_size} input frame"
@@ -113,6 +117,7 @@ def check_points(points: object, *, image_size: int, device: torch.device,
     if tuple(labels.shape) != tuple(coords.shape[:2]):
         raise InputError(f"points labels: expected [P, N] = {list(coords.shape[:2])} to match "
                          f"coords, got {describe(labels)}")
+    labels = labels.long()  # int8 / uint8 / int16 labels index embeddings as SAM's do
     if not values:
         return coords.float(), labels
     if labels.numel() and not bool(((labels >= -1) & (labels <= 3)).all()):
@@ -120,15 +125,14 @@ def check_points(points: object, *, image_size: int, device: torch.device,
         raise InputError(f"points labels: expected values in {{-1, 0, 1}} (2 / 3: box "
                          f"corners), got {bad}")
     kept = labels >= 0
-    real = coords[kept]  # (K, 2) the non-padding points
+    real = coords.detach()[kept]  # (K, 2) the non-padding points
     if real.numel():
         if not bool(torch.isfinite(real).all()):
             raise InputError("points coords: expected finite pixel coordinates, got NaN/inf")
         lo, hi = float(real.amin()), float(real.amax())
-        # box corners may touch the far edge, as check_boxes allows
-        top = (image_size - 1 + (labels[kept] >= 2).float())[:, None]  # (K, 1)
-        if lo < 0 or bool((real > top).any()):
-            raise InputError(f"points coords: expected {frame} in [0, {image_size - 1}] (box "
+        corner = (labels[kept] >= 2)[:, None]  # (K, 1): box corners may touch the far edge
+        if lo < 0 or bool(((real >= image_size) & ~corner).any() | (real > image_size).any()):
+            raise InputError(f"points coords: expected {frame} in [0, {image_size}) (box "
                              f"corners: [0, {image_size}]), got values in [{lo:g}, {hi:g}]")
         if hi <= 1.0 and image_size > 2 and bool((real != real.round()).any()):
             raise InputError(f"points coords: expected {frame}, got values in [{lo:g}, "
@@ -144,26 +148,34 @@ def check_boxes(boxes: object, *, image_size: int, device: torch.device,
     if t.shape[-1] != 4 or not t.is_floating_point():
         raise InputError(f"boxes: expected {form}, got {describe(t)}")
     if values and t.numel():
-        if bool((t[:, 2] < t[:, 0]).any() | (t[:, 3] < t[:, 1]).any()):
+        v = t.detach()
+        if not bool(torch.isfinite(v).all()):
+            raise InputError("boxes: expected finite pixel coordinates, got NaN/inf")
+        if bool((v[:, 2] < v[:, 0]).any() | (v[:, 3] < v[:, 1]).any()):
             raise InputError(f"boxes: expected {form} with x0 <= x1 and y0 <= y1, got a box "
                              "with its corners swapped")
-        lo, hi = float(t.amin()), float(t.amax())
+        lo, hi = float(v.amin()), float(v.amax())
         if lo < 0 or hi > image_size:
             raise InputError(f"boxes: expected {form} in [0, {image_size}], got values in "
                              f"[{lo:g}, {hi:g}]")
+        if hi <= 1.0 and image_size > 2 and bool((v != v.round()).any()):
+            raise InputError(f"boxes: expected {form}, got values in [{lo:g}, {hi:g}]: "
+                             f"normalised 0..1 coordinates? multiply by {image_size}")
     return t.float()
 
 
 def check_mask_inputs(mask_inputs: object, *, image_size: int, device: torch.device,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, values: bool = True) -> torch.Tensor:
     """Mask prompts: float logits [P, 1, S/4, S/4] (e.g. the previous round's low-res logits)
-    of the model's ``dtype`` (16-bit under autocast)."""
+    of the model's ``dtype`` (16-bit under autocast), finite (checked with ``values``)."""
     m = image_size // 4
     form = f"float logits [P, 1, {m}, {m}]"
     t = _tensor("mask_inputs", mask_inputs, ndim=4, form=form, device=device)
     if not t.is_floating_point() or tuple(t.shape[1:]) != (1, m, m):
         raise InputError(f"mask_inputs: expected {form}, got {describe(t)}")
     _check_dtype("mask_inputs", t, dtype=dtype, half="autocast")
+    if values and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        raise InputError("mask_inputs: expected finite logits, got NaN/inf")
     return t
 
 

@@ -198,7 +198,7 @@ class SamSegmenter(nn.Module):
             boxes = check_boxes(boxes, image_size=size, device=dev, values=values)
         if mask_inputs is not None:
             mask_inputs = check_mask_inputs(mask_inputs, image_size=size, device=dev,
-                                            dtype=self.dtype)
+                                            dtype=self.dtype, values=values)
         counts = {name: t.shape[0] for name, t in (
             ("points", points[0] if points is not None else None),
             ("boxes", boxes), ("mask_inputs", mask_inputs)) if t is not None}
