@@ -232,3 +232,24 @@ def test_evaluate_takes_the_binary_encodings_the_fragment_reader_takes(files, tm
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (2, 1, 1, 2)  # as test_evaluate_json
+
+
+def test_a_probability_image_of_0s_and_1s_warns_and_reads_as_probabilities_with_as_prob(
+        files, tmp_path, capsys, caplog):
+    """QA: a prob.png of a model that found no ink (every value 0 or 1, p <= 1/255) was scored
+    as a mask, silently: F0.5 0.5 here instead of 0."""
+    low = _png(tmp_path / "prob_low.png", (TRUTH > 0).astype(np.uint8))  # 0 / 1 on the ink
+    assert main(["evaluate", "--pred", low, "--labels", files["labels"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["f0.5"] == pytest.approx(1.0)  # a 0/1 mask
+    assert "values 0 and 1 only, read as a mask" in caplog.text and "--as prob" in caplog.text
+    assert main(["evaluate", "--pred", low, "--labels", files["labels"], "--json",
+                 "--as", "prob"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["f0.5"] == 0.0 and out["threshold"] == 0.5
+    caplog.clear()
+    assert main(["evaluate", "--pred", files["pred"], "--labels", files["labels"]]) == 0
+    assert "read as a mask" not in caplog.text  # 0/255: a mask, no doubt
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", files["prob"], "--labels", files["labels"], "--json",
+                 "--as", "mask"]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] is None  # nonzero = ink

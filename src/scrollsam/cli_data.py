@@ -123,6 +123,9 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", help="fragment mask (mask.png): score only inside it")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="ink where probability >= T, for probability images (default 0.5)")
+    p.add_argument("--as", dest="kind", choices=("auto", "mask", "prob"), default="auto",
+                   help="how --pred is read: auto (default: 0/1 or 0/255 alone is a mask, "
+                        "anything else probabilities), mask (nonzero = ink) or prob")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: f0.5, precision, recall, dice, iou, counts")
 
@@ -134,7 +137,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from scrollsam.metrics import check_threshold
 
     check_threshold(args.threshold, name="--threshold")  # the flag, before any image is read
-    result = evaluate_files(args.pred, args.labels, args.mask, threshold=args.threshold)
+    result = evaluate_files(args.pred, args.labels, args.mask, threshold=args.threshold,
+                            kind=args.kind)
     print(json.dumps(result.to_dict()) if args.json else result.report())
     return EXIT_OK
 

@@ -10,6 +10,7 @@ those of :mod:`scrollsam.metrics`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ from scrollsam.data.fragment import binary_image
 from scrollsam.errors import FragmentError, InputError
 from scrollsam.io import read_image
 from scrollsam.metrics import Counts, binarize_prediction, check_threshold, confusion
+
+log = logging.getLogger(__name__)
+
+# evaluate --as: how the predicted image is read (binarize_prediction's ``binary``)
+KINDS: dict[str, bool | None] = {"auto": None, "mask": True, "prob": False}
 
 __all__ = ["Evaluation", "evaluate_files", "read_prediction"]
 
@@ -54,15 +60,20 @@ def evaluate_files(
     *,
     threshold: float = 0.5,
     beta: float = 0.5,
+    kind: str = "auto",
 ) -> Evaluation:
     """Score a predicted image (binary mask or probabilities, see :func:`binarize_prediction`)
     against a binary ink label image, inside ``mask`` (nonzero pixels, as training and predict
     read mask.png; default all pixels). All images are ``[H, W]`` of one size; a mismatch,
     labels that are not binary, or a mask without a valid pixel, raise InputError naming the
-    file."""
+    file. ``kind``: ``auto`` tells a mask from probabilities by its values (an 8- or 16-bit
+    image of 0s and 1s alone is a mask, with a warning: a probability image of a model that
+    found no ink reads the same), ``mask`` takes nonzero as ink, ``prob`` thresholds."""
     check_threshold(threshold)
+    if kind not in KINDS:
+        raise InputError(f"--as: expected one of {', '.join(KINDS)}, got {kind}")
     truth = _read_binary(labels, "--labels")
-    binary, was_binary = read_prediction(pred, threshold=threshold)
+    binary, was_binary = read_prediction(pred, threshold=threshold, binary=KINDS[kind])
     if binary.shape != truth.shape:
         raise InputError(f"{pred}: expected {_hw(truth.shape)} pixels (height x width of "
                          f"{labels}), got {_hw(binary.shape)}")
@@ -78,15 +89,20 @@ def evaluate_files(
 
 
 def read_prediction(
-    path: str | os.PathLike[str], *, threshold: float = 0.5
+    path: str | os.PathLike[str], *, threshold: float = 0.5, binary: bool | None = None
 ) -> tuple[np.ndarray, bool]:
     """Read a predicted image and make it a bool ink mask ``[H, W]``: (mask, was_binary), as
-    :func:`binarize_prediction`; errors name the file."""
+    :func:`binarize_prediction` (``binary``: None detects); errors name the file."""
     image = read_image(path)
     try:
-        return binarize_prediction(image, threshold=threshold)
+        out = binarize_prediction(image, threshold=threshold, binary=binary)
     except InputError as err:
         raise InputError(f"{path}: {str(err).removeprefix('pred: ')}") from None
+    if binary is None and out[1] and image.dtype.kind in "iu" and int(image.max(initial=0)) == 1:
+        log.warning("%s: values 0 and 1 only, read as a mask (1 = ink); a probability image "
+                    "reads the same where no pixel reaches 1/255: add --as prob to threshold "
+                    "it", path)
+    return out
 
 
 def _read_binary(path: str | os.PathLike[str], flag: str) -> np.ndarray:
