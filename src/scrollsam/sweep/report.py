@@ -8,7 +8,9 @@ and the report says so instead of printing noise.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,10 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from scrollsam.config import Config, config_to_dict
+from scrollsam.config import config_from_dict, config_to_dict, load_config
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
-from scrollsam.sweep.space import Space, apply_params
+from scrollsam.sweep.space import Space
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class SweepResult:
     importance_note: str = ""  # why there are no importances
 
 
-def summarise(study: optuna.Study, base: Config, space: Space, *, out: Path, storage: str,
+def summarise(study: optuna.Study, space: Space, *, out: Path, storage: str,
               top: int = 5) -> SweepResult:
     """Rows of the best ``top`` complete trials, importances, and the best config written."""
     trials = study.get_trials(deepcopy=False)
@@ -69,26 +71,50 @@ def summarise(study: optuna.Study, base: Config, space: Space, *, out: Path, sto
     best = [_row(t, space) for t in complete[:top]]
     path = None
     if complete:
-        path = out / BEST_CONFIG
-        write_best_config(base, space, complete[0], path, study=study.study_name, out=out)
+        path = write_best_config(complete[0], out / BEST_CONFIG, study=study.study_name, out=out)
     importances, note = param_importances(study, len(complete))
     return SweepResult(study.study_name, storage, out, counts, best, path, importances, note)
 
 
-def write_best_config(base: Config, space: Space, trial: FrozenTrial, path: Path, *,
-                      study: str, out: Path) -> None:
-    """``base`` with the trial's values, training into ``OUT/best``: ready for
-    ``scrollsam train --config PATH``."""
+def write_best_config(trial: FrozenTrial, path: Path, *, study: str, out: Path) -> Path | None:
+    """The config ``trial`` trained with (:func:`trial_config`), training into ``OUT/best``
+    (absolute), written to ``path`` ready for ``scrollsam train --config PATH``; returns
+    ``path``, or None (a warning logged, a stale file removed) when that config is lost."""
     try:
-        cfg = apply_params(base, space.values_of(trial.params), out=out / "best")
-    except ConfigError as err:  # the base config changed since the trial ran
-        log.warning("best config not written: trial %d's values no longer make a valid config "
-                    "(%s)", trial.number, err)
-        return
+        tree = trial_config(trial)
+        if tree is not None:
+            tree["out"] = os.path.abspath(out / "best")
+            cfg = config_from_dict(tree, stored=True)
+    except ConfigError as err:  # saved by a scrollsam whose config had other keys
+        log.warning("best config not written: trial %d's config is no longer valid (%s)",
+                    trial.number, err)
+        tree = None
+    else:
+        if tree is None:
+            log.warning("best config not written: trial %d's config is neither stored with the "
+                        "study nor in its run dir (%s)", trial.number,
+                        trial.user_attrs.get("run_dir"))
+    if tree is None:
+        path.unlink(missing_ok=True)  # another trial's: not the best one now
+        return None
     head = (f"# Best trial {trial.number} of sweep study {study}: validation F0.5 "
             f"{trial.value:.4f}.\n# Train it: scrollsam train --config {path}"
             f"  (key=value overrides as usual, e.g. out=runs/best train.steps=...)\n")
     atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def trial_config(trial: FrozenTrial) -> dict[str, Any] | None:
+    """The config ``trial`` trained with, as a nested dict: as stored with the trial, else
+    (trials of an older scrollsam) its run dir's ``config.yaml``; None when neither exists."""
+    stored = trial.user_attrs.get("config")
+    if isinstance(stored, dict):
+        return copy.deepcopy(stored)
+    run_dir = trial.user_attrs.get("run_dir")
+    saved = Path(run_dir) / "config.yaml" if isinstance(run_dir, str) else None
+    if saved is None or not saved.is_file():
+        return None
+    return config_to_dict(load_config(saved, stored=True))
 
 
 def param_importances(study: optuna.Study, complete: int) -> tuple[dict[str, float], str]:

@@ -21,6 +21,7 @@ get new numbers, hence fresh run dirs; an existing one is never written into.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,17 +31,19 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from scrollsam.config import Config
+from scrollsam.config import Config, config_to_dict
 from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
 from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
 from scrollsam.train.loop import TrainingError, train
+from scrollsam.train.rundir import absolute_paths
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,7 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
             raise SweepError(f"study {name} minimizes its objective: not a scrollsam sweep "
                              f"({safe_url(url)})")
         _check_space(study, space)
+        _check_base(study, base)
         fail_orphaned_trials(study)
         if baseline:
             _enqueue_baseline(study, base, space)
@@ -177,7 +181,7 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
                 log.warning("sweep stopped: %d trials failed in this call, as many as --trials "
                             "%d; see their errors above, fix the base config or the space and "
                             "run the same command again", failures.failed, trials)
-        return summarise(study, base, space, out=out, storage=safe_url(url))
+        return summarise(study, space, out=out, storage=safe_url(url))
 
 
 class _FailureLimit:
@@ -227,7 +231,9 @@ def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
 
     start = time.perf_counter()
     try:
-        train(apply_params(base, params, out=run), progress=progress, on_eval=on_eval)
+        cfg = apply_params(base, params, out=run)
+        trial.set_user_attr("config", config_record(cfg))  # best_config.yaml is made from it
+        train(cfg, progress=progress, on_eval=on_eval)
     except (ConfigError, TrainingError) as err:  # these values fail; other trials may not
         log.warning("trial %d failed: %s", trial.number, err)
         trial.set_user_attr("error", str(err))
@@ -250,6 +256,22 @@ def _check_space(study: optuna.Study, space: Space) -> None:
                     "keep their values", space.source, study.study_name)
 
 
+def _check_base(study: optuna.Study, base: Config) -> None:
+    """Record the base config with a new study; warn, naming the keys, when this call's
+    differs (its trials use it; earlier trials and best_config.yaml keep their own)."""
+    now = _flat(config_record(base))
+    stored = study.user_attrs.get("base_config")
+    if not isinstance(stored, dict):
+        study.set_user_attr("base_config", now)
+        return
+    changed = [f"{k}={format_value(now.get(k))} (was {format_value(stored.get(k))})"
+               for k in sorted(set(now) | set(stored)) if now.get(k) != stored.get(k)]
+    if changed:
+        log.warning("the base config differs from the one study %s began with: %s; new trials "
+                    "use this one, earlier trials and the best config keep their own",
+                    study.study_name, ", ".join(changed))
+
+
 def _enqueue_baseline(study: optuna.Study, base: Config, space: Space) -> None:
     """Queue the base config's own values as a trial in a new study, and again in a study
     whose baseline trials all failed for a reason other than their values (a full disk, a
@@ -268,6 +290,24 @@ def _enqueue_baseline(study: optuna.Study, base: Config, space: Space) -> None:
         log.info("trial %d, the baseline, stopped before it finished: queued again",
                  runs[-1].number)
     study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=not runs)
+
+
+def config_record(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as stored with the study: plain JSON values, paths absolute, without ``out``."""
+    record = json.loads(json.dumps(config_to_dict(absolute_paths(cfg))))
+    record.pop("out")
+    return record
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted key -> value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @contextmanager
