@@ -39,7 +39,7 @@ def _pts(p: int = 3, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     (lambda m, e: m.decode(e, points=(_pts()[0] / 64.0, _pts()[1])),
      r"normalised 0\.\.1 coordinates\? multiply by 64"),
     (lambda m, e: m.decode(e, points=(_pts()[0] + 10, _pts()[1])),
-     r"pixels of the 64 x 64 input frame in \[0, 63\] \(box corners: \[0, 64\]\), got "
+     r"pixels of the 64 x 64 input frame in \[0, 64\) \(box corners: \[0, 64\]\), got "
      r"values in \[10, 73\]"),
     (lambda m, e: m.decode(e, points=(_pts()[0], _pts()[1] * 4)),
      r"points labels: expected values in \{-1, 0, 1\} \(2 / 3: box corners\), got \[-4, 4\]"),
