@@ -13,10 +13,8 @@ that completed or were pruned), so running the same command again continues a ki
 does nothing more once the target is met. Failed trials do not count, but one call stops once
 ``trials`` of its own trials failed, so a sweep whose every trial fails ends.
 
-A trial whose process died is marked failed, and its run dir is left as it was: at once when
-the sweep that continues runs on the same host (the dead process id is recorded with the trial),
-else by Optuna's heartbeat once the trial has been silent for ``GRACE_S`` seconds. New trials
-get new numbers, hence fresh run dirs; an existing one is never written into.
+A trial whose process died is marked failed and its run dir left as it was (:mod:`.storage`).
+New trials get new numbers, hence fresh run dirs; an existing one is never written into.
 """
 
 from __future__ import annotations
@@ -27,33 +25,25 @@ import math
 import os
 import socket
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy.engine
-import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from scrollsam.config import Config, config_to_dict
-from scrollsam.errors import ConfigError, RunDirError, ScrollsamError
+from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
+from scrollsam.sweep.storage import SweepError, fail_orphaned_trials, open_storage, safe_url
 from scrollsam.train.loop import TrainingError, train
 from scrollsam.train.rundir import absolute_paths
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
-GRACE_S = 600  # ... and is taken for dead (failed) after this long without one
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the trials target
-
-
-class SweepError(ScrollsamError):
-    """The study storage cannot be opened or holds something that is not a scrollsam sweep."""
 
 
 def make_pruner(kind: str = "median", *, startup_trials: int = 3,
@@ -70,67 +60,6 @@ def make_pruner(kind: str = "median", *, startup_trials: int = 3,
                           f"{startup_trials}, {warmup_steps}")
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
                                        n_warmup_steps=warmup_steps)
-
-
-def safe_url(url: str) -> str:
-    """``url`` with any password masked, for messages."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
-
-
-def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at the SQLAlchemy ``url``, with heartbeats; tables made if new.
-
-    SQLite waits up to a minute for a lock held by another worker. Workers starting together
-    race to create the tables and stamp their version; the loser tries again.
-    """
-    kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
-              else {"pool_pre_ping": True})
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
-                                                  heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_S)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
-            if attempt == attempts - 1:
-                raise SweepError(f"cannot open the study storage: {_first_line(err)} "
-                                 f"({safe_url(url)})") from err
-            time.sleep(0.5 * (attempt + 1))
-        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as err:
-            raise SweepError(f"cannot open the study storage: {_first_line(err)} "
-                             f"({safe_url(url)})") from err
-    raise AssertionError("unreachable")
-
-
-def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Mark failed the RUNNING trials started on this host by a process that is gone; returns
-    them. Their run dirs are not touched."""
-    host = socket.gethostname()
-    orphans = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
-            continue
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        orphans.append(t)
-        log.warning("trial %d was running when its sweep stopped: marked failed, run dir left "
-                    "as it was (%s)", t.number, t.user_attrs.get("run_dir"))
-    return orphans
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid == os.getpid():  # our own id: its former owner is gone
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "runs/sweep",
@@ -319,7 +248,3 @@ def _optuna_quiet() -> Iterator[None]:
         yield
     finally:
         optuna.logging.set_verbosity(before)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

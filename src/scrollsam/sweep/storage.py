@@ -1,0 +1,96 @@
+"""Where a sweep's study lives: its Optuna storage (SQLite in ``OUT/study.db`` or any
+SQLAlchemy URL) and its folder ``OUT``, and the trials whose process died.
+
+A trial whose process died is marked failed, and its run dir is left as it was: at once when
+the sweep that continues runs on the same host (the dead process id is recorded with the trial),
+else by Optuna's heartbeat once the trial has been silent for ``GRACE_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+
+import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+from scrollsam.errors import ScrollsamError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
+GRACE_S = 600  # ... and is taken for dead (failed) after this long without one
+
+
+class SweepError(ScrollsamError):
+    """The study storage cannot be opened or holds something that is not a scrollsam sweep."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password masked, for messages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at the SQLAlchemy ``url``, with heartbeats; tables made if new.
+
+    SQLite waits up to a minute for a lock held by another worker. Workers starting together
+    race to create the tables and stamp their version; the loser tries again.
+    """
+    kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+              else {"pool_pre_ping": True})
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                                  heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
+            if attempt == attempts - 1:
+                raise SweepError(f"cannot open the study storage: {_first_line(err)} "
+                                 f"({safe_url(url)})") from err
+            time.sleep(0.5 * (attempt + 1))
+        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as err:
+            raise SweepError(f"cannot open the study storage: {_first_line(err)} "
+                             f"({safe_url(url)})") from err
+    raise AssertionError("unreachable")
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Mark failed the RUNNING trials started on this host by a process that is gone; returns
+    them. Their run dirs are not touched."""
+    host = socket.gethostname()
+    orphans = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        orphans.append(t)
+        log.warning("trial %d was running when its sweep stopped: marked failed, run dir left "
+                    "as it was (%s)", t.number, t.user_attrs.get("run_dir"))
+    return orphans
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():  # our own id: its former owner is gone
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
