@@ -70,3 +70,30 @@ def test_a_best_trial_of_an_older_sweep_gives_its_run_dirs_config(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         assert write_best_config(trial, path, study="sw", out=tmp_path / "sw") is None
     assert not path.exists() and "best config not written" in caplog.text
+
+
+def test_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    # Before: run_sweep's mkdir raised FileExistsError, a traceback
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "sub"):
+        code = main(["sweep", "--space", str(_space(tmp_path, LR)), "--trials", "1", "--out",
+                     str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: --out: ") and err.count("\n") == 1, err
+        assert str(out) in err
+    assert afile.read_text() == "mine"
+
+
+def test_a_bad_storage_leaves_no_empty_out_folder(tmp_path, capsys):
+    # Before: --out was made before the storage was opened, and stayed behind, empty
+    out = tmp_path / "new" / "sw"
+    code = main(["sweep", "--space", str(_space(tmp_path, LR)), "--trials", "1", "--out",
+                 str(out), "--storage", "nosuchdb://host/db"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot open the study storage"), err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()  # a folder that was there before is left as it was
+    assert main(["sweep", "--space", str(_space(tmp_path, LR)), "--trials", "1", "--out",
+                 str(tmp_path / "old"), "--storage", "nosuchdb://host/db"]) == 2
+    assert (tmp_path / "old").is_dir()

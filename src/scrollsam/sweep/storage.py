@@ -13,18 +13,20 @@ import os
 import socket
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from scrollsam.errors import ScrollsamError
+from scrollsam.errors import RunDirError, ScrollsamError
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
 GRACE_S = 600  # ... and is taken for dead (failed) after this long without one
+DB_NAME = "study.db"  # the default storage: sqlite:///OUT/study.db
 
 
 class SweepError(ScrollsamError):
@@ -63,6 +65,33 @@ def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
             raise SweepError(f"cannot open the study storage: {_first_line(err)} "
                              f"({safe_url(url)})") from err
     raise AssertionError("unreachable")
+
+
+def make_out(out: Path) -> list[Path]:
+    """Create the sweep's folder ``out`` (and missing parents); returns the folders this made,
+    innermost first, for :func:`remove_made`."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out: expected a folder, got a file ({out})")
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:  # a parent is a file
+        raise RunDirError(f"--out: cannot make the folder, a parent is a file ({out})") from err
+    return made
+
+
+def remove_made(made: list[Path], *, files: tuple[str, ...] = ()) -> None:
+    """Undo :func:`make_out` after a failed start: remove ``files`` (names) from the innermost
+    folder it made, then the folders it made while they are empty. Nothing else is touched."""
+    if not made:
+        return
+    for name in files:
+        (made[0] / name).unlink(missing_ok=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process writes there too) or gone: leave it
+            return
 
 
 def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

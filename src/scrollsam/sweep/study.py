@@ -37,7 +37,15 @@ from scrollsam.config import Config, config_to_dict
 from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
-from scrollsam.sweep.storage import SweepError, fail_orphaned_trials, open_storage, safe_url
+from scrollsam.sweep.storage import (
+    DB_NAME,
+    SweepError,
+    fail_orphaned_trials,
+    make_out,
+    open_storage,
+    remove_made,
+    safe_url,
+)
 from scrollsam.train.loop import TrainingError, train
 from scrollsam.train.rundir import absolute_paths
 
@@ -81,17 +89,21 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
     if trials < 0:
         raise ConfigError(f"--trials: expected a number >= 0, got {trials}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    made = make_out(out)
+    url = storage or f"sqlite:///{(out / DB_NAME).resolve()}"
     name = study_name or out.resolve().name
     with _optuna_quiet():
-        study = optuna.create_study(
-            storage=open_storage(url), study_name=name, direction="maximize",
-            sampler=sampler or optuna.samplers.TPESampler(),
-            pruner=pruner if pruner is not None else make_pruner(), load_if_exists=True)
-        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-            raise SweepError(f"study {name} minimizes its objective: not a scrollsam sweep "
-                             f"({safe_url(url)})")
+        try:
+            study = optuna.create_study(
+                storage=open_storage(url), study_name=name, direction="maximize",
+                sampler=sampler or optuna.samplers.TPESampler(),
+                pruner=pruner if pruner is not None else make_pruner(), load_if_exists=True)
+            if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+                raise SweepError(f"study {name} minimizes its objective: not a scrollsam sweep "
+                                 f"({safe_url(url)})")
+        except BaseException:  # no study: leave no empty folder behind
+            remove_made(made, files=() if storage else (DB_NAME,))
+            raise
         _check_space(study, space)
         _check_base(study, base)
         fail_orphaned_trials(study)
