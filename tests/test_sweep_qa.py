@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import optuna
-from test_sweep import _space, _study
+from optuna.trial import TrialState
+from test_sweep import _overrides, _space, _study
 
+import scrollsam.sweep.storage as storage_mod
 import scrollsam.sweep.study as study_mod
 from scrollsam.cli import main
 from scrollsam.config import load_config, save_config
 from scrollsam.sweep.report import write_best_config
+from scrollsam.train.loop import train
 from scrollsam.train.rundir import stored_config
+from scrollsam.train.stop import TrainingStopped
 
 LR = "train.lr: {low: 1.0e-5, high: 1.0e-2}\n"
 
@@ -97,3 +104,100 @@ def test_a_bad_storage_leaves_no_empty_out_folder(tmp_path, capsys):
     assert main(["sweep", "--space", str(_space(tmp_path, LR)), "--trials", "1", "--out",
                  str(tmp_path / "old"), "--storage", "nosuchdb://host/db"]) == 2
     assert (tmp_path / "old").is_dir()
+
+
+def _sweep_args(tmp_path: Path, trials: int) -> list[str]:
+    return ["sweep", "--space", str(_space(tmp_path, LR)), "--trials", str(trials), "--out",
+            str(tmp_path / "sw"), "--pruner", "none"]
+
+
+def test_ctrl_c_between_trials_leaves_no_trial_running(tmp_path, monkeypatch, capsys):
+    # Before: the KeyboardInterrupt landed wherever Optuna was, e.g. in study.ask(), leaving the
+    # next trial RUNNING for ever (no host, no heartbeat: nothing ever failed it)
+    monkeypatch.setattr(study_mod, "train", _scored_by_steps)
+    real_ask = optuna.Study.ask
+
+    def ask(self, *args, **kwargs):  # Ctrl-C while Optuna begins trial 1
+        trial = real_ask(self, *args, **kwargs)
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    assert main(_sweep_args(tmp_path, 3)) == 130
+    err = capsys.readouterr().err
+    assert "sweep stopped by SIGINT before trial 1 started" in err, err
+    assert "run the same scrollsam sweep command again" in err and "--resume" not in err
+    states = [t.state for t in _study(tmp_path / "sw").get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL]
+    assert not (tmp_path / "sw" / "trial_0001").exists()
+    monkeypatch.setattr(optuna.Study, "ask", real_ask)
+    assert main(_sweep_args(tmp_path, 3)) == 0  # the same command goes on
+    assert len(_study(tmp_path / "sw").get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
+def test_ctrl_c_in_a_trial_says_how_to_continue_the_sweep(tmp_path, monkeypatch, capsys):
+    # Before: training's "continue with: scrollsam train out=.../trial_0001 --resume", for a
+    # trial the sweep had marked failed: following it trained outside the study
+    def stopped_in_trial_1(cfg, *, progress, on_eval):
+        if cfg.out.endswith("trial_0001"):
+            raise TrainingStopped(signal.SIGINT, step=1, run=Path(cfg.out))
+        on_eval(1, {"f0.5": 0.5})
+
+    monkeypatch.setattr(study_mod, "train", stopped_in_trial_1)
+    assert main(_sweep_args(tmp_path, 3)) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scrollsam train" not in err, err
+    assert "sweep stopped by SIGINT in trial 1, which is marked failed" in err
+    assert "run the same scrollsam sweep command again" in err
+    assert [t.state for t in _study(tmp_path / "sw").get_trials()] == [TrialState.COMPLETE,
+                                                                       TrialState.FAIL]
+
+
+def test_a_trial_begun_but_never_started_is_failed_by_a_later_call(tmp_path, monkeypatch,
+                                                                   capsys):
+    # Before: a trial whose process died between Optuna's ask and the sweep recording its host
+    # stayed RUNNING for ever, even in the report of later calls
+    monkeypatch.setattr(study_mod, "train", _scored_by_steps)
+    assert main(_sweep_args(tmp_path, 1)) == 0
+    orphan = _study(tmp_path / "sw").ask()  # RUNNING, no host, no heartbeat
+    monkeypatch.setattr(storage_mod, "UNSTARTED_S", 0.0, raising=False)  # (raising: new)
+    time.sleep(0.01)
+    capsys.readouterr()
+    assert main(_sweep_args(tmp_path, 1)) == 0  # a report-only call
+    assert _study(tmp_path / "sw").get_trials()[orphan.number].state == TrialState.FAIL
+    assert "(1 complete, 1 fail)" in capsys.readouterr().out
+
+
+def test_a_trial_silent_past_the_grace_period_is_failed_by_a_report_only_call(tmp_path,
+                                                                              monkeypatch):
+    # Before: Optuna fails heartbeat-stale trials only when a trial starts
+    monkeypatch.setattr(study_mod, "train", _scored_by_steps)
+    assert main(_sweep_args(tmp_path, 1)) == 0
+    study = _study(tmp_path / "sw")
+    lost = study.ask()
+    lost.set_user_attr("host", "another-host")
+    study._storage.record_heartbeat(lost._trial_id)
+    monkeypatch.setattr(storage_mod, "GRACE_S", 1)
+    time.sleep(2.1)  # the database clock counts seconds
+    assert main(_sweep_args(tmp_path, 1)) == 0
+    assert _study(tmp_path / "sw").get_trials()[lost.number].state == TrialState.FAIL
+
+
+def test_a_real_ctrl_c_in_training_ends_the_sweep_with_its_trial_failed(data, tmp_path,
+                                                                        monkeypatch, capsys):
+    def ctrl_c_at_first_eval(cfg, *, progress, on_eval):
+        def on_eval_then_ctrl_c(step, scores):
+            on_eval(step, scores)
+            os.kill(os.getpid(), signal.SIGINT)  # training's handler: stop after this step
+
+        return train(cfg, progress=progress, on_eval=on_eval_then_ctrl_c)
+
+    monkeypatch.setattr(study_mod, "train", ctrl_c_at_first_eval)
+    args = [*_sweep_args(tmp_path, 2), *_overrides(data)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "sweep stopped by SIGINT in trial 0" in err and "--resume" not in err, err
+    (trial,) = _study(tmp_path / "sw").get_trials()
+    assert trial.state == TrialState.FAIL and (tmp_path / "sw" / "trial_0000" / "last.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -1,13 +1,16 @@
 """Where a sweep's study lives: its Optuna storage (SQLite in ``OUT/study.db`` or any
 SQLAlchemy URL) and its folder ``OUT``, and the trials whose process died.
 
-A trial whose process died is marked failed, and its run dir is left as it was: at once when
-the sweep that continues runs on the same host (the dead process id is recorded with the trial),
-else by Optuna's heartbeat once the trial has been silent for ``GRACE_S`` seconds.
+A trial whose process died is marked failed, and its run dir is left as it was, by the next
+call of any worker: at once when it runs on the same host (the dead process id is recorded with
+the trial), else by Optuna's heartbeat once the trial has been silent for ``GRACE_S`` seconds.
+A trial Optuna began whose process was killed before the sweep recorded its host is failed
+``UNSTARTED_S`` seconds after it began.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
 GRACE_S = 600  # ... and is taken for dead (failed) after this long without one
+UNSTARTED_S = GRACE_S  # a trial Optuna began but the sweep never started: dead after
 DB_NAME = "study.db"  # the default storage: sqlite:///OUT/study.db
 
 
@@ -95,17 +99,35 @@ def remove_made(made: list[Path], *, files: tuple[str, ...] = ()) -> None:
 
 
 def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Mark failed the RUNNING trials started on this host by a process that is gone; returns
-    them. Their run dirs are not touched."""
+    """Mark failed the RUNNING trials whose process is gone; returns them. Their run dirs are
+    not touched. Gone: started on this host by a process that no longer exists; silent for
+    ``GRACE_S`` seconds (Optuna's heartbeat, any host); or begun by Optuna more than
+    ``UNSTARTED_S`` seconds ago but never started by the sweep (no host recorded: its process
+    was killed between the two)."""
     host = socket.gethostname()
+    now = datetime.datetime.now()
     orphans = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+        if "host" not in t.user_attrs:
+            age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+            if age <= UNSTARTED_S:
+                continue  # maybe another worker's, starting now
+        elif t.user_attrs["host"] != host or _alive(t.user_attrs.get("pid")):
             continue
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         orphans.append(t)
         log.warning("trial %d was running when its sweep stopped: marked failed, run dir left "
-                    "as it was (%s)", t.number, t.user_attrs.get("run_dir"))
+                    "as it was (%s)", t.number, t.user_attrs.get("run_dir", "none made"))
+    with warnings.catch_warnings():  # "experimental" in Optuna 4
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        before = {t.number for t in study.get_trials(deepcopy=False,
+                                                     states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)  # else only done when a trial starts
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.number in before:
+            orphans.append(t)
+            log.warning("trial %d sent no heartbeat for %d s: marked failed, run dir left as it "
+                        "was (%s)", t.number, GRACE_S, t.user_attrs.get("run_dir"))
     return orphans
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from scrollsam.config import Config, config_to_dict
 from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
+from scrollsam.sweep.stop import StopBetweenTrials, SweepStopped
 from scrollsam.sweep.storage import (
     DB_NAME,
     SweepError,
@@ -48,6 +50,7 @@ from scrollsam.sweep.storage import (
 )
 from scrollsam.train.loop import TrainingError, train
 from scrollsam.train.rundir import absolute_paths
+from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +117,18 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
             log.info("study %s (%s): %d of %d trials finished; running the rest", name,
                      safe_url(url), done, trials)
             failures = _FailureLimit(trials)
-            study.optimize(
-                lambda trial: _objective(trial, base, space, out, progress=progress),
-                gc_after_trial=True,
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), failures])
+            with StopBetweenTrials() as stop:
+                try:
+                    study.optimize(
+                        lambda trial: _objective(trial, base, space, out, stop=stop,
+                                                 progress=progress),
+                        gc_after_trial=True,
+                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED),
+                                   failures, stop])
+                except KeyboardInterrupt:  # a second Ctrl-C: the trial is marked failed
+                    raise SweepStopped(signal.SIGINT, out=out) from None
+            if stop.requested is not None:
+                raise SweepStopped(stop.requested, out=out, detail=" between trials")
             if failures.reached:
                 log.warning("sweep stopped: %d trials failed in this call, as many as --trials "
                             "%d; see their errors above, fix the base config or the space and "
@@ -147,9 +158,10 @@ class _FailureLimit:
 
 
 def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
-               progress: bool) -> float:
+               stop: StopBetweenTrials, progress: bool) -> float:
     """Train one trial; its best validation F0.5, or NaN (a failed trial) when its values make
-    an invalid config or training fails (NaN loss, out of memory)."""
+    an invalid config or training fails (NaN loss, out of memory). A stop requested (``stop``,
+    or training's own on Ctrl-C) raises SweepStopped: Optuna marks the trial failed."""
     run = out / f"trial_{trial.number:04d}"
     for key, value in (("run_dir", str(run.resolve())), ("host", socket.gethostname()),
                        ("pid", os.getpid())):
@@ -163,6 +175,9 @@ def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
     scores: list[float] = []
 
     def on_eval(step: int, valid: dict[str, float]) -> None:
+        if stop.requested is not None:  # the signal came just before training took it over
+            raise SweepStopped(stop.requested, out=out,
+                               detail=f" in trial {trial.number} (marked failed)")
         scores.append(valid["f0.5"])
         trial.report(valid["f0.5"], step)
         if trial.should_prune():
@@ -174,7 +189,16 @@ def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
     try:
         cfg = apply_params(base, params, out=run)
         trial.set_user_attr("config", config_record(cfg))  # best_config.yaml is made from it
+        if stop.requested is not None:  # the signal came while Optuna began this trial
+            raise SweepStopped(stop.requested, out=out,
+                               detail=f" before trial {trial.number} started (marked failed)")
         train(cfg, progress=progress, on_eval=on_eval)
+    except SweepStopped:
+        raise
+    except TrainingStopped as err:  # Ctrl-C / SIGTERM in training, which wrote last.pt
+        raise SweepStopped(err.signum, out=out, detail=(
+            f" in trial {trial.number}, which is marked failed (its run dir is left as it was, "
+            f"not to be resumed: {run})")) from None
     except (ConfigError, TrainingError) as err:  # these values fail; other trials may not
         log.warning("trial %d failed: %s", trial.number, err)
         trial.set_user_attr("error", str(err))
