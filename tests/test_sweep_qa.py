@@ -6,9 +6,11 @@ import logging
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from test_sweep import _overrides, _space, _study
 
@@ -16,6 +18,7 @@ import scrollsam.sweep.storage as storage_mod
 import scrollsam.sweep.study as study_mod
 from scrollsam.cli import main
 from scrollsam.config import load_config, save_config
+from scrollsam.sweep import load_space
 from scrollsam.sweep.report import write_best_config
 from scrollsam.train.loop import train
 from scrollsam.train.rundir import stored_config
@@ -201,3 +204,41 @@ def test_a_real_ctrl_c_in_training_ends_the_sweep_with_its_trial_failed(data, tm
     (trial,) = _study(tmp_path / "sw").get_trials()
     assert trial.state == TrialState.FAIL and (tmp_path / "sw" / "trial_0000" / "last.pt").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+@pytest.mark.parametrize("text, message", [
+    # Before: every trial got lr 0.0001, and Optuna warned once per trial
+    ("train.lr: {low: 1.0e-4, high: 1.0e-3, step: 0.5}\n",
+     "train.lr: step 0.5 is larger than the range 0.0001 .. 0.001: every trial would get 0.0001"),
+    # Before: silently 0 .. 9
+    ("train.warmup: {low: 0, high: 10, step: 3}\n",
+     "train.warmup: step 3 does not divide the range 0 .. 10 evenly; the nearest valid high is 9 "
+     "or 12"),
+    ("loss.dice_weight: {low: 0.5, high: 2.0, step: 0.4}\n",
+     "loss.dice_weight: step 0.4 does not divide the range 0.5 .. 2.0 evenly; the nearest valid "
+     "high is 1.7 or 2.1"),
+    # Before: the last one silently won
+    ("train.lr: {low: 1.0e-5, high: 1.0e-3}\ndata.z_start: [16, 20]\ntrain.lr: [1.0e-4]\n",
+     "train.lr: given twice, at lines 1 and 3"),
+    ("train.lr: {low: 1.0e-5, high: 1.0e-3, low: 1.0e-4}\n",
+     "train.lr: low: given twice, at lines 1 and 1"),
+])
+def test_a_step_off_the_range_or_a_key_given_twice_is_an_error(tmp_path, capsys, text,
+                                                               message):
+    space = _space(tmp_path, text)
+    code = main(["sweep", "--space", str(space), "--trials", "1", "--out",
+                 str(tmp_path / "sw")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err and str(space) in err, err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_step_that_divides_the_range_as_written_is_taken(tmp_path):
+    base = load_config(None, [])
+    space = load_space(_space(tmp_path, "loss.dice_weight: {low: 0.1, high: 0.5, step: 0.1}\n"
+                                        "train.warmup: {low: 0, high: 100, step: 20}\n"), base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's "high is not divisible by step" warning
+        values = space.suggest(optuna.create_study().ask())
+    assert 0.1 <= values["loss.dice_weight"] <= 0.5 and values["train.warmup"] % 20 == 0

@@ -10,6 +10,7 @@ A space file maps dotted config keys to a range or a list of choices::
 
 Whether a range is sampled as float or int follows the key's type in :mod:`scrollsam.config`
 (``int | None`` keys are ints). A range needs a number key; any key takes a list of choices.
+A ``step`` must divide ``high - low``, and no key may be given twice (YAML would keep the last).
 Every bound and every choice is checked against the base config when the file is read, so a
 typo fails before the first trial, as one :class:`~scrollsam.errors.ConfigError` naming the key
 and the file. Fixed values belong in the base config, not here.
@@ -28,6 +29,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,7 @@ def load_space(path: str | Path, base: Config) -> Space:
     if not path.is_file():
         raise ConfigError(f"space file not found ({path})")
     data = load_yaml_file(path)
+    _check_unique_keys(path)
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(f"expected a mapping of config keys to ranges or choices, got "
                           f"{data!r} ({path})")
@@ -163,6 +166,29 @@ def load_space(path: str | Path, base: Config) -> Space:
         except ConfigError as err:
             raise ConfigError(f"{err} ({path})") from None
     return Space(tuple(params), str(path))
+
+
+def _check_unique_keys(path: Path) -> None:
+    """Raise naming the key when a mapping of the YAML file at ``path`` (already read without
+    error) gives a key twice; YAML loaders silently keep the last value."""
+
+    def walk(node: yaml.Node, where: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name, line = str(key.value), key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and name in seen:
+                    raise ConfigError(f"{where}{name}: given twice, at lines {seen[name]} and "
+                                      f"{line} ({path})")
+                seen[name] = line
+                walk(value, f"{where}{name}: ")
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, where)
+
+    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, "")
 
 
 def parse_param(key: str, spec: Any, base: Config) -> Param:
@@ -203,7 +229,29 @@ def parse_param(key: str, spec: Any, base: Config) -> Param:
         step = float(step) if kind == "float" else step
     for value in (low, high):
         _check_value(key, value, base)
+    if step is not None:
+        _check_step(key, low, high, step)
     return Param(key, kind, low, high, log, step)
+
+
+def _check_step(key: str, low: float, high: float, step: float) -> None:
+    """Raise unless ``high - low`` is a whole number of ``step``s (else Optuna would lower
+    ``high`` to the last multiple, with a warning per trial). Decimal arithmetic on the numbers
+    as written, as Optuna checks it, so 0.1 .. 0.5 step 0.1 is exact."""
+    span, size = Decimal(str(high)) - Decimal(str(low)), Decimal(str(step))
+    if span % size == 0:
+        return
+    if size > span:
+        raise ConfigError(f"{key}: step {step} is larger than the range {low} .. {high}: every "
+                          f"trial would get {low}")
+    below = Decimal(str(low)) + (span // size) * size
+    raise ConfigError(f"{key}: step {step} does not divide the range {low} .. {high} evenly; "
+                      f"the nearest valid high is {_number(below)} or {_number(below + size)}")
+
+
+def _number(value: Decimal) -> str:
+    """A bound as a space file would write it (12 not 12.0, 0.0003 not 0.00030)."""
+    return str(int(value)) if value == value.to_integral_value() else repr(float(value))
 
 
 def _parse_choices(key: str, values: list, base: Config) -> Param:
