@@ -242,3 +242,18 @@ def test_a_step_that_divides_the_range_as_written_is_taken(tmp_path):
         warnings.simplefilter("error")  # Optuna's "high is not divisible by step" warning
         values = space.suggest(optuna.create_study().ask())
     assert 0.1 <= values["loss.dice_weight"] <= 0.5 and values["train.warmup"] % 20 == 0
+
+
+def test_no_baseline_names_the_keys_values_and_ranges(tmp_path, caplog):
+    # Before: "no baseline trial: a base config value lies outside the space"
+    space = _space(tmp_path, "train.warmup: {low: 0, high: 4}\n"
+                             "train.lr: {low: 1.0e-4, high: 1.0e-3}\n"  # 1e-4: inside
+                             "train.steps: {low: 20, high: 100, step: 20}\n"
+                             "data.z_start: [16, 20]\n")
+    with caplog.at_level(logging.INFO):
+        assert main(["sweep", "--space", str(space), "--trials", "0", "--out",
+                     str(tmp_path / "sw"), "train.warmup=100", "train.steps=30"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "no baseline" in r.getMessage()]
+    assert line == ("no baseline trial: the base config's train.warmup=100 is outside [0, 4]; "
+                    "train.steps=30 is not low 20 plus a multiple of step 20; "
+                    f"data.z_start=null is not one of 16, 20 ({space})")

@@ -95,6 +95,19 @@ class Param:
                 return None
         return value
 
+    def why_not(self, value: Any) -> str | None:
+        """Why the config ``value`` is not in this parameter's space (``key=value is outside
+        [low, high]``), or None when it is."""
+        if self.label_of(value) is not None:
+            return None
+        shown = f"{self.key}={_show(value)}"
+        if self.kind == "choice":
+            return f"{shown} is not one of {', '.join(map(_show, self.choices))}"
+        if self.step is not None and isinstance(value, (int, float)) and (
+                self.low <= value <= self.high):
+            return f"{shown} is not low {self.low} plus a multiple of step {self.step}"
+        return f"{shown} is outside [{self.low}, {self.high}]"
+
     def describe(self) -> Any:
         """A plain summary (stored with the study, compared when a sweep continues)."""
         if self.kind == "choice":
@@ -134,6 +147,13 @@ class Space:
                 return None
             out[p.key] = label
         return out
+
+    def outside(self, base: Config) -> list[str]:
+        """Why each base config value that :meth:`base_params` cannot use is not in the space
+        (``train.warmup=100 is outside [0, 4]``); empty when the base config is a trial."""
+        tree = config_to_dict(base)
+        reasons = (p.why_not(_get(tree, p.key)) for p in self.params)
+        return [r for r in reasons if r is not None]
 
     def describe(self) -> dict[str, Any]:
         """key -> range or choices, plain values (stored with the study)."""
@@ -317,6 +337,14 @@ def _label(value: Any) -> Any:
             raise ConfigError(f"choice {value!r}: not a usable value")
         return value
     return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+
+
+def _show(value: Any) -> str:
+    """A config value as messages show it: numbers as Python writes them, else flow YAML."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix(
+        "\n...")
 
 
 def _from_label(stored: Any) -> Any:

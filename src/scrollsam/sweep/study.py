@@ -249,7 +249,8 @@ def _enqueue_baseline(study: optuna.Study, base: Config, space: Space) -> None:
     params = space.base_params(base)
     if params is None:
         if not trials:
-            log.info("no baseline trial: a base config value lies outside the space")
+            log.info("no baseline trial: the base config's %s (%s)", "; ".join(
+                space.outside(base)), space.source)
         return
     if runs:
         log.info("trial %d, the baseline, stopped before it finished: queued again",
