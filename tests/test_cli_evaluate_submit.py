@@ -253,3 +253,22 @@ def test_a_probability_image_of_0s_and_1s_warns_and_reads_as_probabilities_with_
     assert main(["evaluate", "--pred", files["prob"], "--labels", files["labels"], "--json",
                  "--as", "mask"]) == 0
     assert json.loads(capsys.readouterr().out)["threshold"] is None  # nonzero = ink
+
+
+def test_submit_never_writes_into_a_fragment_or_over_its_own_input(files, tmp_path, capsys):
+    """QA: `submit --out FRAGMENT/layers/00.tif --force` replaced a slice with CSV text, and
+    `--out FRAGMENT/ID_mask.png --force` the segment's mask (predict --submission refused)."""
+    from scrollsam.data.synthetic import write_fragment
+
+    frag = write_fragment(tmp_path / "frag", height=16, width=16, depth=2, seed=0)
+    before = {p: p.read_bytes() for p in frag.rglob("*") if p.is_file()}
+    for out in (frag / "surface_volume" / "00.tif", frag / "mask.png", frag / "new.csv"):
+        code = main(["submit", "--pred", f"a={files['pred']}", "--out", str(out), "--force"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: --out: must lie outside every fragment")
+    assert {p: p.read_bytes() for p in frag.rglob("*") if p.is_file()} == before
+    pred = open(files["pred"], "rb").read()
+    assert main(["submit", "--pred", f"a={files['pred']}", "--out", files["pred"],
+                 "--force"]) == 2
+    assert "must differ from the predictions it reads" in capsys.readouterr().err
+    assert open(files["pred"], "rb").read() == pred

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 EXIT_OK = 0
 log = logging.getLogger("scrollsam")
@@ -162,8 +163,26 @@ def run_submit(args: argparse.Namespace) -> int:
 
     check_threshold(args.threshold, name="--threshold")  # the flag, before any image is read
     specs = parse_pred_specs(args.pred)
+    _check_submit_out(Path(args.out), specs)
     rows = ((i, read_prediction(path, threshold=args.threshold)[0])
             for i, path in specs)  # lazily: one mask in memory at a time
     count = write_submission(args.out, rows, overwrite=args.force)
-    log.info("wrote %d rows to %s", count, args.out)
+    log.info("wrote %d row%s to %s", count, "" if count == 1 else "s", args.out)
     return EXIT_OK
+
+
+def _check_submit_out(out: Path, specs: list[tuple[str, Path]]) -> None:
+    """InputError, before anything is read, when ``submit --out`` would write over data: a file
+    inside a fragment folder (a slice, its mask) or one of the predictions it reads."""
+    from scrollsam.data.fragment_hosts import fragment_holding
+    from scrollsam.errors import InputError
+
+    host = fragment_holding(out)
+    if host is not None:
+        raise InputError(f"--out: must lie outside every fragment folder, got a path inside "
+                         f"{host[0]} (it holds {host[1]}) ({out})")
+    real = out.resolve()
+    for i, path in specs:
+        if Path(path).resolve() == real:
+            raise InputError(f"--out: must differ from the predictions it reads, got the file "
+                             f"of --pred {i}={path} ({out})")
