@@ -197,7 +197,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
     Returned dtypes: bool for 1-bit images, uint8 for 8-bit, uint16 (or int32) for 16-bit,
     float32 for floating-point TIFFs. Colour images are accepted only when all colour channels
-    are equal (a grey image saved as RGB); an alpha channel is dropped. Very large images (whole
+    are equal (a grey image saved as RGB); with an alpha channel, fully transparent pixels read
+    0 (a mask drawn as its alpha). Very large images (whole
     fragments exceed Pillow's decompression-bomb limit) are read without that limit.
 
     Raises InputError naming ``path`` when the file is missing, unreadable, or truly colour.
@@ -226,7 +227,10 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         channels = range(1, colour.shape[-1])
         if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in channels):
             raise InputError(f"{p}: expected a single-channel (grey) image, got {mode} colour")
-        arr = colour[..., 0]
+        clear = arr[..., -1] == 0 if mode in ("LA", "RGBA") else None
+        arr = colour[..., 0].copy() if clear is not None else colour[..., 0]
+        if clear is not None:  # fully transparent pixels read 0 (a shape drawn as alpha)
+            arr[clear] = 0
     if arr.ndim != 2:
         raise InputError(f"{p}: expected a 2-D image, got an array of shape {arr.shape}")
     if arr.dtype.byteorder not in ("=", "|"):  # big-endian 16-bit modes

@@ -266,7 +266,9 @@ def read_png(path: Path, *, gray: str) -> np.ndarray:
 
     ``gray`` says what to do with colour images: ``"equal"`` accepts them only when every colour
     channel holds the same values (masks, labels saved as RGB), ``"luma"`` converts to grey
-    (infrared images). Alpha is ignored.
+    (infrared images). With ``"equal"``, fully transparent pixels (alpha 0) read 0: a mask whose
+    shape is its alpha channel (white, transparent outside the papyrus) reads as that shape;
+    ``"luma"`` ignores alpha.
     """
     import cv2  # imported here: cv2 is slow to import and only needed when a PNG is decoded
 
@@ -282,10 +284,13 @@ def read_png(path: Path, *, gray: str) -> np.ndarray:
         raise FragmentError(f"corrupt PNG: cannot decode pixel data{cause} ({path})")
     if img.ndim == 3:
         color = img[..., :3]  # BGR(A) -> BGR
+        clear = img[..., 3] == 0 if img.shape[-1] == 4 else None  # fully transparent pixels
         if gray == "luma":
             img = cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2GRAY)
         elif (color == color[..., :1]).all():
             img = np.ascontiguousarray(color[..., 0])
+            if clear is not None:  # a mask or labels drawn as shape over transparency
+                img[clear] = 0
         else:
             raise FragmentError(f"expected a single-channel image, got colour ({path})")
     return img
