@@ -257,10 +257,12 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
     try:
-        value = parse_yaml(raw) if raw.strip() else ""
+        value = parse_yaml(raw, key=key) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: value {raw!r} is not valid YAML: "
                           f"{yaml_error_text(err, raw)}") from err
+    except ConfigError as err:  # a key given twice in a mapping value
+        raise ConfigError(f"{err} (override {text})") from None
     node: dict[str, Any] = {}
     cur = node
     parts = key.split(".")

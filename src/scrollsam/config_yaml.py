@@ -1,8 +1,9 @@
 """The YAML of config files, ``key=value`` overrides and sweep spaces, and its errors on one line.
 
-YAML 1.2 scalars: only true / false are booleans and ``1e-4`` is a number. PyYAML's own error
-messages span several lines and draw a caret; :func:`yaml_error_text` puts one on a line, for
-the ``error: ...`` line the CLI prints.
+YAML 1.2 scalars: only true / false are booleans and ``1e-4`` is a number. A key given twice in
+one mapping is an error (YAML loaders silently keep the last value). PyYAML's own error messages
+span several lines and draw a caret; :func:`yaml_error_text` puts one on a line, for the
+``error: ...`` line the CLI prints.
 """
 
 from __future__ import annotations
@@ -32,10 +33,42 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789"))
 
 
-def parse_yaml(text: str) -> Any:
+def parse_yaml(text: str, *, key: str = "", sep: str = ".") -> Any:
     """``text`` as YAML with 1.2 scalars (config files, overrides, sweep spaces); raises
-    ``yaml.YAMLError`` (see :func:`yaml_error_text`)."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    ``yaml.YAMLError`` (see :func:`yaml_error_text`), and :class:`ConfigError` for a key given
+    twice (see :func:`check_unique_keys`; ``key`` and ``sep`` name it)."""
+    loader = _Loader(text)  # a SafeLoader subclass: no arbitrary objects
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        check_unique_keys(node, key=key, sep=sep)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def check_unique_keys(node: yaml.Node, *, key: str = "", sep: str = ".",
+                      _done: set[int] | None = None) -> None:
+    """Raise :class:`ConfigError` ``<key>: given twice, at lines A and B`` (1-based) when a
+    mapping under ``node`` gives a scalar key twice. The key is named from the root, its parts
+    joined by ``sep`` (``train.lr``; a sweep space, whose keys are dotted already, passes ``": "``
+    for ``train.lr: low``) and prefixed with ``key`` (an override's key) when given."""
+    done = set() if _done is None else _done  # an alias can hold its own anchor (&a [*a])
+    if id(node) in done:
+        return
+    done.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            check_unique_keys(item, key=key, sep=sep, _done=done)
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, value in node.value:
+            name, line = f"{key}{sep if key else ''}{k.value}", k.start_mark.line + 1
+            if isinstance(k, yaml.ScalarNode) and name in seen:
+                raise ConfigError(f"{name}: given twice, at lines {seen[name]} and {line}")
+            seen[name] = line
+            check_unique_keys(value, key=name, sep=sep, _done=done)
 
 
 def yaml_error_text(err: yaml.YAMLError, text: str) -> str:
@@ -61,9 +94,10 @@ def _at(what: str, mark: yaml.Mark | None) -> str:
     return what if mark is None else f"{what} at line {mark.line + 1}, column {mark.column + 1}"
 
 
-def load_yaml_file(path: Path) -> Any:
-    """The YAML file at ``path`` (see :func:`parse_yaml`); a file that cannot be read or is not
-    valid YAML is a one-line :class:`ConfigError` naming the file."""
+def load_yaml_file(path: Path, *, sep: str = ".") -> Any:
+    """The YAML file at ``path`` (see :func:`parse_yaml`, which takes ``sep``); a file that
+    cannot be read, is not valid YAML or gives a key twice is a one-line :class:`ConfigError`
+    naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -72,6 +106,8 @@ def load_yaml_file(path: Path) -> Any:
     except OSError as err:
         raise ConfigError(f"cannot read the file: {err.strerror or err} ({path})") from err
     try:
-        return parse_yaml(text)
+        return parse_yaml(text, sep=sep)
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {yaml_error_text(err, text)} ({path})") from err
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({path})") from None

@@ -174,8 +174,7 @@ def load_space(path: str | Path, base: Config) -> Space:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"space file not found ({path})")
-    data = load_yaml_file(path)
-    _check_unique_keys(path)
+    data = load_yaml_file(path, sep=": ")  # a key given twice: "train.lr: low: given twice"
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(f"expected a mapping of config keys to ranges or choices, got "
                           f"{data!r} ({path})")
@@ -186,29 +185,6 @@ def load_space(path: str | Path, base: Config) -> Space:
         except ConfigError as err:
             raise ConfigError(f"{err} ({path})") from None
     return Space(tuple(params), str(path))
-
-
-def _check_unique_keys(path: Path) -> None:
-    """Raise naming the key when a mapping of the YAML file at ``path`` (already read without
-    error) gives a key twice; YAML loaders silently keep the last value."""
-
-    def walk(node: yaml.Node, where: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key, value in node.value:
-                name, line = str(key.value), key.start_mark.line + 1
-                if isinstance(key, yaml.ScalarNode) and name in seen:
-                    raise ConfigError(f"{where}{name}: given twice, at lines {seen[name]} and "
-                                      f"{line} ({path})")
-                seen[name] = line
-                walk(value, f"{where}{name}: ")
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                walk(item, where)
-
-    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    if root is not None:
-        walk(root, "")
 
 
 def parse_param(key: str, spec: Any, base: Config) -> Param:
