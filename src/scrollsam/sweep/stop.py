@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any
 
 import optuna
 
-from scrollsam.train.stop import SIGNALS, TrainingStopped
+from scrollsam.train.stop import StopSignals, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +32,15 @@ class SweepStopped(TrainingStopped):
                      f"scrollsam sweep command again (new trials get new run dirs in {out})",)
 
 
-class StopBetweenTrials:
+class StopBetweenTrials(StopSignals):
     """Context manager: while active (main thread only), a first SIGINT / SIGTERM sets
     ``requested`` (the sweep then stops before its next trial); a second stops at once
     (KeyboardInterrupt, SystemExit(128 + signal)). Training inside a trial installs its own
     handler and restores this one when it ends. The previous handlers come back on exit."""
 
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopBetweenTrials:
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    NOTICE = "the sweep stops before its next trial"
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback after each trial: no further trial once a stop was requested."""
         if self.requested is not None:
             study.stop()
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None:  # the second signal: stop now
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        self.requested = signum
-        again = "Ctrl-C again" if signum == signal.SIGINT else "SIGTERM again"
-        log.warning("%s: the sweep stops before its next trial (%s to stop at once)",
-                    signal.Signals(signum).name, again)

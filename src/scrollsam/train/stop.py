@@ -58,6 +58,9 @@ class StopSignals:
     the first is taken as a copy of it, not as the second one that stops at once.
     """
 
+    # what the first signal's warning says happens next
+    NOTICE = "stopping after this step and saving last.pt"
+
     def __init__(self, *, same_within: float = 0.0) -> None:
         self.requested: int | None = None
         self.same_within = same_within
@@ -86,8 +89,8 @@ class StopSignals:
         self.requested = signum
         self._first_at = time.monotonic()
         again = "Ctrl-C again" if signum == signal.SIGINT else "SIGTERM again"
-        log.warning("%s: stopping after this step and saving last.pt (%s to stop at once)",
-                    signal.Signals(signum).name, again)
+        log.warning("%s: %s (%s to stop at once)", signal.Signals(signum).name, self.NOTICE,
+                    again)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
