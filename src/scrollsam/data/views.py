@@ -122,8 +122,10 @@ class IrView(View):
 
     def check(self, fragment: Fragment) -> None:
         if fragment.ir_path is None:
-            raise FragmentError(f"fragment {fragment.id} has no ir.png, which view 'ir' needs "
-                                f"({fragment.path})")
+            raise FragmentError(
+                f"fragment {fragment.id} has no ir.png, which view 'ir' needs (data.input=ir); "
+                f"x-ray slices: train with data.input=slices (see configs/demo_xray.yaml) "
+                f"({fragment.path})")
 
     def eval_window(self, fragment: Fragment, y0: int, x0: int, size: int) -> np.ndarray:
         self.check(fragment)
@@ -268,10 +270,9 @@ class _BandView(SlicesView):
         self.depth_scale = _float("depth_scale", self._p["depth_scale"])
         if not 0.0 <= self.depth_scale <= 1.0:
             raise InputError(f"depth_scale: expected a number in [0, 1], got {self.depth_scale}")
-        self.profile = self._p["profile"]
-        if not isinstance(self.profile, bool | np.bool_):
-            raise InputError(f"profile: expected true or false, got {self.profile!r}")
-        self.profile = bool(self.profile)
+        if not isinstance(self._p["profile"], bool | np.bool_):
+            raise InputError(f"profile: expected true or false, got {self._p['profile']!r}")
+        self.profile = bool(self._p["profile"])
 
     def check(self, fragment: Fragment) -> None:
         """With ``align=sheet`` the band moves into each volume: it needs z1 - z0 slices, not
@@ -332,11 +333,7 @@ class _BandView(SlicesView):
 
 
 def _views() -> dict[str, type[View]]:
-    from scrollsam.data.band_views import (  # they build on _BandView
-        MosaicView,
-        ProjectView,
-        RangeView,
-    )
+    from scrollsam.data.band_views import MosaicView, ProjectView, RangeView  # on _BandView
 
     return {"ir": IrView, "slices/triplet": TripletView, "slices/every": EveryView,
             "slices/range": RangeView, "slices/project": ProjectView, "slices/mosaic": MosaicView}
