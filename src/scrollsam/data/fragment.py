@@ -32,13 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scrollsam.data.formats import (
-    SliceInfo,
-    SliceReader,
-    probe_png,
-    probe_slice,
-    read_png,
-)
+from scrollsam.data.formats import SliceInfo, SliceReader, probe_png, probe_slice, read_png
 from scrollsam.data.zarr_volume import ZarrInfo, ZarrReader, probe_zarr, store_files
 from scrollsam.errors import FragmentError, InputError
 
@@ -61,6 +55,14 @@ def _warn_of_other_labels(folder: Path, expected: str) -> None:
                     "it)", folder.name, expected, ", ".join(others), expected)
 
 
+def _other_masks(folder: Path, expected: str) -> str:
+    """``; found mask.png: rename it to <expected>`` when ``folder`` holds ``mask.png`` or a
+    ``*_mask.png`` other than ``expected`` (a renamed segment folder), else empty."""
+    others = sorted(p.name for p in [*folder.glob("*_mask.png"), *folder.glob("mask.png")])
+    which = "it" if len(others) == 1 else "the right one"
+    return f"; found {', '.join(others)}: rename {which} to {expected}" if others else ""
+
+
 class Fragment:
     """A validated fragment folder.
 
@@ -79,7 +81,9 @@ class Fragment:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FragmentError(f"fragment folder not found ({self.path})")
+            what = "expected a fragment folder, got a file" if self.path.exists() else (
+                "fragment folder not found")
+            raise FragmentError(f"{what} ({self.path})")
         self.id = self.path.resolve().name
         self.layout, self.volume_path = _detect_layout(self.path)
         self.slice_paths: list[Path] = []
@@ -94,7 +98,9 @@ class Fragment:
         prefix = "" if self.layout == "kaggle" else f"{self.id}_"
         self.mask_path = self.path / f"{prefix}mask.png"
         if not self.mask_path.is_file():
-            raise FragmentError(f"missing mask: expected {self.mask_path.name} ({self.mask_path})")
+            raise FragmentError(f"missing mask: expected {self.mask_path.name}"
+                                f"{_other_masks(self.path, self.mask_path.name)} "
+                                f"({self.mask_path})")
         self._check_png_size(self.mask_path)
         labels = self.path / f"{prefix}inklabels.png"
         self.labels_path: Path | None = labels if labels.is_file() else None
