@@ -55,8 +55,9 @@ def load_sam_state_dict(path: str | Path, *,
     path = Path(path)
     if path.is_dir():
         raise not_a_file(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; {WHERE_TO_GET}")
+    if not path.is_file():  # the CLI comes here from model.checkpoint only (not --checkpoint)
+        raise CheckpointError(f"checkpoint not found: {path} (model.checkpoint); {WHERE_TO_GET}"
+                              f" as model.checkpoint=PATH")
     obj: Any = load_torch(path)  # one-line errors for empty, corrupt and unsafe files
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if extras := sorted(obj.get("extras") or {}):  # a trained model with scrollsam parts
