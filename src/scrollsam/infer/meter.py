@@ -63,6 +63,8 @@ class Meter:
             self.bar.update(pixels / 1e6)
 
     def finish(self, seconds: float, device: torch.device) -> dict[str, Any]:
+        """The run's stats; ``megapixels_per_s`` is None when there was nothing to predict (a
+        resumed run whose every band was done), not a speed of 0."""
         if self.bar is not None:
             self.bar.close()
         mem = memory_status()
@@ -71,7 +73,7 @@ class Meter:
         return {
             "megapixels": self.area / 1e6, "mask_megapixels": self.mask_pixels / 1e6,
             "tiles": self.tiles, "images": self.images, "seconds": seconds,
-            "megapixels_per_s": self.area / 1e6 / max(seconds, 1e-9),
+            "megapixels_per_s": self.area / 1e6 / max(seconds, 1e-9) if self.area else None,
             "peak_rss_anon_mb": max(self.peak_anon, mem.get("rss_anon_mb", 0.0)),
             "vm_hwm_mb": mem.get("vm_hwm_mb"), "peak_cuda_mb": cuda,
         }
