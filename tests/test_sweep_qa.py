@@ -197,13 +197,18 @@ def test_a_real_ctrl_c_in_training_ends_the_sweep_with_its_trial_failed(data, tm
         return train(cfg, progress=progress, on_eval=on_eval_then_ctrl_c)
 
     monkeypatch.setattr(study_mod, "train", ctrl_c_at_first_eval)
+    before = signal.getsignal(signal.SIGINT)  # pytest-xdist's workers ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     args = [*_sweep_args(tmp_path, 2), *_overrides(data)]
-    assert main(args) == 130
+    try:
+        assert main(args) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert "sweep stopped by SIGINT in trial 0" in err and "--resume" not in err, err
     (trial,) = _study(tmp_path / "sw").get_trials()
     assert trial.state == TrialState.FAIL and (tmp_path / "sw" / "trial_0000" / "last.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 @pytest.mark.parametrize("text, message", [
