@@ -227,10 +227,10 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         channels = range(1, colour.shape[-1])
         if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in channels):
             raise InputError(f"{p}: expected a single-channel (grey) image, got {mode} colour")
-        clear = arr[..., -1] == 0 if mode in ("LA", "RGBA") else None
-        arr = colour[..., 0].copy() if clear is not None else colour[..., 0]
-        if clear is not None:  # fully transparent pixels read 0 (a shape drawn as alpha)
-            arr[clear] = 0
+        grey = colour[..., 0]
+        if mode in ("LA", "RGBA"):  # fully transparent pixels read 0 (a shape drawn as alpha)
+            grey = np.where(arr[..., -1] == 0, grey.dtype.type(0), grey)
+        arr = grey
     if arr.ndim != 2:
         raise InputError(f"{p}: expected a 2-D image, got an array of shape {arr.shape}")
     if arr.dtype.byteorder not in ("=", "|"):  # big-endian 16-bit modes

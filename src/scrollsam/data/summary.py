@@ -15,8 +15,8 @@ import numpy as np
 from scrollsam.data.fragment import Fragment
 from scrollsam.data.stats import compute_stats, dead_slices, slice_contrast
 
-# How many times the contrast of labels moved elsewhere a slice's |contrast| must reach for
-# inspect to name an ink band: twice what texture and sampling alone give.
+# How many times the chance contrast (the labels moved, SliceContrast.chance) the peak
+# |contrast| must reach for inspect to name an ink band: twice what texture and sampling give.
 SIGNAL_OVER_CHANCE = 2.0
 
 
@@ -24,8 +24,8 @@ def describe(fragment: Fragment, *, seed: int = 0) -> dict[str, Any]:
     """Summary of ``fragment`` as a JSON-serialisable dict (keys as in the `inspect --json`
     output: path, id, layout, store, volume, height, width, depth, dtype, compression,
     memory_mapped, chunks, bytes_on_disk, mask_coverage, has_labels, has_ir, ink_fraction, ir,
-    sampled_pixels, slices [{z, file, mean, std, contrast}], chance_contrast (the largest
-    |contrast| the labels give when moved elsewhere, :class:`.stats.SliceContrast`), ink_band
+    sampled_pixels, slices [{z, file, mean, std, contrast}], chance_contrast (what the labels
+    give when moved just past their own pattern, :class:`.stats.SliceContrast`), ink_band
     ([first, last] slice of the ink signal; None when no slice's |contrast| reaches
     :data:`SIGNAL_OVER_CHANCE` times chance), dead_slices: the slices holding one value inside
     the mask, :func:`.stats.dead_slices`).
@@ -134,7 +134,7 @@ def format_description(d: dict[str, Any]) -> str:
         lines.append(f"  ink signal  strongest in slices {z0}..{z1} (|contrast| at least half "
                      f"its peak, {peak:.3f}; the labels moved elsewhere on the fragment give "
                      f"{chance:.3f})")
-    elif has_contrast and chance is not None:
+    elif chance is not None:  # contrast measured, no band
         lines.append(f"  ink signal  none that stands out: the largest |contrast|, {peak:.3f}, is "
                      f"not {SIGNAL_OVER_CHANCE:g} times what the labels moved elsewhere on the "
                      f"fragment give ({chance:.3f}); fibres, drift or noise alone reach it")

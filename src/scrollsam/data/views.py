@@ -177,13 +177,13 @@ class SlicesView(View):
         """Slices z0..z1-1 of the window, standardised (per slice, or per pixel along depth
         with ``profile``) and clipped, 0 outside the mask: float32 [z1-z0, S, S]."""
         self.check(fragment)
-        floor = np.float32(std_floor(self.stats.get(fragment).slice_std))
+        st = self.stats.get(fragment)
+        floor = np.float32(std_floor(st.slice_std))
         vol = fragment.read(z0, z1, y0, y0 + size, x0, x0 + size).astype(np.float32)  # [n,S,S]
         dead = np.zeros(z1 - z0, bool)  # [n]: profile's dead slices, set to 0 below
         if profile:  # each pixel's own depth mean / std over the live slices: [1, S, S]
-            mean, std, dead = profile_moments(vol, self.stats.get(fragment).slice_std[z0:z1])
+            mean, std, dead = profile_moments(vol, st.slice_std[z0:z1])
         else:  # the fragment's per-slice statistics: [n, 1, 1]
-            st = self.stats.get(fragment)
             centre, spread = ((st.slice_mean, st.slice_std) if self.norm == "mean_std"
                               else (st.slice_median, st.slice_mad))
             mean = np.asarray(centre[z0:z1], np.float32)[:, None, None]

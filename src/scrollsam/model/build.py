@@ -161,7 +161,8 @@ def build_model(
                              f"{window_size}")
     if attention not in ATTENTION:
         raise InputError(f"attention: expected one of {ATTENTION}, got {attention!r}")
-    if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
+    lora_rank = _whole("lora_rank", lora_rank)
+    if lora_rank < 0:
         raise InputError(f"lora_rank: expected 0 (none) or a positive int, got {lora_rank!r}")
     spec = VARIANTS[type] if window_size is None else replace(VARIANTS[type],
                                                               window_size=window_size)
