@@ -8,11 +8,10 @@ and the report says so instead of printing noise.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from scrollsam.config import config_from_dict, config_to_dict, load_config
+from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
 from scrollsam.sweep.space import Space
@@ -81,20 +80,9 @@ def write_best_config(trial: FrozenTrial, path: Path, *, study: str, out: Path) 
     (absolute), written to ``path`` ready for ``scrollsam train --config PATH``; returns
     ``path``, or None (a warning logged, a stale file removed) when that config is lost."""
     try:
-        tree = trial_config(trial)
-        if tree is not None:
-            tree["out"] = os.path.abspath(out / "best")
-            cfg = config_from_dict(tree, stored=True)
-    except ConfigError as err:  # saved by a scrollsam whose config had other keys
-        log.warning("best config not written: trial %d's config is no longer valid (%s)",
-                    trial.number, err)
-        tree = None
-    else:
-        if tree is None:
-            log.warning("best config not written: trial %d's config is neither stored with the "
-                        "study nor in its run dir (%s)", trial.number,
-                        trial.user_attrs.get("run_dir"))
-    if tree is None:
+        cfg = replace(trial_config(trial), out=os.path.abspath(out / "best"))
+    except ConfigError as err:  # lost, or saved by a scrollsam whose config had other keys
+        log.warning("best config not written: %s", err)
         path.unlink(missing_ok=True)  # another trial's: not the best one now
         return None
     head = (f"# Best trial {trial.number} of sweep study {study}: validation F0.5 "
@@ -104,17 +92,22 @@ def write_best_config(trial: FrozenTrial, path: Path, *, study: str, out: Path) 
     return path
 
 
-def trial_config(trial: FrozenTrial) -> dict[str, Any] | None:
-    """The config ``trial`` trained with, as a nested dict: as stored with the trial, else
-    (trials of an older scrollsam) its run dir's ``config.yaml``; None when neither exists."""
+def trial_config(trial: FrozenTrial) -> Config:
+    """The config ``trial`` trained with: as stored with the trial, else (trials of an older
+    scrollsam) its run dir's ``config.yaml``; ConfigError when neither exists or it is no
+    longer valid."""
     stored = trial.user_attrs.get("config")
     if isinstance(stored, dict):
-        return copy.deepcopy(stored)
+        try:
+            return config_from_dict(stored, stored=True)  # without out: replaced
+        except ConfigError as err:
+            raise ConfigError(f"trial {trial.number}'s config is no longer valid ({err})") from err
     run_dir = trial.user_attrs.get("run_dir")
     saved = Path(run_dir) / "config.yaml" if isinstance(run_dir, str) else None
     if saved is None or not saved.is_file():
-        return None
-    return config_to_dict(load_config(saved, stored=True))
+        raise ConfigError(f"trial {trial.number}'s config is neither stored with the study nor "
+                          f"in its run dir ({run_dir})")
+    return load_config(saved, stored=True)
 
 
 def param_importances(study: optuna.Study, complete: int) -> tuple[dict[str, float], str]:

@@ -59,7 +59,8 @@ def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
                                                   heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_S)
+                                                  grace_period=GRACE_S,
+                                                  heartbeat_stale_trial_callback=_log_stale)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
             if attempt == attempts - 1:
                 raise SweepError(f"cannot open the study storage: {_first_line(err)} "
@@ -98,15 +99,14 @@ def remove_made(made: list[Path], *, files: tuple[str, ...] = ()) -> None:
             return
 
 
-def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Mark failed the RUNNING trials whose process is gone; returns them. Their run dirs are
-    not touched. Gone: started on this host by a process that no longer exists; silent for
-    ``GRACE_S`` seconds (Optuna's heartbeat, any host); or begun by Optuna more than
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """Mark failed the RUNNING trials whose process is gone. Their run dirs are not touched.
+    Gone: started on this host by a process that no longer exists; silent for ``GRACE_S``
+    seconds (Optuna's heartbeat, any host); or begun by Optuna more than
     ``UNSTARTED_S`` seconds ago but never started by the sweep (no host recorded: its process
     was killed between the two)."""
     host = socket.gethostname()
     now = datetime.datetime.now()
-    orphans = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "host" not in t.user_attrs:
             age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
@@ -115,20 +115,18 @@ def fail_orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         elif t.user_attrs["host"] != host or _alive(t.user_attrs.get("pid")):
             continue
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        orphans.append(t)
         log.warning("trial %d was running when its sweep stopped: marked failed, run dir left "
                     "as it was (%s)", t.number, t.user_attrs.get("run_dir", "none made"))
     with warnings.catch_warnings():  # "experimental" in Optuna 4
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = {t.number for t in study.get_trials(deepcopy=False,
-                                                     states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)  # else only done when a trial starts
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if t.number in before:
-            orphans.append(t)
-            log.warning("trial %d sent no heartbeat for %d s: marked failed, run dir left as it "
-                        "was (%s)", t.number, GRACE_S, t.user_attrs.get("run_dir"))
-    return orphans
+        optuna.storages.fail_stale_trials(study)  # else only when a trial starts; _log_stale
+
+
+def _log_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The storage's callback for each trial Optuna fails for want of heartbeats (here or when
+    any worker starts a trial)."""
+    log.warning("trial %d sent no heartbeat for %d s: marked failed, run dir left as it was "
+                "(%s)", trial.number, GRACE_S, trial.user_attrs.get("run_dir"))
 
 
 def _alive(pid: object) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from scrollsam.config import Config, config_to_dict
+from scrollsam.config import Config, config_to_dict, flat_keys
 from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
@@ -224,7 +224,7 @@ def _check_space(study: optuna.Study, space: Space) -> None:
 def _check_base(study: optuna.Study, base: Config) -> None:
     """Record the base config with a new study; warn, naming the keys, when this call's
     differs (its trials use it; earlier trials and best_config.yaml keep their own)."""
-    now = _flat(config_record(base))
+    now = flat_keys(config_record(base))
     stored = study.user_attrs.get("base_config")
     if not isinstance(stored, dict):
         study.set_user_attr("base_config", now)
@@ -263,17 +263,6 @@ def config_record(cfg: Config) -> dict[str, Any]:
     record = json.loads(json.dumps(config_to_dict(absolute_paths(cfg))))
     record.pop("out")
     return record
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as dotted key -> value."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @contextmanager

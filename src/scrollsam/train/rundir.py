@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
+from scrollsam.config import Config, config_from_dict, config_to_dict, flat_keys, load_config
 from scrollsam.data.fragment_hosts import fragment_holding
 from scrollsam.errors import ConfigError, RunDirError, WriteError
 from scrollsam.io import within, write_failure
@@ -297,7 +297,7 @@ def resume_config(saved: Config, asked: Config, *, given: Collection[str], step:
     keys are reported and ignored. ``step`` is the checkpoint's step."""
     cfg = copy.deepcopy(saved)
     cfg.out = asked.out
-    old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(asked))
+    old, new = flat_keys(config_to_dict(saved)), flat_keys(config_to_dict(asked))
     ignored = []
     for key in sorted(k for k in given if k in new and k != "out" and new[k] != old.get(k)):
         if key == "train.steps":
@@ -356,18 +356,8 @@ def remove_stale_temps(run: Path) -> list[Path]:
     return removed
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _non_default_keys(cfg: Config) -> set[str]:
-    mine, default = _flat(config_to_dict(cfg)), _flat(config_to_dict(Config()))
+    mine, default = flat_keys(config_to_dict(cfg)), flat_keys(config_to_dict(Config()))
     return {k for k, v in mine.items() if default.get(k) != v}
 
 
