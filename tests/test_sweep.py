@@ -135,7 +135,7 @@ def train(cfg, **kwargs):
     if not held:
         held.append(True)
         storage, name = sys.argv[1], sys.argv[2]
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # both workers in a trial, however loaded the CPU
         while time.monotonic() < deadline:
             running = optuna.load_study(study_name=name, storage=storage).get_trials(
                 states=(optuna.trial.TrialState.RUNNING,))
