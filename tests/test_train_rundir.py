@@ -297,3 +297,21 @@ def test_a_run_dir_inside_any_fragment_folder_is_refused(data, tmp_path, capsys)
         assert err == (f"error: out: the run dir must not be inside a fragment folder: {other} "
                        f"holds surface_volume/ ({out})")
         assert not out.exists()
+
+
+def test_resume_reports_a_changed_dict_value_as_ignored(caplog):
+    """Review: `--resume data.view={depth_shift: 5}` on a run of depth_shift 2 was ignored
+    without a word (a dict value has no key of its own among the flat keys compared)."""
+    from scrollsam.train.rundir import resume_config
+
+    band = ["data.input=slices", "data.strategy=range"]
+    saved = load_config(None, [*band, "data.view={depth_shift: 2}"])
+    asked = load_config(None, [*band, "data.view={depth_shift: 5}"])
+    with caplog.at_level(logging.WARNING):
+        cfg = resume_config(saved, asked, given={"data.view"}, step=5)
+    assert cfg.data.view == {"depth_shift": 2}  # kept: a view change is another experiment
+    assert "ignored: data.view={'depth_shift': 5} (the run has {'depth_shift': 2})" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resume_config(saved, saved, given={"data.view"}, step=5)
+    assert "ignored" not in caplog.text  # the same value: nothing to say

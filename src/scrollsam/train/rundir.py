@@ -312,6 +312,10 @@ def resume_config(saved: Config, asked: Config, *, given: Collection[str], step:
             _set(cfg, key, new[key])
         else:
             ignored.append(f"{key}={new[key]} (the run has {old.get(key)})")
+    for key in sorted(k for k in given if k not in new and k != "out"):  # a dict's or section's
+        mine, theirs = _under(new, key), _under(old, key)  # keys (data.view={...}): not resumable
+        if mine != theirs:
+            ignored.append(f"{key}={mine} (the run has {theirs})")
     if ignored:
         log.warning("--resume keeps the run's settings; ignored: %s. To change them start a new "
                     "run with another out=", ", ".join(ignored))
@@ -354,6 +358,11 @@ def remove_stale_temps(run: Path) -> list[Path]:
     if removed:
         log.info("removed %d temp files left by an interrupted run in %s", len(removed), run)
     return removed
+
+
+def _under(flat: dict[str, Any], key: str) -> dict[str, Any]:
+    """The entries of ``flat`` (:func:`flat_keys`) under the dotted ``key``, named from it."""
+    return {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(f"{key}.")}
 
 
 def _non_default_keys(cfg: Config) -> set[str]:
