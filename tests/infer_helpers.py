@@ -83,3 +83,19 @@ def zarr_files(out: Path) -> tuple[list, list]:
     root = zarr.open_group(out / "prob.ome.zarr", mode="r")
     n = len(root.attrs["multiscales"][0]["datasets"])
     return ([root[str(i)][:] for i in range(n)], [root[f"labels/ink/{i}"][:] for i in range(n)])
+
+
+def killed_in_predict_worker(rank: int, kwargs: dict) -> None:
+    """``predict_to_folder(**kwargs)`` under torchrun's environment (ddp_helpers' spawn); rank 1
+    kills itself outright (SIGKILL, as the OOM killer would) when it starts its first band."""
+    import os
+    import signal
+
+    from scrollsam.infer.pipeline import predict_to_folder
+    from scrollsam.infer.predict import Predictor
+
+    if rank == 1:
+        def killed(self, *args, **kw):
+            os.kill(os.getpid(), signal.SIGKILL)
+        Predictor.predict_rows = killed
+    predict_to_folder(**kwargs)

@@ -98,3 +98,35 @@ def test_png_mode_on_two_ranks_equals_one_process_and_a_failing_rank_ends_both(d
     assert (tmp_path / "fail-0.txt").read_text() == ("RankError: rank 1 of 2 failed: "
                                                      "InputError: boom on purpose")
     assert not (tmp_path / "fail" / "metrics.json").exists()
+
+
+def test_a_mistake_under_torchrun_is_printed_once(data, tmp_path):
+    """Before: each process printed it (``--tile 4``, a missing checkpoint: every check ran
+    before the processes met)."""
+    from ddp_helpers import cli_worker, run_ranks
+
+    common = ["predict", "--run-dir", str(data / "run"), "--fragment", str(data / "frag"),
+              "--device", "cpu", "--out", str(tmp_path / "out")]
+    for extra, said in ((["--tile", "4"], "error: --tile: expected an integer >= 16"),
+                        (["--checkpoint", str(tmp_path / "nope.pt")],
+                         "error: checkpoint not found")):
+        out = run_ranks(cli_worker, 2, [*common, *extra])
+        printed = "".join(o["result"][1] for o in out)
+        assert [o["result"][0] for o in out] == [2, 2], out
+        assert printed.count(said) == 1 and printed.count("error:") == 1, printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_killed_outright_ends_the_others_with_one_line(data, tmp_path):
+    """Before: rank 0 ended with gloo's traceback ("Connection closed by peer ...") when rank 1
+    was SIGKILLed mid-prediction. Now PeerLost: one line saying how to go on, exit code 1."""
+    from ddp_helpers import run_ranks_one_killed
+    from infer_helpers import killed_in_predict_worker
+
+    kwargs = dict(run=data / "run", fragments=[data / "frag"], out=tmp_path / "out",
+                  device="cpu", fmt="zarr", chunk=32, band_rows=64)
+    codes, rank0 = run_ranks_one_killed(killed_in_predict_worker, 2, kwargs)
+    assert codes[1] == -9 and rank0["error"] == "PeerLost", rank0
+    assert rank0["message"].startswith("another process of this torchrun run stopped (")
+    assert rank0["message"].endswith("run the same command again (an OME-Zarr prediction "
+                                      "continues from its finished bands)")

@@ -271,7 +271,7 @@ def test_a_rank_killed_outright_ends_the_others_with_one_line_and_the_run_resume
     """Before: rank 0 printed gloo's traceback ("Connection closed by peer ... GLHF!") when rank
     1 was SIGKILLed. Now a PeerLost: one line saying how to continue, exit code 1."""
     from scrollsam.errors import PeerLost
-    from scrollsam.train.distributed import peer_lost
+    from scrollsam.train.distributed import peer_lost, resume_hint
 
     run = tmp_path / "run"
     codes, rank0 = run_ranks_one_killed(killed_at_eval_worker, 2, _args(
@@ -282,7 +282,7 @@ def test_a_rank_killed_outright_ends_the_others_with_one_line_and_the_run_resume
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 2  # whole, resumable
     gloo = RuntimeError("[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
                         "[127.0.0.1]:43952. This is typically caused by a remote worker crashing.")
-    lost = peer_lost(gloo, tmp_path / "gone")
+    lost = peer_lost(gloo, resume_hint(tmp_path / "gone"))
     assert isinstance(lost, PeerLost) and lost.exit_code == 1
     assert "(Connection closed by peer [127.0.0.1]:43952)" in str(lost)
     assert str(lost).endswith("the run had not started: start it again")
@@ -290,9 +290,9 @@ def test_a_rank_killed_outright_ends_the_others_with_one_line_and_the_run_resume
                          "This is typically caused by a remote worker hanging or bugs in the "
                          "application. Check the logs of the remote worker before reporting")
     assert "(Read error [127.0.0.1]:5: Connection reset by peer); torchrun's" in str(
-        peer_lost(reset, run))  # the other way gloo says it, depending on timing
-    assert peer_lost(RuntimeError("CUDA out of memory"), run) is None
-    assert peer_lost(ValueError("Connection closed by peer"), run) is None
+        peer_lost(reset, resume_hint(run)))  # the other way gloo says it, depending on timing
+    assert peer_lost(RuntimeError("CUDA out of memory"), "") is None
+    assert peer_lost(ValueError("Connection closed by peer"), "") is None
 
 
 def test_a_bad_override_under_torchrun_is_printed_once(data, tmp_path):

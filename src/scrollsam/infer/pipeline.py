@@ -52,10 +52,12 @@ from scrollsam.rle import is_submission_id, write_submission
 from scrollsam.train.distributed import (
     World,
     join_process_group,
+    peer_lost,
     process_device,
     shutdown_distributed,
     world_from_env,
 )
+from scrollsam.train.ranks import agree_before_start
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,57 @@ def predict_to_folder(
     settings in the output folder instead of refusing. timeout_min: under torchrun, how long a
     process waits for the others at an exchange before the job ends with an error.
     """
+    if not timeout_min > 0:  # the processes need it to meet: printed by one of them
+        raise agree_before_start(InputError(f"--timeout: expected a positive number of "
+                                            f"minutes, got {timeout_min}"))
+    world = world_from_env()
+    joined = world.distributed and not (dist.is_available() and dist.is_initialized())
+    world = join_process_group(timeout=datetime.timedelta(minutes=timeout_min))
+    try:  # under torchrun a mistake found here is printed once, by the first process finding it
+        plan = settle(lambda: _plan(
+            run, fragments, out, world=world, checkpoint=checkpoint, threshold=threshold,
+            tile=tile, stride=stride, batch_size=batch_size, tta=tta, device=device,
+            submission=submission, force=force, points=points, precision=precision, fmt=fmt,
+            dtype=dtype, chunk=chunk, band_rows=band_rows), world)
+        return _predict_all(plan, world=world, submission=submission, force=force,
+                            points=points, save_tif=save_tif, progress=progress, fmt=fmt,
+                            dtype=dtype, chunk=chunk, restart=restart)
+    except RuntimeError as err:
+        lost = peer_lost(err, PREDICT_AGAIN) if world.distributed else None
+        if lost is None:
+            raise
+        raise lost from err  # gloo's traceback in each process still running, before
+    finally:
+        if joined:
+            shutdown_distributed()
+
+
+PREDICT_AGAIN = ("run the same command again (an OME-Zarr prediction continues from its "
+                 "finished bands)")
+
+
+@dataclass
+class _Plan:
+    """What :func:`_plan` checked and opened: the run, the fragments, the output folder, the
+    model, the clicks, the rows per band."""
+
+    run: str | os.PathLike[str] | None
+    frags: list[Fragment]
+    out: Path
+    predictor: Predictor
+    clicks: dict[str, Any] | None
+    band_rows: int
+
+
+def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathLike[str]],
+          out: str | os.PathLike[str], *, world: World, checkpoint: str,
+          threshold: float | str | None, tile: int | None, stride: int | None,
+          batch_size: int | None, tta: bool, device: str,
+          submission: str | os.PathLike[str] | None, force: bool,
+          points: str | os.PathLike[str] | None, precision: str, fmt: str, dtype: str,
+          chunk: int, band_rows: int | None) -> _Plan:
+    """Every check before the first tile: the options, the fragments, the output locations,
+    the run and its checkpoint, each fragment against the run's input view, the clicks file."""
     if not fragments:
         raise InputError("--fragment: expected at least one fragment folder, got none")
     threshold = threshold_choice(threshold)
@@ -133,9 +186,6 @@ def predict_to_folder(
         if value not in allowed:
             raise InputError(f"{flag}: expected one of {', '.join(allowed)}, got {value!r}")
     check_band_rows(chunk if band_rows is None else band_rows, chunk)
-    if not timeout_min > 0:
-        raise InputError(f"--timeout: expected a positive number of minutes, got {timeout_min}")
-    world = world_from_env()
     if points is not None and (fmt == "zarr" or world.distributed):
         raise InputError("--points: prediction around clicks writes PNG files in one process "
                          "(not with --format zarr, not under torchrun)")
@@ -150,44 +200,29 @@ def predict_to_folder(
         _check_submission(Path(submission), force=force)
         _check_submission_ids(frags)
     dev = process_device(resolve_device(device, setting="--device"), world)
-    joined = world.distributed and not (dist.is_available() and dist.is_initialized())
-    world = join_process_group(timeout=datetime.timedelta(minutes=timeout_min))
-    try:
-        return _predict_all(run, frags, out, world=world, device=dev, checkpoint=checkpoint,
-                            threshold=threshold, tile=tile, stride=stride,
-                            batch_size=batch_size, tta=tta, submission=submission, force=force,
-                            points=points, save_tif=save_tif, progress=progress,
-                            precision=precision, fmt=fmt, dtype=dtype, chunk=chunk,
-                            band_rows=band_rows, restart=restart)
-    finally:
-        if joined:
-            shutdown_distributed()
-
-
-def _predict_all(run: str | os.PathLike[str] | None, frags: list[Fragment], out: Path, *,
-                 world: World, device: Any, checkpoint: str, threshold: float | str | None,
-                 tile: int | None, stride: int | None, batch_size: int | None, tta: bool,
-                 submission: str | os.PathLike[str] | None, force: bool,
-                 points: str | os.PathLike[str] | None, save_tif: bool, progress: bool,
-                 precision: str, fmt: str, dtype: str, chunk: int, band_rows: int | None,
-                 restart: bool) -> list[FragmentResult]:
-    ids = [f.id for f in frags]
     if points is not None and threshold in (None, "auto"):
         threshold = "saved"  # a few prompted tiles are no fragment's probabilities to adapt to
-    predictor = Predictor.from_run(run, checkpoint=checkpoint, device=device,
+    predictor = Predictor.from_run(run, checkpoint=checkpoint, device=dev,
                                    threshold=threshold, tile=tile, stride=stride,
                                    batch_size=batch_size, tta=tta, stats_dir=out,
                                    precision=precision)
     for frag in frags:
         predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
         _warn_if_larger(frag, predictor.tile)
-    clicks = load_clicks(points, ids) if points is not None else None
+    clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
     rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
+    return _Plan(run, frags, out, predictor, clicks, rows)
 
+
+def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str] | None,
+                 force: bool, points: str | os.PathLike[str] | None, save_tif: bool,
+                 progress: bool, fmt: str, dtype: str, chunk: int,
+                 restart: bool) -> list[FragmentResult]:
+    predictor, clicks, rows, run = plan.predictor, plan.clicks, plan.band_rows, plan.run
     results = []
-    for frag, dest in zip(frags, output_folders(frags, out), strict=True):
+    for frag, dest in zip(plan.frags, output_folders(plan.frags, plan.out), strict=True):
         info: dict[str, Any] = {
             "fragment": frag.id, "run": _run_of(run, predictor.source),
             "checkpoint": None if predictor.source is None else str(predictor.source),

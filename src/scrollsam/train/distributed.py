@@ -167,11 +167,10 @@ PEER_GONE = ("Connection closed by peer", "Read error", "Socket closed",
              "Socket unexpectedly closed")
 
 
-def peer_lost(err: BaseException, run: Path) -> PeerLost | None:
+def peer_lost(err: BaseException, then: str) -> PeerLost | None:
     """A one-line PeerLost for ``err`` when it is a collective failing because another process
-    of the group stopped (gloo's RuntimeError, :data:`PEER_GONE`), saying how to continue the
-    run in ``run`` (or, where a new run's folder was removed, to start again); None for any
-    other error."""
+    of the group stopped (gloo's RuntimeError, :data:`PEER_GONE`), ending with ``then`` (how to
+    go on: :func:`resume_hint` for training); None for any other error."""
     if not isinstance(err, RuntimeError) or not str(err):
         return None
     cause = str(err).splitlines()[0]
@@ -179,10 +178,16 @@ def peer_lost(err: BaseException, run: Path) -> PeerLost | None:
     if not cause.startswith(PEER_GONE):
         return None
     cause = cause.split(". This is typically")[0].split(". Check the logs")[0]
-    then = (f"checkpoints are written whole: continue with `scrollsam train out={run} --resume`"
-            if (run / "config.yaml").is_file() else "the run had not started: start it again")
     return PeerLost(f"another process of this torchrun run stopped ({cause}); torchrun's summary "
                     f"names it; {then}")
+
+
+def resume_hint(run: Path) -> str:
+    """How to go on with the training run in ``run`` after it stopped: resume it, or, where a
+    new run's folder was removed, start it again."""
+    if (run / "config.yaml").is_file():
+        return f"checkpoints are written whole: continue with `scrollsam train out={run} --resume`"
+    return "the run had not started: start it again"
 
 
 def row_bands(height: int, *, band_rows: int, world: World) -> list[tuple[int, int]]:

@@ -52,6 +52,7 @@ from scrollsam.train.distributed import (
     peer_lost,
     process_device,
     release_frames,
+    resume_hint,
     shutdown_distributed,
     world_from_env,
 )
@@ -225,7 +226,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
                 release_frames(err)
             if rd is not None and not isinstance(err, TrainingStopped):
                 rd.undo_new()  # a new run that failed before its first step: remove its folder
-            lost = peer_lost(err, rd.path) if world.distributed and rd is not None else None
+            lost = (peer_lost(err, resume_hint(rd.path)) if world.distributed and rd is not None
+                    else None)
             if lost is not None:  # gloo's traceback, in each process still running, before
                 raise lost from err
             raise
