@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from scrollsam.infer.out_safety import check_clear_of_inputs, output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
 from scrollsam.infer.predict import MAX_TILE, MIN_TILE, Predictor
+from scrollsam.infer.replaced import check_no_zarr_under_png, remove_leftovers
 from scrollsam.infer.segment import (
     FORMATS,
     BandJob,
@@ -130,7 +132,7 @@ def predict_to_folder(
             run, fragments, out, world=world, checkpoint=checkpoint, threshold=threshold,
             tile=tile, stride=stride, batch_size=batch_size, tta=tta, device=device,
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
-            dtype=dtype, chunk=chunk, band_rows=band_rows), world)
+            dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart), world)
         return _predict_all(plan, world=world, submission=submission, force=force,
                             points=points, save_tif=save_tif, progress=progress, fmt=fmt,
                             dtype=dtype, chunk=chunk, restart=restart)
@@ -167,9 +169,10 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
           batch_size: int | None, tta: bool, device: str,
           submission: str | os.PathLike[str] | None, force: bool,
           points: str | os.PathLike[str] | None, precision: str, fmt: str, dtype: str,
-          chunk: int, band_rows: int | None) -> _Plan:
-    """Every check before the first tile: the options, the fragments, the output locations,
-    the run and its checkpoint, each fragment against the run's input view, the clicks file."""
+          chunk: int, band_rows: int | None, restart: bool) -> _Plan:
+    """Every check before the first tile: the options, the fragments, the output locations
+    (and an OME-Zarr prediction in one that gets PNG files), the run and its checkpoint, each
+    fragment against the run's input view, the clicks file."""
     if not fragments:
         raise InputError("--fragment: expected at least one fragment folder, got none")
     threshold = threshold_choice(threshold)
@@ -196,6 +199,9 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")
     check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
+    for frag, dest in zip(frags, output_folders(frags, out), strict=True):
+        if points is not None or choose_format(fmt, (frag.height, frag.width)) == "png":
+            check_no_zarr_under_png(dest, restart=restart)
     if submission is not None:
         _check_submission(Path(submission), force=force)
         _check_submission_ids(frags)
@@ -234,6 +240,8 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
             info.update(predictor.rule.describe())
             results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
                                            points=points, save_tif=save_tif))
+            remove_leftovers(dest, results[-1].files.values(), fragment=frag.id,
+                             restart=restart)
             frag.close()
             continue
         job = BandJob(predictor, frag, dest, rows, world, info, progress and world.main)
@@ -250,6 +258,7 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
                                save_tif=save_tif)
         results.append(FragmentResult(frag.id, dest, done.files, done.metrics, done.stats,
                                       kind))
+        settle(partial(_tidy, world, dest, done.files, frag.id, restart), world)
         if world.main:
             band = aligned_band(predictor.view, frag)
             log.info("%s: wrote %s%s", frag.id, ", ".join(p.name for p in done.files.values()),
@@ -266,6 +275,14 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
                          "fragment" if count == 1 else "fragments")
         settle(write, world)
     return results
+
+
+def _tidy(world: World, dest: Path, files: dict[str, Path], fragment: str,
+          restart: bool) -> None:
+    """Rank 0: remove the earlier prediction's other files from ``dest``, once this one's
+    ``files`` are written whole (:func:`.replaced.remove_leftovers`)."""
+    if world.main:
+        remove_leftovers(dest, files.values(), fragment=fragment, restart=restart)
 
 
 def _run_of(run: str | os.PathLike[str] | None, source: Path | None) -> str | None:
