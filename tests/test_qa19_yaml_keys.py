@@ -30,7 +30,8 @@ def test_a_config_file_giving_a_key_twice_is_one_error_line(tmp_path, capsys, te
 
 
 def test_an_override_value_giving_a_key_twice_names_the_dotted_key():
-    with pytest.raises(ConfigError, match=r"^train\.lr: given twice, at lines 1 and 1 "
+    """Before: "at lines 1 and 1"."""
+    with pytest.raises(ConfigError, match=r"^train\.lr: given twice, at line 1, columns 2 and 9 "
                                           r"\(override train=\{lr: 1, lr: 2\}\)$"):
         load_config(None, ["train={lr: 1, lr: 2}"])
 

@@ -226,7 +226,7 @@ def test_a_real_ctrl_c_in_training_ends_the_sweep_with_its_trial_failed(data, tm
     ("train.lr: {low: 1.0e-5, high: 1.0e-3}\ndata.z_start: [16, 20]\ntrain.lr: [1.0e-4]\n",
      "train.lr: given twice, at lines 1 and 3"),
     ("train.lr: {low: 1.0e-5, high: 1.0e-3, low: 1.0e-4}\n",
-     "train.lr: low: given twice, at lines 1 and 1"),
+     "train.lr: low: given twice, at line 1, columns 12 and 39"),
 ])
 def test_a_step_off_the_range_or_a_key_given_twice_is_an_error(tmp_path, capsys, text,
                                                                message):

@@ -50,10 +50,11 @@ def parse_yaml(text: str, *, key: str = "", sep: str = ".") -> Any:
 
 def check_unique_keys(node: yaml.Node, *, key: str = "", sep: str = ".",
                       _done: set[int] | None = None) -> None:
-    """Raise :class:`ConfigError` ``<key>: given twice, at lines A and B`` (1-based) when a
-    mapping under ``node`` gives a scalar key twice. The key is named from the root, its parts
-    joined by ``sep`` (``train.lr``; a sweep space, whose keys are dotted already, passes ``": "``
-    for ``train.lr: low``) and prefixed with ``key`` (an override's key) when given."""
+    """Raise :class:`ConfigError` ``<key>: given twice, at lines A and B`` (1-based; on one
+    line, ``at line L, columns A and B``) when a mapping under ``node`` gives a scalar key
+    twice. The key is named from the root, its parts joined by ``sep`` (``train.lr``; a sweep
+    space, whose keys are dotted already, passes ``": "`` for ``train.lr: low``) and prefixed
+    with ``key`` (an override's key) when given."""
     done = set() if _done is None else _done  # an alias can hold its own anchor (&a [*a])
     if id(node) in done:
         return
@@ -62,13 +63,21 @@ def check_unique_keys(node: yaml.Node, *, key: str = "", sep: str = ".",
         for item in node.value:
             check_unique_keys(item, key=key, sep=sep, _done=done)
     elif isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
+        seen: dict[str, yaml.Mark] = {}
         for k, value in node.value:
-            name, line = f"{key}{sep if key else ''}{k.value}", k.start_mark.line + 1
+            name, mark = f"{key}{sep if key else ''}{k.value}", k.start_mark
             if isinstance(k, yaml.ScalarNode) and name in seen:
-                raise ConfigError(f"{name}: given twice, at lines {seen[name]} and {line}")
-            seen[name] = line
+                raise ConfigError(f"{name}: given twice, {_places(seen[name], mark)}")
+            seen[name] = mark
             check_unique_keys(value, key=name, sep=sep, _done=done)
+
+
+def _places(first: yaml.Mark, second: yaml.Mark) -> str:
+    """``at lines A and B``, or on one line (an override's flow mapping) ``at line L, columns
+    A and B``; 1-based."""
+    if first.line != second.line:
+        return f"at lines {first.line + 1} and {second.line + 1}"
+    return f"at line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
 
 
 def yaml_error_text(err: yaml.YAMLError, text: str) -> str:
