@@ -80,6 +80,13 @@ def _places(first: yaml.Mark, second: yaml.Mark) -> str:
     return f"at line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
 
 
+def flow_yaml(value: Any) -> str:
+    """``value`` as one line of flow YAML (``[1, 2]``, ``{kind: slices}``, ``abc``), as tables
+    and messages show a config value; no document-end marker."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return text.removesuffix("\n...")
+
+
 def yaml_error_text(err: yaml.YAMLError, text: str) -> str:
     """PyYAML's error on one line, places 1-based: ``<problem> at line L, column C`` and, where
     PyYAML names one, ``; while parsing a flow sequence at line L, column C`` (its own message

@@ -20,6 +20,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from scrollsam.config import Config, config_from_dict, config_to_dict, load_config
+from scrollsam.config_yaml import flow_yaml
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
 from scrollsam.sweep.space import Space
@@ -173,7 +174,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, dict)):
-        return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+        return flow_yaml(value)
     return str(value)
 
 

@@ -37,7 +37,11 @@ import optuna
 import yaml
 
 from scrollsam.config import Config, config_from_dict, config_to_dict
-from scrollsam.config_yaml import load_yaml_file, parse_yaml  # the configs' YAML: 1e-5 a number
+from scrollsam.config_yaml import (  # the configs' YAML: 1e-5 a number
+    flow_yaml,
+    load_yaml_file,
+    parse_yaml,
+)
 from scrollsam.errors import ConfigError
 
 RANGE_KEYS = ("low", "high", "log", "step")
@@ -312,15 +316,14 @@ def _label(value: Any) -> Any:
         if isinstance(value, float) and math.isnan(value):
             raise ConfigError(f"choice {value!r}: not a usable value")
         return value
-    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return flow_yaml(value)
 
 
 def _show(value: Any) -> str:
     """A config value as messages show it: numbers as Python writes them, else flow YAML."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return repr(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix(
-        "\n...")
+    return flow_yaml(value)
 
 
 def _from_label(stored: Any) -> Any:
