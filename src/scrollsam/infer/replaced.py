@@ -51,18 +51,22 @@ def remove_leftovers(dest: Path, written: Iterable[Path], *, fragment: str,
     write (``written``), and with ``restart`` in PNG mode the OME-Zarr store and its state
     folder; log and return their names. Call it after the new prediction is written whole."""
     kept = {Path(p).name for p in written}
-    stale = [dest / name for name in PREDICTION_FILES if name not in kept]
-    if restart and ZARR_NAME not in kept:
-        stale += [dest / ZARR_NAME, dest / STATE_NAME]
     removed = []
-    for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
+    for name in PREDICTION_FILES:  # files (or links) only: a folder of that name is not ours
+        path = dest / name
+        if name not in kept and (path.is_symlink() or path.is_file()):
             path.unlink()
-        else:
-            continue
-        removed.append(path.name)
+            removed.append(name)
+    if restart and ZARR_NAME not in kept:
+        for name in (ZARR_NAME, STATE_NAME):
+            path = dest / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                continue
+            removed.append(name)
     if removed:
         log.info("%s: removed %s of the earlier prediction in %s", fragment,
                  ", ".join(removed), dest)
