@@ -294,3 +294,30 @@ def test_optimizer_is_fused_where_every_parameter_allows():
     assert make_optimizer(plain, lr=1e-3, weight_decay=0.0).defaults["fused"] is True
     mixed = plain + [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
     assert not make_optimizer(mixed, lr=1e-3, weight_decay=0.0).defaults["fused"]
+
+
+def test_last_pt_predicts_at_its_own_validations_threshold(data, tmp_path, monkeypatch):
+    """Before: last.pt carried the best step's threshold only, so `predict --checkpoint last`
+    cut last.pt's probabilities at a threshold validated for other weights (QA: 0.49, where
+    last.pt's own validation found 0.17)."""
+    from scrollsam.infer.predict import Predictor
+
+    scripted = [(0.8, 0.49, 0.45), (0.5, 0.17, 0.2), (0.1, 0.3, 0.35)]  # (F0.5, thr., expected)
+    real = loop.validate
+
+    def scores(s):
+        f, t, e = scripted.pop(0)
+        return {**real(s), "f0.5": f, "threshold": t, "expected_threshold": e}
+
+    monkeypatch.setattr(loop, "validate", scores)
+    run = train(_cfg(data, tmp_path / "run"), progress=False)  # validates at steps 2 and 4
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert (last["best_step"], last["best_threshold"]) == (2, 0.49)
+    assert (last["threshold"], last["expected_threshold"], last["threshold_step"]) == (0.17, 0.2,
+                                                                                      4)
+    for checkpoint, threshold, reference in (("last", 0.17, 0.2), ("best", 0.49, 0.45)):
+        rule = Predictor.from_run(run, checkpoint=checkpoint, device="cpu").rule
+        assert (rule.value, rule.reference) == (threshold, reference), checkpoint
+    train(_cfg(data, tmp_path / "run", "train.steps=5"), resume=True, progress=False)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert (last["threshold"], last["threshold_step"], last["best_step"]) == (0.3, 5, 2)

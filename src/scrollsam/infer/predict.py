@@ -49,7 +49,7 @@ from scrollsam.losses import upsample_logits
 from scrollsam.model.assemble import model_from_config
 from scrollsam.model.segmenter import SamSegmenter
 from scrollsam.precision import use_bf16
-from scrollsam.train.checkpoint import expected_of, load_checkpoint
+from scrollsam.train.checkpoint import load_checkpoint, thresholds_of
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ class Predictor:
         view = view_from_config(cfg.data, cache_dir=stats_dir)  # the training normalisation
         model = model_from_config(cfg.model, in_chans=view.channels, weights=ckpt,
                                   source=str(path))
-        rule = ThresholdRule.choose(threshold, saved=float(ckpt.get("best_threshold", 0.5)),
-                                    reference=expected_of(ckpt))
+        saved, reference = thresholds_of(ckpt)  # its own validation's (last.pt: not best's)
+        rule = ThresholdRule.choose(threshold, saved=saved, reference=reference)
         whose = ("the checkpoint's, adapted to each fragment" if rule.adaptive else
                  "the checkpoint's, as saved" if threshold in (None, "auto", "saved") else
                  "given")

@@ -41,6 +41,25 @@ class TrainState:
     best_step: int = -1
     # the expected-F0.5 threshold of the best validation's probabilities (None: not known)
     best_expected_threshold: float | None = None
+    # the latest validation's threshold and expected threshold, and its step (None / -1: none
+    # yet): those of the weights a checkpoint holds, best.pt's and last.pt's alike
+    threshold: float | None = None
+    expected_threshold: float | None = None
+    threshold_step: int = -1
+
+    def record(self, scores: dict[str, float]) -> bool:
+        """Note the scores of a validation at :attr:`step` (none: a step without one); True
+        when it is the best so far (then it is also the best's)."""
+        if not scores:
+            return False
+        self.threshold, self.threshold_step = scores["threshold"], self.step
+        self.expected_threshold = scores["expected_threshold"]
+        if not scores["f0.5"] > self.best_f05:
+            return False
+        self.best_f05, self.best_step = scores["f0.5"], self.step
+        self.best_threshold, self.best_expected_threshold = (scores["threshold"],
+                                                             scores["expected_threshold"])
+        return True
 
 
 def save_checkpoint(
@@ -66,6 +85,9 @@ def save_checkpoint(
         "best_threshold": state.best_threshold,
         "best_step": state.best_step,
         "best_expected_threshold": state.best_expected_threshold,
+        "threshold": state.threshold,
+        "expected_threshold": state.expected_threshold,
+        "threshold_step": state.threshold_step,
         "config": config,
         "world_size": world_size,
     }
@@ -91,10 +113,21 @@ def train_state_of(ckpt: dict[str, Any]) -> TrainState:
     return TrainState(step=int(ckpt["step"]), best_f05=float(ckpt["best_f05"]),
                       best_threshold=float(ckpt["best_threshold"]),
                       best_step=int(ckpt["best_step"]),
-                      best_expected_threshold=expected_of(ckpt))
+                      best_expected_threshold=_number(ckpt.get("best_expected_threshold")),
+                      threshold=_number(ckpt.get("threshold")),
+                      expected_threshold=_number(ckpt.get("expected_threshold")),
+                      threshold_step=int(ckpt.get("threshold_step", -1)))
 
 
-def expected_of(ckpt: dict[str, Any]) -> float | None:
-    """The checkpoint's ``best_expected_threshold``; None in checkpoints written before it."""
-    value = ckpt.get("best_expected_threshold")
+def thresholds_of(ckpt: dict[str, Any]) -> tuple[float, float | None]:
+    """The threshold for the weights in a loaded checkpoint and the expected-F0.5 threshold of
+    the same validation (None where not known): the latest validation's, that of these weights
+    (last.pt's own, not the best step's); checkpoints written before it was stored give the
+    best validation's."""
+    if ckpt.get("threshold") is not None:
+        return float(ckpt["threshold"]), _number(ckpt.get("expected_threshold"))
+    return float(ckpt.get("best_threshold", 0.5)), _number(ckpt.get("best_expected_threshold"))
+
+
+def _number(value: Any) -> float | None:
     return None if value is None else float(value)

@@ -348,11 +348,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             # the step's losses as numbers (averaged over processes) only on log steps: a sync
             scalars = scalar_parts(ranks.mean(logged)) if log_due else None
             scores = validate(s) if eval_due else {}
-            better = bool(scores) and scores["f0.5"] > state.best_f05
-            if better:
-                state.best_f05, state.best_step = scores["f0.5"], state.step
-                state.best_threshold = scores["threshold"]
-                state.best_expected_threshold = scores["expected_threshold"]
+            better = state.record(scores)  # the latest validation's threshold, and the best's
 
             failure = None
             try:  # rank 0 writes; a failure there must end every process, not just this one
