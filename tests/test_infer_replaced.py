@@ -35,7 +35,8 @@ def test_another_fragments_metrics_and_tif_do_not_stay_beside_the_new_pngs(data,
     assert predict(data, "a", out, "--save-tif") == 0
     assert {"metrics.json", "prob.tif"} <= {p.name for p in out.iterdir()}
     assert predict(data, "b", out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["mask.png", "overlay.png", "prob.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".prediction.json", "mask.png", "overlay.png",
+                                                     "prob.png"]
     assert predict(data, "a", out, "--format", "zarr") == 0  # PNG files -> OME-Zarr
     names = {p.name for p in out.iterdir()}
     assert not names & {"mask.png", "overlay.png", "prob.png"}, names
@@ -58,4 +59,45 @@ def test_a_png_prediction_over_an_ome_zarr_one_needs_restart(data, tmp_path, cap
                           f"--restart to discard it"), err
     assert sorted(p.name for p in out.iterdir()) == before  # nothing lost
     assert predict(data, "b", out, "--restart") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["mask.png", "overlay.png", "prob.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".prediction.json", "mask.png", "overlay.png",
+                                                     "prob.png"]
+
+
+def test_files_no_prediction_wrote_are_never_removed_nor_replaced(data, tmp_path, capsys):
+    """Before (this morning's first version): the user's own summary.json, metrics.json and
+    prob_preview.png in --out were removed as "the earlier prediction's", and a hand-made
+    mask.png was removed by an OME-Zarr prediction (replaced by a PNG one)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    own = {"summary.json": "{\"notes\": 1}\n", "metrics.json": "{\"f0.5\": 0.7}\n",
+           "prob_preview.png": "not a picture"}
+    for name, text in own.items():
+        (mine / name).write_text(text)
+    assert predict(data, "b", mine) == 0  # b: no labels, so no metrics.json of its own
+    assert {n: (mine / n).read_text() for n in own} == own
+    assert {"prob.png", "mask.png", "overlay.png"} <= {p.name for p in mine.iterdir()}
+
+    wip = tmp_path / "wip"
+    wip.mkdir()
+    (wip / "mask.png").write_bytes((data / "a" / "mask.png").read_bytes())
+    (wip / "prob.tif").write_text("mine")
+    capsys.readouterr()
+    assert predict(data, "a", wip) == 2  # PNG mode would write over mask.png
+    err = capsys.readouterr().err
+    assert err == (f"error: --out: {wip} holds mask.png, not written by a scrollsam prediction, "
+                   f"which this one would replace; choose another --out\n"), err
+    assert predict(data, "a", wip, "--format", "zarr") == 0  # writes no mask.png, removes none
+    assert (wip / "mask.png").read_bytes() == (data / "a" / "mask.png").read_bytes()
+    assert (wip / "prob.tif").read_text() == "mine"
+
+
+def test_a_prediction_killed_while_writing_is_replaced_by_the_next(data, tmp_path):
+    """A PNG prediction killed after prob.png, before its record: the folder still counts as a
+    prediction's (prob.png is written first), so the rerun replaces it."""
+    out = tmp_path / "out"
+    assert predict(data, "a", out) == 0
+    (out / ".prediction.json").unlink()
+    (out / "overlay.png").unlink()
+    assert predict(data, "b", out) == 0  # a's metrics.json goes: b has no labels
+    assert sorted(p.name for p in out.iterdir()) == [".prediction.json", "mask.png",
+                                                     "overlay.png", "prob.png"]

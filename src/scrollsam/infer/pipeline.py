@@ -37,7 +37,12 @@ from scrollsam.infer.out_safety import check_clear_of_inputs, output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
 from scrollsam.infer.predict import MAX_TILE, MIN_TILE, Predictor
-from scrollsam.infer.replaced import check_no_zarr_under_png, remove_leftovers
+from scrollsam.infer.replaced import (
+    check_replaceable,
+    earlier_files,
+    remove_leftovers,
+    will_write,
+)
 from scrollsam.infer.segment import (
     FORMATS,
     BandJob,
@@ -132,7 +137,8 @@ def predict_to_folder(
             run, fragments, out, world=world, checkpoint=checkpoint, threshold=threshold,
             tile=tile, stride=stride, batch_size=batch_size, tta=tta, device=device,
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
-            dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart), world)
+            dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart, save_tif=save_tif),
+            world)
         return _predict_all(plan, world=world, submission=submission, force=force,
                             points=points, save_tif=save_tif, progress=progress, fmt=fmt,
                             dtype=dtype, chunk=chunk, restart=restart)
@@ -161,6 +167,7 @@ class _Plan:
     predictor: Predictor
     clicks: dict[str, Any] | None
     band_rows: int
+    earlier: list[set[str]]  # per fragment: :func:`.replaced.earlier_files` of its folder
 
 
 def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathLike[str]],
@@ -169,7 +176,7 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
           batch_size: int | None, tta: bool, device: str,
           submission: str | os.PathLike[str] | None, force: bool,
           points: str | os.PathLike[str] | None, precision: str, fmt: str, dtype: str,
-          chunk: int, band_rows: int | None, restart: bool) -> _Plan:
+          chunk: int, band_rows: int | None, restart: bool, save_tif: bool) -> _Plan:
     """Every check before the first tile: the options, the fragments, the output locations
     (and an OME-Zarr prediction in one that gets PNG files), the run and its checkpoint, each
     fragment against the run's input view, the clicks file."""
@@ -199,9 +206,12 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")
     check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
+    earlier = []  # per fragment: the files an earlier prediction wrote into its folder
     for frag, dest in zip(frags, output_folders(frags, out), strict=True):
-        if points is not None or choose_format(fmt, (frag.height, frag.width)) == "png":
-            check_no_zarr_under_png(dest, restart=restart)
+        kind = "png" if points is not None else choose_format(fmt, (frag.height, frag.width))
+        earlier.append(earlier_files(dest))
+        check_replaceable(dest, will_write(kind, labels=frag.labels_path is not None,
+                                           save_tif=save_tif), earlier[-1], restart=restart)
     if submission is not None:
         _check_submission(Path(submission), force=force)
         _check_submission_ids(frags)
@@ -219,7 +229,7 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
     rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
-    return _Plan(run, frags, out, predictor, clicks, rows)
+    return _Plan(run, frags, out, predictor, clicks, rows, earlier)
 
 
 def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str] | None,
@@ -228,7 +238,8 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
                  restart: bool) -> list[FragmentResult]:
     predictor, clicks, rows, run = plan.predictor, plan.clicks, plan.band_rows, plan.run
     results = []
-    for frag, dest in zip(plan.frags, output_folders(plan.frags, plan.out), strict=True):
+    for frag, dest, earlier in zip(plan.frags, output_folders(plan.frags, plan.out),
+                                   plan.earlier, strict=True):
         info: dict[str, Any] = {
             "fragment": frag.id, "run": _run_of(run, predictor.source),
             "checkpoint": None if predictor.source is None else str(predictor.source),
@@ -240,7 +251,7 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
             info.update(predictor.rule.describe())
             results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
                                            points=points, save_tif=save_tif))
-            remove_leftovers(dest, results[-1].files.values(), fragment=frag.id,
+            remove_leftovers(dest, results[-1].files.values(), earlier, fragment=frag.id,
                              restart=restart)
             frag.close()
             continue
@@ -258,7 +269,7 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
                                save_tif=save_tif)
         results.append(FragmentResult(frag.id, dest, done.files, done.metrics, done.stats,
                                       kind))
-        settle(partial(_tidy, world, dest, done.files, frag.id, restart), world)
+        settle(partial(_tidy, world, dest, done.files, earlier, frag.id, restart), world)
         if world.main:
             band = aligned_band(predictor.view, frag)
             log.info("%s: wrote %s%s", frag.id, ", ".join(p.name for p in done.files.values()),
@@ -277,12 +288,12 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
     return results
 
 
-def _tidy(world: World, dest: Path, files: dict[str, Path], fragment: str,
+def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,
           restart: bool) -> None:
     """Rank 0: remove the earlier prediction's other files from ``dest``, once this one's
     ``files`` are written whole (:func:`.replaced.remove_leftovers`)."""
     if world.main:
-        remove_leftovers(dest, files.values(), fragment=fragment, restart=restart)
+        remove_leftovers(dest, files.values(), earlier, fragment=fragment, restart=restart)
 
 
 def _run_of(run: str | os.PathLike[str] | None, source: Path | None) -> str | None:
