@@ -7,12 +7,16 @@ seed drew by hand to find its (row, column) mix-up. Pixels outside the fragment 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+
+from scrollsam.errors import WriteError
+from scrollsam.io import write_failure
 
 GREEN = (40, 220, 40)
 RED = (230, 40, 40)
@@ -84,7 +88,9 @@ class TensorBoard:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
+            folder = Path(run_dir) / "tb"
+            _check_writable(folder)  # SummaryWriter's thread would print its own traceback
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def scalars(self, values: Mapping[str, float], step: int, *, prefix: str = "") -> None:
         if self.writer is None:
@@ -106,3 +112,19 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _check_writable(folder: Path) -> None:
+    """Make ``folder`` and create (then remove) a file in it; WriteError saying why when the
+    file system refuses. SummaryWriter writes its first event from a thread of its own, whose
+    failure printed a traceback beside the error line."""
+    probe = folder / f".write-check-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        probe.unlink()
+    except OSError as err:
+        cause = write_failure(err, folder)
+        if cause is None:
+            raise
+        raise WriteError(f"{cause} while writing TensorBoard events ({folder})") from None
