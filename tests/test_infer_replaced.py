@@ -101,3 +101,27 @@ def test_a_prediction_killed_while_writing_is_replaced_by_the_next(data, tmp_pat
     assert predict(data, "b", out) == 0  # a's metrics.json goes: b has no labels
     assert sorted(p.name for p in out.iterdir()) == [".prediction.json", "mask.png",
                                                      "overlay.png", "prob.png"]
+
+
+def test_an_unwritable_out_or_submission_folder_is_refused_before_any_work(data, tmp_path,
+                                                                          capsys, monkeypatch):
+    """Before: the refusal came after the whole prediction (QA: `--submission` into a folder
+    without write permission)."""
+    import subprocess
+
+    from scrollsam.infer.predict import Predictor
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    monkeypatch.setattr(Predictor, "predict_rows", lambda *a, **k: pytest.fail("predicted"))
+    try:
+        for args, said in (([str(locked / "out")], f"error: --out: cannot write into {locked} "),
+                           ([str(tmp_path / "out"), "--submission", str(locked / "s.csv")],
+                            f"error: --submission: cannot write into {locked} ")):
+            capsys.readouterr()
+            assert predict(data, "a", Path(args[0]), *args[1:]) == 2
+            assert capsys.readouterr().err.startswith(said)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)

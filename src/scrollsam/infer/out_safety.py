@@ -21,6 +21,7 @@ ancestors there (and asks each ancestor once, a few ``stat`` calls, whether it h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,6 +38,19 @@ _RANKS = {"folder": 1, "volume": 2}  # which of one fragment's places an error n
 def output_folders(frags: Sequence[Fragment], out: Path) -> list[Path]:
     """Where each fragment's outputs go: ``out`` for one fragment, ``out/<id>`` for several."""
     return [out] if len(frags) == 1 else [out / f.id for f in frags]
+
+
+def check_writable(path: Path, *, flag: str) -> None:
+    """InputError, before any work, when ``path`` (a folder or file to be made) cannot be
+    written: its nearest existing folder (itself, where it is one) refuses writes (a read-only
+    file system, no permission, an immutable folder). Otherwise the refusal came after the
+    whole prediction."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag}: cannot write into {folder} (a read-only file system or no "
+                         f"permission) ({path})")
 
 
 def check_clear_of_inputs(frags: Sequence[Fragment], out: Path, submission: Path | None) -> None:

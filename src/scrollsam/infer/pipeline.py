@@ -33,7 +33,7 @@ from scrollsam.data.fragment import Fragment, check_distinct_ids
 from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import check_band_rows, default_band_rows
-from scrollsam.infer.out_safety import check_clear_of_inputs, output_folders
+from scrollsam.infer.out_safety import check_clear_of_inputs, check_writable, output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
 from scrollsam.infer.predict import MAX_TILE, MIN_TILE, Predictor
@@ -212,9 +212,12 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
         earlier.append(earlier_files(dest))
         check_replaceable(dest, will_write(kind, labels=frag.labels_path is not None,
                                            save_tif=save_tif), earlier[-1], restart=restart)
+    check_writable(out, flag="--out")
     if submission is not None:
         _check_submission(Path(submission), force=force)
         _check_submission_ids(frags)
+        if world.main:  # the one that writes it
+            check_writable(Path(submission), flag="--submission")
     dev = process_device(resolve_device(device, setting="--device"), world)
     if points is not None and threshold in (None, "auto"):
         threshold = "saved"  # a few prompted tiles are no fragment's probabilities to adapt to
