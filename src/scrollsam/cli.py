@@ -284,10 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left early (`scrollsam evaluate ... | head -1`)
         _silence_stdout()
         return EXIT_PIPE
-    except OSError as err:  # a refused write outside scrollsam's own writers (mkdir, ...)
-        from scrollsam.io import refused_write
+    except OSError as err:  # a refused write outside scrollsam's writers, a permission, ...
+        from scrollsam.fs_errors import os_error_line
 
-        line = refused_write(err, getattr(args, "out", None))
+        line = os_error_line(err, getattr(args, "out", None))
         if line is None or args.debug:
             raise
         zarr_tasks.settle()

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from scrollsam.errors import InputError, WriteError
+from scrollsam.fs_errors import bounded_name, read_failure
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_image",
            "refused_write", "within", "write_failure", "write_png"]
@@ -83,11 +84,15 @@ def write_failure(err: BaseException, folder: str | os.PathLike[str] | None = No
 
 def refused_write(err: OSError, out: str | os.PathLike[str] | None = None) -> str | None:
     """``no space left on device while writing NAME (FOLDER)`` for a refused write outside
-    scrollsam's own writers (a mkdir, ...), else None; ``out``: the output named when ``err``
-    names no file."""
+    scrollsam's own writers (a mkdir, ...), else None; ``out``: the command's output, named when
+    ``err`` names no file. A missing permission (EACCES, EPERM) may as well be a refused read,
+    so it counts only for a path inside ``out``. Never raises: a folder that cannot be looked
+    into counts as missing."""
     name = Path(os.fsdecode(err.filename)) if err.filename else None
+    if err.errno in (errno.EACCES, errno.EPERM) and not _inside_out(name, out):
+        return None
     folder = name.parent if name is not None else (Path(out) if out else None)
-    while folder is not None and not folder.exists() and folder != folder.parent:
+    while folder is not None and not os.path.isdir(folder) and folder != folder.parent:
         folder = folder.parent  # disk_usage needs a folder that exists
     cause = write_failure(err, folder)
     if cause is None:
@@ -95,6 +100,15 @@ def refused_write(err: OSError, out: str | os.PathLike[str] | None = None) -> st
     if name is not None:
         return f"{cause} while writing {name.name} ({name.parent})"
     return f"{cause} while writing output ({out})" if out else cause
+
+
+def _inside_out(name: Path | None, out: str | os.PathLike[str] | None) -> bool:
+    """``name`` (None: the output itself) lies in the output ``out``, links resolved."""
+    if out is None:
+        return False
+    if name is None:
+        return True
+    return within(Path(os.path.realpath(name)), Path(os.path.realpath(out)))
 
 
 def within(path: Path, folder: Path) -> bool:
@@ -106,8 +120,9 @@ def within(path: Path, folder: Path) -> bool:
 
 def _temp_sibling(path: Path) -> Path:
     """A fresh hidden name next to ``path`` that keeps its suffix (writers that pick the format
-    from the extension, e.g. ``PIL.Image.save`` or ``cv2.imwrite``, still work)."""
-    return path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}{path.suffix}")
+    from the extension, e.g. ``PIL.Image.save`` or ``cv2.imwrite``, still work), its stem cut
+    where the name would pass 255 bytes (``.last.tmp-1a2b3c4d.pt`` for ``last.pt``)."""
+    return path.with_name(bounded_name(path.stem, f".tmp-{secrets.token_hex(4)}{path.suffix}"))
 
 
 def _fsync_file(path: Path) -> None:
@@ -130,14 +145,15 @@ def atomic_path(
     The block must create the temp file; writing nothing is an error (FileNotFoundError). A
     refused write (see :func:`write_failure`) in the block or the rename raises WriteError.
 
-    overwrite: when False, raise ``FileExistsError`` if ``path`` exists, both before the block
+    overwrite: when False, raise ``FileExistsError`` if ``path`` exists (a link too, even a
+        dangling one), both before the block
         runs and again just before the rename (a check, not a lock: two processes racing for
         the same new file can still both succeed; the later rename wins).
     fsync: flush the temp file to disk before the rename, so a power cut cannot leave an empty
         file under the final name.
     """
     target = Path(path)
-    if not overwrite and target.exists():
+    if not overwrite and os.path.lexists(target):  # a link counts, even one to nothing
         raise FileExistsError(f"{target}: file exists")
     tmp = _temp_sibling(target)
     try:
@@ -146,7 +162,7 @@ def atomic_path(
             raise FileNotFoundError(f"{tmp}: the block inside atomic_path wrote no file")
         if fsync:
             _fsync_file(tmp)
-        if not overwrite and target.exists():
+        if not overwrite and os.path.lexists(target):
             raise FileExistsError(f"{target}: file exists")
         os.replace(tmp, target)
     except OSError as err:
@@ -201,12 +217,18 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     0 (a mask drawn as its alpha). Very large images (whole
     fragments exceed Pillow's decompression-bomb limit) are read without that limit.
 
-    Raises InputError naming ``path`` when the file is missing, unreadable, or truly colour.
+    Raises InputError naming ``path`` when the file is missing, cannot be read (``cannot read
+    image: permission denied (PATH)``), is not an image Pillow reads, or is truly colour.
     """
     p = Path(path)
-    if not p.is_file():
-        what = "a folder" if p.is_dir() else "no such file"
-        raise InputError(f"{p}: expected an image file, got {what}")
+    try:
+        os.stat(p)
+    except OSError as err:  # missing, a link to nothing, a folder we may not look into, ...
+        if err.errno == errno.ENOENT and not os.path.islink(p):
+            raise InputError(f"{p}: expected an image file, got no such file") from None
+        raise InputError(f"cannot read image: {read_failure(err, p)} ({p})") from None
+    if os.path.isdir(p):
+        raise InputError(f"{p}: expected an image file, got a folder")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -220,7 +242,11 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
                     arr = np.asarray(img)
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
-    except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for corrupt files
+    except OSError as err:
+        if err.errno is not None:  # the file system, not the image: permission, I/O error, ...
+            raise InputError(f"cannot read image: {read_failure(err, p)} ({p})") from None
+        raise InputError(f"{p}: expected an image Pillow can read, got {err}") from None
+    except (ValueError, SyntaxError) as err:  # Pillow's errors for corrupt files
         raise InputError(f"{p}: expected an image Pillow can read, got {err}") from None
     if arr.ndim == 3:  # (H, W, C) colour: keep it only if it is grey
         colour = arr[..., :3] if mode in ("RGB", "RGBA", "RGBX") else arr[..., :1]
