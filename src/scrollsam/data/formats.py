@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -31,11 +32,13 @@ import numpy as np
 import tifffile
 
 from scrollsam.errors import FragmentError
+from scrollsam.fs_errors import read_failure
 
 log = logging.getLogger(__name__)
 
 SLICE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,54 @@ def probe_slice(path: Path) -> SliceInfo:
     except FragmentError:
         raise
     except (tifffile.TiffFileError, OSError, ValueError, struct.error) as err:
-        raise FragmentError(f"corrupt or unreadable TIFF: {err} ({path})") from err
+        raise _unreadable(err, "TIFF", path) from err
+
+
+def _unreadable(err: Exception, kind: str, path: Path) -> FragmentError:
+    """``cannot read TIFF: permission denied (PATH)`` when the file system refused (an OSError
+    with an errno: permission, a link to nothing, ...), else ``corrupt or unreadable TIFF:
+    <the reader's words> (PATH)``."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return FragmentError(f"cannot read {kind}: {read_failure(err, path)} ({path})")
+    return FragmentError(f"corrupt or unreadable {kind}: {err} ({path})")
+
+
+def is_present(path: Path) -> bool:
+    """``path`` is a file (or a link to one); a link to nothing is a FragmentError naming its
+    target, not an absent file (a mask, labels or ir.png that would be silently missing)."""
+    if os.path.islink(path) and not path.exists():
+        raise FragmentError(f"cannot read PNG: it is a link to a missing file, "
+                            f"{os.fsdecode(os.readlink(path))} ({path})")
+    return path.is_file()
+
+
+def slice_files(folder: Path) -> list[Path]:
+    """Slice files of ``folder`` in z order; numbered contiguously from 0 or FragmentError."""
+    numbered: dict[int, Path] = {}
+    try:
+        names = sorted(folder.iterdir())
+    except OSError as err:  # a slice folder we may not list
+        raise FragmentError(f"cannot read slice folder: {read_failure(err)} ({folder})") from err
+    for p in names:
+        if p.suffix.lower() not in (".tif", ".tiff") or p.name.startswith("."):
+            continue
+        m = _SLICE_NAME.match(p.name)
+        if m is None:
+            raise FragmentError(f"unexpected slice file name, expected NN.tif ({p})")
+        z = int(m.group(1))
+        if z in numbered:
+            raise FragmentError(f"two files for slice {z}: {numbered[z].name} and {p.name} ({p})")
+        numbered[z] = p
+    if not numbered:
+        raise FragmentError(f"no slice files (NN.tif) ({folder})")
+    for z in range(max(numbered) + 1):
+        if z not in numbered:
+            width = len(next(iter(numbered.values())).stem)
+            raise FragmentError(
+                f"missing slice {z}: slices must be numbered contiguously from 0 "
+                f"({folder / f'{z:0{width}d}.tif'})"
+            )
+    return [numbered[z] for z in range(len(numbered))]
 
 
 class SliceReader:
@@ -134,7 +184,9 @@ class SliceReader:
         if self._map is None:
             try:
                 self._map = tifffile.memmap(self.info.path, mode="r")
-            except (OSError, ValueError) as err:
+            except OSError as err:
+                raise _unreadable(err, "TIFF", self.info.path) from err
+            except ValueError as err:
                 raise FragmentError(f"cannot memory-map TIFF: {err} ({self.info.path})") from err
             raw = getattr(self._map, "_mmap", None)
             if raw is not None and hasattr(mmap, "MADV_RANDOM"):
@@ -145,7 +197,10 @@ class SliceReader:
 
     def _read_segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self._tif is None:
-            self._tif = tifffile.TiffFile(self.info.path)
+            try:
+                self._tif = tifffile.TiffFile(self.info.path)
+            except (tifffile.TiffFileError, OSError) as err:  # changed since it was probed
+                raise _unreadable(err, "TIFF", self.info.path) from err
         page = self._tif.pages.first
         fh = self._tif.filehandle
         out = np.zeros((y1 - y0, x1 - x0), dtype=self.info.dtype)
@@ -226,7 +281,7 @@ def probe_png(path: Path) -> PngInfo:
     except FragmentError:
         raise
     except (OSError, struct.error) as err:
-        raise FragmentError(f"corrupt or unreadable PNG: {err} ({path})") from err
+        raise _unreadable(err, "PNG", path) from err
     if width == 0 or height == 0:
         raise FragmentError(f"empty PNG image ({path})")
     return PngInfo(Path(path), int(height), int(width), int(bit_depth), int(color_type))
@@ -275,7 +330,7 @@ def read_png(path: Path, *, gray: str) -> np.ndarray:
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
-        raise FragmentError(f"cannot read PNG: {err} ({path})") from err
+        raise _unreadable(err, "PNG", path) from err
     img, said = _quiet(lambda: cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
     if said:
         log.debug("decoding %s: %s", path, said)

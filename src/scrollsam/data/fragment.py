@@ -27,14 +27,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
-from scrollsam.data.formats import SliceInfo, SliceReader, probe_png, probe_slice, read_png
+from scrollsam.data.formats import (
+    SliceInfo,
+    SliceReader,
+    is_present,
+    probe_png,
+    probe_slice,
+    read_png,
+    slice_files,
+)
 from scrollsam.data.zarr_volume import ZarrInfo, ZarrReader, probe_zarr, store_files
 from scrollsam.errors import FragmentError, InputError
+from scrollsam.fs_errors import read_failure
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,6 @@ LAYOUTS = ("kaggle", "segment")
 SLICE_DIRS = {"kaggle": "surface_volume", "segment": "layers"}
 ZARR_STORES = {"kaggle": "surface_volume.zarr", "segment": "layers.zarr"}
 _LARGE_SEGMENT = 4 * 1024 * 1024  # pixels; bigger compressed strips make window reads slow
-_SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 
 
 def _warn_of_other_labels(folder: Path, expected: str) -> None:
@@ -80,6 +87,14 @@ class Fragment:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        try:
+            self._open()
+        except OSError as err:  # a folder we may not look into, ...: reading, never writing
+            raise FragmentError(f"cannot read fragment folder: {read_failure(err)} "
+                                f"({self.path})") from err
+
+    def _open(self) -> None:
+        """Find the volume, probe it and the PNGs, read the labels (OSErrors pass through)."""
         if not self.path.is_dir():
             what = "expected a fragment folder, got a file" if self.path.exists() else (
                 "fragment folder not found")
@@ -97,17 +112,17 @@ class Fragment:
 
         prefix = "" if self.layout == "kaggle" else f"{self.id}_"
         self.mask_path = self.path / f"{prefix}mask.png"
-        if not self.mask_path.is_file():
+        if not is_present(self.mask_path):
             raise FragmentError(f"missing mask: expected {self.mask_path.name}"
                                 f"{_other_masks(self.path, self.mask_path.name)} "
                                 f"({self.mask_path})")
         self._check_png_size(self.mask_path)
         labels = self.path / f"{prefix}inklabels.png"
-        self.labels_path: Path | None = labels if labels.is_file() else None
+        self.labels_path: Path | None = labels if is_present(labels) else None
         if self.labels_path is None:
             _warn_of_other_labels(self.path, labels.name)
         ir = self.path / "ir.png"
-        self.ir_path: Path | None = ir if ir.is_file() else None
+        self.ir_path: Path | None = ir if is_present(ir) else None
         for p in (self.labels_path, self.ir_path):
             if p is not None:
                 self._check_png_size(p)
@@ -124,7 +139,7 @@ class Fragment:
     def _open_slices(self) -> None:
         """Probe and cross-check every slice TIFF (headers only)."""
         self.store = "tiff"
-        self.slice_paths = _slice_files(self.volume_path)
+        self.slice_paths = slice_files(self.volume_path)
         infos = [probe_slice(p) for p in self.slice_paths]
         first = infos[0]
         for info in infos[1:]:
@@ -318,31 +333,6 @@ def _detect_layout(path: Path) -> tuple[str, Path]:
             f"ambiguous fragment folder: both {names} exist; keep one volume ({path})"
         )
     return found[0]
-
-
-def _slice_files(folder: Path) -> list[Path]:
-    """Slice files of ``folder`` in z order; numbered contiguously from 0 or FragmentError."""
-    numbered: dict[int, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in (".tif", ".tiff") or p.name.startswith("."):
-            continue
-        m = _SLICE_NAME.match(p.name)
-        if m is None:
-            raise FragmentError(f"unexpected slice file name, expected NN.tif ({p})")
-        z = int(m.group(1))
-        if z in numbered:
-            raise FragmentError(f"two files for slice {z}: {numbered[z].name} and {p.name} ({p})")
-        numbered[z] = p
-    if not numbered:
-        raise FragmentError(f"no slice files (NN.tif) ({folder})")
-    for z in range(max(numbered) + 1):
-        if z not in numbered:
-            width = len(next(iter(numbered.values())).stem)
-            raise FragmentError(
-                f"missing slice {z}: slices must be numbered contiguously from 0 "
-                f"({folder / f'{z:0{width}d}.tif'})"
-            )
-    return [numbered[z] for z in range(len(numbered))]
 
 
 def binary_image(img: np.ndarray, path: Path, *, what: str = "labels") -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from scrollsam import ngff, zarr_tasks
 from scrollsam.errors import FragmentError
+from scrollsam.fs_errors import read_failure
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,10 @@ def _open(path: Path, *, counter: _Counter | None) -> Any:
         if counter is not None:
             store = _counting_store(store, counter)
         return zarr.open(store=store, mode="r")
+    except OSError as err:
+        if err.errno is not None:  # the file system refused: permission, a link to nothing
+            raise FragmentError(f"cannot read Zarr store: {read_failure(err)} ({path})") from err
+        raise FragmentError(f"not a readable Zarr store: {err} ({path})") from err
     except _OPEN_ERRORS as err:
         raise FragmentError(f"not a readable Zarr store: {err} ({path})") from err
 
