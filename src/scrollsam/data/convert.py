@@ -46,6 +46,7 @@ import numpy as np
 from scrollsam import ngff
 from scrollsam.data.fragment import ZARR_STORES, Fragment
 from scrollsam.errors import InputError, ScrollsamError, WriteError
+from scrollsam.fs_errors import bounded_name
 from scrollsam.io import within, write_failure
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def convert_fragment(
 
     target = out.resolve()
     made = _missing_folders(target.parent)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.parent / bounded_name(target.name, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -182,7 +183,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    old = target.parent / bounded_name(target.name, f".old-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(target, old)
     try:
         os.rename(tmp, target)

@@ -26,6 +26,7 @@ import numpy as np
 from scrollsam.data.chance import unrelated_shifts
 from scrollsam.data.fragment import Fragment
 from scrollsam.errors import FragmentError, InputError
+from scrollsam.fs_errors import bounded_name
 from scrollsam.io import within
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class StatsCache:
             raise InputError(
                 f"cache_dir: must not be inside the fragment folder, got {self.cache_dir}"
             )
-        return folder / "stats" / f"{fragment.id}-{key[:16]}.json"
+        return folder / "stats" / bounded_name(fragment.id, f"-{key[:16]}.json", hidden=False)
 
     def _load(self, fragment: Fragment, key: str) -> FragmentStats | None:
         path = self._file(fragment, key)
@@ -282,7 +283,7 @@ class StatsCache:
         path = self._file(fragment, key)
         if path is None:
             return
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(bounded_name(path.stem, f".json.tmp-{os.getpid()}"))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"key": key, "stats": stats.to_dict()}, indent=1))
