@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from scrollsam.config_checks import check_config
-from scrollsam.config_yaml import load_yaml_file, parse_yaml, yaml_error_text
+from scrollsam.config_yaml import expect_file, load_yaml_file, parse_yaml, yaml_error_text
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
 
@@ -291,8 +291,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     merged = config_to_dict(Config())
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found ({path})")
+        expect_file(path, "config file")
         loaded = load_yaml_file(path) or {}
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"expected a mapping of config keys ({path})")

@@ -8,13 +8,17 @@ span several lines and draw a caret; :func:`yaml_error_text` puts one on a line,
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from scrollsam.errors import ConfigError
+from scrollsam.fs_errors import read_failure
 
 
 class _Loader(yaml.SafeLoader):
@@ -108,6 +112,22 @@ def yaml_error_text(err: yaml.YAMLError, text: str) -> str:
 
 def _at(what: str, mark: yaml.Mark | None) -> str:
     return what if mark is None else f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def expect_file(path: Path, what: str) -> None:
+    """A :class:`ConfigError` unless ``path`` is a regular file (or a link to one): ``config
+    file not found``, ``expected a config file, got a folder``, ``... got a device or other
+    special file`` (``/dev/null``), ``cannot read the config file: it is a link to a missing
+    file, ...``; ``what`` names the file (``config file``, ``space file``)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ENOENT and not os.path.islink(path):
+            raise ConfigError(f"{what} not found ({path})") from None
+        raise ConfigError(f"cannot read the {what}: {read_failure(err, path)} ({path})") from None
+    if not stat.S_ISREG(mode):
+        got = "a folder" if stat.S_ISDIR(mode) else "a device or other special file"
+        raise ConfigError(f"expected a {what}, got {got} ({path})")
 
 
 def load_yaml_file(path: Path, *, sep: str = ".") -> Any:
