@@ -171,9 +171,9 @@ def write_submission(
         (``[b, W]`` from top to bottom, encoded as they come, :func:`rle_encode_rows`);
         consumed one at a time, so a generator that loads each mask lazily keeps only one
         fragment (or one band) in memory.
-    overwrite: an existing ``path`` is replaced only when True; otherwise InputError, raised
-        before any row is read. A folder at ``path`` is never replaced (InputError, also
-        before any row is read).
+    overwrite: an existing ``path`` (a link too, even one to nothing) is replaced only when
+        True; otherwise InputError, raised before any row is read. A folder at ``path`` is
+        never replaced (InputError, also before any row is read).
     flag: the option that named ``path``, which error messages name (``--out`` of
         ``scrollsam submit``, ``--submission`` of ``predict``).
     Returns the number of rows written. On any error nothing is written.
@@ -181,9 +181,9 @@ def write_submission(
     target = Path(path)
     if target.is_dir():
         raise InputError(f"{flag}: expected a CSV file path, got a folder ({target})")
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:  # a link counts, even one to nothing
         raise InputError(f"{flag}: expected a new file (--force to overwrite), got an existing "
-                         f"file ({target})")
+                         f"{_kind(target)} ({target})")
     if not target.parent.is_dir():
         raise InputError(f"{flag}: expected a file in an existing folder, got none "
                          f"({target.parent})")
@@ -208,5 +208,10 @@ def write_submission(
                 count += 1
     except FileExistsError:
         raise InputError(f"{flag}: expected a new file (--force to overwrite), got an existing "
-                         f"file ({target})") from None
+                         f"{_kind(target)} ({target})") from None
     return count
+
+
+def _kind(path: Path) -> str:
+    """``link`` for a link (to a file or to nothing), else ``file``."""
+    return "link" if os.path.islink(path) else "file"
