@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scrollsam.errors import InputError, RunDirError
+from scrollsam.out_path import check_out_folder
 
 if TYPE_CHECKING:
     from scrollsam.config import Config
@@ -141,6 +142,7 @@ def run_demo(out: str | Path = "demo", *, input: str = "ir", steps: int | None =
         raise InputError(f"--steps: expected a positive integer, got {steps}")
     start = time.perf_counter()
     out = Path(out)
+    check_out_folder(out, name="--out", replaced=True)  # a demo replaces its folder
     _prepare(out)
     log.info("1/4 synthesising %d fragments of %dx%dx%d into %s", FRAGMENTS, SIZE, SIZE, DEPTH,
              out / "data")

@@ -17,7 +17,7 @@ contrast, noise, stroke width, ...) are the defaults of
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,6 +35,7 @@ import tifffile
 from scrollsam.data.synth_settings import SynthSettings, draw_settings
 from scrollsam.errors import InputError
 from scrollsam.io import write_png
+from scrollsam.out_path import check_out_folder, missing_folders, remove_made
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,27 @@ def synth_fragments(
 
     Test fragments keep ``ir.png`` so the infrared view can predict on them. Fragment ``i`` of a
     seed is the same whatever the number of fragments. ``vary`` and ``settings`` as in
-    :func:`write_fragment`. Returns the fragment folders written.
+    :func:`write_fragment`. Returns the fragment folders written. Every folder is checked
+    before the first is written (:func:`check_target`).
     """
     _check_int("fragments", fragments, 0)
     _check_int("test_fragments", test_fragments, 0)
     root = Path(out)
+    check_out_folder(root, name="out")
+    targets = ([root / "train" / str(i + 1) for i in range(fragments)]
+               + [root / "test" / _letters(j) for j in range(test_fragments)])
+    for target in targets:
+        check_target(target, overwrite=overwrite)
     written = []
     for i in range(fragments):
         written.append(write_fragment(
-            root / "train" / str(i + 1), height=height, width=width, depth=depth,
+            targets[i], height=height, width=width, depth=depth,
             seed=(seed, 0, i), ink_contrast=ink_contrast, overwrite=overwrite, vary=vary,
             settings=settings,
         ))
     for j in range(test_fragments):
         written.append(write_fragment(
-            root / "test" / _letters(j), height=height, width=width, depth=depth,
+            targets[fragments + j], height=height, width=width, depth=depth,
             seed=(seed, 1, j), ink_contrast=ink_contrast, labels=False, overwrite=overwrite,
             vary=vary, settings=settings,
         ))
@@ -114,33 +121,60 @@ def write_fragment(
     if not 0.0 <= ink_contrast <= 1.0:
         raise InputError(f"ink_contrast: expected a number in [0, 1], got {ink_contrast}")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(
-            f"out: fragment folder already exists; --overwrite replaces it ({path})"
-        )
+    check_target(path, overwrite=overwrite)
     rng = np.random.default_rng(seed)
     base = SynthSettings(ink_contrast=float(ink_contrast), depth=int(depth))
     chosen = draw_settings(vary, rng, base=base, fixed=settings)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    made = [p for p in (tmp.parent, *tmp.parent.parents) if not p.exists()]  # deepest first
+    made = missing_folders(tmp.parent)
     (tmp / "surface_volume").mkdir(parents=True)
     try:
         _write_contents(tmp, rng, height, width, chosen, labels=labels, ir=ir)
         (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(chosen), indent=2) + "\n")
+        _move_into_place(tmp, path, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # the folders made for it, if nothing else went into them
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_made(made)  # the folders made for it, if nothing else went into them
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(path)
     log.debug("wrote synthetic fragment %s (%dx%dx%d)", path, height, width, depth)
     return path
+
+
+def check_target(path: Path, *, overwrite: bool) -> None:
+    """InputError when the fragment folder ``path`` cannot be written: an existing one without
+    ``overwrite``; a file, a link in its place (with ``overwrite``: it would be replaced), a
+    link to nowhere or a link loop on the way, or a file above it
+    (:func:`~scrollsam.out_path.check_out_folder`)."""
+    check_out_folder(path, name="out", replaced=overwrite)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(f"out: fragment folder already exists; --overwrite replaces it ({path})")
+
+
+def _move_into_place(tmp: Path, path: Path, *, overwrite: bool) -> None:
+    """Rename the finished fragment ``tmp`` to ``path``. Without ``overwrite`` a folder that
+    appeared there meanwhile (another synth into the same OUT) is never replaced: the same
+    error as the check before the work. With it, the old folder is moved aside, the new one
+    renamed in and the old one removed; a failed rename puts the old one back."""
+    check_target(path, overwrite=overwrite)  # it may have changed while this one was written
+    if not overwrite or not path.exists():
+        try:
+            tmp.rename(path)  # replaces only an empty folder made meanwhile: nothing is lost
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            check_target(path, overwrite=False)  # raises: it exists now
+            raise
+        return
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    shutil.rmtree(old)
 
 
 def _write_contents(

@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,6 +44,7 @@ from scrollsam.config import Config, config_from_dict, config_to_dict, flat_keys
 from scrollsam.data.fragment_hosts import fragment_holding
 from scrollsam.errors import ConfigError, RunDirError, WriteError
 from scrollsam.io import within, write_failure
+from scrollsam.out_path import check_out_folder, missing_folders, remove_made
 from scrollsam.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class RunDir:
     created: bool  # the folder did not exist before this run
     lock: RunLock | None  # None: a process that only reads the folder (follow_run)
     stepped: bool = False  # a training step finished: from then on the folder holds a run
+    made: list[Path] = field(default_factory=list)  # folders above it this run created
 
     def __enter__(self) -> RunDir:
         return self
@@ -142,6 +144,7 @@ class RunDir:
             return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
+            remove_made(self.made)
             return
         for child in self.path.iterdir():  # the folder was empty: everything in it is ours
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -172,7 +175,9 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
             raise
     if run.exists() and not run.is_dir():
         raise RunDirError(f"out: expected a folder for the run, got a file ({run})")
+    check_out_folder(run, name="out")
     _check_outside_fragments(cfg, run)
+    made = missing_folders(run)[1:]  # the parents a failed start removes again
     try:
         run.mkdir(parents=True)
         created = True
@@ -188,7 +193,8 @@ def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,
         lock.release()
         raise RunDirError(f"run dir exists and is not empty ({run}); pass --resume to continue "
                           f"it or choose another out=")
-    return RunDir(run, absolute_paths(cfg), None, new=True, created=created, lock=lock)
+    return RunDir(run, absolute_paths(cfg), None, new=True, created=created, lock=lock,
+                  made=made if created else [])
 
 
 def _check_outside_fragments(cfg: Config, run: Path) -> None:
@@ -196,7 +202,7 @@ def _check_outside_fragments(cfg: Config, run: Path) -> None:
     other fragment folder, or lies inside one: a run never writes into data."""
     inside = run.resolve()
     for name in [*cfg.data.train, *cfg.data.valid]:
-        frag = (Path(cfg.data.root) / name).resolve()
+        frag = Path(os.path.realpath(Path(cfg.data.root) / name))  # no error on a link loop
         if within(inside, frag):
             raise RunDirError(f"out: the run dir must not be inside fragment folder {name} "
                               f"(data.train / data.valid) ({run})")
