@@ -28,6 +28,19 @@ SPACE = ("train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
          "model.trainable: [[mask_decoder], [prompt_encoder, mask_decoder]]\n")
 
 
+@pytest.fixture(autouse=True)
+def fragments_checked_with_real_training(monkeypatch):
+    """The base config's fragments are checked before a sweep starts (the real check) unless
+    the test stands in for training (``study_mod.train``): such tests have no data."""
+    real_check, real_train = study_mod.check_base_fragments, study_mod.train
+
+    def check(base, space):
+        if study_mod.train is real_train:
+            real_check(base, space)
+
+    monkeypatch.setattr(study_mod, "check_base_fragments", check)
+
+
 def _overrides(data: Path, *extra: str) -> list[str]:
     """A 2-step run of the tiny model, validated after each step."""
     return [f"data.root={data}", "data.train=[train/1]", "data.valid=[train/2]",

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_sweep import _overrides, _space, _study
+from test_sweep import _overrides, _space, _study, fragments_checked_with_real_training  # noqa: F401
 
 import scrollsam.sweep.storage as storage_mod
 import scrollsam.sweep.study as study_mod
@@ -95,17 +95,18 @@ def test_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     assert afile.read_text() == "mine"
 
 
-def test_a_bad_storage_leaves_no_empty_out_folder(tmp_path, capsys):
+def test_a_bad_storage_leaves_no_empty_out_folder(data, tmp_path, capsys):
     # Before: --out was made before the storage was opened, and stayed behind, empty
     out = tmp_path / "new" / "sw"
     code = main(["sweep", "--space", str(_space(tmp_path, LR)), "--trials", "1", "--out",
-                 str(out), "--storage", "nosuchdb://host/db"])
+                 str(out), "--storage", "nosuchdb://host/db", *_overrides(data)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot open the study storage"), err
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()  # a folder that was there before is left as it was
     assert main(["sweep", "--space", str(_space(tmp_path, LR)), "--trials", "1", "--out",
-                 str(tmp_path / "old"), "--storage", "nosuchdb://host/db"]) == 2
+                 str(tmp_path / "old"), "--storage", "nosuchdb://host/db",
+                 *_overrides(data)]) == 2
     assert (tmp_path / "old").is_dir()
 
 

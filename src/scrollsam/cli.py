@@ -59,6 +59,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from scrollsam.config import given_keys, load_config
+    from scrollsam.shell import shell_command, shell_word
     from scrollsam.train.distributed import world_from_env
     from scrollsam.train.loop import train
     from scrollsam.train.ranks import agree_before_start
@@ -76,7 +77,8 @@ def _run_train(args: argparse.Namespace) -> int:
     run = train(cfg, resume=args.resume, progress=not args.no_progress,
                 given=given_keys(args.overrides))
     if world.main:
-        print(f"run: {run}  (checkpoints best.pt / last.pt; tensorboard --logdir {run / 'tb'})")
+        print(f"run: {shell_word(run)}  (checkpoints best.pt / last.pt; "
+              f"{shell_command('tensorboard', '--logdir', run / 'tb')})")
     return EXIT_OK
 
 
@@ -115,15 +117,16 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from scrollsam.demo import run_demo
+    from scrollsam.shell import shell_command, shell_word
 
     r = run_demo(args.out, input=args.input, steps=args.steps, progress=not args.no_progress)
     print(f"\ndemo finished in {r.seconds:.0f} s")
-    print(f"  data         {r.out / 'data'}")
-    print(f"  run          {r.run}  (config.yaml, best.pt, last.pt)")
-    print(f"  prediction   {r.pred}  (prob.png, mask.png, overlay.png, metrics.json)")
-    print(f"  metrics      {r.out / 'metrics.json'}: " + ", ".join(
+    print(f"  data         {shell_word(r.out / 'data')}")
+    print(f"  run          {shell_word(r.run)}  (config.yaml, best.pt, last.pt)")
+    print(f"  prediction   {shell_word(r.pred)}  (prob.png, mask.png, overlay.png, metrics.json)")
+    print(f"  metrics      {shell_word(r.out / 'metrics.json')}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in r.metrics.items()))
-    print(f"  tensorboard  tensorboard --logdir {r.run / 'tb'}")
+    print(f"  tensorboard  {shell_command('tensorboard', '--logdir', r.run / 'tb')}")
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from scrollsam.config import Config, config_from_dict, config_to_dict, load_conf
 from scrollsam.config_yaml import flow_yaml
 from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
+from scrollsam.shell import shell_command
 from scrollsam.sweep.space import Space
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,9 @@ def write_best_config(trial: FrozenTrial, path: Path, *, study: str, out: Path) 
         log.warning("best config not written: %s", err)
         path.unlink(missing_ok=True)  # another trial's: not the best one now
         return None
+    command = shell_command("scrollsam", "train", "--config", path)
     head = (f"# Best trial {trial.number} of sweep study {study}: validation F0.5 "
-            f"{trial.value:.4f}.\n# Train it: scrollsam train --config {path}"
+            f"{trial.value:.4f}.\n# Train it: {command}"
             f"  (key=value overrides as usual, e.g. out=runs/best train.steps=...)\n")
     atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
@@ -161,8 +163,8 @@ def format_report(result: SweepResult) -> str:
         lines += [f"  {k}  {v:.3f}" for k, v in result.importances.items()]
     elif result.importance_note:
         lines += ["", result.importance_note]
-    lines += ["", f"dashboard:   optuna-dashboard {result.storage}",
-              f"tensorboard: tensorboard --logdir {result.out}"]
+    lines += ["", f"dashboard:   {shell_command('optuna-dashboard', result.storage)}",
+              f"tensorboard: {shell_command('tensorboard', '--logdir', result.out)}"]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import quote
 
 import optuna
 import sqlalchemy.engine
@@ -24,6 +25,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from scrollsam.errors import RunDirError, ScrollsamError
+from scrollsam.out_path import check_out_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,30 @@ class SweepError(ScrollsamError):
     """The study storage cannot be opened or holds something that is not a scrollsam sweep."""
 
 
+_DB = "SCROLLSAMDATABASE"  # stands for the database while the rest of a URL is rendered
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of the SQLite file ``path`` (made absolute), every character of the
+    path that a URL does not keep as is percent-encoded (``sw%20rel%20%C3%BC``), as
+    :func:`safe_url` writes it, so the URL the sweep opens is the one it prints."""
+    return f"sqlite:///{quote(os.path.abspath(path), safe='/')}"
+
+
 def safe_url(url: str) -> str:
-    """``url`` with any password masked, for messages."""
+    """``url`` with any password masked, for messages and the printed ``optuna-dashboard``
+    command; its database percent-encoded throughout (SQLAlchemy's own rendering leaves spaces
+    and ``+`` as they are but encodes ``ü``), which SQLAlchemy, and so optuna-dashboard, reads
+    back to the same path."""
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return url
+    text = parsed.render_as_string(hide_password=True)
+    if parsed.database is None:
+        return text
+    text = parsed.set(database=_DB).render_as_string(hide_password=True)
+    return text.replace(f"/{_DB}", f"/{quote(parsed.database, safe='/')}", 1)
 
 
 def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -72,11 +92,18 @@ def open_storage(url: str, *, attempts: int = 5) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+def check_out(out: Path) -> None:
+    """RunDirError / InputError when ``out`` cannot be the sweep's folder: a file, a file
+    above it, a link to nowhere or a link loop on the way (before anything is made)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out: expected a folder, got a file ({out})")
+    check_out_folder(out, name="--out")
+
+
 def make_out(out: Path) -> list[Path]:
     """Create the sweep's folder ``out`` (and missing parents); returns the folders this made,
     innermost first, for :func:`remove_made`."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out: expected a folder, got a file ({out})")
+    check_out(out)
     made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -42,13 +42,15 @@ from scrollsam.sweep.stop import StopBetweenTrials, SweepStopped
 from scrollsam.sweep.storage import (
     DB_NAME,
     SweepError,
+    check_out,
     fail_orphaned_trials,
     make_out,
     open_storage,
     remove_made,
     safe_url,
+    sqlite_url,
 )
-from scrollsam.train.loop import TrainingError, train
+from scrollsam.train.loop import TrainingError, open_fragments, train
 from scrollsam.train.rundir import absolute_paths
 from scrollsam.train.stop import TrainingStopped
 
@@ -73,6 +75,9 @@ def make_pruner(kind: str = "median", *, startup_trials: int = 3,
                                        n_warmup_steps=warmup_steps)
 
 
+FRAGMENT_KEYS = ("data.root", "data.train", "data.valid")  # keys that choose the fragments
+
+
 def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "runs/sweep",
               study_name: str | None = None, storage: str | None = None,
               pruner: optuna.pruners.BasePruner | None = None,
@@ -92,8 +97,11 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
     if trials < 0:
         raise ConfigError(f"--trials: expected a number >= 0, got {trials}")
     out = Path(out)
+    check_out(out)
+    if trials > 0:  # a base that cannot train: no folder, no study.db
+        check_base_fragments(base, space)
     made = make_out(out)
-    url = storage or f"sqlite:///{(out / DB_NAME).resolve()}"
+    url = storage or sqlite_url(out / DB_NAME)
     name = study_name or out.resolve().name
     with _optuna_quiet():
         try:
@@ -209,6 +217,16 @@ def _objective(trial: optuna.Trial, base: Config, space: Space, out: Path, *,
     log.info("trial %d finished: best valid F0.5 %.4f in %.0f s", trial.number, max(scores),
              time.perf_counter() - start)
     return max(scores)
+
+
+def check_base_fragments(base: Config, space: Space) -> None:
+    """Open the base config's fragments (found, readable, distinct ids across data.train and
+    data.valid) before the sweep creates anything, so a base every trial would fail on ends
+    with one line and leaves no ``--out``. Skipped where the space sweeps which fragments
+    (:data:`FRAGMENT_KEYS`): then each trial's own are checked when it starts."""
+    swept = {p.key for p in space.params}
+    if not swept & set(FRAGMENT_KEYS) and "data" not in swept:
+        open_fragments(base)
 
 
 def _check_space(study: optuna.Study, space: Space) -> None:

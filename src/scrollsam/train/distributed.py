@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from scrollsam.errors import InputError, PeerLost, ScrollsamError
+from scrollsam.shell import shell_word
 
 E = TypeVar("E", bound=BaseException)
 
@@ -186,7 +187,8 @@ def resume_hint(run: Path) -> str:
     """How to go on with the training run in ``run`` after it stopped: resume it, or, where a
     new run's folder was removed, start it again."""
     if (run / "config.yaml").is_file():
-        return f"checkpoints are written whole: continue with `scrollsam train out={run} --resume`"
+        return (f"checkpoints are written whole: continue with `scrollsam train "
+                f"out={shell_word(run)} --resume`")
     return "the run had not started: start it again"
 
 

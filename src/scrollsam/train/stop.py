@@ -20,13 +20,14 @@ DataLoader worker processes get the terminal's Ctrl-C too; :func:`ignore_stop_si
 from __future__ import annotations
 
 import logging
-import shlex
 import signal
 import threading
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
+
+from scrollsam.shell import shell_word
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class TrainingStopped(Exception):
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} after step {step}; last.pt saved; continue with: "
-                         f"scrollsam train out={shlex.quote(str(run))} --resume")
+                         f"scrollsam train out={shell_word(run)} --resume")
 
 
 class StopSignals:
