@@ -125,3 +125,26 @@ def test_an_unwritable_out_or_submission_folder_is_refused_before_any_work(data,
             assert capsys.readouterr().err.startswith(said)
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_a_submission_that_is_a_link_to_nothing_needs_force_before_any_work(data, tmp_path,
+                                                                             capsys, monkeypatch):
+    """Before: refused by write_submission only after the whole prediction (QA)."""
+    from scrollsam.infer.predict import Predictor
+
+    link = tmp_path / "s.csv"
+    link.symlink_to(tmp_path / "nowhere.csv")
+    monkeypatch.setattr(Predictor, "predict_rows", lambda *a, **k: pytest.fail("predicted"))
+    assert predict(data, "a", tmp_path / "out", "--submission", str(link)) == 2
+    assert capsys.readouterr().err == (f"error: --submission: {link} exists (a link); pass "
+                                       f"--force to overwrite it\n")
+
+
+def test_a_space_file_that_is_not_a_file_says_what_it_is(tmp_path):
+    from scrollsam.config import load_config
+    from scrollsam.errors import ConfigError
+    from scrollsam.sweep.space import load_space
+
+    with pytest.raises(ConfigError, match=r"^expected a space file, got a device or other "
+                                          r"special file \(/dev/null\)$"):
+        load_space("/dev/null", load_config(None, []))

@@ -353,8 +353,9 @@ def _warn_if_larger(frag: Fragment, tile: int) -> None:
 
 
 def _check_submission(path: Path, *, force: bool) -> None:
-    if path.exists() and not force:
-        raise InputError(f"--submission: {path} exists; pass --force to overwrite it")
+    if os.path.lexists(path) and not force:  # a link to nothing too (write_submission's rule)
+        link = " (a link)" if path.is_symlink() else ""
+        raise InputError(f"--submission: {path} exists{link}; pass --force to overwrite it")
     if path.exists() and path.is_dir():
         raise InputError(f"--submission: expected a CSV file path, got a folder ({path})")
     if not path.parent.is_dir():

@@ -38,6 +38,7 @@ import yaml
 
 from scrollsam.config import Config, config_from_dict, config_to_dict
 from scrollsam.config_yaml import (  # the configs' YAML: 1e-5 a number
+    expect_file,
     flow_yaml,
     load_yaml_file,
     parse_yaml,
@@ -176,8 +177,7 @@ def apply_params(base: Config, params: Mapping[str, Any], *, out: str | Path) ->
 def load_space(path: str | Path, base: Config) -> Space:
     """Read and check a space file against the ``base`` config (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"space file not found ({path})")
+    expect_file(path, "space file")  # not there, a folder, /dev/null, a link to nothing
     data = load_yaml_file(path, sep=": ")  # a key given twice: "train.lr: low: given twice"
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(f"expected a mapping of config keys to ranges or choices, got "
