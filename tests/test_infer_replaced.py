@@ -148,3 +148,31 @@ def test_a_space_file_that_is_not_a_file_says_what_it_is(tmp_path):
     with pytest.raises(ConfigError, match=r"^expected a space file, got a device or other "
                                           r"special file \(/dev/null\)$"):
         load_space("/dev/null", load_config(None, []))
+
+
+def test_an_out_that_is_a_link_to_nowhere_or_lies_under_a_file_is_refused_before_any_work(
+        data, tmp_path, capsys, monkeypatch):
+    """Before: FileExistsError / NotADirectoryError tracebacks after the whole prediction, and
+    RuntimeError for a link loop (QA)."""
+    from scrollsam.infer.predict import Predictor
+
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(Predictor, "predict_rows", lambda *a, **k: pytest.fail("predicted"))
+    for out, said in (("dang", "is a symbolic link to nowhere"), ("loopA", "symbolic link loop"),
+                      ("afile/sub", "is a file, so")):
+        capsys.readouterr()
+        assert predict(data, "a", tmp_path / out) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out: ") and said in err and err.count("\n") == 1, err
+
+
+def test_synth_writes_a_fragment_named_near_255_bytes(tmp_path):
+    """Before: its temp folder's name (.NAME.tmp-PID) was over 255 bytes: Errno 36."""
+    from scrollsam.data.synthetic import write_fragment
+
+    name = "K" * 250
+    write_fragment(tmp_path / name, height=32, width=32, depth=4)
+    assert [p.name for p in tmp_path.iterdir()] == [name]

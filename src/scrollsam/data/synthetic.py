@@ -34,6 +34,7 @@ import tifffile
 
 from scrollsam.data.synth_settings import SynthSettings, draw_settings
 from scrollsam.errors import InputError
+from scrollsam.fs_errors import bounded_name
 from scrollsam.io import write_png
 from scrollsam.out_path import check_out_folder, missing_folders, remove_made
 
@@ -125,7 +126,7 @@ def write_fragment(
     rng = np.random.default_rng(seed)
     base = SynthSettings(ink_contrast=float(ink_contrast), depth=int(depth))
     chosen = draw_settings(vary, rng, base=base, fixed=settings)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / bounded_name(path.name, f".tmp-{os.getpid()}")  # fits 255 bytes
     if tmp.exists():
         shutil.rmtree(tmp)
     made = missing_folders(tmp.parent)

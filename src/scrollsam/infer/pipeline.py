@@ -54,6 +54,7 @@ from scrollsam.infer.segment import (
 from scrollsam.infer.threshold import threshold_choice
 from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
 from scrollsam.io import read_image
+from scrollsam.out_path import check_out_folder
 from scrollsam.precision import PRECISIONS
 from scrollsam.rle import is_submission_id, write_submission
 from scrollsam.train.distributed import (
@@ -205,6 +206,8 @@ def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathL
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")
+    for dest in output_folders(frags, out):  # links to nowhere, loops, a file on the way
+        check_out_folder(dest, name="--out")
     check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
     earlier = []  # per fragment: the files an earlier prediction wrote into its folder
     for frag, dest in zip(frags, output_folders(frags, out), strict=True):
