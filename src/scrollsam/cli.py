@@ -263,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  for e in extra):
             args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    _expand_home(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
@@ -296,6 +297,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         zarr_tasks.settle()
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """``~`` and ``~user`` at the start of an option's value (a path), as the shell expands
+    it in a word of its own but not in ``--out=~/x``; ``key=value`` overrides are expanded by
+    the config loader (:data:`scrollsam.config.PATH_KEYS`)."""
+    for name, value in vars(args).items():
+        if name == "overrides":
+            continue
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list) and any(isinstance(v, str) and v.startswith("~")
+                                               for v in value):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v
+                                 for v in value])
 
 
 def _silence_stdout() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -301,7 +302,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
         update = parse_override(text)
         _from_dict(Config, update, "")
         merged = _merge(merged, update)
+    for section, key in PATH_KEYS:  # "~/runs/x" is the home folder's, as a shell reads it
+        tree = merged[section] if section else merged
+        if isinstance(tree.get(key), str) and tree[key].startswith("~"):
+            tree[key] = os.path.expanduser(tree[key])
     return config_from_dict(merged, stored=stored)
+
+
+PATH_KEYS = (("", "out"), ("data", "root"), ("model", "checkpoint"))  # paths a user gives
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
