@@ -77,7 +77,7 @@ def test_zarr_output_opens_with_ome_zarr_has_a_halving_pyramid_and_previews(data
     assert result.format == "zarr" and result.stats["bands"] == 3
     assert {p.name for p in out.iterdir()} == {"prob.ome.zarr", "prob_preview.png",
                                                "mask_preview.png", "metrics.json",
-                                               "summary.json", ".predict"}
+                                               "summary.json", ".predict", ".prediction.json"}
     probs, masks = zarr_files(out)
     assert [p.shape for p in probs] == level_shapes((150, 120), 32) == [
         (150, 120), (75, 60), (38, 30), (19, 15)]

@@ -43,7 +43,8 @@ def test_predict_writes_pictures_masks_and_metrics_at_the_checkpoint_threshold(d
     assert predict("--run", str(data / "run_ir"), "--fragment", str(data / "a"), "--out",
                    str(out), "--save-tif", "--device", "cpu") == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"prob.png", "mask.png", "overlay.png", "prob.tif", "metrics.json"}
+    assert names == {"prob.png", "mask.png", "overlay.png", "prob.tif", "metrics.json",
+                     ".prediction.json"}
     prob = tifffile.imread(out / "prob.tif")
     assert prob.dtype == np.float32 and prob.shape == (100, 90)
     mask = read_image(out / "mask.png")

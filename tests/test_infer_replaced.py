@@ -176,3 +176,27 @@ def test_synth_writes_a_fragment_named_near_255_bytes(tmp_path):
     name = "K" * 250
     write_fragment(tmp_path / name, height=32, width=32, depth=4)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_second_prediction_into_a_busy_out_is_refused(data, tmp_path, capsys, monkeypatch):
+    """Before: two predictions into one --out both ended well, their files mixed (QA: one
+    fragment's prob.png beside another's mask.png, overlay.png and metrics.json)."""
+    import os
+
+    from scrollsam.infer.out_lock import OutLock
+    from scrollsam.infer.predict import Predictor
+
+    out = tmp_path / "deep" / "out"
+    held = OutLock.take(out)  # another prediction, still running
+    real = Predictor.predict_rows
+    monkeypatch.setattr(Predictor, "predict_rows", lambda *a, **k: pytest.fail("predicted"))
+    try:
+        assert predict(data, "a", out) == 2
+        assert capsys.readouterr().err == (f"error: --out is in use by pid {os.getpid()} "
+                                           f"({out})\n")
+    finally:
+        held.release()
+    assert not (tmp_path / "deep").exists()  # the folders it made, empty, are gone
+    monkeypatch.setattr(Predictor, "predict_rows", real)
+    assert predict(data, "a", out) == 0
+    assert not (out / ".lock").exists() and (out / "mask.png").is_file()

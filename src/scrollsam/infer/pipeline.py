@@ -33,6 +33,7 @@ from scrollsam.data.fragment import Fragment, check_distinct_ids
 from scrollsam.device import resolve_device
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import check_band_rows, default_band_rows
+from scrollsam.infer.out_lock import OutLock
 from scrollsam.infer.out_safety import check_clear_of_inputs, check_writable, output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
 from scrollsam.infer.points import load_clicks, predict_clicks
@@ -140,9 +141,14 @@ def predict_to_folder(
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
             dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart, save_tif=save_tif),
             world)
-        return _predict_all(plan, world=world, submission=submission, force=force,
-                            points=points, save_tif=save_tif, progress=progress, fmt=fmt,
-                            dtype=dtype, chunk=chunk, restart=restart)
+        lock = settle(lambda: OutLock.take(plan.out) if world.main else None, world)
+        try:  # one prediction at a time into --out (rank 0 holds it for every process)
+            return _predict_all(plan, world=world, submission=submission, force=force,
+                                points=points, save_tif=save_tif, progress=progress, fmt=fmt,
+                                dtype=dtype, chunk=chunk, restart=restart)
+        finally:
+            if lock is not None:
+                lock.release()
     except RuntimeError as err:
         lost = peer_lost(err, PREDICT_AGAIN) if world.distributed else None
         if lost is None:

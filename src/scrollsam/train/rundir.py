@@ -74,8 +74,9 @@ class RunLock:
         self.path = path
 
     @classmethod
-    def acquire(cls, run: Path) -> RunLock:
-        """Lock ``run`` (an existing folder) or raise RunDirError naming the holder's pid."""
+    def acquire(cls, run: Path, *, what: str = "run dir") -> RunLock:
+        """Lock ``run`` (an existing folder) or raise RunDirError naming the holder's pid
+        (``<what> is in use by pid N (<run>)``)."""
         path = run / LOCK_NAME
         while True:
             try:
@@ -93,7 +94,7 @@ class RunLock:
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
                 who = f"pid {holder}" if holder.isdigit() else "another process"
-                raise RunDirError(f"run dir is in use by {who} ({run})") from None
+                raise RunDirError(f"{what} is in use by {who} ({run})") from None
             try:  # the holder may have removed the file (a failed new run) before we got it
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
