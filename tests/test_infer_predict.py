@@ -267,7 +267,7 @@ def test_progress_bar_ends_exactly_at_the_fragment_area(tmp_path):
 
 def test_the_smallest_tile_is_one_constant(monkeypatch, capsys):
     """QA: the Predictor refused tiles below a hard-coded 16 beside pipeline's MIN_TILE."""
-    import scrollsam.infer.pipeline as pipeline
+    import scrollsam.infer.plan as pipeline  # the checks before the first tile
     import scrollsam.infer.predict as predict
     from scrollsam.cli import build_parser
 

@@ -200,3 +200,68 @@ def test_a_second_prediction_into_a_busy_out_is_refused(data, tmp_path, capsys, 
     monkeypatch.setattr(Predictor, "predict_rows", real)
     assert predict(data, "a", out) == 0
     assert not (out / ".lock").exists() and (out / "mask.png").is_file()
+
+
+def test_an_interrupt_while_writing_leaves_the_earlier_prediction_whole(data, tmp_path,
+                                                                         monkeypatch):
+    """Before: a Ctrl-C after prob.png was rewritten left the new prob.png beside the old
+    mask.png, overlay.png and metrics.json (QA: of another model), and in a new folder a
+    prob.png and mask.png that looked finished."""
+    import scrollsam.infer.outputs as outputs
+
+    out = tmp_path / "out"
+    assert predict(data, "a", out, "--save-tif") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = outputs.write_png
+
+    def interrupted(path, image):
+        if ".mask." in Path(path).name:
+            raise KeyboardInterrupt
+        return real(path, image)
+
+    monkeypatch.setattr(outputs, "write_png", interrupted)
+    assert predict(data, "b", out) == 130  # the CLI's Ctrl-C
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staged file either
+    assert predict(data, "b", tmp_path / "new") == 130
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+def test_signals_during_publishing_wait_until_the_set_is_in_place(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import scrollsam.infer.publish as publish
+
+    staging = publish.Staging(tmp_path)
+    for name in ("prob.png", "mask.png"):
+        staging.path(tmp_path / name).write_text(name)
+    (tmp_path / "old.json").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):  # a Ctrl-C arrives right after the first rename
+        real(src, dst)
+        if Path(dst).name == "prob.png":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(publish.os, "replace", replace)
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda *a: seen.append(
+        sorted(p.name for p in tmp_path.iterdir())))
+    try:
+        staging.publish(remove=[tmp_path / "old.json"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [["mask.png", "prob.png"]]  # handled once, with the whole set in place
+
+
+def test_a_killed_predictions_staged_and_temp_files_go_with_the_next_one(data, tmp_path):
+    out = tmp_path / "out"
+    assert predict(data, "a", out) == 0
+    left = [".prob.staged-1a2b3c4d.png", ".metrics.tmp-00ff00ff.json", ".predict-prob.npy",
+            "..prediction.staged-0123abcd.json"]
+    for name in left:
+        (out / name).write_text("x")
+    (out / ".mine.tmp-1a2b3c4d.png").write_text("not a prediction's")
+    assert predict(data, "a", out) == 0
+    names = {p.name for p in out.iterdir()}
+    assert not names & set(left) and ".mine.tmp-1a2b3c4d.png" in names

@@ -30,6 +30,7 @@ import tifffile
 
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import BandScore
+from scrollsam.infer.publish import Staging
 from scrollsam.io import atomic_path, atomic_write_text, write_png
 from scrollsam.metrics import (
     binarize_prediction,
@@ -61,8 +62,11 @@ def write_outputs(
     background: Rows | None = None,
     save_tif: bool = False,
     info: dict[str, Any] | None = None,
+    staging: Staging | None = None,
 ) -> Written:
-    """Write prob.png, mask.png, overlay.png (+ prob.tif, metrics.json) into ``out_dir``.
+    """Write prob.png, mask.png, overlay.png (+ prob.tif, metrics.json) into ``out_dir``; with
+    ``staging``, under its hidden names, for the caller to put in place together
+    (:meth:`.publish.Staging.publish`). ``Written.files`` names the final paths.
 
     prob: float32 [H, W] in [0, 1], read as probabilities even where it holds only 0 and 1.
     valid: bool [H, W] fragment mask: ink is only ever marked, and scores only counted, inside
@@ -95,18 +99,21 @@ def write_outputs(
             score = score + BandScore.of(band, binary, labels[rows], v)
 
     written = Written()
-    written.files["prob"] = write_png(out / "prob.png", prob8)
-    written.files["mask"] = write_png(out / "mask.png", mask8)
+
+    def where(key: str, name: str) -> Path:  # the file to write; its final path in .files
+        written.files[key] = out / name
+        return out / name if staging is None else staging.path(out / name)
+
+    write_png(where("prob", "prob.png"), prob8)
+    write_png(where("mask", "mask.png"), mask8)
     picture = overlay(mask8, labels=labels, valid=valid, background=background)
-    written.files["overlay"] = write_png(out / "overlay.png", picture)
+    write_png(where("overlay", "overlay.png"), picture)
     if save_tif:
-        written.files["prob_tif"] = write_tif(out / "prob.tif", prob)
+        write_tif(where("prob_tif", "prob.tif"), prob)
     if labels is not None:
         metrics = score.metrics(threshold, info or {})
         written.metrics = metrics
-        path = out / "metrics.json"
-        atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
-        written.files["metrics"] = path
+        atomic_write_text(where("metrics", "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     return written
 
 

@@ -1,11 +1,11 @@
 """`scrollsam predict` as one library call: fragments in, pictures, scores and a submission out.
 
-:func:`predict_to_folder` checks everything it can before the first tile is predicted (the run
-folder, the checkpoint, every fragment against the run's input view, the clicks file, an
-existing submission file and folder names it cannot hold as Ids, outputs that would land in or
-on a fragment: :mod:`.out_safety`), so a mistake costs seconds, not an hour of inference.
-Then, per fragment, it predicts (prompt-free, or around clicks), writes the files of
-:mod:`.outputs` into ``OUT`` (``OUT/<id>/`` when several fragments are given) and, at the end,
+:func:`predict_to_folder` checks everything it can before the first tile is predicted
+(:mod:`.plan`), so a mistake costs seconds, not an hour of inference, and locks ``OUT``
+(:mod:`.out_lock`). Then, per fragment, it predicts (prompt-free, or around clicks), writes the
+files of :mod:`.outputs` into ``OUT`` (``OUT/<id>/`` when several fragments are given), put in
+place together with the removal of an earlier prediction's other files (:mod:`.publish`,
+:mod:`.replaced`) and, at the end,
 the Kaggle CSV with the fragments' folder names as ids, decoded from the written ``mask.png``
 files (or streamed from the OME-Zarr masks, band by band).
 
@@ -29,40 +29,32 @@ import numpy as np
 import torch.distributed as dist
 
 from scrollsam.data.band_views import aligned_band
-from scrollsam.data.fragment import Fragment, check_distinct_ids
-from scrollsam.device import resolve_device
+from scrollsam.data.fragment import Fragment
 from scrollsam.errors import InputError
-from scrollsam.infer.band_state import check_band_rows, default_band_rows
 from scrollsam.infer.out_lock import OutLock
-from scrollsam.infer.out_safety import check_clear_of_inputs, check_writable, output_folders
+from scrollsam.infer.out_safety import output_folders
 from scrollsam.infer.outputs import Rows, write_outputs
-from scrollsam.infer.points import load_clicks, predict_clicks
-from scrollsam.infer.predict import MAX_TILE, MIN_TILE, Predictor
+from scrollsam.infer.plan import Plan, plan_prediction
+from scrollsam.infer.points import predict_clicks
+from scrollsam.infer.predict import Predictor
+from scrollsam.infer.publish import Staging, remove_stale_temps
 from scrollsam.infer.replaced import (
-    check_replaceable,
-    earlier_files,
     remove_leftovers,
-    will_write,
 )
 from scrollsam.infer.segment import (
-    FORMATS,
     BandJob,
     choose_format,
     predict_png,
     predict_zarr,
     settle,
 )
-from scrollsam.infer.threshold import threshold_choice
-from scrollsam.infer.zarr_out import DEFAULT_CHUNK, VALUE_TYPES, ZarrOutput
+from scrollsam.infer.zarr_out import DEFAULT_CHUNK, ZarrOutput
 from scrollsam.io import read_image
-from scrollsam.out_path import check_out_folder
-from scrollsam.precision import PRECISIONS
-from scrollsam.rle import is_submission_id, write_submission
+from scrollsam.rle import write_submission
 from scrollsam.train.distributed import (
     World,
     join_process_group,
     peer_lost,
-    process_device,
     shutdown_distributed,
     world_from_env,
 )
@@ -135,7 +127,7 @@ def predict_to_folder(
     joined = world.distributed and not (dist.is_available() and dist.is_initialized())
     world = join_process_group(timeout=datetime.timedelta(minutes=timeout_min))
     try:  # under torchrun a mistake found here is printed once, by the first process finding it
-        plan = settle(lambda: _plan(
+        plan = settle(lambda: plan_prediction(
             run, fragments, out, world=world, checkpoint=checkpoint, threshold=threshold,
             tile=tile, stride=stride, batch_size=batch_size, tta=tta, device=device,
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
@@ -163,130 +155,24 @@ PREDICT_AGAIN = ("run the same command again (an OME-Zarr prediction continues f
                  "finished bands)")
 
 
-@dataclass
-class _Plan:
-    """What :func:`_plan` checked and opened: the run, the fragments, the output folder, the
-    model, the clicks, the rows per band."""
-
-    run: str | os.PathLike[str] | None
-    frags: list[Fragment]
-    out: Path
-    predictor: Predictor
-    clicks: dict[str, Any] | None
-    band_rows: int
-    earlier: list[set[str]]  # per fragment: :func:`.replaced.earlier_files` of its folder
-
-
-def _plan(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathLike[str]],
-          out: str | os.PathLike[str], *, world: World, checkpoint: str,
-          threshold: float | str | None, tile: int | None, stride: int | None,
-          batch_size: int | None, tta: bool, device: str,
-          submission: str | os.PathLike[str] | None, force: bool,
-          points: str | os.PathLike[str] | None, precision: str, fmt: str, dtype: str,
-          chunk: int, band_rows: int | None, restart: bool, save_tif: bool) -> _Plan:
-    """Every check before the first tile: the options, the fragments, the output locations
-    (and an OME-Zarr prediction in one that gets PNG files), the run and its checkpoint, each
-    fragment against the run's input view, the clicks file."""
-    if not fragments:
-        raise InputError("--fragment: expected at least one fragment folder, got none")
-    threshold = threshold_choice(threshold)
-    for flag, value, least in (("--tile", tile, MIN_TILE), ("--stride", stride, 1),
-                               ("--batch-size", batch_size, 1)):
-        if value is not None and value < least:
-            raise InputError(f"{flag}: expected an integer >= {least} (leave it out for the "
-                             f"default), got {value}")
-    if tile is not None and tile > MAX_TILE:
-        raise InputError(f"--tile: expected an integer <= {MAX_TILE} (a window is read whole "
-                         f"and resized to the model input), got {tile}")
-    for flag, value, allowed in (("--format", fmt, FORMATS), ("--dtype", dtype, VALUE_TYPES),
-                                 ("--precision", precision, PRECISIONS)):
-        if value not in allowed:
-            raise InputError(f"{flag}: expected one of {', '.join(allowed)}, got {value!r}")
-    check_band_rows(chunk if band_rows is None else band_rows, chunk)
-    if points is not None and (fmt == "zarr" or world.distributed):
-        raise InputError("--points: prediction around clicks writes PNG files in one process "
-                         "(not with --format zarr, not under torchrun)")
-    frags = [Fragment(p) for p in fragments]
-    check_distinct_ids(frags, [str(p) for p in fragments], setting="--fragment",
-                       why="they name the output folders and submission ids")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: expected a folder, got a file ({out})")
-    for dest in output_folders(frags, out):  # links to nowhere, loops, a file on the way
-        check_out_folder(dest, name="--out")
-    check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
-    earlier = []  # per fragment: the files an earlier prediction wrote into its folder
-    for frag, dest in zip(frags, output_folders(frags, out), strict=True):
-        kind = "png" if points is not None else choose_format(fmt, (frag.height, frag.width))
-        earlier.append(earlier_files(dest))
-        check_replaceable(dest, will_write(kind, labels=frag.labels_path is not None,
-                                           save_tif=save_tif), earlier[-1], restart=restart)
-    check_writable(out, flag="--out")
-    if submission is not None:
-        _check_submission(Path(submission), force=force)
-        _check_submission_ids(frags)
-        if world.main:  # the one that writes it
-            check_writable(Path(submission), flag="--submission")
-    dev = process_device(resolve_device(device, setting="--device"), world)
-    if points is not None and threshold in (None, "auto"):
-        threshold = "saved"  # a few prompted tiles are no fragment's probabilities to adapt to
-    predictor = Predictor.from_run(run, checkpoint=checkpoint, device=dev,
-                                   threshold=threshold, tile=tile, stride=stride,
-                                   batch_size=batch_size, tta=tta, stats_dir=out,
-                                   precision=precision)
-    for frag in frags:
-        predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
-        _warn_if_larger(frag, predictor.tile)
-    clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
-    if clicks is not None and tta:
-        log.warning("--tta applies to prompt-free prediction; ignored around clicks")
-    rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
-    return _Plan(run, frags, out, predictor, clicks, rows, earlier)
-
-
-def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str] | None,
+def _predict_all(plan: Plan, *, world: World, submission: str | os.PathLike[str] | None,
                  force: bool, points: str | os.PathLike[str] | None, save_tif: bool,
                  progress: bool, fmt: str, dtype: str, chunk: int,
                  restart: bool) -> list[FragmentResult]:
-    predictor, clicks, rows, run = plan.predictor, plan.clicks, plan.band_rows, plan.run
+    dests = output_folders(plan.frags, plan.out)
+    settle(partial(_clear_stale, world, dests), world)  # what killed predictions left
     results = []
-    for frag, dest, earlier in zip(plan.frags, output_folders(plan.frags, plan.out),
-                                   plan.earlier, strict=True):
-        info: dict[str, Any] = {
-            "fragment": frag.id, "run": _run_of(run, predictor.source),
-            "checkpoint": None if predictor.source is None else str(predictor.source),
-            "tile": predictor.tile, "stride": predictor.stride, "tta": predictor.tta,
-            "mode": "prompt-free" if clicks is None else "points",
-            "compute_dtype": "bf16" if predictor.amp else "fp32",
-        }
-        if clicks is not None:  # prompted maps cover a few tiles: the run's threshold as is
-            info.update(predictor.rule.describe())
-            results.append(_predict_clicks(predictor, frag, clicks, dest, info=info,
-                                           points=points, save_tif=save_tif))
-            remove_leftovers(dest, results[-1].files.values(), earlier, fragment=frag.id,
-                             restart=restart)
+    for frag, dest, earlier in zip(plan.frags, dests, plan.earlier, strict=True):
+        staging = Staging(dest)  # the files go in place together (.publish)
+        try:
+            results.append(_predict_one(plan, frag, dest, earlier, staging, world=world,
+                                        points=points, save_tif=save_tif, progress=progress,
+                                        fmt=fmt, dtype=dtype, chunk=chunk, restart=restart))
+        except BaseException:
+            staging.discard()
+            raise
+        finally:
             frag.close()
-            continue
-        job = BandJob(predictor, frag, dest, rows, world, info, progress and world.main)
-        kind = choose_format(fmt, (frag.height, frag.width))
-        if kind == "zarr":
-            if save_tif and world.main:
-                log.warning("%s: --save-tif writes prob.tif in PNG mode only; the OME-Zarr map "
-                            "holds float16 probabilities with --dtype float16", frag.id)
-            settings = _settings(predictor, frag, chunk=chunk, band_rows=rows, dtype=dtype)
-            done = predict_zarr(job, chunk=chunk, dtype=dtype, settings=settings,
-                                restart=restart)
-        else:
-            done = predict_png(job, background=background_rows(frag, predictor),
-                               save_tif=save_tif)
-        results.append(FragmentResult(frag.id, dest, done.files, done.metrics, done.stats,
-                                      kind))
-        settle(partial(_tidy, world, dest, done.files, earlier, frag.id, restart), world)
-        if world.main:
-            band = aligned_band(predictor.view, frag)
-            log.info("%s: wrote %s%s", frag.id, ", ".join(p.name for p in done.files.values()),
-                     f"; {band}" if band else "")
-        frag.close()
 
     if submission is not None:
         def write() -> None:
@@ -300,12 +186,63 @@ def _predict_all(plan: _Plan, *, world: World, submission: str | os.PathLike[str
     return results
 
 
-def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,
-          restart: bool) -> None:
-    """Rank 0: remove the earlier prediction's other files from ``dest``, once this one's
-    ``files`` are written whole (:func:`.replaced.remove_leftovers`)."""
+def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], staging: Staging,
+                 *, world: World, points: str | os.PathLike[str] | None, save_tif: bool,
+                 progress: bool, fmt: str, dtype: str, chunk: int,
+                 restart: bool) -> FragmentResult:
+    """One fragment's prediction into ``dest``, its files put in place together with the
+    earlier prediction's removals (``staging``)."""
+    predictor, clicks, rows, run = plan.predictor, plan.clicks, plan.band_rows, plan.run
+    info: dict[str, Any] = {
+        "fragment": frag.id, "run": _run_of(run, predictor.source),
+        "checkpoint": None if predictor.source is None else str(predictor.source),
+        "tile": predictor.tile, "stride": predictor.stride, "tta": predictor.tta,
+        "mode": "prompt-free" if clicks is None else "points",
+        "compute_dtype": "bf16" if predictor.amp else "fp32",
+    }
+    if clicks is not None:  # prompted maps cover a few tiles: the run's threshold as is
+        info.update(predictor.rule.describe())
+        result = _predict_clicks(predictor, frag, clicks, dest, info=info, points=points,
+                                 save_tif=save_tif, staging=staging)
+        remove_leftovers(dest, result.files.values(), earlier, fragment=frag.id,
+                         restart=restart, staging=staging)
+        return result
+    job = BandJob(predictor, frag, dest, rows, world, info, progress and world.main)
+    kind = choose_format(fmt, (frag.height, frag.width))
+    if kind == "zarr":
+        if save_tif and world.main:
+            log.warning("%s: --save-tif writes prob.tif in PNG mode only; the OME-Zarr map "
+                        "holds float16 probabilities with --dtype float16", frag.id)
+        settings = _settings(predictor, frag, chunk=chunk, band_rows=rows, dtype=dtype)
+        done = predict_zarr(job, chunk=chunk, dtype=dtype, settings=settings,
+                            restart=restart)
+    else:
+        done = predict_png(job, background=background_rows(frag, predictor),
+                           save_tif=save_tif, staging=staging)
+    settle(partial(_tidy, world, dest, done.files, earlier, frag.id, restart, staging),
+           world)
     if world.main:
-        remove_leftovers(dest, files.values(), earlier, fragment=fragment, restart=restart)
+        band = aligned_band(predictor.view, frag)
+        log.info("%s: wrote %s%s", frag.id, ", ".join(p.name for p in done.files.values()),
+                 f"; {band}" if band else "")
+    return FragmentResult(frag.id, dest, done.files, done.metrics, done.stats, kind)
+
+
+def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,
+          restart: bool, staging: Staging) -> None:
+    """Rank 0: put this prediction's staged ``files`` in place and remove the earlier
+    prediction's other files from ``dest`` (:func:`.replaced.remove_leftovers`)."""
+    if world.main:
+        remove_leftovers(dest, files.values(), earlier, fragment=fragment, restart=restart,
+                         staging=staging)
+
+
+def _clear_stale(world: World, dests: list[Path]) -> None:
+    """Rank 0, holding the --out lock: remove what killed predictions left in ``dests``."""
+    for dest in dests if world.main else []:
+        if removed := remove_stale_temps(dest):
+            log.info("removed %s, left in %s by a prediction that was killed",
+                     ", ".join(removed), dest)
 
 
 def _run_of(run: str | os.PathLike[str] | None, source: Path | None) -> str | None:
@@ -317,15 +254,15 @@ def _run_of(run: str | os.PathLike[str] | None, source: Path | None) -> str | No
 
 
 def _predict_clicks(predictor: Predictor, frag: Fragment, clicks: dict[str, Any], dest: Path,
-                    *, info: dict[str, Any], points: Any, save_tif: bool) -> FragmentResult:
+                    *, info: dict[str, Any], points: Any, save_tif: bool,
+                    staging: Staging) -> FragmentResult:
     """Prediction around clicks (one process, PNG files)."""
     if not clicks.get(frag.id):
         log.warning("%s: no clicks for it in %s; its outputs are empty", frag.id, points)
     pred, valid = predict_clicks(predictor, frag, clicks.get(frag.id, []))
     written = write_outputs(dest, pred.prob, threshold=pred.threshold, valid=valid,
                             labels=frag.labels(), background=background_rows(frag, predictor),
-                            save_tif=save_tif, info=info)
-    log.info("%s: wrote %s", frag.id, ", ".join(p.name for p in written.files.values()))
+                            save_tif=save_tif, info=info, staging=staging)
     return FragmentResult(frag.id, dest, written.files, written.metrics, pred.stats)
 
 
@@ -342,42 +279,6 @@ def _settings(predictor: Predictor, frag: Fragment, **extra: Any) -> dict[str, A
             "device": predictor.device.type, "threshold": predictor.threshold,
             **({} if predictor.rule.reference is None  # (older stores resume as before)
                else {"threshold_reference": predictor.rule.reference}), **extra}
-
-
-def _warn_if_larger(frag: Fragment, tile: int) -> None:
-    """Warn when a window is larger than the fragment (an empty mask fails in ``open``). The
-    grid then has one window along that axis, at 0, zero-padded past the fragment's border; the
-    advice names only tiles ``predict`` accepts (at least MIN_TILE)."""
-    side = min(frag.height, frag.width)
-    if tile <= side:
-        return
-    if side >= MIN_TILE:
-        advice = f"; use --tile {side} or less"
-    else:
-        advice = (f"; the fragment is smaller than the smallest window (--tile {MIN_TILE})"
-                  + (f", and --tile {MIN_TILE} pads it least" if tile > MIN_TILE else ""))
-    log.warning("%s: the window (--tile, default the model input size) of %d px is larger than "
-                "the fragment (%d x %d px): most of each window is zero padding the model never "
-                "saw, so expect poor results%s", frag.id, tile, frag.height, frag.width, advice)
-
-
-def _check_submission(path: Path, *, force: bool) -> None:
-    if os.path.lexists(path) and not force:  # a link to nothing too (write_submission's rule)
-        link = " (a link)" if path.is_symlink() else ""
-        raise InputError(f"--submission: {path} exists{link}; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise InputError(f"--submission: expected a CSV file path, got a folder ({path})")
-    if not path.parent.is_dir():
-        raise InputError(f"--submission: folder {path.parent} does not exist")
-
-
-def _check_submission_ids(frags: Sequence[Fragment]) -> None:
-    """The fragments' folder names are the submission's Ids: refuse one the CSV cannot hold
-    before any prediction work."""
-    for frag in frags:
-        if not is_submission_id(frag.id):
-            raise InputError(f"--submission: expected fragment folder names usable as Ids "
-                             f"(no commas, quotes or spaces), got {frag.id!r} ({frag.path})")
 
 
 def background_rows(frag: Fragment, predictor: Predictor) -> Rows:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from scrollsam.errors import InputError
 from scrollsam.infer.band_state import STATE_NAME
+from scrollsam.infer.publish import Staging
 from scrollsam.infer.zarr_out import ZARR_NAME
 from scrollsam.io import atomic_write_text
 
@@ -89,17 +90,25 @@ def check_replaceable(dest: Path, writes: set[str], earlier: set[str], *, restar
 
 
 def remove_leftovers(dest: Path, written: Iterable[Path], earlier: set[str], *, fragment: str,
-                     restart: bool = False) -> list[str]:
+                     restart: bool = False, staging: Staging | None = None) -> list[str]:
     """Remove from ``dest`` the earlier prediction's files (``earlier``) that this one did not
     write again (``written``), and with ``restart`` in PNG mode the OME-Zarr store and its
-    state folder; then record this prediction's names (:data:`RECORD`). Logs and returns the
-    names removed. Call it after the new prediction is written whole."""
+    state folder; record this prediction's names (:data:`RECORD`). With ``staging`` (files
+    written under its hidden names) the files, the record and the removals go in place
+    together (:meth:`.publish.Staging.publish`). Logs and returns the names removed. Call it
+    once the new prediction is written whole."""
     kept = {Path(p).name for p in written}
-    removed = []
-    for name in sorted(earlier - kept):
-        if _is_file(dest / name):
-            (dest / name).unlink()
-            removed.append(name)
+    stale = [dest / n for n in sorted(earlier - kept) if _is_file(dest / n)]
+    record = json.dumps({"fragment": fragment,
+                         "files": sorted(kept & set(PREDICTION_FILES))}) + "\n"
+    if staging is None:
+        for path in stale:
+            path.unlink()
+        atomic_write_text(dest / RECORD, record)
+    else:
+        atomic_write_text(staging.path(dest / RECORD), record)
+        staging.publish(remove=stale)
+    removed = [p.name for p in stale]
     if restart and ZARR_NAME not in kept:
         for name in (ZARR_NAME, STATE_NAME):
             path = dest / name
@@ -113,8 +122,6 @@ def remove_leftovers(dest: Path, written: Iterable[Path], earlier: set[str], *, 
     if removed:
         log.info("%s: removed %s of the earlier prediction in %s", fragment,
                  ", ".join(removed), dest)
-    atomic_write_text(dest / RECORD, json.dumps(
-        {"fragment": fragment, "files": sorted(kept & set(PREDICTION_FILES))}) + "\n")
     return removed
 
 

@@ -39,6 +39,7 @@ from scrollsam.infer.band_state import BandScore, BandState
 from scrollsam.infer.meter import Meter
 from scrollsam.infer.outputs import Rows, Written, write_outputs
 from scrollsam.infer.predict import Predictor
+from scrollsam.infer.publish import SCRATCH_NAME, Staging
 from scrollsam.infer.threshold import candidate_index
 from scrollsam.infer.zarr_out import ZarrOutput
 from scrollsam.io import atomic_write_text
@@ -258,11 +259,13 @@ def adapt_mask(job: BandJob, out: ZarrOutput, state: BandState) -> dict[str, Any
     return {"threshold": threshold, "counts": counts}
 
 
-def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool) -> SegmentResult:
-    """Predict ``job`` band by band into one float32 map, then (rank 0) the PNG outputs."""
+def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool,
+                staging: Staging | None = None) -> SegmentResult:
+    """Predict ``job`` band by band into one float32 map, then (rank 0) the PNG outputs (with
+    ``staging``: under its hidden names, for the caller to publish)."""
     world, frag = job.world, job.frag
     shape = (frag.height, frag.width)
-    scratch = job.dest / ".predict-prob.npy"
+    scratch = job.dest / SCRATCH_NAME
     if not world.distributed:
         prob = np.zeros(shape, np.float32)  # (H, W)
     else:
@@ -296,7 +299,8 @@ def predict_png(job: BandJob, *, background: Rows | None, save_tif: bool) -> Seg
                      threshold, job.predictor.threshold)
         written: Written = write_outputs(job.dest, prob, threshold=threshold,
                                          valid=frag.mask(), labels=frag.labels(),
-                                         background=background, save_tif=save_tif, info=info)
+                                         background=background, save_tif=save_tif, info=info,
+                                         staging=staging)
         result.files, result.metrics = written.files, written.metrics
 
     try:
