@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from scrollsam.errors import InputError
+from scrollsam.errors import InputError, WriteError
 from scrollsam.infer.band_state import BandScore
 from scrollsam.infer.publish import Staging
 from scrollsam.io import atomic_path, atomic_write_text, write_png
@@ -104,16 +104,22 @@ def write_outputs(
         written.files[key] = out / name
         return out / name if staging is None else staging.path(out / name)
 
-    write_png(where("prob", "prob.png"), prob8)
-    write_png(where("mask", "mask.png"), mask8)
-    picture = overlay(mask8, labels=labels, valid=valid, background=background)
-    write_png(where("overlay", "overlay.png"), picture)
-    if save_tif:
-        write_tif(where("prob_tif", "prob.tif"), prob)
-    if labels is not None:
-        metrics = score.metrics(threshold, info or {})
-        written.metrics = metrics
-        atomic_write_text(where("metrics", "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    try:
+        write_png(where("prob", "prob.png"), prob8)
+        write_png(where("mask", "mask.png"), mask8)
+        picture = overlay(mask8, labels=labels, valid=valid, background=background)
+        write_png(where("overlay", "overlay.png"), picture)
+        if save_tif:
+            write_tif(where("prob_tif", "prob.tif"), prob)
+        if labels is not None:
+            metrics = score.metrics(threshold, info or {})
+            written.metrics = metrics
+            atomic_write_text(where("metrics", "metrics.json"),
+                              json.dumps(metrics, indent=2) + "\n")
+    except WriteError as err:  # name the file being written, not its staged name
+        if staging is None:
+            raise
+        raise WriteError(staging.unstaged(str(err))) from err
     return written
 
 

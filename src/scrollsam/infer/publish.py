@@ -47,6 +47,12 @@ class Staging:
         self.staged[final] = staged
         return staged
 
+    def unstaged(self, text: str) -> str:
+        """``text`` (an error message) with each staged name replaced by its final name."""
+        for final, staged in self.staged.items():
+            text = text.replace(staged.name, final.name)
+        return text
+
     def publish(self, remove: Iterable[Path] = ()) -> None:
         """Rename every staged file onto its final name and remove the files ``remove``, with
         Ctrl-C and SIGTERM held back until all is done."""
