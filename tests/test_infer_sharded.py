@@ -78,6 +78,12 @@ def test_torchrun_two_ranks_write_the_ome_zarr_of_one_process_bit_for_bit(data, 
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and [r["bands"] for r in summary["ranks"]] == [2, 1]
     assert summary["threshold_rule"] == "adapted" and summary["threshold"] != 0.5
+    again = subprocess.run(  # resumed with nothing left: the job's bands, not rank 0's 2 of 2
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "scrollsam", "predict", *args, "--out", str(tmp_path / "two")],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(3 of 3 bands already done)" in again.stdout, again.stdout
 
 
 def test_png_mode_on_two_ranks_equals_one_process_and_a_failing_rank_ends_both(data, tmp_path,

@@ -200,6 +200,8 @@ def predict_zarr(job: BandJob, *, chunk: int, dtype: str, settings: dict[str, An
         settle(lambda lv=level: out.build_level(lv, world), world)
     result = SegmentResult("zarr", stats=stats)
     ranks = gather_objects(stats)
+    stats.update(bands=sum(r["bands"] for r in ranks),  # the job's, for its output line
+                 bands_skipped=sum(r["bands_skipped"] for r in ranks))
 
     def finish() -> None:  # rank 0: previews, metrics, summary
         if not world.main:
