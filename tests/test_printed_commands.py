@@ -90,3 +90,27 @@ def test_a_sweep_whose_base_cannot_train_creates_nothing(data, tmp_path):
     else:
         raise AssertionError("the sweep started")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_stopped_demo_says_how_to_finish_it(tmp_path, monkeypatch, capsys):
+    """Before: `continue with: scrollsam train out=demo/run --resume`, which finishes the
+    training but leaves the demo without its prediction and score (QA)."""
+    import signal
+
+    import scrollsam.demo as demo
+    import scrollsam.train.loop as loop
+    from scrollsam.cli import main
+    from scrollsam.train.stop import TrainingStopped
+
+    def stopped(cfg, **kw):
+        raise TrainingStopped(signal.SIGINT, step=12, run=Path(cfg.out))
+
+    monkeypatch.setattr(demo, "synth_demo_data", lambda folder: folder.mkdir(parents=True))
+    monkeypatch.setattr(loop, "train", stopped)
+    out = tmp_path / "my demo"
+    assert main(["demo", "--out", str(out), "--input", "slices"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"stopped by SIGINT after step 12, before the prediction: run `scrollsam demo "
+                   f"--out '{out}' --input slices` again (it starts over), or finish the training "
+                   f"with `scrollsam train out='{out}/run' --resume` and then `scrollsam predict "
+                   f"--run '{out}/run' --fragment '{out}/data/train/9' --out '{out}/pred'`"), err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from scrollsam.errors import InputError, RunDirError
 from scrollsam.out_path import check_out_folder
+from scrollsam.shell import shell_command, shell_word
+from scrollsam.train.stop import TrainingStopped
 
 if TYPE_CHECKING:
     from scrollsam.config import Config
@@ -152,7 +155,11 @@ def run_demo(out: str | Path = "demo", *, input: str = "ir", steps: int | None =
         cfg.train.steps = steps
     log.info("2/4 training the tiny model on fragments 1-%d (%s input, %d steps, CPU)",
              FRAGMENTS - 1, input, cfg.train.steps)
-    run = train(cfg, progress=progress)
+    try:
+        run = train(cfg, progress=progress)
+    except TrainingStopped as stop:  # train's own hint (train --resume) would not finish it
+        stop.args = (_stopped_line(stop, out, input),)
+        raise
     log.info("3/4 predicting the held-back fragment %d", FRAGMENTS)
     pred = out / "pred"
     (result,) = predict_to_folder(run, [out / "data" / HELD_BACK], pred, device="cpu",
@@ -167,3 +174,15 @@ def run_demo(out: str | Path = "demo", *, input: str = "ir", steps: int | None =
              "%.2f", FRAGMENTS, metrics.get("f0.5", nan), metrics.get("precision", nan),
              metrics.get("recall", nan), metrics.get("threshold", nan))
     return DemoResult(out, run, pred, metrics, seconds)
+
+
+def _stopped_line(stop: TrainingStopped, out: Path, input: str) -> str:
+    """What to do after a Ctrl-C or SIGTERM stopped the demo's training: run the demo again
+    (it starts over), or finish the training and predict by hand."""
+    again = ["scrollsam", "demo", "--out", out] + (["--input", input] if input != "ir" else [])
+    predict = ["scrollsam", "predict", "--run", out / "run", "--fragment",
+               out / "data" / HELD_BACK, "--out", out / "pred"]
+    return (f"stopped by {signal.Signals(stop.signum).name} after step {stop.step}, before the "
+            f"prediction: run `{shell_command(*again)}` again (it starts over), or finish the "
+            f"training with `scrollsam train out={shell_word(out / 'run')} --resume` and then "
+            f"`{shell_command(*predict)}`")
