@@ -57,6 +57,11 @@ class StopSignals:
     thread signal handlers cannot be installed; then nothing changes and ``requested`` stays
     None. The previous handlers come back on exit. A signal within ``same_within`` seconds of
     the first is taken as a copy of it, not as the second one that stops at once.
+
+    Nested in another StopSignals (training inside a sweep's trial), the two count signals
+    together: a stop the outer one already took is this one's first signal, and this one's
+    first is also the outer one's, so a second Ctrl-C after training stopped on the first
+    stops at once instead of being taken as a new first one.
     """
 
     # what the first signal's warning says happens next
@@ -67,11 +72,16 @@ class StopSignals:
         self.same_within = same_within
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
+        self._outer: StopSignals | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            outer = getattr(self._previous[signal.SIGINT], "__self__", None)
+            self._outer = outer if isinstance(outer, StopSignals) else None
+            if self._outer is not None and self._outer.requested is not None:
+                self.requested, self._first_at = self._outer.requested, self._outer._first_at
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
@@ -79,6 +89,7 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self._outer = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:  # the second signal: stop now
@@ -89,6 +100,8 @@ class StopSignals:
             raise SystemExit(128 + signum)
         self.requested = signum
         self._first_at = time.monotonic()
+        if self._outer is not None and self._outer.requested is None:
+            self._outer.requested, self._outer._first_at = signum, self._first_at
         again = "Ctrl-C again" if signum == signal.SIGINT else "SIGTERM again"
         log.warning("%s: %s (%s to stop at once)", signal.Signals(signum).name, self.NOTICE,
                     again)
