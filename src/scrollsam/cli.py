@@ -30,6 +30,7 @@ from scrollsam.cli_data import (
 from scrollsam.cli_predict import add_predict, run_predict
 from scrollsam.errors import ScrollsamError
 from scrollsam.process import tune_process
+from scrollsam.sigterm import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger("scrollsam")
@@ -270,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run = COMMANDS[args.command][3]
     try:
-        return int(run(args) or EXIT_OK)
+        with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds as Ctrl-C does
+            return int(run(args) or EXIT_OK)
     except ScrollsamError as err:
         if args.debug:
             raise
@@ -282,9 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stop.main:  # once for a torchrun run, not once per process
             print(stop, file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated); str(): what is left
+        terminated = isinstance(stop, Terminated)
+        detail = f": {stop}" if str(stop) else ""
+        print(f"{'terminated' if terminated else 'interrupted'}{detail}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else 130
     except BrokenPipeError:  # the reader left early (`scrollsam evaluate ... | head -1`)
         _silence_stdout()
         return EXIT_PIPE

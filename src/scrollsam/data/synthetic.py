@@ -74,20 +74,34 @@ def synth_fragments(
                + [root / "test" / _letters(j) for j in range(test_fragments)])
     for target in targets:
         check_target(target, overwrite=overwrite)
-    written = []
-    for i in range(fragments):
-        written.append(write_fragment(
-            targets[i], height=height, width=width, depth=depth,
-            seed=(seed, 0, i), ink_contrast=ink_contrast, overwrite=overwrite, vary=vary,
-            settings=settings,
-        ))
-    for j in range(test_fragments):
-        written.append(write_fragment(
-            targets[fragments + j], height=height, width=width, depth=depth,
-            seed=(seed, 1, j), ink_contrast=ink_contrast, labels=False, overwrite=overwrite,
-            vary=vary, settings=settings,
-        ))
+    written: list[Path] = []
+    try:
+        for i in range(fragments):
+            written.append(write_fragment(
+                targets[i], height=height, width=width, depth=depth,
+                seed=(seed, 0, i), ink_contrast=ink_contrast, overwrite=overwrite, vary=vary,
+                settings=settings,
+            ))
+        for j in range(test_fragments):
+            written.append(write_fragment(
+                targets[fragments + j], height=height, width=width, depth=depth,
+                seed=(seed, 1, j), ink_contrast=ink_contrast, labels=False,
+                overwrite=overwrite, vary=vary, settings=settings,
+            ))
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: say what is there, how to go on
+        if written:
+            stop.args = (_written_so_far(written, len(targets)),)
+        raise
     return written
+
+
+def _written_so_far(written: Sequence[Path], total: int) -> str:
+    """``2 of 4 fragments written (sy/train/1, sy/train/2); run again with --overwrite to start
+    over``: what an interrupted synth leaves (complete fragments only) and how to go on."""
+    names = [str(p) for p in written]
+    listed = ", ".join(names) if len(names) <= 3 else f"{names[0]}, ..., {names[-1]}"
+    return (f"{len(written)} of {total} fragments written ({listed}); run again with "
+            f"--overwrite to start over")
 
 
 def write_fragment(
