@@ -28,7 +28,8 @@ could delete data (the fragment folder, a folder holding it or inside it, a file
 ``.OUT.tmp-*`` folder next to OUT and renamed to OUT once complete; an old OUT is renamed aside
 first and deleted only once the new copy is in place. A failure removes the temporary folder
 (and any folders made for it) and leaves the old OUT whole; a killed process may leave its
-temporary folder, never a half-written OUT.
+temporary folder, never a half-written OUT, and the next convert into OUT removes that folder
+(:mod:`.convert_temp`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from scrollsam import ngff
+from scrollsam.data.convert_temp import remove_stale_temps, remove_temp, temp_path
 from scrollsam.data.fragment import ZARR_STORES, Fragment
 from scrollsam.errors import InputError, ScrollsamError, WriteError
 from scrollsam.fs_errors import bounded_name
@@ -86,8 +88,9 @@ def convert_fragment(
         1 if format == "zarr" else auto_levels(frag.shape, chunks))
 
     target = out.resolve()
+    remove_stale_temps(target)  # a killed convert's copy into the same OUT
     made = _missing_folders(target.parent)
-    tmp = target.parent / bounded_name(target.name, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -101,7 +104,7 @@ def convert_fragment(
         check_out(out, frag.path, overwrite=overwrite)  # OUT may have changed while we wrote
         _move_into_place(tmp, target)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp)  # once zarr's writes still in flight into it have ended
         for folder in made:  # deepest first; one that now holds anything stays
             try:
                 folder.rmdir()
