@@ -199,7 +199,12 @@ def test_a_second_prediction_into_a_busy_out_is_refused(data, tmp_path, capsys, 
     assert not (tmp_path / "deep").exists()  # the folders it made, empty, are gone
     monkeypatch.setattr(Predictor, "predict_rows", real)
     assert predict(data, "a", out) == 0
-    assert not (out / ".lock").exists() and (out / "mask.png").is_file()
+    assert not (out / ".scrollsam-predict.lock").exists() and (out / "mask.png").is_file()
+    (tmp_path / "victim.txt").write_text("mine")  # a lock file is never written through a link
+    (out / ".scrollsam-predict.lock").symlink_to(tmp_path / "victim.txt")
+    assert predict(data, "a", out) == 2
+    assert (tmp_path / "victim.txt").read_text() == "mine"
+    assert "is a symbolic link; remove it" in capsys.readouterr().err
 
 
 def test_an_interrupt_while_writing_leaves_the_earlier_prediction_whole(data, tmp_path,
@@ -265,3 +270,46 @@ def test_a_killed_predictions_staged_and_temp_files_go_with_the_next_one(data, t
     assert predict(data, "a", out) == 0
     names = {p.name for p in out.iterdir()}
     assert not names & set(left) and ".mine.tmp-1a2b3c4d.png" in names
+
+
+def test_a_folder_without_a_record_loses_only_what_its_format_writes(data, tmp_path, capsys):
+    """Review: the rule for folders predicted before .prediction.json counted all eight names as
+    the earlier prediction's, so the user's summary.json and prob_preview.png beside an old PNG
+    prediction were removed."""
+    out = tmp_path / "out"
+    assert predict(data, "a", out) == 0
+    (out / ".prediction.json").unlink()  # as a folder predicted before the record
+    (out / "summary.json").write_text("mine")
+    (out / "prob_preview.png").write_text("mine")
+    assert predict(data, "b", out) == 0  # a's metrics.json goes, the user's files stay
+    names = {p.name for p in out.iterdir()}
+    assert {"summary.json", "prob_preview.png"} <= names and "metrics.json" not in names
+
+
+def test_a_store_without_its_settings_is_not_replaced_without_restart(data, tmp_path, capsys):
+    """Review: an OME-Zarr store whose .predict folder was gone was deleted and rebuilt with
+    other settings, silently."""
+    import shutil
+
+    out = tmp_path / "out"
+    assert predict(data, "a", out, "--format", "zarr") == 0
+    shutil.rmtree(out / ".predict")
+    before = sorted(p.name for p in (out / "prob.ome.zarr").rglob("*"))
+    capsys.readouterr()
+    assert predict(data, "a", out, "--format", "zarr", "--tile", "32") == 2
+    assert "whose settings are unknown (.predict/settings.json is missing); pass --restart" in (
+        capsys.readouterr().err)
+    assert sorted(p.name for p in (out / "prob.ome.zarr").rglob("*")) == before
+    assert predict(data, "a", out, "--format", "zarr", "--tile", "32", "--restart") == 0
+
+
+def test_the_temp_files_of_staged_writes_are_stale_names_too(tmp_path):
+    """Review: a kill inside a staged write leaves atomic_path's temp of the staged name
+    (..prob.staged-X.tmp-Y.png), which the pattern missed."""
+    from scrollsam.infer.publish import remove_stale_temps
+
+    names = ["..prob.staged-1a2b3c4d.tmp-00ff00ff.png", "...prediction.staged-0123abcd.tmp-"
+             "00000000.json", ".overlay.tmp-1a2b3c4d.png", "..prediction.tmp-01234567.json"]
+    for name in [*names, ".mine.tmp-1a2b3c4d.png", "prob.png"]:
+        (tmp_path / name).write_text("x")
+    assert remove_stale_temps(tmp_path) == sorted(names)

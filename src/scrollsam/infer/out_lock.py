@@ -3,12 +3,13 @@
 Two `scrollsam predict` calls into one ``--out`` (a job array with one output name, a rerun
 started while the first still runs) each wrote their own files into it, and both ended well: a
 ``prob.png`` of one fragment beside the ``mask.png``, ``overlay.png`` and ``metrics.json`` of
-another. ``OUT/.lock`` is locked as a training run dir is (:class:`~scrollsam.train.rundir.
+another. ``OUT/.scrollsam-predict.lock`` (a name of scrollsam's own: ``--out`` may be any
+folder) is locked as a training run dir is (:class:`~scrollsam.train.rundir.
 RunLock`: ``flock``, dropped by the OS when the process dies), by the process that writes the
 shared files (rank 0 under torchrun), from after the checks until the end; a second call gets
 ``error: --out is in use by pid N (OUT)``. The lock file goes when the prediction ends, and so
-do the folders it created for ``OUT`` while they are empty (a prediction that failed before
-writing anything leaves nothing).
+do the folders the lock created for ``OUT`` while they are empty (the statistics cache a
+prediction may keep in ``OUT/stats``, made before, stays).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import contextlib
 from pathlib import Path
 
 from scrollsam.out_path import missing_folders, remove_made
-from scrollsam.train.rundir import LOCK_NAME, RunLock
+from scrollsam.train.rundir import RunLock
+
+LOCK_NAME = ".scrollsam-predict.lock"
 
 
 class OutLock:
@@ -34,7 +37,7 @@ class OutLock:
         made = missing_folders(out)
         out.mkdir(parents=True, exist_ok=True)
         try:
-            return cls(RunLock.acquire(out, what="--out"), made)
+            return cls(RunLock.acquire(out, what="--out", name=LOCK_NAME), made)
         except BaseException:
             remove_made(made)
             raise
@@ -46,7 +49,7 @@ class OutLock:
         if self.lock is None:
             return
         with contextlib.suppress(OSError):
-            (self.lock.path.parent / LOCK_NAME).unlink()
+            self.lock.path.unlink()
         self.lock.release()
         self.lock = None
         remove_made(self.made)

@@ -39,6 +39,7 @@ from scrollsam.infer.points import predict_clicks
 from scrollsam.infer.predict import Predictor
 from scrollsam.infer.publish import Staging, remove_stale_temps
 from scrollsam.infer.replaced import (
+    earlier_files,
     remove_leftovers,
 )
 from scrollsam.infer.segment import (
@@ -133,7 +134,7 @@ def predict_to_folder(
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
             dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart, save_tif=save_tif),
             world)
-        lock = settle(lambda: OutLock.take(plan.out) if world.main else None, world)
+        lock = settle(lambda: _lock(plan, world), world)
         try:  # one prediction at a time into --out (rank 0 holds it for every process)
             return _predict_all(plan, world=world, submission=submission, force=force,
                                 points=points, save_tif=save_tif, progress=progress, fmt=fmt,
@@ -226,6 +227,16 @@ def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], stag
         log.info("%s: wrote %s%s", frag.id, ", ".join(p.name for p in done.files.values()),
                  f"; {band}" if band else "")
     return FragmentResult(frag.id, dest, done.files, done.metrics, done.stats, kind)
+
+
+def _lock(plan: Plan, world: World) -> OutLock | None:
+    """Rank 0: lock ``--out``, then read again what earlier predictions wrote into its folders
+    (one may have finished since the checks)."""
+    if not world.main:
+        return None
+    lock = OutLock.take(plan.out)
+    plan.earlier[:] = [earlier_files(d) for d in output_folders(plan.frags, plan.out)]
+    return lock
 
 
 def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,

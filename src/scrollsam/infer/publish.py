@@ -83,8 +83,9 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
         yield
         return
     noted: list[int] = []
-    previous = {s: signal.getsignal(s) for s in signums}
-    for s in signums:
+    previous = {s: h for s in signums  # None: set outside Python, which cannot restore it
+                if (h := signal.getsignal(s)) is not None}
+    for s in previous:
         signal.signal(s, lambda number, frame: noted.append(number))
     try:
         yield
@@ -97,8 +98,8 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
 
 _OUTPUT_STEMS = ("prob", "mask", "overlay", "prob_preview", "mask_preview", "metrics",
                  "summary", ".prediction")
-_STALE = re.compile(r"^\.(" + "|".join(re.escape(s) for s in _OUTPUT_STEMS)
-                    + r")\.(tmp|staged)-[0-9a-f]{8}\.(png|tif|json)$")
+_STALE = re.compile(r"^\.{1,3}(" + "|".join(re.escape(s.lstrip(".")) for s in _OUTPUT_STEMS)
+                    + r")\.(tmp|staged)-[0-9a-f]{8}(\.tmp-[0-9a-f]{8})?\.(png|tif|json)$")
 
 
 def remove_stale_temps(dest: Path) -> list[str]:

@@ -11,13 +11,14 @@ fragment's ``metrics.json`` beside the PNGs of one without labels read as their 
 Which files are a prediction's: each prediction records the names it wrote in
 ``DEST/.prediction.json`` (:data:`RECORD`) once it is written. A folder without that record
 holds an earlier prediction when it holds ``prob.png`` or ``prob.ome.zarr``, the first thing
-each mode writes (a prediction made before the record, or one killed while writing): then every
-name of :data:`PREDICTION_FILES` in it is that prediction's. :func:`earlier_files` reads this before
-any work; a file the new prediction would write over that is not an earlier prediction's (a
-hand-made ``mask.png``, the user's own ``summary.json``) is refused then
-(:func:`check_replaceable`). After the new prediction is written whole,
-:func:`remove_leftovers` removes the earlier prediction's files it did not write again and
-records its own; a failed prediction leaves the old one as it was.
+each mode writes (a prediction made before the record, or one killed while writing): then the
+names that mode writes are that prediction's (PNG: the three PNGs, ``prob.tif``,
+``metrics.json``; OME-Zarr: the previews, ``summary.json``, ``metrics.json``).
+:func:`earlier_files` reads this before any work; a file the new prediction would write over
+that is not an earlier prediction's (a hand-made ``mask.png``, the user's own
+``summary.json``) is refused then (:func:`check_replaceable`). After the new prediction is
+written whole, :func:`remove_leftovers` removes the earlier prediction's files it did not
+write again and records its own; a failed prediction leaves the old one as it was.
 
 An OME-Zarr prediction (``prob.ome.zarr`` and its state folder ``.predict``) can be hours of
 resumable work, so a PNG prediction into its folder is refused unless ``--restart``, which
@@ -68,17 +69,21 @@ def earlier_files(dest: Path) -> set[str]:
         names = set(json.loads(record.read_text()).get("files", []))
     except (OSError, ValueError, AttributeError):
         names = None  # no record (or not one we can read): an older prediction, or none
-    if names is None:
-        older = (dest / "prob.png").is_file() or (dest / ZARR_NAME).is_dir()  # written first
-        names = set(PREDICTION_FILES) if older else set()
+    if names is None:  # the names the mode whose first file is there writes
+        names = set()
+        if (dest / "prob.png").is_file():
+            names |= {*PNG_FILES, "prob.tif", "metrics.json"}
+        if (dest / ZARR_NAME).is_dir():
+            names |= {*ZARR_FILES, "metrics.json"}
     return {n for n in names & set(PREDICTION_FILES) if _is_file(dest / n)}
 
 
 def check_replaceable(dest: Path, writes: set[str], earlier: set[str], *, restart: bool) -> None:
     """InputError, before any work, when the prediction would write over a file in ``dest``
     that no earlier prediction wrote (``writes``: its names, ``earlier``: from
-    :func:`earlier_files`), or write PNG files beside an OME-Zarr prediction without
-    ``restart``."""
+    :func:`earlier_files`), write PNG files beside an OME-Zarr prediction, or write an OME-Zarr
+    prediction over a store whose settings are not known (its ``.predict`` folder gone: copied
+    without hidden folders, cleaned up by hand), without ``restart``."""
     theirs = sorted(n for n in writes - earlier if (dest / n).exists() or (dest / n).is_symlink())
     if theirs:
         raise InputError(f"--out: {dest} holds {', '.join(theirs)}, not written by a scrollsam "
@@ -86,6 +91,11 @@ def check_replaceable(dest: Path, writes: set[str], earlier: set[str], *, restar
     if "prob.png" in writes and not restart and (dest / ZARR_NAME).exists():
         raise InputError(f"--out: {dest} holds an OME-Zarr prediction ({ZARR_NAME}) and this "
                          f"one writes PNG files; pass --format zarr to continue it, --restart "
+                         f"to discard it, or choose another --out")
+    if ("summary.json" in writes and not restart and (dest / ZARR_NAME).exists()
+            and not (dest / STATE_NAME / "settings.json").is_file()):
+        raise InputError(f"--out: {dest} holds an OME-Zarr store ({ZARR_NAME}) whose settings "
+                         f"are unknown ({STATE_NAME}/settings.json is missing); pass --restart "
                          f"to discard it, or choose another --out")
 
 
@@ -109,8 +119,8 @@ def remove_leftovers(dest: Path, written: Iterable[Path], earlier: set[str], *, 
         atomic_write_text(staging.path(dest / RECORD), record)
         staging.publish(remove=stale)
     removed = [p.name for p in stale]
-    if restart and ZARR_NAME not in kept:
-        for name in (ZARR_NAME, STATE_NAME):
+    if restart and ZARR_NAME not in kept:  # the state first: a store left alone is refused
+        for name in (STATE_NAME, ZARR_NAME):
             path = dest / name
             if _is_file(path):
                 path.unlink()

@@ -74,18 +74,21 @@ class RunLock:
         self.path = path
 
     @classmethod
-    def acquire(cls, run: Path, *, what: str = "run dir") -> RunLock:
-        """Lock ``run`` (an existing folder) or raise RunDirError naming the holder's pid
-        (``<what> is in use by pid N (<run>)``)."""
-        path = run / LOCK_NAME
+    def acquire(cls, run: Path, *, what: str = "run dir", name: str = LOCK_NAME) -> RunLock:
+        """Lock ``run`` (an existing folder) through its file ``name`` (never through a link)
+        or raise RunDirError naming the holder's pid (``<what> is in use by pid N (<run>)``)."""
+        path = run / name
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except OSError as err:
+                if err.errno == errno.ELOOP:  # O_NOFOLLOW: never write through a link
+                    raise RunDirError(f"{what}: {name} is a symbolic link; remove it ({run})"
+                                      ) from None
                 cause = write_failure(err, run)
                 if cause is None:
                     raise
-                raise WriteError(f"{cause} while writing {LOCK_NAME} ({run})") from err
+                raise WriteError(f"{cause} while writing {name} ({run})") from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -103,7 +106,7 @@ class RunLock:
                 break
             os.close(fd)
             if not run.is_dir():
-                raise RunDirError(f"run dir was removed while starting ({run})")
+                raise RunDirError(f"{what} was removed while starting ({run})")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd, path)
