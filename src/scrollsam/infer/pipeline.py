@@ -134,13 +134,14 @@ def predict_to_folder(
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
             dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart, save_tif=save_tif),
             world)
-        lock = settle(lambda: _lock(plan, world), world)
+        held: list[OutLock] = []  # released below even when the exchange after taking fails
         try:  # one prediction at a time into --out (rank 0 holds it for every process)
+            settle(lambda: _lock(plan, world, held), world)
             return _predict_all(plan, world=world, submission=submission, force=force,
                                 points=points, save_tif=save_tif, progress=progress, fmt=fmt,
                                 dtype=dtype, chunk=chunk, restart=restart)
         finally:
-            if lock is not None:
+            for lock in held:
                 lock.release()
     except RuntimeError as err:
         lost = peer_lost(err, PREDICT_AGAIN) if world.distributed else None
@@ -229,14 +230,12 @@ def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], stag
     return FragmentResult(frag.id, dest, done.files, done.metrics, done.stats, kind)
 
 
-def _lock(plan: Plan, world: World) -> OutLock | None:
-    """Rank 0: lock ``--out``, then read again what earlier predictions wrote into its folders
-    (one may have finished since the checks)."""
-    if not world.main:
-        return None
-    lock = OutLock.take(plan.out)
-    plan.earlier[:] = [earlier_files(d) for d in output_folders(plan.frags, plan.out)]
-    return lock
+def _lock(plan: Plan, world: World, held: list[OutLock]) -> None:
+    """Rank 0: lock ``--out`` (into ``held``), then read again what earlier predictions wrote
+    into its folders (one may have finished since the checks)."""
+    if world.main:
+        held.append(OutLock.take(plan.out))
+        plan.earlier[:] = [earlier_files(d) for d in output_folders(plan.frags, plan.out)]
 
 
 def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,
