@@ -92,7 +92,10 @@ def test_convert_memory_is_flat_in_the_volume_size(tmp_path):
     peak_small = _convert_peak(small, tmp_path / "small_zarr", block)
     peak_big = _convert_peak(big, tmp_path / "big_zarr", block)
     volume = 32 * 256 * 192 * 2
-    assert peak_big < 1.25 * peak_small + block, (peak_small, peak_big)
+    # 1.5x, not 4x: zarr's writer threads hold a varying number of chunks in flight (1.25x
+    # failed about 1 run in 3 under load: 596 KB against a 560 KB limit); the whole volume
+    # would be 3 MB
+    assert peak_big < 1.5 * peak_small + block, (peak_small, peak_big)
     assert peak_big < volume / 4, f"peak {peak_big / 2**10:.0f} KiB"
     assert Fragment(tmp_path / "big_zarr").zarr_info.levels == 2  # 192 -> 96 -> (48 < 64)
 

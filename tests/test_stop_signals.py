@@ -47,7 +47,9 @@ def test_sigterm_raises_terminated_and_the_old_handler_comes_back():
 
 
 CHILD = r"""
-import sys, time, pathlib
+import signal, sys, time, pathlib
+# Ctrl-C as in a terminal: pytest-xdist's workers ignore SIGINT, and a child inherits that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ready, go, module, name = (pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3],
                            sys.argv[4])
 import importlib

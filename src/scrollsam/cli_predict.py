@@ -64,9 +64,9 @@ def add_predict(p: argparse.ArgumentParser) -> None:
                    help="rows per band, a multiple of --chunk (default: the smallest multiple "
                    "of at least 4 windows); more rows recompute fewer windows, use more memory")
     p.add_argument("--restart", action="store_true",
-                   help="discard an OME-Zarr prediction in --out made with other settings, or "
-                   "that PNG files would replace (default: refuse; the same settings resume "
-                   "where a killed run stopped)")
+                   help="discard an OME-Zarr prediction in --out made with other (or unknown) "
+                   "settings, or that PNG files would replace (default: refuse; the same "
+                   "settings resume where a killed run stopped)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="MIN",
                    help="under torchrun: minutes a process waits for the others before the job "
                    "ends with an error (default 60)")
