@@ -237,7 +237,7 @@ def test_signals_during_publishing_wait_until_the_set_is_in_place(tmp_path, monk
 
     import scrollsam.infer.publish as publish
 
-    staging = publish.Staging(tmp_path)
+    staging = publish.Staging()
     for name in ("prob.png", "mask.png"):
         staging.path(tmp_path / name).write_text(name)
     (tmp_path / "old.json").write_text("old")

@@ -165,7 +165,7 @@ def _predict_all(plan: Plan, *, world: World, submission: str | os.PathLike[str]
     settle(partial(_clear_stale, world, dests), world)  # what killed predictions left
     results = []
     for frag, dest, earlier in zip(plan.frags, dests, plan.earlier, strict=True):
-        staging = Staging(dest)  # the files go in place together (.publish)
+        staging = Staging()  # the files go in place together (.publish)
         try:
             results.append(_predict_one(plan, frag, dest, earlier, staging, world=world,
                                         points=points, save_tif=save_tif, progress=progress,
@@ -206,8 +206,7 @@ def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], stag
         info.update(predictor.rule.describe())
         result = _predict_clicks(predictor, frag, clicks, dest, info=info, points=points,
                                  save_tif=save_tif, staging=staging)
-        remove_leftovers(dest, result.files.values(), earlier, fragment=frag.id,
-                         restart=restart, staging=staging)
+        _tidy(world, dest, result.files, earlier, frag.id, restart, staging)
         return result
     job = BandJob(predictor, frag, dest, rows, world, info, progress and world.main)
     kind = choose_format(fmt, (frag.height, frag.width))

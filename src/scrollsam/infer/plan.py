@@ -82,11 +82,12 @@ def plan_prediction(run: str | os.PathLike[str] | None, fragments: Sequence[str 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: expected a folder, got a file ({out})")
-    for dest in output_folders(frags, out):  # links to nowhere, loops, a file on the way
+    dests = output_folders(frags, out)
+    for dest in dests:  # links to nowhere, loops, a file on the way
         check_out_folder(dest, name="--out")
     check_clear_of_inputs(frags, out, None if submission is None else Path(submission))
     earlier = []  # per fragment: the files an earlier prediction wrote into its folder
-    for frag, dest in zip(frags, output_folders(frags, out), strict=True):
+    for frag, dest in zip(frags, dests, strict=True):
         kind = "png" if points is not None else choose_format(fmt, (frag.height, frag.width))
         earlier.append(earlier_files(dest))
         check_replaceable(dest, will_write(kind, labels=frag.labels_path is not None,

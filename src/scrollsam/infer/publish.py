@@ -33,14 +33,13 @@ SCRATCH_NAME = ".predict-prob.npy"  # a torchrun PNG prediction's shared probabi
 
 
 class Staging:
-    """Hidden names for a prediction's files in ``dest``, put in place by :meth:`publish`."""
+    """Hidden names for a prediction's files, put in place by :meth:`publish`."""
 
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
+    def __init__(self) -> None:
         self.staged: dict[Path, Path] = {}  # final path -> staged path
 
     def path(self, final: Path) -> Path:
-        """Where to write the file that is to become ``final`` (a name in ``dest``)."""
+        """Where to write the file that is to become ``final``: a hidden name beside it."""
         final = Path(final)
         tail = f".staged-{secrets.token_hex(4)}{final.suffix}"
         staged = final.with_name(bounded_name(final.stem, tail))

@@ -100,24 +100,19 @@ def check_replaceable(dest: Path, writes: set[str], earlier: set[str], *, restar
 
 
 def remove_leftovers(dest: Path, written: Iterable[Path], earlier: set[str], *, fragment: str,
-                     restart: bool = False, staging: Staging | None = None) -> list[str]:
+                     staging: Staging, restart: bool = False) -> list[str]:
     """Remove from ``dest`` the earlier prediction's files (``earlier``) that this one did not
     write again (``written``), and with ``restart`` in PNG mode the OME-Zarr store and its
-    state folder; record this prediction's names (:data:`RECORD`). With ``staging`` (files
-    written under its hidden names) the files, the record and the removals go in place
-    together (:meth:`.publish.Staging.publish`). Logs and returns the names removed. Call it
+    state folder; record this prediction's names (:data:`RECORD`). The staged files (written
+    under ``staging``'s hidden names), the record and the removals go in place together
+    (:meth:`.publish.Staging.publish`). Logs and returns the names removed. Call it
     once the new prediction is written whole."""
     kept = {Path(p).name for p in written}
     stale = [dest / n for n in sorted(earlier - kept) if _is_file(dest / n)]
     record = json.dumps({"fragment": fragment,
                          "files": sorted(kept & set(PREDICTION_FILES))}) + "\n"
-    if staging is None:
-        for path in stale:
-            path.unlink()
-        atomic_write_text(dest / RECORD, record)
-    else:
-        atomic_write_text(staging.path(dest / RECORD), record)
-        staging.publish(remove=stale)
+    atomic_write_text(staging.path(dest / RECORD), record)
+    staging.publish(remove=stale)
     removed = [p.name for p in stale]
     if restart and ZARR_NAME not in kept:  # the state first: a store left alone is refused
         for name in (STATE_NAME, ZARR_NAME):
