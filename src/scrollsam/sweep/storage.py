@@ -25,7 +25,8 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from scrollsam.errors import RunDirError, ScrollsamError
-from scrollsam.out_path import check_out_folder
+from scrollsam.out_path import check_out_folder, missing_folders
+from scrollsam.out_path import remove_made as remove_empty
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def make_out(out: Path) -> list[Path]:
     """Create the sweep's folder ``out`` (and missing parents); returns the folders this made,
     innermost first, for :func:`remove_made`."""
     check_out(out)
-    made = [p for p in (out, *out.parents) if not p.exists()]
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:  # a parent is a file
@@ -115,15 +116,9 @@ def make_out(out: Path) -> list[Path]:
 def remove_made(made: list[Path], *, files: tuple[str, ...] = ()) -> None:
     """Undo :func:`make_out` after a failed start: remove ``files`` (names) from the innermost
     folder it made, then the folders it made while they are empty. Nothing else is touched."""
-    if not made:
-        return
-    for name in files:
+    for name in files if made else ():
         (made[0] / name).unlink(missing_ok=True)
-    for folder in made:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (another process writes there too) or gone: leave it
-            return
+    remove_empty(made)  # not empty (another process writes there too): left, and those above
 
 
 def fail_orphaned_trials(study: optuna.Study) -> None:
