@@ -166,3 +166,31 @@ def test_demo_refuses_a_link_in_place_of_its_folder_and_the_rest_before_any_work
     assert sorted(os.listdir("d1")) == sorted([MARKER, "metrics.json"])
     assert Path("afile").read_text() == "x\n"
     shutil.rmtree("d1")
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (None, "it has no synth_settings.json"),  # a real fragment: the same layout, no settings
+    ("notes.txt", "it holds notes.txt"),
+    ("surface_volume/65.tif.bak", "it holds surface_volume/65.tif.bak"),
+])
+def test_synth_overwrite_never_replaces_a_fragment_it_did_not_write(places, capsys, extra,
+                                                                    says):
+    # before: --overwrite removed any folder at OUT/train/1, a real fragment's included
+    synthetic.synth_fragments("sv", fragments=1, height=32, width=32, depth=4)
+    frag = Path("sv/train/1")
+    if extra is None:
+        (frag / synthetic.SETTINGS_FILE).unlink()
+    else:
+        (frag / extra).write_text("the user's\n")
+    before = {p: p.read_bytes() for p in frag.rglob("*") if p.is_file()}
+    assert main(["synth", *SMALL, "--overwrite", "sv"]) == 2
+    line = _one_error_line(capsys)
+    assert says in line and "--overwrite replaces only synthetic fragments" in line
+    assert {p: p.read_bytes() for p in frag.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir("sv/train")) == ["1"]
+
+
+def test_synth_overwrite_replaces_an_empty_folder(places):
+    Path("sv/train/1").mkdir(parents=True)
+    synthetic.synth_fragments("sv", fragments=1, height=32, width=32, depth=4, overwrite=True)
+    assert (Path("sv/train/1") / synthetic.SETTINGS_FILE).is_file()

@@ -40,7 +40,8 @@ def add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                    help="fix one generator setting, e.g. --setting ink_offset=3 (repeatable; "
                    "names: see scrollsam.data.synth_settings.SynthSettings)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing fragment folders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace fragment folders an earlier synth wrote")
 
 
 def run_synth(args: argparse.Namespace) -> int:

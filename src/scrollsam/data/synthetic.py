@@ -165,6 +165,35 @@ def check_target(path: Path, *, overwrite: bool) -> None:
     check_out_folder(path, name="out", replaced=overwrite)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise InputError(f"out: fragment folder already exists; --overwrite replaces it ({path})")
+    if overwrite and path.is_dir() and not path.is_symlink():
+        strays = _not_written_by_synth(path)
+        if strays:
+            raise InputError(
+                f"out: not a fragment that synth wrote ({strays}); --overwrite replaces only "
+                f"synthetic fragments and empty folders ({path})")
+
+
+_WRITTEN = frozenset({"surface_volume", "mask.png", "inklabels.png", "ir.png", SETTINGS_FILE})
+
+
+def _not_written_by_synth(folder: Path) -> str:
+    """Why ``folder`` is not one synth wrote (empty when it is one, or empty): a real fragment
+    has the same layout but no ``synth_settings.json``; anything synth does not write (a file
+    of the user's, a link) is named."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return ""
+    for entry in entries:
+        if entry.is_symlink() or entry.name not in _WRITTEN:
+            return f"it holds {entry.name}"
+    if not (folder / SETTINGS_FILE).is_file():
+        return f"it has no {SETTINGS_FILE}"
+    volume = folder / "surface_volume"
+    if volume.exists():
+        for entry in sorted(volume.iterdir()):
+            if entry.is_symlink() or not (entry.suffix == ".tif" and entry.stem.isdigit()):
+                return f"it holds surface_volume/{entry.name}"
+    return ""
 
 
 def _move_into_place(tmp: Path, path: Path, *, overwrite: bool) -> None:
