@@ -257,3 +257,20 @@ def test_bad_settings_are_refused_before_the_model_loads(data, tmp_path, capsys,
     if case == "id_with_space":
         assert err[0].endswith(f"got 'a b' ({frag})")
     assert not out.exists() and not (tmp_path / "sub.csv").exists()
+
+
+def test_a_mistake_found_after_the_statistics_leaves_no_new_out(data, tmp_path, capsys):
+    # A checkpoint file alone (or a read-only run) caches the fragment statistics in OUT/stats.
+    # Before: a clicks file found broken after them left the new OUT with its stats/ folder.
+    alone = tmp_path / "model" / "alone.pt"
+    alone.parent.mkdir()
+    alone.write_bytes((data / "run_ir" / "best.pt").read_bytes())
+    (tmp_path / "p.json").write_text("{not json")
+    out = tmp_path / "new" / "out"
+    assert predict("--checkpoint", str(alone), "--fragment", str(data / "a"), "--out", str(out),
+                   "--points", str(tmp_path / "p.json"), "--device", "cpu") == 2
+    assert "--points: expected JSON" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert predict("--checkpoint", str(alone), "--fragment", str(data / "a"), "--out", str(out),
+                   "--device", "cpu") == 0
+    assert len(list((out / "stats").iterdir())) == 1  # the cache itself still works

@@ -242,6 +242,7 @@ class StatsCache:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.seed = seed
         self._memory: dict[tuple, FragmentStats] = {}
+        self.written: list[Path] = []  # the cache files this one wrote, in order
 
     def get(self, fragment: Fragment) -> FragmentStats:
         """Statistics of ``fragment``, computing and storing them the first time."""
@@ -293,6 +294,7 @@ class StatsCache:
             log.warning("could not cache statistics in %s (%s); they are computed again next "
                         "time", path.parent, err.strerror or err)
             return
+        self.written.append(path)
         log.debug("wrote stats cache %s", path)
 
 

@@ -25,7 +25,7 @@ from scrollsam.infer.replaced import check_replaceable, earlier_files, will_writ
 from scrollsam.infer.segment import FORMATS, choose_format
 from scrollsam.infer.threshold import threshold_choice
 from scrollsam.infer.zarr_out import VALUE_TYPES
-from scrollsam.out_path import check_out_folder
+from scrollsam.out_path import check_out_folder, missing_folders, remove_made
 from scrollsam.precision import PRECISIONS
 from scrollsam.rle import is_submission_id
 from scrollsam.train.distributed import World, process_device
@@ -105,10 +105,19 @@ def plan_prediction(run: str | os.PathLike[str] | None, fragments: Sequence[str 
                                    threshold=threshold, tile=tile, stride=stride,
                                    batch_size=batch_size, tta=tta, stats_dir=out,
                                    precision=precision)
-    for frag in frags:
-        predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
-        _warn_if_larger(frag, predictor.tile)
-    clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
+    made = missing_folders(out / "stats")  # where the statistics go when the run is read-only
+    try:
+        for frag in frags:
+            predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
+            _warn_if_larger(frag, predictor.tile)
+        clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
+    except BaseException:  # a folder made only for the statistics goes with the mistake
+        if made:
+            for path in predictor.view.stats.written:
+                if path.parent == made[0]:
+                    path.unlink(missing_ok=True)
+            remove_made(made)
+        raise
     if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
     rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
