@@ -207,6 +207,31 @@ def test_a_second_prediction_into_a_busy_out_is_refused(data, tmp_path, capsys, 
     assert "is a symbolic link; remove it" in capsys.readouterr().err
 
 
+def test_a_prediction_into_a_fragment_folder_of_a_busy_out_waits_its_turn(data, tmp_path,
+                                                                          capsys):
+    """Before: `--fragment a --fragment b --out P` locked P only, so it cleaned and wrote P/a
+    while `--fragment a --out P/a` (its own lock in P/a) was writing there too."""
+    import os
+
+    from scrollsam.infer.out_lock import OutLock
+
+    out = tmp_path / "P"
+    held = OutLock.take(out / "a")  # a single-fragment prediction into P/a, still running
+    try:
+        assert main(["predict", "--run", str(data / "run"), "--fragment", str(data / "a"),
+                     "--fragment", str(data / "b"), "--out", str(out), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (f"error: --out is in use by pid {os.getpid()} "
+                                           f"({out / 'a'})\n")
+        assert sorted(p.name for p in out.rglob("*")) == [".scrollsam-predict.lock", "a"]
+    finally:
+        held.release()
+    assert not out.exists()
+    assert main(["predict", "--run", str(data / "run"), "--fragment", str(data / "a"),
+                 "--fragment", str(data / "b"), "--out", str(out), "--device", "cpu"]) == 0
+    assert not list(out.rglob(".scrollsam-predict.lock"))
+    assert (out / "a" / "mask.png").is_file() and (out / "b" / "mask.png").is_file()
+
+
 def test_an_interrupt_while_writing_leaves_the_earlier_prediction_whole(data, tmp_path,
                                                                          monkeypatch):
     """Before: a Ctrl-C after prob.png was rewritten left the new prob.png beside the old

@@ -7,9 +7,9 @@ another. ``OUT/.scrollsam-predict.lock`` (a name of scrollsam's own: ``--out`` m
 folder) is locked as a training run dir is (:class:`~scrollsam.train.rundir.
 RunLock`: ``flock``, dropped by the OS when the process dies), by the process that writes the
 shared files (rank 0 under torchrun), from after the checks until the end; a second call gets
-``error: --out is in use by pid N (OUT)``. The lock file goes when the prediction ends, and so
-do the folders the lock created for ``OUT`` while they are empty (the statistics cache a
-prediction may keep in ``OUT/stats``, made before, stays).
+``error: --out is in use by pid N (OUT)``. A prediction of several fragments also locks each
+``OUT/<id>`` it writes (another prediction's ``--out`` perhaps). The lock file goes when the
+prediction ends, and so do the folders the lock created while they are empty.
 """
 
 from __future__ import annotations

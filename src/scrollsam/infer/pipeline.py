@@ -141,7 +141,7 @@ def predict_to_folder(
                                 points=points, save_tif=save_tif, progress=progress, fmt=fmt,
                                 dtype=dtype, chunk=chunk, restart=restart)
         finally:
-            for lock in held:
+            for lock in reversed(held):  # inner folders first: each removes what it made
                 lock.release()
     except RuntimeError as err:
         lost = peer_lost(err, PREDICT_AGAIN) if world.distributed else None
@@ -230,11 +230,14 @@ def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], stag
 
 
 def _lock(plan: Plan, world: World, held: list[OutLock]) -> None:
-    """Rank 0: lock ``--out`` (into ``held``), then read again what earlier predictions wrote
-    into its folders (one may have finished since the checks)."""
+    """Rank 0: lock ``--out`` and each fragment's folder in it (into ``held``: a prediction
+    whose ``--out`` is one of them, or holds this one, waits its turn), then read again what
+    earlier predictions wrote into them (one may have finished since the checks)."""
     if world.main:
-        held.append(OutLock.take(plan.out))
-        plan.earlier[:] = [earlier_files(d) for d in output_folders(plan.frags, plan.out)]
+        dests = output_folders(plan.frags, plan.out)
+        for folder in dict.fromkeys([plan.out, *dests]):
+            held.append(OutLock.take(folder))
+        plan.earlier[:] = [earlier_files(d) for d in dests]
 
 
 def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,
