@@ -114,17 +114,26 @@ def test_signal_finishes_the_step_saves_last_pt_and_resumes_exactly(data, tmp_pa
     _assert_same_weights(run, straight)
 
 
-def test_second_ctrl_c_stops_at_once_and_the_run_still_resumes(data, tmp_path, straight):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_second_signal_stops_at_once_says_what_is_kept_and_the_run_still_resumes(
+        data, tmp_path, straight, sig):
+    # Before: the last line was only "interrupted" (kept or removed run dir not said), and a
+    # second SIGTERM ended with exit 143 and no line at all.
     run = tmp_path / "run"
     child = Child(tmp_path, _args(data, run), pause_at=1)
     child.wait_paused()
-    child.proc.send_signal(signal.SIGINT)
+    child.proc.send_signal(sig)
     time.sleep(0.5)  # the first one is handled (a flag), the second one stops
-    child.proc.send_signal(signal.SIGINT)
+    child.proc.send_signal(sig)
     started = time.monotonic()
     _, err = child.proc.communicate(timeout=120)  # without touching go: it must not wait
-    assert child.proc.returncode == 130, err
+    assert child.proc.returncode == 128 + sig, err
     assert time.monotonic() - started < 60
+    word = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert err.strip().splitlines()[-1] == (
+        f"{word}: stopped at once within a step: no checkpoint was written yet, so --resume "
+        f"starts from step 0; continue with: scrollsam train out={run} --resume")
+    assert "Traceback" not in err
     assert not (run / "last.pt").exists()  # it did not finish the step
     assert [p.name for p in run.iterdir() if ".tmp-" in p.name] == []
     # stopped before its first save: --resume starts the saved config from step 0
@@ -168,3 +177,17 @@ def test_the_first_signal_says_how_to_stop_at_once_with_that_signal(sig, again, 
     (line,) = [r.getMessage() for r in caplog.records if "stopping after this step" in
                r.getMessage()]
     assert f"({again} to stop at once)" in line
+
+
+def test_stopped_at_once_names_what_the_run_dir_keeps(tmp_path):
+    from scrollsam.train.stop import stopped_at_once
+
+    run = tmp_path / "my run"
+    assert stopped_at_once(run) == ("stopped at once before the first step finished; the new "
+                                    f"run dir was removed ({run})")
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    (run / "best.pt").write_bytes(b"")
+    assert stopped_at_once(run) == (
+        "stopped at once within a step: the steps since its last checkpoint are lost (last.pt "
+        f"and best.pt kept); continue with: scrollsam train out='{run}' --resume")

@@ -35,8 +35,9 @@ class SweepStopped(TrainingStopped):
 class StopBetweenTrials(StopSignals):
     """Context manager: while active (main thread only), a first SIGINT / SIGTERM sets
     ``requested`` (the sweep then stops before its next trial); a second stops at once
-    (KeyboardInterrupt, SystemExit(128 + signal)). Training inside a trial installs its own
-    handler and restores this one when it ends. The previous handlers come back on exit."""
+    (KeyboardInterrupt; for SIGTERM its kind :class:`~scrollsam.sigterm.Terminated`).
+    Training inside a trial installs its own handler and restores this one when it ends. The
+    previous handlers come back on exit."""
 
     NOTICE = "the sweep stops before its next trial"
 

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 
 from scrollsam.config import Config, config_to_dict, flat_keys
 from scrollsam.errors import ConfigError, RunDirError
+from scrollsam.sigterm import Terminated
 from scrollsam.sweep.report import SweepResult, format_value, summarise
 from scrollsam.sweep.space import Space, apply_params
 from scrollsam.sweep.stop import StopBetweenTrials, SweepStopped
@@ -133,8 +134,9 @@ def run_sweep(base: Config, space: Space, *, trials: int, out: str | Path = "run
                         gc_after_trial=True,
                         callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED),
                                    failures, stop])
-                except KeyboardInterrupt:  # a second Ctrl-C: the trial is marked failed
-                    raise SweepStopped(signal.SIGINT, out=out) from None
+                except KeyboardInterrupt as err:  # a second signal: the trial is marked failed
+                    sig = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+                    raise SweepStopped(sig, out=out) from None
             if stop.requested is not None:
                 raise SweepStopped(stop.requested, out=out, detail=" between trials")
             if failures.reached:

@@ -66,7 +66,7 @@ from scrollsam.train.prompt_sets import tile_seeds
 from scrollsam.train.ranks import Ranks, TrainingError
 from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
 from scrollsam.train.step import prompted_forward
-from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals
+from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals, stopped_at_once
 from scrollsam.train.tb import TensorBoard, tile_panel
 
 __all__ = ["Setup", "TrainingError", "lr_at", "make_optimizer", "setup", "train", "validate"]
@@ -226,6 +226,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
                 release_frames(err)
             if rd is not None and not isinstance(err, TrainingStopped):
                 rd.undo_new()  # a new run that failed before its first step: remove its folder
+                if isinstance(err, KeyboardInterrupt) and not err.args and world.main:
+                    err.args = (stopped_at_once(rd.path),)  # the second Ctrl-C / SIGTERM
             lost = (peer_lost(err, resume_hint(rd.path)) if world.distributed and rd is not None
                     else None)
             if lost is not None:  # gloo's traceback, in each process still running, before

@@ -4,9 +4,10 @@ The first signal only sets a flag: the loop finishes the step it is in, writes `
 (atomically, like every checkpoint), and raises :class:`TrainingStopped`, which the CLI turns
 into one line saying how to resume and the exit code a shell expects from the signal (130 for
 SIGINT, 143 for SIGTERM). A second signal stops at once (KeyboardInterrupt for SIGINT,
-SystemExit(143) for SIGTERM); a checkpoint being written then is abandoned and the previous one
-stays. SLURM and other schedulers send SIGTERM some time before they kill a job, which is what
-lets a preempted run continue with ``--resume``.
+:class:`~scrollsam.sigterm.Terminated`, one, for SIGTERM); a checkpoint being written then is
+abandoned and the previous one stays, and the CLI says what the run dir keeps
+(:func:`stopped_at_once`). SLURM and other schedulers send SIGTERM some time before they kill a
+job, which is what lets a preempted run continue with ``--resume``.
 
 Under torchrun a Ctrl-C reaches each training process twice: from the terminal, and from
 torchrun, which passes the signal it got on to its workers (and kills them 30 s later). So a
@@ -28,6 +29,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from scrollsam.shell import shell_word
+from scrollsam.sigterm import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,19 @@ class TrainingStopped(Exception):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} after step {step}; last.pt saved; continue with: "
                          f"scrollsam train out={shell_word(run)} --resume")
+
+
+def stopped_at_once(run: Path) -> str:
+    """What a second signal (training stopped within a step) left in the run dir ``run``, and
+    how to go on: the CLI prints ``interrupted: <this>``."""
+    if not run.is_dir():
+        return (f"stopped at once before the first step finished; the new run dir was "
+                f"removed ({run})")
+    saved = [name for name in ("last.pt", "best.pt") if (run / name).is_file()]
+    kept = (f"the steps since its last checkpoint are lost ({' and '.join(saved)} kept)" if saved
+            else "no checkpoint was written yet, so --resume starts from step 0")
+    return (f"stopped at once within a step: {kept}; continue with: scrollsam train "
+            f"out={shell_word(run)} --resume")
 
 
 class StopSignals:
@@ -95,9 +110,7 @@ class StopSignals:
         if self.requested is not None:  # the second signal: stop now
             if time.monotonic() - self._first_at < self.same_within:
                 return  # the launcher passing the same Ctrl-C on
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
         self.requested = signum
         self._first_at = time.monotonic()
         if self._outer is not None and self._outer.requested is None:
