@@ -72,3 +72,49 @@ def test_a_killed_converts_temp_folder_goes_with_the_next_convert(frag, tmp_path
             assert remove_stale_temps(out.resolve()) == []
         finally:
             alive.kill()
+
+
+def test_an_interrupt_during_the_renames_waits_and_says_the_copy_is_complete(frag, tmp_path,
+                                                                             monkeypatch):
+    # Before: a Ctrl-C between the two renames of --overwrite was handled there (the old copy
+    # renamed back), or, just after them, ended with a bare "interrupted" (exit 130) though
+    # the new copy was whole.
+    import os
+    import signal
+
+    out = tmp_path / "copy"
+    convert_fragment(frag, out)
+    write_fragment(frag, height=32, width=32, depth=6, overwrite=True)  # the source changed
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        real(src, dst)
+        calls.append(Path(dst).name)
+        if len(calls) == 1:  # the old copy is aside, the new one not yet in place
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(convert.os, "rename", rename)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=r"the copy is complete \(.*copy\); delete "
+                                                    r"what is left .* by hand \(.*\.copy\.old-"):
+            convert_fragment(frag, out, overwrite=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls[1] == "copy"  # both renames happened
+    assert convert.Fragment(out).shape[0] == 6
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".copy.old-")]) == 1
+
+
+def test_an_interrupt_while_the_replaced_copy_is_deleted_says_the_copy_is_complete(
+        frag, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    convert_fragment(frag, out)
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=r"^the copy is complete \(.*copy\); delete"):
+        convert_fragment(frag, out, overwrite=True)
+    assert convert.Fragment(out).shape == (4, 32, 32)

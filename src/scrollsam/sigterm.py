@@ -7,6 +7,8 @@ half-written ``.tmp-*`` folder stayed) and ended silently with exit code 143. Wh
 :class:`KeyboardInterrupt`, so every cleanup written for Ctrl-C runs for it too; the CLI then
 prints ``terminated`` and exits 143. Training and sweeps install their own handlers (stop after
 the current step, :mod:`scrollsam.train.stop`) while they run and put this one back after.
+:func:`deferred_signals` holds Ctrl-C and SIGTERM back for a few renames that must not be cut
+in half (a prediction's files, a converted copy).
 """
 
 from __future__ import annotations
@@ -47,3 +49,27 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+                     ) -> Iterator[None]:
+    """Hold back ``signums`` for the block: their Python handlers (which run in the main
+    thread only) are replaced by ones that note the signal, and each noted one is raised again
+    once the old handlers are back. Outside the main thread it does nothing (signals cannot be
+    handled there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {s: h for s in signums  # None: set outside Python, which cannot restore it
+                if (h := signal.getsignal(s)) is not None}
+    for s in previous:
+        signal.signal(s, lambda number, frame: noted.append(number))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for number in noted:
+            signal.raise_signal(number)

@@ -50,6 +50,7 @@ from scrollsam.data.fragment import ZARR_STORES, Fragment
 from scrollsam.errors import InputError, ScrollsamError, WriteError
 from scrollsam.fs_errors import bounded_name
 from scrollsam.io import within, write_failure
+from scrollsam.sigterm import deferred_signals
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def convert_fragment(
     remove_stale_temps(target)  # a killed convert's copy into the same OUT
     made = _missing_folders(target.parent)
     tmp = temp_path(target)
+    placed, old = False, None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -102,8 +104,14 @@ def convert_fragment(
             _write_ome(store, frag, chunks, zarr_format, n_levels, block_bytes=block_bytes)
         _copy_images(frag, tmp, new_id=target.name)
         check_out(out, frag.path, overwrite=overwrite)  # OUT may have changed while we wrote
-        _move_into_place(tmp, target)
+        with deferred_signals():  # Ctrl-C / SIGTERM take effect once the copy is in place
+            old = _move_into_place(tmp, target)
+            placed = True
     except BaseException as err:
+        if placed:  # a signal held back during the renames: the copy is whole
+            if isinstance(err, KeyboardInterrupt):
+                err.args = (_complete(out, old),)
+            raise
         remove_temp(tmp)  # once zarr's writes still in flight into it have ended
         for folder in made:  # deepest first; one that now holds anything stays
             try:
@@ -114,6 +122,7 @@ def convert_fragment(
         if cause is None:
             raise
         raise WriteError(f"{cause} while writing the copy ({out})") from err
+    _remove_replaced(old, out)
     log.debug("wrote %s (%s, %s levels, chunks %s)", out, format, n_levels, chunks)
     return out
 
@@ -180,12 +189,13 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished copy ``tmp`` to ``target``. An old ``target`` is first renamed aside
-    and deleted only once the new copy is in place; if that fails it is renamed back."""
+def _move_into_place(tmp: Path, target: Path) -> Path | None:
+    """Rename the finished copy ``tmp`` to ``target``; the old ``target``, renamed aside (None
+    when there was none), is the caller's to delete. If the second rename fails the old one is
+    renamed back."""
     if not target.exists():
         os.rename(tmp, target)
-        return
+        return None
     old = target.parent / bounded_name(target.name, f".old-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(target, old)
     try:
@@ -193,10 +203,27 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
+    return old
+
+
+def _remove_replaced(old: Path | None, out: Path) -> None:
+    """Delete the replaced copy ``old`` once the new one is in place (an interrupt then says
+    that the copy is complete)."""
     try:
-        shutil.rmtree(old)
+        if old is not None:
+            shutil.rmtree(old)
     except OSError as err:
         log.warning("could not delete the replaced copy %s (%s); delete it by hand", old, err)
+    except KeyboardInterrupt as err:
+        err.args = (_complete(out, old),)
+        raise
+
+
+def _complete(out: Path, old: Path | None) -> str:
+    """What an interrupt after the renames left: the CLI prints ``interrupted: <this>``."""
+    left = (f"; delete what is left of the copy it replaced by hand ({old})"
+            if old is not None and os.path.lexists(old) else "")
+    return f"the copy is complete ({out}){left}"
 
 
 def auto_levels(shape: Sequence[int], chunks: Sequence[int]) -> int:

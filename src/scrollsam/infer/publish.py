@@ -7,9 +7,9 @@ Ctrl-C between two of them left the new ``prob.png`` beside the old ``mask.png``
 looked like a finished prediction. :class:`Staging` hands out hidden names beside the final
 ones (``.prob.staged-1a2b3c4d.png``); once every file is written, :meth:`Staging.publish`
 renames them into place and removes the earlier prediction's other files with Ctrl-C and
-SIGTERM held back (:func:`deferred_signals`: a signal that comes then takes effect right
-after). An error or interrupt before that removes the staged files and leaves the old set as
-it was. Only SIGKILL inside the renames (microseconds) can still split a set.
+SIGTERM held back (:func:`~scrollsam.sigterm.deferred_signals`: a signal that comes then takes
+effect right after). An error or interrupt before that removes the staged files and leaves the
+old set as it was. Only SIGKILL inside the renames (microseconds) can still split a set.
 
 :func:`remove_stale_temps` removes what a killed prediction's writers left (staged and temp
 files of prediction outputs, the scratch map of a torchrun PNG prediction); call it only while
@@ -22,12 +22,11 @@ import contextlib
 import os
 import re
 import secrets
-import signal
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from scrollsam.fs_errors import bounded_name
+from scrollsam.sigterm import deferred_signals
 
 SCRATCH_NAME = ".predict-prob.npy"  # a torchrun PNG prediction's shared probability map
 
@@ -69,30 +68,6 @@ class Staging:
             with contextlib.suppress(OSError):
                 staged.unlink()
         self.staged.clear()
-
-
-@contextlib.contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
-                     ) -> Iterator[None]:
-    """Hold back ``signums`` for the block: their Python handlers (which run in the main
-    thread only) are replaced by ones that note the signal, and each noted one is raised again
-    once the old handlers are back. Outside the main thread it does nothing (signals cannot be
-    handled there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted: list[int] = []
-    previous = {s: h for s in signums  # None: set outside Python, which cannot restore it
-                if (h := signal.getsignal(s)) is not None}
-    for s in previous:
-        signal.signal(s, lambda number, frame: noted.append(number))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for number in noted:
-            signal.raise_signal(number)
 
 
 _OUTPUT_STEMS = ("prob", "mask", "overlay", "prob_preview", "mask_preview", "metrics",
