@@ -120,3 +120,34 @@ def test_a_terminated_convert_removes_its_temp_folder(tmp_path):
     assert rc == 143, err
     assert err.strip().splitlines()[-1] == "terminated", err
     assert not (tmp_path / "cv").exists()  # nor the folder made for it
+
+
+AT_EXIT = r"""
+import atexit, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist's workers ignore it
+
+def late_ctrl_c():  # a Ctrl-C that lands while the interpreter shuts down
+    os.kill(os.getpid(), signal.SIG)
+    time.sleep(2)
+    print("the shutdown went on", file=sys.stderr)
+
+atexit.register(late_ctrl_c)
+from scrollsam.cli import main
+sys.argv = ["scrollsam", "synth", sys.argv[1], "--fragments", "1", "--height", "32",
+            "--width", "32", "--depth", "4"]
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_finished_ends_it_quietly_with_its_code(tmp_path, sig):
+    # Before (QA): a Ctrl-C as the command ended printed "Exception ignored in atexit
+    # callback ... KeyboardInterrupt" with a traceback, and SIGTERM then killed it (143).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", AT_EXIT.replace("signal.SIG)", f"signal.{sig})"),
+                           str(tmp_path / "sy")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert (tmp_path / "sy" / "train" / "1" / "synth_settings.json").is_file()

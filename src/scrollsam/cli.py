@@ -9,9 +9,12 @@ with one line ``error: ...`` and exit code 2; ``--debug`` shows the traceback in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from scrollsam import zarr_tasks
@@ -256,7 +259,31 @@ def _common() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `scrollsam` with ``argv`` (default: sys.argv[1:]) and return the exit code."""
+    """Run `scrollsam` with ``argv`` (default: sys.argv[1:]) and return the exit code. In a
+    process of its own (``argv`` None: the console script, ``python -m scrollsam``) a Ctrl-C
+    or SIGTERM after the command has finished ends the process at once with that exit code,
+    instead of printing tracebacks from the interpreter's shutdown (atexit hooks, weakref
+    callbacks)."""
+    code = _run(argv)
+    if argv is None:
+        _exit_on_signal(code)
+    return code
+
+
+def _exit_on_signal(code: int) -> None:
+    """From now on SIGINT / SIGTERM flush the standard streams and exit with ``code``."""
+    def leave(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, leave)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after flags: train out=runs/x --resume a.b=1
