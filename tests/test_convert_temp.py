@@ -96,8 +96,8 @@ def test_an_interrupt_during_the_renames_waits_and_says_the_copy_is_complete(fra
     monkeypatch.setattr(convert.os, "rename", rename)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt, match=r"the copy is complete \(.*copy\); delete "
-                                                    r"what is left .* by hand \(.*\.copy\.old-"):
+        with pytest.raises(KeyboardInterrupt, match=r"the copy is complete \(.*copy\); the copy "
+                                                    r"it replaced, left as \.copy\.old-.*, goes"):
             convert_fragment(frag, out, overwrite=True)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -115,6 +115,21 @@ def test_an_interrupt_while_the_replaced_copy_is_deleted_says_the_copy_is_comple
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert.shutil, "rmtree", interrupted)
-    with pytest.raises(KeyboardInterrupt, match=r"^the copy is complete \(.*copy\); delete"):
+    with pytest.raises(KeyboardInterrupt, match=r"^the copy is complete \(.*copy\); the copy"):
         convert_fragment(frag, out, overwrite=True)
     assert convert.Fragment(out).shape == (4, 32, 32)
+
+
+def test_a_replaced_copy_left_aside_goes_with_the_next_convert_only_beside_its_successor(
+        frag, tmp_path):
+    # Reviewer: a signal held back during the renames left the whole old copy as
+    # .OUT.old-PID-HEX, which no later convert removed.
+    dead = _dead_pid()
+    out = tmp_path / "ow"
+    aside = tmp_path / f".ow.old-{dead}-0123abcd"  # killed between its two renames: no ow
+    (aside / "surface_volume.zarr").mkdir(parents=True)
+    assert remove_stale_temps(out) == []  # the only copy there is: kept
+    convert_fragment(frag, tmp_path / "other")
+    assert aside.is_dir()
+    (aside.parent / "ow").mkdir()  # now the new copy is in place beside it
+    assert remove_stale_temps(out) == [aside]

@@ -259,18 +259,31 @@ def test_bad_settings_are_refused_before_the_model_loads(data, tmp_path, capsys,
     assert not out.exists() and not (tmp_path / "sub.csv").exists()
 
 
-def test_a_mistake_found_after_the_statistics_leaves_no_new_out(data, tmp_path, capsys):
+@pytest.mark.parametrize("fails", ["clicks", "interrupt"])
+def test_a_failure_after_the_statistics_leaves_no_new_out(data, tmp_path, capsys, monkeypatch,
+                                                          fails):
     # A checkpoint file alone (or a read-only run) caches the fragment statistics in OUT/stats.
-    # Before: a clicks file found broken after them left the new OUT with its stats/ folder.
+    # Before: a clicks file found broken after them, or a Ctrl-C in the prediction, left the
+    # new OUT holding its stats/ folder (with a relative --out too).
+    from scrollsam.infer.predict import Predictor
+
     alone = tmp_path / "model" / "alone.pt"
     alone.parent.mkdir()
     alone.write_bytes((data / "run_ir" / "best.pt").read_bytes())
     (tmp_path / "p.json").write_text("{not json")
-    out = tmp_path / "new" / "out"
-    assert predict("--checkpoint", str(alone), "--fragment", str(data / "a"), "--out", str(out),
-                   "--points", str(tmp_path / "p.json"), "--device", "cpu") == 2
-    assert "--points: expected JSON" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    args = ["--checkpoint", "model/alone.pt", "--fragment", str(data / "a"), "--out", "new/out",
+            "--device", "cpu"]
+    if fails == "clicks":
+        assert predict(*args, "--points", "p.json") == 2
+        assert "--points: expected JSON" in capsys.readouterr().err
+    else:
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(Predictor, "predict_rows", interrupted)
+            assert predict(*args) == 130
     assert not (tmp_path / "new").exists()
-    assert predict("--checkpoint", str(alone), "--fragment", str(data / "a"), "--out", str(out),
-                   "--device", "cpu") == 0
-    assert len(list((out / "stats").iterdir())) == 1  # the cache itself still works
+    assert predict(*args) == 0
+    assert len(list((tmp_path / "new" / "out" / "stats").iterdir())) == 1  # the cache works

@@ -207,8 +207,7 @@ def test_a_second_prediction_into_a_busy_out_is_refused(data, tmp_path, capsys, 
     assert "is a symbolic link; remove it" in capsys.readouterr().err
 
 
-def test_a_prediction_into_a_fragment_folder_of_a_busy_out_waits_its_turn(data, tmp_path,
-                                                                          capsys):
+def test_a_prediction_into_a_fragment_folder_of_a_busy_out_is_refused(data, tmp_path, capsys):
     """Before: `--fragment a --fragment b --out P` locked P only, so it cleaned and wrote P/a
     while `--fragment a --out P/a` (its own lock in P/a) was writing there too."""
     import os

@@ -169,9 +169,10 @@ def test_demo_refuses_a_link_in_place_of_its_folder_and_the_rest_before_any_work
 
 
 @pytest.mark.parametrize(("extra", "says"), [
-    (None, "it has no synth_settings.json"),  # a real fragment: the same layout, no settings
+    (None, "it has no synth_settings.json: a real fragment"),  # the same layout, no settings
     ("notes.txt", "it holds notes.txt"),
     ("surface_volume/65.tif.bak", "it holds surface_volume/65.tif.bak"),
+    ("surface_volume/70.tif/", "it holds surface_volume/70.tif"),  # a folder of the user's
 ])
 def test_synth_overwrite_never_replaces_a_fragment_it_did_not_write(places, capsys, extra,
                                                                     says):
@@ -180,6 +181,9 @@ def test_synth_overwrite_never_replaces_a_fragment_it_did_not_write(places, caps
     frag = Path("sv/train/1")
     if extra is None:
         (frag / synthetic.SETTINGS_FILE).unlink()
+    elif extra.endswith("/"):
+        (frag / extra).mkdir()
+        (frag / extra / "mine.txt").write_text("the user's\n")
     else:
         (frag / extra).write_text("the user's\n")
     before = {p: p.read_bytes() for p in frag.rglob("*") if p.is_file()}

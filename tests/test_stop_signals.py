@@ -132,10 +132,10 @@ def late_ctrl_c():  # a Ctrl-C that lands while the interpreter shuts down
     print("the shutdown went on", file=sys.stderr)
 
 atexit.register(late_ctrl_c)
-from scrollsam.cli import main
+from scrollsam.cli import console
 sys.argv = ["scrollsam", "synth", sys.argv[1], "--fragments", "1", "--height", "32",
             "--width", "32", "--depth", "4"]
-sys.exit(main())
+console()
 """
 
 

@@ -131,8 +131,8 @@ def test_second_signal_stops_at_once_says_what_is_kept_and_the_run_still_resumes
     assert time.monotonic() - started < 60
     word = "interrupted" if sig == signal.SIGINT else "terminated"
     assert err.strip().splitlines()[-1] == (
-        f"{word}: stopped at once within a step: no checkpoint was written yet, so --resume "
-        f"starts from step 0; continue with: scrollsam train out={run} --resume")
+        f"{word}: stopped at once: no checkpoint was written yet, so --resume starts from "
+        f"step 0; continue with: scrollsam train out={run} --resume")
     assert "Traceback" not in err
     assert not (run / "last.pt").exists()  # it did not finish the step
     assert [p.name for p in run.iterdir() if ".tmp-" in p.name] == []
@@ -183,11 +183,33 @@ def test_stopped_at_once_names_what_the_run_dir_keeps(tmp_path):
     from scrollsam.train.stop import stopped_at_once
 
     run = tmp_path / "my run"
-    assert stopped_at_once(run) == ("stopped at once before the first step finished; the new "
-                                    f"run dir was removed ({run})")
-    run.mkdir()
+    assert stopped_at_once(run, undone=True, created=True) == (
+        f"stopped at once before the first step finished; the new run dir was removed ({run})")
+    run.mkdir()  # an empty folder given as out=: it stays, emptied (--resume would fail)
+    assert stopped_at_once(run, undone=True, created=False) == (
+        f"stopped at once before the first step finished; what the new run wrote was removed "
+        f"({run})")
     (run / "last.pt").write_bytes(b"")
     (run / "best.pt").write_bytes(b"")
-    assert stopped_at_once(run) == (
-        "stopped at once within a step: the steps since its last checkpoint are lost (last.pt "
-        f"and best.pt kept); continue with: scrollsam train out='{run}' --resume")
+    assert stopped_at_once(run, undone=False, created=False) == (
+        "stopped at once: the steps since its last checkpoint are lost (last.pt and best.pt "
+        f"kept); continue with: scrollsam train out='{run}' --resume")
+
+
+def test_a_second_signal_before_the_first_step_of_a_new_run_in_an_empty_folder_says_so(
+        data, tmp_path):
+    # Reviewer: the message said "--resume starts from step 0" though the folder had been
+    # emptied, so that --resume failed ("nothing to resume").
+    run = tmp_path / "given"
+    run.mkdir()
+    child = Child(tmp_path, _args(data, run), pause_at=0)  # in step 1: none finished
+    child.wait_paused()
+    child.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    child.proc.send_signal(signal.SIGINT)
+    _, err = child.proc.communicate(timeout=120)
+    assert child.proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: stopped at once before the first step finished; what the new run wrote "
+        f"was removed ({run})")
+    assert run.is_dir() and list(run.iterdir()) == []

@@ -258,20 +258,19 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `scrollsam` with ``argv`` (default: sys.argv[1:]) and return the exit code. In a
-    process of its own (``argv`` None: the console script, ``python -m scrollsam``) a Ctrl-C
-    or SIGTERM after the command has finished ends the process at once with that exit code,
-    instead of printing tracebacks from the interpreter's shutdown (atexit hooks, weakref
-    callbacks)."""
-    code = _run(argv)
-    if argv is None:
-        _exit_on_signal(code)
-    return code
+def console() -> None:
+    """The ``scrollsam`` program (console script, ``python -m scrollsam``): :func:`main`, then
+    exit with its code. A Ctrl-C or SIGTERM after the command has finished ends the process at
+    once with that code, instead of printing tracebacks from the interpreter's shutdown
+    (atexit hooks, weakref callbacks)."""
+    code = main()
+    _exit_on_signal(code)
+    sys.exit(code)
 
 
 def _exit_on_signal(code: int) -> None:
-    """From now on SIGINT / SIGTERM flush the standard streams and exit with ``code``."""
+    """From now on SIGINT / SIGTERM flush the standard streams and exit with ``code``; an
+    ignored signal stays ignored."""
     def leave(signum: int, frame: object) -> None:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -280,10 +279,12 @@ def _exit_on_signal(code: int) -> None:
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, leave)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, leave)
 
 
-def _run(argv: Sequence[str] | None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `scrollsam` with ``argv`` (default: sys.argv[1:]) and return the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after flags: train out=runs/x --resume a.b=1
@@ -314,7 +315,8 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated); str(): what is left
         terminated = isinstance(stop, Terminated)
         detail = f": {stop}" if str(stop) else ""
-        print(f"{'terminated' if terminated else 'interrupted'}{detail}", file=sys.stderr)
+        if not getattr(stop, "echo", False):  # torchrun: the process that speaks for the job
+            print(f"{'terminated' if terminated else 'interrupted'}{detail}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else 130
     except BrokenPipeError:  # the reader left early (`scrollsam evaluate ... | head -1`)
         _silence_stdout()
@@ -355,4 +357,4 @@ def _silence_stdout() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,10 +44,9 @@ from typing import Any
 import numpy as np
 
 from scrollsam import ngff
-from scrollsam.data.convert_temp import remove_stale_temps, remove_temp, temp_path
+from scrollsam.data.convert_temp import aside_path, remove_stale_temps, remove_temp, temp_path
 from scrollsam.data.fragment import ZARR_STORES, Fragment
 from scrollsam.errors import InputError, ScrollsamError, WriteError
-from scrollsam.fs_errors import bounded_name
 from scrollsam.io import within, write_failure
 from scrollsam.sigterm import deferred_signals
 
@@ -196,7 +194,7 @@ def _move_into_place(tmp: Path, target: Path) -> Path | None:
     if not target.exists():
         os.rename(tmp, target)
         return None
-    old = target.parent / bounded_name(target.name, f".old-{os.getpid()}-{secrets.token_hex(4)}")
+    old = aside_path(target)
     os.rename(target, old)
     try:
         os.rename(tmp, target)
@@ -221,7 +219,7 @@ def _remove_replaced(old: Path | None, out: Path) -> None:
 
 def _complete(out: Path, old: Path | None) -> str:
     """What an interrupt after the renames left: the CLI prints ``interrupted: <this>``."""
-    left = (f"; delete what is left of the copy it replaced by hand ({old})"
+    left = (f"; the copy it replaced, left as {old.name}, goes with the next convert into it"
             if old is not None and os.path.lexists(old) else "")
     return f"the copy is complete ({out}){left}"
 

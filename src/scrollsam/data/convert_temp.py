@@ -9,7 +9,10 @@ could re-create a chunk (``surface_volume.zarr/2/1/0/0``) after the folder was r
 it behind. :func:`remove_temp` lets those tasks end first (:func:`scrollsam.zarr_tasks.settle`).
 A SIGKILL leaves the folder whatever happens; the next convert into the same OUT removes it
 (:func:`remove_stale_temps`): only names of this pattern for that OUT, only of a process that no
-longer runs.
+longer runs. ``--overwrite`` renames the old OUT aside to ``.OUT.old-PID-HEX``
+(:func:`aside_path`) before the new copy takes its name and deletes it after; one a stopped or
+killed convert left is removed by the next convert too, but only while OUT itself exists (else
+it is the only copy).
 """
 
 from __future__ import annotations
@@ -26,13 +29,19 @@ from scrollsam.fs_errors import bounded_name
 
 log = logging.getLogger(__name__)
 
-_TAIL = re.compile(r"\.tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+_TAIL = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 
 def temp_path(target: Path) -> Path:
     """A new temporary folder name next to ``target`` for this process: ``.NAME.tmp-PID-HEX``."""
     return target.parent / bounded_name(target.name,
                                         f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def aside_path(target: Path) -> Path:
+    """A new name next to ``target`` for the copy it replaces: ``.NAME.old-PID-HEX``."""
+    return target.parent / bounded_name(target.name,
+                                        f".old-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def remove_temp(tmp: Path) -> None:
@@ -48,10 +57,11 @@ def remove_temp(tmp: Path) -> None:
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
-    """Remove the temporary folders of copies into ``target`` that were left by convert
-    processes no longer running (killed); the folders removed. A folder counts only when its
-    whole name is the one :func:`temp_path` gives ``target`` for its pid, it is a real folder
-    (not a link) and no process of that pid exists."""
+    """Remove the temporary folders of copies into ``target`` and the replaced copies set
+    aside, left by convert processes no longer running (stopped or killed); the folders
+    removed. A folder counts only when its whole name is the one :func:`temp_path` or
+    :func:`aside_path` gives ``target`` for its pid, it is a real folder (not a link), no
+    process of that pid exists, and, for a replaced copy, ``target`` is a folder."""
     removed = []
     try:
         entries = list(target.parent.iterdir())
@@ -65,6 +75,8 @@ def remove_stale_temps(target: Path) -> list[Path]:
         if (entry.name != bounded_name(target.name, tail) or pid == os.getpid()
                 or _alive(pid) or entry.is_symlink() or not entry.is_dir()):
             continue
+        if match["kind"] == "old" and (target.is_symlink() or not target.is_dir()):
+            continue  # killed between its renames: the old copy is the only one
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
             log.info("removed %s, left by a convert that was killed (pid %d)", entry, pid)

@@ -173,26 +173,29 @@ def check_target(path: Path, *, overwrite: bool) -> None:
                 f"synthetic fragments and empty folders ({path})")
 
 
-_WRITTEN = frozenset({"surface_volume", "mask.png", "inklabels.png", "ir.png", SETTINGS_FILE})
+_WRITTEN_FILES = frozenset({"mask.png", "inklabels.png", "ir.png", SETTINGS_FILE})
 
 
 def _not_written_by_synth(folder: Path) -> str:
     """Why ``folder`` is not one synth wrote (empty when it is one, or empty): a real fragment
     has the same layout but no ``synth_settings.json``; anything synth does not write (a file
-    of the user's, a link) is named."""
+    of the user's, a link, a folder under a file's name) is named."""
     entries = sorted(folder.iterdir())
     if not entries:
         return ""
     for entry in entries:
-        if entry.is_symlink() or entry.name not in _WRITTEN:
+        if entry.is_symlink() or not (
+                (entry.name in _WRITTEN_FILES and entry.is_file())
+                or (entry.name == "surface_volume" and entry.is_dir())):
             return f"it holds {entry.name}"
     if not (folder / SETTINGS_FILE).is_file():
-        return f"it has no {SETTINGS_FILE}"
+        return (f"it has no {SETTINGS_FILE}: a real fragment, or one synth wrote before it "
+                f"recorded its settings; remove that one by hand")
     volume = folder / "surface_volume"
-    if volume.exists():
-        for entry in sorted(volume.iterdir()):
-            if entry.is_symlink() or not (entry.suffix == ".tif" and entry.stem.isdigit()):
-                return f"it holds surface_volume/{entry.name}"
+    for entry in sorted(volume.iterdir()) if volume.is_dir() else []:
+        if entry.is_symlink() or not (entry.suffix == ".tif" and entry.stem.isdigit()
+                                      and entry.is_file()):
+            return f"it holds surface_volume/{entry.name}"
     return ""
 
 

@@ -134,15 +134,14 @@ def predict_to_folder(
             submission=submission, force=force, points=points, precision=precision, fmt=fmt,
             dtype=dtype, chunk=chunk, band_rows=band_rows, restart=restart, save_tif=save_tif),
             world)
-        held: list[OutLock] = []  # released below even when the exchange after taking fails
-        try:  # one prediction at a time into --out (rank 0 holds it for every process)
-            settle(lambda: _lock(plan, world, held), world)
-            return _predict_all(plan, world=world, submission=submission, force=force,
-                                points=points, save_tif=save_tif, progress=progress, fmt=fmt,
-                                dtype=dtype, chunk=chunk, restart=restart)
-        finally:
-            for lock in reversed(held):  # inner folders first: each removes what it made
-                lock.release()
+        try:
+            return _predict_locked(plan, world=world, submission=submission, force=force,
+                                   points=points, save_tif=save_tif, progress=progress,
+                                   fmt=fmt, dtype=dtype, chunk=chunk, restart=restart)
+        except BaseException:
+            if world.main:  # a new OUT that holds only the statistics goes with the failure
+                plan.discard_new_folders()
+            raise
     except RuntimeError as err:
         lost = peer_lost(err, PREDICT_AGAIN) if world.distributed else None
         if lost is None:
@@ -151,6 +150,18 @@ def predict_to_folder(
     finally:
         if joined:
             shutdown_distributed()
+
+
+def _predict_locked(plan: Plan, *, world: World, **options: Any) -> list[FragmentResult]:
+    """:func:`_predict_all` holding the locks of ``--out`` and its fragment folders (rank 0
+    holds them for every process; :func:`_lock`)."""
+    held: list[OutLock] = []  # released below even when the exchange after taking fails
+    try:
+        settle(lambda: _lock(plan, world, held), world)
+        return _predict_all(plan, world=world, **options)
+    finally:
+        for lock in reversed(held):  # inner folders first: each removes what it made
+            lock.release()
 
 
 PREDICT_AGAIN = ("run the same command again (an OME-Zarr prediction continues from its "
@@ -230,9 +241,10 @@ def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], stag
 
 
 def _lock(plan: Plan, world: World, held: list[OutLock]) -> None:
-    """Rank 0: lock ``--out`` and each fragment's folder in it (into ``held``: a prediction
-    whose ``--out`` is one of them, or holds this one, waits its turn), then read again what
-    earlier predictions wrote into them (one may have finished since the checks)."""
+    """Rank 0: lock ``--out`` and each fragment's folder in it (into ``held``; a prediction
+    into one of them, or one of several fragments into a folder that holds this ``--out``, is
+    then refused), then read again what earlier predictions wrote into them (one may have
+    finished since the checks)."""
     if world.main:
         dests = output_folders(plan.frags, plan.out)
         for folder in dict.fromkeys([plan.out, *dests]):

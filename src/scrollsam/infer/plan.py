@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,21 @@ class Plan:
     clicks: dict[str, Any] | None
     band_rows: int
     earlier: list[set[str]]  # per fragment: :func:`.replaced.earlier_files` of its folder
+    # OUT/stats and the folders above it that did not exist before the checks (innermost
+    # first): the statistics go there when the run folder is read-only or absent
+    new_folders: list[Path] = field(default_factory=list)
+
+    def discard_new_folders(self) -> None:
+        """After a failed prediction: remove the statistics files this one cached in a new
+        ``OUT/stats`` and the new folders while they are empty (a new OUT keeps what a finished
+        fragment wrote). Call it in the process that writes (rank 0)."""
+        if not self.new_folders:
+            return
+        stats = self.new_folders[0].resolve()
+        for path in self.predictor.view.stats.written:
+            if path.parent == stats:  # the cache's own paths are resolved
+                path.unlink(missing_ok=True)
+        remove_made(self.new_folders)
 
 
 def plan_prediction(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathLike[str]],
@@ -105,23 +120,21 @@ def plan_prediction(run: str | os.PathLike[str] | None, fragments: Sequence[str 
                                    threshold=threshold, tile=tile, stride=stride,
                                    batch_size=batch_size, tta=tta, stats_dir=out,
                                    precision=precision)
-    made = missing_folders(out / "stats")  # where the statistics go when the run is read-only
+    plan = Plan(run, frags, out, predictor, None, 0, earlier,
+                new_folders=missing_folders(out / "stats"))
     try:
         for frag in frags:
             predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
             _warn_if_larger(frag, predictor.tile)
-        clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
-    except BaseException:  # a folder made only for the statistics goes with the mistake
-        if made:
-            for path in predictor.view.stats.written:
-                if path.parent == made[0]:
-                    path.unlink(missing_ok=True)
-            remove_made(made)
+        plan.clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
+    except BaseException:
+        if world.main:
+            plan.discard_new_folders()
         raise
-    if clicks is not None and tta:
+    if plan.clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
-    rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
-    return Plan(run, frags, out, predictor, clicks, rows, earlier)
+    plan.band_rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
+    return plan
 
 
 def _warn_if_larger(frag: Fragment, tile: int) -> None:

@@ -225,9 +225,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
             if world.distributed:  # DDP in its frames would keep the group (and its threads)
                 release_frames(err)
             if rd is not None and not isinstance(err, TrainingStopped):
-                rd.undo_new()  # a new run that failed before its first step: remove its folder
-                if isinstance(err, KeyboardInterrupt) and not err.args and world.main:
-                    err.args = (stopped_at_once(rd.path),)  # the second Ctrl-C / SIGTERM
+                undone = rd.undo_new()  # a new run that failed before its first step finished
+                if isinstance(err, KeyboardInterrupt) and not err.args:  # a second signal
+                    err.args = (stopped_at_once(rd.path, undone=undone, created=rd.created),)
+                    err.echo = not world.main  # rank 0 says it, once for the job
             lost = (peer_lost(err, resume_hint(rd.path)) if world.distributed and rd is not None
                     else None)
             if lost is not None:  # gloo's traceback, in each process still running, before

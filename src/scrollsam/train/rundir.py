@@ -139,19 +139,21 @@ class RunDir:
         if self.lock is not None:
             self.lock.release()
 
-    def undo_new(self) -> None:
+    def undo_new(self) -> bool:
         """After a new run failed before its first step finished, whatever the error: remove
         what it wrote, so the corrected command can use the folder (a folder that existed,
-        empty, stays). Does nothing once a step finished (:attr:`stepped`); a resumed run keeps
-        everything (its checkpoints). Only the lock's holder removes anything."""
+        empty, stays), and return True. Does nothing once a step finished (:attr:`stepped`); a
+        resumed run keeps everything (its checkpoints). Only the lock's holder removes
+        anything."""
         if not self.new or self.lock is None or self.stepped:
-            return
+            return False
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
             remove_made(self.made)
-            return
+            return True
         for child in self.path.iterdir():  # the folder was empty: everything in it is ours
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return True
 
 
 def open_run(cfg: Config, *, resume: bool, given: Collection[str] | None = None,

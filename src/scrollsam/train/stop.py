@@ -52,17 +52,18 @@ class TrainingStopped(Exception):
                          f"scrollsam train out={shell_word(run)} --resume")
 
 
-def stopped_at_once(run: Path) -> str:
-    """What a second signal (training stopped within a step) left in the run dir ``run``, and
-    how to go on: the CLI prints ``interrupted: <this>``."""
-    if not run.is_dir():
-        return (f"stopped at once before the first step finished; the new run dir was "
-                f"removed ({run})")
+def stopped_at_once(run: Path, *, undone: bool, created: bool) -> str:
+    """What a second signal (training stopped at once) left in the run dir ``run``, and how to
+    go on: the CLI prints ``interrupted: <this>``. ``undone``: a new run stopped before its
+    first step finished, whose files were removed (with the folder where it ``created`` it)."""
+    if undone:
+        gone = "the new run dir was removed" if created else "what the new run wrote was removed"
+        return f"stopped at once before the first step finished; {gone} ({run})"
     saved = [name for name in ("last.pt", "best.pt") if (run / name).is_file()]
     kept = (f"the steps since its last checkpoint are lost ({' and '.join(saved)} kept)" if saved
             else "no checkpoint was written yet, so --resume starts from step 0")
-    return (f"stopped at once within a step: {kept}; continue with: scrollsam train "
-            f"out={shell_word(run)} --resume")
+    return (f"stopped at once: {kept}; continue with: scrollsam train out={shell_word(run)} "
+            f"--resume")
 
 
 class StopSignals:
