@@ -323,7 +323,8 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                     except Exception as err:
                         failure = out_of_memory(err)
                     ranks.agree(failure)  # before backward, which waits for every process
-                    unchecked.append((step, micro, out.parts))  # for _nan_guard
+                    unchecked.append((step, micro, {k: v.detach() for k, v in
+                                                    out.parts.items()}))  # no graph kept
                     (out.parts["loss"] / cfg.train.accumulate).backward()
                 for k, v in out.parts.items():
                     logged[k] = logged.get(k, 0) + v.detach() / cfg.train.accumulate
