@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from scrollsam.data.open_files import OPEN_FILES
 from scrollsam.errors import FragmentError
 from scrollsam.fs_errors import read_failure
 
@@ -49,9 +50,11 @@ class SliceInfo:
     height: int
     width: int
     dtype: np.dtype  # native-order uint8 or uint16
-    memmappable: bool  # uncompressed and contiguous: read through tifffile.memmap
+    memmappable: bool  # uncompressed, contiguous, native order: read through a memory map
     compression: str
     segment_pixels: int  # pixels in one strip / tile: the least a segment read decodes
+    offset: int = 0  # where the pixels start in the file (memmappable slices)
+    byteorder: str = "<"  # the file's: "<" little-endian, ">" big-endian
 
 
 def probe_slice(path: Path) -> SliceInfo:
@@ -97,6 +100,7 @@ def probe_slice(path: Path) -> SliceInfo:
                 path=Path(path), height=int(page.shape[0]), width=int(page.shape[1]),
                 dtype=dtype, memmappable=memmappable, compression=page.compression.name,
                 segment_pixels=int(min(segment, page.imagelength * page.imagewidth)),
+                offset=int(page.dataoffsets[0]) if memmappable else 0, byteorder=tif.byteorder,
             )
     except FragmentError:
         raise
@@ -153,6 +157,8 @@ def slice_files(folder: Path) -> list[Path]:
 
 class SliceReader:
     """Windowed reads of one slice TIFF; opens its file lazily and can be pickled (re-opens).
+    At most :data:`~scrollsam.data.open_files.OPEN_FILES`'s limit of readers keep their file
+    open; the others re-open on their next read.
 
     ``bytes_read`` counts the bytes this reader asked the file for: for the memory-mapped path,
     the bytes of the window's rows copied out of the map (``rows * cols * itemsize``); for the
@@ -164,30 +170,45 @@ class SliceReader:
         self.bytes_read = 0
         self._map: np.memmap | None = None
         self._tif: tifffile.TiffFile | None = None
+        self._lock = threading.Lock()  # a read, or a release by OPEN_FILES from another thread
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"info": self.info, "bytes_read": 0, "_map": None, "_tif": None}
+        return {"info": self.info, "bytes_read": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["info"])  # type: ignore[misc]
 
     def close(self) -> None:
         """Release the memory map / file handle (a later read re-opens it)."""
-        if self._tif is not None:
-            self._tif.close()
-        self._map, self._tif = None, None
+        OPEN_FILES.forget(self)
+        self.release()
+
+    def release(self) -> None:
+        """Let the open file go, for :data:`OPEN_FILES` (a later read re-opens it)."""
+        with self._lock:
+            if self._tif is not None:
+                self._tif.close()
+            self._map, self._tif = None, None
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` (inside the image) as a new native-order array [y, x]."""
-        if self.info.memmappable:
-            return self._read_mapped(y0, y1, x0, x1)
-        return self._read_segments(y0, y1, x0, x1)
+        OPEN_FILES.touch(self)
+        with self._lock:
+            if self.info.memmappable:
+                return self._read_mapped(y0, y1, x0, x1)
+            return self._read_segments(y0, y1, x0, x1)
 
     def _read_mapped(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        if self._map is None:
+        if self._map is None:  # the header was read when probed: map the pixels directly
+            info = self.info
             try:
-                self._map = tifffile.memmap(self.info.path, mode="r")
+                self._map = np.memmap(info.path, dtype=info.dtype.newbyteorder(info.byteorder),
+                                      mode="r", offset=info.offset,
+                                      shape=(info.height, info.width))
             except OSError as err:
-                raise _unreadable(err, "TIFF", self.info.path) from err
-            except ValueError as err:
-                raise FragmentError(f"cannot memory-map TIFF: {err} ({self.info.path})") from err
+                raise _unreadable(err, "TIFF", info.path) from err
+            except ValueError as err:  # shorter than its header said: changed since probed
+                raise FragmentError(f"cannot memory-map TIFF: {err} ({info.path})") from err
             raw = getattr(self._map, "_mmap", None)
             if raw is not None and hasattr(mmap, "MADV_RANDOM"):
                 raw.madvise(mmap.MADV_RANDOM)  # page in the window's rows, not megabytes around
