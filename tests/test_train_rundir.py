@@ -315,3 +315,21 @@ def test_resume_reports_a_changed_dict_value_as_ignored(caplog):
     with caplog.at_level(logging.WARNING):
         resume_config(saved, saved, given={"data.view"}, step=5)
     assert "ignored" not in caplog.text  # the same value: nothing to say
+
+
+def test_extending_train_steps_on_resume_warns_of_the_learning_rate_jump(caplog):
+    """QA: `--resume train.steps=40` on a 20-step run raised the lr at step 20 from 6.0e-5 to
+    6.3e-4 (the cosine stretched over the new total), logged only as `train.steps 20 -> 40`."""
+    from scrollsam.train.optim import lr_at
+    from scrollsam.train.rundir import resume_config
+
+    saved = load_config(None, ["train.steps=20", "train.warmup=5", "train.lr=1e-3"])
+    asked = load_config(None, ["train.steps=40", "train.warmup=5", "train.lr=1e-3"])
+    with caplog.at_level(logging.WARNING):
+        cfg = resume_config(saved, asked, given={"train.steps"}, step=20)
+    assert cfg.train.steps == 40
+    before, after = lr_at(20, saved), lr_at(20, cfg)
+    assert after > 5 * before
+    assert (f"--resume: train.steps 20 -> 40: the learning-rate schedule (warm-up, cosine "
+            f"decay) now spans 40 steps, so at step 20 the lr goes from {before:.3g} to "
+            f"{after:.3g}") in caplog.text

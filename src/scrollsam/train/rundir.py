@@ -46,6 +46,7 @@ from scrollsam.errors import ConfigError, RunDirError, WriteError
 from scrollsam.io import within, write_failure
 from scrollsam.out_path import check_out_folder, missing_folders, remove_made
 from scrollsam.train.checkpoint import load_checkpoint
+from scrollsam.train.optim import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +315,12 @@ def resume_config(saved: Config, asked: Config, *, given: Collection[str], step:
     for key in sorted(k for k in given if k in new and k != "out" and new[k] != old.get(k)):
         if key == "train.steps":
             if new[key] > old[key]:
-                log.info("--resume: train.steps %d -> %d", old[key], new[key])
+                before = lr_at(step, cfg)
                 cfg.train.steps = new[key]
+                log.warning("--resume: train.steps %d -> %d: the learning-rate schedule (warm-up, "
+                            "cosine decay) now spans %d steps, so at step %d the lr goes from "
+                            "%.3g to %.3g", old[key], new[key], new[key], step, before,
+                            lr_at(step, cfg))
             else:
                 log.warning("train.steps=%d does nothing: --resume can only extend a run, and "
                             "this one runs to step %d", new[key], old[key])
