@@ -266,8 +266,8 @@ def test_progress_in_a_log_file_has_no_carriage_returns(data, tmp_path, capfd, c
     with caplog.at_level(logging.INFO):
         assert main(with_progress) == 0
     assert "\r" not in capfd.readouterr().err
-    assert any(re.fullmatch(r"step 2/2: loss \d+\.\d+, [\d.]+ tiles/s, data wait \d+%", m)
-               for m in caplog.messages)
+    assert any(re.fullmatch(r"step 2/2: loss \d+\.\d+, [\d.]+ tiles/s, data wait \d+%; "
+                            r"\d+s elapsed, 0s left", m) for m in caplog.messages)
 
 
 def test_log_lines_are_not_glued_to_the_bar_on_a_terminal(monkeypatch, capsys):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -61,7 +60,7 @@ from scrollsam.train.guard import Losses, nan_guard, out_of_memory
 from scrollsam.train.optim import lr_at, make_optimizer
 from scrollsam.train.order import RankSamples, global_batch, samples
 from scrollsam.train.prefetch import DevicePrefetch
-from scrollsam.train.progress import DataWait, Progress
+from scrollsam.train.progress import DataWait, Progress, Speed, run_log
 from scrollsam.train.prompt_sets import tile_seeds
 from scrollsam.train.ranks import Ranks, TrainingError
 from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
@@ -220,7 +219,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
                 join_process_group()
                 joined = True
             ranks.agree(failure)  # the others go on once rank 0 has prepared the folder
-            _train(rd, ranks, progress=progress, on_eval=on_eval)
+            with run_log(rd.path if world.main else None):  # RUN/train.log
+                _train(rd, ranks, progress=progress, on_eval=on_eval)
         except BaseException as err:
             if world.distributed:  # DDP in its frames would keep the group (and its threads)
                 release_frames(err)
@@ -294,7 +294,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                        workers=cfg.data.workers, device=s.device.type)
     bar = Progress(total=cfg.train.steps, initial=state.step,
                    enabled=progress and world.main).start()
-    tiles_seen, t0 = 0, time.perf_counter()
+    speed = Speed()  # tiles per second of the steps since the last log line
     unchecked: Losses = []  # losses nan_guard has not seen
     try:
         while state.step < cfg.train.steps:
@@ -328,16 +328,16 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                     (out.parts["loss"] / cfg.train.accumulate).backward()
                 for k, v in out.parts.items():
                     logged[k] = logged.get(k, 0) + v.detach() / cfg.train.accumulate
-                tiles_seen += batch["image"].shape[0] * world.size
+                speed.add(batch["image"].shape[0] * world.size)
             if cfg.train.clip > 0:
                 logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             rd.stepped = True  # from here on a failure keeps the run dir
-            rate = tiles_seen / max(time.perf_counter() - t0, 1e-9)  # all processes' tiles
             done = state.step == cfg.train.steps
             log_due = state.step % cfg.log.every == 0 or state.step == 1 or done
+            rate = speed.rate() if log_due else 0.0  # all processes' tiles; log steps only
             picture_due = cfg.log.images and (state.step % cfg.log.image_every == 0
                                               or state.step == 1)
             eval_due = state.step % cfg.train.eval_every == 0 or done
@@ -384,6 +384,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                 failure = err
             if due:  # (other steps only moved the progress bar)
                 ranks.agree(failure)
+                speed.restart()  # validation, pictures and checkpoints are not training speed
             elif failure is not None:
                 raise failure
             if scores and on_eval is not None:

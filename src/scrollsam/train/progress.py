@@ -4,8 +4,18 @@ On a terminal the bar redraws itself with carriage returns, and log records (val
 scores, warnings) are routed through ``tqdm.write`` so each stays on its own line instead of
 being glued to the bar. When stderr is not a terminal (a redirected log, a batch job) there is
 no bar: on each log step (``log.every``) one plain line
-``step 40/300: loss 0.4123, 25.1 tiles/s, data wait 12%`` is logged instead, so a log file
-holds no ``\\r`` noise.
+``step 40/300: loss 0.4123, 25.1 tiles/s, data wait 12%; 2m10s elapsed, 14m05s left``
+is logged instead, so a log file holds no ``\\r`` noise.
+
+The run keeps its own log, ``RUN/train.log`` (:func:`run_log`): every message of each training
+process started in the run dir (a resume appends), each line with its date and time; a long
+run's output otherwise lives only where the terminal or the batch job put it, lost with each
+resume's terminal unless redirected. Only rank 0 writes it. A file that cannot be written (a
+full disk, the folder gone) stops the file, not the run: one warning on stderr.
+
+The speed shown (:class:`Speed`) is that of the training steps since the last log line;
+validation, pictures and checkpoints are left out, so a slowdown shows at once (an average
+since the start hid it for hours).
 
 "data wait" (:class:`DataWait`) is the share of the time since the last log step that the loop
 spent waiting for its next batch (averaged over the processes under torchrun): the loading
@@ -22,6 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from tqdm import tqdm
@@ -37,7 +48,8 @@ class Progress:
     ``enabled`` False: silent."""
 
     def __init__(self, *, total: int, initial: int, enabled: bool) -> None:
-        self.total = total
+        self.total, self.initial = total, initial
+        self.started = time.perf_counter()
         self.terminal = enabled and _is_terminal()
         self.lines = enabled and not self.terminal
         self.bar: tqdm | None = None
@@ -68,9 +80,52 @@ class Progress:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tiles_s=f"{tiles_per_s:.1f}",
                                      data_wait=wait, refresh=False)
             self.bar.update(1)
-        elif self.lines and loss is not None:
-            log.info("step %d/%d: loss %.4f, %.1f tiles/s%s", step, self.total, loss,
-                     tiles_per_s, f", data wait {wait}" if wait else "")
+        if loss is None or not (self.lines or self.bar is not None):
+            return
+        elapsed = time.perf_counter() - self.started  # this process's, validation included
+        left = elapsed / max(step - self.initial, 1) * (self.total - step)
+        line = (f"step {step}/{self.total}: loss {loss:.4f}, {tiles_per_s:.1f} tiles/s"
+                f"{f', data wait {wait}' if wait else ''}; {duration(elapsed)} elapsed, "
+                f"{duration(left)} left")
+        if self.lines:
+            log.info(line)
+        else:  # the bar shows it on the terminal; the run's log file gets the line
+            for handler in _RUN_LOGS:
+                handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None,
+                                              None))
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``14m05s``, ``3h07m``, ``2d04h``: a span to read at a glance."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+class Speed:
+    """Tiles per second over the training steps since the last :meth:`rate` or
+    :meth:`restart` (call that after validation, pictures and checkpoints)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self._tiles, self._since = 0, time.perf_counter()
+
+    def add(self, tiles: int) -> None:
+        self._tiles += tiles
+
+    def rate(self) -> float:
+        """Tiles per second since the last reading or restart; starts the next interval."""
+        now = time.perf_counter()
+        rate = self._tiles / max(now - self._since, 1e-9)
+        self._tiles, self._since = 0, now
+        return rate
 
 
 class DataWait(Generic[T]):
@@ -131,3 +186,55 @@ def _is_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # no stderr, or a closed one
         return False
+
+
+LOG_NAME = "train.log"
+_RUN_LOGS: list[logging.Handler] = []  # the run log files open now (Progress writes to them)
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _RunLogHandler(logging.FileHandler):
+    """A FileHandler that gives up quietly (one line on stderr) when its file fails."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            err = sys.exc_info()[1]
+            print(f"warning: could not write the run's log ({err}); training goes on without "
+                  f"it ({self.baseFilename})", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        try:
+            super().emit(record)  # opens the file on the first record: that may fail too
+        except OSError:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def run_log(run: Path | None) -> Iterator[None]:
+    """While active, scrollsam's log records of level INFO and above that its loggers pass
+    (the CLI's: INFO; a Python caller's logging configuration decides) are appended to
+    ``run / LOG_NAME`` (None: nothing is written). Other handlers see what they saw before."""
+    if run is None:
+        yield
+        return
+    try:
+        handler = _RunLogHandler(run / LOG_NAME, encoding="utf-8", delay=True)
+    except OSError:
+        yield
+        return
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("scrollsam")
+    logger.addHandler(handler)
+    _RUN_LOGS.append(handler)
+    try:
+        yield
+    finally:
+        _RUN_LOGS.remove(handler)
+        logger.removeHandler(handler)
+        handler.close()
