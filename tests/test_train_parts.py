@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -158,6 +159,25 @@ def test_cache_memory_budget_evicts_oldest(tiny):
     for _ in range(3):
         cache.encode(torch.randn(1, 3, 64, 64, generator=g), tiny.encode)
     assert len(cache) == 2
+
+
+def test_a_disk_cache_stops_growing_at_its_size_and_counts_what_earlier_runs_left(tiny,
+                                                                                 tmp_path,
+                                                                                 caplog):
+    # QA: train.cache=disk grew without bound (one file per distinct tile x flip x depth draw).
+    g = torch.Generator().manual_seed(2)
+    tiles = [torch.randn(1, 3, 64, 64, generator=g) for _ in range(4)]
+    first = EmbeddingCache(directory=tmp_path / "emb")
+    first.encode(tiles[0], tiny.encode)
+    one = next((tmp_path / "emb").glob("*.pt")).stat().st_size  # one entry's file
+    train = load_config(None, ["train.cache=disk", f"train.cache_gb={2.5 * one / 2**30}"]).train
+    cache = EmbeddingCache.for_run(train, tmp_path)  # what the first left counts
+    with caplog.at_level(logging.WARNING):
+        for tile in tiles:
+            cache.encode(tile, tiny.encode)
+    assert len(cache) == 2  # the first run's and one more: a third would pass 2.5 entries
+    assert caplog.text.count("reached train.cache_gb") == 1
+    assert cache.encode(tiles[3], tiny.encode).shape == (1, 256, 4, 4)  # still encodes
 
 
 def test_cache_refused_when_encoder_trains_or_pixels_augment():

@@ -117,6 +117,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with bf16 units; fp32 elsewhere
     compile: bool = False  # torch.compile the encoder (static shapes; falls back if unavailable)
     cache: str = field(default="auto", metadata=_choices("auto", "off", "memory", "disk"))
+    cache_gb: float = 4.0  # the embedding cache's size at most (memory per process, or disk)
     seed: int = 0
     eval_every: int = 200  # validate and keep the best checkpoint every N steps
     save_every: int = 200  # write last.pt every N steps

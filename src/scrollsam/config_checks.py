@@ -80,6 +80,7 @@ RANGES: dict[str, Range] = {
     "train.warmup": COUNT,
     "train.min_lr_ratio": Range("a ratio in [0, 1]", 0, 1),
     "train.clip": Range("0 (off) or a positive number", 0),
+    "train.cache_gb": POSITIVE,
     "train.seed": Range("an integer in [0, 2**64 - 1]", 0, SEED_MAX),
     "train.eval_every": POSITIVE_INT,
     "train.save_every": POSITIVE_INT,

@@ -7,7 +7,8 @@ are computed once per distinct input tile and reused (``benchmarks/bench_train_c
 Entries are keyed by a hash of the exact input tensor, so the cache is right by construction
 whatever produced the tile (view, depth draw, flips and rotations): a different input is a
 different key, never a stale hit. Embeddings are stored in fp16 (half the memory; the decoder
-sees them cast back to its dtype), in memory up to a byte budget, or as files under the run dir.
+sees them cast back to its dtype), in memory (least recently used dropped first) or as files
+under the run dir (no new ones once full), up to ``train.cache_gb``.
 The cache is refused when the encoder trains (embeddings would go stale) and when random pixel
 augmentations are on (no input would ever repeat).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from scrollsam.config import TrainConfig
 from scrollsam.io import atomic_path
 from scrollsam.torchfile import load_torch, save_torch
 
@@ -44,13 +46,22 @@ class EmbeddingCache:
     def __init__(self, *, directory: str | Path | None = None,
                  max_bytes: int = 4 * 2**30) -> None:
         self.directory = Path(directory) if directory is not None else None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
+        self._bytes = 0  # in memory, or in the folder (what earlier runs of it left counts)
+        self._full = False  # a disk cache at its size: new tiles are no longer stored
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._bytes = sum(p.stat().st_size for p in self.directory.glob("*.pt"))
         self.hits = 0
         self.misses = 0
+
+    @classmethod
+    def for_run(cls, train: TrainConfig, run: Path) -> EmbeddingCache:
+        """The cache ``train.cache`` names (``disk``: ``run/embeddings``; else memory), of
+        ``train.cache_gb`` at most."""
+        return cls(directory=run / "embeddings" if train.cache == "disk" else None,
+                   max_bytes=int(train.cache_gb * 2**30))
 
     def __len__(self) -> int:
         if self.directory is not None:
@@ -69,8 +80,17 @@ class EmbeddingCache:
     def _put(self, key: str, emb: torch.Tensor) -> None:
         emb = emb.detach().to("cpu", torch.float16).contiguous()
         if self.directory is not None:
-            with atomic_path(self.directory / f"{key}.pt", fsync=False) as tmp:
+            if self._bytes + emb.numel() * emb.element_size() > self.max_bytes:
+                if not self._full:
+                    log.warning("the embedding cache in %s reached train.cache_gb=%g: tiles "
+                                "not in it yet are encoded each time", self.directory,
+                                self.max_bytes / 2**30)
+                self._full = True
+                return
+            path = self.directory / f"{key}.pt"
+            with atomic_path(path, fsync=False) as tmp:
                 save_torch(emb, tmp)
+            self._bytes += path.stat().st_size
             return
         self._memory[key] = emb
         self._bytes += emb.numel() * emb.element_size()

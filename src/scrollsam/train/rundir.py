@@ -52,11 +52,13 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 # Keys a resume may change: where the data and the run are, the device, how often to evaluate,
-# save and log. Everything else would make the rest of the run a different experiment.
+# save and log, the embedding cache's size. Everything else would make the rest of the run a
+# different experiment.
 # train.batch_size and train.accumulate only where the global batch stays (check_global_batch).
 RESUMABLE = frozenset({
     "out", "data.root", "data.workers", "train.device", "train.eval_every", "train.save_every",
     "log.every", "log.images", "log.image_every", "train.batch_size", "train.accumulate",
+    "train.cache_gb",
 })
 # Temp files of scrollsam's atomic writers in a run dir (scrollsam.io._temp_sibling, the stats
 # cache): (folder inside the run, name pattern).
