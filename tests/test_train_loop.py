@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,23 @@ def test_any_error_before_the_first_step_leaves_no_run_dir(data, tmp_path, monke
     assert empty.is_dir() and not any(empty.iterdir())
     monkeypatch.undo()
     assert train(_cfg(data, run, "train.steps=1"), progress=False) == run  # the retry works
+
+
+def test_a_failed_run_that_cannot_be_removed_keeps_its_own_error_and_says_so(data, tmp_path,
+                                                                            monkeypatch, caplog):
+    # QA: with the open-file limit reached the removal failed silently (a retry then met "run
+    # dir exists"); an OSError while emptying a given folder replaced the run's own error.
+    import scrollsam.train.rundir as rundir
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", refused)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING), pytest.raises(FragmentError, match="train/9"):
+        train(_cfg(data, run, "data.train=[train/9]"), progress=False)
+    assert (f"could not remove what the failed run wrote (Permission denied); remove it "
+            f"before running the command again ({run})") in caplog.text
 
 
 def test_an_error_after_the_first_step_or_on_resume_keeps_the_run_dir(data, tmp_path,

@@ -9,9 +9,8 @@ the folder alone, wherever it has moved.
 - **A lock for the run's life.** ``RUN/.lock`` is locked with ``fcntl.flock`` (exclusive,
   non-blocking) before anything is read or written; a second process gets ``run dir is in use
   by pid N``. The operating system drops the lock when the process dies, even by ``kill -9``.
-- **Stale temp files go.** Checkpoints are written to hidden temp files and renamed; a process
-  killed mid-write leaves ``.last.tmp-*.pt`` behind. Once the lock is held no other process can
-  be writing them, so they are removed when a run starts or resumes (only these names).
+- **Stale temp files go.** A process killed while writing a checkpoint leaves its hidden temp
+  file (``.last.tmp-*.pt``); with the lock held none can be writing, so a resume removes them.
 - **Resume continues the run as saved.** ``--resume`` reads the newest complete checkpoint
   (``last.pt``, or ``best.pt`` when a killed run wrote it later) with its config; ``key=value``
   overrides may change where and how long (:data:`RESUMABLE`, and ``train.steps`` upwards),
@@ -145,17 +144,21 @@ class RunDir:
     def undo_new(self) -> bool:
         """After a new run failed before its first step finished, whatever the error: remove
         what it wrote, so the corrected command can use the folder (a folder that existed,
-        empty, stays), and return True. Does nothing once a step finished (:attr:`stepped`); a
-        resumed run keeps everything (its checkpoints). Only the lock's holder removes
-        anything."""
+        empty, stays), and return True. Not once a step finished (:attr:`stepped`), nor for a
+        resumed run (its checkpoints), nor in a process without the lock."""
         if not self.new or self.lock is None or self.stepped:
             return False
-        if self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
-            remove_made(self.made)
-            return True
-        for child in self.path.iterdir():  # the folder was empty: everything in it is ours
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        try:
+            if self.created:
+                shutil.rmtree(self.path)
+                remove_made(self.made)
+            else:  # the folder was empty: everything in it is ours
+                for child in self.path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        except OSError as err:  # the run's own error is the one to report: this one is said
+            log.warning("could not remove what the failed run wrote (%s); remove it before "
+                        "running the command again (%s)", err.strerror or err, self.path)
+            return False
         return True
 
 
