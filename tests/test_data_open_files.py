@@ -120,3 +120,57 @@ def test_the_limit_is_a_quarter_of_ulimit_n_within_bounds():
         out = subprocess.run([sys.executable, "-c", code.format(n=n, hard=hard)], env=env,
                              capture_output=True, text=True, check=True).stdout
         assert int(out) == limit
+
+
+def test_a_forked_child_reads_its_own_file_never_the_parents(tmp_path):
+    # Reviewer: DataLoader workers forked after the statistics inherited every open compressed
+    # slice with one shared file offset; their seeks and reads interleaved (12 of 6000 windows
+    # came back with other windows' pixels, silently).
+    pixels = (np.arange(128 * 128, dtype=np.uint32) * 31 % 65536).astype(np.uint16)
+    pixels = pixels.reshape(128, 128)
+    tifffile.imwrite(tmp_path / "s.tif", pixels, tile=(64, 64))
+    reader = SliceReader(probe_slice(tmp_path / "s.tif"))
+    reader.read(0, 10, 0, 10)  # open in the parent, as the statistics leave it
+    assert reader._tif is not None
+    rng = np.random.default_rng(0)
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: its own file, the right pixels, then out without cleanup
+            ok = reader._tif is None
+            for y, x in rng.integers(0, 100, (300, 2)):
+                ok &= bool((reader.read(y, y + 28, x, x + 28) == pixels[y:y + 28,
+                                                                        x:x + 28]).all())
+            os._exit(0 if ok else 1)
+        children.append(pid)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0, 0]
+    np.testing.assert_array_equal(reader.read(0, 128, 0, 128), pixels)  # the parent's still
+
+
+def test_a_reader_nobody_holds_is_not_kept_open_by_the_bound(tmp_path):
+    import gc
+    import weakref
+
+    tifffile.imwrite(tmp_path / "s.tif", np.ones((8, 8), np.uint16))
+    reader = SliceReader(probe_slice(tmp_path / "s.tif"))
+    reader.read(0, 1, 0, 1)
+    gone = weakref.ref(reader)
+    del reader
+    gc.collect()
+    assert gone() is None  # before: the registry's reference kept its map and fd open
+
+
+def test_a_slice_rewritten_since_it_was_probed_is_an_error_not_other_pixels(tmp_path):
+    # Reviewer: re-opens trust the probed header (offset, order); one hours later, after the
+    # file was rewritten with another layout, would read other bytes as pixels.
+    from scrollsam.errors import FragmentError
+
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, np.ones((16, 16), np.uint16))
+    reader = SliceReader(probe_slice(path))
+    reader.read(0, 1, 0, 1)
+    reader.release()
+    tifffile.imwrite(path, np.full((16, 16), 7, np.uint16), description="x" * 4000)
+    with pytest.raises(FragmentError, match="slice file changed since the fragment was opened"):
+        reader.read(0, 1, 0, 1)

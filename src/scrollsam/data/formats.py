@@ -2,10 +2,10 @@
 
 Only this module touches the bytes of a slice file. A slice is read in one of two ways:
 
-- **memory-mapped** (uncompressed, contiguous pixel data, as in the Kaggle volumes): the file is
-  mapped with :func:`tifffile.memmap` and a window read copies just that window out of the map, so
-  the kernel pages in only the rows the window spans (readahead is switched off with
-  ``MADV_RANDOM`` where the platform has it).
+- **memory-mapped** (uncompressed, contiguous pixel data, as in the Kaggle volumes): the pixels
+  are mapped (at the offset and byte order the header gives) and a window read copies just that
+  window out of the map, so the kernel pages in only the rows the window spans (readahead is
+  switched off with ``MADV_RANDOM`` where the platform has it).
 - **by segment** (compressed, or uncompressed but scattered strips / tiles): only the strips or
   tiles that intersect the window are read from the file and decoded.
 
@@ -49,12 +49,13 @@ class SliceInfo:
     path: Path
     height: int
     width: int
-    dtype: np.dtype  # native-order uint8 or uint16
-    memmappable: bool  # uncompressed, contiguous, native order: read through a memory map
+    dtype: np.dtype  # uint8 or uint16, as read (native order; the file's may differ)
+    memmappable: bool  # uncompressed and contiguous: read through a memory map
     compression: str
     segment_pixels: int  # pixels in one strip / tile: the least a segment read decodes
     offset: int = 0  # where the pixels start in the file (memmappable slices)
     byteorder: str = "<"  # the file's: "<" little-endian, ">" big-endian
+    stamp: tuple[int, int] = (0, 0)  # (size, mtime_ns) when probed; (0, 0): not checked
 
 
 def probe_slice(path: Path) -> SliceInfo:
@@ -78,7 +79,8 @@ def probe_slice(path: Path) -> SliceInfo:
             dtype = np.dtype(page.dtype) if page.dtype is not None else None
             if dtype not in SLICE_DTYPES:
                 raise FragmentError(f"expected uint8 or uint16 pixels, got {dtype} ({path})")
-            size = os.path.getsize(path)
+            stat = os.stat(path)
+            size = stat.st_size
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
             if not ends or max(ends) > size:
                 promised = max(ends) if ends else 0
@@ -101,6 +103,7 @@ def probe_slice(path: Path) -> SliceInfo:
                 dtype=dtype, memmappable=memmappable, compression=page.compression.name,
                 segment_pixels=int(min(segment, page.imagelength * page.imagewidth)),
                 offset=int(page.dataoffsets[0]) if memmappable else 0, byteorder=tif.byteorder,
+                stamp=(stat.st_size, stat.st_mtime_ns),
             )
     except FragmentError:
         raise
@@ -190,6 +193,12 @@ class SliceReader:
                 self._tif.close()
             self._map, self._tif = None, None
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock, and the inherited file let go (its offset is shared
+        with the parent's)."""
+        self._lock = threading.Lock()
+        self.release()
+
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` (inside the image) as a new native-order array [y, x]."""
         OPEN_FILES.touch(self)
@@ -198,9 +207,23 @@ class SliceReader:
                 return self._read_mapped(y0, y1, x0, x1)
             return self._read_segments(y0, y1, x0, x1)
 
+    def _check_unchanged(self) -> None:
+        """Before a (re-)open: the file is the one probed, so its header (the pixels' offset,
+        size and order) still holds; a slice rewritten since is an error, not other pixels."""
+        if self.info.stamp == (0, 0):
+            return
+        try:
+            stat = os.stat(self.info.path)
+        except OSError as err:
+            raise _unreadable(err, "TIFF", self.info.path) from err
+        if (stat.st_size, stat.st_mtime_ns) != self.info.stamp:
+            raise FragmentError(f"slice file changed since the fragment was opened; open the "
+                                f"fragment again ({self.info.path})")
+
     def _read_mapped(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self._map is None:  # the header was read when probed: map the pixels directly
             info = self.info
+            self._check_unchanged()
             try:
                 self._map = np.memmap(info.path, dtype=info.dtype.newbyteorder(info.byteorder),
                                       mode="r", offset=info.offset,
@@ -218,6 +241,7 @@ class SliceReader:
 
     def _read_segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self._tif is None:
+            self._check_unchanged()
             try:
                 self._tif = tifffile.TiffFile(self.info.path)
             except (tifffile.TiffFileError, OSError) as err:  # changed since it was probed
