@@ -22,7 +22,8 @@ from scrollsam.config import load_config
 from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.train import loop
 from scrollsam.train.progress import Progress
-from scrollsam.train.rundir import RunLock, check_global_batch, remove_stale_temps
+from scrollsam.train.resume import check_global_batch
+from scrollsam.train.rundir import RunLock, remove_stale_temps
 from scrollsam.train.stop import TrainingStopped
 
 
@@ -302,7 +303,7 @@ def test_a_run_dir_inside_any_fragment_folder_is_refused(data, tmp_path, capsys)
 def test_resume_reports_a_changed_dict_value_as_ignored(caplog):
     """Review: `--resume data.view={depth_shift: 5}` on a run of depth_shift 2 was ignored
     without a word (a dict value has no key of its own among the flat keys compared)."""
-    from scrollsam.train.rundir import resume_config
+    from scrollsam.train.resume import resume_config
 
     band = ["data.input=slices", "data.strategy=range"]
     saved = load_config(None, [*band, "data.view={depth_shift: 2}"])
@@ -321,7 +322,7 @@ def test_extending_train_steps_on_resume_warns_of_the_learning_rate_jump(caplog)
     """QA: `--resume train.steps=40` on a 20-step run raised the lr at step 20 from 6.0e-5 to
     6.3e-4 (the cosine stretched over the new total), logged only as `train.steps 20 -> 40`."""
     from scrollsam.train.optim import lr_at
-    from scrollsam.train.rundir import resume_config
+    from scrollsam.train.resume import resume_config
 
     saved = load_config(None, ["train.steps=20", "train.warmup=5", "train.lr=1e-3"])
     asked = load_config(None, ["train.steps=40", "train.warmup=5", "train.lr=1e-3"])
@@ -333,3 +334,21 @@ def test_extending_train_steps_on_resume_warns_of_the_learning_rate_jump(caplog)
     assert (f"--resume: train.steps 20 -> 40: the learning-rate schedule (warm-up, cosine "
             f"decay) now spans 40 steps, so at step 20 the lr goes from {before:.3g} to "
             f"{after:.3g}") in caplog.text
+
+
+def test_the_resume_report_comes_from_rank_0_alone_and_only_for_a_real_lr_jump(caplog):
+    """Reviewer: every torchrun process printed the lr-jump warning (once per process), and it
+    warned "from X to X" when the resume step was in the warm-up or at step 0."""
+    from scrollsam.train.resume import resume_config
+
+    saved = load_config(None, ["train.steps=20", "train.warmup=5", "train.lr=1e-3"])
+    asked = load_config(None, ["train.steps=40", "train.warmup=5", "train.lr=1e-3",
+                               "train.clip=3"])
+    with caplog.at_level(logging.DEBUG, logger="scrollsam"):
+        resume_config(saved, asked, given={"train.steps", "train.clip"}, step=20, say=False)
+    assert caplog.records and {r.levelno for r in caplog.records} == {logging.DEBUG}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resume_config(saved, asked, given={"train.steps"}, step=3)  # in the warm-up
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert caplog.messages == ["--resume: train.steps 20 -> 40"]

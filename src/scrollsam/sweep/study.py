@@ -52,7 +52,7 @@ from scrollsam.sweep.storage import (
     sqlite_url,
 )
 from scrollsam.train.loop import TrainingError, open_fragments, train
-from scrollsam.train.rundir import absolute_paths
+from scrollsam.train.resume import absolute_paths
 from scrollsam.train.stop import TrainingStopped
 
 log = logging.getLogger(__name__)

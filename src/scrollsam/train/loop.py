@@ -337,7 +337,6 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
             rd.stepped = True  # from here on a failure keeps the run dir
             done = state.step == cfg.train.steps
             log_due = state.step % cfg.log.every == 0 or state.step == 1 or done
-            rate = speed.rate() if log_due else 0.0  # all processes' tiles; log steps only
             picture_due = cfg.log.images and (state.step % cfg.log.image_every == 0
                                               or state.step == 1)
             eval_due = state.step % cfg.train.eval_every == 0 or done
@@ -351,6 +350,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                     log.warning(hint)
             # the step's losses as numbers (averaged over processes) only on log steps: a sync
             scalars = scalar_parts(ranks.mean(logged)) if log_due else None
+            rate = speed.rate() if log_due else 0.0  # after that sync: the device's work in it
             scores = validate(s) if eval_due else {}
             better = state.record(scores)  # the latest validation's threshold, and the best's
 
