@@ -39,6 +39,8 @@ def test_the_run_keeps_a_timed_log_that_each_resume_appends_to(data, tmp_path, m
                        r"elapsed, \S+ left", text)
     assert steps == [("1", "2"), ("2", "2"), ("3", "3")]  # the bar's steps too, on a terminal
     assert len(re.findall(r"step \d: valid F0.5", text)) == 3 and text.count("run finished") == 2
+    # the resume's report comes before the run dir is open: kept and written first (reviewer)
+    assert re.search(STAMP + r"--resume: train.steps 2 -> 3: the learning-rate schedule", text)
     assert not logging.getLogger("scrollsam").handlers  # nothing left attached
 
 
@@ -74,3 +76,23 @@ def test_speed_counts_the_steps_since_the_last_reading_and_restart(monkeypatch):
     (0.4, "0s"), (42, "42s"), (845, "14m05s"), (11220, "3h07m"), (187200, "2d04h")])
 def test_durations_read_at_a_glance(seconds, text):
     assert duration(seconds) == text
+
+
+def test_how_a_run_ended_is_the_last_line_of_its_log(data, tmp_path, monkeypatch, caplog):
+    # Reviewer: the error or stop that ended a run (what a batch job's log needs most) was
+    # printed by the CLI after the log file had closed.
+    from scrollsam.train import loop
+
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    assert main(_args(data, run)) == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loop, "prompted_forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        main([*_args(data, run, "train.steps=3"), "--resume", "--debug"])
+    last = (run / "train.log").read_text().splitlines()[-1]
+    assert re.fullmatch(STAMP.replace("(INFO|WARNING)", "ERROR") + "failed: RuntimeError: boom",
+                        last), last

@@ -60,13 +60,14 @@ from scrollsam.train.guard import Losses, nan_guard, out_of_memory
 from scrollsam.train.optim import lr_at, make_optimizer
 from scrollsam.train.order import RankSamples, global_batch, samples
 from scrollsam.train.prefetch import DevicePrefetch
-from scrollsam.train.progress import DataWait, Progress, Speed, run_log
+from scrollsam.train.progress import DataWait, Progress, Speed
 from scrollsam.train.prompt_sets import tile_seeds
 from scrollsam.train.ranks import Ranks, TrainingError
+from scrollsam.train.run_log import RunLog
 from scrollsam.train.rundir import RunDir, follow_run, open_run, stored_config
 from scrollsam.train.step import prompted_forward
 from scrollsam.train.stop import StopSignals, TrainingStopped, ignore_stop_signals, stopped_at_once
-from scrollsam.train.tb import TensorBoard, tile_panel
+from scrollsam.train.tb import TensorBoard
 
 __all__ = ["Setup", "TrainingError", "lr_at", "make_optimizer", "setup", "train", "validate"]
 
@@ -181,16 +182,6 @@ def _check_losses(s: Setup, losses: Losses) -> None:
     losses.clear()
 
 
-def _pictures(s: Setup, tb: TensorBoard, batch: dict, example: dict | None, step: int) -> None:
-    if example is None:
-        return
-    i = int(example["tile"])
-    prob = torch.sigmoid(s.model.upscale(example["logits"][None].float()))[0].cpu()
-    panel = tile_panel(batch["image"][i], batch["label"][i], prob, valid=batch["valid"][i],
-                       coords=example["coords"], point_labels=example["labels"])
-    tb.picture("train/tile_truth_prediction_points", [panel], step)
-
-
 def train(cfg: Config, *, resume: bool = False, progress: bool = True,
           given: Collection[str] | None = None,
           on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
@@ -206,7 +197,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
     """
     world = world_from_env()
     joined = False
-    with StopSignals(same_within=DUPLICATE_SIGNAL_S if world.distributed else 0.0) as stop:
+    with (StopSignals(same_within=DUPLICATE_SIGNAL_S if world.distributed else 0.0) as stop,
+          RunLog(enabled=world.main) as log_file):  # RUN/train.log
         ranks = Ranks(world, stop)
         rd, failure = None, None
         try:  # rank 0 locks and prepares the folder; the others only read it
@@ -219,7 +211,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True,
                 join_process_group()
                 joined = True
             ranks.agree(failure)  # the others go on once rank 0 has prepared the folder
-            with run_log(rd.path if world.main else None):  # RUN/train.log
+            with log_file.into(rd.path):
                 _train(rd, ranks, progress=progress, on_eval=on_eval)
         except BaseException as err:
             if world.distributed:  # DDP in its frames would keep the group (and its threads)
@@ -368,7 +360,7 @@ def _train(rd: RunDir, ranks: Ranks, *, progress: bool,
                         tb.scalars({"cache_hits": s.cache.hits, "cache_misses": s.cache.misses},
                                    state.step, prefix="train/")
                 if picture_due and world.main:
-                    _pictures(s, tb, batch, out.example, state.step)
+                    tb.example(batch, out.example, state.step, upscale=s.model.upscale)
                 if scores and world.main:
                     tb.scalars(scores, state.step, prefix="valid/")
                     log.info("step %d: valid F0.5 %.4f (precision %.4f, recall %.4f) at "

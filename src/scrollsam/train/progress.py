@@ -7,11 +7,7 @@ no bar: on each log step (``log.every``) one plain line
 ``step 40/300: loss 0.4123, 25.1 tiles/s, data wait 12%; 2m10s elapsed, 14m05s left``
 is logged instead, so a log file holds no ``\\r`` noise.
 
-The run keeps its own log, ``RUN/train.log`` (:func:`run_log`): every message of each training
-process started in the run dir (a resume appends), each line with its date and time; a long
-run's output otherwise lives only where the terminal or the batch job put it, lost with each
-resume's terminal unless redirected. Only rank 0 writes it. A file that cannot be written (a
-full disk, the folder gone) stops the file, not the run: one warning on stderr.
+On a terminal the step lines go to the run's own log file alone (:mod:`.run_log`).
 
 The speed shown (:class:`Speed`) is that of the training steps since the last log line;
 validation, pictures and checkpoints are left out, so a slowdown shows at once (an average
@@ -32,11 +28,12 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Generic, TypeVar
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+from scrollsam.train.run_log import RUN_LOGS
 
 log = logging.getLogger("scrollsam.train.loop")
 T = TypeVar("T")
@@ -90,7 +87,7 @@ class Progress:
         if self.lines:
             log.info(line)
         else:  # the bar shows it on the terminal; the run's log file gets the line
-            for handler in _RUN_LOGS:
+            for handler in RUN_LOGS:
                 handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None,
                                               None))
 
@@ -186,55 +183,3 @@ def _is_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # no stderr, or a closed one
         return False
-
-
-LOG_NAME = "train.log"
-_RUN_LOGS: list[logging.Handler] = []  # the run log files open now (Progress writes to them)
-FORMAT = "%(asctime)s %(levelname)s %(message)s"
-
-
-class _RunLogHandler(logging.FileHandler):
-    """A FileHandler that gives up quietly (one line on stderr) when its file fails."""
-
-    failed = False
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if not self.failed:
-            self.failed = True
-            err = sys.exc_info()[1]
-            print(f"warning: could not write the run's log ({err}); training goes on without "
-                  f"it ({self.baseFilename})", file=sys.stderr)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.failed:
-            return
-        try:
-            super().emit(record)  # opens the file on the first record: that may fail too
-        except OSError:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def run_log(run: Path | None) -> Iterator[None]:
-    """While active, scrollsam's log records of level INFO and above that its loggers pass
-    (the CLI's: INFO; a Python caller's logging configuration decides) are appended to
-    ``run / LOG_NAME`` (None: nothing is written). Other handlers see what they saw before."""
-    if run is None:
-        yield
-        return
-    try:
-        handler = _RunLogHandler(run / LOG_NAME, encoding="utf-8", delay=True)
-    except OSError:
-        yield
-        return
-    handler.setFormatter(logging.Formatter(FORMAT))
-    handler.setLevel(logging.INFO)
-    logger = logging.getLogger("scrollsam")
-    logger.addHandler(handler)
-    _RUN_LOGS.append(handler)
-    try:
-        yield
-    finally:
-        _RUN_LOGS.remove(handler)
-        logger.removeHandler(handler)
-        handler.close()

@@ -8,7 +8,7 @@ seed drew by hand to find its (row, column) mix-up. Pixels outside the fragment 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import cv2
@@ -104,6 +104,19 @@ class TensorBoard:
             return
         grid = np.concatenate(rows, axis=0)  # (rows * S, W, 3)
         self.writer.add_image(tag, grid, step, dataformats="HWC")
+
+    def example(self, batch: dict, example: dict | None, step: int, *,
+                upscale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The training step's prompted example (:class:`~.step.StepOutput`'s ``example``:
+        tile index, logits [h, w] at the model's output size, points) as one panel of its tile:
+        image, truth, prediction (``upscale``: the model's logits to the tile size), points."""
+        if example is None:
+            return
+        i = int(example["tile"])
+        prob = torch.sigmoid(upscale(example["logits"][None].float()))[0].cpu()
+        panel = tile_panel(batch["image"][i], batch["label"][i], prob, valid=batch["valid"][i],
+                           coords=example["coords"], point_labels=example["labels"])
+        self.picture("train/tile_truth_prediction_points", [panel], step)
 
     def flush(self) -> None:
         if self.writer is not None:
