@@ -20,6 +20,7 @@ from scrollsam.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from scrollsam.train.distributed import World
 from scrollsam.train.tb import tile_panel
 
 # --- config -------------------------------------------------------------------------------------
@@ -171,13 +172,32 @@ def test_a_disk_cache_stops_growing_at_its_size_and_counts_what_earlier_runs_lef
     first.encode(tiles[0], tiny.encode)
     one = next((tmp_path / "emb").glob("*.pt")).stat().st_size  # one entry's file
     train = load_config(None, ["train.cache=disk", f"train.cache_gb={2.5 * one / 2**30}"]).train
-    cache = EmbeddingCache.for_run(train, tmp_path)  # what the first left counts
+    cache = EmbeddingCache.for_run(train, tmp_path, world=World())  # the first's counts
     with caplog.at_level(logging.WARNING):
         for tile in tiles:
             cache.encode(tile, tiny.encode)
     assert len(cache) == 2  # the first run's and one more: a third would pass 2.5 entries
     assert caplog.text.count("reached train.cache_gb") == 1
     assert cache.encode(tiles[3], tiny.encode).shape == (1, 256, 4, 4)  # still encodes
+    (tmp_path / "emb" / ".0123.tmp-00ff00ff.pt").write_bytes(b"x" * one)  # a write in flight
+    assert len(cache) == 2
+
+
+def test_torchrun_processes_sharing_a_disk_cache_each_add_their_share(tiny, tmp_path, caplog):
+    # Reviewer: each process counted only its own writes, so N of them filled N budgets.
+    g = torch.Generator().manual_seed(3)
+    probe = EmbeddingCache(directory=tmp_path / "probe")
+    probe.encode(torch.randn(1, 3, 64, 64, generator=g), tiny.encode)
+    one = next((tmp_path / "probe").glob("*.pt")).stat().st_size
+    train = load_config(None, ["train.cache=disk", f"train.cache_gb={4.5 * one / 2**30}"]).train
+    caches = [EmbeddingCache.for_run(train, tmp_path, world=World(rank=r, size=2))
+              for r in range(2)]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            for cache in caches:
+                cache.encode(torch.randn(1, 3, 64, 64, generator=g), tiny.encode)
+    assert len(caches[0]) == 4  # two each: the 4.5 entries' room, never more
+    assert caplog.text.count("reached train.cache_gb") == 1  # rank 0 says it
 
 
 def test_cache_refused_when_encoder_trains_or_pixels_augment():

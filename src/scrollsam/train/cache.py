@@ -26,6 +26,7 @@ import torch
 from scrollsam.config import TrainConfig
 from scrollsam.io import atomic_path
 from scrollsam.torchfile import load_torch, save_torch
+from scrollsam.train.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +44,43 @@ def tile_key(image: torch.Tensor) -> str:
 class EmbeddingCache:
     """Embeddings [256, S/16, S/16] by tile key; in memory (LRU, byte budget) or on disk."""
 
-    def __init__(self, *, directory: str | Path | None = None,
-                 max_bytes: int = 4 * 2**30) -> None:
+    def __init__(self, *, directory: str | Path | None = None, max_bytes: int = 4 * 2**30,
+                 share: int = 1, speaks: bool = True) -> None:
+        """``share``: the processes writing into one ``directory``; each adds at most 1 /
+        ``share`` of the room its files leave under ``max_bytes``. ``speaks``: this process
+        says when the cache is full (torchrun's rank 0)."""
         self.directory = Path(directory) if directory is not None else None
-        self.max_bytes = max_bytes
+        self.max_bytes, self.speaks = max_bytes, speaks
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0  # in memory, or in the folder (what earlier runs of it left counts)
         self._full = False  # a disk cache at its size: new tiles are no longer stored
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._bytes = sum(p.stat().st_size for p in self.directory.glob("*.pt"))
+            left = max(0, max_bytes - sum(p.stat().st_size for p in self._files()))
+            self.max_bytes = max_bytes - left + left // max(share, 1)
+            self._bytes = max_bytes - left
         self.hits = 0
         self.misses = 0
 
     @classmethod
-    def for_run(cls, train: TrainConfig, run: Path) -> EmbeddingCache:
+    def for_run(cls, train: TrainConfig, run: Path, *, world: World) -> EmbeddingCache:
         """The cache ``train.cache`` names (``disk``: ``run/embeddings``; else memory), of
-        ``train.cache_gb`` at most."""
-        return cls(directory=run / "embeddings" if train.cache == "disk" else None,
-                   max_bytes=int(train.cache_gb * 2**30))
+        ``train.cache_gb`` at most. The processes of a torchrun job share a disk cache, each
+        adding at most its share of the room left; each has its own memory cache."""
+        disk = train.cache == "disk"
+        return cls(directory=run / "embeddings" if disk else None,
+                   max_bytes=int(train.cache_gb * 2**30), share=world.size if disk else 1,
+                   speaks=world.main)
 
     def __len__(self) -> int:
         if self.directory is not None:
-            return sum(1 for _ in self.directory.glob("*.pt"))
+            return len(self._files())
         return len(self._memory)
+
+    def _files(self) -> list[Path]:
+        """The cache's entries on disk (not the hidden temp files of writes in flight)."""
+        assert self.directory is not None
+        return [p for p in self.directory.glob("*.pt") if not p.name.startswith(".")]
 
     def _get(self, key: str) -> torch.Tensor | None:
         if self.directory is None:
@@ -81,7 +95,7 @@ class EmbeddingCache:
         emb = emb.detach().to("cpu", torch.float16).contiguous()
         if self.directory is not None:
             if self._bytes + emb.numel() * emb.element_size() > self.max_bytes:
-                if not self._full:
+                if not self._full and self.speaks:
                     log.warning("the embedding cache in %s reached train.cache_gb=%g: tiles "
                                 "not in it yet are encoded each time", self.directory,
                                 self.max_bytes / 2**30)

@@ -138,7 +138,7 @@ def setup(cfg: Config, run: Path, *, weights: dict | None = None,
         model, device=device, bf16=use_bf16(device, cfg.train.amp)))
     cache = None
     if uses_embedding_cache(cfg):  # disk: one folder for all processes (atomic writes)
-        cache = EmbeddingCache.for_run(cfg.train, run)
+        cache = EmbeddingCache.for_run(cfg.train, run, world=world)
         log.info("embedding cache on (%s)", "disk" if cache.directory else "memory")
     return Setup(cfg, run, device, view, train_set, valid_set, model, cache, ranks,
                  static_prompts=static)
