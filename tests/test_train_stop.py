@@ -185,6 +185,9 @@ def test_stopped_at_once_names_what_the_run_dir_keeps(tmp_path):
     run = tmp_path / "my run"
     assert stopped_at_once(run, undone=True, created=True) == (
         f"stopped at once before the first step finished; the new run dir was removed ({run})")
+    assert stopped_at_once(run, undone=None, created=True) == (  # reviewer: said "--resume"
+        "stopped at once before the first step finished; what the new run wrote could not all "
+        f"be removed: remove it before starting the run again ({run})")
     run.mkdir()  # an empty folder given as out=: it stays, emptied (--resume would fail)
     assert stopped_at_once(run, undone=True, created=False) == (
         f"stopped at once before the first step finished; what the new run wrote was removed "

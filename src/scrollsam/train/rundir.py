@@ -131,24 +131,25 @@ class RunDir:
         if self.lock is not None:
             self.lock.release()
 
-    def undo_new(self) -> bool:
+    def undo_new(self) -> bool | None:
         """After a new run failed before its first step finished, whatever the error: remove
         what it wrote, so the corrected command can use the folder (a folder that existed,
-        empty, stays), and return True. Not once a step finished (:attr:`stepped`), nor for a
-        resumed run (its checkpoints), nor in a process without the lock."""
+        empty, stays), and return True (None: some of it could not be removed, which is said).
+        False, and nothing removed, once a step finished (:attr:`stepped`), for a resumed run
+        (its checkpoints) or in a process without the lock."""
         if not self.new or self.lock is None or self.stepped:
             return False
-        try:
-            if self.created:
-                shutil.rmtree(self.path)
-                remove_made(self.made)
-            else:  # the folder was empty: everything in it is ours
-                for child in self.path.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        except OSError as err:  # the run's own error is the one to report: this one is said
+        failed = None
+        for path in [self.path] if self.created else list(self.path.iterdir()):
+            try:  # a folder that existed, empty: everything in it is ours
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError as err:
+                failed = failed or err
+        if failed is not None:  # the run's own error is the one to report: this one is said
             log.warning("could not remove what the failed run wrote (%s); remove it before "
-                        "running the command again (%s)", err.strerror or err, self.path)
-            return False
+                        "running the command again (%s)", failed.strerror or failed, self.path)
+            return None
+        remove_made(self.made)
         return True
 
 

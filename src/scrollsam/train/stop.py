@@ -52,10 +52,14 @@ class TrainingStopped(Exception):
                          f"scrollsam train out={shell_word(run)} --resume")
 
 
-def stopped_at_once(run: Path, *, undone: bool, created: bool) -> str:
+def stopped_at_once(run: Path, *, undone: bool | None, created: bool) -> str:
     """What a second signal (training stopped at once) left in the run dir ``run``, and how to
     go on: the CLI prints ``interrupted: <this>``. ``undone``: a new run stopped before its
-    first step finished, whose files were removed (with the folder where it ``created`` it)."""
+    first step finished, whose files were removed (with the folder where it ``created`` it);
+    None: they could not all be removed."""
+    if undone is None:
+        return (f"stopped at once before the first step finished; what the new run wrote could "
+                f"not all be removed: remove it before starting the run again ({run})")
     if undone:
         gone = "the new run dir was removed" if created else "what the new run wrote was removed"
         return f"stopped at once before the first step finished; {gone} ({run})"
