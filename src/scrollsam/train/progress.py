@@ -45,8 +45,9 @@ class Progress:
     ``enabled`` False: silent."""
 
     def __init__(self, *, total: int, initial: int, enabled: bool) -> None:
-        self.total, self.initial = total, initial
+        self.total = total
         self.started = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first step line
         self.terminal = enabled and _is_terminal()
         self.lines = enabled and not self.terminal
         self.bar: tqdm | None = None
@@ -79,11 +80,15 @@ class Progress:
             self.bar.update(1)
         if loss is None or not (self.lines or self.bar is not None):
             return
-        elapsed = time.perf_counter() - self.started  # this process's, validation included
-        left = elapsed / max(step - self.initial, 1) * (self.total - step)
+        now = time.perf_counter()
+        first_step, first_time = self._first = self._first or (step, now)
+        eta = ""  # from the steps since the first line: start-up (compile, workers) left out
+        if step > first_step:
+            per_step = (now - first_time) / (step - first_step)  # validations included
+            eta = f", {duration(per_step * (self.total - step))} left"
         line = (f"step {step}/{self.total}: loss {loss:.4f}, {tiles_per_s:.1f} tiles/s"
-                f"{f', data wait {wait}' if wait else ''}; {duration(elapsed)} elapsed, "
-                f"{duration(left)} left")
+                f"{f', data wait {wait}' if wait else ''}; {duration(now - self.started)} "
+                f"elapsed{eta}")
         if self.lines:
             log.info(line)
         else:  # the bar shows it on the terminal; the run's log file gets the line
