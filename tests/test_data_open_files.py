@@ -174,3 +174,23 @@ def test_a_slice_rewritten_since_it_was_probed_is_an_error_not_other_pixels(tmp_
     tifffile.imwrite(path, np.full((16, 16), 7, np.uint16), description="x" * 4000)
     with pytest.raises(FragmentError, match="slice file changed since the fragment was opened"):
         reader.read(0, 1, 0, 1)
+
+
+def test_a_reader_evicted_between_its_touch_and_its_open_registers_again(tmp_path,
+                                                                         monkeypatch):
+    # Reviewer: another thread could evict a reader after its touch and before it opened its
+    # file; the file then stayed open outside the bound until that reader was read again.
+    tifffile.imwrite(tmp_path / "s.tif", np.ones((8, 8), np.uint16))
+    reader = SliceReader(probe_slice(tmp_path / "s.tif"))
+    files = open_files.OPEN_FILES
+    real, calls = files.touch, []
+
+    def touch(r):
+        real(r)
+        calls.append(r)
+        if len(calls) == 1:
+            files.forget(r)  # evicted by another thread: nothing open yet to release
+
+    monkeypatch.setattr(files, "touch", touch)
+    reader.read(0, 1, 0, 1)
+    assert reader._map is not None and files._open[id(reader)]() is reader

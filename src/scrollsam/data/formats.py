@@ -203,9 +203,12 @@ class SliceReader:
         """Pixels ``[y0:y1, x0:x1]`` (inside the image) as a new native-order array [y, x]."""
         OPEN_FILES.touch(self)
         with self._lock:
-            if self.info.memmappable:
-                return self._read_mapped(y0, y1, x0, x1)
-            return self._read_segments(y0, y1, x0, x1)
+            opens = self._map is None and self._tif is None
+            read = self._read_mapped if self.info.memmappable else self._read_segments
+            out = read(y0, y1, x0, x1)
+        if opens:  # another thread may have released it between the touch and the open
+            OPEN_FILES.touch(self)
+        return out
 
     def _check_unchanged(self) -> None:
         """Before a (re-)open: the file is the one probed, so its header (the pixels' offset,
