@@ -231,6 +231,29 @@ def test_a_prediction_into_a_fragment_folder_of_a_busy_out_is_refused(data, tmp_
     assert (out / "a" / "mask.png").is_file() and (out / "b" / "mask.png").is_file()
 
 
+def test_a_prediction_of_many_fragments_holds_two_folder_locks_at_a_time(data, tmp_path,
+                                                                         monkeypatch):
+    """Each OUT/<id> is locked while it is written: locking them all for the whole prediction
+    held one open file per fragment (a thousand segments in one call pass `ulimit -n` 1024)."""
+    import os
+
+    from scrollsam.infer import pipeline
+
+    real, seen = pipeline._predict_one, []
+
+    def counting(*args, **kwargs):
+        fds = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+        seen.append(sorted(Path(f).parent.name for f in fds
+                           if f.endswith(".scrollsam-predict.lock")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_predict_one", counting)
+    out = tmp_path / "P"
+    assert main(["predict", "--run", str(data / "run"), "--fragment", str(data / "a"),
+                 "--fragment", str(data / "b"), "--out", str(out), "--device", "cpu"]) == 0
+    assert seen == [["P", "a"], ["P", "b"]]
+
+
 def test_an_interrupt_while_writing_leaves_the_earlier_prediction_whole(data, tmp_path,
                                                                          monkeypatch):
     """Before: a Ctrl-C after prob.png was rewritten left the new prob.png beside the old

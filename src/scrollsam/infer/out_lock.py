@@ -8,8 +8,8 @@ folder) is locked as a training run dir is (:class:`~scrollsam.train.rundir.
 RunLock`: ``flock``, dropped by the OS when the process dies), by the process that writes the
 shared files (rank 0 under torchrun), from after the checks until the end; a second call gets
 ``error: --out is in use by pid N (OUT)``. A prediction of several fragments also locks each
-``OUT/<id>`` it writes (another prediction's ``--out`` perhaps). The lock file goes when the
-prediction ends, and so do the folders the lock created while they are empty.
+``OUT/<id>`` (another prediction's ``--out`` perhaps) while it writes it. The lock file goes
+when the prediction ends, and so do the folders the lock created while they are empty.
 """
 
 from __future__ import annotations

@@ -153,14 +153,14 @@ def predict_to_folder(
 
 
 def _predict_locked(plan: Plan, *, world: World, **options: Any) -> list[FragmentResult]:
-    """:func:`_predict_all` holding the locks of ``--out`` and its fragment folders (rank 0
-    holds them for every process; :func:`_lock`)."""
+    """:func:`_predict_all` holding the lock of ``--out`` (rank 0 holds it for every process),
+    and each fragment's folder's while it is written (:func:`_enter`)."""
     held: list[OutLock] = []  # released below even when the exchange after taking fails
     try:
-        settle(lambda: _lock(plan, world, held), world)
+        settle(lambda: held.append(OutLock.take(plan.out)) if world.main else None, world)
         return _predict_all(plan, world=world, **options)
     finally:
-        for lock in reversed(held):  # inner folders first: each removes what it made
+        for lock in held:
             lock.release()
 
 
@@ -173,18 +173,22 @@ def _predict_all(plan: Plan, *, world: World, submission: str | os.PathLike[str]
                  progress: bool, fmt: str, dtype: str, chunk: int,
                  restart: bool) -> list[FragmentResult]:
     dests = output_folders(plan.frags, plan.out)
-    settle(partial(_clear_stale, world, dests), world)  # what killed predictions left
     results = []
-    for frag, dest, earlier in zip(plan.frags, dests, plan.earlier, strict=True):
+    for i, (frag, dest) in enumerate(zip(plan.frags, dests, strict=True)):
         staging = Staging()  # the files go in place together (.publish)
+        held: list[OutLock] = []
         try:
-            results.append(_predict_one(plan, frag, dest, earlier, staging, world=world,
-                                        points=points, save_tif=save_tif, progress=progress,
-                                        fmt=fmt, dtype=dtype, chunk=chunk, restart=restart))
+            settle(partial(_enter, plan, i, dest, world, held), world)
+            results.append(_predict_one(plan, frag, dest, plan.earlier[i], staging,
+                                        world=world, points=points, save_tif=save_tif,
+                                        progress=progress, fmt=fmt, dtype=dtype, chunk=chunk,
+                                        restart=restart))
         except BaseException:
             staging.discard()
             raise
         finally:
+            for lock in held:
+                lock.release()
             frag.close()
 
     if submission is not None:
@@ -240,16 +244,20 @@ def _predict_one(plan: Plan, frag: Fragment, dest: Path, earlier: set[str], stag
     return FragmentResult(frag.id, dest, done.files, done.metrics, done.stats, kind)
 
 
-def _lock(plan: Plan, world: World, held: list[OutLock]) -> None:
-    """Rank 0: lock ``--out`` and each fragment's folder in it (into ``held``; a prediction
-    into one of them, or one of several fragments into a folder that holds this ``--out``, is
-    then refused), then read again what earlier predictions wrote into them (one may have
-    finished since the checks)."""
-    if world.main:
-        dests = output_folders(plan.frags, plan.out)
-        for folder in dict.fromkeys([plan.out, *dests]):
-            held.append(OutLock.take(folder))
-        plan.earlier[:] = [earlier_files(d) for d in dests]
+def _enter(plan: Plan, i: int, dest: Path, world: World, held: list[OutLock]) -> None:
+    """Rank 0, before fragment ``i`` is predicted into ``dest``: lock ``dest`` when it is a
+    folder of its own in ``--out`` (into ``held``; a prediction whose ``--out`` it is is then
+    refused, and so is this one while that one runs: one lock at a time, so a thousand
+    fragments hold two open files, not a thousand), read again what earlier predictions wrote
+    there (one may have finished since the checks), and remove what killed ones left."""
+    if not world.main:
+        return
+    if dest != plan.out:
+        held.append(OutLock.take(dest))
+    plan.earlier[i] = earlier_files(dest)
+    if removed := remove_stale_temps(dest):
+        log.info("removed %s, left in %s by a prediction that was killed", ", ".join(removed),
+                 dest)
 
 
 def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], fragment: str,
@@ -259,14 +267,6 @@ def _tidy(world: World, dest: Path, files: dict[str, Path], earlier: set[str], f
     if world.main:
         remove_leftovers(dest, files.values(), earlier, fragment=fragment, restart=restart,
                          staging=staging)
-
-
-def _clear_stale(world: World, dests: list[Path]) -> None:
-    """Rank 0, holding the --out lock: remove what killed predictions left in ``dests``."""
-    for dest in dests if world.main else []:
-        if removed := remove_stale_temps(dest):
-            log.info("removed %s, left in %s by a prediction that was killed",
-                     ", ".join(removed), dest)
 
 
 def _run_of(run: str | os.PathLike[str] | None, source: Path | None) -> str | None:
