@@ -126,7 +126,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     r = run_demo(args.out, input=args.input, steps=args.steps, progress=not args.no_progress)
     print(f"\ndemo finished in {r.seconds:.0f} s")
     print(f"  data         {shell_word(r.out / 'data')}")
-    print(f"  run          {shell_word(r.run)}  (config.yaml, best.pt, last.pt)")
+    print(f"  run          {shell_word(r.run)}  (config.yaml, best.pt, last.pt, train.log)")
     print(f"  prediction   {shell_word(r.pred)}  (prob.png, mask.png, overlay.png, metrics.json)")
     print(f"  metrics      {shell_word(r.out / 'metrics.json')}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in r.metrics.items()))
