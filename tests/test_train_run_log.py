@@ -24,14 +24,15 @@ def _args(data: Path, run: Path, *extra: str) -> list[str]:
             "train.device=cpu", "log.images=false", "prompts.corrective_rounds=1", *extra]
 
 
-@pytest.mark.parametrize("terminal", [False, True])
+@pytest.mark.parametrize("terminal", [False, True, None])  # None: --no-progress
 def test_the_run_keeps_a_timed_log_that_each_resume_appends_to(data, tmp_path, monkeypatch,
                                                                caplog, terminal):
     caplog.set_level(logging.INFO)  # as the CLI's own logging configuration
-    monkeypatch.setattr(progress, "_is_terminal", lambda: terminal)
+    monkeypatch.setattr(progress, "_is_terminal", lambda: bool(terminal))
     run = tmp_path / "run"
-    assert main(_args(data, run)) == 0
-    assert main(_args(data, run, "--resume", "train.steps=3")) == 0
+    quiet = ["--no-progress"] if terminal is None else []  # the SLURM script's, sweep trials'
+    assert main([*_args(data, run), *quiet]) == 0
+    assert main([*_args(data, run, "--resume", "train.steps=3"), *quiet]) == 0
     text = (run / "train.log").read_text()
     records = [line for line in text.splitlines() if re.search("step|F0.5|finished", line)]
     assert len(records) >= 8 and all(re.match(STAMP, line) for line in records)

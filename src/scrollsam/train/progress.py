@@ -7,7 +7,8 @@ no bar: on each log step (``log.every``) one plain line
 ``step 40/300: loss 0.4123, 25.1 tiles/s, data wait 12%; 2m10s elapsed, 14m05s left``
 is logged instead, so a log file holds no ``\\r`` noise.
 
-On a terminal the step lines go to the run's own log file alone (:mod:`.run_log`).
+On a terminal, or with progress off (``--no-progress``), the step lines go to the run's own
+log file alone (:mod:`.run_log`).
 
 The speed shown (:class:`Speed`) is that of the training steps since the last log line;
 validation, pictures and checkpoints are left out, so a slowdown shows at once (an average
@@ -78,7 +79,7 @@ class Progress:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tiles_s=f"{tiles_per_s:.1f}",
                                      data_wait=wait, refresh=False)
             self.bar.update(1)
-        if loss is None or not (self.lines or self.bar is not None):
+        if loss is None or not (self.lines or RUN_LOGS):
             return
         now = time.perf_counter()
         first_step, first_time = self._first = self._first or (step, now)
@@ -91,7 +92,7 @@ class Progress:
                 f"elapsed{eta}")
         if self.lines:
             log.info(line)
-        else:  # the bar shows it on the terminal; the run's log file gets the line
+        else:  # the bar shows it (or --no-progress: nothing); the run's log file gets it
             for handler in RUN_LOGS:
                 handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None,
                                               None))
