@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -137,6 +138,7 @@ def test_a_forked_child_reads_its_own_file_never_the_parents(tmp_path):
     for _ in range(2):
         pid = os.fork()
         if pid == 0:  # the child: its own file, the right pixels, then out without cleanup
+            signal.alarm(60)  # never a hung test run: SIGALRM ends a stuck child
             ok = reader._tif is None
             for y, x in rng.integers(0, 100, (300, 2)):
                 ok &= bool((reader.read(y, y + 28, x, x + 28) == pixels[y:y + 28,
