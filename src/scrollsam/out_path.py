@@ -12,7 +12,8 @@ Every command that writes a folder (train's run dir, synth's OUT, the demo's fol
   place of the folder: removing what it points to, or the link alone, is not what was asked.
 
 :func:`missing_folders` and :func:`remove_made` undo the parent folders a start created when it
-fails (only those, only while empty).
+fails (only those, only while empty). :func:`swap_folder` puts a finished folder in place of an
+older one (synth, convert).
 """
 
 from __future__ import annotations
@@ -86,3 +87,18 @@ def remove_made(made: list[Path]) -> None:
         except OSError:
             return
 
+
+def swap_folder(new: Path, target: Path, aside: Path) -> Path | None:
+    """Rename the finished folder ``new`` to ``target``. An existing ``target`` is first renamed
+    to ``aside`` and returned, for the caller to delete once the new one is in place (None
+    when there was none); if the second rename fails it is renamed back."""
+    if not target.exists():
+        os.rename(new, target)
+        return None
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    return aside

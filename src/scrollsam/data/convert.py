@@ -48,6 +48,7 @@ from scrollsam.data.convert_temp import aside_path, remove_stale_temps, remove_t
 from scrollsam.data.fragment import ZARR_STORES, Fragment
 from scrollsam.errors import InputError, ScrollsamError, WriteError
 from scrollsam.io import within, write_failure
+from scrollsam.out_path import missing_folders, remove_made, swap_folder
 from scrollsam.sigterm import deferred_signals
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def convert_fragment(
 
     target = out.resolve()
     remove_stale_temps(target)  # a killed convert's copy into the same OUT
-    made = _missing_folders(target.parent)
+    made = missing_folders(target.parent)
     tmp = temp_path(target)
     placed, old = False, None
     try:
@@ -103,7 +104,7 @@ def convert_fragment(
         _copy_images(frag, tmp, new_id=target.name)
         check_out(out, frag.path, overwrite=overwrite)  # OUT may have changed while we wrote
         with deferred_signals():  # Ctrl-C / SIGTERM take effect once the copy is in place
-            old = _move_into_place(tmp, target)
+            old = swap_folder(tmp, target, aside_path(target))  # the old one: deleted below
             placed = True
     except BaseException as err:
         if placed:  # a signal held back during the renames: the copy is whole
@@ -111,11 +112,7 @@ def convert_fragment(
                 err.args = (_complete(out, old),)
             raise
         remove_temp(tmp)  # once zarr's writes still in flight into it have ended
-        for folder in made:  # deepest first; one that now holds anything stays
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_made(made)  # the folders made for it, while empty
         cause = None if isinstance(err, ScrollsamError) else write_failure(err, target.parent)
         if cause is None:
             raise
@@ -175,33 +172,6 @@ def _not_written_by_convert(folder: Path, name: str) -> list[str]:
         elif not (entry.name in pngs and entry.is_file()):
             strays.append(entry.name)
     return strays
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those above it that do not exist yet, deepest first."""
-    missing = []
-    for path in (folder, *folder.parents):
-        if path.exists():
-            break
-        missing.append(path)
-    return missing
-
-
-def _move_into_place(tmp: Path, target: Path) -> Path | None:
-    """Rename the finished copy ``tmp`` to ``target``; the old ``target``, renamed aside (None
-    when there was none), is the caller's to delete. If the second rename fails the old one is
-    renamed back."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return None
-    old = aside_path(target)
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    return old
 
 
 def _remove_replaced(old: Path | None, out: Path) -> None:

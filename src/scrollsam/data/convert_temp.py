@@ -32,16 +32,16 @@ log = logging.getLogger(__name__)
 _TAIL = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 
-def temp_path(target: Path) -> Path:
-    """A new temporary folder name next to ``target`` for this process: ``.NAME.tmp-PID-HEX``."""
+def temp_path(target: Path, kind: str = "tmp") -> Path:
+    """A new hidden name next to ``target`` for this process, ``.NAME.KIND-PID-HEX``: ``tmp``
+    for the copy being written, ``old`` for the copy it replaces (:func:`aside_path`)."""
     return target.parent / bounded_name(target.name,
-                                        f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+                                        f".{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def aside_path(target: Path) -> Path:
     """A new name next to ``target`` for the copy it replaces: ``.NAME.old-PID-HEX``."""
-    return target.parent / bounded_name(target.name,
-                                        f".old-{os.getpid()}-{secrets.token_hex(4)}")
+    return temp_path(target, "old")
 
 
 def remove_temp(tmp: Path) -> None:

@@ -36,7 +36,7 @@ from scrollsam.data.synth_settings import SynthSettings, draw_settings
 from scrollsam.errors import InputError
 from scrollsam.fs_errors import bounded_name
 from scrollsam.io import write_png
-from scrollsam.out_path import check_out_folder, missing_folders, remove_made
+from scrollsam.out_path import check_out_folder, missing_folders, remove_made, swap_folder
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +214,9 @@ def _move_into_place(tmp: Path, path: Path, *, overwrite: bool) -> None:
             check_target(path, overwrite=False)  # raises: it exists now
             raise
         return
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    path.rename(old)
-    try:
-        tmp.rename(path)
-    except BaseException:
-        old.rename(path)
-        raise
-    shutil.rmtree(old)
+    old = swap_folder(tmp, path, path.parent / bounded_name(path.name, f".old-{os.getpid()}"))
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _write_contents(
