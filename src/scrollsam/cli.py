@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 from scrollsam import zarr_tasks
@@ -277,10 +276,9 @@ def _exit_on_signal(code: int) -> None:
                 stream.flush()
         os._exit(code)
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, leave)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # console() runs in the main thread
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, leave)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,28 +47,35 @@ class Plan:
     earlier: list[set[str]]  # per fragment: :func:`.replaced.earlier_files` of its folder
     # OUT/stats and the folders above it that did not exist before the checks (innermost
     # first): the statistics go there when the run folder is read-only or absent
-    new_folders: list[Path] = field(default_factory=list)
+    new_folders: list[Path]
 
     def discard_new_folders(self) -> None:
-        """After a failed prediction: remove the statistics files this one cached in a new
-        ``OUT/stats`` and the new folders while they are empty (a new OUT keeps what a finished
-        fragment wrote). Call it in the process that writes (rank 0)."""
-        if not self.new_folders:
-            return
-        stats = self.new_folders[0].resolve()
-        for path in self.predictor.view.stats.written:
-            if path.parent == stats:  # the cache's own paths are resolved
-                path.unlink(missing_ok=True)
-        remove_made(self.new_folders)
+        """After a failed prediction: :func:`discard_new_folders` (rank 0)."""
+        discard_new_folders(self.new_folders, self.predictor.view.stats.written)
 
 
-def plan_prediction(run: str | os.PathLike[str] | None, fragments: Sequence[str | os.PathLike[str]],
-          out: str | os.PathLike[str], *, world: World, checkpoint: str,
-          threshold: float | str | None, tile: int | None, stride: int | None,
-          batch_size: int | None, tta: bool, device: str,
-          submission: str | os.PathLike[str] | None, force: bool,
-          points: str | os.PathLike[str] | None, precision: str, fmt: str, dtype: str,
-          chunk: int, band_rows: int | None, restart: bool, save_tif: bool) -> Plan:
+def discard_new_folders(new_folders: list[Path], cached: list[Path]) -> None:
+    """Remove the statistics files a failed prediction cached (``cached``: the stats cache's
+    files) in a ``OUT/stats`` it made (``new_folders``, innermost first), then the new folders
+    while they are empty (a new OUT keeps what a finished fragment wrote). Call it in the
+    process that writes (rank 0)."""
+    if not new_folders:
+        return
+    stats = new_folders[0].resolve()
+    for path in cached:
+        if path.parent == stats:  # the cache's own paths are resolved
+            path.unlink(missing_ok=True)
+    remove_made(new_folders)
+
+
+def plan_prediction(run: str | os.PathLike[str] | None,
+                    fragments: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                    world: World, checkpoint: str, threshold: float | str | None,
+                    tile: int | None, stride: int | None, batch_size: int | None, tta: bool,
+                    device: str, submission: str | os.PathLike[str] | None, force: bool,
+                    points: str | os.PathLike[str] | None, precision: str, fmt: str,
+                    dtype: str, chunk: int, band_rows: int | None, restart: bool,
+                    save_tif: bool) -> Plan:
     """Every check before the first tile: the options, the fragments, the output locations
     (and an OME-Zarr prediction in one that gets PNG files), the run and its checkpoint, each
     fragment against the run's input view, the clicks file."""
@@ -120,21 +127,20 @@ def plan_prediction(run: str | os.PathLike[str] | None, fragments: Sequence[str 
                                    threshold=threshold, tile=tile, stride=stride,
                                    batch_size=batch_size, tta=tta, stats_dir=out,
                                    precision=precision)
-    plan = Plan(run, frags, out, predictor, None, 0, earlier,
-                new_folders=missing_folders(out / "stats"))
+    new_folders = missing_folders(out / "stats")  # the statistics may go there (read-only run)
     try:
         for frag in frags:
             predictor.open(frag)  # an ir run on a fragment without ir.png fails here, not later
             _warn_if_larger(frag, predictor.tile)
-        plan.clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
+        clicks = load_clicks(points, [f.id for f in frags]) if points is not None else None
     except BaseException:
         if world.main:
-            plan.discard_new_folders()
+            discard_new_folders(new_folders, predictor.view.stats.written)
         raise
-    if plan.clicks is not None and tta:
+    if clicks is not None and tta:
         log.warning("--tta applies to prompt-free prediction; ignored around clicks")
-    plan.band_rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
-    return plan
+    rows = default_band_rows(predictor.tile, chunk) if band_rows is None else band_rows
+    return Plan(run, frags, out, predictor, clicks, rows, earlier, new_folders)
 
 
 def _warn_if_larger(frag: Fragment, tile: int) -> None:

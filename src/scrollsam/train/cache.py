@@ -56,9 +56,8 @@ class EmbeddingCache:
         self._full = False  # a disk cache at its size: new tiles are no longer stored
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            left = max(0, max_bytes - sum(p.stat().st_size for p in self._files()))
-            self.max_bytes = max_bytes - left + left // max(share, 1)
-            self._bytes = max_bytes - left
+            self._bytes = sum(p.stat().st_size for p in self._files())  # earlier runs' too
+            self.max_bytes = self._bytes + max(0, max_bytes - self._bytes) // max(share, 1)
         self.hits = 0
         self.misses = 0
 

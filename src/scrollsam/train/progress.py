@@ -34,7 +34,7 @@ from typing import Generic, TypeVar
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from scrollsam.train.run_log import RUN_LOGS
+from scrollsam.train.run_log import RUN_LOGS, to_run_logs
 
 log = logging.getLogger("scrollsam.train.loop")
 T = TypeVar("T")
@@ -93,9 +93,7 @@ class Progress:
         if self.lines:
             log.info(line)
         else:  # the bar shows it (or --no-progress: nothing); the run's log file gets it
-            for handler in RUN_LOGS:
-                handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None,
-                                              None))
+            to_run_logs(logging.INFO, line)
 
 
 def duration(seconds: float) -> str:

@@ -21,7 +21,7 @@ from scrollsam.errors import ConfigError, RunDirError
 from scrollsam.train.checkpoint import load_checkpoint
 from scrollsam.train.optim import lr_at
 
-log = logging.getLogger("scrollsam.train.rundir")  # the name users have seen its messages under
+log = logging.getLogger(__name__)
 
 # Keys a resume may change: where the data and the run are, the device, how often to evaluate,
 # save and log, the embedding cache's size. Everything else would make the rest of the run a

@@ -97,14 +97,20 @@ class RunLog:
         try:
             yield
         except BaseException as err:
-            level, line = ending(err)
-            handler.handle(_LOGGER.makeRecord(_LOGGER.name, level, __file__, 0, line, None,
-                                              None))
+            to_run_logs(*ending(err))
             raise
         finally:
             RUN_LOGS.remove(handler)
             _LOGGER.removeHandler(handler)
             handler.close()
+
+
+def to_run_logs(level: int, line: str) -> None:
+    """Write ``line`` to the run log files open now, and nowhere else (the terminal shows it
+    another way: the bar, or the CLI's own last line)."""
+    record = _LOGGER.makeRecord(_LOGGER.name, level, __file__, 0, line, None, None)
+    for handler in RUN_LOGS:
+        handler.handle(record)
 
 
 def ending(err: BaseException) -> tuple[int, str]:
