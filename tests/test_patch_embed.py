@@ -55,3 +55,22 @@ def test_runs_on_devices_without_autocast():
     about: asking raised there."""
     ours = PatchProduct(PatchEmbed(kernel_size=(16, 16), stride=(16, 16), embed_dim=8)).to("meta")
     assert ours(torch.zeros(1, 3, 32, 32, device="meta")).shape == (1, 2, 2, 8)
+
+
+def test_compiles_into_one_graph_asking_dynamo_nothing_it_cannot_trace(monkeypatch):
+    """The forward asked ``torch.amp.is_autocast_available``, which torch 2.11's dynamo cannot
+    trace (on the GPU machine: a graph break at the start of every compiled encoder). Which
+    device types have an autocast is now read once at import; compiled whole, under bf16
+    autocast, it gives the eager tokens."""
+    def refuse(kind):
+        raise AssertionError("is_autocast_available asked inside the forward")
+
+    ours = PatchProduct(PatchEmbed(kernel_size=(16, 16), stride=(16, 16), embed_dim=8))
+    x = torch.randn(2, 3, 32, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ours(x)
+        monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
+        assert ours(x).dtype == torch.bfloat16
+        torch._dynamo.reset()
+        got = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want)

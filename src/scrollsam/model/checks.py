@@ -39,11 +39,32 @@ def _tensor(name: str, t: object, *, ndim: int, form: str, device: torch.device)
     return t
 
 
+def _has_autocast(kind: str) -> bool:
+    try:
+        return torch.amp.is_autocast_available(kind)
+    except RuntimeError:  # a device type this torch build does not know
+        return False
+
+
+# Device types that have an autocast to ask about, read once at import (``meta`` has none).
+# Asked inside a forward instead, torch 2.11's dynamo could not trace the question: a graph
+# break at the start of every compiled encoder (``train.compile``).
+AUTOCAST_DEVICE_TYPES = frozenset(
+    kind for kind in ("cpu", "cuda", "mps", "xpu", "hpu", "xla", "mtia", "maia", "ipu", "hip",
+                      "lazy", "privateuseone")
+    if _has_autocast(kind))
+
+
+def autocast_enabled(kind: str) -> bool | None:
+    """Whether ``torch.autocast`` is on for device type ``kind`` here; None where the type has
+    no autocast (``meta``). Traceable by ``torch.compile``."""
+    return torch.is_autocast_enabled(kind) if kind in AUTOCAST_DEVICE_TYPES else None
+
+
 def _autocast_on(device: torch.device) -> bool:
     """Whether ``torch.autocast`` is on for ``device``'s type here; True on a device with no
     autocast to ask (``meta``, where benchmarks/step_traffic.py emulates CUDA's)."""
-    kind = device.type
-    return not torch.amp.is_autocast_available(kind) or torch.is_autocast_enabled(kind)
+    return autocast_enabled(device.type) is not False
 
 
 def _check_dtype(name: str, t: torch.Tensor, *, dtype: torch.dtype, half: str) -> None:

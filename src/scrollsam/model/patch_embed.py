@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scrollsam.model.checks import autocast_enabled
+
 __all__ = ["PatchProduct", "fuse_patch_embed"]
 
 
@@ -47,7 +49,7 @@ class PatchProduct(nn.Module):
             raise ValueError(f"PatchProduct: image {h} x {w} is not a whole number of "
                              f"{ph} x {pw} patches")
         kind = x.device.type  # (``meta`` has no autocast to ask: benchmarks/step_traffic.py)
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        if autocast_enabled(kind):
             x = x.to(torch.get_autocast_dtype(kind))  # cut the patches from the image autocast
             # would cast: half the bytes copied
         patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
