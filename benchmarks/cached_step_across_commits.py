@@ -1,4 +1,4 @@
-"""The frozen-encoder training step as one codebase's CLI runs it, timed in its own process.
+"""The frozen-encoder training step with one codebase's CLI settings, timed in its own process.
 
 vit_b at 256 px, batch 4, prompt encoder and mask decoder trainable, cached (random) embeddings,
 each codebase's default prompts and losses, AdamW; 3 warm-up steps, then the median of 15. Run it
@@ -13,6 +13,7 @@ settings)::
 
 ``new`` applies what the CLI applies (``scrollsam.process.tune_process``; bf16 autocast unless
 ``fp32`` is given); ``old`` runs fp32 with no process settings. Alternate the runs: one line each.
+The training loop's NaN guard, loss read-back and gradient clipping are left out at both commits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import statistics
 import sys
 import time
 
+if len(sys.argv) < 2 or sys.argv[1] not in ("old", "new") or sys.argv[2:] not in ([], ["fp32"]):
+    print("usage: cached_step_across_commits.py old | new [fp32]", file=sys.stderr)
+    sys.exit(2)
 NEW = sys.argv[1] == "new"
 if NEW:  # before torch is imported, as the CLI does
     from scrollsam.process import tune_process

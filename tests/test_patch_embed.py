@@ -72,5 +72,21 @@ def test_compiles_into_one_graph_asking_dynamo_nothing_it_cannot_trace(monkeypat
         monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
         assert ours(x).dtype == torch.bfloat16
         torch._dynamo.reset()
-        got = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+        try:
+            got = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+        finally:
+            torch._dynamo.reset()
     torch.testing.assert_close(got, want)
+
+
+def test_a_renamed_custom_backend_is_asked_at_call_time(monkeypatch):
+    """Device types outside the set read at import (a custom backend renamed after it, such as
+    ``npu``) still answer whether autocast is on; ``meta`` has none to ask."""
+    from scrollsam.model import checks
+
+    asked = []
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda kind: asked.append(kind) or True)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda kind: kind == "npu")
+    assert checks.autocast_enabled("npu") is True
+    assert asked == ["npu"]
+    assert checks.autocast_enabled("meta") is None

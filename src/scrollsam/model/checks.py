@@ -57,8 +57,13 @@ AUTOCAST_DEVICE_TYPES = frozenset(
 
 def autocast_enabled(kind: str) -> bool | None:
     """Whether ``torch.autocast`` is on for device type ``kind`` here; None where the type has
-    no autocast (``meta``). Traceable by ``torch.compile``."""
-    return torch.is_autocast_enabled(kind) if kind in AUTOCAST_DEVICE_TYPES else None
+    no autocast (``meta``). Traceable by ``torch.compile`` for the types known at import; any
+    other (a renamed custom backend such as ``npu``) is asked at call time."""
+    if kind in AUTOCAST_DEVICE_TYPES:
+        return torch.is_autocast_enabled(kind)
+    if kind == "meta" or not _has_autocast(kind):
+        return None
+    return torch.is_autocast_enabled(kind)
 
 
 def _autocast_on(device: torch.device) -> bool:
