@@ -289,3 +289,19 @@ def test_first_points_never_fabricate_a_positive():
     assert coords.shape == (2, 1, 2) and labels.tolist() == [[1], [0]]
     (x0, y0), (x1, y1) = coords[:, 0].long().tolist()
     assert target[0, 0, y0, x0] == 1 and target[1, 0, y1, x1] == 0  # (x, y) = (column, row)
+
+
+def test_a_full_shared_disk_cache_names_the_configured_size(tiny, tmp_path, caplog):
+    # Review: the warning printed this process's share of the room (2 of 4.5 entries under two
+    # processes) as train.cache_gb.
+    g = torch.Generator().manual_seed(4)
+    probe = EmbeddingCache(directory=tmp_path / "probe")
+    probe.encode(torch.randn(1, 3, 64, 64, generator=g), tiny.encode)
+    one = next((tmp_path / "probe").glob("*.pt")).stat().st_size
+    size_gb = (9 * one // 2) / 2**30  # 4.5 entries, a whole number of bytes
+    train = load_config(None, ["train.cache=disk", f"train.cache_gb={size_gb}"]).train
+    cache = EmbeddingCache.for_run(train, tmp_path, world=World(rank=0, size=2))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            cache.encode(torch.randn(1, 3, 64, 64, generator=g), tiny.encode)
+    assert f"reached train.cache_gb={size_gb:g}" in caplog.text

@@ -54,10 +54,11 @@ class EmbeddingCache:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0  # in memory, or in the folder (what earlier runs of it left counts)
         self._full = False  # a disk cache at its size: new tiles are no longer stored
+        self._budget = max_bytes  # what this process may fill: its share of a shared folder
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._bytes = sum(p.stat().st_size for p in self._files())  # earlier runs' too
-            self.max_bytes = self._bytes + max(0, max_bytes - self._bytes) // max(share, 1)
+            self._budget = self._bytes + max(0, max_bytes - self._bytes) // max(share, 1)
         self.hits = 0
         self.misses = 0
 
@@ -93,7 +94,7 @@ class EmbeddingCache:
     def _put(self, key: str, emb: torch.Tensor) -> None:
         emb = emb.detach().to("cpu", torch.float16).contiguous()
         if self.directory is not None:
-            if self._bytes + emb.numel() * emb.element_size() > self.max_bytes:
+            if self._bytes + emb.numel() * emb.element_size() > self._budget:
                 if not self._full and self.speaks:
                     log.warning("the embedding cache in %s reached train.cache_gb=%g: tiles "
                                 "not in it yet are encoded each time", self.directory,
