@@ -59,11 +59,9 @@ def autocast_enabled(kind: str) -> bool | None:
     """Whether ``torch.autocast`` is on for device type ``kind`` here; None where the type has
     no autocast (``meta``). Traceable by ``torch.compile`` for the types known at import; any
     other (a renamed custom backend such as ``npu``) is asked at call time."""
-    if kind in AUTOCAST_DEVICE_TYPES:
+    if kind in AUTOCAST_DEVICE_TYPES or (kind != "meta" and _has_autocast(kind)):  # set first
         return torch.is_autocast_enabled(kind)
-    if kind == "meta" or not _has_autocast(kind):
-        return None
-    return torch.is_autocast_enabled(kind)
+    return None
 
 
 def _autocast_on(device: torch.device) -> bool:

@@ -25,6 +25,7 @@ from scrollsam.errors import ConfigError
 from scrollsam.io import atomic_write_text
 from scrollsam.shell import shell_command
 from scrollsam.sweep.space import Space
+from scrollsam.train.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ def format_report(result: SweepResult) -> str:
         header = ["trial", "F0.5", "steps", "time", *keys]
         rows = [[f"{r.number}{' (base)' if r.baseline else ''}",
                  "-" if r.f05 is None else f"{r.f05:.4f}",
-                 "-" if r.steps is None else str(r.steps), _duration(r.seconds),
+                 "-" if r.steps is None else str(r.steps),
+                 "-" if r.seconds is None else duration(r.seconds),
                  *(format_value(r.params.get(k)) for k in keys)] for r in result.best]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines += ["", "best trials:"]
@@ -178,10 +180,3 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return flow_yaml(value)
     return str(value)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    m, s = divmod(round(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"

@@ -33,6 +33,7 @@ RESUMABLE = frozenset({
     "train.cache_gb",
 })
 
+
 def resumed_run(cfg: Config, run: Path, *, given: Collection[str] | None, world_size: int,
                 say: bool = True) -> tuple[Config, dict[str, Any] | None]:
     """(the config to resume with, the checkpoint) of the run dir ``run``, asked with ``cfg``
@@ -45,7 +46,7 @@ def resumed_run(cfg: Config, run: Path, *, given: Collection[str] | None, world_
                                            step=step, say=say))  # runs saved before: relative
     if ckpt is not None:
         check_global_batch(resumed, world_size=world_size, saved=saved,
-                           saved_world_size=int(ckpt.get("world_size", 1)), run=run)
+                           saved_world_size=int(ckpt.get("world_size", 1)), run=run, say=say)
     return resumed, ckpt
 
 
@@ -70,11 +71,11 @@ def _saved_state(run: Path, *, say: bool) -> tuple[Config, dict[str, Any] | None
 
 
 def check_global_batch(cfg: Config, *, world_size: int, saved: Config, saved_world_size: int,
-                       run: Path) -> None:
+                       run: Path, say: bool = True) -> None:
     """ConfigError unless ``cfg`` on ``world_size`` processes has the global batch (processes x
     train.batch_size x train.accumulate) the run was saved with: its data order and schedule
     are counted in global batches, so only then does it continue exactly; the message says
-    which values keep it."""
+    which values keep it. ``say``: report a change of its parts (else debug level)."""
     def parts(c: Config, w: int) -> tuple[int, int, int]:
         return w, c.train.batch_size, c.train.accumulate
 
@@ -82,8 +83,9 @@ def check_global_batch(cfg: Config, *, world_size: int, saved: Config, saved_wor
     g_old, g_new = old[0] * old[1] * old[2], new[0] * new[1] * new[2]
     if g_old == g_new:
         if old != new:
-            log.info("--resume: %s x batch %d x accumulate %d (was %d x %d x %d), the same "
-                     "global batch of %d", _processes(new[0]), *new[1:], *old, g_new)
+            (log.info if say else log.debug)(
+                "--resume: %s x batch %d x accumulate %d (was %d x %d x %d), the same "
+                "global batch of %d", _processes(new[0]), *new[1:], *old, g_new)
         return
     if g_old % world_size == 0:
         per = g_old // world_size  # tiles per process and step
